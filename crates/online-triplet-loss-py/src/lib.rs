@@ -1,0 +1,70 @@
+//! The Python extension `online_triplet_loss._core`. It converts arguments
+//! and errors; validation messages, the math and the gradients come from the
+//! Rust crate.
+
+use online_triplet_loss::{Distance, Error, Mining, References, TripletConfig};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3_tch::PyTensor;
+
+fn to_py(err: Error) -> PyErr {
+    match err {
+        Error::InvalidArgument { .. } => PyValueError::new_err(err.to_string()),
+        Error::Torch(_) => PyRuntimeError::new_err(err.to_string()),
+    }
+}
+
+fn mining(name: &str) -> PyResult<Mining> {
+    match name {
+        "all" => Ok(Mining::All),
+        "hard" => Ok(Mining::Hard),
+        "semihard" => Ok(Mining::SemiHard),
+        other => Err(PyValueError::new_err(format!("unknown mining {other:?}"))),
+    }
+}
+
+/// Unnormalised terms of a triplet loss: (sum, count, valid).
+#[pyfunction]
+#[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None))]
+#[allow(clippy::too_many_arguments)]
+fn triplet_terms(
+    mining_name: &str,
+    labels: PyTensor,
+    embeddings: PyTensor,
+    margin: f64,
+    distance: &str,
+    soft: bool,
+    ref_embeddings: Option<PyTensor>,
+    ref_labels: Option<PyTensor>,
+    anchor_offset: Option<i64>,
+    chunk_size: Option<i64>,
+) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
+    let mining = mining(mining_name)?;
+    let mut config = TripletConfig::new(margin)
+        .distance(distance.parse::<Distance>().map_err(to_py)?)
+        .soft(soft);
+    config.chunk_size = chunk_size;
+    let references = match (&ref_embeddings, &ref_labels) {
+        (Some(e), Some(l)) => Some(References {
+            embeddings: &e.0,
+            labels: &l.0,
+            anchor_offset,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(PyValueError::new_err(
+                "ref_embeddings and ref_labels must be given together",
+            ))
+        }
+    };
+    let terms = config
+        .terms(mining, &labels.0, &embeddings.0, references.as_ref())
+        .map_err(to_py)?;
+    Ok((PyTensor(terms.sum), PyTensor(terms.count), PyTensor(terms.valid)))
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(triplet_terms, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! Online mining over one chunk of anchors against the whole reference set.
+//!
+//! Every routine here runs without autograd on a matrix of distances `d`
+//! (anchors × references). Batch-all and semi-hard return the loss value of
+//! the chunk with a matrix of weights `w` such that the gradient of the loss
+//! with respect to `d` is `w`; batch-hard returns the selected pairs.
+//!
+//! Two implementations give identical results: [`native`] runs on CPU tensors
+//! in Rust over contiguous rows, [`portable`] uses libtorch operations and
+//! runs on any device.
+
+pub(crate) mod native;
+pub(crate) mod portable;
+
+use tch::{Device, Kind, Tensor};
+
+/// Which implementation of the mining runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Native Rust kernels for float32 and float64 CPU tensors, libtorch
+    /// operations everywhere else.
+    #[default]
+    Auto,
+    /// libtorch operations on every device: the path CUDA takes, available
+    /// on the CPU to compare against.
+    Portable,
+}
+
+/// One chunk of anchors against the reference set.
+pub(crate) struct Chunk<'a> {
+    /// Distances, anchors × references.
+    pub d: &'a Tensor,
+    /// int64 label keys of the anchors in the chunk.
+    pub row_labels: &'a Tensor,
+    /// int64 label keys of the references.
+    pub col_labels: &'a Tensor,
+    /// The reference column that is the first anchor of the chunk itself,
+    /// when anchors are also references; anchor r is then column `self_col + r`.
+    pub self_col: Option<i64>,
+}
+
+/// Loss value and distance weights of a chunk, for batch-all and semi-hard.
+pub(crate) struct Weighted {
+    /// Sum of the hinge terms, a 0-d tensor of the distances' dtype.
+    pub value: Tensor,
+    /// Number of terms the loss averages over (int64, 0-d).
+    pub count: Tensor,
+    /// Batch-all: the number of valid triplets (int64, 0-d); semi-hard: `count`.
+    pub valid: Tensor,
+    /// ∂value/∂d, of the shape of `d`.
+    pub weights: Tensor,
+}
+
+/// The hardest positive and negative of every anchor of a chunk.
+pub(crate) struct Hardest {
+    pub positive: Tensor,
+    pub negative: Tensor,
+    /// Anchors that have both a positive and a negative.
+    pub valid: Tensor,
+}
+
+fn use_native(kernel: Kernel, d: &Tensor) -> bool {
+    kernel == Kernel::Auto
+        && d.device() == Device::Cpu
+        && matches!(d.kind(), Kind::Float | Kind::Double)
+}
+
+pub(crate) fn batch_all(kernel: Kernel, chunk: &Chunk, margin: f64) -> Weighted {
+    if use_native(kernel, chunk.d) {
+        native::batch_all(chunk, margin)
+    } else {
+        portable::batch_all(chunk, margin)
+    }
+}
+
+pub(crate) fn semihard(kernel: Kernel, chunk: &Chunk, margin: f64) -> Weighted {
+    if use_native(kernel, chunk.d) {
+        native::semihard(chunk, margin)
+    } else {
+        portable::semihard(chunk, margin)
+    }
+}
+
+pub(crate) fn hardest(kernel: Kernel, chunk: &Chunk) -> Hardest {
+    if use_native(kernel, chunk.d) {
+        native::hardest(chunk)
+    } else {
+        portable::hardest(chunk)
+    }
+}

@@ -1,0 +1,26 @@
+"""Triplet losses with exact online mining, on a Rust core.
+
+``import torch`` runs first: it loads the libtorch that the extension links to.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from .losses import (
+    BatchAllTripletLoss,
+    BatchHardTripletLoss,
+    BatchSemiHardTripletLoss,
+    batch_all_triplet_loss,
+    batch_hard_triplet_loss,
+    batch_semihard_triplet_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "batch_all_triplet_loss",
+    "batch_hard_triplet_loss",
+    "batch_semihard_triplet_loss",
+    "BatchAllTripletLoss",
+    "BatchHardTripletLoss",
+    "BatchSemiHardTripletLoss",
+]
