@@ -4,7 +4,7 @@ use tch::{Kind, Tensor};
 
 use crate::distance::{Distance, Side};
 use crate::labels::label_keys;
-use crate::mining::{self, Chunk, Kernel};
+use crate::mining::{self, Chunk, Kernel, Selection};
 use crate::Error;
 
 /// Anchors are mined against this many distances at a time, unless set.
@@ -129,7 +129,11 @@ impl TripletConfig {
     }
 
     /// Batch-all loss and the fraction of valid triplets with a positive loss.
-    pub fn batch_all(&self, labels: &Tensor, embeddings: &Tensor) -> Result<(Tensor, Tensor), Error> {
+    pub fn batch_all(
+        &self,
+        labels: &Tensor,
+        embeddings: &Tensor,
+    ) -> Result<(Tensor, Tensor), Error> {
         let terms = self.terms(Mining::All, labels, embeddings, None)?;
         let kind = embeddings.kind();
         Ok((terms.mean().to_kind(kind), terms.fraction().to_kind(kind)))
@@ -206,7 +210,10 @@ impl TripletConfig {
         }
         if let Some(rows) = self.chunk_size {
             if rows < 1 {
-                return Err(Error::invalid("chunk_size", format!("must be >= 1, got {rows}")));
+                return Err(Error::invalid(
+                    "chunk_size",
+                    format!("must be >= 1, got {rows}"),
+                ));
             }
         }
         if embeddings.dim() == 1 && labels.dim() == 2 {
@@ -245,7 +252,10 @@ impl TripletConfig {
                 if offset < 0 || offset + n > m {
                     return Err(Error::invalid(
                         "anchor_offset",
-                        format!("anchors {offset}..{} fall outside the {m} references", offset + n),
+                        format!(
+                            "anchors {offset}..{} fall outside the {m} references",
+                            offset + n
+                        ),
                     ));
                 }
             }
@@ -265,7 +275,9 @@ impl TripletConfig {
         let mut count = zero_i.shallow_clone();
         let mut valid = zero_i.copy();
         let (n, m) = (s.x.size()[0], s.y.size()[0]);
-        let (sx, sy) = tch::no_grad(|| (Side::new(self.distance, s.x), Side::new(self.distance, s.y)));
+        let (sx, sy) =
+            tch::no_grad(|| (Side::new(self.distance, s.x), Side::new(self.distance, s.y)));
+        let mut triplets = (vec![], vec![], vec![]);
         let (gx, gy) = tch::no_grad(|| {
             let gx = s.x.detach().zeros_like();
             let mut gy = s.y.detach().zeros_like();
@@ -289,16 +301,41 @@ impl TripletConfig {
                     value += out.value;
                     count += out.count;
                     valid += out.valid;
-                    let mut gx_rows = gx.narrow(0, start, len);
-                    rows.accumulate_grad(&sy, &out.weights, &d, &mut gx_rows, &mut gy);
+                    match out.selection {
+                        Selection::Weights(w) => {
+                            let mut gx_rows = gx.narrow(0, start, len);
+                            rows.accumulate_grad(&sy, &w, &d, &mut gx_rows, &mut gy);
+                        }
+                        Selection::Triplets {
+                            anchor,
+                            positive,
+                            negative,
+                        } => {
+                            triplets.0.push(anchor + start);
+                            triplets.1.push(positive);
+                            triplets.2.push(negative);
+                        }
+                    }
                 }
             }
             (sx.finish_grad(gx), sy.finish_grad(gy))
         });
         // The loss is linear in the selected distances, so its gradient with
-        // respect to the embeddings is (gx, gy); the surrogates carry it
-        // through autograd without changing the value.
-        let sum = value + surrogate(s.x, &gx) + surrogate(s.y, &gy);
+        // respect to the embeddings is (gx, gy) plus that of the selected
+        // triplets; the surrogates carry it through autograd without
+        // changing the value.
+        let mut sum = value + surrogate(s.x, &gx) + surrogate(s.y, &gy);
+        if !triplets.0.is_empty() {
+            let anchors = s.x.index_select(0, &Tensor::cat(&triplets.0, 0));
+            let d_ap = self
+                .distance
+                .paired(&anchors, &s.y.index_select(0, &Tensor::cat(&triplets.1, 0)));
+            let d_an = self
+                .distance
+                .paired(&anchors, &s.y.index_select(0, &Tensor::cat(&triplets.2, 0)));
+            let selected = (d_ap - d_an).sum(kind);
+            sum = sum + (&selected - selected.detach());
+        }
         Terms { sum, count, valid }
     }
 
@@ -334,7 +371,11 @@ impl TripletConfig {
                 picks.1.push(h.negative.to_device(device));
                 picks.2.push(h.valid.to_device(device));
             }
-            (Tensor::cat(&picks.0, 0), Tensor::cat(&picks.1, 0), Tensor::cat(&picks.2, 0))
+            (
+                Tensor::cat(&picks.0, 0),
+                Tensor::cat(&picks.1, 0),
+                Tensor::cat(&picks.2, 0),
+            )
         });
         let d_ap = self.distance.paired(s.x, &s.y.index_select(0, &positive));
         let d_an = self.distance.paired(s.x, &s.y.index_select(0, &negative));
@@ -372,7 +413,10 @@ fn check_pair(
     if embeddings.dim() != 2 {
         return Err(Error::invalid(
             emb_name,
-            format!("must be 2-D (batch, dim), got shape {:?}", embeddings.size()),
+            format!(
+                "must be 2-D (batch, dim), got shape {:?}",
+                embeddings.size()
+            ),
         ));
     }
     if !embeddings.is_floating_point() {

@@ -2,8 +2,8 @@
 //!
 //! Every routine here runs without autograd on a matrix of distances `d`
 //! (anchors × references). Batch-all and semi-hard return the loss value of
-//! the chunk with a matrix of weights `w` such that the gradient of the loss
-//! with respect to `d` is `w`; batch-hard returns the selected pairs.
+//! the chunk with a [`Selection`] that gives its gradient with respect to
+//! `d`; batch-hard returns the selected pairs.
 //!
 //! Two implementations give identical results: [`native`] runs on CPU tensors
 //! in Rust over contiguous rows, [`portable`] uses libtorch operations and
@@ -47,8 +47,22 @@ pub(crate) struct Weighted {
     pub count: Tensor,
     /// Batch-all: the number of valid triplets (int64, 0-d); semi-hard: `count`.
     pub valid: Tensor,
+    pub selection: Selection,
+}
+
+/// What the gradient of a chunk's value with respect to `d` is made of.
+pub(crate) enum Selection {
     /// ∂value/∂d, of the shape of `d`.
-    pub weights: Tensor,
+    Weights(Tensor),
+    /// The triplets whose hinge is positive, as int64 index vectors (anchor
+    /// rows within the chunk, reference columns); the value is the sum of
+    /// d_ap − d_an + m over them. Only on the CPU, where their number is
+    /// known without synchronising.
+    Triplets {
+        anchor: Tensor,
+        positive: Tensor,
+        negative: Tensor,
+    },
 }
 
 /// The hardest positive and negative of every anchor of a chunk.

@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
-use super::{Chunk, Hardest, Weighted};
+use super::{Chunk, Hardest, Selection, Weighted};
 
 trait Real: Copy + Send + Sync + 'static {
     fn get(self) -> f64;
@@ -142,7 +142,7 @@ fn run_weighted<T: Real>(
         value: Tensor::from(totals.value).to_kind(kind),
         count: Tensor::from(totals.count),
         valid: Tensor::from(totals.valid),
-        weights,
+        selection: Selection::Weights(weights),
     }
 }
 
@@ -192,7 +192,14 @@ fn batch_all_row<T: Real>(row: &Row<T>, w: &mut [T], s: &mut Scratch, margin: f6
     totals
 }
 
-fn semihard_row<T: Real>(row: &Row<T>, w: &mut [T], s: &mut Scratch, margin: f64) -> Totals {
+/// Appends (positive, negative) for every positive pair of the row whose
+/// semi-hard triplet has a positive hinge.
+fn semihard_row<T: Real>(
+    row: &Row<T>,
+    s: &mut Scratch,
+    margin: f64,
+    out: &mut Vec<(i64, i64)>,
+) -> Totals {
     row.sorted_positives(|d| d, &mut s.positives);
     let p = s.positives.len();
     if p == 0 {
@@ -225,11 +232,13 @@ fn semihard_row<T: Real>(row: &Row<T>, w: &mut [T], s: &mut Scratch, margin: f64
         ..Totals::default()
     };
     // Sweep the positives from the farthest down, keeping the nearest
-    // negative of all buckets above the current positive.
+    // negative of the buckets above the current positive. Buckets are
+    // ordered by distance, so equal distances share a bucket and the first
+    // index found there is kept.
     let mut best = NONE;
     for i in (0..p).rev() {
         let candidate = s.nearest[i + 1];
-        if candidate.1 != usize::MAX && (best.1 == usize::MAX || candidate.0 <= best.0) {
+        if candidate.1 != usize::MAX && (best.1 == usize::MAX || candidate.0 < best.0) {
             best = candidate;
         }
         let (d_ap, pj) = s.positives[i];
@@ -237,11 +246,65 @@ fn semihard_row<T: Real>(row: &Row<T>, w: &mut [T], s: &mut Scratch, margin: f64
         let hinge = d_ap - d_an + margin;
         if hinge > 0.0 {
             totals.value += hinge;
-            w[pj] = T::put(w[pj].get() + 1.0);
-            w[nj] = T::put(w[nj].get() - 1.0);
+            out.push((pj as i64, nj as i64));
         }
     }
     totals
+}
+
+fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Weighted {
+    let d = chunk.d.contiguous();
+    let row_labels = chunk.row_labels.contiguous();
+    let col_labels = chunk.col_labels.contiguous();
+    let n = d.size()[1] as usize;
+    let self_col = chunk.self_col;
+    let rows: Vec<(Totals, Vec<(i64, i64)>)> = if n == 0 {
+        vec![]
+    } else {
+        // SAFETY: contiguous CPU tensors of the element types read here,
+        // alive until the end of this function.
+        let (dv, rl, cl) = unsafe {
+            (
+                view::<T>(&d),
+                view::<i64>(&row_labels),
+                view::<i64>(&col_labels),
+            )
+        };
+        dv.par_chunks(n)
+            .enumerate()
+            .map_init(Scratch::default, |scratch, (r, drow)| {
+                let row = Row {
+                    d: drow,
+                    label: rl[r],
+                    labels: cl,
+                    skip: self_col.map_or(usize::MAX, |c| c as usize + r),
+                };
+                let mut picks = Vec::new();
+                let totals = semihard_row(&row, scratch, margin, &mut picks);
+                (totals, picks)
+            })
+            .collect()
+    };
+    let mut totals = Totals::default();
+    let (mut anchor, mut positive, mut negative) = (vec![], vec![], vec![]);
+    for (r, (t, picks)) in rows.into_iter().enumerate() {
+        totals = totals.add(t);
+        for (p, q) in picks {
+            anchor.push(r as i64);
+            positive.push(p);
+            negative.push(q);
+        }
+    }
+    Weighted {
+        value: Tensor::from(totals.value).to_kind(d.kind()),
+        count: Tensor::from(totals.count),
+        valid: Tensor::from(totals.valid),
+        selection: Selection::Triplets {
+            anchor: Tensor::from_slice(&anchor),
+            positive: Tensor::from_slice(&positive),
+            negative: Tensor::from_slice(&negative),
+        },
+    }
 }
 
 pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Weighted {
@@ -253,8 +316,8 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Weighted {
 
 pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Weighted {
     match chunk.d.kind() {
-        Kind::Double => run_weighted::<f64>(chunk, |r, w, s| semihard_row(r, w, s, margin)),
-        _ => run_weighted::<f32>(chunk, |r, w, s| semihard_row(r, w, s, margin)),
+        Kind::Double => semihard_typed::<f64>(chunk, margin),
+        _ => semihard_typed::<f32>(chunk, margin),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{Chunk, Hardest, Weighted};
+use super::{Chunk, Hardest, Selection, Weighted};
 use crate::labels::masks;
 
 fn sum_i64(t: &Tensor) -> Tensor {
@@ -23,7 +23,9 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Weighted {
     let prefix = Tensor::cat(
         &[
             d.zeros_like().narrow(1, 0, 1),
-            sorted_neg.where_self(&finite, &d.zeros_like()).cumsum(1, None::<Kind>),
+            sorted_neg
+                .where_self(&finite, &d.zeros_like())
+                .cumsum(1, None::<Kind>),
         ],
         1,
     );
@@ -45,7 +47,7 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Weighted {
         value,
         count: sum_i64(&below),
         valid: sum_i64(&(positives * negatives)),
-        weights: (below - above).to_kind(d.kind()),
+        selection: Selection::Weights((below - above).to_kind(d.kind())),
     }
 }
 
@@ -64,20 +66,25 @@ pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Weighted {
     let first_largest = largest.searchsorted(&sorted_neg, false, false, "left", None::<Tensor>);
 
     let above = d.searchsorted(&sorted_neg, false, true, "right", None::<Tensor>);
-    let position = above.where_self(&above.lt_tensor(&negatives), &first_largest.expand_as(&above));
+    let position = above.where_self(
+        &above.lt_tensor(&negatives),
+        &first_largest.expand_as(&above),
+    );
     let position = position.clamp_max(d.size()[1] - 1);
     let negative = order.gather(1, &position, false);
     let d_neg = sorted_neg.gather(1, &position, false);
 
     let pairs = same.logical_and(&has_negative);
-    let hinge = (d - &d_neg + margin).relu().where_self(&pairs, &d.zeros_like());
+    let hinge = (d - &d_neg + margin)
+        .relu()
+        .where_self(&pairs, &d.zeros_like());
     let active = hinge.gt(0.0).to_kind(d.kind());
     let weights = active.scatter_add(1, &negative, &(-&active));
     Weighted {
         value: hinge.sum(d.kind()),
         count: sum_i64(&pairs),
         valid: sum_i64(&pairs),
-        weights,
+        selection: Selection::Weights(weights),
     }
 }
 
