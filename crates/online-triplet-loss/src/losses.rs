@@ -334,7 +334,7 @@ impl TripletConfig {
                 .distance
                 .paired(&anchors, &s.y.index_select(0, &Tensor::cat(&triplets.2, 0)));
             let selected = (d_ap - d_an).sum(kind);
-            sum = sum + (&selected - selected.detach());
+            sum += &selected - selected.detach();
         }
         Terms { sum, count, valid }
     }
