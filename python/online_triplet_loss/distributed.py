@@ -1,0 +1,229 @@
+r"""Exact triplet mining across the processes of a distributed job.
+
+:class:`DistributedTripletLoss` wraps one of the loss modules. Every rank
+gathers the embeddings and labels of all ranks and mines its own anchors
+against that global batch, so one step on :math:`N` ranks is the step that a
+single process would take on the concatenated batch: the same loss on every
+rank and, once :class:`~torch.nn.parallel.DistributedDataParallel` has
+averaged the gradients, the same parameter update.
+
+Only ``all_gather`` and ``all_reduce`` are used, so gloo and nccl both work.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, terms
+
+__all__ = ["DistributedTripletLoss"]
+
+# Checked in this order; the first class that matches names the mining.
+_MINING = (
+    (BatchAllTripletLoss, "all"),
+    (BatchHardTripletLoss, "hard"),
+    (BatchSemiHardTripletLoss, "semihard"),
+)
+
+
+def _gather_sizes(rows: int, device: torch.device, group: Optional[object]) -> List[int]:
+    """Every rank's batch size, as Python ints. ``tolist`` is the one host
+    synchronisation of the loss: padding needs the sizes on the host."""
+    size = torch.tensor([rows], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    return torch.cat(sizes).tolist()
+
+
+def _gather_rows(x: Tensor, sizes: List[int], group: Optional[object]) -> Tensor:
+    """Concatenates every rank's ``x`` (rows ``sizes[r]`` on rank ``r``): pads to the
+    largest size, gathers and cuts the padding off again."""
+    longest = max(sizes)
+    x = x.contiguous()
+    if x.shape[0] < longest:
+        x = torch.cat([x, x.new_zeros((longest - x.shape[0],) + tuple(x.shape[1:]))])
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat([part[:rows] for part, rows in zip(parts, sizes)])
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather whose backward sums the gradient of the whole gathered tensor
+    over the ranks and hands each rank the rows it contributed (what
+    reduce_scatter does; gloo has no reduce_scatter, so this uses all_reduce)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, sizes: List[int], offset: int, group: Optional[object]
+    ) -> Tensor:
+        ctx.rows = (offset, x.shape[0])
+        ctx.group = group
+        return _gather_rows(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        offset, rows = ctx.rows
+        return grad[offset:offset + rows], None, None, None
+
+
+class DistributedTripletLoss(nn.Module):
+    r"""Mines triplets over the batches of all ranks, exactly.
+
+    Each rank passes its own batch. ``forward`` gathers the embeddings and
+    labels of every rank (batch sizes may differ between ranks), mines this
+    rank's anchors against the global batch (an anchor is never its own
+    positive) and all-reduces the loss terms. It returns the loss of the
+    concatenated batch, the same value on every rank. Its gradient is scaled
+    for :class:`~torch.nn.parallel.DistributedDataParallel`, which averages
+    gradients over the ranks: after that average every parameter has the
+    gradient of the single-process loss on the concatenated batch. The gather
+    is differentiable, so gradients reach the rank that computed each
+    embedding.
+
+    Without an initialised process group, or with a group of one rank, it is
+    the wrapped loss.
+
+    Every rank of the group must call ``forward`` (and ``backward``) together,
+    with embeddings of the same width and dtype; the group should be the one
+    DDP averages over. The batch sizes are gathered to the host (one small
+    synchronisation per call, needed to pad the gather); nothing else waits
+    for the device. With nccl, pass embeddings on the current CUDA device.
+
+    Args:
+        loss: a :class:`~online_triplet_loss.BatchAllTripletLoss`,
+            :class:`~online_triplet_loss.BatchHardTripletLoss` or
+            :class:`~online_triplet_loss.BatchSemiHardTripletLoss`. Its
+            ``margin``, ``distance`` and ``soft`` are read at every call.
+        group: the process group; ``None`` is the default group.
+
+    Attributes:
+        last_fraction: batch-all only, the global fraction of valid triplets with
+            a positive loss from the last call (a detached tensor); ``None``
+            for the other minings and before the first distributed call.
+
+    Example (one process per rank, e.g. under ``torchrun``)::
+
+        >>> model = DistributedDataParallel(net)
+        >>> criterion = DistributedTripletLoss(BatchHardTripletLoss(margin=0.2))
+        >>> loss = criterion(model(images), labels)  # this rank's batch
+        >>> loss.backward()
+    """
+
+    def __init__(self, loss: nn.Module, *, group: Optional[object] = None) -> None:
+        super().__init__()
+        for cls, mining in _MINING:
+            if isinstance(loss, cls):
+                self.mining = mining
+                break
+        else:
+            names = ", ".join(cls.__name__ for cls, _ in _MINING)
+            raise ValueError(f"loss: expected one of {names}, got {type(loss).__name__}")
+        self.loss = loss
+        self.group = group
+        self.last_fraction: Optional[Tensor] = None
+
+    def extra_repr(self) -> str:
+        return f"mining={self.mining!r}"
+
+    def _world(self) -> Tuple[int, int]:
+        """``(rank, world_size)`` in the group, or ``(0, 1)`` without one."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 0, 1
+        world = dist.get_world_size(self.group)
+        rank = dist.get_rank(self.group)
+        if rank < 0:
+            raise ValueError("group: this process is not a member of the group")
+        return rank, world
+
+    def gather(self, embeddings: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor, int]:
+        """The global batch: ``(embeddings, labels, offset)``, where rows
+        ``offset:offset + len(embeddings)`` are this rank's. The embeddings are
+        differentiable; their backward all-reduces, so every rank must run it.
+        Useful to fill a memory with the global batch."""
+        rank, _ = self._world()
+        if embeddings.dim() != 2:
+            raise ValueError(
+                f"embeddings: must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}"
+            )
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                "labels: must be 1-D with one entry per row of embeddings "
+                f"({embeddings.shape[0]}), "
+                f"got shape {tuple(labels.shape)}"
+            )
+        sizes = _gather_sizes(embeddings.shape[0], embeddings.device, self.group)
+        offset = sum(sizes[:rank])
+        labels = labels.to(embeddings.device)
+        if labels.dtype == torch.bool:
+            labels = labels.to(torch.uint8)
+        all_labels = _gather_rows(labels, sizes, self.group)
+        all_embeddings = _GatherRows.apply(embeddings, sizes, offset, self.group)
+        return all_embeddings, all_labels, offset
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        *,
+        extra_embeddings: Optional[Tensor] = None,
+        extra_labels: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The loss of the global batch.
+
+        Args:
+            embeddings: this rank's embeddings, :math:`(B_r, D)`.
+            labels: their labels, :math:`(B_r)`.
+            extra_embeddings, extra_labels: optional further references, e.g.
+                a cross-batch memory, appended after the global batch. They are
+                constants (no gradient) and should be the same on every rank.
+                Not accepted without a process group (use the wrapped loss's
+                ``ref_embeddings`` there).
+        """
+        if (extra_embeddings is None) != (extra_labels is None):
+            raise ValueError("extra_embeddings and extra_labels: must be given together")
+        rank, world = self._world()
+        if world == 1:
+            if extra_embeddings is not None:
+                raise ValueError(
+                    "extra_embeddings: needs a process group of more than one rank; "
+                    "pass ref_embeddings to the wrapped loss instead"
+                )
+            return self.loss(embeddings, labels)
+
+        all_embeddings, all_labels, offset = self.gather(embeddings, labels)
+        # The anchors are rows of the gathered tensor, not the input: all the
+        # gradient of this rank's rows, as anchors here and as references on
+        # every rank, then takes one path, the gather's all-reduce, and each
+        # contribution is counted once. (Anchoring on the input would be exact
+        # too: the anchor part would then bypass the all-reduce.)
+        anchors = all_embeddings[offset:offset + embeddings.shape[0]]
+        anchor_labels = all_labels[offset:offset + embeddings.shape[0]]
+        ref_embeddings, ref_labels = all_embeddings, all_labels
+        if extra_embeddings is not None:
+            extra = extra_embeddings.detach().to(all_embeddings)
+            ref_embeddings = torch.cat([all_embeddings, extra])
+            ref_labels = torch.cat([all_labels, extra_labels.to(all_labels)])
+
+        loss = self.loss
+        sum_, count, valid = terms(
+            self.mining, anchor_labels, anchors, loss.margin,
+            distance=loss.distance, soft=getattr(loss, "soft", False),
+            ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=offset,
+        )
+        # One all-reduce for the three terms; float64 holds counts up to 2**53 exactly.
+        totals = torch.stack([sum_.detach().double(), count.double(), valid.double()])
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.group)
+        total_count = totals[1].clamp_min(1).to(sum_.dtype)
+        value = totals[0].to(sum_.dtype) / total_count
+        if self.mining == "all":
+            self.last_fraction = (totals[1] / totals[2].clamp_min(1)).to(embeddings.dtype)
+        # DDP divides the summed gradients by the world size; scaling by it here
+        # makes the average the gradient of sum_over_ranks(sum_) / total_count.
+        part = sum_ * world / total_count
+        return (value + (part - part.detach())).to(embeddings.dtype)
