@@ -1,0 +1,66 @@
+"""Smoke test of benchmarks/run.py: tiny sizes, every implementation and mining."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "benchmarks" / "run.py"
+
+# 0.0.6 has no semi-hard loss; the floor does no mining ("-")
+EXPECTED = {
+    ("ours", "hard"), ("ours", "all"), ("ours", "semihard"),
+    ("v006", "hard"), ("v006", "all"),
+    ("pml", "hard"), ("pml", "all"), ("pml", "semihard"),
+    ("floor", "-"),
+}
+# these depend on a download or an optional package; anything else must run
+MAY_BE_UNAVAILABLE = {"v006", "pml"}
+
+
+def _run(out, *args, timeout=120):
+    cmd = [sys.executable, str(RUN), "--device", "cpu", "--out", str(out), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for name in ("results.md", "results.json", "results.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    data = json.loads((out / "results.json").read_text())
+    return data, (out / "results.md").read_text(), p.stdout
+
+
+def test_every_cell_is_reported(tmp_path):
+    data, md, log = _run(tmp_path, "--sizes", "64", "--repeats", "1", "--jobs", "3")
+    cells = {(c["impl"], c["mining"], c["B"]): c for c in data["cells"]}
+    assert set(cells) == {(i, m, 64) for i, m in EXPECTED}, log
+    for (impl, mining, _), c in cells.items():
+        if impl in MAY_BE_UNAVAILABLE and c["status"] == "unavailable":
+            continue
+        assert c["status"] == "ok", (impl, mining, c)
+        assert c["median_s"] > 0 and len(c["times_s"]) == 1
+        assert c["peak_rss_bytes"] > 0
+        assert c["loss"] == c["loss"]  # not NaN
+    assert cells[("floor", "-", 64)]["variant"] in ("cdist", "expr")
+    rows = [l for l in md.splitlines() if l.startswith("| ") and not l.startswith("| implementation")]
+    assert len(rows) == len(EXPECTED)
+    for impl, mining in EXPECTED:
+        shown = mining if impl != "floor" else "— ("
+        assert any(r.startswith(f"| {impl} | {shown}") and "| 64 |" in r for r in rows), (impl, mining, md)
+
+
+def test_capped_cells_are_reported_not_dropped(tmp_path):
+    cells_arg = "v006:all:64,v006:all:128,pml:all:4096"
+    data, md, log = _run(tmp_path, "--cells", cells_arg, "--repeats", "1",
+                         "--time-cap", "1e-6", "--mem-cap-gb", "1")
+    cells = {(c["impl"], c["mining"], c["B"]): c for c in data["cells"]}
+    assert set(cells) == {("v006", "all", 64), ("v006", "all", 128), ("pml", "all", 4096)}, log
+    if cells[("v006", "all", 64)]["status"] == "unavailable":
+        pytest.skip("online_triplet_loss 0.0.6 could not be fetched")
+    assert cells[("v006", "all", 64)]["status"] == "over time cap"
+    assert cells[("v006", "all", 64)]["single_run_s"] > 0
+    assert cells[("v006", "all", 128)]["status"] == "over time cap"  # larger B: skipped on evidence
+    if cells[("pml", "all", 4096)]["status"] != "unavailable":
+        assert cells[("pml", "all", 4096)]["status"] == "over memory cap"  # estimated > 1 GB
+    assert md.count("over time cap") >= 2 and "over memory cap" in md
