@@ -13,6 +13,9 @@ from .losses import (
     batch_hard_triplet_loss,
     batch_semihard_triplet_loss,
 )
+from .memory import CrossBatchMemory
+from .samplers import PKSampler
+from . import metrics, samplers
 
 __version__ = "0.1.0"
 
@@ -23,4 +26,7 @@ __all__ = [
     "BatchAllTripletLoss",
     "BatchHardTripletLoss",
     "BatchSemiHardTripletLoss",
+    "CrossBatchMemory",
+    "PKSampler",
+    "metrics",
 ]

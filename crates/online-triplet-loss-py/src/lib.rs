@@ -2,6 +2,7 @@
 //! and errors; validation messages, the math and the gradients come from the
 //! Rust crate.
 
+use online_triplet_loss::metrics::RetrievalConfig;
 use online_triplet_loss::{Distance, Error, Mining, References, TripletConfig};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -60,11 +61,56 @@ fn triplet_terms(
     let terms = config
         .terms(mining, &labels.0, &embeddings.0, references.as_ref())
         .map_err(to_py)?;
-    Ok((PyTensor(terms.sum), PyTensor(terms.count), PyTensor(terms.valid)))
+    Ok((
+        PyTensor(terms.sum),
+        PyTensor(terms.count),
+        PyTensor(terms.valid),
+    ))
+}
+
+fn retrieval(distance: &str, chunk_size: Option<i64>) -> PyResult<RetrievalConfig> {
+    let mut config = RetrievalConfig::new(distance.parse::<Distance>().map_err(to_py)?);
+    config.chunk_size = chunk_size;
+    Ok(config)
+}
+
+/// recall@k for each of `ks`, in that order.
+#[pyfunction]
+#[pyo3(signature = (embeddings, labels, ks, distance, chunk_size=None))]
+fn recall_at_k(
+    py: Python<'_>,
+    embeddings: PyTensor,
+    labels: PyTensor,
+    ks: Vec<i64>,
+    distance: &str,
+    chunk_size: Option<i64>,
+) -> PyResult<Vec<f64>> {
+    let config = retrieval(distance, chunk_size)?;
+    let (embeddings, labels) = (embeddings.0, labels.0);
+    py.allow_threads(move || config.recall_at_k(&embeddings, &labels, &ks))
+        .map_err(to_py)
+}
+
+/// MAP@R.
+#[pyfunction]
+#[pyo3(signature = (embeddings, labels, distance, chunk_size=None))]
+fn mean_average_precision_at_r(
+    py: Python<'_>,
+    embeddings: PyTensor,
+    labels: PyTensor,
+    distance: &str,
+    chunk_size: Option<i64>,
+) -> PyResult<f64> {
+    let config = retrieval(distance, chunk_size)?;
+    let (embeddings, labels) = (embeddings.0, labels.0);
+    py.allow_threads(move || config.mean_average_precision_at_r(&embeddings, &labels))
+        .map_err(to_py)
 }
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(triplet_terms, m)?)?;
+    m.add_function(wrap_pyfunction!(recall_at_k, m)?)?;
+    m.add_function(wrap_pyfunction!(mean_average_precision_at_r, m)?)?;
     Ok(())
 }

@@ -1,1 +1,410 @@
-//! Retrieval metrics.
+//! Retrieval metrics: recall@k and MAP@R (Musgrave et al., "A Metric
+//! Learning Reality Check", 2020).
+//!
+//! Every item is a query against all the *other* items. For a query q, R_q
+//! is the number of other items with q's label; queries with R_q = 0 have
+//! nothing to retrieve and are skipped by both metrics.
+//!
+//! - **recall@k**: the fraction of queries that have an item of their label
+//!   among their k nearest other items. A k above the number of other items
+//!   counts all of them.
+//! - **MAP@R**: the mean over queries of
+//!   AP@R = (1/R) Σ_{i ≤ R} P(i)·rel(i), where rel(i) is 1 when the i-th
+//!   nearest other item has the query's label and P(i) is the fraction of
+//!   the i nearest with it.
+//!
+//! Both are exact. Queries are processed in chunks against all items, so
+//! memory stays O(B·chunk); the time is O(B²·D) for the distances plus
+//! O(B·(B + K log K)) for the selection, with K = max(k, R_q). Queries are
+//! sorted by R_q so that a chunk selects only as many neighbours as its own
+//! queries need. Ties between distances are broken in an unspecified order.
+//!
+//! ```
+//! use online_triplet_loss::metrics::{mean_average_precision_at_r, recall_at_k};
+//! use online_triplet_loss::Distance;
+//! use tch::Tensor;
+//!
+//! // Two tight clusters on a line, labelled 0 and 1, with one stray 1.
+//! let embeddings = Tensor::from_slice(&[0.0f32, 0.1, 0.2, 5.0, 5.1, 0.17]).view([6, 1]);
+//! let labels = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 1]);
+//! let recall = recall_at_k(&embeddings, &labels, &[1, 5], Distance::Euclidean)?;
+//! assert_eq!(recall.len(), 2);
+//! assert!(recall[0] < recall[1]);
+//! let map = mean_average_precision_at_r(&embeddings, &labels, Distance::Euclidean)?;
+//! assert!(map > 0.0 && map < 1.0);
+//! # Ok::<(), online_triplet_loss::Error>(())
+//! ```
+
+use tch::{Kind, Tensor};
+
+use crate::distance::{Distance, Side};
+use crate::labels::label_keys;
+use crate::Error;
+
+/// Queries are ranked against this many distances at a time, unless set.
+const CHUNK_ELEMENTS: i64 = 1 << 24;
+
+/// Options of the retrieval metrics.
+///
+/// ```
+/// use online_triplet_loss::metrics::RetrievalConfig;
+/// use online_triplet_loss::Distance;
+/// use tch::{Device, Kind, Tensor};
+///
+/// let embeddings = Tensor::randn([100, 8], (Kind::Float, Device::Cpu));
+/// let labels = Tensor::arange(100, (Kind::Int64, Device::Cpu)).remainder(5);
+/// let scores = RetrievalConfig::new(Distance::Cosine)
+///     .chunk_size(16)
+///     .evaluate(&embeddings, &labels, &[1, 10])?;
+/// assert_eq!(scores.queries, 100);
+/// assert!(scores.recall[1] >= scores.recall[0]);
+/// # Ok::<(), online_triplet_loss::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RetrievalConfig {
+    /// The distance that ranks neighbours. Euclidean and squared Euclidean
+    /// rank alike.
+    pub distance: Distance,
+    /// Queries ranked at a time; `None` picks a size that keeps each chunk's
+    /// distance matrix near 16M elements.
+    pub chunk_size: Option<i64>,
+}
+
+/// The result of [`RetrievalConfig::evaluate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Retrieval {
+    /// recall@k for each k asked for, in the order asked.
+    pub recall: Vec<f64>,
+    /// MAP@R.
+    pub map_at_r: f64,
+    /// The number of queries averaged over: those with R_q > 0.
+    pub queries: i64,
+}
+
+/// What one pass over the queries accumulates.
+struct Sums {
+    hits: Vec<f64>,
+    average_precision: f64,
+    queries: i64,
+}
+
+impl RetrievalConfig {
+    pub fn new(distance: Distance) -> Self {
+        RetrievalConfig {
+            distance,
+            chunk_size: None,
+        }
+    }
+
+    pub fn chunk_size(mut self, rows: i64) -> Self {
+        self.chunk_size = Some(rows);
+        self
+    }
+
+    /// recall@k for each of `ks`, in that order.
+    pub fn recall_at_k(
+        &self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+        ks: &[i64],
+    ) -> Result<Vec<f64>, Error> {
+        if ks.is_empty() {
+            return Err(Error::invalid("ks", "must hold at least one k"));
+        }
+        let sums = self.scan(embeddings, labels, ks, false)?;
+        let queries = sums.queries as f64;
+        Ok(sums.hits.iter().map(|h| h / queries).collect())
+    }
+
+    /// MAP@R.
+    pub fn mean_average_precision_at_r(
+        &self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+    ) -> Result<f64, Error> {
+        let sums = self.scan(embeddings, labels, &[], true)?;
+        Ok(sums.average_precision / sums.queries as f64)
+    }
+
+    /// recall@k for each of `ks` and MAP@R, in one pass over the distances.
+    pub fn evaluate(
+        &self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+        ks: &[i64],
+    ) -> Result<Retrieval, Error> {
+        let sums = self.scan(embeddings, labels, ks, true)?;
+        let queries = sums.queries as f64;
+        Ok(Retrieval {
+            recall: sums.hits.iter().map(|h| h / queries).collect(),
+            map_at_r: sums.average_precision / queries,
+            queries: sums.queries,
+        })
+    }
+
+    fn validate(&self, embeddings: &Tensor, labels: &Tensor, ks: &[i64]) -> Result<(), Error> {
+        if let Some(rows) = self.chunk_size {
+            if rows < 1 {
+                return Err(Error::invalid(
+                    "chunk_size",
+                    format!("must be >= 1, got {rows}"),
+                ));
+            }
+        }
+        if let Some(&k) = ks.iter().find(|&&k| k < 1) {
+            return Err(Error::invalid(
+                "ks",
+                format!("every k must be >= 1, got {k}"),
+            ));
+        }
+        if embeddings.dim() != 2 {
+            return Err(Error::invalid(
+                "embeddings",
+                format!(
+                    "must be 2-D (items, dim), got shape {:?}",
+                    embeddings.size()
+                ),
+            ));
+        }
+        if !embeddings.is_floating_point() {
+            return Err(Error::invalid(
+                "embeddings",
+                format!("must be floating point, got dtype {:?}", embeddings.kind()),
+            ));
+        }
+        if labels.dim() != 1 {
+            return Err(Error::invalid(
+                "labels",
+                format!("must be 1-D (items,), got shape {:?}", labels.size()),
+            ));
+        }
+        let (n, l) = (embeddings.size()[0], labels.size()[0]);
+        if n != l {
+            return Err(Error::invalid(
+                "labels",
+                format!("has {l} entries but embeddings has {n} rows"),
+            ));
+        }
+        if n == 0 {
+            return Err(Error::invalid("embeddings", "must hold at least one item"));
+        }
+        let finite = bool::try_from(embeddings.f_isfinite()?.f_all()?)?;
+        if !finite {
+            return Err(Error::invalid(
+                "embeddings",
+                "must be finite, got NaN or infinite values",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ranks every query with R_q > 0 against all other items and sums its
+    /// hits for each of `ks` and, when `map`, its AP@R.
+    fn scan(
+        &self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+        ks: &[i64],
+        map: bool,
+    ) -> Result<Sums, Error> {
+        self.validate(embeddings, labels, ks)?;
+        let device = embeddings.device();
+        let kind = match embeddings.kind() {
+            Kind::Half | Kind::BFloat16 => Kind::Float,
+            k => k,
+        };
+        let n = embeddings.size()[0];
+        let keys = label_keys(labels, "labels")?.f_to_device(device)?;
+        // R_q: the other items that share q's label.
+        let (_, inverse, counts) = keys.f_internal_unique2(false, true, true)?;
+        let others = counts.f_index_select(0, &inverse)? - 1;
+        // Queries sorted by R_q: the skipped ones first, then chunks whose
+        // last query needs the most neighbours.
+        let (sorted_r, order) = others.f_sort_stable(true, 0, false)?;
+        let sorted_r = Vec::<i64>::try_from(sorted_r.f_to_device(tch::Device::Cpu)?)?;
+        let first = sorted_r.partition_point(|&r| r == 0) as i64;
+        let queries = n - first;
+        if queries == 0 {
+            return Err(Error::invalid(
+                "labels",
+                "no item shares its label with another item, so there is no query to evaluate",
+            ));
+        }
+        let x = embeddings
+            .detach()
+            .f_to_kind(kind)?
+            .f_index_select(0, &order)?;
+        let keys = keys.f_index_select(0, &order)?;
+        let others = others.f_index_select(0, &order)?;
+        let ranking = match self.distance {
+            // The square root does not change the order.
+            Distance::Euclidean | Distance::Squared => Distance::Squared,
+            Distance::Cosine => Distance::Cosine,
+        };
+        // n ≥ 2 here, since some query has another item of its label.
+        let k_max = ks.iter().copied().max().unwrap_or(0).min(n - 1);
+        let step = self
+            .chunk_size
+            .unwrap_or_else(|| (CHUNK_ELEMENTS / n).max(1));
+
+        tch::no_grad(|| {
+            let side = Side::new(ranking, &x);
+            let opts = (Kind::Int64, device);
+            let mut hits: Vec<Tensor> = ks.iter().map(|_| Tensor::zeros([], opts)).collect();
+            let mut average_precision = Tensor::zeros([], (Kind::Double, device));
+            let mut start = first;
+            while start < n {
+                let len = step.min(n - start);
+                let mut d = side.rows(start, len).pairwise(&side);
+                let own = Tensor::f_arange_start(start, start + len, opts)?.f_unsqueeze(1)?;
+                let _ = d.f_scatter_value_(1, &own, f64::INFINITY)?;
+                let r_last = sorted_r[(start + len - 1) as usize];
+                let depth = k_max.max(if map { r_last } else { 0 }).min(n - 1);
+                let (_, nearest) = d.f_topk(depth, 1, false, true)?;
+                drop(d);
+                let query_keys = keys.f_narrow(0, start, len)?.f_unsqueeze(1)?;
+                // rel(i): the i-th nearest shares the query's label and is
+                // not the query itself (which could only be ranked when
+                // distances overflow to infinity).
+                let relevant = keys
+                    .f_index_select(0, &nearest.f_view([-1])?)?
+                    .f_view([len, depth])?
+                    .f_eq_tensor(&query_keys)?
+                    .f_logical_and(&nearest.f_ne_tensor(&own)?)?;
+                for (sum, &k) in hits.iter_mut().zip(ks) {
+                    let top = relevant.f_narrow(1, 0, k.min(depth))?;
+                    *sum += top.f_any_dim(1, false)?.f_sum(Kind::Int64)?;
+                }
+                if map {
+                    let r = others.f_narrow(0, start, len)?.f_to_kind(Kind::Double)?;
+                    let rank = Tensor::f_arange_start(1, depth + 1, (Kind::Double, device))?;
+                    let within = rank.f_unsqueeze(0)?.f_le_tensor(&r.f_unsqueeze(1)?)?;
+                    let rel = relevant.f_logical_and(&within)?.f_to_kind(Kind::Double)?;
+                    let precision = rel.f_cumsum(1, Kind::Double)? / rank.f_unsqueeze(0)?;
+                    let ap = (precision * &rel).f_sum_dim_intlist(1, false, Kind::Double)? / r;
+                    average_precision += ap.f_sum(Kind::Double)?;
+                }
+                start += len;
+            }
+            Ok(Sums {
+                hits: hits
+                    .iter()
+                    .map(|h| i64::try_from(h).map(|h| h as f64))
+                    .collect::<Result<_, _>>()?,
+                average_precision: f64::try_from(&average_precision)?,
+                queries,
+            })
+        })
+    }
+}
+
+/// recall@k for each of `ks`, in that order; see the [module](self) docs.
+pub fn recall_at_k(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    ks: &[i64],
+    distance: Distance,
+) -> Result<Vec<f64>, Error> {
+    RetrievalConfig::new(distance).recall_at_k(embeddings, labels, ks)
+}
+
+/// MAP@R; see the [module](self) docs.
+pub fn mean_average_precision_at_r(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    distance: Distance,
+) -> Result<f64, Error> {
+    RetrievalConfig::new(distance).mean_average_precision_at_r(embeddings, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// Brute force over f64 distances, sorting every query's neighbours.
+    fn brute(points: &[Vec<f64>], labels: &[i64], ks: &[i64]) -> (Vec<f64>, f64) {
+        let n = points.len();
+        let mut hits = vec![0.0; ks.len()];
+        let (mut ap_sum, mut queries) = (0.0, 0.0);
+        for q in 0..n {
+            let mut others: Vec<(f64, i64)> = (0..n)
+                .filter(|&j| j != q)
+                .map(|j| {
+                    let d: f64 = points[q]
+                        .iter()
+                        .zip(&points[j])
+                        .map(|(a, b)| (a - b) * (a - b))
+                        .sum();
+                    (d, labels[j])
+                })
+                .collect();
+            others.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+            let r = others.iter().filter(|o| o.1 == labels[q]).count();
+            if r == 0 {
+                continue;
+            }
+            queries += 1.0;
+            for (h, &k) in hits.iter_mut().zip(ks) {
+                if others.iter().take(k as usize).any(|o| o.1 == labels[q]) {
+                    *h += 1.0;
+                }
+            }
+            let (mut found, mut ap) = (0.0, 0.0);
+            for (i, o) in others.iter().take(r).enumerate() {
+                if o.1 == labels[q] {
+                    found += 1.0;
+                    ap += found / (i + 1) as f64;
+                }
+            }
+            ap_sum += ap / r as f64;
+        }
+        (hits.iter().map(|h| h / queries).collect(), ap_sum / queries)
+    }
+
+    #[test]
+    fn matches_brute_force_across_chunk_sizes() {
+        tch::manual_seed(3);
+        let (n, dim) = (57, 5);
+        let x = Tensor::randn([n, dim], (Kind::Double, Device::Cpu));
+        // Classes of sizes 1 (skipped) to 12.
+        let labels: Vec<i64> = (0..n).map(|i| (i * i) % 11).collect();
+        let points: Vec<Vec<f64>> = (0..n)
+            .map(|i| Vec::<f64>::try_from(x.get(i)).unwrap())
+            .collect();
+        let ks = [1, 2, 5, 100];
+        let (recall, map) = brute(&points, &labels, &ks);
+        let label_tensor = Tensor::from_slice(&labels);
+        for chunk in [1, 4, 56, 1000] {
+            let got = RetrievalConfig::new(Distance::Euclidean)
+                .chunk_size(chunk)
+                .evaluate(&x, &label_tensor, &ks)
+                .unwrap();
+            for (a, b) in got.recall.iter().zip(&recall) {
+                assert!((a - b).abs() < 1e-12, "chunk {chunk}: {a} vs {b}");
+            }
+            assert!((got.map_at_r - map).abs() < 1e-12, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_input_without_panicking() {
+        let x = Tensor::zeros([4, 2], (Kind::Float, Device::Cpu));
+        let labels = Tensor::from_slice(&[0i64, 0, 1, 1]);
+        let distinct = Tensor::from_slice(&[0i64, 1, 2, 3]);
+        let cases = [
+            recall_at_k(&x, &labels, &[0], Distance::Euclidean),
+            recall_at_k(&x, &labels, &[], Distance::Euclidean),
+            recall_at_k(&x.view([8]), &labels, &[1], Distance::Euclidean),
+            recall_at_k(&x, &labels.narrow(0, 0, 3), &[1], Distance::Euclidean),
+            recall_at_k(&(x.ones_like() / 0.0), &labels, &[1], Distance::Euclidean),
+            recall_at_k(&x, &distinct, &[1], Distance::Euclidean),
+        ];
+        for case in cases {
+            assert!(
+                matches!(case, Err(Error::InvalidArgument { .. })),
+                "{case:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,156 @@
+r"""Retrieval metrics for embeddings, computed exactly in the Rust core.
+
+Every item is a query against all the *other* items. For a query :math:`q`,
+:math:`R_q` is the number of other items with :math:`q`'s label; queries with
+:math:`R_q = 0` have nothing to retrieve and are skipped.
+
+Queries are ranked in chunks against all items, so memory stays
+:math:`O(B \cdot \text{chunk})` and 100k embeddings fit in a few hundred MB.
+Ties between distances are broken in an unspecified order. Both functions
+synchronise with the device (they return Python numbers) and never build a
+graph.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Dict, Iterable, List, Optional, Union
+
+from torch import Tensor
+
+from . import _core
+from ._validation import check_tensor, resolve_distance
+
+__all__ = ["recall_at_k", "mean_average_precision_at_r"]
+
+def _check_ks(ks: object) -> List[int]:
+    if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
+        ks = (ks,)
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+        raise ValueError(f"ks: must be a sequence of positive ints, got {ks!r}")
+    values = list(ks)
+    if not values:
+        raise ValueError(f"ks: must hold at least one k, got {ks!r}")
+    for k in values:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"ks: every k must be an int >= 1, got {k!r} in {ks!r}")
+    return [int(k) for k in values]
+
+
+def _check_chunk_size(chunk_size: object) -> Optional[int]:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size: must be None or an int >= 1, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def recall_at_k(
+    embeddings: Tensor,
+    labels: Tensor,
+    ks: Union[int, Iterable[int]] = (1,),
+    *,
+    distance: str = "euclidean",
+    chunk_size: Optional[int] = None,
+) -> Dict[int, float]:
+    r"""Recall@k: how often an item of the query's class is among its k nearest.
+
+    .. math::
+        \text{recall@}k = \frac{1}{|Q|} \sum_{q \in Q}
+            \mathbb{1}\big[\exists\, j \in N_k(q):\ y_j = y_q\big]
+
+    where :math:`N_k(q)` are the :math:`k` nearest items other than :math:`q`
+    and :math:`Q` the queries with :math:`R_q > 0`. A :math:`k` above the
+    number of other items counts all of them.
+
+    Args:
+        embeddings: the items, :math:`(B, D)`.
+        labels: their class ids, :math:`(B)`.
+        ks: one :math:`k` or several. Default: ``(1,)``.
+        distance: ``"euclidean"`` (default), ``"squared"`` (ranks alike) or
+            ``"cosine"``.
+        chunk_size: queries ranked at a time; by default enough to keep each
+            chunk's distance matrix near 16M entries.
+
+    Returns:
+        ``{k: recall}`` for every :math:`k` asked for.
+
+    Raises:
+        ValueError: on a bad argument, non-finite embeddings, or when no item
+            shares its label with another (there is no query).
+
+    Shape:
+        - embeddings: :math:`(B, D)`, floating point, finite; float16 and
+          bfloat16 are ranked in float32.
+        - labels: :math:`(B)`, integer class ids (or floats holding class ids),
+          on any device.
+
+    Example::
+
+        >>> embeddings = torch.tensor([[0.0], [0.1], [5.0], [5.1], [0.25]])
+        >>> labels = torch.tensor([0, 0, 1, 1, 1])
+        >>> recall_at_k(embeddings, labels, ks=(1, 4))
+        {1: 0.8, 4: 1.0}
+    """
+    check_tensor("embeddings", embeddings)
+    check_tensor("labels", labels)
+    values = _check_ks(ks)
+    recalls = _core.recall_at_k(
+        embeddings.detach(), labels, values,
+        resolve_distance(False, distance), _check_chunk_size(chunk_size),
+    )
+    return dict(zip(values, recalls))
+
+
+def mean_average_precision_at_r(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    distance: str = "euclidean",
+    chunk_size: Optional[int] = None,
+) -> float:
+    r"""MAP@R (Musgrave et al., "A Metric Learning Reality Check", 2020).
+
+    .. math::
+        \text{MAP@R} = \frac{1}{|Q|} \sum_{q \in Q} \frac{1}{R_q}
+            \sum_{i=1}^{R_q} P_q(i)\, \text{rel}_q(i)
+
+    where :math:`\text{rel}_q(i)` is 1 when the :math:`i`-th nearest item other
+    than :math:`q` has :math:`q`'s label, :math:`P_q(i)` is the fraction of the
+    :math:`i` nearest that do, and :math:`Q` the queries with :math:`R_q > 0`.
+    It is 1 exactly when every query's :math:`R_q` nearest are its class.
+
+    Args:
+        embeddings: the items, :math:`(B, D)`.
+        labels: their class ids, :math:`(B)`.
+        distance: ``"euclidean"`` (default), ``"squared"`` (ranks alike) or
+            ``"cosine"``.
+        chunk_size: queries ranked at a time; by default enough to keep each
+            chunk's distance matrix near 16M entries.
+
+    Returns:
+        MAP@R, a float in :math:`[0, 1]`.
+
+    Raises:
+        ValueError: on a bad argument, non-finite embeddings, or when no item
+            shares its label with another (there is no query).
+
+    Shape:
+        - embeddings: :math:`(B, D)`, floating point, finite; float16 and
+          bfloat16 are ranked in float32.
+        - labels: :math:`(B)`, integer class ids (or floats holding class ids),
+          on any device.
+
+    Example::
+
+        >>> embeddings = torch.tensor([[0.0], [0.1], [5.0], [5.1], [0.25]])
+        >>> labels = torch.tensor([0, 0, 1, 1, 1])
+        >>> round(mean_average_precision_at_r(embeddings, labels), 4)
+        0.8
+    """
+    check_tensor("embeddings", embeddings)
+    check_tensor("labels", labels)
+    return _core.mean_average_precision_at_r(
+        embeddings.detach(), labels,
+        resolve_distance(False, distance), _check_chunk_size(chunk_size),
+    )

@@ -1,0 +1,229 @@
+r"""Batch samplers for online mining.
+
+Online mining needs positives and negatives in every batch; a P×K batch holds
+:math:`P` classes with :math:`K` samples each (Hermans et al., "In Defense of
+the Triplet Loss", 2017).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import random
+from typing import Dict, Hashable, Iterator, List, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+__all__ = ["PKSampler"]
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}: must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _label_list(labels: object) -> List[Hashable]:
+    if isinstance(labels, torch.Tensor):
+        if labels.dim() != 1:
+            raise ValueError(f"labels: must be 1-D, got a tensor of shape {tuple(labels.shape)}")
+        return labels.tolist()
+    if isinstance(labels, (str, bytes)):
+        raise ValueError(f"labels: must be a sequence of class ids, got {labels!r}")
+    try:
+        values = labels.tolist() if hasattr(labels, "tolist") else list(labels)  # numpy arrays
+    except TypeError:
+        raise ValueError(
+            f"labels: must be a sequence of class ids, got {type(labels).__name__}"
+        ) from None
+    for value in values:
+        if isinstance(value, list) or not isinstance(value, Hashable):
+            raise ValueError(f"labels: must be 1-D and hold hashable class ids, got {value!r}")
+    return values
+
+
+class PKSampler(Sampler[List[int]]):
+    r"""Yields batches of :math:`P` distinct classes with :math:`K` indices each.
+
+    Pass it as ``DataLoader(dataset, batch_sampler=PKSampler(labels, p, k))``.
+    Every batch holds exactly :math:`P \cdot K` indices: :math:`K` consecutive
+    indices of one class, then :math:`K` of the next, for :math:`P` distinct
+    classes in random order.
+
+    An epoch is built in three steps, all drawn from a generator seeded with
+    ``(seed, epoch)``:
+
+    1. Each class's indices are shuffled and cut into groups of :math:`K`. The
+       last group of a class is completed with other indices of the same
+       class, drawn at random, so that no group repeats an index. A class with
+       fewer than :math:`K` samples has a single group that repeats its samples
+       as evenly as possible (each appears :math:`\lfloor K/n \rfloor` or
+       :math:`\lceil K/n \rceil` times); it is the only way an index repeats
+       within a batch.
+    2. The :math:`G = \sum_c \lceil n_c / K \rceil` groups are spread over
+       :math:`N = \max(\lceil G / P \rceil, \max_c \lceil n_c/K \rceil)`
+       batches, rounded up to a multiple of ``world_size``, with no class
+       twice in a batch: taking the classes in random order, their groups
+       are dealt to the batches in cycles, each cycle a fresh random order of
+       all batches, so batches differ by at most one group.
+    3. Places left free are filled with fresh groups of classes absent from
+       the batch, drawn at random; then the batches are shuffled.
+
+    So every epoch covers every index at least once (every class in
+    particular), a class's share of an epoch is at least its share of the
+    data, and small classes are oversampled only as much as filling the
+    batches needs. ``len(sampler)`` is :math:`N /` ``world_size``, known
+    without drawing. Call :meth:`set_epoch` before each epoch to vary it.
+
+    With ``world_size > 1`` every rank builds the same epoch and takes every
+    ``world_size``-th batch starting at ``rank``: the ranks get the same
+    number of batches and never the same batch.
+
+    Args:
+        labels: the class of every sample of the dataset, as a 1-D tensor,
+            array or sequence of hashable class ids.
+        p: classes per batch, :math:`1 \le P \le` the number of classes.
+        k: samples per class, :math:`\ge 1`.
+        seed: seeds the shuffling, together with the epoch. Default: 0.
+        rank: this process's rank, :math:`0 \le` ``rank`` :math:`<`
+            ``world_size``. Default: 0.
+        world_size: the number of processes sharing the epoch. Default: 1.
+
+    Example::
+
+        >>> labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3])
+        >>> sampler = PKSampler(labels, p=2, k=2, seed=1)
+        >>> len(sampler)
+        3
+        >>> batches = list(sampler)
+        >>> all(len({labels[i].item() for i in batch}) == 2 for batch in batches)
+        True
+        >>> sampler.set_epoch(1)  # a different order next epoch
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[Hashable],
+        p: int,
+        k: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        values = _label_list(labels)
+        if not values:
+            raise ValueError("labels: must hold at least one sample, got an empty sequence")
+        self.p = _check_int("p", p, 1)
+        self.k = _check_int("k", k, 1)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed: must be an int, got {seed!r}")
+        self.seed = int(seed)
+        self.world_size = _check_int("world_size", world_size, 1)
+        self.rank = _check_int("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise ValueError(
+                f"rank: must be < world_size ({self.world_size}), got {rank!r}"
+            )
+        by_class: Dict[Hashable, List[int]] = {}
+        for index, label in enumerate(values):
+            by_class.setdefault(label, []).append(index)
+        if self.p > len(by_class):
+            raise ValueError(
+                f"p: must be at most the number of classes ({len(by_class)}), got {p!r}"
+            )
+        # In order of first appearance, so that the epoch depends only on the labels.
+        self._classes: List[List[int]] = list(by_class.values())
+        self.epoch = 0
+        groups = [math.ceil(len(indices) / self.k) for indices in self._classes]
+        batches = max(math.ceil(sum(groups) / self.p), max(groups))
+        self._batches = math.ceil(batches / self.world_size) * self.world_size
+
+    @property
+    def num_classes(self) -> int:
+        """The number of distinct classes in ``labels``."""
+        return len(self._classes)
+
+    @property
+    def batch_size(self) -> int:
+        r""":math:`P \cdot K`."""
+        return self.p * self.k
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch that the next iteration draws; call it before each epoch."""
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    def __len__(self) -> int:
+        return self._batches // self.world_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        batches = self._epoch_batches(self.epoch)
+        return iter(batches[self.rank :: self.world_size])
+
+    def _group(self, rng: random.Random, indices: List[int]) -> List[int]:
+        """K indices of one class, drawn at random; repeats only when the class is small."""
+        if len(indices) >= self.k:
+            return rng.sample(indices, self.k)
+        return self._pad(rng, rng.sample(indices, len(indices)))
+
+    def _pad(self, rng: random.Random, shuffled: List[int]) -> List[int]:
+        """Repeats a class smaller than K evenly up to K indices."""
+        repeats, extra = divmod(self.k, len(shuffled))
+        group = shuffled * repeats + rng.sample(shuffled, extra)
+        rng.shuffle(group)
+        return group
+
+    def _class_groups(self, rng: random.Random, indices: List[int]) -> List[List[int]]:
+        """One epoch of a class: every index at least once, cut into groups of K."""
+        order = rng.sample(indices, len(indices))
+        if len(order) < self.k:
+            return [self._pad(rng, order)]
+        groups = [order[i : i + self.k] for i in range(0, len(order), self.k)]
+        last = groups[-1]
+        if len(last) < self.k:
+            taken = set(last)
+            rest = [i for i in indices if i not in taken]
+            last.extend(rng.sample(rest, self.k - len(last)))
+        return groups
+
+    def _epoch_batches(self, epoch: int) -> List[List[int]]:
+        """The whole epoch, identical on every rank."""
+        rng = random.Random(f"PKSampler:{self.seed}:{epoch}")
+        n = self._batches
+        class_order = rng.sample(range(len(self._classes)), len(self._classes))
+        slots: List[List[int]] = [[] for _ in range(n)]  # class ids per batch
+        contents: List[List[List[int]]] = [[] for _ in range(n)]
+        # Groups are dealt to the batches in cycles, each cycle a fresh random
+        # order of all n batches, so batch sizes differ by at most one group.
+        # A class has at most n groups; one that straddles two cycles takes
+        # the rest of the old cycle and then batches it is not in yet.
+        cycle = rng.sample(range(n), n)
+        position = 0
+        for c in class_order:
+            groups = self._class_groups(rng, self._classes[c])
+            if position + len(groups) <= n:
+                targets = cycle[position : position + len(groups)]
+                position += len(groups)
+            else:
+                targets = cycle[position:]
+                taken = set(targets)
+                fresh = [b for b in range(n) if b not in taken]
+                rng.shuffle(fresh)
+                cycle = fresh + rng.sample(targets, len(targets))
+                position = len(groups) - len(targets)
+                targets = targets + cycle[:position]
+            for b, group in zip(targets, groups):
+                slots[b].append(c)
+                contents[b].append(group)
+        batches = []
+        for present, groups in zip(slots, contents):
+            if len(present) < self.p:
+                taken = set(present)
+                absent = [c for c in range(len(self._classes)) if c not in taken]
+                for c in rng.sample(absent, self.p - len(present)):
+                    groups.append(self._group(rng, self._classes[c]))
+            rng.shuffle(groups)
+            batches.append([i for group in groups for i in group])
+        rng.shuffle(batches)
+        return batches
