@@ -224,6 +224,20 @@ class _TripletLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"margin={self.margin}, distance={self.distance!r}"
 
+    @staticmethod
+    def _check_order(embeddings: Tensor, labels: Tensor) -> None:
+        if (
+            isinstance(embeddings, Tensor)
+            and isinstance(labels, Tensor)
+            and embeddings.dim() == 1
+            and labels.dim() == 2
+        ):
+            raise ValueError(
+                f"embeddings: got a 1-D tensor of shape {tuple(embeddings.shape)} while labels "
+                f"is 2-D of shape {tuple(labels.shape)}: the arguments look swapped; "
+                "forward takes (embeddings, labels)"
+            )
+
 
 class BatchAllTripletLoss(_TripletLoss):
     r"""Module form of :func:`batch_all_triplet_loss`; ``forward`` returns the loss.
@@ -246,6 +260,7 @@ class BatchAllTripletLoss(_TripletLoss):
         ref_embeddings: Optional[Tensor] = None,
         ref_labels: Optional[Tensor] = None,
     ) -> Tensor:
+        self._check_order(embeddings, labels)
         return batch_all_triplet_loss(
             labels, embeddings, self.margin, distance=self.distance,
             ref_embeddings=ref_embeddings, ref_labels=ref_labels,
@@ -281,6 +296,7 @@ class BatchHardTripletLoss(_TripletLoss):
         ref_embeddings: Optional[Tensor] = None,
         ref_labels: Optional[Tensor] = None,
     ) -> Tensor:
+        self._check_order(embeddings, labels)
         return batch_hard_triplet_loss(
             labels, embeddings, self.margin, distance=self.distance, soft=self.soft,
             ref_embeddings=ref_embeddings, ref_labels=ref_labels,
@@ -308,6 +324,7 @@ class BatchSemiHardTripletLoss(_TripletLoss):
         ref_embeddings: Optional[Tensor] = None,
         ref_labels: Optional[Tensor] = None,
     ) -> Tensor:
+        self._check_order(embeddings, labels)
         return batch_semihard_triplet_loss(
             labels, embeddings, self.margin, distance=self.distance,
             ref_embeddings=ref_embeddings, ref_labels=ref_labels,

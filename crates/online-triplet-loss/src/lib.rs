@@ -37,6 +37,7 @@ mod labels;
 mod losses;
 pub mod metrics;
 mod mining;
+mod ties;
 
 pub use distance::Distance;
 pub use error::Error;

@@ -5,6 +5,7 @@ use tch::{Kind, Tensor};
 use crate::distance::{Distance, Side};
 use crate::labels::label_keys;
 use crate::mining::{self, Chunk, Kernel, Selection};
+use crate::ties::Ties;
 use crate::Error;
 
 /// Anchors are mined against this many distances at a time, unless set.
@@ -176,12 +177,14 @@ impl TripletConfig {
             ),
             None => (x.shallow_clone(), x_labels.shallow_clone(), Some(0)),
         };
+        let ties = tch::no_grad(|| Ties::find(&x, &y, self_col, references.is_none(), self.kernel));
         let sides = Sides {
             x: &x,
             x_labels: &x_labels,
             y: &y,
             y_labels: &y_labels,
             self_col,
+            ties,
         };
         let terms = match mining {
             Mining::Hard => self.hard_terms(&sides),
@@ -286,7 +289,7 @@ impl TripletConfig {
                 for start in (0..n).step_by(step as usize) {
                     let len = step.min(n - start);
                     let rows = sx.rows(start, len);
-                    let d = rows.pairwise(&sy);
+                    let d = s.distances(&rows, &sy, start);
                     let row_labels = s.x_labels.narrow(0, start, len);
                     let chunk = Chunk {
                         d: &d,
@@ -358,7 +361,7 @@ impl TripletConfig {
             let mut picks = (vec![], vec![], vec![]);
             for start in (0..n).step_by(step as usize) {
                 let len = step.min(n - start);
-                let d = sx.rows(start, len).pairwise(&sy);
+                let d = s.distances(&sx.rows(start, len), &sy, start);
                 let row_labels = s.x_labels.narrow(0, start, len);
                 let chunk = Chunk {
                     d: &d,
@@ -397,6 +400,18 @@ struct Sides<'a> {
     y: &'a Tensor,
     y_labels: &'a Tensor,
     self_col: Option<i64>,
+    ties: Option<Ties>,
+}
+
+impl Sides<'_> {
+    /// Distances from anchors `start..start + rows.len()` to every reference.
+    fn distances(&self, rows: &Side, references: &Side, start: i64) -> Tensor {
+        let d = rows.pairwise(references);
+        match &self.ties {
+            Some(ties) => ties.apply(&d, start),
+            None => d,
+        }
+    }
 }
 
 fn surrogate(x: &Tensor, grad: &Tensor) -> Tensor {

@@ -325,3 +325,41 @@ fn native_and_portable_kernels_agree_on_ties_and_chunks() {
         }
     }
 }
+
+#[test]
+fn identical_embeddings_tie_exactly() {
+    // Copies across classes put a negative at exactly the distance of a
+    // positive, and copies within a class put positives at distance 0.
+    for seed in 0..12 {
+        let (labels, x) = random_batch(100 + seed, 14, 4, 5);
+        let copy = |x: &Tensor, from: i64, to: i64| {
+            let _ = x.get(to).copy_(&x.get(from));
+        };
+        copy(&x, 0, 5);
+        copy(&x, 1, 9);
+        copy(&x, 2, 3);
+        let problem = Problem {
+            x: rows(&x),
+            xl: Vec::<i64>::try_from(&labels).unwrap(),
+            y: rows(&x),
+            yl: Vec::<i64>::try_from(&labels).unwrap(),
+            offset: Some(0),
+        };
+        for distance in DISTANCES {
+            for kernel in [Kernel::Auto, Kernel::Portable] {
+                for margin in [0.0, 0.4] {
+                    let cfg = TripletConfig::new(margin).distance(distance).kernel(kernel);
+                    for mining in [Mining::All, Mining::Hard, Mining::SemiHard] {
+                        let (loss, fraction, _, _) = compute(&cfg, mining, &labels, &x, None);
+                        let (want, want_fraction) = problem.loss(mining, &cfg);
+                        let what = format!("seed {seed} {mining:?} {cfg:?}");
+                        assert_close(loss, want, &what);
+                        if mining == Mining::All {
+                            assert_close(fraction, want_fraction, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
