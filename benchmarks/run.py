@@ -501,7 +501,8 @@ def write_outputs(cells: List[dict], meta: dict, out: Path) -> None:
         f"- caps: {time_cap:g} s per run, {meta['mem_cap_gb']:g} GB per cell; "
         f"load average at start {meta['loadavg_start'][0]:.2f}"
         + (f", at end {meta['loadavg_end'][0]:.2f}" if "loadavg_end" in meta else "")
-        + f" on {meta['cpus']} CPUs",
+        + f" on {meta['cpus']} CPUs; thread environment: "
+        + (", ".join(f"`{k}={v}`" for k, v in meta.get("env", {}).items()) or "none set"),
         "- ratios are on `ours` rows: *vs v006* and *vs pml* = their time / ours (× faster); "
         "*ours / floor* = ours / the distance-matrix floor at the same B",
     ]
@@ -666,6 +667,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "repeats": args.repeats, "jobs": args.jobs, "time_cap_s": args.time_cap, "mem_cap_gb": args.mem_cap_gb,
         "argv": sys.argv[1:] if argv is None else argv,
         "loadavg_start": list(os.getloadavg()), "cpus": os.cpu_count(),
+        # thread settings that the cells inherit and that move timings
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_", "RAYON_", "OPENBLAS_"))},
     }
     out = Path(args.out)
     lock = threading.Lock()
