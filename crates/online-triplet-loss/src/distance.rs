@@ -35,6 +35,19 @@ impl Distance {
         }
     }
 
+    /// The factor that turns the weight w of a distance d into the weight of
+    /// its pair in [`Side::accumulate_grad`]: w/d for the Euclidean distance
+    /// (0 at d = 0, the subgradient used), 2w for the squared one, w for the
+    /// cosine one. [`Side::pair_weights`] is the same for tensors.
+    pub(crate) fn pair_weight(self, w: f64, d: f64) -> f64 {
+        match self {
+            Distance::Euclidean if d > 0.0 => w / d,
+            Distance::Euclidean => 0.0,
+            Distance::Squared => 2.0 * w,
+            Distance::Cosine => w,
+        }
+    }
+
     /// The name used by [`FromStr`] and the Python API.
     pub fn name(self) -> &'static str {
         match self {
@@ -142,50 +155,65 @@ impl Side {
     pub(crate) fn pairwise(&self, other: &Side) -> Tensor {
         match self.distance {
             Distance::Euclidean | Distance::Squared => {
-                let mut d = self.points.mm(&other.points.tr());
-                let _ = d.g_mul_scalar_(-2.0);
+                let mut d = other
+                    .norms
+                    .unsqueeze(0)
+                    .addmm(&(&self.points * -2.0), &other.points.tr());
                 let _ = d.g_add_(&self.norms.unsqueeze(1));
-                let _ = d.g_add_(&other.norms.unsqueeze(0));
                 let _ = d.clamp_min_(0.0);
                 if self.distance == Distance::Euclidean {
                     let _ = d.sqrt_();
                 }
                 d
             }
-            Distance::Cosine => 1.0 - self.points.mm(&other.points.tr()),
+            Distance::Cosine => self
+                .points
+                .ones_like()
+                .narrow(1, 0, 1)
+                .addmm(&-&self.points, &other.points.tr()),
+        }
+    }
+
+    /// `pair_weight` of every entry, for weights `w` of distances `d`.
+    pub(crate) fn pair_weights(&self, w: &Tensor, d: &Tensor) -> Tensor {
+        match self.distance {
+            Distance::Euclidean => {
+                let positive = d.gt(0.0);
+                (w / d.where_self(&positive, &d.ones_like())).where_self(&positive, &d.zeros_like())
+            }
+            Distance::Squared => w * 2.0,
+            Distance::Cosine => w.shallow_clone(),
         }
     }
 
     /// Adds to `grad_self` and `grad_other` the gradients of Σᵢⱼ wᵢⱼ dᵢⱼ with
-    /// respect to the points of `self` and `other`, given `d = self.pairwise(other)`.
+    /// respect to the points of `self` and `other`, given the pair weights
+    /// `p` of `w` ([`Distance::pair_weight`]) and, optionally, their row sums.
     /// For the cosine distance these are gradients with respect to the
     /// normalised points; [`Side::finish_grad`] maps them back.
     pub(crate) fn accumulate_grad(
         &self,
         other: &Side,
-        weights: &Tensor,
-        d: &Tensor,
+        p: &Tensor,
+        row_sum: Option<Tensor>,
         grad_self: &mut Tensor,
         grad_other: &mut Tensor,
     ) {
-        let v = match self.distance {
-            // ∂‖x−y‖/∂x = (x−y)/‖x−y‖, taken as 0 at zero distance.
-            Distance::Euclidean => {
-                let positive = d.gt(0.0);
-                (weights / d.where_self(&positive, &d.ones_like()))
-                    .where_self(&positive, &d.zeros_like())
+        match self.distance {
+            Distance::Euclidean | Distance::Squared => {
+                // Σⱼ pᵢⱼ (xᵢ − yⱼ) for the anchors, Σᵢ pᵢⱼ (yⱼ − xᵢ) for the references.
+                let row_sum = row_sum
+                    .unwrap_or_else(|| p.sum_dim_intlist(1, false, None::<Kind>))
+                    .unsqueeze(1);
+                let col_sum = p.sum_dim_intlist(0, false, None::<Kind>).unsqueeze(1);
+                let _ = grad_self.g_add_(&(row_sum * &self.points - p.mm(&other.points)));
+                let _ = grad_other.g_add_(&(col_sum * &other.points - p.tr().mm(&self.points)));
             }
-            Distance::Squared => weights * 2.0,
             Distance::Cosine => {
-                let _ = grad_self.g_sub_(&weights.mm(&other.points));
-                let _ = grad_other.g_sub_(&weights.tr().mm(&self.points));
-                return;
+                let _ = grad_self.g_sub_(&p.mm(&other.points));
+                let _ = grad_other.g_sub_(&p.tr().mm(&self.points));
             }
-        };
-        let row_sum = v.sum_dim_intlist(1, false, None::<Kind>).unsqueeze(1);
-        let col_sum = v.sum_dim_intlist(0, false, None::<Kind>).unsqueeze(1);
-        let _ = grad_self.g_add_(&(row_sum * &self.points - v.mm(&other.points)));
-        let _ = grad_other.g_add_(&(col_sum * &other.points - v.tr().mm(&self.points)));
+        }
     }
 
     /// Maps a gradient accumulated by [`Side::accumulate_grad`] to a gradient

@@ -296,6 +296,7 @@ impl TripletConfig {
                         row_labels: &row_labels,
                         col_labels: s.y_labels,
                         self_col: s.self_col.map(|c| c + start),
+                        distance: self.distance,
                     };
                     let out = match mining {
                         Mining::All => mining::batch_all(self.kernel, &chunk, self.margin),
@@ -307,7 +308,18 @@ impl TripletConfig {
                     match out.selection {
                         Selection::Weights(w) => {
                             let mut gx_rows = gx.narrow(0, start, len);
-                            rows.accumulate_grad(&sy, &w, &d, &mut gx_rows, &mut gy);
+                            let p = rows.pair_weights(&w, &d);
+                            rows.accumulate_grad(&sy, &p, None, &mut gx_rows, &mut gy);
+                        }
+                        Selection::PairWeights { weights, row_sum } => {
+                            let mut gx_rows = gx.narrow(0, start, len);
+                            rows.accumulate_grad(
+                                &sy,
+                                &weights,
+                                Some(row_sum),
+                                &mut gx_rows,
+                                &mut gy,
+                            );
                         }
                         Selection::Triplets {
                             anchor,
@@ -368,6 +380,7 @@ impl TripletConfig {
                     row_labels: &row_labels,
                     col_labels: s.y_labels,
                     self_col: s.self_col.map(|c| c + start),
+                    distance: self.distance,
                 };
                 let h = mining::hardest(self.kernel, &chunk);
                 picks.0.push(h.positive.to_device(device));

@@ -14,6 +14,8 @@ pub(crate) mod portable;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::Distance;
+
 /// Which implementation of the mining runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -37,6 +39,7 @@ pub(crate) struct Chunk<'a> {
     /// The reference column that is the first anchor of the chunk itself,
     /// when anchors are also references; anchor r is then column `self_col + r`.
     pub self_col: Option<i64>,
+    pub distance: Distance,
 }
 
 /// Loss value and distance weights of a chunk, for batch-all and semi-hard.
@@ -54,6 +57,8 @@ pub(crate) struct Weighted {
 pub(crate) enum Selection {
     /// ∂value/∂d, of the shape of `d`.
     Weights(Tensor),
+    /// The pair weights of ∂value/∂d ([`Distance::pair_weight`]), with their row sums.
+    PairWeights { weights: Tensor, row_sum: Tensor },
     /// The triplets whose hinge is positive, as int64 index vectors (anchor
     /// rows within the chunk, reference columns); the value is the sum of
     /// d_ap − d_an + m over them. Only on the CPU, where their number is

@@ -1,15 +1,64 @@
-//! Mining in Rust over the contiguous rows of a CPU distance matrix, one row
-//! per task. Each anchor's positives are sorted (there are few of them in a
-//! P×K batch); every negative then lands in one bucket between two
-//! consecutive positives with a binary search, so a row costs
-//! O(B log P) and needs no B×B temporary besides the weights.
+//! Mining in Rust over the contiguous rows of a CPU distance matrix. Each
+//! anchor's positives are sorted (there are few of them in a P×K batch);
+//! every negative then lands in one bucket between two consecutive positives
+//! with a binary search, so a row costs O(B log P) and needs no B×B
+//! temporary besides the weights.
+//!
+//! Rows are split into one block per libtorch intra-op thread, run on scoped
+//! threads that end with the call. A thread pool whose idle workers spin
+//! would compete for the cores with libtorch's OpenMP threads, which spin
+//! between operations too: on a small machine that costs far more than
+//! starting a thread.
 
-use rayon::prelude::*;
+use std::ops::Range;
+
 use tch::{Kind, Tensor};
 
 use super::{Chunk, Hardest, Selection, Weighted};
+use crate::Distance;
 
-trait Real: Copy + Send + Sync + 'static {
+/// Below this many distances a chunk is mined on the calling thread.
+const PARALLEL_ELEMENTS: usize = 1 << 16;
+
+/// Runs `f(rows, out)` over contiguous blocks of `0..rows`, where `out` is
+/// the part of `output` that belongs to those rows (`stride` elements per
+/// row), and returns the blocks' results in order.
+fn in_blocks<O: Send, R: Send>(
+    rows: usize,
+    row_len: usize,
+    output: &mut [O],
+    stride: usize,
+    f: impl Fn(Range<usize>, &mut [O]) -> R + Sync,
+) -> Vec<R> {
+    let threads = if rows * row_len < PARALLEL_ELEMENTS {
+        1
+    } else {
+        (tch::get_num_threads().max(1) as usize).min(rows)
+    };
+    if threads <= 1 {
+        return vec![f(0..rows, output)];
+    }
+    let per_block = rows.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let f = &f;
+        let mut rest = output;
+        let handles: Vec<_> = (0..rows)
+            .step_by(per_block)
+            .map(|start| {
+                let end = (start + per_block).min(rows);
+                let (block, tail) = std::mem::take(&mut rest).split_at_mut((end - start) * stride);
+                rest = tail;
+                scope.spawn(move || f(start..end, block))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
+trait Real: Copy + Send + Sync + tch::kind::Element + 'static {
     fn get(self) -> f64;
     fn put(v: f64) -> Self;
 }
@@ -63,6 +112,12 @@ struct Totals {
     valid: i64,
 }
 
+/// What one row of batch-all adds: its totals and the sum of its pair weights.
+struct RowOut {
+    totals: Totals,
+    weight_sum: f64,
+}
+
 impl Totals {
     fn add(self, o: Totals) -> Totals {
         Totals {
@@ -99,50 +154,99 @@ impl<T: Real> Row<'_, T> {
     }
 }
 
-fn run_weighted<T: Real>(
-    chunk: &Chunk,
-    row_fn: impl Fn(&Row<T>, &mut [T], &mut Scratch) -> Totals + Sync,
-) -> Weighted {
-    let d = chunk.d.contiguous();
-    let row_labels = chunk.row_labels.contiguous();
-    let col_labels = chunk.col_labels.contiguous();
-    let weights = d.zeros_like();
-    let n = d.size()[1] as usize;
-    let self_col = chunk.self_col;
-    // SAFETY: all tensors are contiguous CPU tensors of the element types
-    // read here (checked by `use_native`), alive until the end of this
-    // function, and `weights` is written only through `w`.
-    let (dv, rl, cl, w) = unsafe {
-        (
-            view::<T>(&d),
-            view::<i64>(&row_labels),
-            view::<i64>(&col_labels),
-            view_mut::<T>(&weights),
-        )
-    };
-    let totals = if n == 0 {
-        Totals::default()
-    } else {
-        dv.par_chunks(n)
-            .zip(w.par_chunks_mut(n))
-            .enumerate()
-            .map_init(Scratch::default, |scratch, (r, (drow, wrow))| {
-                let row = Row {
-                    d: drow,
-                    label: rl[r],
-                    labels: cl,
-                    skip: self_col.map_or(usize::MAX, |c| c as usize + r),
-                };
-                row_fn(&row, wrow, scratch)
-            })
-            .reduce(Totals::default, Totals::add)
-    };
-    let kind = d.kind();
+/// The distances and labels of a chunk, viewed as slices.
+struct Rows<'a, T> {
+    d: &'a [T],
+    n: usize,
+    row_labels: &'a [i64],
+    col_labels: &'a [i64],
+    self_col: Option<i64>,
+}
+
+impl<'a, T: Real> Rows<'a, T> {
+    fn row(&self, r: usize) -> Row<'a, T> {
+        Row {
+            d: &self.d[r * self.n..(r + 1) * self.n],
+            label: self.row_labels[r],
+            labels: self.col_labels,
+            skip: self.self_col.map_or(usize::MAX, |c| c as usize + r),
+        }
+    }
+}
+
+/// Contiguous copies of a chunk's tensors, kept alive while [`Rows`] views them.
+struct Held {
+    d: Tensor,
+    row_labels: Tensor,
+    col_labels: Tensor,
+    self_col: Option<i64>,
+}
+
+impl Held {
+    fn new(chunk: &Chunk) -> Self {
+        Held {
+            d: chunk.d.contiguous(),
+            row_labels: chunk.row_labels.contiguous(),
+            col_labels: chunk.col_labels.contiguous(),
+            self_col: chunk.self_col,
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.d.size()[0] as usize
+    }
+
+    fn view<T: Real>(&self) -> Rows<'_, T> {
+        // SAFETY: the tensors are contiguous CPU tensors (checked by
+        // `use_native`) whose element types are T (the distances' kind
+        // picks T) and i64 (label keys), and they outlive the borrow of self.
+        unsafe {
+            Rows {
+                d: view::<T>(&self.d),
+                n: self.d.size()[1] as usize,
+                row_labels: view::<i64>(&self.row_labels),
+                col_labels: view::<i64>(&self.col_labels),
+                self_col: self.self_col,
+            }
+        }
+    }
+}
+
+fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Weighted {
+    let held = Held::new(chunk);
+    let weights = held.d.zeros_like();
+    let rows = held.view::<T>();
+    // SAFETY: `weights` is a new contiguous CPU tensor of element type T,
+    // written only through this slice while it lives.
+    let w = unsafe { view_mut::<T>(&weights) };
+    let distance = chunk.distance;
+    let blocks = in_blocks(held.rows(), rows.n, w, rows.n, |range, w| {
+        let mut scratch = Scratch::default();
+        let first = range.start;
+        let mut totals = Totals::default();
+        let mut sums = Vec::with_capacity(range.len());
+        for r in range {
+            let out = &mut w[(r - first) * rows.n..(r - first + 1) * rows.n];
+            let row = batch_all_row(&rows.row(r), out, &mut scratch, margin, distance);
+            totals = totals.add(row.totals);
+            sums.push(T::put(row.weight_sum));
+        }
+        (totals, sums)
+    });
+    let mut totals = Totals::default();
+    let mut row_sum = Vec::with_capacity(held.rows());
+    for (t, sums) in blocks {
+        totals = totals.add(t);
+        row_sum.extend(sums);
+    }
     Weighted {
-        value: Tensor::from(totals.value).to_kind(kind),
+        value: Tensor::from(totals.value).to_kind(held.d.kind()),
         count: Tensor::from(totals.count),
         valid: Tensor::from(totals.valid),
-        selection: Selection::Weights(weights),
+        selection: Selection::PairWeights {
+            weights,
+            row_sum: Tensor::from_slice(&row_sum),
+        },
     }
 }
 
@@ -154,11 +258,22 @@ struct Scratch {
     nearest: Vec<(f64, usize)>,
 }
 
-fn batch_all_row<T: Real>(row: &Row<T>, w: &mut [T], s: &mut Scratch, margin: f64) -> Totals {
+/// Writes the pair weights of the row's batch-all gradient into `w`.
+fn batch_all_row<T: Real>(
+    row: &Row<T>,
+    w: &mut [T],
+    s: &mut Scratch,
+    margin: f64,
+    distance: Distance,
+) -> RowOut {
     row.sorted_positives(|d| d + margin, &mut s.positives);
     let p = s.positives.len();
+    let mut out = RowOut {
+        totals: Totals::default(),
+        weight_sum: 0.0,
+    };
     if p == 0 {
-        return Totals::default();
+        return out;
     }
     s.counts.clear();
     s.counts.resize(p + 1, 0);
@@ -172,24 +287,25 @@ fn batch_all_row<T: Real>(row: &Row<T>, w: &mut [T], s: &mut Scratch, margin: f6
         let dj = dj.get();
         // Positives with t_p ≤ d_an come first; the rest are active for n.
         let bucket = s.positives.partition_point(|&(t, _)| t <= dj);
-        w[j] = T::put(-((p - bucket) as f64));
+        let weight = distance.pair_weight(-((p - bucket) as f64), dj);
+        w[j] = T::put(weight);
+        out.weight_sum += weight;
         s.counts[bucket] += 1;
         s.sums[bucket] += dj;
         negatives += 1;
     }
-    let mut totals = Totals {
-        valid: p as i64 * negatives,
-        ..Totals::default()
-    };
+    out.totals.valid = p as i64 * negatives;
     let (mut k, mut prefix) = (0i64, 0.0f64);
     for (i, &(t, j)) in s.positives.iter().enumerate() {
         k += s.counts[i];
         prefix += s.sums[i];
-        totals.value += k as f64 * t - prefix;
-        totals.count += k;
-        w[j] = T::put(k as f64);
+        out.totals.value += k as f64 * t - prefix;
+        out.totals.count += k;
+        let weight = distance.pair_weight(k as f64, row.d[j].get());
+        w[j] = T::put(weight);
+        out.weight_sum += weight;
     }
-    totals
+    out
 }
 
 /// Appends (positive, negative) for every positive pair of the row whose
@@ -253,50 +369,32 @@ fn semihard_row<T: Real>(
 }
 
 fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Weighted {
-    let d = chunk.d.contiguous();
-    let row_labels = chunk.row_labels.contiguous();
-    let col_labels = chunk.col_labels.contiguous();
-    let n = d.size()[1] as usize;
-    let self_col = chunk.self_col;
-    let rows: Vec<(Totals, Vec<(i64, i64)>)> = if n == 0 {
-        vec![]
-    } else {
-        // SAFETY: contiguous CPU tensors of the element types read here,
-        // alive until the end of this function.
-        let (dv, rl, cl) = unsafe {
-            (
-                view::<T>(&d),
-                view::<i64>(&row_labels),
-                view::<i64>(&col_labels),
-            )
-        };
-        dv.par_chunks(n)
-            .enumerate()
-            .map_init(Scratch::default, |scratch, (r, drow)| {
-                let row = Row {
-                    d: drow,
-                    label: rl[r],
-                    labels: cl,
-                    skip: self_col.map_or(usize::MAX, |c| c as usize + r),
-                };
-                let mut picks = Vec::new();
-                let totals = semihard_row(&row, scratch, margin, &mut picks);
-                (totals, picks)
-            })
-            .collect()
-    };
+    let held = Held::new(chunk);
+    let rows = held.view::<T>();
+    let blocks = in_blocks(held.rows(), rows.n, &mut [(); 0], 0, |range, _| {
+        let mut scratch = Scratch::default();
+        let mut totals = Totals::default();
+        let mut triplets = vec![];
+        let mut picks = vec![];
+        for r in range {
+            picks.clear();
+            totals = totals.add(semihard_row(&rows.row(r), &mut scratch, margin, &mut picks));
+            triplets.extend(picks.iter().map(|&(p, q)| (r as i64, p, q)));
+        }
+        (totals, triplets)
+    });
     let mut totals = Totals::default();
     let (mut anchor, mut positive, mut negative) = (vec![], vec![], vec![]);
-    for (r, (t, picks)) in rows.into_iter().enumerate() {
+    for (t, triplets) in blocks {
         totals = totals.add(t);
-        for (p, q) in picks {
-            anchor.push(r as i64);
+        for (a, p, q) in triplets {
+            anchor.push(a);
             positive.push(p);
             negative.push(q);
         }
     }
     Weighted {
-        value: Tensor::from(totals.value).to_kind(d.kind()),
+        value: Tensor::from(totals.value).to_kind(held.d.kind()),
         count: Tensor::from(totals.count),
         valid: Tensor::from(totals.valid),
         selection: Selection::Triplets {
@@ -309,8 +407,8 @@ fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Weighted {
 
 pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Weighted {
     match chunk.d.kind() {
-        Kind::Double => run_weighted::<f64>(chunk, |r, w, s| batch_all_row(r, w, s, margin)),
-        _ => run_weighted::<f32>(chunk, |r, w, s| batch_all_row(r, w, s, margin)),
+        Kind::Double => batch_all_typed::<f64>(chunk, margin),
+        _ => batch_all_typed::<f32>(chunk, margin),
     }
 }
 
@@ -321,53 +419,34 @@ pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Weighted {
     }
 }
 
-fn hardest_typed<T: Real>(chunk: &Chunk) -> Hardest {
-    let d = chunk.d.contiguous();
-    let row_labels = chunk.row_labels.contiguous();
-    let col_labels = chunk.col_labels.contiguous();
-    let rows = d.size()[0] as usize;
-    let n = d.size()[1] as usize;
-    let mut picks = vec![(0i64, 0i64, false); rows];
-    let self_col = chunk.self_col;
-    if n > 0 {
-        // SAFETY: contiguous CPU tensors of the element types read here,
-        // alive until the end of this function.
-        let (dv, rl, cl) = unsafe {
-            (
-                view::<T>(&d),
-                view::<i64>(&row_labels),
-                view::<i64>(&col_labels),
-            )
-        };
-        dv.par_chunks(n)
-            .zip(picks.par_iter_mut())
-            .enumerate()
-            .for_each(|(r, (drow, pick))| {
-                let row = Row {
-                    d: drow,
-                    label: rl[r],
-                    labels: cl,
-                    skip: self_col.map_or(usize::MAX, |c| c as usize + r),
-                };
-                let (mut pos, mut neg) = (None::<(f64, usize)>, None::<(f64, usize)>);
-                for (j, &dj) in drow.iter().enumerate() {
-                    let dj = dj.get();
-                    if row.is_positive(j) {
-                        if pos.is_none_or(|(best, _)| dj > best) {
-                            pos = Some((dj, j));
-                        }
-                    } else if row.labels[j] != row.label && neg.is_none_or(|(best, _)| dj < best) {
-                        neg = Some((dj, j));
-                    }
-                }
-                if let (Some((_, p)), Some((_, q))) = (pos, neg) {
-                    *pick = (p as i64, q as i64, true);
-                }
-            });
+fn hardest_row<T: Real>(row: &Row<T>) -> Option<(i64, i64)> {
+    let (mut pos, mut neg) = (None::<(f64, usize)>, None::<(f64, usize)>);
+    for (j, &dj) in row.d.iter().enumerate() {
+        let dj = dj.get();
+        if row.is_positive(j) {
+            if pos.is_none_or(|(best, _)| dj > best) {
+                pos = Some((dj, j));
+            }
+        } else if row.labels[j] != row.label && neg.is_none_or(|(best, _)| dj < best) {
+            neg = Some((dj, j));
+        }
     }
-    let positive: Vec<i64> = picks.iter().map(|p| p.0).collect();
-    let negative: Vec<i64> = picks.iter().map(|p| p.1).collect();
-    let valid: Vec<bool> = picks.iter().map(|p| p.2).collect();
+    Some((pos?.1 as i64, neg?.1 as i64))
+}
+
+fn hardest_typed<T: Real>(chunk: &Chunk) -> Hardest {
+    let held = Held::new(chunk);
+    let rows = held.view::<T>();
+    let mut picks = vec![None; held.rows()];
+    in_blocks(held.rows(), rows.n, &mut picks, 1, |range, out| {
+        let first = range.start;
+        for r in range {
+            out[r - first] = hardest_row(&rows.row(r));
+        }
+    });
+    let positive: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.0)).collect();
+    let negative: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.1)).collect();
+    let valid: Vec<bool> = picks.iter().map(Option::is_some).collect();
     Hardest {
         positive: Tensor::from_slice(&positive),
         negative: Tensor::from_slice(&negative),
