@@ -15,6 +15,22 @@ fn to_py(err: Error) -> PyErr {
     }
 }
 
+/// Runs `f` without the GIL; a panic inside libtorch's bindings (an
+/// allocation that fails, say) becomes a RuntimeError instead of a
+/// PanicException, which `except Exception` would not catch.
+fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
+    py.allow_threads(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)))
+        .map_err(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown error");
+            PyRuntimeError::new_err(message.to_string())
+        })?
+        .map_err(to_py)
+}
+
 fn mining(name: &str) -> PyResult<Mining> {
     match name {
         "all" => Ok(Mining::All),
@@ -29,6 +45,7 @@ fn mining(name: &str) -> PyResult<Mining> {
 #[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None))]
 #[allow(clippy::too_many_arguments)]
 fn triplet_terms(
+    py: Python<'_>,
     mining_name: &str,
     labels: PyTensor,
     embeddings: PyTensor,
@@ -45,22 +62,24 @@ fn triplet_terms(
         .distance(distance.parse::<Distance>().map_err(to_py)?)
         .soft(soft);
     config.chunk_size = chunk_size;
-    let references = match (&ref_embeddings, &ref_labels) {
-        (Some(e), Some(l)) => Some(References {
-            embeddings: &e.0,
-            labels: &l.0,
-            anchor_offset,
-        }),
+    let (labels, embeddings) = (labels.0, embeddings.0);
+    let references = match (ref_embeddings, ref_labels) {
+        (Some(e), Some(l)) => Some((e.0, l.0)),
         (None, None) => None,
         _ => {
             return Err(PyValueError::new_err(
-                "ref_embeddings and ref_labels must be given together",
+                "ref_embeddings and ref_labels: must be given together",
             ))
         }
     };
-    let terms = config
-        .terms(mining, &labels.0, &embeddings.0, references.as_ref())
-        .map_err(to_py)?;
+    let terms = run(py, move || {
+        let references = references.as_ref().map(|(e, l)| References {
+            embeddings: e,
+            labels: l,
+            anchor_offset,
+        });
+        config.terms(mining, &labels, &embeddings, references.as_ref())
+    })?;
     Ok((
         PyTensor(terms.sum),
         PyTensor(terms.count),
@@ -87,8 +106,7 @@ fn recall_at_k(
 ) -> PyResult<Vec<f64>> {
     let config = retrieval(distance, chunk_size)?;
     let (embeddings, labels) = (embeddings.0, labels.0);
-    py.allow_threads(move || config.recall_at_k(&embeddings, &labels, &ks))
-        .map_err(to_py)
+    run(py, move || config.recall_at_k(&embeddings, &labels, &ks))
 }
 
 /// MAP@R.
@@ -103,8 +121,9 @@ fn mean_average_precision_at_r(
 ) -> PyResult<f64> {
     let config = retrieval(distance, chunk_size)?;
     let (embeddings, labels) = (embeddings.0, labels.0);
-    py.allow_threads(move || config.mean_average_precision_at_r(&embeddings, &labels))
-        .map_err(to_py)
+    run(py, move || {
+        config.mean_average_precision_at_r(&embeddings, &labels)
+    })
 }
 
 #[pymodule]
