@@ -63,18 +63,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds the split, the model and the sampler")
     parser.add_argument("--p", type=_positive, default=10, help="classes per batch (default: 10)")
     parser.add_argument("--k", type=_positive, default=8, help="samples per class (default: 8)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 3e-3)")
+    parser.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate (default: 3e-3)")
     parser.add_argument("--dim", type=_positive, default=32, help="embedding size (default: 32)")
     parser.add_argument("--threads", type=_positive, default=1,
                         help="torch threads; the layers are too small to gain from more (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.p > 10:
+        parser.error(f"argument --p: the digits have 10 classes, got {args.p}")
+    return args
 
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text!r}")
     return value
 
 

@@ -5,7 +5,7 @@ Every item is a query against all the *other* items. For a query :math:`q`,
 :math:`R_q = 0` have nothing to retrieve and are skipped.
 
 Queries are ranked in chunks against all items, so memory stays
-:math:`O(B \cdot \text{chunk})` and 100k embeddings fit in a few hundred MB.
+:math:`O(B \cdot \text{chunk})` and 100k embeddings need well under 1 GB.
 Ties between distances are broken in an unspecified order. Both functions
 synchronise with the device (they return Python numbers) and never build a
 graph.
@@ -70,7 +70,7 @@ def recall_at_k(
         distance: ``"euclidean"`` (default), ``"squared"`` (ranks alike) or
             ``"cosine"``.
         chunk_size: queries ranked at a time; by default enough to keep each
-            chunk's distance matrix near 16M entries.
+            chunk's distance matrix near 4M entries.
 
     Returns:
         ``{k: recall}`` for every :math:`k` asked for.
@@ -126,7 +126,7 @@ def mean_average_precision_at_r(
         distance: ``"euclidean"`` (default), ``"squared"`` (ranks alike) or
             ``"cosine"``.
         chunk_size: queries ranked at a time; by default enough to keep each
-            chunk's distance matrix near 16M entries.
+            chunk's distance matrix near 4M entries.
 
     Returns:
         MAP@R, a float in :math:`[0, 1]`.

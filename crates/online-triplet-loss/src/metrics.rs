@@ -42,7 +42,7 @@ use crate::labels::label_keys;
 use crate::Error;
 
 /// Queries are ranked against this many distances at a time, unless set.
-const CHUNK_ELEMENTS: i64 = 1 << 24;
+const CHUNK_ELEMENTS: i64 = 1 << 22;
 
 /// Options of the retrieval metrics.
 ///
@@ -66,7 +66,7 @@ pub struct RetrievalConfig {
     /// rank alike.
     pub distance: Distance,
     /// Queries ranked at a time; `None` picks a size that keeps each chunk's
-    /// distance matrix near 16M elements.
+    /// distance matrix near 4M elements.
     pub chunk_size: Option<i64>,
 }
 

@@ -1,0 +1,196 @@
+"""CrossBatchMemory against a plain-loop reference over batch + memory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from online_triplet_loss import (
+    BatchAllTripletLoss,
+    BatchHardTripletLoss,
+    BatchSemiHardTripletLoss,
+    CrossBatchMemory,
+)
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    if distance == "cosine":
+        return 1 - (a @ b) / (a.norm().clamp_min(1e-12) * b.norm().clamp_min(1e-12))
+    squared = ((a - b) ** 2).sum()
+    return squared if distance == "squared" else squared.sqrt()
+
+
+def reference_loss(mining, margin, distance, soft, anchors, anchor_labels, refs, ref_labels):
+    """Anchor i is reference i (the batch comes first in the reference set)
+    and never its own positive. Plain loops over every (a, p, n)."""
+    n, m = len(anchors), len(refs)
+    ya, yr = anchor_labels.tolist(), ref_labels.tolist()
+    d = [[_distance(anchors[i], refs[j], distance) for j in range(m)] for i in range(n)]
+    dv = [[float(x.detach()) for x in row] for row in d]  # the selection is on plain floats
+    terms = []
+    for a in range(n):
+        positives = [j for j in range(m) if yr[j] == ya[a] and j != a]
+        negatives = [j for j in range(m) if yr[j] != ya[a]]
+        if not positives or not negatives:
+            continue
+        if mining == "all":
+            for p in positives:
+                for q in negatives:
+                    value = d[a][p] - d[a][q] + margin
+                    if dv[a][p] - dv[a][q] + margin > 0:
+                        terms.append(value)
+        elif mining == "hard":
+            hardest_p = max(positives, key=lambda j: dv[a][j])
+            hardest_n = min(negatives, key=lambda j: dv[a][j])
+            value = d[a][hardest_p] - d[a][hardest_n] + margin
+            terms.append(torch.nn.functional.softplus(value) if soft else torch.relu(value))
+        else:
+            for p in positives:
+                farther = [j for j in negatives if dv[a][j] > dv[a][p]]
+                if farther:
+                    chosen = min(farther, key=lambda j: dv[a][j])
+                else:
+                    chosen = max(negatives, key=lambda j: dv[a][j])
+                terms.append(torch.relu(d[a][p] - d[a][chosen] + margin))
+    if not terms:
+        return anchors.sum() * 0
+    return torch.stack(terms).sum() / len(terms)
+
+
+CONFIGS = [
+    ("all", BatchAllTripletLoss(margin=0.5), "euclidean", False),
+    ("hard", BatchHardTripletLoss(margin=0.3), "euclidean", False),
+    ("hard", BatchHardTripletLoss(margin=0.0, distance="cosine", soft=True), "cosine", True),
+    ("semihard", BatchSemiHardTripletLoss(margin=0.4, distance="squared"), "squared", False),
+]
+
+
+@pytest.mark.parametrize("mining, loss, distance, soft", CONFIGS, ids=lambda c: str(c))
+def test_matches_reference_over_batch_and_fifo_memory(mining, loss, distance, soft):
+    g = torch.Generator().manual_seed(0)
+    memory_size = 13  # not a multiple of the batch sizes: the ring wraps mid-batch
+    xbm = CrossBatchMemory(loss, memory_size=memory_size)
+    history_e, history_l = [], []  # the FIFO, oldest first, as the reference keeps it
+    for step, batch in enumerate([6, 5, 7, 4, 20, 6]):
+        embeddings = torch.randn(batch, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        labels = torch.randint(0, 3, (batch,), generator=g)
+        got = xbm(embeddings, labels)
+        (got_grad,) = torch.autograd.grad(got, embeddings)
+
+        anchors = embeddings.detach().clone().requires_grad_(True)
+        memory_e = torch.stack(history_e) if history_e else torch.zeros(0, 3, dtype=torch.float64)
+        memory_l = torch.tensor(history_l, dtype=torch.long)
+        expected = reference_loss(
+            mining, loss.margin, distance, soft, anchors, labels,
+            torch.cat([anchors, memory_e]), torch.cat([labels, memory_l]),
+        )
+        (expected_grad,) = torch.autograd.grad(expected, anchors, allow_unused=True)
+        if expected_grad is None:
+            expected_grad = torch.zeros_like(anchors)
+        assert got.item() > 0, "the data should give a positive loss"
+        assert got.item() == pytest.approx(expected.item(), rel=1e-9, abs=1e-12), step
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-7, atol=1e-10)
+
+        history_e.extend(embeddings.detach())
+        history_l.extend(labels.tolist())
+        history_e, history_l = history_e[-memory_size:], history_l[-memory_size:]
+        stored_e, stored_l = xbm.memory
+        assert xbm.num_stored == len(history_l) == len(stored_l)
+        torch.testing.assert_close(stored_e, torch.stack(history_e), rtol=0, atol=0)
+        assert stored_l.tolist() == history_l
+
+
+def test_memory_changes_the_loss_and_differs_from_the_plain_loss():
+    torch.manual_seed(0)
+    loss = BatchHardTripletLoss(margin=0.5)
+    xbm = CrossBatchMemory(loss, memory_size=100)
+    first = torch.randn(8, 4)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    # an empty memory: exactly the wrapped loss
+    assert torch.equal(xbm(first, labels), loss(first, labels))
+    second = torch.randn(8, 4)
+    assert not torch.equal(xbm(second, labels), loss(second, labels))
+
+
+def test_fifo_order_and_overflow():
+    xbm = CrossBatchMemory(BatchAllTripletLoss(margin=0.1), memory_size=5)
+    assert xbm.num_stored == 0 and xbm.memory[0].shape == (0, 0)
+    rows = torch.arange(24.0).view(12, 2)
+    ids = torch.arange(12)
+    xbm.enqueue(rows[:3], ids[:3])
+    assert xbm.memory[1].tolist() == [0, 1, 2]
+    xbm.enqueue(rows[3:7], ids[3:7])  # wraps
+    assert xbm.memory[1].tolist() == [2, 3, 4, 5, 6]
+    torch.testing.assert_close(xbm.memory[0], rows[2:7])
+    xbm.enqueue(rows[7:], ids[7:])  # bigger than the memory: only the newest 5 stay
+    assert xbm.memory[1].tolist() == [7, 8, 9, 10, 11]
+    xbm.enqueue(rows[:1], ids[:1])
+    assert xbm.memory[1].tolist() == [8, 9, 10, 11, 0]
+    xbm.reset()
+    assert xbm.num_stored == 0
+    xbm.enqueue(rows[:2], ids[:2])
+    assert xbm.memory[1].tolist() == [0, 1]
+
+
+def test_gradients_reach_only_the_current_batch():
+    xbm = CrossBatchMemory(BatchHardTripletLoss(margin=1.0), memory_size=32)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    old = torch.randn(6, 3, requires_grad=True)
+    xbm(old, labels).backward()
+    old_grad = old.grad.clone()
+    new = torch.randn(6, 3, requires_grad=True)
+    loss = xbm(new, labels)
+    loss.backward()
+    assert new.grad is not None and new.grad.abs().sum() > 0
+    assert torch.equal(old.grad, old_grad)  # the memory is detached
+    assert not xbm.memory_embeddings.requires_grad
+    assert loss.grad_fn is not None
+
+
+def test_state_dict_round_trip_and_preallocation():
+    xbm = CrossBatchMemory(BatchSemiHardTripletLoss(margin=0.2), memory_size=7)
+    xbm.enqueue(torch.randn(9, 3), torch.arange(9) % 3)
+    xbm.enqueue(torch.randn(2, 3), torch.tensor([5, 6]))
+    restored = CrossBatchMemory(BatchSemiHardTripletLoss(margin=0.2), memory_size=7)
+    restored.load_state_dict(xbm.state_dict())
+    assert restored.num_stored == 7
+    for a, b in zip(restored.memory, xbm.memory):
+        assert torch.equal(a, b)
+    batch, labels = torch.randn(4, 3), torch.tensor([0, 0, 5, 6])
+    assert torch.equal(restored(batch, labels), xbm(batch, labels))
+
+    given = CrossBatchMemory(BatchHardTripletLoss(), memory_size=4, embedding_dim=3)
+    assert given.memory_embeddings.shape == (4, 3) and given.num_stored == 0
+    given(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1]))
+    assert given.memory_embeddings.dtype == torch.float32 and given.num_stored == 2
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="loss: must be a BatchAllTripletLoss"):
+        CrossBatchMemory(torch.nn.MSELoss(), memory_size=4)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"memory_size: must be an int >= 1, got {bad!r}"):
+            CrossBatchMemory(BatchHardTripletLoss(), memory_size=bad)
+    with pytest.raises(ValueError, match="embedding_dim: must be an int >= 1, got 0"):
+        CrossBatchMemory(BatchHardTripletLoss(), memory_size=4, embedding_dim=0)
+    xbm = CrossBatchMemory(BatchHardTripletLoss(), memory_size=4)
+    xbm(torch.randn(3, 2), torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match=r"embeddings: must have 2 columns like the memory, got shape \(3, 5\)"):
+        xbm(torch.randn(3, 5), torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match=r"labels: must have shape \(3,\)"):
+        xbm(torch.randn(3, 2), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="labels: must keep the dtype of the first batch's"):
+        xbm(torch.randn(3, 2), torch.tensor([0.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="embeddings: must be a 2-D floating point tensor"):
+        xbm(torch.zeros(3, 2, dtype=torch.long), torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="embeddings: must be a torch.Tensor"):
+        xbm([[0.0, 1.0]], torch.tensor([0]))
+    assert xbm.num_stored == 3  # failed calls enqueue nothing
+
+
+def test_no_nan_on_empty_terms():
+    xbm = CrossBatchMemory(BatchAllTripletLoss(margin=0.2), memory_size=4)
+    out = xbm(torch.randn(3, 2, requires_grad=True), torch.tensor([0, 1, 2]))
+    assert out.item() == 0.0 and not math.isnan(out.item())

@@ -1,0 +1,219 @@
+"""recall@k and MAP@R against brute force over float64 distances."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import pytest
+import torch
+
+from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
+
+
+def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="euclidean"):
+    """Python loops over float64 distances: every query against every other item,
+    sorted; queries with no other item of their label skipped."""
+    points = embeddings.double().tolist()
+    ids = labels.tolist()
+
+    def dist(a, b):
+        if distance == "cosine":
+            dot = sum(x * y for x, y in zip(a, b))
+            na = math.sqrt(sum(x * x for x in a))
+            nb = math.sqrt(sum(y * y for y in b))
+            return 1.0 - dot / (max(na, 1e-12) * max(nb, 1e-12))
+        return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
+
+    hits = {k: 0 for k in ks}
+    ap_sum, queries = 0.0, 0
+    for q in range(len(points)):
+        others = sorted((dist(points[q], points[j]), ids[j]) for j in range(len(points)) if j != q)
+        relevant = [label == ids[q] for _, label in others]
+        r = sum(relevant)
+        if r == 0:
+            continue
+        queries += 1
+        for k in ks:
+            hits[k] += any(relevant[:k])
+        found, ap = 0, 0.0
+        for i in range(r):
+            if relevant[i]:
+                found += 1
+                ap += found / (i + 1)
+        ap_sum += ap / r
+    return {k: h / queries for k, h in hits.items()}, ap_sum / queries
+
+
+def random_data(seed: int, n: int, dim: int, classes: int, singletons: int = 0, dtype=torch.float64):
+    """Gaussian embeddings (ties have probability 0) with random labels, some classes
+    of a single item (queries that are skipped)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    labels = torch.cat([labels, torch.arange(1000, 1000 + singletons)])
+    embeddings = torch.randn(n + singletons, dim, generator=g, dtype=torch.float64)
+    # Shift each class so that the metrics are far from 0 and from 1.
+    embeddings += torch.randn(max(classes, 1), dim, generator=g, dtype=torch.float64)[labels % classes]
+    perm = torch.randperm(n + singletons, generator=g)
+    return embeddings[perm].to(dtype), labels[perm]
+
+
+KS = (1, 2, 5, 17, 1000)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+def test_matches_brute_force(seed, chunk_size):
+    rnd = random.Random(seed)
+    embeddings, labels = random_data(
+        seed, n=rnd.randint(20, 70), dim=rnd.randint(1, 6), classes=rnd.randint(2, 9),
+        singletons=rnd.randint(0, 4),
+    )
+    recall, map_at_r = brute_force(embeddings, labels, KS)
+    got = recall_at_k(embeddings, labels, KS, chunk_size=chunk_size)
+    assert list(got) == list(KS)
+    for k in KS:
+        assert got[k] == pytest.approx(recall[k], abs=1e-12), k
+    assert mean_average_precision_at_r(embeddings, labels, chunk_size=chunk_size) == pytest.approx(
+        map_at_r, abs=1e-12
+    )
+    # Both are informative on this data, not trivially 0 or 1.
+    assert 0 < got[1] < 1 and 0 < map_at_r < 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cosine_matches_brute_force(seed):
+    embeddings, labels = random_data(seed, n=50, dim=4, classes=5, singletons=2)
+    embeddings[3] *= 100.0  # the cosine distance ignores the norm
+    recall, map_at_r = brute_force(embeddings, labels, KS, distance="cosine")
+    got = recall_at_k(embeddings, labels, KS, distance="cosine")
+    assert got == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(embeddings, labels, distance="cosine") == pytest.approx(
+        map_at_r, abs=1e-12
+    )
+
+
+def test_float32_and_other_label_types():
+    embeddings, labels = random_data(11, n=60, dim=3, classes=4, singletons=3)
+    recall, map_at_r = brute_force(embeddings.float(), labels, (1, 3))
+    for ids in (labels, labels.int(), labels.double()):
+        got = recall_at_k(embeddings.float(), ids, (1, 3))
+        assert got == pytest.approx(recall, abs=1e-12)
+        assert mean_average_precision_at_r(embeddings.float(), ids) == pytest.approx(map_at_r, abs=1e-12)
+    # squared Euclidean ranks like Euclidean
+    assert recall_at_k(embeddings, labels, (1, 3), distance="squared") == pytest.approx(
+        brute_force(embeddings, labels, (1, 3))[0], abs=1e-12
+    )
+
+
+def test_hand_computed_example():
+    # 0.25 (label 1) has two label-0 items as its nearest: a miss at k=1 and AP@R = 0;
+    # every other query has its R nearest all of its label.
+    embeddings = torch.tensor([[0.0], [0.1], [5.0], [5.1], [0.25]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    assert recall_at_k(embeddings, labels, ks=(1, 2, 3, 4)) == {1: 0.8, 2: 0.8, 3: 1.0, 4: 1.0}
+    assert mean_average_precision_at_r(embeddings, labels) == pytest.approx(0.8)
+    # AP@R with a relevant item at rank 2 of R = 2: (0 + 1/2) / 2.
+    embeddings = torch.tensor([[0.0], [1.0], [1.5], [10.0], [11.0], [30.0]])
+    labels = torch.tensor([0, 1, 0, 0, 2, 2])
+    # query 0: R=2, ranking 1.0 (no), 1.5 (yes) -> AP 0.25; query 2: R=2, 1.0 (no), 0.0 (yes) -> 0.25
+    # query 3: R=2, 11 (no), 1.5 (yes) -> 0.25; queries 4 and 5: R=1, nearest other is 10 / 11
+    assert mean_average_precision_at_r(embeddings, labels) == pytest.approx((0.25 * 3 + 0 + 1) / 5)
+    assert recall_at_k(embeddings, labels, ks=1) == {1: pytest.approx(1 / 5)}
+
+
+def test_skipped_queries_change_nothing():
+    embeddings, labels = random_data(5, n=40, dim=3, classes=4)
+    base_recall = recall_at_k(embeddings, labels, (1, 5))
+    base_map = mean_average_precision_at_r(embeddings, labels)
+    # Singleton classes far from everything: skipped as queries, never anyone's neighbour
+    # within the ranks that count.
+    far = torch.full((3, 3), 1e3, dtype=torch.float64) * torch.tensor([[1.0], [2.0], [3.0]])
+    more = torch.cat([embeddings, far])
+    more_labels = torch.cat([labels, torch.tensor([100, 101, 102])])
+    assert recall_at_k(more, more_labels, (1, 5)) == pytest.approx(base_recall, abs=1e-12)
+    assert mean_average_precision_at_r(more, more_labels) == pytest.approx(base_map, abs=1e-12)
+
+
+def test_perfect_and_permutation_invariant():
+    labels = torch.arange(30) % 3
+    embeddings = torch.nn.functional.one_hot(labels).double() * 10 + 0.01 * torch.randn(30, 3, dtype=torch.float64)
+    assert recall_at_k(embeddings, labels, (1, 29)) == {1: 1.0, 29: 1.0}
+    assert mean_average_precision_at_r(embeddings, labels) == pytest.approx(1.0)
+    data, ids = random_data(3, n=45, dim=2, classes=5)
+    perm = torch.randperm(45)
+    assert recall_at_k(data[perm], ids[perm], (1, 4)) == pytest.approx(recall_at_k(data, ids, (1, 4)), abs=1e-12)
+
+
+def test_no_graph_and_accepts_requires_grad():
+    embeddings, labels = random_data(2, n=20, dim=3, classes=3)
+    embeddings.requires_grad_(True)
+    assert isinstance(recall_at_k(embeddings, labels)[1], float)
+    assert isinstance(mean_average_precision_at_r(embeddings, labels), float)
+    assert embeddings.grad is None
+
+
+def test_twenty_thousand_items_chunked_against_a_torch_reference():
+    """20k x 64: runs in seconds with bounded memory, and agrees with an
+    independent chunked torch computation of recall@1 and recall@10."""
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    labels = torch.randint(0, 50, (n,), generator=g)
+    embeddings = torch.randn(n, 64, generator=g) + 0.4 * torch.randn(50, 64, generator=g)[labels]
+    start = time.perf_counter()
+    got = recall_at_k(embeddings, labels, (1, 10))
+    seconds = time.perf_counter() - start
+    x = embeddings.double()
+    hits1 = hits10 = 0
+    for s in range(0, n, 2000):
+        d = torch.cdist(x[s:s + 2000], x)
+        d[torch.arange(d.shape[0]), torch.arange(s, s + d.shape[0])] = math.inf
+        nearest = d.topk(10, largest=False).indices
+        same = labels[nearest] == labels[s:s + 2000, None]
+        hits1 += int(same[:, 0].sum())
+        hits10 += int(same.any(1).sum())
+    # float32 ranking may swap near-ties against the float64 reference
+    assert got[1] == pytest.approx(hits1 / n, abs=2e-4)
+    assert got[10] == pytest.approx(hits10 / n, abs=2e-4)
+    assert 0.05 < got[1] < 0.95
+    assert seconds < 30, f"recall@k on 20k x 64 took {seconds:.1f} s"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ks=0), "ks: every k must be an int >= 1, got 0"),
+        (dict(ks=[]), r"ks: must hold at least one k, got \[\]"),
+        (dict(ks="1"), "ks: must be a sequence of positive ints, got '1'"),
+        (dict(ks=[1, 2.5]), r"ks: every k must be an int >= 1, got 2.5"),
+        (dict(ks=[True]), r"ks: every k must be an int >= 1, got True"),
+        (dict(distance="manhattan"), "distance: expected one of .* got 'manhattan'"),
+        (dict(chunk_size=0), "chunk_size: must be None or an int >= 1, got 0"),
+    ],
+)
+def test_recall_argument_errors(kwargs, match):
+    embeddings, labels = random_data(0, n=10, dim=2, classes=2)
+    with pytest.raises(ValueError, match=match):
+        recall_at_k(embeddings, labels, **kwargs)
+
+
+@pytest.mark.parametrize("metric", [lambda e, l: recall_at_k(e, l), mean_average_precision_at_r])
+def test_input_errors(metric):
+    embeddings, labels = random_data(0, n=10, dim=2, classes=2)
+    cases = [
+        (embeddings[:, 0], labels, "embeddings: must be 2-D"),
+        (embeddings.long(), labels, "embeddings: must be floating point"),
+        (embeddings, labels[:9], "labels: has 9 entries but embeddings has 10 rows"),
+        (embeddings, labels[:, None], "labels: must be 1-D"),
+        (embeddings[:0], labels[:0], "embeddings: must hold at least one item"),
+        (torch.where(torch.arange(10)[:, None] == 4, math.nan, embeddings), labels, "embeddings: must be finite"),
+        (embeddings, torch.arange(10), "labels: no item shares its label"),
+        (embeddings.tolist(), labels, "embeddings: must be a torch.Tensor"),
+        (embeddings, labels.tolist(), "labels: must be a torch.Tensor"),
+    ]
+    for e, l, match in cases:
+        with pytest.raises(ValueError, match=match):
+            metric(e, l)
+    with pytest.raises(ValueError, match="distance: expected one of"):
+        mean_average_precision_at_r(embeddings, labels, distance="l1")
