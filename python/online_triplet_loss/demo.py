@@ -7,6 +7,13 @@ held-out embeddings projected to 2-D by PCA beside the loss curve::
 
     python -m online_triplet_loss.demo --loss hard --epochs 30 --out demo-out
 
+The defaults (batch-hard, margin 0.2 on L2-normalised 32-d embeddings, a
+64-256-256-32 MLP, Adam with a one-cycle schedule peaking at 3e-3, 30 epochs
+of 16 batches of 10 classes × 8 digits, one torch thread) reach held-out
+recall@1 of about 0.98 and MAP@R of about 0.96 in a few seconds on two CPU
+cores; 1-NN on the raw pixels reaches a similar recall@1, but a MAP@R of
+only about 0.53. Everything is seeded by ``--seed``.
+
 Needs the ``demo`` extra: ``pip install "online_triplet_loss[demo]"``.
 """
 
@@ -60,7 +67,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="triplet margin, on L2-normalised embeddings (default: 0.2)")
     parser.add_argument("--epochs", type=_positive, default=30, help="epochs (default: 30)")
     parser.add_argument("--out", default="demo-out", help="directory for the figure (default: demo-out)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the split, the model and the sampler")
+    parser.add_argument("--seed", type=_seed, default=0,
+                        help="seeds the split, the model and the sampler (default: 0)")
     parser.add_argument("--p", type=_positive, default=10, help="classes per batch (default: 10)")
     parser.add_argument("--k", type=_positive, default=8, help="samples per class (default: 8)")
     parser.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate (default: 3e-3)")
@@ -78,6 +86,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text!r}")
     return value
 
 
@@ -110,15 +125,23 @@ class Embedder(nn.Module):
         return nn.functional.normalize(self.net(x), dim=1)
 
 
-def _load(seed: int):
+def _require_extras() -> None:
     try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+        import tqdm  # noqa: F401
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise SystemExit(
             f"the demo needs scikit-learn, matplotlib and tqdm ({err}); "
             'install them with: pip install "online_triplet_loss[demo]"'
         ) from None
+
+
+def _load(seed: int):
+    """Digits scaled to [0, 1] and centred on the training mean; a stratified 70/30 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
@@ -147,6 +170,7 @@ def _scores(embeddings: Tensor, y: Tensor) -> Dict[str, float]:
 
 def run(args: argparse.Namespace) -> Result:
     """Trains, evaluates and plots as ``args`` say; prints the metrics."""
+    _require_extras()
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -202,10 +226,8 @@ def _run(args: argparse.Namespace) -> Result:
 
 def _plot(model: nn.Module, x: Tensor, y: Tensor, curve: List[float], steps_per_epoch: int,
           args: argparse.Namespace) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure renders with Agg and leaves pyplot's global state alone.
+    from matplotlib.figure import Figure
 
     with torch.no_grad():
         model.eval()
@@ -215,7 +237,8 @@ def _plot(model: nn.Module, x: Tensor, y: Tensor, curve: List[float], steps_per_
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
     points = (centred @ v[:2].T).numpy()
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    fig = Figure(figsize=(12, 5))
+    left, right = fig.subplots(1, 2)
     scatter = left.scatter(points[:, 0], points[:, 1], c=y.numpy(), cmap="tab10", s=8, vmin=-0.5, vmax=9.5)
     fig.colorbar(scatter, ax=left, ticks=range(10), label="digit")
     left.set_title("held-out embeddings, PCA to 2-D")
@@ -233,7 +256,6 @@ def _plot(model: nn.Module, x: Tensor, y: Tensor, curve: List[float], steps_per_
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, FIGURE)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
