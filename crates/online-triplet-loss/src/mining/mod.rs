@@ -10,6 +10,7 @@
 //! runs on any device.
 
 pub(crate) mod native;
+mod parallel;
 pub(crate) mod portable;
 
 use tch::{Device, Kind, Tensor};

@@ -4,59 +4,14 @@
 //! with a binary search, so a row costs O(B log P) and needs no B×B
 //! temporary besides the weights.
 //!
-//! Rows are split into one block per libtorch intra-op thread, run on scoped
-//! threads that end with the call. A thread pool whose idle workers spin
-//! would compete for the cores with libtorch's OpenMP threads, which spin
-//! between operations too: on a small machine that costs far more than
-//! starting a thread.
-
-use std::ops::Range;
+//! Rows are split into one block per libtorch intra-op thread
+//! ([`in_blocks`]).
 
 use tch::{Kind, Tensor};
 
+use super::parallel::in_blocks;
 use super::{Chunk, Hardest, Selection, Weighted};
 use crate::Distance;
-
-/// Below this many distances a chunk is mined on the calling thread.
-const PARALLEL_ELEMENTS: usize = 1 << 16;
-
-/// Runs `f(rows, out)` over contiguous blocks of `0..rows`, where `out` is
-/// the part of `output` that belongs to those rows (`stride` elements per
-/// row), and returns the blocks' results in order.
-fn in_blocks<O: Send, R: Send>(
-    rows: usize,
-    row_len: usize,
-    output: &mut [O],
-    stride: usize,
-    f: impl Fn(Range<usize>, &mut [O]) -> R + Sync,
-) -> Vec<R> {
-    let threads = if rows * row_len < PARALLEL_ELEMENTS {
-        1
-    } else {
-        (tch::get_num_threads().max(1) as usize).min(rows)
-    };
-    if threads <= 1 {
-        return vec![f(0..rows, output)];
-    }
-    let per_block = rows.div_ceil(threads);
-    std::thread::scope(|scope| {
-        let f = &f;
-        let mut rest = output;
-        let handles: Vec<_> = (0..rows)
-            .step_by(per_block)
-            .map(|start| {
-                let end = (start + per_block).min(rows);
-                let (block, tail) = std::mem::take(&mut rest).split_at_mut((end - start) * stride);
-                rest = tail;
-                scope.spawn(move || f(start..end, block))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
-    })
-}
 
 trait Real: Copy + Send + Sync + tch::kind::Element + 'static {
     fn get(self) -> f64;
@@ -142,8 +97,13 @@ impl<T: Real> Row<'_, T> {
         j != self.skip && self.labels[j] == self.label
     }
 
-    /// Sorted (key(d_ap), p) over the positives.
-    fn sorted_positives(&self, key: impl Fn(f64) -> f64, out: &mut Vec<(f64, usize)>) {
+    /// Sorted (key(d_ap), p) over the positives, with the keys alone in `keys`.
+    fn sorted_positives(
+        &self,
+        key: impl Fn(f64) -> f64,
+        out: &mut Vec<(f64, usize)>,
+        keys: &mut Vec<f64>,
+    ) {
         out.clear();
         out.extend(
             (0..self.d.len())
@@ -151,6 +111,8 @@ impl<T: Real> Row<'_, T> {
                 .map(|j| (key(self.d[j].get()), j)),
         );
         out.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        keys.clear();
+        keys.extend(out.iter().map(|&(k, _)| k));
     }
 }
 
@@ -171,6 +133,18 @@ impl<'a, T: Real> Rows<'a, T> {
             labels: self.col_labels,
             skip: self.self_col.map_or(usize::MAX, |c| c as usize + r),
         }
+    }
+}
+
+/// The number of sorted keys k with `below(k, x)`, for a predicate that
+/// holds on a prefix. A handful of keys (a P×K batch has K − 1 positives per
+/// anchor) are counted without branches: a binary search over them would
+/// mispredict at almost every step.
+fn count_below(keys: &[f64], x: f64, below: impl Fn(f64, f64) -> bool) -> usize {
+    if keys.len() <= 32 {
+        keys.iter().map(|&k| below(k, x) as usize).sum()
+    } else {
+        keys.partition_point(|&k| below(k, x))
     }
 }
 
@@ -253,6 +227,7 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Weighted {
 #[derive(Default)]
 struct Scratch {
     positives: Vec<(f64, usize)>,
+    keys: Vec<f64>,
     counts: Vec<i64>,
     sums: Vec<f64>,
     nearest: Vec<(f64, usize)>,
@@ -266,7 +241,7 @@ fn batch_all_row<T: Real>(
     margin: f64,
     distance: Distance,
 ) -> RowOut {
-    row.sorted_positives(|d| d + margin, &mut s.positives);
+    row.sorted_positives(|d| d + margin, &mut s.positives, &mut s.keys);
     let p = s.positives.len();
     let mut out = RowOut {
         totals: Totals::default(),
@@ -286,7 +261,7 @@ fn batch_all_row<T: Real>(
         }
         let dj = dj.get();
         // Positives with t_p ≤ d_an come first; the rest are active for n.
-        let bucket = s.positives.partition_point(|&(t, _)| t <= dj);
+        let bucket = count_below(&s.keys, dj, |t, d| t <= d);
         let weight = distance.pair_weight(-((p - bucket) as f64), dj);
         w[j] = T::put(weight);
         out.weight_sum += weight;
@@ -316,7 +291,7 @@ fn semihard_row<T: Real>(
     margin: f64,
     out: &mut Vec<(i64, i64)>,
 ) -> Totals {
-    row.sorted_positives(|d| d, &mut s.positives);
+    row.sorted_positives(|d| d, &mut s.positives, &mut s.keys);
     let p = s.positives.len();
     if p == 0 {
         return Totals::default();
@@ -331,7 +306,7 @@ fn semihard_row<T: Real>(
         }
         let dj = dj.get();
         // bucket = #{d_ap < d_an}: n is semi-hard for the positives below it.
-        let bucket = s.positives.partition_point(|&(sp, _)| sp < dj);
+        let bucket = count_below(&s.keys, dj, |sp, d| sp < d);
         if s.nearest[bucket].1 == usize::MAX || dj < s.nearest[bucket].0 {
             s.nearest[bucket] = (dj, j);
         }
