@@ -107,12 +107,12 @@ class DistributedTripletLoss(nn.Module):
             a positive loss from the last call (a detached tensor); ``None``
             for the other minings and before the first distributed call.
 
-    Example (one process per rank, e.g. under ``torchrun``)::
+    Example (one process per rank, e.g. under ``torchrun``; not run as a doctest)::
 
-        >>> model = DistributedDataParallel(net)
-        >>> criterion = DistributedTripletLoss(BatchHardTripletLoss(margin=0.2))
-        >>> loss = criterion(model(images), labels)  # this rank's batch
-        >>> loss.backward()
+        model = DistributedDataParallel(net)
+        criterion = DistributedTripletLoss(BatchHardTripletLoss(margin=0.2))
+        loss = criterion(model(images), labels)  # this rank's batch
+        loss.backward()
     """
 
     def __init__(self, loss: nn.Module, *, group: Optional[object] = None) -> None:

@@ -27,16 +27,6 @@ __all__ = [
     "BatchSemiHardTripletLoss",
 ]
 
-_SHAPE = """
-    Shape:
-        - labels: :math:`(B)`, integer class ids (or floats holding class ids).
-        - embeddings: :math:`(B, D)`, floating point; float16 and bfloat16 are
-          computed in float32 and the loss is returned in their dtype.
-        - ref_embeddings, ref_labels: :math:`(M, D)` and :math:`(M)`. When given,
-          anchors are mined against this reference set instead of their own batch,
-          and gradients flow into both.
-        - Output: scalar.
-"""
 
 
 def terms(
@@ -109,7 +99,16 @@ def batch_all_triplet_loss(
 
     Returns:
         ``(loss, fraction_positive_triplets)``, two scalars.
-    """ + _SHAPE + r"""
+    
+    Shape:
+        - labels: :math:`(B)`, integer class ids (or floats holding class ids).
+        - embeddings: :math:`(B, D)`, floating point; float16 and bfloat16 are
+          computed in float32 and the loss is returned in their dtype.
+        - ref_embeddings, ref_labels: :math:`(M, D)` and :math:`(M)`. When given,
+          anchors are mined against this reference set instead of their own batch,
+          and gradients flow into both.
+        - Output: scalar.
+
     Example::
 
         >>> labels = torch.tensor([0, 0, 1, 1])
@@ -157,7 +156,16 @@ def batch_hard_triplet_loss(
         soft: use softplus instead of relu.
         ref_embeddings: optional reference set to mine against.
         ref_labels: labels of the reference set.
-    """ + _SHAPE + r"""
+    
+    Shape:
+        - labels: :math:`(B)`, integer class ids (or floats holding class ids).
+        - embeddings: :math:`(B, D)`, floating point; float16 and bfloat16 are
+          computed in float32 and the loss is returned in their dtype.
+        - ref_embeddings, ref_labels: :math:`(M, D)` and :math:`(M)`. When given,
+          anchors are mined against this reference set instead of their own batch,
+          and gradients flow into both.
+        - Output: scalar.
+
     Example::
 
         >>> labels = torch.tensor([0, 0, 1, 1])
@@ -201,7 +209,16 @@ def batch_semihard_triplet_loss(
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
         ref_embeddings: optional reference set to mine against.
         ref_labels: labels of the reference set.
-    """ + _SHAPE + r"""
+    
+    Shape:
+        - labels: :math:`(B)`, integer class ids (or floats holding class ids).
+        - embeddings: :math:`(B, D)`, floating point; float16 and bfloat16 are
+          computed in float32 and the loss is returned in their dtype.
+        - ref_embeddings, ref_labels: :math:`(M, D)` and :math:`(M)`. When given,
+          anchors are mined against this reference set instead of their own batch,
+          and gradients flow into both.
+        - Output: scalar.
+
     Example::
 
         >>> labels = torch.tensor([0, 0, 1, 1])

@@ -1,0 +1,30 @@
+"""Every public name is documented, and the examples in the docstrings run."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "online_triplet_loss.losses",
+    "online_triplet_loss.metrics",
+    "online_triplet_loss.samplers",
+    "online_triplet_loss.memory",
+    "online_triplet_loss.distributed",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_public_names_have_docstrings(name):
+    module = importlib.import_module(name)
+    assert module.__all__, name
+    for attr in module.__all__:
+        doc = getattr(module, attr).__doc__
+        assert doc and doc.strip(), f"{name}.{attr} has no docstring"
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, extraglobs={"torch": importlib.import_module("torch")})
+    assert result.failed == 0, f"{result.failed} doctest failures in {name}"
