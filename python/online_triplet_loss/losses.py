@@ -233,6 +233,10 @@ def batch_semihard_triplet_loss(
 
 
 class _TripletLoss(nn.Module):
+    #: The mining this module stands for, as :func:`terms` names it.
+    mining: str
+    soft: bool = False
+
     def __init__(self, *, margin: float = 1.0, distance: str = "euclidean") -> None:
         super().__init__()
         self.margin = check_margin(margin)
@@ -241,8 +245,14 @@ class _TripletLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"margin={self.margin}, distance={self.distance!r}"
 
-    @staticmethod
-    def _check_order(embeddings: Tensor, labels: Tensor) -> None:
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        *,
+        ref_embeddings: Optional[Tensor] = None,
+        ref_labels: Optional[Tensor] = None,
+    ) -> Tensor:
         if (
             isinstance(embeddings, Tensor)
             and isinstance(labels, Tensor)
@@ -254,10 +264,17 @@ class _TripletLoss(nn.Module):
                 f"is 2-D of shape {tuple(labels.shape)}: the arguments look swapped; "
                 "forward takes (embeddings, labels)"
             )
+        sum_, count, _ = terms(
+            self.mining, labels, embeddings, self.margin, distance=self.distance,
+            soft=self.soft, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        )
+        return _mean(sum_, count, embeddings.dtype)
 
 
 class BatchAllTripletLoss(_TripletLoss):
-    r"""Module form of :func:`batch_all_triplet_loss`; ``forward`` returns the loss.
+    r"""Module form of :func:`batch_all_triplet_loss`; ``forward(embeddings, labels,
+    *, ref_embeddings=None, ref_labels=None)`` returns the loss (the fraction of
+    positive triplets comes from the function).
 
     Args:
         margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0.
@@ -269,23 +286,12 @@ class BatchAllTripletLoss(_TripletLoss):
         >>> loss = criterion(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
     """
 
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        *,
-        ref_embeddings: Optional[Tensor] = None,
-        ref_labels: Optional[Tensor] = None,
-    ) -> Tensor:
-        self._check_order(embeddings, labels)
-        return batch_all_triplet_loss(
-            labels, embeddings, self.margin, distance=self.distance,
-            ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-        )[0]
+    mining = "all"
 
 
 class BatchHardTripletLoss(_TripletLoss):
-    r"""Module form of :func:`batch_hard_triplet_loss`.
+    r"""Module form of :func:`batch_hard_triplet_loss`; ``forward(embeddings, labels,
+    *, ref_embeddings=None, ref_labels=None)`` returns the loss.
 
     Args:
         margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0.
@@ -298,6 +304,8 @@ class BatchHardTripletLoss(_TripletLoss):
         >>> loss = criterion(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
     """
 
+    mining = "hard"
+
     def __init__(self, *, margin: float = 1.0, distance: str = "euclidean", soft: bool = False) -> None:
         super().__init__(margin=margin, distance=distance)
         self.soft = bool(soft)
@@ -305,23 +313,10 @@ class BatchHardTripletLoss(_TripletLoss):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", soft={self.soft}"
 
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        *,
-        ref_embeddings: Optional[Tensor] = None,
-        ref_labels: Optional[Tensor] = None,
-    ) -> Tensor:
-        self._check_order(embeddings, labels)
-        return batch_hard_triplet_loss(
-            labels, embeddings, self.margin, distance=self.distance, soft=self.soft,
-            ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-        )
-
 
 class BatchSemiHardTripletLoss(_TripletLoss):
-    r"""Module form of :func:`batch_semihard_triplet_loss`.
+    r"""Module form of :func:`batch_semihard_triplet_loss`; ``forward(embeddings,
+    labels, *, ref_embeddings=None, ref_labels=None)`` returns the loss.
 
     Args:
         margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0.
@@ -333,16 +328,4 @@ class BatchSemiHardTripletLoss(_TripletLoss):
         >>> loss = criterion(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
     """
 
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        *,
-        ref_embeddings: Optional[Tensor] = None,
-        ref_labels: Optional[Tensor] = None,
-    ) -> Tensor:
-        self._check_order(embeddings, labels)
-        return batch_semihard_triplet_loss(
-            labels, embeddings, self.margin, distance=self.distance,
-            ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-        )
+    mining = "semihard"
