@@ -21,6 +21,8 @@ from online_triplet_loss import (
     BatchAllTripletLoss,
     BatchHardTripletLoss,
     BatchSemiHardTripletLoss,
+    CrossBatchMemory,
+    PKSampler,
     batch_all_triplet_loss,
 )
 from online_triplet_loss.distributed import DistributedTripletLoss
@@ -87,11 +89,13 @@ def _reference(make_loss, xs, ys, seed, extra=None):
     return loss.detach(), out.grad, [p.detach().clone() for p in model.parameters()], fraction
 
 
-def _check_step(tag, make_loss, layout, rank, group, seed, extra=None):
-    """One DDP step of this rank against the single-process reference."""
+def _check_step(tag, make_loss, layout, rank, group, seed, extra=None, data=None):
+    """One DDP step of this rank against the single-process reference; ``data``
+    (per-rank inputs and labels) replaces the random data of ``layout``."""
     world = dist.get_world_size(group)
     grank = dist.get_rank(group)
-    xs, ys = _data(layout, seed)
+    xs, ys = _data(layout, seed) if data is None else data
+    layout = [y.tolist() for y in ys]
     ref_loss, ref_grad, ref_params, ref_fraction = _reference(make_loss, xs, ys, seed, extra)
     assert ref_loss > 0, f"[{tag}] the reference loss is 0: the comparison would prove little"
     offset = sum(len(lab) for lab in layout[:grank])
@@ -129,6 +133,83 @@ def _check_step(tag, make_loss, layout, rank, group, seed, extra=None):
                                msg=lambda m: f"{msg} embedding gradient: {m}")
 
 
+# XBM: memory size 11 is no multiple of the global batch sizes (8 and 9), so the
+# ring wraps in the middle of a global batch at the third step.
+XBM_SIZE, XBM_STEPS = 11, 3
+XBM_LOSSES = [LOSSES[1], LOSSES[0], LOSSES[3]]  # hard, all, semihard
+
+
+def _check_xbm(tag, make_loss, layout, rank, seed):
+    """XBM_STEPS DDP steps with CrossBatchMemory(DistributedTripletLoss(...)) against
+    one process with CrossBatchMemory(loss) on the concatenated batches. The
+    layout is rotated at every step, so each rank's batch size changes."""
+    world, grank = dist.get_world_size(), dist.get_rank()
+    ref_model = _model(seed)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=LR)
+    ref_xbm = CrossBatchMemory(make_loss(), memory_size=XBM_SIZE)
+    model = _model(seed if grank == 0 else seed + 1000 * (rank + 1))
+    ddp = DistributedDataParallel(model, process_group=None)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    xbm = CrossBatchMemory(DistributedTripletLoss(make_loss()), memory_size=XBM_SIZE)
+    for step in range(XBM_STEPS):
+        msg = f"[{tag}] rank {rank} step {step}"
+        xs, ys = _data(layout[step:] + layout[:step], seed + step)
+        x, y = torch.cat(xs), torch.cat(ys)
+
+        ref_opt.zero_grad()
+        out = ref_model(x)
+        ref_loss = ref_xbm(out, y)
+        assert ref_loss > 0, f"{msg}: the reference loss is 0: the comparison would prove little"
+        if step > 0:
+            plain = make_loss()(out.detach(), y)
+            assert not torch.equal(ref_loss.detach(), plain), f"{msg}: the memory changes nothing"
+        ref_loss.backward()
+        ref_opt.step()
+
+        opt.zero_grad()
+        loss = xbm(ddp(xs[grank]), ys[grank])
+        loss.backward()
+        opt.step()
+        torch.testing.assert_close(loss.detach(), ref_loss.detach(), **TIGHT,
+                                   msg=lambda m: f"{msg} loss: {m}")
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), **TIGHT,
+                                       msg=lambda m: f"{msg} parameters: {m}")
+        assert xbm.num_stored == ref_xbm.num_stored == min(XBM_SIZE, (step + 1) * len(y)), msg
+        for got, expected in zip(xbm.memory, ref_xbm.memory):
+            torch.testing.assert_close(got, expected, **TIGHT, msg=lambda m: f"{msg} memory: {m}")
+
+
+# PKSampler over a small dataset: 7 classes of 3 to 6 samples.
+PK_LABELS = torch.tensor([c for c, n in enumerate([5, 3, 6, 4, 3, 5, 4]) for _ in range(n)])
+PK_P, PK_K = 2, 2
+
+
+def _check_sampler(rank, world):
+    """Each rank feeds the batches of its PKSampler(rank=rank, world_size=world)
+    shard to DistributedTripletLoss; every step must be the single-process step
+    on the union of the ranks' batches of that step, gathered from the ranks."""
+    g = torch.Generator().manual_seed(5)
+    inputs = torch.randn(len(PK_LABELS), IN, generator=g, dtype=DTYPE)
+    sampler = PKSampler(PK_LABELS, p=PK_P, k=PK_K, seed=3, rank=rank, world_size=world)
+    sampler.set_epoch(1)
+    others = [list(PKSampler(PK_LABELS, p=PK_P, k=PK_K, seed=3, rank=r, world_size=world))
+              for r in range(world)]
+    for step, batch in enumerate(sampler):
+        if step == 2:
+            break
+        shards = [None] * world
+        dist.all_gather_object(shards, batch)  # the batch each rank actually drew
+        assert len({tuple(shard) for shard in shards}) == world, f"step {step}: shards repeat"
+        # set_epoch(1) here against epoch 0 there: the epoch changes the shards.
+        assert shards != [batches[step] for batches in others], f"step {step}: epoch ignored"
+        xs = [inputs[shard] for shard in shards]
+        ys = [PK_LABELS[shard] for shard in shards]
+        for loss_index, (name, make_loss) in enumerate(XBM_LOSSES):
+            _check_step(f"{name} PKSampler step {step}", make_loss, None, rank, None,
+                        70 + 10 * step + loss_index, data=(xs, ys))
+
+
 def _worker(rank, world, init_file, layouts):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -144,6 +225,9 @@ def _worker(rank, world, init_file, layouts):
         extra = (torch.randn(4, OUT, generator=g, dtype=DTYPE), torch.tensor([1, 4, 9, 0]))
         for name, make_loss in LOSSES[:2] + LOSSES[3:4]:
             _check_step(f"{name} + extra", make_loss, layouts[0], rank, None, 11, extra)
+        for loss_index, (name, make_loss) in enumerate(XBM_LOSSES):
+            _check_xbm(f"{name} XBM", make_loss, layouts[0], rank, 30 + loss_index)
+        _check_sampler(rank, world)
 
         if world == 2:
             # A group of one rank: the wrapped loss itself.
@@ -213,10 +297,53 @@ def test_rejects_other_losses():
         DistributedTripletLoss(nn.MSELoss())
 
 
-def test_extra_references_need_a_group():
+def test_extra_references_without_process_group():
+    """Without a group, extra references follow the batch as on several ranks:
+    anchor i is reference i, and the extras get no gradient."""
+    assert not dist.is_initialized()
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0, 0, 1, 2, 3])
+    extra_labels = torch.tensor([1, 2, 9, 0])
+    extra = torch.randn(4, 3, generator=g, dtype=DTYPE, requires_grad=True)
+    for name, make_loss in LOSSES:
+        wrapped = make_loss()
+        mining = {BatchAllTripletLoss: "all", BatchHardTripletLoss: "hard",
+                  BatchSemiHardTripletLoss: "semihard"}[type(wrapped)]
+        emb = torch.randn(5, 3, generator=g, dtype=DTYPE, requires_grad=True)
+        s, c, v = terms(mining, labels, emb, wrapped.margin, distance=wrapped.distance,
+                        soft=getattr(wrapped, "soft", False),
+                        ref_embeddings=torch.cat([emb, extra.detach()]),
+                        ref_labels=torch.cat([labels, extra_labels]), anchor_offset=0)
+        expected = s / c.clamp_min(1)
+        assert expected > 0, name
+        criterion = DistributedTripletLoss(wrapped)
+        got = criterion(emb, labels, extra_embeddings=extra, extra_labels=extra_labels)
+        assert torch.equal(got, expected), name
+        assert not torch.equal(got, wrapped(emb, labels)), name
+        got_grad, extra_grad = torch.autograd.grad(got, [emb, extra], allow_unused=True)
+        assert extra_grad is None, name
+        assert torch.equal(got_grad, torch.autograd.grad(expected, emb)[0]), name
+        if mining == "all":
+            assert torch.equal(criterion.last_fraction, c.to(DTYPE) / v.to(DTYPE)), name
+        # gather: the batch itself, at offset 0.
+        all_emb, all_labels, offset = criterion.gather(emb, labels)
+        assert all_emb is emb and all_labels is labels and offset == 0
+
+
+def test_extra_reference_errors():
     criterion = DistributedTripletLoss(BatchHardTripletLoss())
     emb, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
-    with pytest.raises(ValueError, match="extra_embeddings"):
-        criterion(emb, labels, extra_embeddings=emb, extra_labels=labels)
     with pytest.raises(ValueError, match="together"):
         criterion(emb, labels, extra_embeddings=emb)
+    with pytest.raises(ValueError, match="together"):
+        criterion(emb, labels, extra_labels=labels)
+    with pytest.raises(ValueError, match="extra_embeddings: must be a torch.Tensor"):
+        criterion(emb, labels, extra_embeddings=[[0.0, 1.0, 2.0]], extra_labels=labels[:1])
+    with pytest.raises(ValueError, match=r"extra_embeddings: must be 2-D with 3 columns like embeddings, got shape \(2, 4\)"):
+        criterion(emb, labels, extra_embeddings=torch.randn(2, 4), extra_labels=labels[:2])
+    with pytest.raises(ValueError, match=r"extra_labels: must be 1-D with one entry per row of extra_embeddings \(2\)"):
+        criterion(emb, labels, extra_embeddings=torch.randn(2, 3), extra_labels=labels)
+    with pytest.raises(ValueError, match="labels: must be 1-D"):
+        criterion.gather(emb, labels[:2])
+    with pytest.raises(ValueError, match="embeddings: must be 2-D"):
+        criterion.gather(emb[0], labels)

@@ -13,6 +13,7 @@ from online_triplet_loss import (
     BatchSemiHardTripletLoss,
     CrossBatchMemory,
 )
+from online_triplet_loss.distributed import DistributedTripletLoss
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
@@ -102,6 +103,30 @@ def test_matches_reference_over_batch_and_fifo_memory(mining, loss, distance, so
         assert stored_l.tolist() == history_l
 
 
+@pytest.mark.parametrize("mining, loss, distance, soft", CONFIGS, ids=lambda c: str(c))
+def test_distributed_loss_without_process_group_is_the_plain_memory(mining, loss, distance, soft):
+    """XBM(DistributedTripletLoss(L)) in one process: the same losses, gradients
+    and memory as XBM(L), step after step (the ring wraps at the third)."""
+    assert not torch.distributed.is_initialized()
+    g = torch.Generator().manual_seed(1)
+    plain = CrossBatchMemory(loss, memory_size=13)
+    wrapped = CrossBatchMemory(DistributedTripletLoss(loss), memory_size=13)
+    for step, batch in enumerate([6, 5, 7, 4]):
+        embeddings = torch.randn(batch, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        labels = torch.randint(0, 3, (batch,), generator=g)
+        expected = plain(embeddings, labels)
+        (expected_grad,) = torch.autograd.grad(expected, embeddings)
+        got = wrapped(embeddings, labels)
+        (got_grad,) = torch.autograd.grad(got, embeddings)
+        assert expected.item() > 0, step
+        assert torch.equal(got, expected), step
+        assert torch.equal(got_grad, expected_grad), step
+        assert wrapped.num_stored == plain.num_stored
+        for a, b in zip(wrapped.memory, plain.memory):
+            assert torch.equal(a, b), step
+    assert not wrapped.memory_embeddings.requires_grad
+
+
 def test_memory_changes_the_loss_and_differs_from_the_plain_loss():
     torch.manual_seed(0)
     loss = BatchHardTripletLoss(margin=0.5)
@@ -168,7 +193,7 @@ def test_state_dict_round_trip_and_preallocation():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="loss: must be a BatchAllTripletLoss"):
+    with pytest.raises(ValueError, match="loss: must be a BatchAllTripletLoss, .* or DistributedTripletLoss"):
         CrossBatchMemory(torch.nn.MSELoss(), memory_size=4)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match=f"memory_size: must be an int >= 1, got {bad!r}"):

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._validation import check_tensor
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, terms
 
 __all__ = ["DistributedTripletLoss"]
@@ -49,6 +50,22 @@ def _gather_rows(x: Tensor, sizes: List[int], group: Optional[object]) -> Tensor
     parts = [torch.empty_like(x) for _ in sizes]
     dist.all_gather(parts, x, group=group)
     return torch.cat([part[:rows] for part, rows in zip(parts, sizes)])
+
+
+def _check_extra(embeddings: object, extra_embeddings: object, extra_labels: object) -> None:
+    check_tensor("extra_embeddings", extra_embeddings)
+    check_tensor("extra_labels", extra_labels)
+    width = embeddings.shape[1] if isinstance(embeddings, Tensor) and embeddings.dim() == 2 else None
+    if extra_embeddings.dim() != 2 or (width is not None and extra_embeddings.shape[1] != width):
+        raise ValueError(
+            f"extra_embeddings: must be 2-D with {width if width is not None else 'D'} columns "
+            f"like embeddings, got shape {tuple(extra_embeddings.shape)}"
+        )
+    if extra_labels.dim() != 1 or extra_labels.shape[0] != extra_embeddings.shape[0]:
+        raise ValueError(
+            "extra_labels: must be 1-D with one entry per row of extra_embeddings "
+            f"({extra_embeddings.shape[0]}), got shape {tuple(extra_labels.shape)}"
+        )
 
 
 class _GatherRows(torch.autograd.Function):
@@ -87,7 +104,10 @@ class DistributedTripletLoss(nn.Module):
     embedding.
 
     Without an initialised process group, or with a group of one rank, it is
-    the wrapped loss.
+    the wrapped loss; extra references (see :meth:`forward`) keep their
+    meaning there, so code written for several ranks, e.g. a
+    :class:`~online_triplet_loss.CrossBatchMemory` around this module, also
+    runs in a single process.
 
     Every rank of the group must call ``forward`` (and ``backward``) together,
     with embeddings of the same width and dtype; the group should be the one
@@ -104,8 +124,9 @@ class DistributedTripletLoss(nn.Module):
 
     Attributes:
         last_fraction: batch-all only, the global fraction of valid triplets with
-            a positive loss from the last call (a detached tensor); ``None``
-            for the other minings and before the first distributed call.
+            a positive loss from the last call on more than one rank or with
+            extra references (a detached tensor); ``None`` for the other
+            minings and before the first such call.
 
     Example (one process per rank, e.g. under ``torchrun``; not run as a doctest)::
 
@@ -141,12 +162,46 @@ class DistributedTripletLoss(nn.Module):
             raise ValueError("group: this process is not a member of the group")
         return rank, world
 
+    def _single_process(
+        self, embeddings: Tensor, labels: Tensor, extra_embeddings: Tensor, extra_labels: Tensor
+    ) -> Tensor:
+        """The loss of this batch with the extra references appended after it:
+        anchor ``i`` is reference ``i``, as on several ranks with offset 0."""
+        check_tensor("embeddings", embeddings)
+        check_tensor("labels", labels)
+        ref_embeddings = torch.cat([embeddings, extra_embeddings.detach().to(embeddings)])
+        ref_labels = torch.cat([labels, extra_labels.to(device=labels.device, dtype=labels.dtype)])
+        loss = self.loss
+        sum_, count, valid = terms(
+            self.mining, labels, embeddings, loss.margin,
+            distance=loss.distance, soft=getattr(loss, "soft", False),
+            ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=0,
+        )
+        if self.mining == "all":
+            self.last_fraction = (
+                count.to(sum_.dtype) / valid.clamp_min(1).to(sum_.dtype)
+            ).detach().to(embeddings.dtype)
+        return (sum_ / count.clamp_min(1).to(sum_.dtype)).to(embeddings.dtype)
+
     def gather(self, embeddings: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor, int]:
-        """The global batch: ``(embeddings, labels, offset)``, where rows
-        ``offset:offset + len(embeddings)`` are this rank's. The embeddings are
-        differentiable; their backward all-reduces, so every rank must run it.
-        Useful to fill a memory with the global batch."""
-        rank, _ = self._world()
+        """The global batch, concatenated in rank order.
+
+        The embeddings are differentiable; their backward all-reduces, so every
+        rank must run it (or call this under :func:`torch.no_grad`, e.g. to
+        fill a memory with the global batch). Without a process group, or
+        with a group of one rank, the batch itself is the global batch.
+
+        Args:
+            embeddings: this rank's embeddings, :math:`(B_r, D)`.
+            labels: their labels, :math:`(B_r)`.
+
+        Returns:
+            ``(embeddings, labels, offset)``: the global batch, :math:`(B, D)` and
+            :math:`(B)`, where rows ``offset:offset + B_r`` are this rank's;
+            ``(embeddings, labels, 0)`` without a group of several ranks.
+        """
+        check_tensor("embeddings", embeddings)
+        check_tensor("labels", labels)
         if embeddings.dim() != 2:
             raise ValueError(
                 f"embeddings: must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}"
@@ -157,12 +212,16 @@ class DistributedTripletLoss(nn.Module):
                 f"({embeddings.shape[0]}), "
                 f"got shape {tuple(labels.shape)}"
             )
+        rank, world = self._world()
+        if world == 1:
+            return embeddings, labels, 0
         sizes = _gather_sizes(embeddings.shape[0], embeddings.device, self.group)
         offset = sum(sizes[:rank])
         labels = labels.to(embeddings.device)
-        if labels.dtype == torch.bool:
-            labels = labels.to(torch.uint8)
-        all_labels = _gather_rows(labels, sizes, self.group)
+        if labels.dtype == torch.bool:  # gloo gathers no bool tensors
+            all_labels = _gather_rows(labels.to(torch.uint8), sizes, self.group).bool()
+        else:
+            all_labels = _gather_rows(labels, sizes, self.group)
         all_embeddings = _GatherRows.apply(embeddings, sizes, offset, self.group)
         return all_embeddings, all_labels, offset
 
@@ -174,27 +233,34 @@ class DistributedTripletLoss(nn.Module):
         extra_embeddings: Optional[Tensor] = None,
         extra_labels: Optional[Tensor] = None,
     ) -> Tensor:
-        """The loss of the global batch.
+        r"""The loss of the global batch.
 
         Args:
             embeddings: this rank's embeddings, :math:`(B_r, D)`.
             labels: their labels, :math:`(B_r)`.
-            extra_embeddings, extra_labels: optional further references, e.g.
-                a cross-batch memory, appended after the global batch. They are
-                constants (no gradient) and should be the same on every rank.
-                Not accepted without a process group (use the wrapped loss's
-                ``ref_embeddings`` there).
+            extra_embeddings: optional further references, :math:`(M, D)`, e.g.
+                a cross-batch memory, appended after the global batch as
+                positives and negatives (never as anchors). They are constants
+                (no gradient) and should be the same on every rank. Without a
+                group of several ranks they mean the same, the global batch
+                being this batch.
+            extra_labels: their labels, :math:`(M)`; given together with
+                ``extra_embeddings``.
+
+        Returns:
+            The loss of the global batch mined against itself and the extra
+            references: a scalar in the dtype of ``embeddings``, the same on
+            every rank.
         """
         if (extra_embeddings is None) != (extra_labels is None):
             raise ValueError("extra_embeddings and extra_labels: must be given together")
+        if extra_embeddings is not None:
+            _check_extra(embeddings, extra_embeddings, extra_labels)
         rank, world = self._world()
         if world == 1:
-            if extra_embeddings is not None:
-                raise ValueError(
-                    "extra_embeddings: needs a process group of more than one rank; "
-                    "pass ref_embeddings to the wrapped loss instead"
-                )
-            return self.loss(embeddings, labels)
+            if extra_embeddings is None:
+                return self.loss(embeddings, labels)
+            return self._single_process(embeddings, labels, extra_embeddings, extra_labels)
 
         all_embeddings, all_labels, offset = self.gather(embeddings, labels)
         # The anchors are rows of the gathered tensor, not the input: all the

@@ -10,12 +10,15 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .distributed import DistributedTripletLoss
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, terms
 from ._validation import check_tensor
 
 __all__ = ["CrossBatchMemory"]
 
-_TripletModule = Union[BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss]
+_TripletModule = Union[
+    BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, DistributedTripletLoss
+]
 
 # The mining that each loss module stands for; keyed by type.
 _MINING = {
@@ -39,11 +42,25 @@ class CrossBatchMemory(nn.Module):
     2. then enqueues the batch, dropping the oldest entries beyond
        ``memory_size``.
 
+    Wrapping a :class:`~online_triplet_loss.distributed.DistributedTripletLoss`
+    makes the memory global: under a process group of several ranks, each
+    rank passes its own batch, the loss is that of the global batch (all
+    ranks' batches, concatenated in rank order) against itself and the
+    memory, and the whole global batch is enqueued, so the memory is the same
+    on every rank. :math:`N` ranks then take the steps that one process with
+    the wrapped loss would take on the concatenated batches: the same loss on
+    every rank and, with :class:`~torch.nn.parallel.DistributedDataParallel`,
+    the same parameters. Every rank must call ``forward`` together. Without a
+    group of several ranks it is the same as wrapping the inner loss.
+
     Gradients reach the current batch (as anchors and as references) and
     never the memory. The loss keeps the wrapped module's normalisation:
     batch-all averages over the positive triplets, batch-hard over the
     anchors with a positive and a negative, semi-hard over the positive pairs.
-    Nothing in ``forward`` synchronises with the device.
+    Nothing in ``forward`` synchronises with the device, apart from what a
+    :class:`~online_triplet_loss.distributed.DistributedTripletLoss` does on
+    several ranks (gathering the batch sizes, once for the loss and once to
+    enqueue the global batch).
 
     The memory's dtype and device are those of the first batch (or of the
     module after ``.to()`` when ``embedding_dim`` is given); later batches are
@@ -55,16 +72,19 @@ class CrossBatchMemory(nn.Module):
     or :meth:`enqueue` without using the loss.
 
     Args:
-        loss: a :class:`BatchAllTripletLoss`, :class:`BatchHardTripletLoss` or
-            :class:`BatchSemiHardTripletLoss`; its ``margin``, ``distance`` and
-            ``soft`` are used.
+        loss: a :class:`BatchAllTripletLoss`, :class:`BatchHardTripletLoss`,
+            :class:`BatchSemiHardTripletLoss` (its ``margin``, ``distance`` and
+            ``soft`` are used) or a
+            :class:`~online_triplet_loss.distributed.DistributedTripletLoss`
+            wrapping one of them (for a memory shared by all ranks).
         memory_size: the capacity of the memory, :math:`\ge 1`.
         embedding_dim: the embedding size :math:`D`; by default that of the first
             batch. Giving it allocates the memory at once (as float32).
 
     Shape:
-        - embeddings: :math:`(B, D)`, floating point.
-        - labels: :math:`(B)`, class ids.
+        - embeddings: :math:`(B, D)`, floating point; with a distributed loss,
+          this rank's batch, :math:`(B_r, D)`.
+        - labels: :math:`(B)`, class ids (:math:`(B_r)` likewise).
         - Output: scalar.
 
     Example::
@@ -87,10 +107,10 @@ class CrossBatchMemory(nn.Module):
         embedding_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if type(loss) not in _MINING:
+        if type(loss) not in _MINING and not isinstance(loss, DistributedTripletLoss):
             raise ValueError(
-                "loss: must be a BatchAllTripletLoss, BatchHardTripletLoss or "
-                f"BatchSemiHardTripletLoss, got {loss!r}"
+                "loss: must be a BatchAllTripletLoss, BatchHardTripletLoss, "
+                f"BatchSemiHardTripletLoss or DistributedTripletLoss, got {loss!r}"
             )
         self.loss = loss
         self.memory_size = _positive_int("memory_size", memory_size)
@@ -138,7 +158,20 @@ class CrossBatchMemory(nn.Module):
         self._count = 0
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The loss of the batch against itself and the memory; then enqueues
+        the batch (with a distributed loss, the global batch).
+
+        Args:
+            embeddings: the batch, :math:`(B, D)`; with a distributed loss,
+                this rank's.
+            labels: their labels, :math:`(B)`.
+
+        Returns:
+            The loss, a scalar in the dtype of ``embeddings``.
+        """
         self._check_batch(embeddings, labels)
+        if isinstance(self.loss, DistributedTripletLoss):
+            return self._forward_distributed(embeddings, labels)
         if self._count == 0:
             ref_embeddings, ref_labels = embeddings, labels
         else:
@@ -162,10 +195,34 @@ class CrossBatchMemory(nn.Module):
         self.enqueue(embeddings, labels)
         return loss
 
+    def _forward_distributed(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        extra_embeddings = extra_labels = None
+        if self._count > 0:
+            # The same slice (ring order) as the plain path, so that both
+            # paths see the references in the same order and agree exactly.
+            stored = slice(0, self._count)
+            extra_embeddings = self.memory_embeddings[stored]
+            extra_labels = self.memory_labels[stored]
+        loss = self.loss(
+            embeddings, labels, extra_embeddings=extra_embeddings, extra_labels=extra_labels
+        )
+        with torch.no_grad():
+            all_embeddings, all_labels, _ = self.loss.gather(embeddings.detach(), labels)
+        self.enqueue(all_embeddings, all_labels)
+        return loss
+
     @torch.no_grad()
     def enqueue(self, embeddings: Tensor, labels: Tensor) -> None:
         """Adds a batch to the memory (detached), dropping the oldest entries
-        beyond ``memory_size``."""
+        beyond ``memory_size``. It stores what it is given: with a distributed
+        loss, pass the global batch (see
+        :meth:`~online_triplet_loss.distributed.DistributedTripletLoss.gather`)
+        to keep the memory the same on every rank.
+
+        Args:
+            embeddings: :math:`(B, D)`.
+            labels: :math:`(B)`.
+        """
         self._check_batch(embeddings, labels)
         if self.memory_labels is None:
             self._allocate(embeddings, labels)
