@@ -19,16 +19,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._validation import check_tensor
-from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, terms
+from .losses import _TripletLoss, terms
 
 __all__ = ["DistributedTripletLoss"]
 
-# Checked in this order; the first class that matches names the mining.
-_MINING = (
-    (BatchAllTripletLoss, "all"),
-    (BatchHardTripletLoss, "hard"),
-    (BatchSemiHardTripletLoss, "semihard"),
-)
 
 
 def _gather_sizes(rows: int, device: torch.device, group: Optional[object]) -> List[int]:
@@ -138,13 +132,10 @@ class DistributedTripletLoss(nn.Module):
 
     def __init__(self, loss: nn.Module, *, group: Optional[object] = None) -> None:
         super().__init__()
-        for cls, mining in _MINING:
-            if isinstance(loss, cls):
-                self.mining = mining
-                break
-        else:
-            names = ", ".join(cls.__name__ for cls, _ in _MINING)
+        if not isinstance(loss, _TripletLoss):
+            names = "BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss"
             raise ValueError(f"loss: expected one of {names}, got {type(loss).__name__}")
+        self.mining = loss.mining
         self.loss = loss
         self.group = group
         self.last_fraction: Optional[Tensor] = None
@@ -174,7 +165,7 @@ class DistributedTripletLoss(nn.Module):
         loss = self.loss
         sum_, count, valid = terms(
             self.mining, labels, embeddings, loss.margin,
-            distance=loss.distance, soft=getattr(loss, "soft", False),
+            distance=loss.distance, soft=loss.soft,
             ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=0,
         )
         if self.mining == "all":
@@ -279,7 +270,7 @@ class DistributedTripletLoss(nn.Module):
         loss = self.loss
         sum_, count, valid = terms(
             self.mining, anchor_labels, anchors, loss.margin,
-            distance=loss.distance, soft=getattr(loss, "soft", False),
+            distance=loss.distance, soft=loss.soft,
             ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=offset,
         )
         # One all-reduce for the three terms; float64 holds counts up to 2**53 exactly.

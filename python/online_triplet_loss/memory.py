@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import DistributedTripletLoss
-from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, terms
+from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, _TripletLoss, terms
 from ._validation import check_tensor
 
 __all__ = ["CrossBatchMemory"]
@@ -20,12 +20,6 @@ _TripletModule = Union[
     BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, DistributedTripletLoss
 ]
 
-# The mining that each loss module stands for; keyed by type.
-_MINING = {
-    BatchAllTripletLoss: "all",
-    BatchHardTripletLoss: "hard",
-    BatchSemiHardTripletLoss: "semihard",
-}
 
 
 class CrossBatchMemory(nn.Module):
@@ -107,7 +101,7 @@ class CrossBatchMemory(nn.Module):
         embedding_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if type(loss) not in _MINING and not isinstance(loss, DistributedTripletLoss):
+        if not isinstance(loss, (_TripletLoss, DistributedTripletLoss)):
             raise ValueError(
                 "loss: must be a BatchAllTripletLoss, BatchHardTripletLoss, "
                 f"BatchSemiHardTripletLoss or DistributedTripletLoss, got {loss!r}"
@@ -181,12 +175,12 @@ class CrossBatchMemory(nn.Module):
             )
             ref_labels = torch.cat([labels, self.memory_labels[stored].to(labels.device)])
         sum_, count, _ = terms(
-            _MINING[type(self.loss)],
+            self.loss.mining,
             labels,
             embeddings,
             self.loss.margin,
             distance=self.loss.distance,
-            soft=getattr(self.loss, "soft", False),
+            soft=self.loss.soft,
             ref_embeddings=ref_embeddings,
             ref_labels=ref_labels,
             anchor_offset=0,
