@@ -280,7 +280,7 @@ impl TripletConfig {
         let (n, m) = (s.x.size()[0], s.y.size()[0]);
         let (sx, sy) =
             tch::no_grad(|| (Side::new(self.distance, s.x), Side::new(self.distance, s.y)));
-        let mut triplets = (vec![], vec![], vec![]);
+        let mut triplets: (Vec<i64>, Vec<i64>, Vec<i64>) = (vec![], vec![], vec![]);
         let (gx, gy) = tch::no_grad(|| {
             let gx = s.x.detach().zeros_like();
             let mut gy = s.y.detach().zeros_like();
@@ -326,9 +326,9 @@ impl TripletConfig {
                             positive,
                             negative,
                         } => {
-                            triplets.0.push(anchor + start);
-                            triplets.1.push(positive);
-                            triplets.2.push(negative);
+                            triplets.0.extend(anchor.iter().map(|a| a + start));
+                            triplets.1.extend(positive);
+                            triplets.2.extend(negative);
                         }
                     }
                 }
@@ -341,13 +341,15 @@ impl TripletConfig {
         // changing the value.
         let mut sum = value + surrogate(s.x, &gx) + surrogate(s.y, &gy);
         if !triplets.0.is_empty() {
-            let anchors = s.x.index_select(0, &Tensor::cat(&triplets.0, 0));
-            let d_ap = self
-                .distance
-                .paired(&anchors, &s.y.index_select(0, &Tensor::cat(&triplets.1, 0)));
-            let d_an = self
-                .distance
-                .paired(&anchors, &s.y.index_select(0, &Tensor::cat(&triplets.2, 0)));
+            let anchors = s.x.index_select(0, &Tensor::from_slice(&triplets.0));
+            let d_ap = self.distance.paired(
+                &anchors,
+                &s.y.index_select(0, &Tensor::from_slice(&triplets.1)),
+            );
+            let d_an = self.distance.paired(
+                &anchors,
+                &s.y.index_select(0, &Tensor::from_slice(&triplets.2)),
+            );
             let selected = (d_ap - d_an).sum(kind);
             sum += &selected - selected.detach();
         }
@@ -366,11 +368,15 @@ impl TripletConfig {
                 valid: zero,
             };
         }
-        let (positive, negative, valid) = tch::no_grad(|| {
+        // Written in place: per-chunk tensors kept alive between the chunks'
+        // distance matrices would fragment the heap.
+        let positive = Tensor::zeros([n], (Kind::Int64, device));
+        let negative = positive.zeros_like();
+        let valid = Tensor::zeros([n], (Kind::Bool, device));
+        tch::no_grad(|| {
             let sx = Side::new(self.distance, s.x);
             let sy = Side::new(self.distance, s.y);
             let step = self.rows_per_chunk(m);
-            let mut picks = (vec![], vec![], vec![]);
             for start in (0..n).step_by(step as usize) {
                 let len = step.min(n - start);
                 let d = s.distances(&sx.rows(start, len), &sy, start);
@@ -383,15 +389,10 @@ impl TripletConfig {
                     distance: self.distance,
                 };
                 let h = mining::hardest(self.kernel, &chunk);
-                picks.0.push(h.positive.to_device(device));
-                picks.1.push(h.negative.to_device(device));
-                picks.2.push(h.valid.to_device(device));
+                positive.narrow(0, start, len).copy_(&h.positive);
+                negative.narrow(0, start, len).copy_(&h.negative);
+                valid.narrow(0, start, len).copy_(&h.valid);
             }
-            (
-                Tensor::cat(&picks.0, 0),
-                Tensor::cat(&picks.1, 0),
-                Tensor::cat(&picks.2, 0),
-            )
         });
         let d_ap = self.distance.paired(s.x, &s.y.index_select(0, &positive));
         let d_an = self.distance.paired(s.x, &s.y.index_select(0, &negative));

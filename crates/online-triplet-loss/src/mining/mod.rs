@@ -60,14 +60,14 @@ pub(crate) enum Selection {
     Weights(Tensor),
     /// The pair weights of ∂value/∂d ([`Distance::pair_weight`]), with their row sums.
     PairWeights { weights: Tensor, row_sum: Tensor },
-    /// The triplets whose hinge is positive, as int64 index vectors (anchor
-    /// rows within the chunk, reference columns); the value is the sum of
-    /// d_ap − d_an + m over them. Only on the CPU, where their number is
-    /// known without synchronising.
+    /// The triplets whose hinge is positive, as indices (anchor rows within
+    /// the chunk, reference columns); the value is the sum of d_ap − d_an + m
+    /// over them. Only on the CPU, where their number is known without
+    /// synchronising.
     Triplets {
-        anchor: Tensor,
-        positive: Tensor,
-        negative: Tensor,
+        anchor: Vec<i64>,
+        positive: Vec<i64>,
+        negative: Vec<i64>,
     },
 }
 

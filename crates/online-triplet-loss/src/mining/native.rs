@@ -373,9 +373,9 @@ fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Weighted {
         count: Tensor::from(totals.count),
         valid: Tensor::from(totals.valid),
         selection: Selection::Triplets {
-            anchor: Tensor::from_slice(&anchor),
-            positive: Tensor::from_slice(&positive),
-            negative: Tensor::from_slice(&negative),
+            anchor,
+            positive,
+            negative,
         },
     }
 }
