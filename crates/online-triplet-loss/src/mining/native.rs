@@ -1,7 +1,7 @@
 //! Mining in Rust over the contiguous rows of a CPU distance matrix. Each
 //! anchor's positives are sorted (there are few of them in a P×K batch);
 //! every negative then lands in one bucket between two consecutive positives
-//! with a binary search, so a row costs O(B log P) and needs no B×B
+//! ([`count_below`]), so a row costs O(B log P) at most and needs no B×B
 //! temporary besides the weights.
 //!
 //! Rows are split into one block per libtorch intra-op thread
