@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._validation import check_tensor
-from .losses import _TripletLoss, terms
+from .losses import _TripletLoss, loss_and_fraction, terms
 
 __all__ = ["DistributedTripletLoss"]
 
@@ -163,16 +163,14 @@ class DistributedTripletLoss(nn.Module):
         ref_embeddings = torch.cat([embeddings, extra_embeddings.detach().to(embeddings)])
         ref_labels = torch.cat([labels, extra_labels.to(device=labels.device, dtype=labels.dtype)])
         loss = self.loss
-        sum_, count, valid = terms(
+        value, fraction = loss_and_fraction(
             self.mining, labels, embeddings, loss.margin,
             distance=loss.distance, soft=loss.soft,
             ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=0,
         )
         if self.mining == "all":
-            self.last_fraction = (
-                count.to(sum_.dtype) / valid.clamp_min(1).to(sum_.dtype)
-            ).detach().to(embeddings.dtype)
-        return (sum_ / count.clamp_min(1).to(sum_.dtype)).to(embeddings.dtype)
+            self.last_fraction = fraction.detach()
+        return value
 
     def gather(self, embeddings: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor, int]:
         """The global batch, concatenated in rank order.

@@ -29,6 +29,13 @@ __all__ = [
 
 
 
+def _arguments(labels, embeddings, margin, squared, distance, ref_embeddings, ref_labels):
+    check_tensor("labels", labels)
+    check_tensor("embeddings", embeddings)
+    check_references(ref_embeddings, ref_labels)
+    return check_margin(margin), resolve_distance(squared, distance)
+
+
 def terms(
     mining: str,
     labels: Tensor,
@@ -45,25 +52,34 @@ def terms(
     """The unnormalised parts of a loss: ``(sum, count, valid)``, where the loss is
     ``sum / max(count, 1)`` and batch-all's fraction is ``count / max(valid, 1)``.
     With ``anchor_offset=k``, anchor ``i`` is reference ``k + i`` and never its own
-    positive. Used to combine batches across processes or with a memory."""
-    check_tensor("labels", labels)
-    check_tensor("embeddings", embeddings)
-    check_references(ref_embeddings, ref_labels)
+    positive. Used to combine batches across processes."""
+    margin, distance = _arguments(labels, embeddings, margin, squared, distance, ref_embeddings, ref_labels)
     return _core.triplet_terms(
-        mining,
-        labels,
-        embeddings,
-        check_margin(margin),
-        resolve_distance(squared, distance),
-        bool(soft),
-        ref_embeddings,
-        ref_labels,
-        anchor_offset,
+        mining, labels, embeddings, margin, distance, bool(soft),
+        ref_embeddings, ref_labels, anchor_offset,
     )
 
 
-def _mean(sum_: Tensor, count: Tensor, dtype: torch.dtype) -> Tensor:
-    return (sum_ / count.clamp_min(1).to(sum_.dtype)).to(dtype)
+def loss_and_fraction(
+    mining: str,
+    labels: Tensor,
+    embeddings: Tensor,
+    margin: object,
+    squared: object = False,
+    *,
+    distance: Optional[str] = None,
+    soft: bool = False,
+    ref_embeddings: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    anchor_offset: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The loss ``sum / max(count, 1)`` and the fraction ``count / max(valid, 1)``
+    of :func:`terms`, in the embeddings' dtype."""
+    margin, distance = _arguments(labels, embeddings, margin, squared, distance, ref_embeddings, ref_labels)
+    return _core.triplet_loss(
+        mining, labels, embeddings, margin, distance, bool(soft),
+        ref_embeddings, ref_labels, anchor_offset,
+    )
 
 
 def batch_all_triplet_loss(
@@ -116,12 +132,10 @@ def batch_all_triplet_loss(
         >>> loss, fraction = batch_all_triplet_loss(labels, embeddings, margin=1.0)
         >>> loss.backward()
     """
-    sum_, count, valid = terms(
+    return loss_and_fraction(
         "all", labels, embeddings, margin, squared, distance=distance,
         ref_embeddings=ref_embeddings, ref_labels=ref_labels,
     )
-    fraction = (count.to(sum_.dtype) / valid.clamp_min(1).to(sum_.dtype)).to(embeddings.dtype)
-    return _mean(sum_, count, embeddings.dtype), fraction
 
 
 def batch_hard_triplet_loss(
@@ -172,11 +186,10 @@ def batch_hard_triplet_loss(
         >>> embeddings = torch.randn(4, 8, requires_grad=True)
         >>> batch_hard_triplet_loss(labels, embeddings, margin=0.3).backward()
     """
-    sum_, count, _ = terms(
+    return loss_and_fraction(
         "hard", labels, embeddings, margin, squared, distance=distance, soft=soft,
         ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-    )
-    return _mean(sum_, count, embeddings.dtype)
+    )[0]
 
 
 def batch_semihard_triplet_loss(
@@ -225,11 +238,10 @@ def batch_semihard_triplet_loss(
         >>> embeddings = torch.randn(4, 8, requires_grad=True)
         >>> batch_semihard_triplet_loss(labels, embeddings, margin=0.2).backward()
     """
-    sum_, count, _ = terms(
+    return loss_and_fraction(
         "semihard", labels, embeddings, margin, squared, distance=distance,
         ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-    )
-    return _mean(sum_, count, embeddings.dtype)
+    )[0]
 
 
 class _TripletLoss(nn.Module):
@@ -264,11 +276,10 @@ class _TripletLoss(nn.Module):
                 f"is 2-D of shape {tuple(labels.shape)}: the arguments look swapped; "
                 "forward takes (embeddings, labels)"
             )
-        sum_, count, _ = terms(
+        return loss_and_fraction(
             self.mining, labels, embeddings, self.margin, distance=self.distance,
             soft=self.soft, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-        )
-        return _mean(sum_, count, embeddings.dtype)
+        )[0]
 
 
 class BatchAllTripletLoss(_TripletLoss):

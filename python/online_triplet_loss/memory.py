@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import DistributedTripletLoss
-from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, _TripletLoss, terms
+from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, _TripletLoss, loss_and_fraction
 from ._validation import check_tensor
 
 __all__ = ["CrossBatchMemory"]
@@ -174,7 +174,7 @@ class CrossBatchMemory(nn.Module):
                 [embeddings, self.memory_embeddings[stored].to(embeddings.dtype)]
             )
             ref_labels = torch.cat([labels, self.memory_labels[stored].to(labels.device)])
-        sum_, count, _ = terms(
+        loss, _ = loss_and_fraction(
             self.loss.mining,
             labels,
             embeddings,
@@ -185,7 +185,6 @@ class CrossBatchMemory(nn.Module):
             ref_labels=ref_labels,
             anchor_offset=0,
         )
-        loss = (sum_ / count.clamp_min(1).to(sum_.dtype)).to(embeddings.dtype)
         self.enqueue(embeddings, labels)
         return loss
 

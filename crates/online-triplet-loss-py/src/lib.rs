@@ -3,7 +3,7 @@
 //! Rust crate.
 
 use online_triplet_loss::metrics::RetrievalConfig;
-use online_triplet_loss::{Distance, Error, Mining, References, TripletConfig};
+use online_triplet_loss::{Distance, Error, Mining, References, Terms, TripletConfig};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
@@ -40,6 +40,45 @@ fn mining(name: &str) -> PyResult<Mining> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
+fn compute_terms(
+    py: Python<'_>,
+    mining_name: &str,
+    labels: PyTensor,
+    embeddings: PyTensor,
+    margin: f64,
+    distance: &str,
+    soft: bool,
+    ref_embeddings: Option<PyTensor>,
+    ref_labels: Option<PyTensor>,
+    anchor_offset: Option<i64>,
+    chunk_size: Option<i64>,
+) -> PyResult<Terms> {
+    let mining = mining(mining_name)?;
+    let mut config = TripletConfig::new(margin)
+        .distance(distance.parse::<Distance>().map_err(to_py)?)
+        .soft(soft);
+    config.chunk_size = chunk_size;
+    let (labels, embeddings) = (labels.0, embeddings.0);
+    let references = match (ref_embeddings, ref_labels) {
+        (Some(e), Some(l)) => Some((e.0, l.0)),
+        (None, None) => None,
+        _ => {
+            return Err(PyValueError::new_err(
+                "ref_embeddings and ref_labels: must be given together",
+            ))
+        }
+    };
+    run(py, move || {
+        let references = references.as_ref().map(|(e, l)| References {
+            embeddings: e,
+            labels: l,
+            anchor_offset,
+        });
+        config.terms(mining, &labels, &embeddings, references.as_ref())
+    })
+}
+
 /// Unnormalised terms of a triplet loss: (sum, count, valid).
 #[pyfunction]
 #[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None))]
@@ -57,33 +96,60 @@ fn triplet_terms(
     anchor_offset: Option<i64>,
     chunk_size: Option<i64>,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
-    let mining = mining(mining_name)?;
-    let mut config = TripletConfig::new(margin)
-        .distance(distance.parse::<Distance>().map_err(to_py)?)
-        .soft(soft);
-    config.chunk_size = chunk_size;
-    let (labels, embeddings) = (labels.0, embeddings.0);
-    let references = match (ref_embeddings, ref_labels) {
-        (Some(e), Some(l)) => Some((e.0, l.0)),
-        (None, None) => None,
-        _ => {
-            return Err(PyValueError::new_err(
-                "ref_embeddings and ref_labels: must be given together",
-            ))
-        }
-    };
-    let terms = run(py, move || {
-        let references = references.as_ref().map(|(e, l)| References {
-            embeddings: e,
-            labels: l,
-            anchor_offset,
-        });
-        config.terms(mining, &labels, &embeddings, references.as_ref())
-    })?;
+    let terms = compute_terms(
+        py,
+        mining_name,
+        labels,
+        embeddings,
+        margin,
+        distance,
+        soft,
+        ref_embeddings,
+        ref_labels,
+        anchor_offset,
+        chunk_size,
+    )?;
     Ok((
         PyTensor(terms.sum),
         PyTensor(terms.count),
         PyTensor(terms.valid),
+    ))
+}
+
+/// A triplet loss and its fraction of positive terms, in the embeddings' dtype.
+#[pyfunction]
+#[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None))]
+#[allow(clippy::too_many_arguments)]
+fn triplet_loss(
+    py: Python<'_>,
+    mining_name: &str,
+    labels: PyTensor,
+    embeddings: PyTensor,
+    margin: f64,
+    distance: &str,
+    soft: bool,
+    ref_embeddings: Option<PyTensor>,
+    ref_labels: Option<PyTensor>,
+    anchor_offset: Option<i64>,
+    chunk_size: Option<i64>,
+) -> PyResult<(PyTensor, PyTensor)> {
+    let kind = embeddings.0.kind();
+    let terms = compute_terms(
+        py,
+        mining_name,
+        labels,
+        embeddings,
+        margin,
+        distance,
+        soft,
+        ref_embeddings,
+        ref_labels,
+        anchor_offset,
+        chunk_size,
+    )?;
+    Ok((
+        PyTensor(terms.mean().to_kind(kind)),
+        PyTensor(terms.fraction().to_kind(kind)),
     ))
 }
 
@@ -129,6 +195,7 @@ fn mean_average_precision_at_r(
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(triplet_terms, m)?)?;
+    m.add_function(wrap_pyfunction!(triplet_loss, m)?)?;
     m.add_function(wrap_pyfunction!(recall_at_k, m)?)?;
     m.add_function(wrap_pyfunction!(mean_average_precision_at_r, m)?)?;
     Ok(())
