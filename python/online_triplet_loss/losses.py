@@ -29,13 +29,6 @@ __all__ = [
 
 
 
-def _arguments(labels, embeddings, margin, squared, distance, ref_embeddings, ref_labels):
-    check_tensor("labels", labels)
-    check_tensor("embeddings", embeddings)
-    check_references(ref_embeddings, ref_labels)
-    return check_margin(margin), resolve_distance(squared, distance)
-
-
 def terms(
     mining: str,
     labels: Tensor,
@@ -50,36 +43,25 @@ def terms(
     anchor_offset: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The unnormalised parts of a loss: ``(sum, count, valid)``, where the loss is
-    ``sum / max(count, 1)`` and batch-all's fraction is ``count / max(valid, 1)``.
-    With ``anchor_offset=k``, anchor ``i`` is reference ``k + i`` and never its own
-    positive. Used to combine batches across processes."""
-    margin, distance = _arguments(labels, embeddings, margin, squared, distance, ref_embeddings, ref_labels)
+    ``sum / max(count, 1)`` and batch-all's fraction is ``count / max(valid, 1)``
+    (:func:`loss_and_fraction`). With ``anchor_offset=k``, anchor ``i`` is
+    reference ``k + i`` and never its own positive. Used to combine batches
+    across processes."""
+    check_tensor("labels", labels)
+    check_tensor("embeddings", embeddings)
+    check_references(ref_embeddings, ref_labels)
     return _core.triplet_terms(
-        mining, labels, embeddings, margin, distance, bool(soft),
-        ref_embeddings, ref_labels, anchor_offset,
+        mining, labels, embeddings, check_margin(margin), resolve_distance(squared, distance),
+        bool(soft), ref_embeddings, ref_labels, anchor_offset,
     )
 
 
-def loss_and_fraction(
-    mining: str,
-    labels: Tensor,
-    embeddings: Tensor,
-    margin: object,
-    squared: object = False,
-    *,
-    distance: Optional[str] = None,
-    soft: bool = False,
-    ref_embeddings: Optional[Tensor] = None,
-    ref_labels: Optional[Tensor] = None,
-    anchor_offset: Optional[int] = None,
-) -> Tuple[Tensor, Tensor]:
-    """The loss ``sum / max(count, 1)`` and the fraction ``count / max(valid, 1)``
-    of :func:`terms`, in the embeddings' dtype."""
-    margin, distance = _arguments(labels, embeddings, margin, squared, distance, ref_embeddings, ref_labels)
-    return _core.triplet_loss(
-        mining, labels, embeddings, margin, distance, bool(soft),
-        ref_embeddings, ref_labels, anchor_offset,
-    )
+def loss_and_fraction(mining: str, labels: Tensor, embeddings: Tensor, margin: object,
+                      squared: object = False, **options) -> Tuple[Tensor, Tensor]:
+    """The loss and the fraction of positive terms of :func:`terms` (same
+    arguments), in the embeddings' dtype."""
+    sum_, count, valid = terms(mining, labels, embeddings, margin, squared, **options)
+    return _core.mean_and_fraction(sum_, count, valid, embeddings)
 
 
 def batch_all_triplet_loss(

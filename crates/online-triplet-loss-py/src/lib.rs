@@ -40,45 +40,6 @@ fn mining(name: &str) -> PyResult<Mining> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn compute_terms(
-    py: Python<'_>,
-    mining_name: &str,
-    labels: PyTensor,
-    embeddings: PyTensor,
-    margin: f64,
-    distance: &str,
-    soft: bool,
-    ref_embeddings: Option<PyTensor>,
-    ref_labels: Option<PyTensor>,
-    anchor_offset: Option<i64>,
-    chunk_size: Option<i64>,
-) -> PyResult<Terms> {
-    let mining = mining(mining_name)?;
-    let mut config = TripletConfig::new(margin)
-        .distance(distance.parse::<Distance>().map_err(to_py)?)
-        .soft(soft);
-    config.chunk_size = chunk_size;
-    let (labels, embeddings) = (labels.0, embeddings.0);
-    let references = match (ref_embeddings, ref_labels) {
-        (Some(e), Some(l)) => Some((e.0, l.0)),
-        (None, None) => None,
-        _ => {
-            return Err(PyValueError::new_err(
-                "ref_embeddings and ref_labels: must be given together",
-            ))
-        }
-    };
-    run(py, move || {
-        let references = references.as_ref().map(|(e, l)| References {
-            embeddings: e,
-            labels: l,
-            anchor_offset,
-        });
-        config.terms(mining, &labels, &embeddings, references.as_ref())
-    })
-}
-
 /// Unnormalised terms of a triplet loss: (sum, count, valid).
 #[pyfunction]
 #[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None))]
@@ -96,19 +57,29 @@ fn triplet_terms(
     anchor_offset: Option<i64>,
     chunk_size: Option<i64>,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
-    let terms = compute_terms(
-        py,
-        mining_name,
-        labels,
-        embeddings,
-        margin,
-        distance,
-        soft,
-        ref_embeddings,
-        ref_labels,
-        anchor_offset,
-        chunk_size,
-    )?;
+    let mining = mining(mining_name)?;
+    let mut config = TripletConfig::new(margin)
+        .distance(distance.parse::<Distance>().map_err(to_py)?)
+        .soft(soft);
+    config.chunk_size = chunk_size;
+    let (labels, embeddings) = (labels.0, embeddings.0);
+    let references = match (ref_embeddings, ref_labels) {
+        (Some(e), Some(l)) => Some((e.0, l.0)),
+        (None, None) => None,
+        _ => {
+            return Err(PyValueError::new_err(
+                "ref_embeddings and ref_labels: must be given together",
+            ))
+        }
+    };
+    let terms = run(py, move || {
+        let references = references.as_ref().map(|(e, l)| References {
+            embeddings: e,
+            labels: l,
+            anchor_offset,
+        });
+        config.terms(mining, &labels, &embeddings, references.as_ref())
+    })?;
     Ok((
         PyTensor(terms.sum),
         PyTensor(terms.count),
@@ -116,41 +87,25 @@ fn triplet_terms(
     ))
 }
 
-/// A triplet loss and its fraction of positive terms, in the embeddings' dtype.
+/// The loss `sum / max(count, 1)` and fraction `count / max(valid, 1)` of
+/// `triplet_terms`, in the dtype of `like`.
 #[pyfunction]
-#[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None))]
-#[allow(clippy::too_many_arguments)]
-fn triplet_loss(
-    py: Python<'_>,
-    mining_name: &str,
-    labels: PyTensor,
-    embeddings: PyTensor,
-    margin: f64,
-    distance: &str,
-    soft: bool,
-    ref_embeddings: Option<PyTensor>,
-    ref_labels: Option<PyTensor>,
-    anchor_offset: Option<i64>,
-    chunk_size: Option<i64>,
-) -> PyResult<(PyTensor, PyTensor)> {
-    let kind = embeddings.0.kind();
-    let terms = compute_terms(
-        py,
-        mining_name,
-        labels,
-        embeddings,
-        margin,
-        distance,
-        soft,
-        ref_embeddings,
-        ref_labels,
-        anchor_offset,
-        chunk_size,
-    )?;
-    Ok((
+fn mean_and_fraction(
+    sum: PyTensor,
+    count: PyTensor,
+    valid: PyTensor,
+    like: PyTensor,
+) -> (PyTensor, PyTensor) {
+    let kind = like.0.kind();
+    let terms = Terms {
+        sum: sum.0,
+        count: count.0,
+        valid: valid.0,
+    };
+    (
         PyTensor(terms.mean().to_kind(kind)),
         PyTensor(terms.fraction().to_kind(kind)),
-    ))
+    )
 }
 
 fn retrieval(distance: &str, chunk_size: Option<i64>) -> PyResult<RetrievalConfig> {
@@ -195,7 +150,7 @@ fn mean_average_precision_at_r(
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(triplet_terms, m)?)?;
-    m.add_function(wrap_pyfunction!(triplet_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(mean_and_fraction, m)?)?;
     m.add_function(wrap_pyfunction!(recall_at_k, m)?)?;
     m.add_function(wrap_pyfunction!(mean_average_precision_at_r, m)?)?;
     Ok(())
