@@ -42,7 +42,7 @@ fn mining(name: &str) -> PyResult<Mining> {
 
 /// Unnormalised terms of a triplet loss: (sum, count, valid).
 #[pyfunction]
-#[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None))]
+#[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None, margin_tensor=None))]
 #[allow(clippy::too_many_arguments)]
 fn triplet_terms(
     py: Python<'_>,
@@ -56,6 +56,7 @@ fn triplet_terms(
     ref_labels: Option<PyTensor>,
     anchor_offset: Option<i64>,
     chunk_size: Option<i64>,
+    margin_tensor: Option<PyTensor>,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
     let mining = mining(mining_name)?;
     let mut config = TripletConfig::new(margin)
@@ -63,6 +64,7 @@ fn triplet_terms(
         .soft(soft);
     config.chunk_size = chunk_size;
     let (labels, embeddings) = (labels.0, embeddings.0);
+    let margin_tensor = margin_tensor.map(|t| t.0);
     let references = match (ref_embeddings, ref_labels) {
         (Some(e), Some(l)) => Some((e.0, l.0)),
         (None, None) => None,
@@ -78,7 +80,11 @@ fn triplet_terms(
             labels: l,
             anchor_offset,
         });
-        config.terms(mining, &labels, &embeddings, references.as_ref())
+        let terms = config.terms(mining, &labels, &embeddings, references.as_ref())?;
+        match margin_tensor {
+            Some(margin) => terms.with_margin(&margin),
+            None => Ok(terms),
+        }
     })?;
     Ok((
         PyTensor(terms.sum),
@@ -91,21 +97,26 @@ fn triplet_terms(
 /// `triplet_terms`, in the dtype of `like`.
 #[pyfunction]
 fn mean_and_fraction(
+    py: Python<'_>,
     sum: PyTensor,
     count: PyTensor,
     valid: PyTensor,
     like: PyTensor,
-) -> (PyTensor, PyTensor) {
-    let kind = like.0.kind();
-    let terms = Terms {
-        sum: sum.0,
-        count: count.0,
-        valid: valid.0,
-    };
-    (
-        PyTensor(terms.mean().to_kind(kind)),
-        PyTensor(terms.fraction().to_kind(kind)),
-    )
+) -> PyResult<(PyTensor, PyTensor)> {
+    let (sum, count, valid, like) = (sum.0, count.0, valid.0, like.0);
+    run(py, move || {
+        let kind = like.f_kind()?;
+        let terms = Terms {
+            margin_grad: sum.f_zeros_like()?,
+            sum,
+            count,
+            valid,
+        };
+        Ok((
+            PyTensor(terms.mean()?.f_to_kind(kind)?),
+            PyTensor(terms.fraction()?.f_to_kind(kind)?),
+        ))
+    })
 }
 
 fn retrieval(distance: &str, chunk_size: Option<i64>) -> PyResult<RetrievalConfig> {

@@ -57,26 +57,65 @@ impl Distance {
         }
     }
 
-    /// Distances between the rows of `x` and the rows of `y`, differentiable.
-    /// Used where only a few pairs are needed; the gradient is 0 at zero
-    /// distance.
-    pub fn paired(self, x: &Tensor, y: &Tensor) -> Tensor {
-        match self {
-            Distance::Squared => (x - y).square().sum_dim_intlist(-1, false, None::<Kind>),
+    /// Distances between the rows of `x` and the rows of `y`, differentiable
+    /// (twice, too). Used where only a few pairs are needed; the gradient is
+    /// 0 at zero distance.
+    ///
+    /// # Shapes
+    /// `x` and `y`: `(N, D)`; the result: `(N,)`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the shapes differ or are not 2-D,
+    /// [`Error::Torch`] when libtorch fails.
+    ///
+    /// ```
+    /// use online_triplet_loss::Distance;
+    /// use tch::Tensor;
+    ///
+    /// let x = Tensor::from_slice(&[0.0f64, 0.0, 1.0, 1.0]).view([2, 2]);
+    /// let y = Tensor::from_slice(&[3.0f64, 4.0, 1.0, 1.0]).view([2, 2]);
+    /// let d = Distance::Euclidean.paired(&x, &y)?;
+    /// assert_eq!(Vec::<f64>::try_from(&d).unwrap(), [5.0, 0.0]);
+    /// assert!(Distance::Euclidean.paired(&x, &y.narrow(0, 0, 1)).is_err());
+    /// # Ok::<(), online_triplet_loss::Error>(())
+    /// ```
+    pub fn paired(self, x: &Tensor, y: &Tensor) -> Result<Tensor, Error> {
+        if x.dim() != 2 || x.size() != y.size() {
+            return Err(Error::invalid(
+                "y",
+                format!(
+                    "must have the 2-D shape of x, got {:?} and {:?}",
+                    x.size(),
+                    y.size()
+                ),
+            ));
+        }
+        Ok(match self {
+            Distance::Squared => {
+                x.f_sub(y)?
+                    .f_square()?
+                    .f_sum_dim_intlist(-1, false, None::<Kind>)?
+            }
             Distance::Euclidean => {
-                let sq = (x - y).square().sum_dim_intlist(-1, false, None::<Kind>);
-                let positive = sq.gt(0.0);
+                let sq = x
+                    .f_sub(y)?
+                    .f_square()?
+                    .f_sum_dim_intlist(-1, false, None::<Kind>)?;
+                let positive = sq.f_gt(0.0)?;
                 // sqrt is evaluated on 1 where sq is 0 so that its gradient is finite.
-                sq.where_self(&positive, &sq.ones_like())
-                    .sqrt()
-                    .where_self(&positive, &sq.zeros_like())
+                sq.f_where_self(&positive, &sq.f_ones_like()?)?
+                    .f_sqrt()?
+                    .f_where_self(&positive, &sq.f_zeros_like()?)?
             }
             Distance::Cosine => {
-                let xn = normalize(x);
-                let yn = normalize(y);
-                1.0 - (xn * yn).sum_dim_intlist(-1, false, None::<Kind>)
+                let xn = normalize(x)?;
+                let yn = normalize(y)?;
+                xn.f_mul(&yn)?
+                    .f_sum_dim_intlist(-1, false, None::<Kind>)?
+                    .f_neg()?
+                    .f_add_scalar(1.0)?
             }
-        }
+        })
     }
 }
 
@@ -102,95 +141,152 @@ impl FromStr for Distance {
     }
 }
 
-fn normalize(x: &Tensor) -> Tensor {
-    let norm = x
-        .linalg_norm(2.0, -1, true, None::<Kind>)
-        .clamp_min(COSINE_EPS);
-    x / norm
+/// ‖x‖ of every row, `(N, 1)`, without the overflow of a plain sum of
+/// squares: rows are scaled by their largest magnitude first (a constant for
+/// autograd, so the gradient is that of the norm).
+fn row_norms(x: &Tensor) -> Result<Tensor, Error> {
+    if x.size().last() == Some(&0) {
+        return Ok(Tensor::f_zeros(
+            [x.size()[0], 1],
+            (x.f_kind()?, x.device()),
+        )?);
+    }
+    let scale = x
+        .detach()
+        .f_abs()?
+        .f_amax([-1i64].as_slice(), true)?
+        .f_clamp_min(1e-30)?;
+    Ok(x.f_div(&scale)?
+        .f_linalg_norm(2.0, [-1i64].as_slice(), true, None::<Kind>)?
+        .f_mul(&scale)?)
+}
+
+/// `x / max(‖x‖, ε)` row by row, as `torch.nn.functional.normalize`.
+fn normalize(x: &Tensor) -> Result<Tensor, Error> {
+    Ok(x.f_div(&row_norms(x)?.f_clamp_min(COSINE_EPS)?)?)
 }
 
 /// One set of embeddings, detached, with what the distance needs precomputed.
 pub(crate) struct Side {
     distance: Distance,
-    /// The embeddings (normalised for the cosine distance).
+    /// The embeddings less the centre shared by both sides for Euclidean
+    /// distances (so that ‖x‖² + ‖y‖² − 2x·y does not cancel when the data
+    /// sit far from the origin), normalised for the cosine distance.
     points: Tensor,
-    /// Squared norms for Euclidean distances, clamped norms for the cosine one.
+    /// Squared norms of `points` for Euclidean distances, clamped norms of
+    /// the embeddings for the cosine one.
     norms: Tensor,
 }
 
 impl Side {
-    pub(crate) fn new(distance: Distance, embeddings: &Tensor) -> Self {
-        let x = embeddings.detach();
+    /// The anchors' side and the references' side, detached, in one frame:
+    /// Euclidean distances are invariant under translation, so both are
+    /// centred on the mean reference.
+    pub(crate) fn pair(distance: Distance, x: &Tensor, y: &Tensor) -> Result<(Side, Side), Error> {
+        let (x, y) = (x.detach(), y.detach());
         match distance {
             Distance::Euclidean | Distance::Squared => {
-                let norms = x.square().sum_dim_intlist(-1, false, None::<Kind>);
-                Side {
-                    distance,
-                    points: x,
-                    norms,
-                }
+                let center = if y.size()[0] > 0 {
+                    y.f_mean_dim([0i64].as_slice(), true, None::<Kind>)?
+                } else {
+                    Tensor::f_zeros([1, y.size()[1]], (y.kind(), y.device()))?
+                };
+                Ok((
+                    Side::centred(distance, &x, &center)?,
+                    Side::centred(distance, &y, &center)?,
+                ))
             }
-            Distance::Cosine => {
-                let norms = x
-                    .linalg_norm(2.0, -1, true, None::<Kind>)
-                    .clamp_min(COSINE_EPS);
-                Side {
-                    distance,
-                    points: &x / &norms,
-                    norms,
-                }
-            }
+            Distance::Cosine => Ok((Side::normalised(&x)?, Side::normalised(&y)?)),
         }
     }
 
-    pub(crate) fn rows(&self, start: i64, len: i64) -> Side {
-        Side {
+    fn centred(distance: Distance, x: &Tensor, center: &Tensor) -> Result<Side, Error> {
+        let points = x.f_sub(center)?;
+        let norms = points
+            .f_square()?
+            .f_sum_dim_intlist(-1, false, None::<Kind>)?;
+        Ok(Side {
+            distance,
+            points,
+            norms,
+        })
+    }
+
+    fn normalised(x: &Tensor) -> Result<Side, Error> {
+        let norms = row_norms(x)?.f_clamp_min(COSINE_EPS)?;
+        Ok(Side {
+            distance: Distance::Cosine,
+            points: x.f_div(&norms)?,
+            norms,
+        })
+    }
+
+    pub(crate) fn rows(&self, start: i64, len: i64) -> Result<Side, Error> {
+        Ok(Side {
             distance: self.distance,
-            points: self.points.narrow(0, start, len),
-            norms: self.norms.narrow(0, start, len),
+            points: self.points.f_narrow(0, start, len)?,
+            norms: self.norms.f_narrow(0, start, len)?,
+        })
+    }
+
+    /// A 0-d bool tensor: true when a distance between the two sides may
+    /// overflow in their dtype (the Euclidean ones are at most 4·max‖x‖²),
+    /// so the mined distances cannot be trusted.
+    pub(crate) fn may_overflow(&self, other: &Side) -> Result<Tensor, Error> {
+        let device = self.points.device();
+        let all = Tensor::f_cat(&[&self.norms, &other.norms], 0)?;
+        if self.distance == Distance::Cosine || all.numel() == 0 {
+            return Ok(Tensor::f_zeros([], (Kind::Bool, device))?);
         }
+        Ok(all
+            .f_max()?
+            .f_mul_scalar(4.0)?
+            .f_isfinite()?
+            .f_logical_not()?)
     }
 
     /// The matrix of distances from every row of `self` to every row of `other`.
-    pub(crate) fn pairwise(&self, other: &Side) -> Tensor {
+    pub(crate) fn pairwise(&self, other: &Side) -> Result<Tensor, Error> {
         match self.distance {
             Distance::Euclidean | Distance::Squared => {
                 let mut d = other
                     .norms
-                    .unsqueeze(0)
-                    .addmm(&(&self.points * -2.0), &other.points.tr());
-                let _ = d.g_add_(&self.norms.unsqueeze(1));
-                let _ = d.clamp_min_(0.0);
+                    .f_unsqueeze(0)?
+                    .f_addmm(&self.points.f_mul_scalar(-2.0)?, &other.points.f_tr()?)?;
+                let _ = d.f_add_(&self.norms.f_unsqueeze(1)?)?;
+                let _ = d.f_clamp_min_(0.0)?;
                 if self.distance == Distance::Euclidean {
-                    let _ = d.sqrt_();
+                    let _ = d.f_sqrt_()?;
                 }
-                d
+                Ok(d)
             }
-            Distance::Cosine => self
-                .points
-                .ones_like()
-                .narrow(1, 0, 1)
-                .addmm(&-&self.points, &other.points.tr()),
+            Distance::Cosine => Ok(Tensor::f_ones(
+                [1, 1],
+                (self.points.kind(), self.points.device()),
+            )?
+            .f_addmm(&self.points.f_neg()?, &other.points.f_tr()?)?),
         }
     }
 
     /// `pair_weight` of every entry, for weights `w` of distances `d`.
-    pub(crate) fn pair_weights(&self, w: &Tensor, d: &Tensor) -> Tensor {
-        match self.distance {
+    pub(crate) fn pair_weights(&self, w: &Tensor, d: &Tensor) -> Result<Tensor, Error> {
+        Ok(match self.distance {
             Distance::Euclidean => {
-                let positive = d.gt(0.0);
-                (w / d.where_self(&positive, &d.ones_like())).where_self(&positive, &d.zeros_like())
+                let positive = d.f_gt(0.0)?;
+                w.f_div(&d.f_where_self(&positive, &d.f_ones_like()?)?)?
+                    .f_where_self(&positive, &d.f_zeros_like()?)?
             }
-            Distance::Squared => w * 2.0,
+            Distance::Squared => w.f_mul_scalar(2.0)?,
             Distance::Cosine => w.shallow_clone(),
-        }
+        })
     }
 
     /// Adds to `grad_self` and `grad_other` the gradients of Σᵢⱼ wᵢⱼ dᵢⱼ with
     /// respect to the points of `self` and `other`, given the pair weights
     /// `p` of `w` ([`Distance::pair_weight`]) and, optionally, their row sums.
     /// For the cosine distance these are gradients with respect to the
-    /// normalised points; [`Side::finish_grad`] maps them back.
+    /// normalised points; [`Side::finish_grad`] maps them back. Centring does
+    /// not change them: Σⱼ pᵢⱼ (xᵢ − yⱼ) is the same in any frame.
     pub(crate) fn accumulate_grad(
         &self,
         other: &Side,
@@ -198,35 +294,50 @@ impl Side {
         row_sum: Option<Tensor>,
         grad_self: &mut Tensor,
         grad_other: &mut Tensor,
-    ) {
+    ) -> Result<(), Error> {
         match self.distance {
             Distance::Euclidean | Distance::Squared => {
                 // Σⱼ pᵢⱼ (xᵢ − yⱼ) for the anchors, Σᵢ pᵢⱼ (yⱼ − xᵢ) for the references.
-                let row_sum = row_sum
-                    .unwrap_or_else(|| p.sum_dim_intlist(1, false, None::<Kind>))
-                    .unsqueeze(1);
-                let col_sum = p.sum_dim_intlist(0, false, None::<Kind>).unsqueeze(1);
-                let _ = grad_self.g_add_(&(row_sum * &self.points - p.mm(&other.points)));
-                let _ = grad_other.g_add_(&(col_sum * &other.points - p.tr().mm(&self.points)));
+                let row_sum = match row_sum {
+                    Some(r) => r,
+                    None => p.f_sum_dim_intlist(1, false, None::<Kind>)?,
+                }
+                .f_unsqueeze(1)?;
+                let col_sum = p
+                    .f_sum_dim_intlist(0, false, None::<Kind>)?
+                    .f_unsqueeze(1)?;
+                let _ = grad_self.f_add_(
+                    &row_sum
+                        .f_mul(&self.points)?
+                        .f_sub(&p.f_mm(&other.points)?)?,
+                )?;
+                let _ = grad_other.f_add_(
+                    &col_sum
+                        .f_mul(&other.points)?
+                        .f_sub(&p.f_tr()?.f_mm(&self.points)?)?,
+                )?;
             }
             Distance::Cosine => {
-                let _ = grad_self.g_sub_(&p.mm(&other.points));
-                let _ = grad_other.g_sub_(&p.tr().mm(&self.points));
+                let _ = grad_self.f_sub_(&p.f_mm(&other.points)?)?;
+                let _ = grad_other.f_sub_(&p.f_tr()?.f_mm(&self.points)?)?;
             }
         }
+        Ok(())
     }
 
     /// Maps a gradient accumulated by [`Side::accumulate_grad`] to a gradient
     /// with respect to the original embeddings.
-    pub(crate) fn finish_grad(&self, grad: Tensor) -> Tensor {
+    pub(crate) fn finish_grad(&self, grad: Tensor) -> Result<Tensor, Error> {
         match self.distance {
-            Distance::Euclidean | Distance::Squared => grad,
+            Distance::Euclidean | Distance::Squared => Ok(grad),
             Distance::Cosine => {
                 // x̂ = x / max(‖x‖, ε): the Jacobian is (I − x̂x̂ᵀ)/‖x‖ above ε and I/ε below.
-                let radial = (&grad * &self.points).sum_dim_intlist(-1, true, None::<Kind>);
-                let above = self.norms.gt(COSINE_EPS);
-                let tangent = &grad - radial * &self.points;
-                tangent.where_self(&above, &grad) / &self.norms
+                let radial = grad
+                    .f_mul(&self.points)?
+                    .f_sum_dim_intlist(-1, true, None::<Kind>)?;
+                let above = self.norms.f_gt(COSINE_EPS)?;
+                let tangent = grad.f_sub(&radial.f_mul(&self.points)?)?;
+                Ok(tangent.f_where_self(&above, &grad)?.f_div(&self.norms)?)
             }
         }
     }

@@ -4,22 +4,84 @@ use tch::{Kind, Tensor};
 
 use crate::Error;
 
-/// Returns the labels as int64 keys that are equal exactly when the labels
-/// are. Integer and bool labels are widened; floating-point labels (0.0.6
-/// accepted them) are compared by value, so 1.5 and 1.0 stay distinct.
-pub(crate) fn label_keys(labels: &Tensor, argument: &'static str) -> Result<Tensor, Error> {
-    match labels.kind() {
-        Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64 | Kind::Bool => {
-            Ok(labels.to_kind(Kind::Int64))
-        }
-        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double => {
-            // Adding 0 turns -0.0 into 0.0, the one pair of equal floats whose bits differ.
-            Ok((labels.to_kind(Kind::Double) + 0.0).view_dtype(Kind::Int64))
-        }
-        other => Err(Error::invalid(
+/// How labels are compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Domain {
+    /// Integer and bool labels: compared as int64.
+    Integer,
+    /// Floating-point labels, or integer labels compared with floating-point
+    /// ones: compared by value as float64 (1 and 1.0 are the same class, and
+    /// so are -0.0 and 0.0; NaN equals nothing, not even another NaN).
+    Float,
+}
+
+/// The kind of comparison that labels of this tensor's dtype need.
+///
+/// # Errors
+/// `InvalidArgument` naming `argument` for dtypes that are not class ids:
+/// complex, quantized, float8 and the unsigned 16-, 32- and 64-bit integers
+/// (which this libtorch binding cannot read).
+pub(crate) fn domain(labels: &Tensor, argument: &'static str) -> Result<Domain, Error> {
+    let kind = labels.f_kind().map_err(|_| {
+        Error::invalid(
             argument,
-            format!("must hold integer class ids or floats, got dtype {other:?}"),
+            "has a dtype this library cannot read (uint16, uint32 or uint64?); \
+             pass int64 class ids",
+        )
+    })?;
+    match kind {
+        Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64 | Kind::Bool => {
+            Ok(Domain::Integer)
+        }
+        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double => Ok(Domain::Float),
+        Kind::ComplexHalf
+        | Kind::ComplexFloat
+        | Kind::ComplexDouble
+        | Kind::QInt8
+        | Kind::QUInt8
+        | Kind::QInt32
+        | Kind::Float8e5m2
+        | Kind::Float8e4m3fn
+        | Kind::Float8e5m2fnuz
+        | Kind::Float8e4m3fnuz => Err(Error::invalid(
+            argument,
+            format!("must hold integer class ids or real numbers, got dtype {kind:?}"),
         )),
+    }
+}
+
+/// The common domain of two label tensors: floating point as soon as one
+/// of them is.
+pub(crate) fn common(a: Domain, b: Domain) -> Domain {
+    if a == Domain::Integer && b == Domain::Integer {
+        Domain::Integer
+    } else {
+        Domain::Float
+    }
+}
+
+/// First key of the NaN labels of anchors and of references: both ranges lie
+/// in the bit patterns of NaN, which no other label maps to, and are far
+/// enough apart never to meet.
+pub(crate) const ANCHOR_NAN_KEYS: i64 = 0x7FF8_0000_0000_0000;
+pub(crate) const REFERENCE_NAN_KEYS: i64 = 0x7FF0_0000_0000_0001;
+
+/// Returns the labels as int64 keys that are equal exactly when the labels
+/// are, in `domain`. In the float domain, labels are compared by value
+/// through their float64 bits; the NaN labels at positions i get the
+/// distinct keys `nan_keys + i`.
+pub(crate) fn keys(labels: &Tensor, domain: Domain, nan_keys: i64) -> Result<Tensor, Error> {
+    match domain {
+        Domain::Integer => Ok(labels.f_to_kind(Kind::Int64)?),
+        Domain::Float => {
+            let values = labels.f_to_kind(Kind::Double)?;
+            // Adding 0 turns -0.0 into 0.0, the one pair of equal floats whose bits differ.
+            let bits = values.f_add_scalar(0.0)?.f_view_dtype(Kind::Int64)?;
+            let n = labels.size()[0];
+            let unique =
+                Tensor::f_arange_start(nan_keys, nan_keys + n, (Kind::Int64, labels.device()))?;
+            Ok(unique.f_where_self(&values.f_isnan()?, &bits)?)
+        }
     }
 }
 

@@ -33,6 +33,7 @@
 
 mod distance;
 mod error;
+mod grad;
 mod labels;
 mod losses;
 pub mod metrics;

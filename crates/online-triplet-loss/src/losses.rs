@@ -1,9 +1,10 @@
 //! The three triplet losses and their configuration.
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::distance::{Distance, Side};
-use crate::labels::label_keys;
+use crate::grad;
+use crate::labels::{common, domain, keys, ANCHOR_NAN_KEYS, REFERENCE_NAN_KEYS};
 use crate::mining::{self, Chunk, Kernel, Selection};
 use crate::ties::Ties;
 use crate::Error;
@@ -83,17 +84,92 @@ pub struct Terms {
     pub count: Tensor,
     /// Batch-all: the number of valid triplets; otherwise equal to `count`.
     pub valid: Tensor,
+    /// ∂sum/∂margin (0-d, in the dtype of `sum`, not differentiable): the
+    /// number of terms whose hinge is active, or the sum of the softplus
+    /// slopes for a soft batch-hard loss.
+    pub margin_grad: Tensor,
 }
 
 impl Terms {
+    fn check(&self) -> Result<(), Error> {
+        for (name, t) in [
+            ("sum", &self.sum),
+            ("count", &self.count),
+            ("valid", &self.valid),
+            ("margin_grad", &self.margin_grad),
+        ] {
+            if t.dim() != 0 {
+                return Err(Error::invalid(
+                    name,
+                    format!("must be a 0-d tensor, got shape {:?}", t.size()),
+                ));
+            }
+        }
+        if !self.sum.is_floating_point() {
+            return Err(Error::invalid("sum", "must be floating point"));
+        }
+        Ok(())
+    }
+
     /// `sum / max(count, 1)`.
-    pub fn mean(&self) -> Tensor {
-        &self.sum / self.count.clamp_min(1).to_kind(self.sum.kind())
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when a field is not a 0-d tensor or `sum`
+    /// is not floating point; [`Error::Torch`] when libtorch fails.
+    pub fn mean(&self) -> Result<Tensor, Error> {
+        self.check()?;
+        let kind = self.sum.f_kind()?;
+        Ok(self
+            .sum
+            .f_div(&self.count.f_clamp_min(1)?.f_to_kind(kind)?)?)
     }
 
     /// `count / max(valid, 1)`: the fraction of positive triplets for batch-all.
-    pub fn fraction(&self) -> Tensor {
-        self.count.to_kind(self.sum.kind()) / self.valid.clamp_min(1).to_kind(self.sum.kind())
+    ///
+    /// # Errors
+    /// As [`Terms::mean`].
+    pub fn fraction(&self) -> Result<Tensor, Error> {
+        self.check()?;
+        let kind = self.sum.f_kind()?;
+        Ok(self
+            .count
+            .f_to_kind(kind)?
+            .f_div(&self.valid.f_clamp_min(1)?.f_to_kind(kind)?)?)
+    }
+
+    /// Makes `sum` differentiable with respect to `margin`, a one-element
+    /// floating-point tensor holding the margin the terms were computed
+    /// with (a learnable margin).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `margin` is not a one-element
+    /// floating-point tensor on the device of `sum`.
+    pub fn with_margin(self, margin: &Tensor) -> Result<Terms, Error> {
+        self.check()?;
+        if margin.numel() != 1 || !margin.is_floating_point() {
+            return Err(Error::invalid(
+                "margin",
+                format!(
+                    "must be a one-element floating-point tensor, got shape {:?}",
+                    margin.size()
+                ),
+            ));
+        }
+        if margin.device() != self.sum.device() {
+            return Err(Error::invalid(
+                "margin",
+                format!(
+                    "must be on the device of the embeddings ({:?})",
+                    self.sum.device()
+                ),
+            ));
+        }
+        let kind = self.sum.f_kind()?;
+        let m = margin.f_reshape([])?.f_to_kind(kind)?;
+        let sum = self
+            .sum
+            .f_add(&m.f_sub(&m.detach())?.f_mul(&self.margin_grad)?)?;
+        Ok(Terms { sum, ..self })
     }
 }
 
@@ -109,51 +185,96 @@ impl TripletConfig {
         }
     }
 
+    #[must_use]
     pub fn distance(mut self, distance: Distance) -> Self {
         self.distance = distance;
         self
     }
 
+    #[must_use]
     pub fn soft(mut self, soft: bool) -> Self {
         self.soft = soft;
         self
     }
 
+    #[must_use]
     pub fn kernel(mut self, kernel: Kernel) -> Self {
         self.kernel = kernel;
         self
     }
 
+    #[must_use]
     pub fn chunk_size(mut self, rows: i64) -> Self {
         self.chunk_size = Some(rows);
         self
     }
 
     /// Batch-all loss and the fraction of valid triplets with a positive loss.
+    ///
+    /// # Shapes
+    /// `labels`: `(B,)`; `embeddings`: `(B, D)`; both results are 0-d, in
+    /// the dtype of `embeddings`.
+    ///
+    /// # Errors
+    /// As [`TripletConfig::terms`].
     pub fn batch_all(
         &self,
         labels: &Tensor,
         embeddings: &Tensor,
     ) -> Result<(Tensor, Tensor), Error> {
         let terms = self.terms(Mining::All, labels, embeddings, None)?;
-        let kind = embeddings.kind();
-        Ok((terms.mean().to_kind(kind), terms.fraction().to_kind(kind)))
+        let kind = embeddings.f_kind()?;
+        Ok((
+            terms.mean()?.f_to_kind(kind)?,
+            terms.fraction()?.f_to_kind(kind)?,
+        ))
     }
 
     /// Batch-hard loss.
+    ///
+    /// # Shapes
+    /// `labels`: `(B,)`; `embeddings`: `(B, D)`; the loss is 0-d, in the
+    /// dtype of `embeddings`.
+    ///
+    /// # Errors
+    /// As [`TripletConfig::terms`].
     pub fn batch_hard(&self, labels: &Tensor, embeddings: &Tensor) -> Result<Tensor, Error> {
         let terms = self.terms(Mining::Hard, labels, embeddings, None)?;
-        Ok(terms.mean().to_kind(embeddings.kind()))
+        Ok(terms.mean()?.f_to_kind(embeddings.f_kind()?)?)
     }
 
     /// Semi-hard loss.
+    ///
+    /// # Shapes
+    /// `labels`: `(B,)`; `embeddings`: `(B, D)`; the loss is 0-d, in the
+    /// dtype of `embeddings`.
+    ///
+    /// # Errors
+    /// As [`TripletConfig::terms`].
     pub fn batch_semihard(&self, labels: &Tensor, embeddings: &Tensor) -> Result<Tensor, Error> {
         let terms = self.terms(Mining::SemiHard, labels, embeddings, None)?;
-        Ok(terms.mean().to_kind(embeddings.kind()))
+        Ok(terms.mean()?.f_to_kind(embeddings.f_kind()?)?)
     }
 
     /// The unnormalised loss of `embeddings` as anchors, mined against
     /// `references` or, when `None`, against the batch itself.
+    ///
+    /// Non-finite values anywhere in the embeddings or references, or
+    /// Euclidean distances that overflow their dtype, make `sum` NaN and
+    /// every gradient it sends NaN, even where no triplet uses them.
+    ///
+    /// # Shapes
+    /// `labels`: `(B,)`, integer, bool or floating point; `embeddings`:
+    /// `(B, D)`, float16, bfloat16 (computed in float32), float32 or
+    /// float64, on the CPU or a CUDA device; references: `(M, D)` and
+    /// `(M,)` on the device of `embeddings`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the argument for a margin that is
+    /// negative or not finite, a chunk size below 1, shapes that do not
+    /// match, unsupported dtypes, layouts or devices, or an `anchor_offset`
+    /// outside the references; [`Error::Torch`] when libtorch fails (out of
+    /// memory, say).
     pub fn terms(
         &self,
         mining: Mining,
@@ -162,22 +283,47 @@ impl TripletConfig {
         references: Option<&References>,
     ) -> Result<Terms, Error> {
         self.validate(labels, embeddings, references)?;
-        let kind = match embeddings.kind() {
+        let kind = match embeddings.f_kind()? {
             Kind::Half | Kind::BFloat16 => Kind::Float,
             k => k,
         };
         let device = embeddings.device();
-        let x = embeddings.to_kind(kind);
-        let x_labels = label_keys(labels, "labels")?.to_device(device);
+        let x = embeddings.f_to_kind(kind)?;
+        let x_domain = domain(labels, "labels")?;
         let (y, y_labels, self_col) = match references {
-            Some(r) => (
-                r.embeddings.to_kind(kind),
-                label_keys(r.labels, "ref_labels")?.to_device(device),
-                r.anchor_offset,
-            ),
-            None => (x.shallow_clone(), x_labels.shallow_clone(), Some(0)),
+            Some(r) => {
+                let d = common(x_domain, domain(r.labels, "ref_labels")?);
+                let y_labels = keys(r.labels, d, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
+                // An anchor that is reference k + i gets that reference's
+                // NaN key, so it is neither its own positive nor negative.
+                let nan_keys = match r.anchor_offset {
+                    Some(k) => REFERENCE_NAN_KEYS + k,
+                    None => ANCHOR_NAN_KEYS,
+                };
+                let x_labels = keys(labels, d, nan_keys)?.f_to_device(device)?;
+                (
+                    r.embeddings.f_to_kind(kind)?,
+                    (x_labels, y_labels),
+                    r.anchor_offset,
+                )
+            }
+            None => {
+                let k = keys(labels, x_domain, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
+                (x.shallow_clone(), (k.shallow_clone(), k), Some(0))
+            }
         };
-        let ties = tch::no_grad(|| Ties::find(&x, &y, self_col, references.is_none(), self.kernel));
+        let (x_labels, y_labels) = y_labels;
+        let (ties, (sx, sy), nonfinite) = grad::no_grad(|| -> Result<_, Error> {
+            let ties = Ties::find(&x, &y, self_col, references.is_none(), self.kernel)?;
+            let sides = Side::pair(self.distance, &x, &y)?;
+            let nonfinite = x
+                .f_isfinite()?
+                .f_all()?
+                .f_logical_and(&y.f_isfinite()?.f_all()?)?
+                .f_logical_not()?
+                .f_logical_or(&sides.0.may_overflow(&sides.1)?)?;
+            Ok((ties, sides, nonfinite))
+        })?;
         let sides = Sides {
             x: &x,
             x_labels: &x_labels,
@@ -185,18 +331,23 @@ impl TripletConfig {
             y_labels: &y_labels,
             self_col,
             ties,
+            sx,
+            sy,
         };
         let terms = match mining {
-            Mining::Hard => self.hard_terms(&sides),
-            Mining::All | Mining::SemiHard => self.weighted_terms(mining, &sides),
+            Mining::Hard => self.hard_terms(&sides)?,
+            Mining::All | Mining::SemiHard => self.weighted_terms(mining, &sides)?,
         };
-        // NaN or ±Inf anywhere in the inputs makes the loss NaN, even when
-        // no triplet uses that sample.
-        let guard = (&x * 0.0).sum(kind) + (&y * 0.0).sum(kind);
-        Ok(Terms {
-            sum: terms.sum + guard,
-            ..terms
-        })
+        // NaN or ±Inf anywhere in the inputs, or distances that overflow,
+        // make the loss and every gradient it sends NaN, even when no
+        // triplet uses that sample.
+        let poison = Tensor::f_where_scalar(&nonfinite, f64::NAN, 0.0)?.f_to_kind(kind)?;
+        let sum = terms
+            .sum
+            .f_add(&poison)?
+            .f_add(&surrogate(&x, &poison)?)?
+            .f_add(&surrogate(&y, &poison)?)?;
+        Ok(Terms { sum, ..terms })
     }
 
     fn validate(
@@ -252,12 +403,13 @@ impl TripletConfig {
             }
             if let Some(offset) = r.anchor_offset {
                 let (n, m) = (embeddings.size()[0], r.embeddings.size()[0]);
-                if offset < 0 || offset + n > m {
+                let end = offset.checked_add(n).filter(|&end| offset >= 0 && end <= m);
+                if end.is_none() {
                     return Err(Error::invalid(
                         "anchor_offset",
                         format!(
-                            "anchors {offset}..{} fall outside the {m} references",
-                            offset + n
+                            "the {n} anchors starting at reference {offset} fall outside \
+                             the {m} references"
                         ),
                     ));
                 }
@@ -271,26 +423,26 @@ impl TripletConfig {
             .unwrap_or_else(|| (CHUNK_ELEMENTS / references.max(1)).max(1))
     }
 
-    fn weighted_terms(&self, mining: Mining, s: &Sides) -> Terms {
-        let kind = s.x.kind();
-        let zero_i = Tensor::zeros([], (Kind::Int64, s.x.device()));
-        let mut value = Tensor::zeros([], (kind, s.x.device()));
-        let mut count = zero_i.shallow_clone();
-        let mut valid = zero_i.copy();
+    fn weighted_terms(&self, mining: Mining, s: &Sides) -> Result<Terms, Error> {
+        let kind = s.x.f_kind()?;
+        let device = s.x.device();
         let (n, m) = (s.x.size()[0], s.y.size()[0]);
-        let (sx, sy) =
-            tch::no_grad(|| (Side::new(self.distance, s.x), Side::new(self.distance, s.y)));
         let mut triplets: (Vec<i64>, Vec<i64>, Vec<i64>) = (vec![], vec![], vec![]);
-        let (gx, gy) = tch::no_grad(|| {
-            let gx = s.x.detach().zeros_like();
-            let mut gy = s.y.detach().zeros_like();
+        let (value, count, valid, active, gx, gy) = grad::no_grad(|| -> Result<_, Error> {
+            let mut value = Tensor::f_zeros([], (kind, device))?;
+            let mut count = Tensor::f_zeros([], (Kind::Int64, device))?;
+            let mut valid = Tensor::f_zeros([], (Kind::Int64, device))?;
+            // Semi-hard: the number of pairs whose hinge is active.
+            let mut active = Tensor::f_zeros([], (kind, device))?;
+            let gx = s.x.detach().f_zeros_like()?;
+            let mut gy = s.y.detach().f_zeros_like()?;
             if m > 0 {
                 let step = self.rows_per_chunk(m);
                 for start in (0..n).step_by(step as usize) {
                     let len = step.min(n - start);
-                    let rows = sx.rows(start, len);
-                    let d = s.distances(&rows, &sy, start);
-                    let row_labels = s.x_labels.narrow(0, start, len);
+                    let rows = s.sx.rows(start, len)?;
+                    let d = s.distances(&rows, start)?;
+                    let row_labels = s.x_labels.f_narrow(0, start, len)?;
                     let chunk = Chunk {
                         d: &d,
                         row_labels: &row_labels,
@@ -302,30 +454,40 @@ impl TripletConfig {
                         Mining::All => mining::batch_all(self.kernel, &chunk, self.margin),
                         _ => mining::semihard(self.kernel, &chunk, self.margin),
                     };
-                    value += out.value;
-                    count += out.count;
-                    valid += out.valid;
+                    let _ = value.f_add_(&out.value)?;
+                    let _ = count.f_add_(&out.count)?;
+                    let _ = valid.f_add_(&out.valid)?;
                     match out.selection {
                         Selection::Weights(w) => {
-                            let mut gx_rows = gx.narrow(0, start, len);
-                            let p = rows.pair_weights(&w, &d);
-                            rows.accumulate_grad(&sy, &p, None, &mut gx_rows, &mut gy);
+                            if mining == Mining::SemiHard {
+                                // +1 at the positive of each active pair, −1s at its negative.
+                                let _ = active.f_add_(&w.f_relu()?.f_sum(kind)?)?;
+                            }
+                            let mut gx_rows = gx.f_narrow(0, start, len)?;
+                            let p = rows.pair_weights(&w, &d)?;
+                            rows.accumulate_grad(&s.sy, &p, None, &mut gx_rows, &mut gy)?;
                         }
                         Selection::PairWeights { weights, row_sum } => {
-                            let mut gx_rows = gx.narrow(0, start, len);
+                            if mining == Mining::SemiHard {
+                                return Err(Error::Torch(
+                                    "internal error: semi-hard mining returned pair weights".into(),
+                                ));
+                            }
+                            let mut gx_rows = gx.f_narrow(0, start, len)?;
                             rows.accumulate_grad(
-                                &sy,
+                                &s.sy,
                                 &weights,
                                 Some(row_sum),
                                 &mut gx_rows,
                                 &mut gy,
-                            );
+                            )?;
                         }
                         Selection::Triplets {
                             anchor,
                             positive,
                             negative,
                         } => {
+                            let _ = active.f_add_scalar_(anchor.len() as f64)?;
                             triplets.0.extend(anchor.iter().map(|a| a + start));
                             triplets.1.extend(positive);
                             triplets.2.extend(negative);
@@ -333,54 +495,70 @@ impl TripletConfig {
                     }
                 }
             }
-            (sx.finish_grad(gx), sy.finish_grad(gy))
-        });
+            let active = match mining {
+                Mining::All => count.f_to_kind(kind)?,
+                _ => active,
+            };
+            Ok((
+                value,
+                count,
+                valid,
+                active,
+                s.sx.finish_grad(gx)?,
+                s.sy.finish_grad(gy)?,
+            ))
+        })?;
         // The loss is linear in the selected distances, so its gradient with
         // respect to the embeddings is (gx, gy) plus that of the selected
         // triplets; the surrogates carry it through autograd without
         // changing the value.
-        let mut sum = value + surrogate(s.x, &gx) + surrogate(s.y, &gy);
+        let mut sum = value
+            .f_add(&surrogate(s.x, &gx)?)?
+            .f_add(&surrogate(s.y, &gy)?)?;
         if !triplets.0.is_empty() {
-            let anchors = s.x.index_select(0, &Tensor::from_slice(&triplets.0));
-            let d_ap = self.distance.paired(
-                &anchors,
-                &s.y.index_select(0, &Tensor::from_slice(&triplets.1)),
-            );
-            let d_an = self.distance.paired(
-                &anchors,
-                &s.y.index_select(0, &Tensor::from_slice(&triplets.2)),
-            );
-            let selected = (d_ap - d_an).sum(kind);
-            sum += &selected - selected.detach();
+            let index = |v: &[i64]| Tensor::f_from_slice(v)?.f_to_device(device);
+            let anchors = s.x.f_index_select(0, &index(&triplets.0)?)?;
+            let d_ap = self
+                .distance
+                .paired(&anchors, &s.y.f_index_select(0, &index(&triplets.1)?)?)?;
+            let d_an = self
+                .distance
+                .paired(&anchors, &s.y.f_index_select(0, &index(&triplets.2)?)?)?;
+            let selected = d_ap.f_sub(&d_an)?.f_sum(kind)?;
+            sum = sum.f_add(&selected.f_sub(&selected.detach())?)?;
         }
-        Terms { sum, count, valid }
+        Ok(Terms {
+            sum,
+            count,
+            valid,
+            margin_grad: active,
+        })
     }
 
-    fn hard_terms(&self, s: &Sides) -> Terms {
-        let kind = s.x.kind();
+    fn hard_terms(&self, s: &Sides) -> Result<Terms, Error> {
+        let kind = s.x.f_kind()?;
         let device = s.x.device();
         let (n, m) = (s.x.size()[0], s.y.size()[0]);
         if n == 0 || m == 0 {
-            let zero = Tensor::zeros([], (Kind::Int64, device));
-            return Terms {
-                sum: Tensor::zeros([], (kind, device)),
+            let zero = Tensor::f_zeros([], (Kind::Int64, device))?;
+            return Ok(Terms {
+                sum: Tensor::f_zeros([], (kind, device))?,
                 count: zero.shallow_clone(),
                 valid: zero,
-            };
+                margin_grad: Tensor::f_zeros([], (kind, device))?,
+            });
         }
         // Written in place: per-chunk tensors kept alive between the chunks'
         // distance matrices would fragment the heap.
-        let positive = Tensor::zeros([n], (Kind::Int64, device));
-        let negative = positive.zeros_like();
-        let valid = Tensor::zeros([n], (Kind::Bool, device));
-        tch::no_grad(|| {
-            let sx = Side::new(self.distance, s.x);
-            let sy = Side::new(self.distance, s.y);
+        let positive = Tensor::f_zeros([n], (Kind::Int64, device))?;
+        let negative = positive.f_zeros_like()?;
+        let valid = Tensor::f_zeros([n], (Kind::Bool, device))?;
+        grad::no_grad(|| -> Result<(), Error> {
             let step = self.rows_per_chunk(m);
             for start in (0..n).step_by(step as usize) {
                 let len = step.min(n - start);
-                let d = s.distances(&sx.rows(start, len), &sy, start);
-                let row_labels = s.x_labels.narrow(0, start, len);
+                let d = s.distances(&s.sx.rows(start, len)?, start)?;
+                let row_labels = s.x_labels.f_narrow(0, start, len)?;
                 let chunk = Chunk {
                     d: &d,
                     row_labels: &row_labels,
@@ -389,22 +567,42 @@ impl TripletConfig {
                     distance: self.distance,
                 };
                 let h = mining::hardest(self.kernel, &chunk);
-                positive.narrow(0, start, len).copy_(&h.positive);
-                negative.narrow(0, start, len).copy_(&h.negative);
-                valid.narrow(0, start, len).copy_(&h.valid);
+                positive.f_narrow(0, start, len)?.f_copy_(&h.positive)?;
+                negative.f_narrow(0, start, len)?.f_copy_(&h.negative)?;
+                valid.f_narrow(0, start, len)?.f_copy_(&h.valid)?;
             }
-        });
-        let d_ap = self.distance.paired(s.x, &s.y.index_select(0, &positive));
-        let d_an = self.distance.paired(s.x, &s.y.index_select(0, &negative));
-        let z = d_ap - d_an + self.margin;
-        let hinge = if self.soft { z.softplus() } else { z.relu() };
-        let sum = hinge.where_self(&valid, &hinge.zeros_like()).sum(kind);
-        let count = valid.sum(Kind::Int64);
-        Terms {
+            Ok(())
+        })?;
+        let d_ap = self
+            .distance
+            .paired(s.x, &s.y.f_index_select(0, &positive)?)?;
+        let d_an = self
+            .distance
+            .paired(s.x, &s.y.f_index_select(0, &negative)?)?;
+        let z = d_ap.f_sub(&d_an)?.f_add_scalar(self.margin)?;
+        let hinge = if self.soft {
+            z.f_softplus()?
+        } else {
+            z.f_relu()?
+        };
+        let zeros = hinge.f_zeros_like()?;
+        let sum = hinge.f_where_self(&valid, &zeros)?.f_sum(kind)?;
+        let margin_grad = grad::no_grad(|| -> Result<Tensor, Error> {
+            let z = z.detach();
+            let slope = if self.soft {
+                z.f_sigmoid()?
+            } else {
+                z.f_gt(0.0)?.f_to_kind(kind)?
+            };
+            Ok(slope.f_where_self(&valid, &zeros.detach())?.f_sum(kind)?)
+        })?;
+        let count = valid.f_sum(Kind::Int64)?;
+        Ok(Terms {
             sum,
             valid: count.shallow_clone(),
             count,
-        }
+            margin_grad,
+        })
     }
 }
 
@@ -415,22 +613,68 @@ struct Sides<'a> {
     y_labels: &'a Tensor,
     self_col: Option<i64>,
     ties: Option<Ties>,
+    /// The anchors and the references, detached, in the frame of the distance.
+    sx: Side,
+    sy: Side,
 }
 
 impl Sides<'_> {
     /// Distances from anchors `start..start + rows.len()` to every reference.
-    fn distances(&self, rows: &Side, references: &Side, start: i64) -> Tensor {
-        let d = rows.pairwise(references);
+    fn distances(&self, rows: &Side, start: i64) -> Result<Tensor, Error> {
+        let d = rows.pairwise(&self.sy)?;
         match &self.ties {
             Some(ties) => ties.apply(&d, start),
-            None => d,
+            None => Ok(d),
         }
     }
 }
 
-fn surrogate(x: &Tensor, grad: &Tensor) -> Tensor {
-    let s = (x * grad).sum(x.kind());
-    &s - s.detach()
+/// A term whose value is 0 and whose gradient with respect to `x` is `grad`.
+fn surrogate(x: &Tensor, grad: &Tensor) -> Result<Tensor, Error> {
+    Ok(x.f_sub(&x.detach())?.f_mul(grad)?.f_sum(x.f_kind()?)?)
+}
+
+/// The dtype, layout and device of embeddings the losses compute on.
+pub(crate) fn check_embeddings(name: &'static str, embeddings: &Tensor) -> Result<(), Error> {
+    let kind = embeddings
+        .f_kind()
+        .map_err(|_| Error::invalid(name, "has a dtype this library cannot read; pass float32"))?;
+    match kind {
+        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double => {}
+        Kind::Uint8
+        | Kind::Int8
+        | Kind::Int16
+        | Kind::Int
+        | Kind::Int64
+        | Kind::Bool
+        | Kind::ComplexHalf
+        | Kind::ComplexFloat
+        | Kind::ComplexDouble
+        | Kind::QInt8
+        | Kind::QUInt8
+        | Kind::QInt32
+        | Kind::Float8e5m2
+        | Kind::Float8e4m3fn
+        | Kind::Float8e5m2fnuz
+        | Kind::Float8e4m3fnuz => {
+            return Err(Error::invalid(
+                name,
+                format!("must be floating point (float16, bfloat16, float32 or float64), got dtype {kind:?}"),
+            ))
+        }
+    }
+    // Compressed sparse layouts fail `contiguous`; strided tensors that are
+    // contiguous already return themselves.
+    if embeddings.is_sparse() || embeddings.is_mkldnn() || embeddings.f_contiguous().is_err() {
+        return Err(Error::invalid(name, "must be a dense (strided) tensor"));
+    }
+    match embeddings.device() {
+        Device::Cpu | Device::Cuda(_) => Ok(()),
+        // libtorch's other device types (meta, MPS, XPU, …) all read as Mps here.
+        Device::Mps | Device::Vulkan => {
+            Err(Error::invalid(name, "must be on the CPU or a CUDA device"))
+        }
+    }
 }
 
 fn check_pair(
@@ -439,6 +683,7 @@ fn check_pair(
     label_name: &'static str,
     labels: &Tensor,
 ) -> Result<(), Error> {
+    check_embeddings(emb_name, embeddings)?;
     if embeddings.dim() != 2 {
         return Err(Error::invalid(
             emb_name,
@@ -448,10 +693,11 @@ fn check_pair(
             ),
         ));
     }
-    if !embeddings.is_floating_point() {
+    domain(labels, label_name)?;
+    if labels.is_sparse() || labels.is_mkldnn() || labels.f_contiguous().is_err() {
         return Err(Error::invalid(
-            emb_name,
-            format!("must be floating point, got dtype {:?}", embeddings.kind()),
+            label_name,
+            "must be a dense (strided) tensor",
         ));
     }
     if labels.dim() != 1 {

@@ -38,7 +38,9 @@
 use tch::{Kind, Tensor};
 
 use crate::distance::{Distance, Side};
-use crate::labels::label_keys;
+use crate::grad;
+use crate::labels::{domain, keys, REFERENCE_NAN_KEYS};
+use crate::losses::check_embeddings;
 use crate::Error;
 
 /// Queries are ranked against this many distances at a time, unless set.
@@ -166,12 +168,8 @@ impl RetrievalConfig {
                 ),
             ));
         }
-        if !embeddings.is_floating_point() {
-            return Err(Error::invalid(
-                "embeddings",
-                format!("must be floating point, got dtype {:?}", embeddings.kind()),
-            ));
-        }
+        check_embeddings("embeddings", embeddings)?;
+        domain(labels, "labels")?;
         if labels.dim() != 1 {
             return Err(Error::invalid(
                 "labels",
@@ -214,7 +212,8 @@ impl RetrievalConfig {
             k => k,
         };
         let n = embeddings.size()[0];
-        let keys = label_keys(labels, "labels")?.f_to_device(device)?;
+        let keys =
+            keys(labels, domain(labels, "labels")?, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
         // R_q: the other items that share q's label.
         let (_, inverse, counts) = keys.f_internal_unique2(false, true, true)?;
         let others = counts.f_index_select(0, &inverse)? - 1;
@@ -247,15 +246,28 @@ impl RetrievalConfig {
             .chunk_size
             .unwrap_or_else(|| (CHUNK_ELEMENTS / n).max(1));
 
-        tch::no_grad(|| {
-            let side = Side::new(ranking, &x);
+        // Rankings do not change under scaling by a positive number: a power
+        // of two that brings the largest magnitude near 1 keeps squared
+        // distances from overflowing and changes no digit.
+        let largest = if x.numel() > 0 {
+            f64::try_from(x.f_abs()?.f_max()?)?
+        } else {
+            0.0
+        };
+        let x = if largest > 0.0 {
+            x.f_mul_scalar(2f64.powi(-(largest.log2().floor() as i32)))?
+        } else {
+            x
+        };
+        grad::no_grad(|| {
+            let (side, _) = Side::pair(ranking, &x, &x)?;
             let opts = (Kind::Int64, device);
             let mut hits: Vec<Tensor> = ks.iter().map(|_| Tensor::zeros([], opts)).collect();
             let mut average_precision = Tensor::zeros([], (Kind::Double, device));
             let mut start = first;
             while start < n {
                 let len = step.min(n - start);
-                let mut d = side.rows(start, len).pairwise(&side);
+                let mut d = side.rows(start, len)?.pairwise(&side)?;
                 let own = Tensor::f_arange_start(start, start + len, opts)?.f_unsqueeze(1)?;
                 let _ = d.f_scatter_value_(1, &own, f64::INFINITY)?;
                 let r_last = sorted_r[(start + len - 1) as usize];

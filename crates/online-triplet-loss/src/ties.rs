@@ -11,18 +11,20 @@ use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
 use crate::mining::Kernel;
+use crate::Error;
 
 /// For each row, the index of the first row with the same values (rows
 /// differing only in the sign of zeros count as the same), and whether any
 /// row has an earlier copy (always `true` off the CPU, where finding out would
 /// synchronise, and with the portable kernel).
-fn first_copies(x: &Tensor, kernel: Kernel) -> (Tensor, bool) {
-    let x = (x.detach() + 0.0).contiguous();
+fn first_copies(x: &Tensor, kernel: Kernel) -> Result<(Tensor, bool), Error> {
+    let x = x.detach().f_add_scalar(0.0)?.f_contiguous()?;
     let n = x.size()[0];
-    match (kernel, x.device(), x.kind()) {
-        (Kernel::Auto, Device::Cpu, Kind::Float) => hashed::<u32>(&x, n),
-        (Kernel::Auto, Device::Cpu, Kind::Double) => hashed::<u64>(&x, n),
-        _ => (sorted(&x, n), true),
+    // The slices of `hashed` are made here, from the dtype matched exactly.
+    match (kernel, x.device(), x.f_kind()?) {
+        (Kernel::Auto, Device::Cpu, Kind::Float) => Ok(hashed::<u32>(&x, n)),
+        (Kernel::Auto, Device::Cpu, Kind::Double) => Ok(hashed::<u64>(&x, n)),
+        _ => Ok((sorted(&x, n)?, true)),
     }
 }
 
@@ -51,32 +53,34 @@ fn hashed<T: Copy + Eq + std::hash::Hash>(x: &Tensor, n: i64) -> (Tensor, bool) 
 
 /// Lexicographic sort of the rows with fixed shapes: a stable sort per
 /// column, last column first, then runs of equal neighbours.
-fn sorted(x: &Tensor, n: i64) -> Tensor {
+fn sorted(x: &Tensor, n: i64) -> Result<Tensor, Error> {
     let opts = (Kind::Int64, x.device());
-    let mut order = Tensor::arange(n, opts);
+    let mut order = Tensor::f_arange(n, opts)?;
     for c in (0..x.size()[1]).rev() {
-        let key = x.select(1, c).index_select(0, &order);
-        let (_, by) = key.sort_stable(true, 0, false);
-        order = order.index_select(0, &by);
+        let key = x.f_select(1, c)?.f_index_select(0, &order)?;
+        let (_, by) = key.f_sort_stable(true, 0, false)?;
+        order = order.f_index_select(0, &by)?;
     }
-    let rows = x.index_select(0, &order);
+    let rows = x.f_index_select(0, &order)?;
     if n == 0 {
-        return order;
+        return Ok(order);
     }
     let starts = rows
-        .narrow(0, 1, n - 1)
-        .ne_tensor(&rows.narrow(0, 0, n - 1))
-        .any_dim(1, false);
+        .f_narrow(0, 1, n - 1)?
+        .f_ne_tensor(&rows.f_narrow(0, 0, n - 1)?)?
+        .f_any_dim(1, false)?;
     // Equal rows keep their original order through stable sorts, so each run
     // starts at its smallest original index.
-    let positions = Tensor::arange(n, opts);
-    let start_of_run = Tensor::cat(&[Tensor::ones([1], (Kind::Bool, x.device())), starts], 0);
+    let positions = Tensor::f_arange(n, opts)?;
+    let start_of_run = Tensor::f_cat(&[Tensor::f_ones([1], (Kind::Bool, x.device()))?, starts], 0)?;
     let run_start = positions
-        .where_self(&start_of_run, &positions.zeros_like())
-        .cummax(0)
+        .f_where_self(&start_of_run, &positions.f_zeros_like()?)?
+        .f_cummax(0)?
         .0;
-    let by_sorted = order.index_select(0, &run_start);
-    by_sorted.zeros_like().index_copy(0, &order, &by_sorted)
+    let by_sorted = order.f_index_select(0, &run_start)?;
+    Ok(by_sorted
+        .f_zeros_like()?
+        .f_index_copy(0, &order, &by_sorted)?)
 }
 
 /// What mining needs to treat identical embeddings exactly.
@@ -99,34 +103,37 @@ impl Ties {
         anchor_offset: Option<i64>,
         same: bool,
         kernel: Kernel,
-    ) -> Option<Ties> {
+    ) -> Result<Option<Ties>, Error> {
         let (n, m) = (x.size()[0], y.size()[0]);
         if same || anchor_offset.is_some() {
-            let (columns, copies) = first_copies(y, kernel);
+            let (columns, copies) = first_copies(y, kernel)?;
             let k = anchor_offset.unwrap_or(0);
-            let rows = columns.narrow(0, k, n);
-            copies.then_some(Ties { columns, rows })
+            let rows = columns.f_narrow(0, k, n)?;
+            Ok(copies.then_some(Ties { columns, rows }))
         } else {
             // References first, so a reference's first copy is a reference,
             // and an anchor without an identical reference gets an id ≥ m.
-            let (ids, copies) = first_copies(&Tensor::cat(&[y, x], 0), kernel);
-            copies.then(|| Ties {
-                columns: ids.narrow(0, 0, m),
-                rows: ids.narrow(0, m, n),
-            })
+            let (ids, copies) = first_copies(&Tensor::f_cat(&[y, x], 0)?, kernel)?;
+            if !copies {
+                return Ok(None);
+            }
+            Ok(Some(Ties {
+                columns: ids.f_narrow(0, 0, m)?,
+                rows: ids.f_narrow(0, m, n)?,
+            }))
         }
     }
 
     /// Rewrites the distances of anchors `start..start + d.size()[0]`.
-    pub(crate) fn apply(&self, d: &Tensor, start: i64) -> Tensor {
+    pub(crate) fn apply(&self, d: &Tensor, start: i64) -> Result<Tensor, Error> {
         let len = d.size()[0];
-        let mut d = d.index_select(1, &self.columns);
+        let mut d = d.f_index_select(1, &self.columns)?;
         let identical = self
             .rows
-            .narrow(0, start, len)
-            .unsqueeze(1)
-            .eq_tensor(&self.columns.unsqueeze(0));
-        let _ = d.masked_fill_(&identical, 0.0);
-        d
+            .f_narrow(0, start, len)?
+            .f_unsqueeze(1)?
+            .f_eq_tensor(&self.columns.f_unsqueeze(0)?)?;
+        let _ = d.f_masked_fill_(&identical, 0.0)?;
+        Ok(d)
     }
 }

@@ -131,11 +131,11 @@ fn compute(
         anchor_offset: o,
     });
     let terms = cfg.terms(mining, labels, &x, references.as_ref()).unwrap();
-    let loss = terms.mean();
+    let loss = terms.mean().unwrap();
     loss.backward();
     (
         f64::try_from(&loss).unwrap(),
-        f64::try_from(&terms.fraction()).unwrap(),
+        f64::try_from(&terms.fraction().unwrap()).unwrap(),
         x.grad(),
         y.map(|y| y.grad()),
     )

@@ -1,0 +1,175 @@
+//! The Rust API never panics on what a caller controls, and leaves autograd's
+//! mode as it found it.
+
+use online_triplet_loss::metrics::RetrievalConfig;
+use online_triplet_loss::{Distance, Error, Mining, References, Terms, TripletConfig};
+use tch::{Device, Kind, Tensor};
+
+const MININGS: [Mining; 3] = [Mining::All, Mining::Hard, Mining::SemiHard];
+
+fn grad_enabled() -> bool {
+    // A fresh leaf times a tensor that requires grad requires grad exactly
+    // when autograd records.
+    let w = Tensor::ones([1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    (&w * 2.0).requires_grad()
+}
+
+#[test]
+fn anchor_offsets_near_the_integer_limits_are_errors() {
+    let x = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
+    let y = Tensor::from_slice(&[0i64, 0, 1, 1]);
+    for offset in [i64::MAX, i64::MAX - 2, i64::MIN, -1, 1] {
+        let refs = References {
+            embeddings: &x,
+            labels: &y,
+            anchor_offset: Some(offset),
+        };
+        for mining in MININGS {
+            let err = TripletConfig::new(0.2)
+                .terms(mining, &y, &x, Some(&refs))
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument {
+                        argument: "anchor_offset",
+                        ..
+                    }
+                ),
+                "{offset}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn terms_of_mismatched_shapes_are_errors() {
+    let scalar = || Tensor::zeros([], (Kind::Float, Device::Cpu));
+    let count = || Tensor::zeros([], (Kind::Int64, Device::Cpu));
+    let cases = [
+        Terms {
+            sum: Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+            count: count(),
+            valid: count(),
+            margin_grad: scalar(),
+        },
+        Terms {
+            sum: scalar(),
+            count: Tensor::zeros([2, 2], (Kind::Int64, Device::Cpu)),
+            valid: count(),
+            margin_grad: scalar(),
+        },
+        Terms {
+            sum: scalar(),
+            count: count(),
+            valid: Tensor::zeros([5], (Kind::Int64, Device::Cpu)),
+            margin_grad: scalar(),
+        },
+        Terms {
+            sum: count(),
+            count: count(),
+            valid: count(),
+            margin_grad: scalar(),
+        },
+    ];
+    for terms in cases {
+        assert!(matches!(terms.mean(), Err(Error::InvalidArgument { .. })));
+        assert!(matches!(
+            terms.fraction(),
+            Err(Error::InvalidArgument { .. })
+        ));
+    }
+}
+
+#[test]
+fn paired_distances_of_other_shapes_are_errors() {
+    let x = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
+    for distance in [Distance::Euclidean, Distance::Squared, Distance::Cosine] {
+        for y in [x.narrow(0, 0, 3), x.narrow(1, 0, 2), x.flatten(0, -1)] {
+            assert!(matches!(
+                distance.paired(&x, &y),
+                Err(Error::InvalidArgument { .. })
+            ));
+        }
+    }
+}
+
+#[test]
+fn a_failure_inside_the_mining_is_an_error_and_restores_grad_mode() {
+    // A single chunk of 200000 × 200000 distances (160 GB) cannot be
+    // allocated: libtorch fails after validation, inside the no-grad part.
+    let n = 200_000;
+    let x = Tensor::zeros([n, 1], (Kind::Float, Device::Cpu));
+    let y = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(2);
+    for enabled in [true, false] {
+        let _mode = if enabled {
+            None
+        } else {
+            Some(tch::no_grad_guard())
+        };
+        for mining in MININGS {
+            let err = TripletConfig::new(0.2)
+                .chunk_size(n)
+                .terms(mining, &y, &x, None)
+                .unwrap_err();
+            assert!(matches!(err, Error::Torch(_)), "{err}");
+            assert_eq!(grad_enabled(), enabled);
+        }
+        let err = RetrievalConfig::new(Distance::Euclidean)
+            .chunk_size(n)
+            .recall_at_k(&x, &y, &[1])
+            .unwrap_err();
+        assert!(matches!(err, Error::Torch(_)), "{err}");
+        assert_eq!(grad_enabled(), enabled);
+    }
+}
+
+#[test]
+fn unusable_dtypes_are_errors() {
+    let x = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
+    let y = Tensor::from_slice(&[0i64, 0, 1, 1]);
+    for kind in [
+        Kind::Float8e4m3fn,
+        Kind::Float8e5m2,
+        Kind::ComplexFloat,
+        Kind::Int64,
+        Kind::Bool,
+    ] {
+        let err = TripletConfig::new(0.2)
+            .batch_hard(&y, &x.to_kind(kind))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    argument: "embeddings",
+                    ..
+                }
+            ),
+            "{kind:?}: {err}"
+        );
+    }
+    for kind in [Kind::ComplexFloat, Kind::QInt8] {
+        if let Ok(labels) = y.f_to_kind(kind) {
+            let err = TripletConfig::new(0.2).batch_all(&labels, &x).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument {
+                        argument: "labels",
+                        ..
+                    }
+                ),
+                "{kind:?}: {err}"
+            );
+        }
+    }
+    let sparse = x.to_sparse_sparse_dim(2);
+    assert!(matches!(
+        TripletConfig::new(0.2).batch_semihard(&y, &sparse),
+        Err(Error::InvalidArgument {
+            argument: "embeddings",
+            ..
+        })
+    ));
+}

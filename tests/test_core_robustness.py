@@ -1,0 +1,336 @@
+"""The Rust core under hostile input: grad mode after errors, dtypes, layouts and
+devices it cannot use, label dtypes that mix, NaN reaching the gradients,
+overflow and cancellation in float32, and the binding's own arguments.
+
+Every expected value comes from the float64 brute-force references in
+``reference.py`` or from the definitions (a NaN loss, a ValueError naming the
+argument)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from online_triplet_loss import _core, metrics
+from helpers import DISTANCES, LOSSES, function_loss, leaf
+from reference import reference_terms
+
+LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3])
+
+
+def _embeddings(seed: int, n: int = 8, d: int = 5, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _ref_loss(mining, labels, x, margin, distance, **kw) -> float:
+    return reference_terms(mining, labels, x.double(), margin, distance, **kw).loss.item()
+
+
+# --------------------------------------------------------------------------- grad mode
+
+
+def _allocation_failure(mining):
+    # One chunk of 200000 x 200000 distances (160 GB) cannot be allocated:
+    # the failure happens inside the no-grad mining, after validation.
+    n = 200_000
+    x = torch.zeros(n, 1)
+    y = torch.arange(n) % 2
+    return lambda: _core.triplet_terms(mining, y, x, 0.2, "euclidean", False, chunk_size=n)
+
+
+def _metrics_allocation_failure():
+    n = 200_000
+    x = torch.randn(n, 1)
+    y = torch.arange(n) % 2
+    return lambda: _core.recall_at_k(x, y, [1], "euclidean", n)
+
+
+FAILURES = {
+    **{f"allocation-{m}": _allocation_failure(m) for m in LOSSES},
+    "allocation-metrics": _metrics_allocation_failure(),
+    "uint16-labels": lambda: _core.triplet_terms(
+        "hard", LABELS.to(torch.uint16), _embeddings(0), 0.2, "cosine", False),
+    "float8-embeddings": lambda: _core.triplet_terms(
+        "all", LABELS, _embeddings(0).to(torch.float8_e4m3fn), 0.2, "euclidean", False),
+    "sparse-embeddings": lambda: _core.triplet_terms(
+        "semihard", LABELS, _embeddings(0).to_sparse(), 0.2, "euclidean", False),
+}
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+@pytest.mark.parametrize("name", sorted(FAILURES))
+def test_grad_mode_survives_every_failure(name, grad_enabled):
+    call = FAILURES[name]
+    with torch.set_grad_enabled(grad_enabled):
+        with pytest.raises((ValueError, RuntimeError)):
+            call()
+        assert torch.is_grad_enabled() is grad_enabled
+    assert torch.is_grad_enabled()
+
+
+def test_allocation_failure_is_a_runtime_error_without_a_panic(capfd):
+    with pytest.raises(RuntimeError, match="alloc") as info:
+        _allocation_failure("all")()
+    assert "unwrap" not in str(info.value)
+    assert "panicked" not in capfd.readouterr().err
+
+
+# --------------------------------------------------------------------------- dtypes, layouts, devices
+
+
+UNSIGNED = [torch.uint16, torch.uint32, torch.uint64]
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("dtype", UNSIGNED)
+def test_unsigned_wide_labels_are_value_errors(mining, dtype, capfd):
+    x = _embeddings(1)
+    with pytest.raises(ValueError, match=r"^labels: "):
+        function_loss(mining, LABELS.to(dtype), x, 0.2, "euclidean")
+    with pytest.raises(ValueError, match=r"^ref_labels: "):
+        function_loss(mining, LABELS, x, 0.2, "euclidean", ref_embeddings=x,
+                      ref_labels=LABELS.to(dtype))
+    with pytest.raises(ValueError, match=r"^labels: "):
+        metrics.recall_at_k(x, LABELS.to(dtype), ks=(1,))
+    assert "panicked" not in capfd.readouterr().err
+
+
+BAD_EMBEDDINGS = {
+    **{str(k): (lambda k=k: _embeddings(2).to(k)) for k in (
+        torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+        torch.complex64, torch.int64, torch.int32, torch.bool)},
+    "sparse_coo": lambda: _embeddings(2).to_sparse(),
+    "sparse_csr": lambda: _embeddings(2).to_sparse_csr(),
+    "sparse_csc": lambda: _embeddings(2).to_sparse_csc(),
+    "meta": lambda: torch.empty(8, 5, device="meta"),
+}
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("name", sorted(BAD_EMBEDDINGS))
+def test_unusable_embeddings_are_value_errors(mining, name, capfd):
+    bad = BAD_EMBEDDINGS[name]()
+    good = _embeddings(2)
+    with pytest.raises(ValueError, match=r"^embeddings: "):
+        function_loss(mining, LABELS, bad, 0.2, "euclidean")
+    with pytest.raises(ValueError, match=r"^ref_embeddings: "):
+        function_loss(mining, LABELS, good, 0.2, "euclidean", ref_embeddings=bad,
+                      ref_labels=LABELS)
+    err = capfd.readouterr().err
+    assert "panicked" not in err and "frame #" not in err
+
+
+@pytest.mark.parametrize("name", sorted(BAD_EMBEDDINGS))
+def test_unusable_embeddings_in_metrics(name):
+    with pytest.raises(ValueError, match=r"^embeddings: "):
+        metrics.recall_at_k(BAD_EMBEDDINGS[name](), LABELS, ks=(1,))
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_zero_width_embeddings(mining, distance):
+    # D = 0: every embedding is the zero vector; the losses and metrics follow
+    # the definitions (cosine of a zero vector is 0) instead of failing.
+    x = torch.zeros(8, 0, requires_grad=True)
+    loss = function_loss(mining, LABELS, x, 0.2, distance)
+    assert loss.item() == pytest.approx(_ref_loss(mining, LABELS, x, 0.2, distance))
+    loss.backward()
+    assert x.grad.shape == (8, 0)
+    assert 0.0 <= metrics.recall_at_k(x.detach(), LABELS, ks=(1,), distance=distance)[1] <= 1.0
+
+
+# --------------------------------------------------------------------------- label dtypes
+
+
+LABEL_VARIANTS = {
+    "int64": lambda l: l,
+    "int32": lambda l: l.to(torch.int32),
+    "uint8": lambda l: l.to(torch.uint8),
+    "float64": lambda l: l.to(torch.float64),
+    "float32": lambda l: l.to(torch.float32),
+    "float16": lambda l: l.to(torch.float16),
+    "bfloat16": lambda l: l.to(torch.bfloat16),
+    "negative-zero": lambda l: torch.where(l == 0, torch.tensor(-0.0), l.double()),
+}
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("anchors", sorted(LABEL_VARIANTS))
+@pytest.mark.parametrize("refs", sorted(LABEL_VARIANTS))
+def test_label_dtypes_that_mix_compare_by_value(mining, anchors, refs):
+    x, bank = _embeddings(3), _embeddings(4)
+    ref = torch.cat([x, bank])
+    ref_labels = torch.cat([LABELS, LABELS.flip(0)])
+    want = _ref_loss(mining, LABELS, x, 0.2, "euclidean", ref_embeddings=ref,
+                     ref_labels=ref_labels)
+    got = function_loss(mining, LABEL_VARIANTS[anchors](LABELS), x, 0.2, "euclidean",
+                        ref_embeddings=ref, ref_labels=LABEL_VARIANTS[refs](ref_labels))
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("labels", [
+    [NAN] * 8,
+    [NAN, NAN, 0.0, 0.0, 1.0, 1.0, NAN, 2.0],
+    [0.0, 0.0, NAN, 1.0, 1.0, NAN, 2.0, 2.0],
+])
+def test_nan_labels_are_all_distinct(mining, labels):
+    labels = torch.tensor(labels, dtype=torch.float64)
+    x = _embeddings(5)
+    got = function_loss(mining, labels, x, 0.2, "euclidean")
+    assert got.item() == pytest.approx(_ref_loss(mining, labels, x, 0.2, "euclidean"),
+                                       rel=1e-5, abs=1e-6)
+    # Also against a reference set, with and without the anchors inside it.
+    bank = _embeddings(6)
+    ref, ref_labels = torch.cat([x, bank]), torch.cat([labels, labels.flip(0)])
+    got = _core.triplet_terms(mining, labels, x, 0.2, "euclidean", False, ref, ref_labels, 0)
+    want = reference_terms(mining, labels, x.double(), 0.2, "euclidean", ref_embeddings=ref.double(),
+                           ref_labels=ref_labels, anchor_offset=0)
+    assert float(got[0]) == pytest.approx(float(want.sum), rel=1e-5, abs=1e-6)
+    assert int(got[1]) == want.count and int(got[2]) == want.valid
+    got = _core.triplet_terms(mining, labels, x, 0.2, "euclidean", False, ref, ref_labels, None)
+    want = reference_terms(mining, labels, x.double(), 0.2, "euclidean", ref_embeddings=ref.double(),
+                           ref_labels=ref_labels, anchor_offset=None)
+    assert float(got[0]) == pytest.approx(float(want.sum), rel=1e-5, abs=1e-6)
+    assert int(got[1]) == want.count and int(got[2]) == want.valid
+
+
+# --------------------------------------------------------------------------- NaN in the gradients
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("bad", [NAN, math.inf, -math.inf])
+@pytest.mark.parametrize("where", ["anchor", "unused", "reference"])
+def test_non_finite_input_reaches_loss_and_every_gradient(mining, distance, bad, where):
+    x = _embeddings(7)
+    bank = _embeddings(8)
+    if where == "anchor":
+        x[1, 2] = bad
+    elif where == "unused":
+        x[7, 0] = bad  # label 3 has one sample: no triplet uses it as an anchor's positive
+    else:
+        bank[4, 1] = bad
+    x, bank = leaf(x), leaf(bank)
+    kw = dict(ref_embeddings=bank, ref_labels=LABELS) if where == "reference" else {}
+    loss = function_loss(mining, LABELS, x, 0.2, distance, **kw)
+    assert math.isnan(loss.item())
+    loss.backward()
+    assert not x.grad.isfinite().all()
+    if where == "reference":
+        assert not bank.grad.isfinite().all()
+
+
+# --------------------------------------------------------------------------- overflow and cancellation
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("scale", [1e17, 1e19, 1e20, 1e30])
+def test_overflow_is_nan_or_right(mining, distance, scale):
+    x = _embeddings(9) * scale
+    want = function_loss(mining, LABELS, x.double(), 0.2, distance).item()
+    got = function_loss(mining, LABELS, x.float(), 0.2, distance).item()
+    assert math.isnan(got) or math.isinf(got) or got == pytest.approx(want, rel=1e-3)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("scale", [1e-30, 1e20, 1e30, 1e38])
+def test_metrics_do_not_overflow(distance, scale):
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(60, 4, generator=g)
+    labels = torch.arange(60) % 6
+    want = metrics.recall_at_k(x.double(), labels, ks=(1, 5), distance=distance)
+    assert metrics.recall_at_k(x * scale, labels, ks=(1, 5), distance=distance) == want
+    want_map = metrics.mean_average_precision_at_r(x.double(), labels, distance=distance)
+    got_map = metrics.mean_average_precision_at_r(x * scale, labels, distance=distance)
+    assert got_map == pytest.approx(want_map, rel=1e-6)
+
+
+def _far_from_origin(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 16, generator=g, dtype=torch.float64) * 0.01 + 1000
+
+
+def _unit_vectors_within_4_degrees(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    pole = torch.zeros(16, 16, dtype=torch.float64)
+    pole[:, 0] = 1
+    tilt = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    tilt[:, 0] = 0
+    tilt = tilt / tilt.norm(dim=1, keepdim=True) * torch.rand(16, 1, generator=g).double() \
+        * math.radians(4)
+    return torch.nn.functional.normalize(pole + tilt, dim=1)
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("distance", ["euclidean", "squared"])
+@pytest.mark.parametrize("data", ["far", "near-parallel"])
+@pytest.mark.parametrize("seed", range(3))
+def test_float32_keeps_float64_precision_on_clustered_data(mining, distance, data, seed):
+    x = _far_from_origin(seed) if data == "far" else _unit_vectors_within_4_degrees(seed)
+    # float64 on the very points float32 holds: the computation is compared,
+    # not the rounding of the inputs.
+    x = x.float().double()
+    labels = torch.arange(x.shape[0]) % 4
+    margin = 0.01 if data == "far" else 0.001
+    want = function_loss(mining, labels, x, margin, distance)
+    got = function_loss(mining, labels, x.float(), margin, distance)
+    assert got.item() == pytest.approx(want.item(), rel=1e-3, abs=1e-9)
+    # The float64 value is itself right: it matches the brute-force reference.
+    assert want.item() == pytest.approx(_ref_loss(mining, labels, x, margin, distance), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_metrics_keep_float64_rankings_far_from_origin(seed):
+    x = _far_from_origin(seed).float().double()
+    labels = torch.arange(x.shape[0]) % 4
+    assert metrics.recall_at_k(x.float(), labels, ks=(1, 3)) == \
+        metrics.recall_at_k(x, labels, ks=(1, 3))
+
+
+# --------------------------------------------------------------------------- the binding's arguments
+
+
+@pytest.mark.parametrize("offset", [2**62, 2**63 - 1, -1, -(2**63)])
+def test_anchor_offset_far_out_of_range_is_a_value_error(offset):
+    x = _embeddings(11)
+    with pytest.raises(ValueError, match=r"^anchor_offset: "):
+        _core.triplet_terms("all", LABELS, x, 0.2, "euclidean", False, x, LABELS, offset)
+
+
+@pytest.mark.parametrize("shapes", [((2,), (), ()), ((), (3,), ()), ((), (), (1, 1))])
+def test_mean_and_fraction_rejects_fields_of_other_shapes(shapes):
+    s, c, v = (torch.ones(shape) for shape in shapes)
+    with pytest.raises(ValueError):
+        _core.mean_and_fraction(s, c.long(), v.long(), torch.zeros(()))
+
+
+@pytest.mark.parametrize("mining,soft", [("all", False), ("semihard", False), ("hard", False),
+                                         ("hard", True)])
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_margin_tensor_gets_the_exact_derivative(mining, distance, soft):
+    x = _embeddings(12, n=8, d=3, dtype=torch.float64)
+    margin = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    s, c, _ = _core.triplet_terms(mining, LABELS, x, 0.7, distance, soft, margin_tensor=margin)
+    (grad,) = torch.autograd.grad(s, margin)
+    # Reference: the reference sum's derivative in the margin, by autograd
+    # through a float64 margin tensor.
+    m = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    want = reference_terms(mining, LABELS, x, m, distance, soft=soft).sum
+    (want_grad,) = torch.autograd.grad(want, m, allow_unused=True)
+    want_grad = torch.zeros(()) if want_grad is None else want_grad
+    assert grad.item() == pytest.approx(want_grad.item(), rel=1e-9, abs=1e-12)
+    assert s.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+
+
+def test_margin_tensor_must_be_one_element():
+    with pytest.raises(ValueError, match=r"^margin: "):
+        _core.triplet_terms("all", LABELS, _embeddings(0), 0.2, "euclidean", False,
+                            margin_tensor=torch.ones(2))
