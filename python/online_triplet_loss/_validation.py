@@ -39,11 +39,12 @@ def check_flag(name: str, value: object) -> bool:
 
 def check_int(name: str, value: object, minimum: int, maximum: int = INT64_MAX) -> int:
     """An integer setting (not a bool) in ``[minimum, maximum]``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}: must be an int, got {value!r}")
-    if not minimum <= value <= maximum:
-        bound = f">= {minimum}" if maximum == INT64_MAX else f"in [{minimum}, {maximum}]"
+    bound = f">= {minimum}" if maximum == INT64_MAX else f"in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name}: must be an int {bound}, got {value!r}")
+    if value > maximum:
+        limit = "2**63 - 1" if maximum == INT64_MAX else str(maximum)
+        raise ValueError(f"{name}: must be an int {bound} and at most {limit}, got {value!r}")
     return int(value)
 
 
