@@ -80,3 +80,27 @@ def _worker(rank, world, init_file):
 def test_mismatched_ranks_raise_value_error_on_every_rank(tmp_path):
     assert dist.is_available(), "torch.distributed is required"
     _start(_worker, (2, os.path.join(str(tmp_path), "init")), 2)
+
+
+@pytest.mark.parametrize("extra_dtype", [torch.float32, torch.float64, torch.int32, torch.int64])
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.float64, torch.uint8])
+def test_extra_labels_keep_their_values(label_dtype, extra_dtype):
+    """Extra references whose labels have another dtype: a float label 1.5 is
+    no class 1 (it was truncated to the anchors' integer dtype before), and
+    1.0 is class 1. Checked against the float64 reference on the values."""
+    import reference
+
+    assert not dist.is_initialized()
+    g = torch.Generator().manual_seed(2)
+    labels = torch.tensor([0, 1, 1, 2, 3]).to(label_dtype)
+    extra_values = [1.5, 1.0, 2.5, 0.0, 3.0, 2.0] if extra_dtype.is_floating_point else [1, 0, 5, 2]
+    extra_labels = torch.tensor(extra_values).to(extra_dtype)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    extra = torch.randn(len(extra_values), 3, generator=g, dtype=torch.float64)
+    for mining, make in zip(("all", "hard", "semihard"), MAKERS):
+        got = DistributedTripletLoss(make())(x, labels, extra_embeddings=extra,
+                                              extra_labels=extra_labels)
+        expected = reference.reference_terms(
+            mining, labels.double(), x, 0.5, ref_embeddings=torch.cat([x, extra]),
+            ref_labels=torch.cat([labels.double(), extra_labels.double()]), anchor_offset=0).loss
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

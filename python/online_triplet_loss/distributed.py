@@ -82,6 +82,16 @@ def _check_extra(embeddings: object, extra_embeddings: object, extra_labels: obj
         )
 
 
+def _common_labels(labels: Tensor, extra: Tensor) -> Tuple[Tensor, Tensor]:
+    """``labels`` and ``extra`` in dtypes that keep every class: integer and
+    float labels meet in float64, where an integer and a float of the same
+    value are one class, instead of a float being truncated to an integer."""
+    extra = extra.to(labels.device)
+    if labels.dtype != extra.dtype and (labels.is_floating_point() or extra.is_floating_point()):
+        return labels.double(), extra.double()
+    return labels, extra
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather whose backward sums the gradient of the whole gathered tensor
     over the ranks and hands each rank the rows it contributed (what
@@ -186,7 +196,8 @@ class DistributedTripletLoss(nn.Module):
         check_tensor("embeddings", embeddings)
         check_tensor("labels", labels)
         ref_embeddings = torch.cat([embeddings, extra_embeddings.detach().to(embeddings)])
-        ref_labels = torch.cat([labels, extra_labels.to(device=labels.device, dtype=labels.dtype)])
+        labels, extra_labels = _common_labels(labels, extra_labels)
+        ref_labels = torch.cat([labels, extra_labels])
         loss = self.loss
         value, fraction = loss_and_fraction(
             self.mining, labels, embeddings, loss.margin,
@@ -282,13 +293,14 @@ class DistributedTripletLoss(nn.Module):
         # every rank, then takes one path, the gather's all-reduce, and each
         # contribution is counted once. (Anchoring on the input would be exact
         # too: the anchor part would then bypass the all-reduce.)
-        anchors = all_embeddings[offset:offset + embeddings.shape[0]]
-        anchor_labels = all_labels[offset:offset + embeddings.shape[0]]
         ref_embeddings, ref_labels = all_embeddings, all_labels
         if extra_embeddings is not None:
             extra = extra_embeddings.detach().to(all_embeddings)
             ref_embeddings = torch.cat([all_embeddings, extra])
-            ref_labels = torch.cat([all_labels, extra_labels.to(all_labels)])
+            all_labels, extra_labels = _common_labels(all_labels, extra_labels)
+            ref_labels = torch.cat([all_labels, extra_labels])
+        anchors = all_embeddings[offset:offset + embeddings.shape[0]]
+        anchor_labels = all_labels[offset:offset + embeddings.shape[0]]
 
         loss = self.loss
         sum_, count, valid = terms(
