@@ -241,3 +241,13 @@ def test_demo_checks_out_before_training(tmp_path, monkeypatch):
     assert not trained
     demo.run(demo.parse_args(["--out", str(tmp_path / "new" / "dir")]))
     assert len(trained) == 1 and (tmp_path / "new" / "dir").is_dir()
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "jacrev"])
+@pytest.mark.parametrize("mining", LOSSES)
+def test_torch_func_transforms_are_refused(mining, transform):
+    """They reached the core with storage-less tensors (a native panic that
+    left grad mode off)."""
+    loss = lambda e: function_loss(mining, LABELS, e, 0.2, "euclidean")
+    x = torch.randn(2, 4, 3) if transform == "vmap" else EMB.clone()
+    refused("torch.func transforms", lambda: getattr(torch.func, transform)(loss)(x), RuntimeError)

@@ -137,6 +137,12 @@ def refuse_tracing(name: str) -> None:
             "code outside the traced graph, so the traced loss would be a constant. Trace "
             "the model alone and call the loss on its outputs in Python."
         )
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if transforms_active is not None and transforms_active():
+        raise RuntimeError(
+            f"{name}: torch.func transforms (vmap, grad, jacrev, ...) are not supported: the "
+            "triplet mining runs in native code on plain tensors. Use torch.autograd instead."
+        )
     if torch.compiler.is_exporting():
         raise RuntimeError(
             f"{name}: torch.export is not supported: the triplet mining runs in native code "

@@ -13,8 +13,9 @@ penalties) are exact through batch-hard; through batch-all and semi-hard they
 raise a ``RuntimeError`` (0.0.6 computed them; here the mining's gradient is
 first-order only). The mining runs in native code, so the losses cannot be
 captured: ``torch.jit.trace`` and ``torch.export`` of code that calls them,
-and ``torch.jit.script`` of the modules, raise a ``RuntimeError``. Trace,
-script or export the model alone and call the loss in Python.
+and ``torch.jit.script`` of the modules, raise a ``RuntimeError``, as do
+``torch.func`` transforms (``vmap``, ``grad``). Trace, script or export the
+model alone and call the loss in Python.
 """
 
 from __future__ import annotations
