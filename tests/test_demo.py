@@ -66,7 +66,7 @@ def test_deterministic_for_a_seed(tmp_path):
     "argv, message",
     [
         (["--loss", "triplet"], "invalid choice: 'triplet'"),
-        (["--epochs", "0"], "must be >= 1, got '0'"),
+        (["--epochs", "0"], "must be a positive integer (>= 1), got '0'"),
         (["--margin", "-1"], "must be finite and >= 0, got '-1'"),
         (["--margin", "nan"], "must be finite and >= 0, got 'nan'"),
         (["--lr", "0"], "must be finite and > 0, got '0'"),

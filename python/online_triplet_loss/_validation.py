@@ -1,24 +1,26 @@
 """Argument checks shared by the public functions. The Rust core checks
-shapes, dtypes and the margin; these cover what only Python sees."""
+shapes, dtypes and the margin; these cover what only Python sees: the types
+of the settings, numbers beyond the core's 64-bit range, and the calling
+context (tracing, scripting)."""
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 DISTANCES = ("euclidean", "squared", "cosine")
+INT64_MAX = 2**63 - 1
 
 
-def resolve_distance(squared: object, distance: Optional[str]) -> str:
+def resolve_distance(squared: object, distance: object) -> str:
     """The distance named by 0.0.6's ``squared`` flag and ``distance``."""
-    if not isinstance(squared, (bool, numbers.Integral)) or squared not in (0, 1):
-        raise ValueError(f"squared: must be True or False, got {squared!r}")
+    squared = check_flag("squared", squared)
     if distance is None:
         return "squared" if squared else "euclidean"
-    if distance not in DISTANCES:
+    if not isinstance(distance, str) or distance not in DISTANCES:
         raise ValueError(f"distance: expected one of {DISTANCES}, got {distance!r}")
     if squared and distance != "squared":
         raise ValueError(
@@ -28,6 +30,24 @@ def resolve_distance(squared: object, distance: Optional[str]) -> str:
     return distance
 
 
+def check_flag(name: str, value: object) -> bool:
+    """A bool setting: True, False, or the ints 1 and 0."""
+    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"{name}: must be True or False, got {value!r}")
+
+
+def check_int(name: str, value: object, minimum: int, maximum: int = INT64_MAX) -> int:
+    """An integer setting (not a bool) in ``[minimum, maximum]``."""
+    bound = f">= {minimum}" if maximum == INT64_MAX else f"in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}: must be an int {bound}, got {value!r}")
+    if value > maximum:
+        limit = "2**63 - 1" if maximum == INT64_MAX else str(maximum)
+        raise ValueError(f"{name}: must be an int {bound} and at most {limit}, got {value!r}")
+    return int(value)
+
+
 def check_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name}: must be a torch.Tensor, got {type(value).__name__}")
@@ -35,19 +55,42 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
 
 
 def check_margin(margin: object) -> float:
+    """The margin's value as a float: a real number or a one-element CPU
+    tensor, finite and >= 0."""
+    value = margin
     if isinstance(margin, torch.Tensor):
         if margin.numel() != 1 or margin.device.type != "cpu":
             raise ValueError(
                 "margin: must be a number or a one-element CPU tensor, got a tensor of shape "
                 f"{tuple(margin.shape)} on {margin.device}"
             )
-        margin = margin.item()
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
+        if margin.dtype == torch.bool or margin.is_complex():
+            raise ValueError(f"margin: must be a real number, got a tensor of dtype {margin.dtype}")
+        value = margin.detach().item()  # a CPU tensor: no device synchronisation
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"margin: must be a number, got {margin!r}")
-    value = float(margin)
-    if not math.isfinite(value) or value < 0:
+    try:
+        result = float(value)
+    except OverflowError:
+        raise ValueError(f"margin: must be finite and >= 0, got {margin!r}") from None
+    if not math.isfinite(result) or result < 0:
         raise ValueError(f"margin: must be finite and >= 0, got {margin!r}")
-    return value
+    return result
+
+
+def margin_and_tensor(margin: object) -> Tuple[float, Optional[torch.Tensor]]:
+    """The margin's value, and the margin itself when it is a tensor that
+    gradients should reach (a floating tensor requiring grad, with grad mode
+    on); ``None`` otherwise."""
+    value = check_margin(margin)
+    if (
+        isinstance(margin, torch.Tensor)
+        and margin.requires_grad
+        and margin.is_floating_point()
+        and torch.is_grad_enabled()
+    ):
+        return value, margin
+    return value, None
 
 
 def check_references(ref_embeddings: object, ref_labels: object) -> None:
@@ -56,3 +99,61 @@ def check_references(ref_embeddings: object, ref_labels: object) -> None:
     if ref_embeddings is not None:
         check_tensor("ref_embeddings", ref_embeddings)
         check_tensor("ref_labels", ref_labels)
+
+
+def check_anchor_offset(
+    anchor_offset: object, embeddings: torch.Tensor, ref_embeddings: Optional[torch.Tensor]
+) -> Optional[int]:
+    """``None``, or the row of the reference set where the anchors start: an
+    int with the anchors' rows inside the reference set."""
+    if anchor_offset is None:
+        return None
+    if isinstance(anchor_offset, bool) or not isinstance(anchor_offset, numbers.Integral):
+        raise ValueError(f"anchor_offset: must be None or an int, got {anchor_offset!r}")
+    if ref_embeddings is None:
+        if anchor_offset != 0:
+            raise ValueError(
+                "anchor_offset: without ref_embeddings the batch is its own reference set "
+                f"at offset 0; got {anchor_offset!r}"
+            )
+        return None
+    if embeddings.dim() >= 1 and ref_embeddings.dim() >= 1:
+        anchors, references = embeddings.shape[0], ref_embeddings.shape[0]
+        if not 0 <= anchor_offset <= references - anchors:
+            raise ValueError(
+                f"anchor_offset: the {anchors} anchors at rows {anchor_offset!r}.. must lie "
+                f"inside the {references} rows of ref_embeddings, so 0 <= anchor_offset <= "
+                f"{references - anchors}; got {anchor_offset!r}"
+            )
+    return int(anchor_offset)
+
+
+def refuse_tracing(name: str) -> None:
+    """Tracing records no mining (it runs outside the graph): the traced
+    loss would be a constant. Refuse it plainly."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            f"{name}: torch.jit.trace is not supported: the triplet mining runs in native "
+            "code outside the traced graph, so the traced loss would be a constant. Trace "
+            "the model alone and call the loss on its outputs in Python."
+        )
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if transforms_active is not None and transforms_active():
+        raise RuntimeError(
+            f"{name}: torch.func transforms (vmap, grad, jacrev, ...) are not supported: the "
+            "triplet mining runs in native code on plain tensors. Use torch.autograd instead."
+        )
+    if torch.compiler.is_exporting():
+        raise RuntimeError(
+            f"{name}: torch.export is not supported: the triplet mining runs in native code "
+            "that export cannot capture. Export the model alone and call the loss on its "
+            "outputs in Python."
+        )
+
+
+def refuse_scripting(name: str) -> None:
+    raise RuntimeError(
+        f"{name}: torch.jit.script is not supported: the losses call native code that "
+        "TorchScript cannot compile. Script the model alone and call the loss on its outputs "
+        "in Python."
+    )

@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -79,32 +81,62 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.p > 10:
         parser.error(f"argument --p: the digits have 10 classes, got {args.p}")
+    if args.k == 1:
+        warnings.warn("--k 1: a batch holds one sample per class, so no anchor has a positive "
+                      "and every loss is 0; use --k 2 or more", UserWarning, stacklevel=2)
+    if args.p == 1:
+        warnings.warn("--p 1: a batch holds one class, so no anchor has a negative and every "
+                      "loss is 0; use --p 2 or more", UserWarning, stacklevel=2)
     return args
 
 
+def _check_writable(out: str) -> None:
+    """Fails before training when the figure could not be written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise SystemExit(f"--out: cannot write the figure to {out!r}: {err}") from None
+
+
+def _integer(text: str, requirement: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}") from None
+
+
+def _number(text: str, requirement: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}") from None
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _integer(text, "a positive integer")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {text!r}")
     return value
 
 
 def _seed(text: str) -> int:
-    value = int(text)
+    value = _integer(text, "an integer in [0, 2**32)")
     if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, "a number, finite and > 0")
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text!r}")
     return value
 
 
 def _non_negative(text: str) -> float:
-    value = float(text)
+    value = _number(text, "a number, finite and >= 0")
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text!r}")
     return value
@@ -171,6 +203,7 @@ def _scores(embeddings: Tensor, y: Tensor) -> Dict[str, float]:
 def run(args: argparse.Namespace) -> Result:
     """Trains, evaluates and plots as ``args`` say; prints the metrics."""
     _require_extras()
+    _check_writable(args.out)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

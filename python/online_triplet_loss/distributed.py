@@ -18,20 +18,40 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._validation import check_tensor
+from ._validation import check_tensor, refuse_scripting
 from .losses import _TripletLoss, loss_and_fraction, terms
 
 __all__ = ["DistributedTripletLoss"]
 
 
 
-def _gather_sizes(rows: int, device: torch.device, group: Optional[object]) -> List[int]:
-    """Every rank's batch size, as Python ints. ``tolist`` is the one host
-    synchronisation of the loss: padding needs the sizes on the host."""
-    size = torch.tensor([rows], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, size, group=group)
-    return torch.cat(sizes).tolist()
+# Every dtype torch names, in a fixed order: its index is the dtype's code
+# in the exchange below (the same on every rank with the same torch).
+_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+
+
+def _gather_sizes(embeddings: Tensor, labels: Tensor, group: Optional[object]) -> List[int]:
+    """Every rank's batch size, as Python ints, after checking that every rank
+    passes embeddings of the same width and dtype, and labels of the same
+    dtype: a gather of mismatched tensors would abort the process inside the
+    backend. ``tolist`` is the one host synchronisation of the loss: padding
+    needs the sizes on the host."""
+    mine = [embeddings.shape[0], embeddings.shape[1], _DTYPES.index(embeddings.dtype),
+            _DTYPES.index(labels.dtype)]
+    shape = torch.tensor(mine, dtype=torch.int64, device=embeddings.device)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shapes, shape, group=group)
+    rows = torch.stack(shapes).tolist()
+    for column, name, what in ((1, "embeddings", "width"), (2, "embeddings", "dtype"),
+                               (3, "labels", "dtype")):
+        values = [row[column] for row in rows]
+        if len(set(values)) > 1:
+            shown = values if column == 1 else [_DTYPES[v] for v in values]
+            per_rank = ", ".join(f"{v} on rank {r}" for r, v in enumerate(shown))
+            raise ValueError(
+                f"{name}: every rank of the group must pass the same {what}; got {per_rank}"
+            )
+    return [row[0] for row in rows]
 
 
 def _gather_rows(x: Tensor, sizes: List[int], group: Optional[object]) -> Tensor:
@@ -60,6 +80,16 @@ def _check_extra(embeddings: object, extra_embeddings: object, extra_labels: obj
             "extra_labels: must be 1-D with one entry per row of extra_embeddings "
             f"({extra_embeddings.shape[0]}), got shape {tuple(extra_labels.shape)}"
         )
+
+
+def _common_labels(labels: Tensor, extra: Tensor) -> Tuple[Tensor, Tensor]:
+    """``labels`` and ``extra`` in dtypes that keep every class: integer and
+    float labels meet in float64, where an integer and a float of the same
+    value are one class, instead of a float being truncated to an integer."""
+    extra = extra.to(labels.device)
+    if labels.dtype != extra.dtype and (labels.is_floating_point() or extra.is_floating_point()):
+        return labels.double(), extra.double()
+    return labels, extra
 
 
 class _GatherRows(torch.autograd.Function):
@@ -104,8 +134,9 @@ class DistributedTripletLoss(nn.Module):
     runs in a single process.
 
     Every rank of the group must call ``forward`` (and ``backward``) together,
-    with embeddings of the same width and dtype; the group should be the one
-    DDP averages over. The batch sizes are gathered to the host (one small
+    with embeddings of the same width and dtype and labels of the same dtype
+    (otherwise every rank raises a ``ValueError``); the group should be the
+    one DDP averages over. The batch sizes are gathered to the host (one small
     synchronisation per call, needed to pad the gather); nothing else waits
     for the device. With nccl, pass embeddings on the current CUDA device.
 
@@ -143,6 +174,10 @@ class DistributedTripletLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"mining={self.mining!r}"
 
+    def __prepare_scriptable__(self) -> "DistributedTripletLoss":
+        refuse_scripting(type(self).__name__)
+        return self
+
     def _world(self) -> Tuple[int, int]:
         """``(rank, world_size)`` in the group, or ``(0, 1)`` without one."""
         if not (dist.is_available() and dist.is_initialized()):
@@ -161,7 +196,8 @@ class DistributedTripletLoss(nn.Module):
         check_tensor("embeddings", embeddings)
         check_tensor("labels", labels)
         ref_embeddings = torch.cat([embeddings, extra_embeddings.detach().to(embeddings)])
-        ref_labels = torch.cat([labels, extra_labels.to(device=labels.device, dtype=labels.dtype)])
+        labels, extra_labels = _common_labels(labels, extra_labels)
+        ref_labels = torch.cat([labels, extra_labels])
         loss = self.loss
         value, fraction = loss_and_fraction(
             self.mining, labels, embeddings, loss.margin,
@@ -204,9 +240,9 @@ class DistributedTripletLoss(nn.Module):
         rank, world = self._world()
         if world == 1:
             return embeddings, labels, 0
-        sizes = _gather_sizes(embeddings.shape[0], embeddings.device, self.group)
-        offset = sum(sizes[:rank])
         labels = labels.to(embeddings.device)
+        sizes = _gather_sizes(embeddings, labels, self.group)
+        offset = sum(sizes[:rank])
         if labels.dtype == torch.bool:  # gloo gathers no bool tensors
             all_labels = _gather_rows(labels.to(torch.uint8), sizes, self.group).bool()
         else:
@@ -257,13 +293,14 @@ class DistributedTripletLoss(nn.Module):
         # every rank, then takes one path, the gather's all-reduce, and each
         # contribution is counted once. (Anchoring on the input would be exact
         # too: the anchor part would then bypass the all-reduce.)
-        anchors = all_embeddings[offset:offset + embeddings.shape[0]]
-        anchor_labels = all_labels[offset:offset + embeddings.shape[0]]
         ref_embeddings, ref_labels = all_embeddings, all_labels
         if extra_embeddings is not None:
             extra = extra_embeddings.detach().to(all_embeddings)
             ref_embeddings = torch.cat([all_embeddings, extra])
-            ref_labels = torch.cat([all_labels, extra_labels.to(all_labels)])
+            all_labels, extra_labels = _common_labels(all_labels, extra_labels)
+            ref_labels = torch.cat([all_labels, extra_labels])
+        anchors = all_embeddings[offset:offset + embeddings.shape[0]]
+        anchor_labels = all_labels[offset:offset + embeddings.shape[0]]
 
         loss = self.loss
         sum_, count, valid = terms(

@@ -6,17 +6,37 @@ A valid triplet :math:`(a, p, n)` has :math:`a \ne p`, :math:`y_a = y_p` and
 The functions keep the signatures of online_triplet_loss 0.0.6, so
 ``from online_triplet_loss.losses import *`` keeps working. The modules follow
 ``torch.nn``: keyword-only settings and ``forward(embeddings, labels)``.
+
+First derivatives are exact for all three losses. Second derivatives
+(``create_graph=True`` then a gradient of the gradient, Hessians, gradient
+penalties) are exact through batch-hard; through batch-all and semi-hard they
+raise a ``RuntimeError`` (0.0.6 computed them; here the mining's gradient is
+first-order only). The mining runs in native code, so the losses cannot be
+captured: ``torch.jit.trace`` and ``torch.export`` of code that calls them,
+and ``torch.jit.script`` of the modules, raise a ``RuntimeError``, as do
+``torch.func`` transforms (``vmap``, ``grad``). Trace, script or export the
+model alone and call the loss in Python.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import _core
-from ._validation import check_margin, check_references, check_tensor, resolve_distance
+from ._validation import (
+    check_anchor_offset,
+    check_flag,
+    check_margin,
+    check_references,
+    check_tensor,
+    margin_and_tensor,
+    refuse_scripting,
+    refuse_tracing,
+    resolve_distance,
+)
 
 __all__ = [
     "batch_all_triplet_loss",
@@ -27,6 +47,99 @@ __all__ = [
     "BatchSemiHardTripletLoss",
 ]
 
+_NAMES = {
+    "all": "batch_all_triplet_loss",
+    "hard": "batch_hard_triplet_loss",
+    "semihard": "batch_semihard_triplet_loss",
+}
+
+
+def _core_terms(mining, labels, embeddings, margin, distance, soft, ref_embeddings, ref_labels,
+                anchor_offset, margin_tensor):
+    options = {} if margin_tensor is None else {"margin_tensor": margin_tensor}
+    return _core.triplet_terms(
+        mining, labels, embeddings, margin, distance, soft, ref_embeddings, ref_labels,
+        anchor_offset, **options,
+    )
+
+
+def _keep_graph() -> bool:
+    """Whether the running backward pass keeps its graph (``retain_graph``).
+    Without the probe, keeping it is the safe answer: the inner graph then
+    lives as long as the loss."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if probe is None else bool(probe())
+
+
+class _FirstOrderTerms(torch.autograd.Function):
+    """``(sum, count, valid)`` of batch-all or semi-hard, differentiable once.
+
+    Their mining picks triplets by comparisons and batch-all's gradient is
+    assembled from weights, so the core's graph has exact first derivatives
+    but no correct second ones. The core runs on detached leaves; backward
+    differentiates that inner graph and, when a graph of the gradient is
+    asked for (``create_graph=True``), returns gradients whose own backward
+    raises instead of silently giving zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, mining, labels, embeddings, ref_embeddings, ref_labels, margin_tensor,  # type: ignore[override]
+                margin, distance, soft, anchor_offset):
+        inputs = (embeddings, ref_embeddings, margin_tensor)
+        leaves = tuple(
+            None if t is None else t.detach().requires_grad_(t.requires_grad) for t in inputs
+        )
+        with torch.enable_grad():
+            sum_, count, valid = _core_terms(
+                mining, labels, leaves[0], margin, distance, soft, leaves[1], ref_labels,
+                anchor_offset, leaves[2],
+            )
+        ctx.mining = mining
+        ctx.inner = (sum_, leaves)
+        ctx.save_for_backward(*inputs)
+        ctx.mark_non_differentiable(count, valid)
+        return sum_.detach(), count, valid
+
+    @staticmethod
+    def backward(ctx, grad_sum, _grad_count, _grad_valid):  # type: ignore[override]
+        inputs = ctx.saved_tensors  # raises if the graph was already freed
+        sum_, leaves = ctx.inner
+        wanted = [i for i, t in enumerate(leaves) if t is not None and t.requires_grad]
+        grads = [None, None, None]
+        if sum_.requires_grad and wanted:
+            keep = _keep_graph()
+            found = torch.autograd.grad(
+                sum_, [leaves[i] for i in wanted], grad_sum.detach(), retain_graph=keep,
+                allow_unused=True,
+            )
+            if not keep:
+                del ctx.inner
+            for i, g in zip(wanted, found):
+                grads[i] = torch.zeros_like(leaves[i]) if g is None else g
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
+            sources = [t for t in inputs if t is not None and t.requires_grad]
+            grads = [None if g is None else _NoSecondDerivative.apply(g, ctx.mining, *sources)
+                     for g in grads]
+        g_embeddings, g_ref, g_margin = grads
+        return None, None, g_embeddings, g_ref, None, g_margin, None, None, None, None
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Passes a first derivative through, attached to the inputs it depends
+    on; differentiating it raises."""
+
+    @staticmethod
+    def forward(ctx, grad, mining, *sources):  # type: ignore[override]
+        ctx.mining = mining
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *_):  # type: ignore[override]
+        raise RuntimeError(
+            f"{_NAMES[ctx.mining]}: second derivatives (double backward, Hessians, gradient "
+            "penalties) are not supported through batch-all and semi-hard mining, whose "
+            "gradients are exact to first order only. batch_hard_triplet_loss supports them."
+        )
 
 
 def terms(
@@ -46,14 +159,25 @@ def terms(
     ``sum / max(count, 1)`` and batch-all's fraction is ``count / max(valid, 1)``
     (:func:`loss_and_fraction`). With ``anchor_offset=k``, anchor ``i`` is
     reference ``k + i`` and never its own positive. Used to combine batches
-    across processes."""
+    across processes. ``sum`` is differentiable with respect to the
+    embeddings, the reference embeddings and a margin tensor that requires
+    grad; through batch-all and semi-hard only once."""
+    refuse_tracing(_NAMES.get(mining, "triplet loss"))
     check_tensor("labels", labels)
     check_tensor("embeddings", embeddings)
     check_references(ref_embeddings, ref_labels)
-    return _core.triplet_terms(
-        mining, labels, embeddings, check_margin(margin), resolve_distance(squared, distance),
-        bool(soft), ref_embeddings, ref_labels, anchor_offset,
+    value, margin_tensor = margin_and_tensor(margin)
+    distance = resolve_distance(squared, distance)
+    soft = check_flag("soft", soft)
+    anchor_offset = check_anchor_offset(anchor_offset, embeddings, ref_embeddings)
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (embeddings, ref_embeddings, margin_tensor)
     )
+    if mining == "hard" or not differentiable:
+        return _core_terms(mining, labels, embeddings, value, distance, soft, ref_embeddings,
+                           ref_labels, anchor_offset, margin_tensor)
+    return _FirstOrderTerms.apply(mining, labels, embeddings, ref_embeddings, ref_labels,
+                                  margin_tensor, value, distance, soft, anchor_offset)
 
 
 def loss_and_fraction(mining: str, labels: Tensor, embeddings: Tensor, margin: object,
@@ -73,6 +197,7 @@ def batch_all_triplet_loss(
     distance: Optional[str] = None,
     ref_embeddings: Optional[Tensor] = None,
     ref_labels: Optional[Tensor] = None,
+    anchor_offset: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     r"""Batch-all triplet loss over every valid triplet of the batch.
 
@@ -82,18 +207,28 @@ def batch_all_triplet_loss(
 
     where :math:`N` counts the valid triplets and :math:`N_+` those with a loss
     above 0. Both outputs are 0 when there is no such triplet. Runs in
-    :math:`O(B^2 \log B)` time without any :math:`B^3` tensor.
+    :math:`O(B^2 \log B)` time without any :math:`B^3` tensor. Differentiable
+    once: asking for a second derivative raises a ``RuntimeError``.
 
     Args:
         labels: class ids, :math:`(B)`.
         embeddings: :math:`(B, D)`.
-        margin: :math:`m`, finite and :math:`\ge 0`.
+        margin: :math:`m`, finite and :math:`\ge 0`: a number or a one-element
+            CPU tensor; a floating tensor that requires grad receives its gradient.
         squared: 0.0.6's switch to squared Euclidean distances; same as
             ``distance="squared"``.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``
             (:math:`1 - \cos`).
         ref_embeddings: optional reference set to mine against.
         ref_labels: labels of the reference set.
+        anchor_offset: when the reference set contains the anchors themselves,
+            at rows ``anchor_offset`` to ``anchor_offset + B`` (e.g.
+            ``torch.cat([embeddings, bank])`` with ``anchor_offset=0``), that
+            row: anchor :math:`i` is then reference ``anchor_offset + i`` and
+            never its own positive, as in
+            :class:`~online_triplet_loss.CrossBatchMemory`. ``None`` (the
+            default) excludes nothing. An int in ``[0, M - B]``; needs
+            ``ref_embeddings``.
 
     Returns:
         ``(loss, fraction_positive_triplets)``, two scalars.
@@ -116,7 +251,7 @@ def batch_all_triplet_loss(
     """
     return loss_and_fraction(
         "all", labels, embeddings, margin, squared, distance=distance,
-        ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=anchor_offset,
     )
 
 
@@ -130,6 +265,7 @@ def batch_hard_triplet_loss(
     soft: bool = False,
     ref_embeddings: Optional[Tensor] = None,
     ref_labels: Optional[Tensor] = None,
+    anchor_offset: Optional[int] = None,
 ) -> Tensor:
     r"""Batch-hard triplet loss: the hardest positive and negative of each anchor.
 
@@ -141,17 +277,26 @@ def batch_hard_triplet_loss(
     :math:`h` is relu, or softplus when ``soft=True`` (with ``margin=0`` this is
     the soft margin of Hermans et al. 2017). 0 when :math:`A` is empty. Unlike
     0.0.6, anchors without a positive are not averaged in. Ties go to the lowest
-    index.
+    index. Twice differentiable: Hessians and gradient penalties work.
 
     Args:
         labels: class ids, :math:`(B)`.
         embeddings: :math:`(B, D)`.
-        margin: :math:`m`, finite and :math:`\ge 0`.
+        margin: :math:`m`, finite and :math:`\ge 0`: a number or a one-element
+            CPU tensor; a floating tensor that requires grad receives its gradient.
         squared: 0.0.6's switch to squared Euclidean distances.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
         soft: use softplus instead of relu.
         ref_embeddings: optional reference set to mine against.
         ref_labels: labels of the reference set.
+        anchor_offset: when the reference set contains the anchors themselves,
+            at rows ``anchor_offset`` to ``anchor_offset + B`` (e.g.
+            ``torch.cat([embeddings, bank])`` with ``anchor_offset=0``), that
+            row: anchor :math:`i` is then reference ``anchor_offset + i`` and
+            never its own positive, as in
+            :class:`~online_triplet_loss.CrossBatchMemory`. ``None`` (the
+            default) excludes nothing. An int in ``[0, M - B]``; needs
+            ``ref_embeddings``.
     
     Shape:
         - labels: :math:`(B)`, integer class ids (or floats holding class ids).
@@ -170,7 +315,7 @@ def batch_hard_triplet_loss(
     """
     return loss_and_fraction(
         "hard", labels, embeddings, margin, squared, distance=distance, soft=soft,
-        ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=anchor_offset,
     )[0]
 
 
@@ -183,6 +328,7 @@ def batch_semihard_triplet_loss(
     distance: Optional[str] = None,
     ref_embeddings: Optional[Tensor] = None,
     ref_labels: Optional[Tensor] = None,
+    anchor_offset: Optional[int] = None,
 ) -> Tensor:
     r"""Semi-hard triplet loss (FaceNet; TF Addons' ``TripletSemiHardLoss``).
 
@@ -194,16 +340,26 @@ def batch_semihard_triplet_loss(
         L = \frac{1}{|P|} \sum_{(a,p) \in P} \max(d_{ap} - d_{an^*} + m, 0)
 
     0 when :math:`P` is empty. Ties go to the lowest index. Runs in
-    :math:`O(B^2 \log B)`.
+    :math:`O(B^2 \log B)`. Differentiable once: asking for a second derivative
+    raises a ``RuntimeError``.
 
     Args:
         labels: class ids, :math:`(B)`.
         embeddings: :math:`(B, D)`.
-        margin: :math:`m`, finite and :math:`\ge 0`.
+        margin: :math:`m`, finite and :math:`\ge 0`: a number or a one-element
+            CPU tensor; a floating tensor that requires grad receives its gradient.
         squared: 0.0.6-style switch to squared Euclidean distances.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
         ref_embeddings: optional reference set to mine against.
         ref_labels: labels of the reference set.
+        anchor_offset: when the reference set contains the anchors themselves,
+            at rows ``anchor_offset`` to ``anchor_offset + B`` (e.g.
+            ``torch.cat([embeddings, bank])`` with ``anchor_offset=0``), that
+            row: anchor :math:`i` is then reference ``anchor_offset + i`` and
+            never its own positive, as in
+            :class:`~online_triplet_loss.CrossBatchMemory`. ``None`` (the
+            default) excludes nothing. An int in ``[0, M - B]``; needs
+            ``ref_embeddings``.
     
     Shape:
         - labels: :math:`(B)`, integer class ids (or floats holding class ids).
@@ -222,7 +378,7 @@ def batch_semihard_triplet_loss(
     """
     return loss_and_fraction(
         "semihard", labels, embeddings, margin, squared, distance=distance,
-        ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=anchor_offset,
     )[0]
 
 
@@ -231,13 +387,23 @@ class _TripletLoss(nn.Module):
     mining: str
     soft: bool = False
 
-    def __init__(self, *, margin: float = 1.0, distance: str = "euclidean") -> None:
+    def __init__(self, *, margin: Union[float, Tensor] = 1.0, distance: str = "euclidean") -> None:
         super().__init__()
-        self.margin = check_margin(margin)
+        check_margin(margin)
+        # A tensor that requires grad (e.g. an nn.Parameter, which this
+        # registers) stays a tensor and is learned; anything else is a float.
+        if isinstance(margin, Tensor) and margin.requires_grad:
+            self.margin = margin
+        else:
+            self.margin = check_margin(margin)
         self.distance = resolve_distance(False, distance)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, distance={self.distance!r}"
+
+    def __prepare_scriptable__(self) -> "_TripletLoss":
+        refuse_scripting(type(self).__name__)
+        return self
 
     def forward(
         self,
@@ -246,6 +412,7 @@ class _TripletLoss(nn.Module):
         *,
         ref_embeddings: Optional[Tensor] = None,
         ref_labels: Optional[Tensor] = None,
+        anchor_offset: Optional[int] = None,
     ) -> Tensor:
         if (
             isinstance(embeddings, Tensor)
@@ -261,16 +428,18 @@ class _TripletLoss(nn.Module):
         return loss_and_fraction(
             self.mining, labels, embeddings, self.margin, distance=self.distance,
             soft=self.soft, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+            anchor_offset=anchor_offset,
         )[0]
 
 
 class BatchAllTripletLoss(_TripletLoss):
     r"""Module form of :func:`batch_all_triplet_loss`; ``forward(embeddings, labels,
-    *, ref_embeddings=None, ref_labels=None)`` returns the loss (the fraction of
+    *, ref_embeddings=None, ref_labels=None, anchor_offset=None)`` returns the loss (the fraction of
     positive triplets comes from the function).
 
     Args:
-        margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0.
+        margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0. A tensor that
+            requires grad (e.g. an ``nn.Parameter``) is kept and learned.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
 
     Example::
@@ -284,10 +453,11 @@ class BatchAllTripletLoss(_TripletLoss):
 
 class BatchHardTripletLoss(_TripletLoss):
     r"""Module form of :func:`batch_hard_triplet_loss`; ``forward(embeddings, labels,
-    *, ref_embeddings=None, ref_labels=None)`` returns the loss.
+    *, ref_embeddings=None, ref_labels=None, anchor_offset=None)`` returns the loss.
 
     Args:
-        margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0.
+        margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0. A tensor that
+            requires grad (e.g. an ``nn.Parameter``) is kept and learned.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
         soft: softplus instead of relu. Default: False.
 
@@ -299,9 +469,10 @@ class BatchHardTripletLoss(_TripletLoss):
 
     mining = "hard"
 
-    def __init__(self, *, margin: float = 1.0, distance: str = "euclidean", soft: bool = False) -> None:
+    def __init__(self, *, margin: Union[float, Tensor] = 1.0, distance: str = "euclidean",
+                 soft: bool = False) -> None:
         super().__init__(margin=margin, distance=distance)
-        self.soft = bool(soft)
+        self.soft = check_flag("soft", soft)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", soft={self.soft}"
@@ -309,10 +480,11 @@ class BatchHardTripletLoss(_TripletLoss):
 
 class BatchSemiHardTripletLoss(_TripletLoss):
     r"""Module form of :func:`batch_semihard_triplet_loss`; ``forward(embeddings,
-    labels, *, ref_embeddings=None, ref_labels=None)`` returns the loss.
+    labels, *, ref_embeddings=None, ref_labels=None, anchor_offset=None)`` returns the loss.
 
     Args:
-        margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0.
+        margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0. A tensor that
+            requires grad (e.g. an ``nn.Parameter``) is kept and learned.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
 
     Example::

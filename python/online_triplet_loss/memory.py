@@ -4,7 +4,6 @@ too."""
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 
 from .distributed import DistributedTripletLoss
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, _TripletLoss, loss_and_fraction
-from ._validation import check_tensor
+from ._validation import INT64_MAX, check_int, check_tensor, refuse_scripting
 
 __all__ = ["CrossBatchMemory"]
 
@@ -51,10 +50,19 @@ class CrossBatchMemory(nn.Module):
     never the memory. The loss keeps the wrapped module's normalisation:
     batch-all averages over the positive triplets, batch-hard over the
     anchors with a positive and a negative, semi-hard over the positive pairs.
-    Nothing in ``forward`` synchronises with the device, apart from what a
-    :class:`~online_triplet_loss.distributed.DistributedTripletLoss` does on
-    several ranks (gathering the batch sizes, once for the loss and once to
-    enqueue the global batch).
+    ``forward`` reads one flag from the device, whether the batch is all
+    finite (see below), and otherwise synchronises only where a
+    :class:`~online_triplet_loss.distributed.DistributedTripletLoss` on
+    several ranks does (gathering the batch sizes, once for the loss and once
+    to enqueue the global batch).
+
+    Rows with a NaN or Inf coordinate are never stored: the loss of the batch
+    that holds them is NaN, as for the wrapped loss, but they do not poison
+    the losses of later batches. The memory is filled under
+    :func:`torch.no_grad` and outside :func:`torch.inference_mode`, so a
+    validation pass under either leaves a memory that training can go on
+    with. :meth:`load_state_dict` accepts only the state of a memory of the
+    same ``memory_size`` (and ``embedding_dim``, when set).
 
     The memory's dtype and device are those of the first batch (or of the
     module after ``.to()`` when ``embedding_dim`` is given); later batches are
@@ -119,6 +127,10 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("memory_labels", None)
         if embedding_dim is not None:
             self.memory_embeddings = torch.zeros(self.memory_size, embedding_dim)
+
+    def __prepare_scriptable__(self) -> "CrossBatchMemory":
+        refuse_scripting(type(self).__name__)
+        return self
 
     def extra_repr(self) -> str:
         return f"memory_size={self.memory_size}, embedding_dim={self.embedding_dim}, stored={self._count}"
@@ -204,19 +216,29 @@ class CrossBatchMemory(nn.Module):
         self.enqueue(all_embeddings, all_labels)
         return loss
 
-    @torch.no_grad()
     def enqueue(self, embeddings: Tensor, labels: Tensor) -> None:
         """Adds a batch to the memory (detached), dropping the oldest entries
-        beyond ``memory_size``. It stores what it is given: with a distributed
-        loss, pass the global batch (see
-        :meth:`~online_triplet_loss.distributed.DistributedTripletLoss.gather`)
-        to keep the memory the same on every rank.
+        beyond ``memory_size``. It stores what it is given, except rows with a
+        NaN or Inf coordinate: with a distributed loss, pass the global batch
+        (see :meth:`~online_triplet_loss.distributed.DistributedTripletLoss.gather`)
+        to keep the memory the same on every rank. Reads from the device
+        whether the batch is all finite.
 
         Args:
             embeddings: :math:`(B, D)`.
             labels: :math:`(B)`.
         """
         self._check_batch(embeddings, labels)
+        # The buffers must stay ordinary tensors whatever the caller's mode:
+        # an inference tensor could not be updated in place by a later
+        # training step.
+        with torch.inference_mode(False), torch.no_grad():
+            self._store(embeddings.detach(), labels)
+
+    def _store(self, embeddings: Tensor, labels: Tensor) -> None:
+        finite = torch.isfinite(embeddings).all(dim=1)
+        if not bool(finite.all()):
+            embeddings, labels = embeddings[finite], labels[finite.to(labels.device)]
         if self.memory_labels is None:
             self._allocate(embeddings, labels)
         batch = embeddings.shape[0]
@@ -272,12 +294,54 @@ class CrossBatchMemory(nn.Module):
             )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        self._check_saved(
+            state_dict.get(prefix + "memory_embeddings"),
+            state_dict.get(prefix + "memory_labels"),
+            state_dict.get(prefix + "_extra_state"),
+        )
         # The buffers are allocated lazily; take their shape from the saved state.
         for name in ("memory_embeddings", "memory_labels"):
             saved = state_dict.get(prefix + name)
             if saved is not None and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(saved))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_saved(self, embeddings: object, labels: object, extra: object) -> None:
+        """Refuses the state of another memory, or one whose ring position and
+        count no memory of this size can reach, before anything is loaded."""
+        size = self.memory_size
+
+        def refuse(why: str) -> None:
+            raise ValueError(f"state_dict: not the state of a CrossBatchMemory with memory_size={size}"
+                             f"{'' if self.embedding_dim is None else f' and embedding_dim={self.embedding_dim}'}: {why}")
+
+        if embeddings is not None:
+            if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[0] != size:
+                refuse(f"memory_embeddings has shape {tuple(getattr(embeddings, 'shape', ()))}, "
+                       f"expected ({size}, D)")
+            if self.embedding_dim is not None and embeddings.shape[1] != self.embedding_dim:
+                refuse(f"memory_embeddings has {embeddings.shape[1]} columns")
+        if labels is not None and (not isinstance(labels, Tensor) or tuple(labels.shape) != (size,)):
+            refuse(f"memory_labels has shape {tuple(getattr(labels, 'shape', ()))}, expected ({size},)")
+        if extra is None:
+            return
+        if not isinstance(extra, dict) or not {"next", "count", "embedding_dim"} <= set(extra):
+            refuse(f"its extra state {extra!r} lacks next, count and embedding_dim")
+        try:
+            count = check_int("count", extra["count"], 0, size)
+            position = check_int("next", extra["next"], 0, size - 1)
+            dim = extra["embedding_dim"]
+            if dim is not None:
+                dim = check_int("embedding_dim", dim, 1, INT64_MAX)
+        except ValueError as err:
+            refuse(str(err))
+        if count < size and position != count:
+            refuse(f"next={position} with count={count}: a memory that is not full has its "
+                   "next entry right after its last")
+        if count > 0 and (embeddings is None or labels is None):
+            refuse(f"count={count} but the buffers are missing")
+        if embeddings is not None and dim is not None and embeddings.shape[1] != dim:
+            refuse(f"embedding_dim={dim} but memory_embeddings has {embeddings.shape[1]} columns")
 
     def get_extra_state(self) -> Dict[str, Any]:
         return {"next": self._next, "count": self._count, "embedding_dim": self.embedding_dim}
@@ -289,6 +353,4 @@ class CrossBatchMemory(nn.Module):
 
 
 def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
-    return int(value)
+    return check_int(name, value, 1)

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Union
 from torch import Tensor
 
 from . import _core
-from ._validation import check_tensor, resolve_distance
+from ._validation import INT64_MAX, check_int, check_tensor, resolve_distance
 
 __all__ = ["recall_at_k", "mean_average_precision_at_r"]
 
@@ -34,6 +34,8 @@ def _check_ks(ks: object) -> List[int]:
     for k in values:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"ks: every k must be an int >= 1, got {k!r} in {ks!r}")
+        if k > INT64_MAX:
+            raise ValueError(f"ks: every k must be at most 2**63 - 1, got {k!r} in {ks!r}")
     return [int(k) for k in values]
 
 
@@ -42,7 +44,7 @@ def _check_chunk_size(chunk_size: object) -> Optional[int]:
         return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size: must be None or an int >= 1, got {chunk_size!r}")
-    return int(chunk_size)
+    return check_int("chunk_size", chunk_size, 1)
 
 
 def recall_at_k(

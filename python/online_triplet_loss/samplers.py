@@ -15,13 +15,28 @@ from typing import Dict, Hashable, Iterator, List, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from ._validation import check_int
+
 __all__ = ["PKSampler"]
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name}: must be an int >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(name, value, minimum)
+
+
+def _class_id(value: object) -> Hashable:
+    """A label as a class id: 0-d tensors and arrays (and numpy scalars) by
+    their value, so that ``tensor(3)``, ``np.int64(3)`` and ``3`` are one class."""
+    if isinstance(value, torch.Tensor) or (hasattr(value, "ndim") and hasattr(value, "item")):
+        if value.ndim != 0:
+            raise ValueError(
+                "labels: must be 1-D and hold class ids; got an element of shape "
+                f"{tuple(value.shape)}"
+            )
+        return value.item()
+    if isinstance(value, list) or not isinstance(value, Hashable):
+        raise ValueError(f"labels: must be 1-D and hold hashable class ids, got {value!r}")
+    return value
 
 
 def _label_list(labels: object) -> List[Hashable]:
@@ -31,16 +46,19 @@ def _label_list(labels: object) -> List[Hashable]:
         return labels.tolist()
     if isinstance(labels, (str, bytes)):
         raise ValueError(f"labels: must be a sequence of class ids, got {labels!r}")
+    if getattr(labels, "ndim", 1) != 1:  # numpy arrays
+        raise ValueError(
+            f"labels: must be 1-D and hold hashable class ids, got an array of shape "
+            f"{tuple(labels.shape)}"
+        )
     try:
-        values = labels.tolist() if hasattr(labels, "tolist") else list(labels)  # numpy arrays
+        # numpy arrays and the like convert to Python numbers in one go.
+        values = labels.tolist() if hasattr(labels, "ndim") and hasattr(labels, "tolist") else list(labels)
     except TypeError:
         raise ValueError(
             f"labels: must be a sequence of class ids, got {type(labels).__name__}"
         ) from None
-    for value in values:
-        if isinstance(value, list) or not isinstance(value, Hashable):
-            raise ValueError(f"labels: must be 1-D and hold hashable class ids, got {value!r}")
-    return values
+    return [_class_id(value) for value in values]
 
 
 class PKSampler(Sampler[List[int]]):
@@ -82,7 +100,11 @@ class PKSampler(Sampler[List[int]]):
 
     Args:
         labels: the class of every sample of the dataset, as a 1-D tensor,
-            array or sequence of hashable class ids.
+            array or sequence of hashable class ids. 0-d tensors and arrays
+            and numpy scalars count by value (``[dataset[i][1] for i in
+            ...]`` works), as do equal ints and floats: ``tensor(1)``,
+            ``np.int64(1)``, ``1`` and ``1.0`` are one class. Each NaN is a
+            class of its own.
         p: classes per batch, :math:`1 \le P \le` the number of classes.
         k: samples per class, :math:`\ge 1`.
         seed: seeds the shuffling, together with the epoch. Default: 0.

@@ -1,0 +1,322 @@
+"""Autograd beyond the first derivative, learnable margins and reference sets
+that contain the anchors (issue 11, items 3, 7 and 13).
+
+- batch-all and semi-hard are differentiable once: every way of asking for a
+  second derivative raises, first derivatives are those of the reference,
+  and ``retain_graph`` works as for any loss;
+- batch-hard is twice differentiable: its Hessian is the float64 reference's;
+- a margin tensor that requires grad gets the reference's gradient;
+- ``anchor_offset`` makes each anchor's own row no positive, as the reference
+  and CrossBatchMemory say.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import reference
+from conftest import make_batch, make_labels, make_reference_set
+from helpers import DISTANCES, LOSSES, function_loss, grad_of, leaf, make_module
+from online_triplet_loss import CrossBatchMemory
+from online_triplet_loss.distributed import DistributedTripletLoss
+
+FIRST_ORDER = ("all", "semihard")
+SEEDS = range(40, 46)
+TIGHT = dict(rtol=1e-9, atol=1e-11)
+
+
+def _batch(seed, size=(6, 14)):
+    b = make_batch(seed, min_size=size[0], max_size=size[1], dim=3)
+    return b.labels, b.embeddings
+
+
+def _ref_loss(mining, labels, x, margin, distance, soft=False, **kw):
+    return reference.reference_terms(mining, labels, x, margin, distance, soft=soft, **kw).loss
+
+
+def _second_derivative_requests(loss_of):
+    """The ways a caller asks for a second derivative, each a callable of a
+    leaf ``x``."""
+
+    def double_backward(x):
+        (g,) = torch.autograd.grad(loss_of(x), x, create_graph=True)
+        torch.autograd.grad((g * g).sum(), x)
+
+    def gradient_penalty(x):  # WGAN-GP style: penalty.backward()
+        (g,) = torch.autograd.grad(loss_of(x), x, create_graph=True)
+        (loss_of(x) + g.norm()).backward()
+
+    def hessian(x):
+        torch.autograd.functional.hessian(loss_of, x.detach())
+
+    def hessian_vector_product(x):
+        torch.autograd.functional.hvp(loss_of, x.detach(), torch.ones_like(x))
+
+    return [double_backward, gradient_penalty, hessian, hessian_vector_product]
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad-outside"])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", FIRST_ORDER)
+def test_second_derivatives_raise(mining, distance, grad_mode):
+    for seed in SEEDS:
+        labels, x = _batch(seed)
+        x = leaf(x)
+        for request in _second_derivative_requests(
+            lambda e: function_loss(mining, labels, e, 0.5, distance)
+        ):
+            with torch.set_grad_enabled(grad_mode):
+                with torch.enable_grad(), pytest.raises(RuntimeError, match="second derivatives"):
+                    request(x)
+                assert torch.is_grad_enabled() == grad_mode
+
+
+@pytest.mark.parametrize("mining", FIRST_ORDER)
+def test_second_derivatives_raise_with_references_modules_memory_and_margin(mining):
+    """Through a reference set, the Modules, CrossBatchMemory and the
+    single-process DistributedTripletLoss: the same refusal, never zeros."""
+    labels, x, ref_labels, ref_x, _ = make_reference_set(3, 8, 3, with_offset=False)
+    ref_labels = torch.cat([labels, ref_labels])
+    module = make_module(mining, 0.5, "euclidean")
+
+    def through_ref(e):
+        return function_loss(mining, labels, e, 0.5, "euclidean",
+                             ref_embeddings=torch.cat([e, ref_x]), ref_labels=ref_labels)
+
+    def through_memory(e):
+        memory = CrossBatchMemory(make_module(mining, 0.5, "euclidean"), memory_size=16)
+        memory.enqueue(ref_x, ref_labels[8:])
+        return memory(e, labels)
+
+    for loss_of in (through_ref, lambda e: module(e, labels), through_memory,
+                    lambda e: DistributedTripletLoss(module)(e, labels)):
+        assert loss_of(x) > 0
+        for request in _second_derivative_requests(loss_of):
+            with pytest.raises(RuntimeError, match="second derivatives"):
+                request(leaf(x))
+    # The reference embeddings alone require grad.
+    ref = leaf(ref_x)
+    (g,) = torch.autograd.grad(
+        function_loss(mining, labels, x, 0.5, "euclidean", ref_embeddings=ref,
+                      ref_labels=ref_labels[8:]), ref, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(g.sum(), ref)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", FIRST_ORDER)
+def test_first_derivatives_through_the_wrapper(mining, distance):
+    """Gradients into embeddings and references, with and without
+    create_graph, equal the reference's."""
+    for seed in SEEDS:
+        labels, x, ref_labels, ref_x, k = make_reference_set(seed, 7, 3, with_offset=True)
+        x, ref_x = leaf(x), leaf(ref_x)
+        kw = dict(ref_embeddings=ref_x, ref_labels=ref_labels, anchor_offset=k)
+        expected = _ref_loss(mining, labels, x, 0.3, distance, **kw)
+        want = grad_of(expected, x, ref_x)
+        for create_graph in (False, True):
+            got = function_loss(mining, labels, x, 0.3, distance, **kw)
+            torch.testing.assert_close(got, expected, **TIGHT)
+            grads = torch.autograd.grad(got, (x, ref_x), create_graph=create_graph)
+            for g, w in zip(grads, want):
+                torch.testing.assert_close(g, w, **TIGHT)
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+def test_retain_graph_and_freed_graph(mining):
+    labels, x = _batch(7)
+    x = leaf(x)
+    loss = function_loss(mining, labels, x, 0.5, "euclidean")
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    loss.backward()
+    assert torch.equal(x.grad, first)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("mining", FIRST_ORDER)
+def test_no_graph_without_grad(mining):
+    """Under no_grad or inference_mode, or for inputs that need no gradient,
+    the result has no graph at all."""
+    labels, x = _batch(8)
+    plain = function_loss(mining, labels, x, 0.5, "euclidean")
+    assert plain.grad_fn is None
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            got = function_loss(mining, labels, leaf(x), 0.5, "euclidean")
+        assert got.grad_fn is None and torch.equal(got, plain)
+
+
+def _hard_by_pairs(labels, x, margin, distance, soft):
+    """The reference's batch-hard, its selection taken from the reference and
+    each selected distance recomputed from its two rows alone: the
+    reference's full matrix holds the zero self-distances, where the
+    Euclidean norm has no second derivative (autograd gives NaN)."""
+    problem = reference._Problem(labels, x, distance, None, None, None)
+    terms = []
+    for a in range(problem.n):
+        pos, neg = problem.positives(a), problem.negatives(a)
+        if not pos or not neg:
+            continue
+        row = problem.dv[a]
+        p = pos[reference._argmax_lowest([row[j] for j in pos])]
+        n = neg[reference._argmin_lowest([row[j] for j in neg])]
+        z = (reference.pair_distance(x[a], x[p], distance)
+             - reference.pair_distance(x[a], x[n], distance) + margin)
+        terms.append(torch.nn.functional.softplus(z) if soft else torch.relu(z))
+    return torch.stack(terms).mean() if terms else x.sum() * 0.0
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_batch_hard_hessian_matches_reference(distance, soft):
+    for seed in SEEDS:
+        labels, x = _batch(seed, size=(4, 9))
+        for margin in (0.2, 2.0):
+            torch.testing.assert_close(_hard_by_pairs(labels, x, margin, distance, soft),
+                                       _ref_loss("hard", labels, x, margin, distance, soft=soft),
+                                       **TIGHT)
+            got = torch.autograd.functional.hessian(
+                lambda e: function_loss("hard", labels, e, margin, distance, soft=soft), x)
+            expected = torch.autograd.functional.hessian(
+                lambda e: _hard_by_pairs(labels, e, margin, distance, soft), x)
+            torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    assert expected.abs().sum() > 0
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_batch_hard_gradgradcheck(distance):
+    for seed in SEEDS[:3]:
+        labels, x = _batch(seed, size=(4, 7))
+        ref_labels = torch.cat([labels, make_labels(random.Random(seed), 5)])
+        ref_x = torch.cat([x, torch.randn(5, 3, dtype=torch.float64,
+                                          generator=torch.Generator().manual_seed(seed))])
+        torch.autograd.gradgradcheck(
+            lambda e: function_loss("hard", labels, e, 0.7, distance, soft=True), (leaf(x),))
+        torch.autograd.gradgradcheck(
+            lambda e, r: function_loss("hard", labels, e, 0.7, distance, soft=True,
+                                       ref_embeddings=r, ref_labels=ref_labels, anchor_offset=0),
+            (leaf(x), leaf(ref_x)))
+
+
+# ------------------------------------------------------------ learnable margin
+# These need the core's `margin_tensor=` argument (the binding's side of item 7).
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining, soft", [("all", False), ("hard", False), ("hard", True),
+                                          ("semihard", False)])
+def test_margin_tensor_gets_the_reference_gradient(mining, soft, distance):
+    for seed in SEEDS:
+        labels, x = _batch(seed, size=(5, 10))
+        for value, shape in ((0.3, ()), (1.5, (1,))):
+            margin = torch.full(shape, value, dtype=torch.float64, requires_grad=True)
+            got = function_loss(mining, labels, leaf(x), margin, distance, soft=soft)
+            ref_margin = torch.full(shape, value, dtype=torch.float64, requires_grad=True)
+            expected = _ref_loss(mining, labels, x, ref_margin.reshape(()), distance, soft=soft)
+            torch.testing.assert_close(got, expected.reshape(()), **TIGHT)
+            (g,) = torch.autograd.grad(got, margin)
+            (w,) = grad_of(expected, ref_margin)
+            assert g.shape == margin.shape
+            torch.testing.assert_close(g, w, **TIGHT)
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+def test_margin_parameter_of_a_module_is_learned(mining):
+    labels, x = _batch(11, size=(8, 12))
+    margin = torch.nn.Parameter(torch.tensor(0.4, dtype=torch.float64))
+    module = make_module(mining, margin, "euclidean")
+    assert any(p is margin for p in module.parameters())
+    module(leaf(x), labels).backward()
+    ref_margin = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    (expected,) = grad_of(_ref_loss(mining, labels, x, ref_margin, "euclidean"), ref_margin)
+    assert expected != 0
+    torch.testing.assert_close(margin.grad, expected, **TIGHT)
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+def test_margin_tensor_without_grad_needs_no_graph(mining):
+    """A margin tensor that needs no gradient, or any margin under no_grad,
+    is read by value."""
+    labels, x = _batch(12)
+    expected = function_loss(mining, labels, x, 0.25, "euclidean")
+    for margin in (torch.tensor(0.25), torch.tensor([0.25], dtype=torch.float64)):
+        assert torch.equal(function_loss(mining, labels, x, margin, "euclidean"), expected)
+    with torch.no_grad():
+        margin = torch.tensor(0.25, requires_grad=True)
+        assert torch.equal(function_loss(mining, labels, x, margin, "euclidean"), expected)
+    assert margin.grad is None
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+def test_margin_tensor_off_the_cpu_is_refused(mining):
+    labels, x = _batch(13)
+    margin = torch.tensor(0.2, device="meta", requires_grad=True)
+    for grad_mode in (True, False):
+        with torch.set_grad_enabled(grad_mode):
+            with pytest.raises(ValueError, match="margin: must be a number or a one-element CPU tensor"):
+                function_loss(mining, labels, leaf(x), margin, "euclidean")
+            assert torch.is_grad_enabled() == grad_mode
+
+
+# ------------------------------------------------------------ anchor_offset
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining, soft", [("all", False), ("hard", False), ("hard", True),
+                                          ("semihard", False)])
+def test_anchor_offset_matches_reference(mining, soft, distance):
+    for seed in range(60, 75):
+        labels, x, ref_labels, ref_x, k = make_reference_set(seed, 6, 3, with_offset=True)
+        x, ref_x = leaf(x), leaf(ref_x)
+        kw = dict(ref_embeddings=ref_x, ref_labels=ref_labels, anchor_offset=k)
+        expected = _ref_loss(mining, labels, x, 0.4, distance, soft=soft, **kw)
+        got = function_loss(mining, labels, x, 0.4, distance, soft=soft, **kw)
+        torch.testing.assert_close(got, expected, **TIGHT)
+        module = make_module(mining, 0.4, distance, soft)
+        torch.testing.assert_close(module(x, labels, **kw), got, rtol=0, atol=0)
+        for g, w in zip(grad_of(got, x, ref_x), grad_of(expected, x, ref_x)):
+            torch.testing.assert_close(g, w, **TIGHT)
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+def test_anchor_offset_agrees_with_cross_batch_memory(mining):
+    """The issue's example: references = cat([batch, bank]) with
+    anchor_offset=0 is CrossBatchMemory's loss; without it each anchor is its
+    own positive and the value differs (here through class 5's anchor)."""
+    g = torch.Generator().manual_seed(4)
+    labels = torch.tensor([0, 0, 1, 1, 2, 5])  # class 5 has no other sample
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    bank, bank_labels = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.tensor(
+        [0, 1, 2, 3, 4, 0, 1, 2, 3])
+    memory = CrossBatchMemory(make_module(mining, 3.0, "euclidean"), memory_size=32)
+    memory.enqueue(bank, bank_labels)
+    expected = memory(x, labels)
+    kw = dict(ref_embeddings=torch.cat([x, bank]), ref_labels=torch.cat([labels, bank_labels]))
+    got = function_loss(mining, labels, x, 3.0, "euclidean", anchor_offset=0, **kw)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(function_loss(mining, labels, x, 3.0, "euclidean", **kw), expected)
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("bad", [True, 1.0, "0", -1, 8, 2**70, -(2**70)])
+def test_anchor_offset_errors(mining, bad):
+    labels, x = torch.tensor([0, 0, 1]), torch.randn(3, 2)
+    ref = dict(ref_embeddings=torch.randn(10, 2), ref_labels=torch.arange(10))
+    for grad_mode in (True, False):
+        with torch.set_grad_enabled(grad_mode):
+            with pytest.raises(ValueError, match="anchor_offset"):
+                function_loss(mining, labels, x, 0.2, "euclidean", anchor_offset=bad, **ref)
+            with pytest.raises(ValueError, match="anchor_offset"):
+                make_module(mining, 0.2, "euclidean")(x, labels, anchor_offset=bad, **ref)
+            if bad not in (0, None) and not isinstance(bad, (bool, float, str)):
+                with pytest.raises(ValueError, match="anchor_offset"):
+                    function_loss(mining, labels, x, 0.2, "euclidean", anchor_offset=bad)
+            assert torch.is_grad_enabled() == grad_mode
+    # 0 without references is the batch itself.
+    assert torch.equal(function_loss(mining, labels, x, 0.2, "euclidean", anchor_offset=0),
+                       function_loss(mining, labels, x, 0.2, "euclidean"))

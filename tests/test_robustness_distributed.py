@@ -1,0 +1,106 @@
+"""DistributedTripletLoss with ranks that disagree (issue 11, item 10): a
+dtype or width that differs between ranks raised inside gloo (or aborted the
+process); now every rank raises a ValueError naming the argument, and the
+group stays usable."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from online_triplet_loss import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss
+from online_triplet_loss import CrossBatchMemory
+from online_triplet_loss.distributed import DistributedTripletLoss
+from test_distributed import _start
+
+MAKERS = [lambda: BatchAllTripletLoss(margin=0.5), lambda: BatchHardTripletLoss(margin=0.5),
+          lambda: BatchSemiHardTripletLoss(margin=0.5)]
+
+# (name, what the message names, rank 0's (dtype, width, label dtype), rank 1's)
+MISMATCHES = [
+    ("float32 vs float64", "embeddings: every rank of the group must pass the same dtype",
+     (torch.float32, 3, torch.int64), (torch.float64, 3, torch.int64)),
+    ("float64 vs bfloat16", "embeddings: every rank of the group must pass the same dtype",
+     (torch.float64, 3, torch.int64), (torch.bfloat16, 3, torch.int64)),
+    ("width 3 vs 4", "embeddings: every rank of the group must pass the same width",
+     (torch.float32, 3, torch.int64), (torch.float32, 4, torch.int64)),
+    ("int64 vs int32 labels", "labels: every rank of the group must pass the same dtype",
+     (torch.float32, 3, torch.int64), (torch.float32, 3, torch.int32)),
+    ("int64 vs float labels", "labels: every rank of the group must pass the same dtype",
+     (torch.float32, 3, torch.int64), (torch.float32, 3, torch.float32)),
+]
+
+
+def _inputs(rank, spec, rows):
+    dtype, width, label_dtype = spec
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(rows, width, generator=g).to(dtype).requires_grad_(True)
+    return x, torch.tensor([0, 1, 0, 2, 1][:rows]).to(label_dtype)
+
+
+def _worker(rank, world, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for name, message, *specs in MISMATCHES:
+            for make in MAKERS:
+                for wrap in ("loss", "memory", "gather"):
+                    x, y = _inputs(rank, specs[rank], 4 + rank)
+                    criterion = DistributedTripletLoss(make())
+                    call = {
+                        "loss": lambda: criterion(x, y),
+                        "memory": lambda: CrossBatchMemory(criterion, memory_size=8)(x, y),
+                        "gather": lambda: criterion.gather(x, y),
+                    }[wrap]
+                    for grad_mode in (True, False):
+                        with torch.set_grad_enabled(grad_mode):
+                            try:
+                                call()
+                            except ValueError as err:
+                                assert message in str(err), (name, rank, str(err))
+                                assert f"on rank {1 - rank}" in str(err), str(err)
+                            else:
+                                raise AssertionError(f"{name} {wrap}: rank {rank} did not raise")
+                            assert torch.is_grad_enabled() == grad_mode
+                    # The group still works: a matching call goes through on both ranks.
+                    x, y = _inputs(rank, specs[0], 4 + rank)
+                    loss = criterion(x, y)
+                    loss.backward()
+                    assert torch.isfinite(loss) and x.grad is not None
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mismatched_ranks_raise_value_error_on_every_rank(tmp_path):
+    assert dist.is_available(), "torch.distributed is required"
+    _start(_worker, (2, os.path.join(str(tmp_path), "init")), 2)
+
+
+@pytest.mark.parametrize("extra_dtype", [torch.float32, torch.float64, torch.int32, torch.int64])
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.float64, torch.uint8])
+def test_extra_labels_keep_their_values(label_dtype, extra_dtype):
+    """Extra references whose labels have another dtype: a float label 1.5 is
+    no class 1 (it was truncated to the anchors' integer dtype before), and
+    1.0 is class 1. Checked against the float64 reference on the values."""
+    import reference
+
+    assert not dist.is_initialized()
+    g = torch.Generator().manual_seed(2)
+    labels = torch.tensor([0, 1, 1, 2, 3]).to(label_dtype)
+    extra_values = [1.5, 1.0, 2.5, 0.0, 3.0, 2.0] if extra_dtype.is_floating_point else [1, 0, 5, 2]
+    extra_labels = torch.tensor(extra_values).to(extra_dtype)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    extra = torch.randn(len(extra_values), 3, generator=g, dtype=torch.float64)
+    for mining, make in zip(("all", "hard", "semihard"), MAKERS):
+        got = DistributedTripletLoss(make())(x, labels, extra_embeddings=extra,
+                                              extra_labels=extra_labels)
+        expected = reference.reference_terms(
+            mining, labels.double(), x, 0.5, ref_embeddings=torch.cat([x, extra]),
+            ref_labels=torch.cat([labels.double(), extra_labels.double()]), anchor_offset=0).loss
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

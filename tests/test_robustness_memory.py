@@ -1,0 +1,207 @@
+"""CrossBatchMemory against hostile use (issue 11, item 6): calls under
+inference_mode / no_grad, batches with non-finite rows, and saved states of
+another memory. The reference is a memory fed only what it should hold."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import LOSSES, leaf, make_module
+from online_triplet_loss import CrossBatchMemory
+from online_triplet_loss.distributed import DistributedTripletLoss
+
+SIZE = 7
+
+
+def _batches(seed, n=5, rows=(3, 5, 2, 9, 4)):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows[i % len(rows)], 3, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (rows[i % len(rows)],), generator=g)) for i in range(n)]
+
+
+def _memory(mining, wrap=False, **kw):
+    loss = make_module(mining, 0.5, "euclidean")
+    return CrossBatchMemory(DistributedTripletLoss(loss) if wrap else loss, memory_size=SIZE, **kw)
+
+
+def _same_memory(a, b):
+    assert a.num_stored == b.num_stored
+    for x, y in zip(a.memory, b.memory):
+        assert torch.equal(x, y)
+
+
+MODES = {
+    "inference_mode": torch.inference_mode,
+    "no_grad": torch.no_grad,
+}
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "distributed"])
+@pytest.mark.parametrize("preallocated", [False, True])
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("mining", LOSSES)
+def test_calls_without_grad_leave_a_trainable_memory(mining, mode, preallocated, wrap):
+    """Any step (the first, or a later one, forward or enqueue) run under
+    inference_mode or no_grad: the next training steps work and see the
+    memory that a memory fed the same batches in grad mode holds."""
+    kw = dict(embedding_dim=3) if preallocated else {}
+    batches = _batches(1)
+    for quiet_step in range(3):
+        for how in ("forward", "enqueue"):
+            memory, expected = _memory(mining, wrap, **kw), _memory(mining, wrap, **kw)
+            if preallocated:
+                memory.double(), expected.double()
+            for step, (x, y) in enumerate(batches):
+                x = leaf(x)
+                if step == quiet_step:
+                    with MODES[mode]():
+                        memory(x, y) if how == "forward" else memory.enqueue(x, y)
+                    expected.enqueue(x, y)
+                    continue
+                loss = memory(x, y)
+                loss.backward()  # raised "Inplace update to inference tensor" before
+                torch.testing.assert_close(loss, expected(x.detach(), y), rtol=0, atol=0)
+            assert not memory.memory_embeddings.is_inference()
+            assert not memory.memory_labels.is_inference()
+            _same_memory(memory, expected)
+            assert torch.is_grad_enabled()
+
+
+BAD = [float("nan"), float("inf"), -float("inf")]
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "distributed"])
+@pytest.mark.parametrize("bad", BAD, ids=repr)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_non_finite_rows_are_not_stored(mining, bad, wrap):
+    """Rows with a NaN/Inf coordinate, anywhere in a batch, in batches that
+    wrap the ring or overflow it: the batch's loss is NaN, the memory holds
+    exactly the finite rows, and later losses are those of that memory."""
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        memory, expected = _memory(mining, wrap), _memory(mining, wrap)
+        history = []  # the finite rows of every batch so far
+        for step, (x, y) in enumerate(_batches(seed, n=6)):
+            rows = torch.rand(x.shape[0], generator=g) < 0.4
+            if step % 2 == 1:
+                rows[torch.randint(0, x.shape[0], (1,), generator=g)] = True
+            x = x.clone()
+            columns = torch.randint(0, 3, (x.shape[0],), generator=g)
+            x[rows, columns[rows]] = bad
+            loss = memory(leaf(x), y)
+            # The reference: a memory that was only ever given finite rows.
+            expected.reset()
+            for past in history:
+                expected.enqueue(*past)
+            expected_loss = expected(x, y)
+            history.append((x[~rows], y[~rows]))
+            expected.reset()
+            for past in history:
+                expected.enqueue(*past)
+            if rows.any():
+                assert torch.isnan(loss), (seed, step)
+            else:
+                torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+            _same_memory(memory, expected)
+            assert torch.isfinite(memory.memory[0]).all()
+        clean_x, clean_y = _batches(seed + 100, n=1)[0]
+        later = memory(leaf(clean_x), clean_y)
+        assert torch.isfinite(later)
+        torch.testing.assert_close(later, expected(clean_x, clean_y), rtol=0, atol=0)
+
+
+def test_a_batch_of_only_non_finite_rows_stores_nothing():
+    for mining in LOSSES:
+        memory = _memory(mining)
+        x = torch.full((4, 3), float("nan"), dtype=torch.float64)
+        assert torch.isnan(memory(x, torch.tensor([0, 0, 1, 1])))
+        assert memory.num_stored == 0
+        memory(torch.randn(3, 3, dtype=torch.float64), torch.tensor([0, 0, 1]))
+        assert memory.num_stored == 3 and memory.memory_embeddings.dtype == torch.float64
+
+
+# ------------------------------------------------------------ load_state_dict
+
+
+def _filled(size=SIZE, steps=2, embedding_dim=None):
+    memory = CrossBatchMemory(make_module("hard", 0.5, "euclidean"), memory_size=size,
+                              embedding_dim=embedding_dim)
+    for x, y in _batches(3, n=steps):
+        if embedding_dim is not None:
+            x = torch.cat([x, x], 1)[:, :embedding_dim]
+        memory.enqueue(x.float(), y)
+    return memory
+
+
+def _corrupt(state, **extra):
+    state = copy.deepcopy(state)
+    state["_extra_state"].update(extra)
+    return state
+
+
+def _bad_states():
+    good = _filled().state_dict()
+    yield "bigger memory", _filled(size=SIZE * 2, steps=4).state_dict()
+    yield "smaller memory", _filled(size=SIZE - 3).state_dict()
+    yield "other width", _filled(embedding_dim=5).state_dict()  # loaded into a width-3 memory
+    yield "count above size", _corrupt(good, count=SIZE + 13, next=0)
+    yield "negative count", _corrupt(good, count=-1)
+    yield "next past the end", _corrupt(_filled(steps=3).state_dict(), next=SIZE)
+    yield "negative next", _corrupt(good, next=-2)
+    yield "next not after the last", _corrupt(_filled(steps=1).state_dict(), next=1)
+    yield "count not an int", _corrupt(good, count=2.5)
+    yield "count a bool", _corrupt(good, count=True, next=1)
+    yield "huge count", _corrupt(good, count=2**70)
+    bad = _corrupt(good)
+    del bad["memory_embeddings"]
+    yield "no buffers for a count", bad
+    bad = copy.deepcopy(good)
+    bad["memory_labels"] = bad["memory_labels"][:3]
+    yield "short labels", bad
+
+
+BAD_STATES = list(_bad_states())
+
+
+@pytest.mark.parametrize("target", ["fresh", "used", "preallocated"])
+@pytest.mark.parametrize("why, state", BAD_STATES, ids=[w for w, _ in BAD_STATES])
+def test_load_state_dict_refuses_other_memories(why, state, target):
+    if target == "fresh":
+        memory = CrossBatchMemory(make_module("hard", 0.5, "euclidean"), memory_size=SIZE)
+    elif target == "used":
+        memory = _filled(steps=1)
+    else:
+        memory = CrossBatchMemory(make_module("hard", 0.5, "euclidean"), memory_size=SIZE,
+                                  embedding_dim=3)
+    if why == "other width" and target == "fresh":
+        pytest.skip("a fresh memory without embedding_dim takes any width")  # tested below
+    before = (memory.num_stored, [t.clone() for t in memory.memory])
+    for strict in (True, False):
+        with pytest.raises((ValueError, RuntimeError)) as info:
+            memory.load_state_dict(state, strict=strict)
+        message = str(info.value)
+        assert "state_dict" in message or "size mismatch" in message, message
+        if isinstance(info.value, ValueError):
+            assert f"memory_size={SIZE}" in message
+        assert memory.num_stored == before[0]
+        for got, was in zip(memory.memory, before[1]):
+            assert torch.equal(got, was)
+    # Still usable.
+    memory(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def test_load_state_dict_accepts_memories_of_the_same_size():
+    for steps in (0, 1, 2, 3):
+        source = _filled(steps=steps)
+        # (An empty memory saves no buffers: a preallocated one misses them.)
+        for kw in ({}, {"embedding_dim": 3}) if steps else ({},):
+            target = CrossBatchMemory(make_module("hard", 0.5, "euclidean"), memory_size=SIZE, **kw)
+            target.load_state_dict(source.state_dict())
+            _same_memory(target, source)
+    # A fresh memory without embedding_dim takes its width from the state.
+    target = CrossBatchMemory(make_module("hard", 0.5, "euclidean"), memory_size=SIZE)
+    target.load_state_dict(_filled(embedding_dim=5, steps=0).state_dict())
+    assert target.embedding_dim == 5

@@ -1,0 +1,71 @@
+"""PKSampler reads class ids by value (issue 11, item 5): a list of 0-d
+tensors (``[dataset[i][1] for i in ...]``), 0-d arrays and numpy scalars
+give the classes that the plain ints give."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from online_triplet_loss import PKSampler
+
+LABELS = [3, 1, 3, 0, 1, 3, 0, 2, 2, 1, 0, 3, 2]
+
+
+def _containers(values):
+    """The same labels in every form a caller may hand over."""
+    ints = [int(v) for v in values]
+    dataset = TensorDataset(torch.zeros(len(ints), 2), torch.tensor(ints))
+    return {
+        "ints": ints,
+        "0-d int64 tensors": [torch.tensor(v) for v in ints],
+        "0-d int32 tensors": [torch.tensor(v, dtype=torch.int32) for v in ints],
+        "0-d float tensors": [torch.tensor(float(v)) for v in ints],
+        "dataset items": [dataset[i][1] for i in range(len(ints))],
+        "1-D tensor": torch.tensor(ints),
+        "uint8 tensor": torch.tensor(ints, dtype=torch.uint8),
+        "numpy array": np.array(ints),
+        "numpy int32 scalars": [np.int32(v) for v in ints],
+        "numpy float scalars": [np.float64(v) for v in ints],
+        "0-d arrays": [np.array(v) for v in ints],
+        "floats": [float(v) for v in ints],
+        "mixed": [torch.tensor(v) if i % 3 == 0 else np.int64(v) if i % 3 == 1 else v
+                  for i, v in enumerate(ints)],
+        "tuple": tuple(ints),
+    }
+
+
+CONTAINERS = _containers(LABELS)
+
+
+@pytest.mark.parametrize("name", sorted(CONTAINERS))
+@pytest.mark.parametrize("p, k", [(2, 2), (4, 3), (3, 1)])
+def test_every_label_form_gives_the_batches_of_plain_ints(name, p, k):
+    expected = PKSampler(LABELS, p, k, seed=4)
+    sampler = PKSampler(CONTAINERS[name], p, k, seed=4)
+    assert sampler.num_classes == len(set(LABELS)) == expected.num_classes
+    for epoch in (0, 1):
+        expected.set_epoch(epoch), sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert batches == list(expected)
+        for batch in batches:
+            assert len({LABELS[i] for i in batch}) == p
+
+
+@pytest.mark.parametrize("bad, shape", [
+    ([torch.tensor([1]), torch.tensor([2])], r"\(1,\)"),
+    ([torch.zeros(2), torch.zeros(2)], r"\(2,\)"),
+    ([np.array([1, 2])], r"\(2,\)"),
+    (np.zeros((3, 1)), r"\(3, 1\)"),
+])
+def test_elements_that_are_not_scalars_are_refused(bad, shape):
+    with pytest.raises(ValueError, match=f"labels: must be 1-D.*{shape}"):
+        PKSampler(bad, 1, 1)
+
+
+def test_nan_labels_are_distinct_classes():
+    labels = torch.tensor([0.0, float("nan"), 0.0, float("nan"), 1.0, 1.0])
+    for form in (labels, list(labels), labels.numpy()):
+        assert PKSampler(form, 1, 2).num_classes == 4
