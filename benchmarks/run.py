@@ -6,8 +6,8 @@ RSS of a cell is that cell's alone. Implementations:
 
 - ``ours``:  this repository's ``online_triplet_loss.losses``.
 - ``v006``:  online_triplet_loss 0.0.6 (dense B^3; batch-all and batch-hard only),
-  fetched with ``pip download`` into ``benchmarks/.cache`` and loaded under the
-  module name ``online_triplet_loss_v006``.
+  its wheel taken from ``--wheels DIR`` (offline) or fetched with ``pip download``
+  into ``benchmarks/.cache``, and loaded under the module name ``online_triplet_loss_v006``.
 - ``pml``:   pytorch-metric-learning (a miner, then ``TripletMarginLoss`` on the
   mined indices; plain Euclidean distances, no normalisation).
 - ``floor``: forward+backward of the B x B Euclidean distance matrix alone, both as
@@ -53,6 +53,7 @@ OVER_TIME = "over time cap"
 OVER_MEM = "over memory cap"
 UNAVAILABLE = "unavailable"
 ERROR = "error"
+NOT_RUN = "not run"  # the total --budget was spent before the cell's turn
 
 GB = 1e9
 
@@ -237,6 +238,10 @@ def estimate_memory(impl: str, mining: str, B: int, K: int) -> int:
     if impl == "pml" and mining in ("all", "semihard"):
         dense = B ** 3 if B ** 3 < 2 ** 31 - 1 else 0  # uint8 B^3 mask before torch.where
         return dense + 100 * valid_triplets(B, K)  # int64 indices, gathers, their grads
+    if impl == "ours":
+        return 0  # mined in chunks of rows: O(B * chunk), far below any cap
+    if impl == "floor":
+        return 16 * B * B  # the float32 B x B distances, their gradient and two temporaries
     return 40 * B * B  # a few float32 B x B matrices and their grads
 
 
@@ -262,13 +267,20 @@ def fmt_bytes(b: Optional[float]) -> str:
     return f"{b / 1e6:.0f} MB"
 
 
-def ensure_v006() -> Tuple[Optional[str], str]:
-    """Path of 0.0.6's losses.py, fetching its wheel once; or (None, reason)."""
+def ensure_v006(wheels_dir: Optional[Path] = None) -> Tuple[Optional[str], str]:
+    """Path of 0.0.6's losses.py, from its wheel in ``wheels_dir`` (never the
+    network) or else fetching it once; or (None, reason)."""
     target = CACHE / f"v{V006_VERSION}" / "online_triplet_loss" / "losses.py"
-    if target.exists():
+    pattern = f"online_triplet_loss-{V006_VERSION}-*.whl"
+    if wheels_dir is not None:
+        wheels = sorted(Path(wheels_dir).glob(pattern))
+        if not wheels:
+            return None, f"no {pattern} in {wheels_dir}"
+    elif target.exists():
         return str(target), ""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(CACHE.glob(f"online_triplet_loss-{V006_VERSION}-*.whl"))
+    else:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        wheels = sorted(CACHE.glob(pattern))
     if not wheels:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                f"online_triplet_loss=={V006_VERSION}", "-d", str(CACHE)]
@@ -498,7 +510,8 @@ def write_outputs(cells: List[dict], meta: dict, out: Path) -> None:
         f"{meta['threads']} CPU threads, pytorch-metric-learning {meta['pml'] or 'n/a'}, commit {meta['commit']}",
         f"- D={meta['D']}, K={meta['K']} per class (P = B/K classes, labels {meta['labels']}), margin {meta['margin']}, "
         f"embeddings randn/sqrt(D), forward+backward, median of up to {meta['repeats']} runs after a warm-up",
-        f"- caps: {time_cap:g} s per run, {meta['mem_cap_gb']:g} GB per cell; "
+        f"- caps: {time_cap:g} s per run, {meta['mem_cap_gb']:g} GB per cell"
+        + (f", {meta['budget_s']:g} s in all" if meta.get("budget_s") else "") + "; "
         f"load average at start {meta['loadavg_start'][0]:.2f}"
         + (f", at end {meta['loadavg_end'][0]:.2f}" if "loadavg_end" in meta else "")
         + f" on {meta['cpus']} CPUs; thread environment: "
@@ -629,6 +642,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--jobs", type=int, default=1,
                     help="series (impl×mining) run in parallel; >1 disturbs timings, for smoke tests only")
     ap.add_argument("--out", default=str(HERE / "results"), help="output directory")
+    ap.add_argument("--wheels", default=None,
+                    help="folder holding the online_triplet_loss 0.0.6 wheel (offline); "
+                         "default: pip download it into benchmarks/.cache")
+    ap.add_argument("--budget", type=float, default=0.0,
+                    help="seconds; no cell starts after this (they are reported 'not run'); 0: no limit")
     args = ap.parse_args(argv)
 
     explicit = parse_cells(args.cells) if args.cells else None
@@ -651,7 +669,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         pml_version = None
 
     cells_plan = plan_cells(impls, minings, sizes, explicit)
-    v006 = ensure_v006() if any(c[0] == "v006" for c in cells_plan) else (None, "not requested")
+    v006 = (ensure_v006(Path(args.wheels) if args.wheels else None)
+            if any(c[0] == "v006" for c in cells_plan) else (None, "not requested"))
     base = {
         "pml_available": pml_version is not None,
         "spec": {"device": device, "D": args.dim, "K": args.k, "margin": args.margin,
@@ -665,6 +684,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "commit": _commit(), "python": platform.python_version(),
         "D": args.dim, "K": args.k, "margin": args.margin, "labels": args.labels,
         "repeats": args.repeats, "jobs": args.jobs, "time_cap_s": args.time_cap, "mem_cap_gb": args.mem_cap_gb,
+        "budget_s": args.budget or None,
         "argv": sys.argv[1:] if argv is None else argv,
         "loadavg_start": list(os.getloadavg()), "cpus": os.cpu_count(),
         # thread settings that the cells inherit and that move timings
@@ -672,6 +692,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_", "RAYON_", "OPENBLAS_"))},
     }
     out = Path(args.out)
+    started = time.time()
     lock = threading.Lock()
     done: Dict[Tuple[str, str, int], dict] = {}
 
@@ -679,7 +700,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         series: Dict[Tuple[str, str], dict] = {}
         for impl, mining, B in cells:
             t0 = time.time()
-            c = run_cell(impl, mining, B, args, base, series, v006)
+            if args.budget and t0 - started > args.budget:
+                c = {"impl": impl, "mining": mining, "B": B, "status": NOT_RUN,
+                     "detail": f"total budget of {args.budget:g} s spent"}
+            else:
+                c = run_cell(impl, mining, B, args, base, series, v006)
             if c.get("status") in (OK, OVER_TIME, OVER_MEM):
                 series[(impl, mining)] = c
             with lock:

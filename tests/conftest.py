@@ -28,6 +28,26 @@ if str(TESTS_DIR) not in sys.path:
 # One intra-op torch thread keeps the suite fast and changes no result.
 torch.set_num_threads(1)
 
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "cuda: runs on the device OTL_TEST_DEVICE (default cuda); skipped with the reason when "
+        "CUDA is missing (tests/test_cuda.py)",
+    )
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Names the reason when tests marked ``cuda`` were skipped, so that a
+    run without a GPU says so even without ``-rs``."""
+    reasons = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        if "cuda" in report.keywords and isinstance(report.longrepr, tuple):
+            reason = report.longrepr[2].removeprefix("Skipped: ")
+            reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in reasons.items():
+        terminalreporter.write_line(f"cuda: {count} test(s) skipped: {reason}", yellow=True)
+
 @dataclass
 class Batch:
     seed: int

@@ -1,0 +1,344 @@
+"""The losses, reference sets, CrossBatchMemory and the metrics on a CUDA device.
+
+Every test runs on the device named by the environment variable
+``OTL_TEST_DEVICE`` (default ``cuda``) and compares it with the CPU and with
+the float64 brute-force references of tests/reference.py (values and
+gradients). Without CUDA every test is skipped with the reason;
+``OTL_TEST_DEVICE=cpu`` runs the same checks on the CPU device, which is how
+``tools/gpu-check --cpu`` proves them on a machine without a GPU (there the
+device-versus-CPU comparisons compare the CPU with itself and only the
+reference comparisons carry information). The host-synchronisation check
+needs CUDA and is skipped on any other device.
+
+Layout: losses against the CPU and the reference (per loss x distance x dtype)
+-> chunked mining -> reference sets -> CrossBatchMemory -> metrics -> no host
+synchronisation.
+
+Tolerances, per input dtype, of a loss or a gradient entry against the
+float64 reference of the same (already rounded) input values:
+
+- float64: the CPU reference tests' own (1e-9 / 1e-7 relative): only the
+  order of operations differs.
+- float32: 1e-4 for values and 1e-3 relative / 1e-4 absolute for gradients,
+  as tests/test_losses_reference.py allows float32 on the CPU.
+- float16 and bfloat16: computed in float32, then the loss and the gradient
+  are rounded to the input dtype, so float32's tolerance plus twice the unit
+  roundoff of that dtype (2^-11 and 2^-8) relative: one rounding of the value
+  itself, and one step between two neighbours when the device and the CPU
+  round a slightly different float32 result.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import online_triplet_loss
+import reference as R
+from conftest import make_batch, make_reference_set
+from helpers import DISTANCES, LOSSES, function_loss, grad_of, leaf
+from online_triplet_loss import (
+    BatchAllTripletLoss,
+    BatchHardTripletLoss,
+    BatchSemiHardTripletLoss,
+    CrossBatchMemory,
+    _core,
+)
+from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
+from test_memory import reference_loss as memory_reference_loss
+from test_metrics import brute_force as metrics_brute_force
+from test_metrics import random_data as metrics_random_data
+
+pytestmark = pytest.mark.cuda
+
+DEVICE_VARIABLE = "OTL_TEST_DEVICE"
+
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def value_tol(dtype: torch.dtype) -> dict:
+    if dtype == torch.float64:
+        return dict(rtol=1e-9, atol=1e-10)
+    return dict(rtol=1e-4 + 2 * UNIT_ROUNDOFF.get(dtype, 0.0), atol=1e-4)
+
+
+def grad_tol(dtype: torch.dtype) -> dict:
+    if dtype == torch.float64:
+        return dict(rtol=1e-7, atol=1e-9)
+    return dict(rtol=1e-3 + 2 * UNIT_ROUNDOFF.get(dtype, 0.0), atol=1e-4)
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, what: str, **tol) -> None:
+    """Compares in float64 on the CPU, whatever the devices and dtypes."""
+    torch.testing.assert_close(got.detach().cpu().double(), expected.detach().cpu().double(),
+                               msg=lambda m: f"{what}: {m}", **tol)
+
+
+@pytest.fixture(scope="module")
+def device(record_testsuite_property) -> torch.device:
+    """The device under test; skips the module's tests when it is CUDA and
+    there is none. With ``OTL_EXPECT_PACKAGE_DIR`` set (tools/gpu-check sets
+    it), the package must be the one installed there, not the source tree."""
+    record_testsuite_property("online_triplet_loss", online_triplet_loss.__file__)
+    record_testsuite_property("torch", torch.__version__)
+    expected = os.environ.get("OTL_EXPECT_PACKAGE_DIR")
+    if expected:
+        package = Path(online_triplet_loss.__file__).resolve()
+        assert Path(expected).resolve() in package.parents, (
+            f"online_triplet_loss was imported from {package}, not from the installed wheel in {expected}")
+    dev = torch.device(os.environ.get(DEVICE_VARIABLE, "cuda"))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip(f"CUDA is not available (torch {torch.__version__}, CUDA build "
+                        f"{torch.version.cuda or 'none'}); {DEVICE_VARIABLE}=cpu runs these checks on the CPU")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            pytest.skip(f"{dev} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+        record_testsuite_property("device_name", torch.cuda.get_device_name(dev))
+    record_testsuite_property("device", str(dev))
+    return dev
+
+
+def on(t, dev):
+    return None if t is None else t.to(dev)
+
+
+def run_loss(mining, labels, emb, margin, distance, soft, dev, ref_labels=None, ref_emb=None):
+    """Loss (and batch-all's fraction) and gradients on ``dev``; the inputs are
+    copied there as leaves."""
+    x = leaf(emb.to(dev))
+    y = leaf(ref_emb.to(dev)) if ref_emb is not None else None
+    kw = {} if y is None else dict(ref_embeddings=y, ref_labels=ref_labels.to(dev))
+    fraction = None
+    if mining == "all":
+        loss, fraction = online_triplet_loss.batch_all_triplet_loss(labels.to(dev), x, margin,
+                                                                    distance=distance, **kw)
+    else:
+        loss = function_loss(mining, labels.to(dev), x, margin, distance, soft, **kw)
+    grads = grad_of(loss, x, *([] if y is None else [y]))
+    return loss, fraction, grads
+
+
+# ------------------------------------------------- losses: device vs CPU vs reference
+
+LOSS_SEEDS = (300, 301, 302, 303)
+DUPLICATE_SEEDS = (500, 501)  # exact copies of rows: zero distances and ties (float64 only)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_loss_matches_cpu_and_reference(device, mining, distance, dtype):
+    margin = 0.2
+    batches = [make_batch(s, min_size=10) for s in LOSS_SEEDS]
+    if dtype == torch.float64:
+        batches += [make_batch(s, min_size=10, duplicates=True) for s in DUPLICATE_SEEDS]
+    for soft in ((False, True) if mining == "hard" else (False,)):
+        for b in batches:
+            what = f"{b} {mining} {distance} {DTYPE_IDS[dtype]} soft={soft}"
+            emb = b.embeddings.to(dtype)
+            got, got_frac, (g,) = run_loss(mining, b.labels, emb, margin, distance, soft, device)
+            assert got.device == device and got.dtype == dtype and got.shape == (), what
+            assert g.device == device and g.dtype == dtype, what
+            cpu, cpu_frac, (g_cpu,) = run_loss(mining, b.labels, emb, margin, distance, soft,
+                                               torch.device("cpu"))
+            xr = leaf(emb.double())
+            ref = R.reference_terms(mining, b.labels, xr, margin, distance, soft=soft)
+            (g_ref,) = grad_of(ref.loss, xr)
+
+            assert_close(got, ref.loss, what + " loss vs reference", **value_tol(dtype))
+            assert_close(g, g_ref, what + " gradient vs reference", **grad_tol(dtype))
+            assert_close(got, cpu, what + " loss vs CPU", **value_tol(dtype))
+            assert_close(g, g_cpu, what + " gradient vs CPU", **grad_tol(dtype))
+            if mining == "all":
+                assert got_frac.device == device, what
+                assert_close(got_frac, torch.tensor(ref.fraction, dtype=torch.float64), what + " fraction vs reference",
+                             **value_tol(dtype))
+                assert_close(got_frac, cpu_frac, what + " fraction vs CPU", **value_tol(dtype))
+
+
+@pytest.mark.parametrize("refs", ["none", "refs", "offset"])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_chunked_terms_match_reference(device, mining, distance, refs):
+    """Mining a few anchors at a time (uneven last chunk) gives the reference's
+    sum, count, valid and gradients on the device (float64)."""
+    margin, soft = 0.3, mining == "hard"
+    b = make_batch(3000, min_size=17, max_size=37)
+    labels, emb = b.labels, b.embeddings
+    rlabels = remb = offset = None
+    if refs != "none":
+        labels, emb, rlabels, remb, offset = make_reference_set(3100, 23, 4, with_offset=(refs == "offset"))
+    xr = leaf(emb)
+    yr = leaf(remb) if remb is not None else None
+    ref = R.reference_terms(mining, labels, xr, margin, distance, soft=soft, ref_embeddings=yr,
+                            ref_labels=rlabels, anchor_offset=offset)
+    ref_grads = grad_of(ref.sum, xr, *([yr] if yr is not None else []))
+    for chunk in (None, 1, 7):
+        x = leaf(emb.to(device))
+        y = leaf(remb.to(device)) if remb is not None else None
+        s, c, v = _core.triplet_terms(mining, labels.to(device), x, margin, distance, soft, y,
+                                      on(rlabels, device), offset, chunk)
+        what = f"{mining} {distance} {refs} chunk_size={chunk}"
+        assert s.device == device and c.device == device, what
+        assert (int(c), int(v)) == (ref.count, ref.valid), what
+        assert_close(s, ref.sum, what + " sum", **value_tol(torch.float64))
+        for g, gr in zip(grad_of(s, x, *([y] if y is not None else [])), ref_grads):
+            assert g.device == device, what
+            assert_close(g, gr, what + " gradient", **grad_tol(torch.float64))
+
+
+# ------------------------------------------------------------------- reference sets
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_reference_set_matches_cpu_and_reference(device, mining, distance, dtype):
+    margin = 0.5
+    for seed in range(3):
+        labels, emb, rlabels, remb, _ = make_reference_set(1000 + seed, 8 + 7 * seed, 2 + seed,
+                                                           with_offset=False)
+        emb, remb = emb.to(dtype), remb.to(dtype)
+        what = f"seed {1000 + seed} {mining} {distance} {DTYPE_IDS[dtype]}"
+        got, _, (gx, gy) = run_loss(mining, labels, emb, margin, distance, False, device, rlabels, remb)
+        cpu, _, (gx_cpu, gy_cpu) = run_loss(mining, labels, emb, margin, distance, False,
+                                            torch.device("cpu"), rlabels, remb)
+        xr, yr = leaf(emb.double()), leaf(remb.double())
+        ref = R.reference_terms(mining, labels, xr, margin, distance, ref_embeddings=yr, ref_labels=rlabels)
+        grx, gry = grad_of(ref.loss, xr, yr)
+        assert got.device == device and gx.device == device and gy.device == device, what
+        assert_close(got, ref.loss, what + " loss vs reference", **value_tol(dtype))
+        assert_close(gx, grx, what + " grad embeddings vs reference", **grad_tol(dtype))
+        assert_close(gy, gry, what + " grad ref_embeddings vs reference", **grad_tol(dtype))
+        assert_close(got, cpu, what + " loss vs CPU", **value_tol(dtype))
+        assert_close(gx, gx_cpu, what + " grad embeddings vs CPU", **grad_tol(dtype))
+        assert_close(gy, gy_cpu, what + " grad ref_embeddings vs CPU", **grad_tol(dtype))
+
+
+# ---------------------------------------------------------------- CrossBatchMemory
+
+MEMORY_CONFIGS = [
+    ("all", lambda: BatchAllTripletLoss(margin=0.5), "euclidean", False),
+    ("hard", lambda: BatchHardTripletLoss(margin=0.3), "euclidean", False),
+    ("hard", lambda: BatchHardTripletLoss(margin=0.0, distance="cosine", soft=True), "cosine", True),
+    ("semihard", lambda: BatchSemiHardTripletLoss(margin=0.4, distance="squared"), "squared", False),
+]
+
+
+@pytest.mark.parametrize("mining, make_loss, distance, soft", MEMORY_CONFIGS,
+                         ids=[f"{c[0]}-{c[2]}" + ("-soft" if c[3] else "") for c in MEMORY_CONFIGS])
+def test_cross_batch_memory_matches_cpu_and_reference(device, mining, make_loss, distance, soft):
+    """The same stream of batches through a memory on the device and on the
+    CPU (the ring wraps mid-batch): equal losses, gradients and stored
+    memory, and the plain-loop reference of tests/test_memory.py."""
+    g = torch.Generator().manual_seed(0)
+    memory_size = 13
+    on_device = CrossBatchMemory(make_loss(), memory_size=memory_size)
+    on_cpu = CrossBatchMemory(make_loss(), memory_size=memory_size)
+    margin = on_cpu.loss.margin
+    for step, batch in enumerate([6, 5, 7, 4, 20, 6]):
+        emb = torch.randn(batch, 3, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, 3, (batch,), generator=g)
+        # copies: the memory is updated in place by the calls below
+        memory_e, memory_l = (t.clone() for t in on_cpu.memory)
+        memory_e = memory_e.reshape(-1, 3).double()
+        x = leaf(emb.to(device))
+        got = on_device(x, labels.to(device))
+        (g_dev,) = grad_of(got, x)
+        x_cpu = leaf(emb)
+        cpu = on_cpu(x_cpu, labels)
+        (g_cpu,) = grad_of(cpu, x_cpu)
+        anchors = leaf(emb)
+        expected = memory_reference_loss(mining, margin, distance, soft, anchors, labels,
+                                         torch.cat([anchors, memory_e]), torch.cat([labels, memory_l]))
+        (g_ref,) = grad_of(expected, anchors)
+        what = f"step {step}"
+        assert got.device == device and g_dev.device == device, what
+        assert_close(got, expected, what + " loss vs reference", **value_tol(torch.float64))
+        assert_close(g_dev, g_ref, what + " gradient vs reference", **grad_tol(torch.float64))
+        assert_close(got, cpu, what + " loss vs CPU", **value_tol(torch.float64))
+        assert_close(g_dev, g_cpu, what + " gradient vs CPU", **grad_tol(torch.float64))
+        stored_dev, stored_cpu = on_device.memory, on_cpu.memory
+        assert stored_dev[0].device == device and on_device.memory_labels.device == device, what
+        assert torch.equal(stored_dev[0].cpu(), stored_cpu[0]), what
+        assert torch.equal(stored_dev[1].cpu(), stored_cpu[1]), what
+
+
+# ------------------------------------------------------------------------- metrics
+
+KS = (1, 2, 5, 17)
+
+
+@pytest.mark.parametrize("distance", ("euclidean", "squared", "cosine"))
+def test_metrics_match_brute_force_and_cpu(device, distance):
+    for seed in range(3):
+        emb, labels = metrics_random_data(seed, n=80 + 40 * seed, dim=2 + seed, classes=6, singletons=2)
+        what = f"seed {seed} {distance}"
+        # squared Euclidean ranks like Euclidean
+        recall, map_r = metrics_brute_force(emb, labels, KS, "cosine" if distance == "cosine" else "euclidean")
+        for chunk in (None, 7):
+            got = recall_at_k(emb.to(device), labels.to(device), KS, distance=distance, chunk_size=chunk)
+            assert got == pytest.approx(recall, abs=1e-12), what
+            got_map = mean_average_precision_at_r(emb.to(device), labels.to(device), distance=distance,
+                                                  chunk_size=chunk)
+            assert got_map == pytest.approx(map_r, abs=1e-12), what
+        assert 0 < recall[1] < 1 and 0 < map_r < 1, "the data should make the metrics informative"
+        # float32 on the device against float32 on the CPU: the same ranking
+        # unless two distances round to an order the other side does not see.
+        got32 = recall_at_k(emb.float().to(device), labels.to(device), KS, distance=distance)
+        cpu32 = recall_at_k(emb.float(), labels, KS, distance=distance)
+        assert got32 == pytest.approx(cpu32, abs=2.0 / len(labels)), what
+        got32 = mean_average_precision_at_r(emb.float().to(device), labels.to(device), distance=distance)
+        cpu32 = mean_average_precision_at_r(emb.float(), labels, distance=distance)
+        assert got32 == pytest.approx(cpu32, abs=2.0 / len(labels)), what
+
+
+# -------------------------------------------------------------- host synchronisation
+
+
+@pytest.mark.parametrize("refs", [False, True], ids=["batch", "ref-set"])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_loss_does_not_synchronise_with_the_host(device, mining, distance, refs):
+    """Forward and backward of each loss under
+    ``torch.cuda.set_sync_debug_mode("error")``: any synchronising call (a
+    copy to the host, ``.item()``, a data-dependent shape) raises. A chunk
+    size below the batch also checks the loop over chunks."""
+    if device.type != "cuda":
+        pytest.skip(f"the host-synchronisation check needs CUDA (torch.cuda.set_sync_debug_mode); "
+                    f"the device is {device}")
+    g = torch.Generator().manual_seed(7)
+    n = 256
+    labels = torch.randint(0, 16, (n,), generator=g).to(device)
+    emb = (torch.randn(n, 32, generator=g) / 32 ** 0.5).to(device)
+    ref_labels = torch.randint(0, 16, (100,), generator=g).to(device) if refs else None
+    ref_emb = (torch.randn(100, 32, generator=g) / 32 ** 0.5).to(device) if refs else None
+    soft = mining == "hard"
+
+    def step(chunk):
+        x = leaf(emb)
+        y = leaf(ref_emb) if refs else None
+        if chunk is None:
+            kw = {} if not refs else dict(ref_embeddings=y, ref_labels=ref_labels)
+            loss = function_loss(mining, labels, x, 0.2, distance, soft, **kw)
+        else:
+            s, c, _ = _core.triplet_terms(mining, labels, x, 0.2, distance, soft, y, ref_labels,
+                                          None, chunk)
+            loss = s / c.clamp_min(1)
+        loss.backward()
+        return loss
+
+    for chunk in (None, 64):
+        step(chunk)  # warm-up: first-call initialisation may synchronise
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = step(chunk)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(loss).item(), (chunk, loss)
