@@ -168,9 +168,10 @@ class BatchAllTripletLoss(_SentenceTransformerTripletLoss):
 
     Example::
 
-        >>> from sentence_transformers import SentenceTransformerTrainer
-        >>> loss = BatchAllTripletLoss(model, margin=0.5)          # doctest: +SKIP
-        >>> SentenceTransformerTrainer(model=model, train_dataset=ds, loss=loss).train()  # doctest: +SKIP
+        >>> loss = BatchAllTripletLoss(model, margin=0.5)   # model: a SentenceTransformer
+        >>> trainer = SentenceTransformerTrainer(model=model, train_dataset=ds, loss=loss)  # doctest: +SKIP
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> value = loss.compute_loss_from_embeddings([torch.randn(6, 8)], labels)
     """
 
     def __init__(
@@ -213,7 +214,10 @@ class BatchHardTripletLoss(_SentenceTransformerTripletLoss):
 
     Example::
 
-        >>> loss = BatchHardTripletLoss(model, margin=0.5)          # doctest: +SKIP
+        >>> loss = BatchHardTripletLoss(model, BatchHardTripletLossDistanceFunction.cosine_distance,
+        ...                             margin=0.5)
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> value = loss.compute_loss_from_embeddings([torch.randn(6, 8)], labels)
     """
 
     soft = False
@@ -258,7 +262,9 @@ class BatchHardSoftMarginTripletLoss(BatchHardTripletLoss):
 
     Example::
 
-        >>> loss = BatchHardSoftMarginTripletLoss(model)            # doctest: +SKIP
+        >>> loss = BatchHardSoftMarginTripletLoss(model)
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> value = loss.compute_loss_from_embeddings([torch.randn(6, 8)], labels)
     """
 
     soft = True
@@ -297,7 +303,11 @@ class BatchSemiHardTripletLoss(_SentenceTransformerTripletLoss):
 
     Example::
 
-        >>> loss = BatchSemiHardTripletLoss(model, margin=0.5)      # doctest: +SKIP
+        >>> squared = functools.partial(BatchHardTripletLossDistanceFunction.euclidean_distance,
+        ...                             squared=True)
+        >>> loss = BatchSemiHardTripletLoss(model, distance_metric=squared, margin=0.5)
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> value = loss.compute_loss_from_embeddings([torch.randn(6, 8)], labels)
     """
 
     citation = _SCHROFF_2015
