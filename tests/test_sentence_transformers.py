@@ -497,3 +497,18 @@ def test_old_fit_trains(ours, tiny_model_dir, sentences):
               optimizer_params={"lr": 2e-3}, show_progress_bar=False)
     after = _full_batch_loss(model, loss, sentences)
     assert after < 0.8 * before, (before, after)
+
+
+
+@needs_st
+@pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
+def test_benchmark_st_cell_agrees_with_ours(mining):
+    """benchmarks/run.py's ``st`` step gives our loss on a P×K batch."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("benchmark_run", os.path.join(root, "benchmarks", "run.py"))
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    labels, emb = _pk_batch(8, 8, 16, seed=4, dtype=torch.float32)
+    values = [run._build_step({"impl": impl, "mining": mining, "margin": 0.2}, torch)(labels, emb)
+              for impl in ("st", "ours")]
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
