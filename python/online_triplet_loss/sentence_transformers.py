@@ -41,7 +41,7 @@ sentence-transformers is an optional dependency:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Iterable, List
+from typing import Any, Callable, Dict, List, Sequence
 
 from torch import Tensor, nn
 
@@ -128,7 +128,7 @@ class _SentenceTransformerTripletLoss(nn.Module):
         """The model, under the attribute name ST's triplet losses use."""
         return self.model
 
-    def forward(self, sentence_features: Iterable[Dict[str, Tensor]], labels: Tensor) -> Tensor:
+    def forward(self, sentence_features: Sequence[Dict[str, Tensor]], labels: Tensor) -> Tensor:
         embeddings = self.model(sentence_features[0])["sentence_embedding"]
         return self.compute_loss_from_embeddings([embeddings], labels)
 
