@@ -12,6 +12,9 @@ RSS of a cell is that cell's alone. Implementations:
   mined indices; plain Euclidean distances, no normalisation).
 - ``floor``: forward+backward of the B x B Euclidean distance matrix alone, both as
   ``torch.cdist`` and as ``sqrt(clamp(|a|^2 + |b|^2 - 2ab))``; the faster is the floor.
+- ``st``:    sentence-transformers' ``BatchAllTripletLoss``, ``BatchHardTripletLoss``
+  and ``BatchSemiHardTripletLoss`` on the embeddings alone (no model); only when
+  asked for (``--impl``/``--cells``), not in the default grid.
 
 Run ``python benchmarks/run.py --help``; see benchmarks/README.md.
 """
@@ -42,7 +45,7 @@ ROOT = HERE.parent
 CACHE = HERE / ".cache"
 V006_VERSION = "0.0.6"
 
-IMPLS = ("ours", "v006", "pml", "floor")
+IMPLS = ("ours", "v006", "pml", "floor", "st")
 MININGS = ("hard", "all", "semihard")
 DEFAULT_SIZES = (128, 512, 1024, 2048, 4096, 8192, 16384)
 FLOOR_VARIANTS = ("cdist", "expr")
@@ -104,6 +107,12 @@ def _build_step(spec: dict, torch):
         if mining == "all":
             return lambda y, x: fn(y, x, margin)[0]
         return lambda y, x: fn(y, x, margin)
+    if impl == "st":
+        from sentence_transformers.sentence_transformer import losses as st_losses
+        cls = {"all": st_losses.BatchAllTripletLoss, "hard": st_losses.BatchHardTripletLoss,
+               "semihard": st_losses.BatchSemiHardTripletLoss}[mining]
+        loss_fn = cls(None, margin=margin)
+        return lambda y, x: loss_fn.compute_loss_from_embeddings([x], y)
     if impl == "v006":
         import importlib.util
         s = importlib.util.spec_from_file_location("online_triplet_loss_v006", spec["v006_path"])
@@ -242,6 +251,10 @@ def estimate_memory(impl: str, mining: str, B: int, K: int) -> int:
         return 0  # mined in chunks of rows: O(B * chunk), far below any cap
     if impl == "floor":
         return 16 * B * B  # the float32 B x B distances, their gradient and two temporaries
+    if impl == "st" and mining == "all":
+        return 32 * B * B * (K - 1)  # sentence-transformers 6.2: (B(K-1), B) rows, ~34 bytes each measured
+    if impl == "st" and mining == "semihard":
+        return 96 * B * B  # sentence-transformers 6.2: sorts and gathers of B x B, ~100 bytes each measured
     return 40 * B * B  # a few float32 B x B matrices and their grads
 
 
@@ -553,7 +566,7 @@ def write_outputs(cells: List[dict], meta: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"ours": "tab:blue", "v006": "tab:red", "pml": "tab:green", "floor": "black"}
+    colors = {"ours": "tab:blue", "v006": "tab:red", "pml": "tab:green", "floor": "black", "st": "tab:purple"}
     styles = {"all": "-", "hard": "--", "semihard": ":", NO_MINING: "-."}
     markers = {"all": "o", "hard": "s", "semihard": "^", NO_MINING: "x"}
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
@@ -623,7 +636,7 @@ def _csv(text: str, allowed) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--impl", default=",".join(IMPLS), help="comma list of " + ", ".join(IMPLS))
+    ap.add_argument("--impl", default="ours,v006,pml,floor", help="comma list of " + ", ".join(IMPLS))
     ap.add_argument("--mining", default=",".join(MININGS), help="comma list of " + ", ".join(MININGS))
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="comma list of batch sizes B")
     ap.add_argument("--cells", default=None,

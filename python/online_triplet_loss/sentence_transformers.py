@@ -1,0 +1,329 @@
+r"""Drop-in replacements for sentence-transformers' batch triplet losses.
+
+Change one import line and an ST training script runs on this package's exact
+O(B² log B) mining::
+
+    # from sentence_transformers.sentence_transformer.losses import BatchAllTripletLoss
+    from online_triplet_loss.sentence_transformers import BatchAllTripletLoss
+
+    loss = BatchAllTripletLoss(model)           # ST's arguments and defaults
+    trainer = SentenceTransformerTrainer(model=model, train_dataset=ds, loss=loss)
+
+The four classes take ST's arguments (``model``, ``distance_metric=``,
+``margin=``, with ST's defaults: Euclidean distance, margin 5) and embed the
+first column of ``sentence_features`` with ``model``, as ST's losses do; the
+loss itself is :func:`~online_triplet_loss.losses.batch_all_triplet_loss`,
+:func:`~online_triplet_loss.losses.batch_hard_triplet_loss` or
+:func:`~online_triplet_loss.losses.batch_semihard_triplet_loss`.
+
+On batches where every anchor has a positive and a negative (P ≥ 2 classes of
+K ≥ 2 samples, as ``BatchSamplers.GROUP_BY_LABEL`` gives) the values and
+gradients are ST's. Elsewhere this package's definitions hold:
+
+- batch-hard and the soft margin average over the anchors that have both a
+  positive and a negative; ST averages over every anchor, so an anchor without
+  a positive adds relu(m − min_n d_an) (softplus(−min_n d_an) for the soft
+  margin) and, in a one-class batch, every anchor adds m (softplus(0) = log 2);
+- semi-hard with a single class is 0 here; ST gives the mean of d_ap + m;
+- with no positive pair at all (every label distinct) every loss is 0 here;
+  ST's batch-all and semi-hard give 0 too, its batch-hard and soft margin do not;
+- batch-all counts triplets with a loss > 0 (ST: > 1e-16) and divides by that
+  count (ST: count + 1e-16);
+- margins must be finite and ≥ 0 (a ``ValueError`` otherwise);
+- float16/bfloat16 embeddings are computed in float32 for every distance and
+  the loss is returned in their dtype.
+
+sentence-transformers is an optional dependency:
+``pip install "online_triplet_loss[sentence-transformers]"``. Importing
+:mod:`online_triplet_loss` never imports it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, List, Sequence
+
+from torch import Tensor, nn
+
+try:
+    from sentence_transformers.sentence_transformer.losses import (
+        BatchHardTripletLossDistanceFunction,
+    )
+except ImportError as err:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "online_triplet_loss.sentence_transformers needs sentence-transformers >= 6.0; install it "
+        'with: pip install "online_triplet_loss[sentence-transformers]"'
+    ) from err
+
+from ._validation import check_margin
+from .losses import batch_all_triplet_loss, batch_hard_triplet_loss, batch_semihard_triplet_loss
+
+__all__ = [
+    "BatchAllTripletLoss",
+    "BatchHardTripletLoss",
+    "BatchSemiHardTripletLoss",
+    "BatchHardSoftMarginTripletLoss",
+    "BatchHardTripletLossDistanceFunction",
+]
+
+_ACCEPTED_METRICS = (
+    "BatchHardTripletLossDistanceFunction.euclidean_distance (alias eucledian_distance), "
+    "functools.partial(BatchHardTripletLossDistanceFunction.euclidean_distance, squared=True) "
+    "or BatchHardTripletLossDistanceFunction.cosine_distance"
+)
+
+_HERMANS_2017 = """
+@misc{hermans2017defense,
+    title={In Defense of the Triplet Loss for Person Re-Identification},
+    author={Alexander Hermans and Lucas Beyer and Bastian Leibe},
+    year={2017},
+    eprint={1703.07737},
+    archivePrefix={arXiv},
+    primaryClass={cs.CV}
+}
+"""
+
+_SCHROFF_2015 = """
+@inproceedings{schroff2015facenet,
+    title={FaceNet: A Unified Embedding for Face Recognition and Clustering},
+    author={Florian Schroff and Dmitry Kalenichenko and James Philbin},
+    booktitle={Proceedings of the IEEE Conference on Computer Vision and Pattern Recognition},
+    year={2015},
+    pages={815--823}
+}
+"""
+
+
+def _distance_name(distance_metric: object) -> str:
+    """This package's name for one of ST's distance functions."""
+    metrics = BatchHardTripletLossDistanceFunction
+    if distance_metric is metrics.euclidean_distance:
+        return "euclidean"
+    if distance_metric is metrics.cosine_distance:
+        return "cosine"
+    if (
+        isinstance(distance_metric, functools.partial)
+        and distance_metric.func is metrics.euclidean_distance
+        and not distance_metric.args
+        and set(distance_metric.keywords) <= {"squared"}
+        and distance_metric.keywords.get("squared", False) in (True, False)
+    ):
+        return "squared" if distance_metric.keywords.get("squared", False) else "euclidean"
+    raise ValueError(f"distance_metric: expected {_ACCEPTED_METRICS}; got {distance_metric!r}")
+
+
+class _SentenceTransformerTripletLoss(nn.Module):
+    """Embeds the first input column with ``model`` and applies the loss."""
+
+    citation = _HERMANS_2017
+
+    def __init__(self, model: nn.Module, distance_metric: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.distance_metric = distance_metric
+        self.distance = _distance_name(distance_metric)
+
+    @property
+    def sentence_embedder(self) -> nn.Module:
+        """The model, under the attribute name ST's triplet losses use."""
+        return self.model
+
+    def forward(self, sentence_features: Sequence[Dict[str, Tensor]], labels: Tensor) -> Tensor:
+        embeddings = self.model(sentence_features[0])["sentence_embedding"]
+        return self.compute_loss_from_embeddings([embeddings], labels)
+
+    def compute_loss_from_embeddings(self, embeddings: List[Tensor], labels: Tensor) -> Tensor:
+        """The loss of ``embeddings[0]``, :math:`(B, D)`, with ``labels`` of
+        :math:`B` elements (any shape, as in ST)."""
+        return self._loss(labels.reshape(-1), embeddings[0])
+
+    def _loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def get_config_dict(self) -> Dict[str, Any]:
+        return {"distance_metric": getattr(self.distance_metric, "__name__", str(self.distance_metric))}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.get_config_dict().items())
+
+
+class BatchAllTripletLoss(_SentenceTransformerTripletLoss):
+    r"""sentence-transformers' ``BatchAllTripletLoss`` on
+    :func:`~online_triplet_loss.losses.batch_all_triplet_loss`: the mean of
+    :math:`\max(d_{ap} - d_{an} + m, 0)` over the valid triplets with a loss
+    above 0, in :math:`O(B^2 \log B)` time and without ST's :math:`B \times
+    B(K-1)` (ST ≥ 6.2) or :math:`B^3` (ST < 6.2) tensors.
+
+    Args:
+        model: the SentenceTransformer whose ``"sentence_embedding"`` output is
+            mined.
+        distance_metric: ``BatchHardTripletLossDistanceFunction.euclidean_distance``
+            (default), the same with ``functools.partial(..., squared=True)``, or
+            ``BatchHardTripletLossDistanceFunction.cosine_distance``.
+        margin: :math:`m`, finite and :math:`\ge 0`. Default: 5, as in ST.
+
+    Shape:
+        - ``forward(sentence_features, labels)``: ``labels`` has one class id
+          per example of ``sentence_features[0]``; output: scalar.
+
+    Example::
+
+        >>> loss = BatchAllTripletLoss(model, margin=0.5)   # model: a SentenceTransformer
+        >>> trainer = SentenceTransformerTrainer(model=model, train_dataset=ds, loss=loss)  # doctest: +SKIP
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> value = loss.compute_loss_from_embeddings([torch.randn(6, 8)], labels)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        distance_metric: Callable[[Tensor], Tensor] = BatchHardTripletLossDistanceFunction.euclidean_distance,
+        margin: float = 5,
+    ) -> None:
+        super().__init__(model, distance_metric)
+        check_margin(margin)
+        self.triplet_margin = margin
+
+    def _loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
+        return batch_all_triplet_loss(labels, embeddings, self.triplet_margin, distance=self.distance)[0]
+
+    def get_config_dict(self) -> Dict[str, Any]:
+        return {**super().get_config_dict(), "margin": self.triplet_margin}
+
+
+class BatchHardTripletLoss(_SentenceTransformerTripletLoss):
+    r"""sentence-transformers' ``BatchHardTripletLoss`` on
+    :func:`~online_triplet_loss.losses.batch_hard_triplet_loss`: the mean over
+    anchors with a positive and a negative of
+    :math:`\max(\max_p d_{ap} - \min_n d_{an} + m, 0)`.
+
+    ST averages over every anchor instead (see the module documentation); on
+    batches where each anchor has a positive and a negative the two agree.
+
+    Args:
+        model: the SentenceTransformer whose ``"sentence_embedding"`` output is
+            mined.
+        distance_metric: ``BatchHardTripletLossDistanceFunction.euclidean_distance``
+            (default), the same with ``functools.partial(..., squared=True)``, or
+            ``BatchHardTripletLossDistanceFunction.cosine_distance``.
+        margin: :math:`m`, finite and :math:`\ge 0`. Default: 5, as in ST.
+
+    Shape:
+        - ``forward(sentence_features, labels)``: ``labels`` has one class id
+          per example of ``sentence_features[0]``; output: scalar.
+
+    Example::
+
+        >>> loss = BatchHardTripletLoss(model, BatchHardTripletLossDistanceFunction.cosine_distance,
+        ...                             margin=0.5)
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> value = loss.compute_loss_from_embeddings([torch.randn(6, 8)], labels)
+    """
+
+    soft = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        distance_metric: Callable[[Tensor], Tensor] = BatchHardTripletLossDistanceFunction.euclidean_distance,
+        margin: float = 5,
+    ) -> None:
+        super().__init__(model, distance_metric)
+        check_margin(margin)
+        self.triplet_margin = margin
+
+    def _loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
+        return batch_hard_triplet_loss(
+            labels, embeddings, self.triplet_margin, distance=self.distance, soft=self.soft
+        )
+
+    def get_config_dict(self) -> Dict[str, Any]:
+        return {**super().get_config_dict(), "margin": self.triplet_margin}
+
+
+class BatchHardSoftMarginTripletLoss(BatchHardTripletLoss):
+    r"""sentence-transformers' ``BatchHardSoftMarginTripletLoss`` on
+    :func:`~online_triplet_loss.losses.batch_hard_triplet_loss` with
+    ``soft=True`` and margin 0: the mean over anchors with a positive and a
+    negative of :math:`\log(1 + e^{\max_p d_{ap} - \min_n d_{an}})`, finite for
+    any finite distances (ST < 6.2 computes ``log1p(exp(x))``, which is
+    infinite in float32 once :math:`x > 88.7`).
+
+    Args:
+        model: the SentenceTransformer whose ``"sentence_embedding"`` output is
+            mined.
+        distance_metric: ``BatchHardTripletLossDistanceFunction.euclidean_distance``
+            (default), the same with ``functools.partial(..., squared=True)``, or
+            ``BatchHardTripletLossDistanceFunction.cosine_distance``.
+
+    Shape:
+        - ``forward(sentence_features, labels)``: ``labels`` has one class id
+          per example of ``sentence_features[0]``; output: scalar.
+
+    Example::
+
+        >>> loss = BatchHardSoftMarginTripletLoss(model)
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> value = loss.compute_loss_from_embeddings([torch.randn(6, 8)], labels)
+    """
+
+    soft = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        distance_metric: Callable[[Tensor], Tensor] = BatchHardTripletLossDistanceFunction.euclidean_distance,
+    ) -> None:
+        super().__init__(model, distance_metric, margin=0.0)
+
+    def get_config_dict(self) -> Dict[str, Any]:
+        config = super().get_config_dict()
+        del config["margin"]
+        return config
+
+
+class BatchSemiHardTripletLoss(_SentenceTransformerTripletLoss):
+    r"""sentence-transformers' ``BatchSemiHardTripletLoss`` on
+    :func:`~online_triplet_loss.losses.batch_semihard_triplet_loss` (FaceNet's
+    semi-hard negatives, as TF Addons' ``TripletSemiHardLoss``): for each
+    positive pair, the closest negative farther than the positive, or the
+    farthest negative if there is none.
+
+    Args:
+        model: the SentenceTransformer whose ``"sentence_embedding"`` output is
+            mined.
+        distance_metric: ``BatchHardTripletLossDistanceFunction.euclidean_distance``
+            (default), the same with ``functools.partial(..., squared=True)``, or
+            ``BatchHardTripletLossDistanceFunction.cosine_distance``.
+        margin: :math:`m`, finite and :math:`\ge 0`. Default: 5, as in ST.
+
+    Shape:
+        - ``forward(sentence_features, labels)``: ``labels`` has one class id
+          per example of ``sentence_features[0]``; output: scalar.
+
+    Example::
+
+        >>> squared = functools.partial(BatchHardTripletLossDistanceFunction.euclidean_distance,
+        ...                             squared=True)
+        >>> loss = BatchSemiHardTripletLoss(model, distance_metric=squared, margin=0.5)
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> value = loss.compute_loss_from_embeddings([torch.randn(6, 8)], labels)
+    """
+
+    citation = _SCHROFF_2015
+
+    def __init__(
+        self,
+        model: nn.Module,
+        distance_metric: Callable[[Tensor], Tensor] = BatchHardTripletLossDistanceFunction.euclidean_distance,
+        margin: float = 5,
+    ) -> None:
+        super().__init__(model, distance_metric)
+        check_margin(margin)
+        self.margin = margin
+
+    def _loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
+        return batch_semihard_triplet_loss(labels, embeddings, self.margin, distance=self.distance)
+
+    def get_config_dict(self) -> Dict[str, Any]:
+        return {**super().get_config_dict(), "margin": self.margin}
