@@ -139,11 +139,11 @@ impl Terms {
 
     /// Makes `sum` differentiable with respect to `margin`, a one-element
     /// floating-point tensor holding the margin the terms were computed
-    /// with (a learnable margin).
+    /// with (a learnable margin), on any device.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] when `margin` is not a one-element
-    /// floating-point tensor on the device of `sum`.
+    /// floating-point tensor.
     pub fn with_margin(self, margin: &Tensor) -> Result<Terms, Error> {
         self.check()?;
         if margin.numel() != 1 || !margin.is_floating_point() {
@@ -155,17 +155,11 @@ impl Terms {
                 ),
             ));
         }
-        if margin.device() != self.sum.device() {
-            return Err(Error::invalid(
-                "margin",
-                format!(
-                    "must be on the device of the embeddings ({:?})",
-                    self.sum.device()
-                ),
-            ));
-        }
         let kind = self.sum.f_kind()?;
-        let m = margin.f_reshape([])?.f_to_kind(kind)?;
+        let m = margin
+            .f_reshape([])?
+            .f_to_kind(kind)?
+            .f_to_device(self.sum.device())?;
         let sum = self
             .sum
             .f_add(&m.f_sub(&m.detach())?.f_mul(&self.margin_grad)?)?;
