@@ -118,6 +118,8 @@ def _positive(text: str) -> int:
     value = _integer(text, "a positive integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {text!r}")
+    if value >= 2**31:
+        raise argparse.ArgumentTypeError(f"must be a positive integer below 2**31, got {text!r}")
     return value
 
 

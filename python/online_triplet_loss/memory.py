@@ -236,6 +236,9 @@ class CrossBatchMemory(nn.Module):
             self._store(embeddings.detach(), labels)
 
     def _store(self, embeddings: Tensor, labels: Tensor) -> None:
+        if self.memory_embeddings is not None:
+            # In the memory's dtype first: a row can overflow in the cast.
+            embeddings = embeddings.to(self.memory_embeddings.dtype)
         finite = torch.isfinite(embeddings).all(dim=1)
         if not bool(finite.all()):
             embeddings, labels = embeddings[finite], labels[finite.to(labels.device)]
@@ -335,6 +338,9 @@ class CrossBatchMemory(nn.Module):
                 dim = check_int("embedding_dim", dim, 1, INT64_MAX)
         except ValueError as err:
             refuse(str(err))
+        if isinstance(embeddings, Tensor) and embeddings.is_floating_point() \
+                and not bool(torch.isfinite(embeddings[:count]).all()):
+            refuse("its stored embeddings hold NaN or Inf, which would make every later loss NaN")
         if count < size and position != count:
             refuse(f"next={position} with count={count}: a memory that is not full has its "
                    "next entry right after its last")

@@ -80,10 +80,11 @@ fn triplet_terms(
             labels: l,
             anchor_offset,
         });
-        let terms = config.terms(mining, &labels, &embeddings, references.as_ref())?;
         match margin_tensor {
-            Some(margin) => terms.with_margin(&margin),
-            None => Ok(terms),
+            Some(margin) => {
+                config.terms_with_margin(mining, &labels, &embeddings, references.as_ref(), &margin)
+            }
+            None => config.terms(mining, &labels, &embeddings, references.as_ref()),
         }
     })?;
     Ok((

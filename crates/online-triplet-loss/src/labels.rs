@@ -52,12 +52,45 @@ pub(crate) fn domain(labels: &Tensor, argument: &'static str) -> Result<Domain, 
 
 /// The common domain of two label tensors: floating point as soon as one
 /// of them is.
-pub(crate) fn common(a: Domain, b: Domain) -> Domain {
-    if a == Domain::Integer && b == Domain::Integer {
-        Domain::Integer
-    } else {
-        Domain::Float
+///
+/// # Errors
+/// `InvalidArgument` when integer labels beyond ±2⁵³ (which float64 cannot
+/// tell apart) meet floating-point labels. Finding out reads one flag from
+/// the labels' device, in this mixed case only.
+pub(crate) fn common(
+    (a, a_labels, a_name): (Domain, &Tensor, &'static str),
+    (b, b_labels, b_name): (Domain, &Tensor, &'static str),
+) -> Result<Domain, Error> {
+    match (a, b) {
+        (Domain::Integer, Domain::Integer) => Ok(Domain::Integer),
+        (Domain::Float, Domain::Float) => Ok(Domain::Float),
+        (Domain::Integer, Domain::Float) => exact_in_float(a_labels, a_name, b_name),
+        (Domain::Float, Domain::Integer) => exact_in_float(b_labels, b_name, a_name),
     }
+}
+
+fn exact_in_float(
+    labels: &Tensor,
+    argument: &'static str,
+    other: &'static str,
+) -> Result<Domain, Error> {
+    const EXACT: i64 = 1 << 53;
+    if labels.f_kind()? == Kind::Int64 && labels.numel() > 0 {
+        let beyond = labels
+            .f_gt(EXACT)?
+            .f_logical_or(&labels.f_lt(-EXACT)?)?
+            .f_any()?;
+        if bool::try_from(beyond)? {
+            return Err(Error::invalid(
+                argument,
+                format!(
+                    "holds integers beyond ±2**53, which cannot be compared exactly with \
+                     the floating-point {other}; give both the same integer dtype"
+                ),
+            ));
+        }
+    }
+    Ok(Domain::Float)
 }
 
 /// First key of the NaN labels of anchors and of references: both ranges lie

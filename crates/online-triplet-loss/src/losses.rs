@@ -98,6 +98,9 @@ impl Terms {
             ("valid", &self.valid),
             ("margin_grad", &self.margin_grad),
         ] {
+            if t.is_sparse() || t.is_mkldnn() || t.f_contiguous().is_err() {
+                return Err(Error::invalid(name, "must be a dense (strided) tensor"));
+            }
             if t.dim() != 0 {
                 return Err(Error::invalid(
                     name,
@@ -135,35 +138,6 @@ impl Terms {
             .count
             .f_to_kind(kind)?
             .f_div(&self.valid.f_clamp_min(1)?.f_to_kind(kind)?)?)
-    }
-
-    /// Makes `sum` differentiable with respect to `margin`, a one-element
-    /// floating-point tensor holding the margin the terms were computed
-    /// with (a learnable margin), on any device.
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] when `margin` is not a one-element
-    /// floating-point tensor.
-    pub fn with_margin(self, margin: &Tensor) -> Result<Terms, Error> {
-        self.check()?;
-        if margin.numel() != 1 || !margin.is_floating_point() {
-            return Err(Error::invalid(
-                "margin",
-                format!(
-                    "must be a one-element floating-point tensor, got shape {:?}",
-                    margin.size()
-                ),
-            ));
-        }
-        let kind = self.sum.f_kind()?;
-        let m = margin
-            .f_reshape([])?
-            .f_to_kind(kind)?
-            .f_to_device(self.sum.device())?;
-        let sum = self
-            .sum
-            .f_add(&m.f_sub(&m.detach())?.f_mul(&self.margin_grad)?)?;
-        Ok(Terms { sum, ..self })
     }
 }
 
@@ -276,7 +250,49 @@ impl TripletConfig {
         embeddings: &Tensor,
         references: Option<&References>,
     ) -> Result<Terms, Error> {
+        self.terms_with(mining, labels, embeddings, references, None)
+    }
+
+    /// [`TripletConfig::terms`] with a learnable margin: `margin`, a
+    /// one-element floating-point tensor on any device holding the value of
+    /// [`TripletConfig::margin`], receives the gradient of `sum`. Batch-hard
+    /// uses it in its hinge, so every derivative is exact; batch-all and
+    /// semi-hard add the exact first derivative.
+    ///
+    /// # Errors
+    /// As [`TripletConfig::terms`], and [`Error::InvalidArgument`] when
+    /// `margin` is not a one-element floating-point tensor.
+    pub fn terms_with_margin(
+        &self,
+        mining: Mining,
+        labels: &Tensor,
+        embeddings: &Tensor,
+        references: Option<&References>,
+        margin: &Tensor,
+    ) -> Result<Terms, Error> {
+        self.terms_with(mining, labels, embeddings, references, Some(margin))
+    }
+
+    fn terms_with(
+        &self,
+        mining: Mining,
+        labels: &Tensor,
+        embeddings: &Tensor,
+        references: Option<&References>,
+        margin: Option<&Tensor>,
+    ) -> Result<Terms, Error> {
         self.validate(labels, embeddings, references)?;
+        if let Some(m) = margin {
+            if m.numel() != 1 || !m.is_floating_point() {
+                return Err(Error::invalid(
+                    "margin",
+                    format!(
+                        "must be a one-element floating-point tensor, got shape {:?}",
+                        m.size()
+                    ),
+                ));
+            }
+        }
         let kind = match embeddings.f_kind()? {
             Kind::Half | Kind::BFloat16 => Kind::Float,
             k => k,
@@ -286,7 +302,10 @@ impl TripletConfig {
         let x_domain = domain(labels, "labels")?;
         let (y, y_labels, self_col) = match references {
             Some(r) => {
-                let d = common(x_domain, domain(r.labels, "ref_labels")?);
+                let d = common(
+                    (x_domain, labels, "labels"),
+                    (domain(r.labels, "ref_labels")?, r.labels, "ref_labels"),
+                )?;
                 let y_labels = keys(r.labels, d, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
                 // An anchor that is reference k + i gets that reference's
                 // NaN key, so it is neither its own positive nor negative.
@@ -328,19 +347,29 @@ impl TripletConfig {
             sx,
             sy,
         };
-        let terms = match mining {
-            Mining::Hard => self.hard_terms(&sides)?,
+        let margin = match margin {
+            Some(m) => Some(m.f_reshape([])?.f_to_kind(kind)?.f_to_device(device)?),
+            None => None,
+        };
+        let mut terms = match mining {
+            Mining::Hard => self.hard_terms(&sides, margin.as_ref())?,
             Mining::All | Mining::SemiHard => self.weighted_terms(mining, &sides)?,
         };
+        if let (Some(m), Mining::All | Mining::SemiHard) = (&margin, mining) {
+            terms.sum = terms.sum.f_add(&surrogate(m, &terms.margin_grad)?)?;
+        }
         // NaN or ±Inf anywhere in the inputs, or distances that overflow,
         // make the loss and every gradient it sends NaN, even when no
         // triplet uses that sample.
         let poison = Tensor::f_where_scalar(&nonfinite, f64::NAN, 0.0)?.f_to_kind(kind)?;
-        let sum = terms
+        let mut sum = terms
             .sum
             .f_add(&poison)?
             .f_add(&surrogate(&x, &poison)?)?
             .f_add(&surrogate(&y, &poison)?)?;
+        if let Some(m) = &margin {
+            sum = sum.f_add(&surrogate(m, &poison)?)?;
+        }
         Ok(Terms { sum, ..terms })
     }
 
@@ -529,7 +558,7 @@ impl TripletConfig {
         })
     }
 
-    fn hard_terms(&self, s: &Sides) -> Result<Terms, Error> {
+    fn hard_terms(&self, s: &Sides, margin: Option<&Tensor>) -> Result<Terms, Error> {
         let kind = s.x.f_kind()?;
         let device = s.x.device();
         let (n, m) = (s.x.size()[0], s.y.size()[0]);
@@ -573,7 +602,11 @@ impl TripletConfig {
         let d_an = self
             .distance
             .paired(s.x, &s.y.f_index_select(0, &negative)?)?;
-        let z = d_ap.f_sub(&d_an)?.f_add_scalar(self.margin)?;
+        let gap = d_ap.f_sub(&d_an)?;
+        let z = match margin {
+            Some(m) => gap.f_add(m)?,
+            None => gap.f_add_scalar(self.margin)?,
+        };
         let hinge = if self.soft {
             z.f_softplus()?
         } else {
