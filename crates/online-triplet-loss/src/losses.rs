@@ -187,8 +187,8 @@ impl TripletConfig {
             ties,
         };
         let terms = match mining {
-            Mining::Hard => self.hard_terms(&sides),
-            Mining::All | Mining::SemiHard => self.weighted_terms(mining, &sides),
+            Mining::Hard => self.hard_terms(&sides)?,
+            Mining::All | Mining::SemiHard => self.weighted_terms(mining, &sides)?,
         };
         // NaN or ±Inf anywhere in the inputs makes the loss NaN, even when
         // no triplet uses that sample.
@@ -271,7 +271,7 @@ impl TripletConfig {
             .unwrap_or_else(|| (CHUNK_ELEMENTS / references.max(1)).max(1))
     }
 
-    fn weighted_terms(&self, mining: Mining, s: &Sides) -> Terms {
+    fn weighted_terms(&self, mining: Mining, s: &Sides) -> Result<Terms, Error> {
         let kind = s.x.kind();
         let zero_i = Tensor::zeros([], (Kind::Int64, s.x.device()));
         let mut value = Tensor::zeros([], (kind, s.x.device()));
@@ -281,7 +281,7 @@ impl TripletConfig {
         let (sx, sy) =
             tch::no_grad(|| (Side::new(self.distance, s.x), Side::new(self.distance, s.y)));
         let mut triplets: (Vec<i64>, Vec<i64>, Vec<i64>) = (vec![], vec![], vec![]);
-        let (gx, gy) = tch::no_grad(|| {
+        let (gx, gy) = tch::no_grad(|| -> Result<_, Error> {
             let gx = s.x.detach().zeros_like();
             let mut gy = s.y.detach().zeros_like();
             if m > 0 {
@@ -301,7 +301,7 @@ impl TripletConfig {
                     let out = match mining {
                         Mining::All => mining::batch_all(self.kernel, &chunk, self.margin),
                         _ => mining::semihard(self.kernel, &chunk, self.margin),
-                    };
+                    }?;
                     value += out.value;
                     count += out.count;
                     valid += out.valid;
@@ -333,8 +333,8 @@ impl TripletConfig {
                     }
                 }
             }
-            (sx.finish_grad(gx), sy.finish_grad(gy))
-        });
+            Ok((sx.finish_grad(gx), sy.finish_grad(gy)))
+        })?;
         // The loss is linear in the selected distances, so its gradient with
         // respect to the embeddings is (gx, gy) plus that of the selected
         // triplets; the surrogates carry it through autograd without
@@ -353,27 +353,27 @@ impl TripletConfig {
             let selected = (d_ap - d_an).sum(kind);
             sum += &selected - selected.detach();
         }
-        Terms { sum, count, valid }
+        Ok(Terms { sum, count, valid })
     }
 
-    fn hard_terms(&self, s: &Sides) -> Terms {
+    fn hard_terms(&self, s: &Sides) -> Result<Terms, Error> {
         let kind = s.x.kind();
         let device = s.x.device();
         let (n, m) = (s.x.size()[0], s.y.size()[0]);
         if n == 0 || m == 0 {
             let zero = Tensor::zeros([], (Kind::Int64, device));
-            return Terms {
+            return Ok(Terms {
                 sum: Tensor::zeros([], (kind, device)),
                 count: zero.shallow_clone(),
                 valid: zero,
-            };
+            });
         }
         // Written in place: per-chunk tensors kept alive between the chunks'
         // distance matrices would fragment the heap.
         let positive = Tensor::zeros([n], (Kind::Int64, device));
         let negative = positive.zeros_like();
         let valid = Tensor::zeros([n], (Kind::Bool, device));
-        tch::no_grad(|| {
+        tch::no_grad(|| -> Result<(), Error> {
             let sx = Side::new(self.distance, s.x);
             let sy = Side::new(self.distance, s.y);
             let step = self.rows_per_chunk(m);
@@ -388,23 +388,24 @@ impl TripletConfig {
                     self_col: s.self_col.map(|c| c + start),
                     distance: self.distance,
                 };
-                let h = mining::hardest(self.kernel, &chunk);
+                let h = mining::hardest(self.kernel, &chunk)?;
                 positive.narrow(0, start, len).copy_(&h.positive);
                 negative.narrow(0, start, len).copy_(&h.negative);
                 valid.narrow(0, start, len).copy_(&h.valid);
             }
-        });
+            Ok(())
+        })?;
         let d_ap = self.distance.paired(s.x, &s.y.index_select(0, &positive));
         let d_an = self.distance.paired(s.x, &s.y.index_select(0, &negative));
         let z = d_ap - d_an + self.margin;
         let hinge = if self.soft { z.softplus() } else { z.relu() };
         let sum = hinge.where_self(&valid, &hinge.zeros_like()).sum(kind);
         let count = valid.sum(Kind::Int64);
-        Terms {
+        Ok(Terms {
             sum,
             valid: count.shallow_clone(),
             count,
-        }
+        })
     }
 }
 

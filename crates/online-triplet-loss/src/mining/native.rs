@@ -7,11 +7,11 @@
 //! Rows are split into one block per libtorch intra-op thread
 //! ([`in_blocks`]).
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::parallel::in_blocks;
 use super::{Chunk, Hardest, Selection, Weighted};
-use crate::Distance;
+use crate::{Distance, Error};
 
 trait Real: Copy + Send + Sync + tch::kind::Element + 'static {
     fn get(self) -> f64;
@@ -36,27 +36,76 @@ impl Real for f64 {
     }
 }
 
-/// A borrowed view of one contiguous CPU tensor.
-///
-/// # Safety
-/// `t` must be contiguous, on the CPU, of element type `T`, and outlive the slice.
-unsafe fn view<T>(t: &Tensor) -> &[T] {
-    let n = t.numel();
-    if n == 0 {
-        return &[];
+/// Checks that `t` can be read as a slice of `T`: a contiguous CPU tensor
+/// whose element type is `T`.
+fn check_viewable<T: tch::kind::Element>(t: &Tensor) -> Result<usize, Error> {
+    if t.device() != Device::Cpu || !t.is_contiguous() || t.kind() != T::KIND {
+        return Err(Error::Torch(format!(
+            "native mining needs a contiguous CPU tensor of {:?}, got {:?} on {:?}",
+            T::KIND,
+            t.kind(),
+            t.device()
+        )));
     }
-    std::slice::from_raw_parts(t.data_ptr() as *const T, n)
+    Ok(t.numel())
 }
 
-/// # Safety
-/// As [`view`], and nothing else may access `t` while the slice lives.
-#[allow(clippy::mut_from_ref)]
-unsafe fn view_mut<T>(t: &Tensor) -> &mut [T] {
-    let n = t.numel();
+/// A borrowed view of one contiguous CPU tensor of element type `T`.
+fn view<T: tch::kind::Element>(t: &Tensor) -> Result<&[T], Error> {
+    let n = check_viewable::<T>(t)?;
     if n == 0 {
-        return &mut [];
+        return Ok(&[]);
     }
-    std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, n)
+    // SAFETY: `t` is a contiguous CPU tensor of n elements of type T, and the
+    // slice borrows `t`, which owns (a reference to) that storage.
+    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) })
+}
+
+/// A mutable view of a tensor that `view_mut` owns, so nothing else can
+/// reach its storage while the slice lives.
+fn view_mut<T: tch::kind::Element>(t: &mut Tensor) -> Result<&mut [T], Error> {
+    let n = check_viewable::<T>(t)?;
+    if n == 0 {
+        return Ok(&mut []);
+    }
+    // SAFETY: as in `view`; the tensor is borrowed mutably for the slice's
+    // lifetime, and its caller created it, so no other view aliases it.
+    Ok(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, n) })
+}
+
+/// The element types the native kernels run on.
+enum NativeReal {
+    F32,
+    F64,
+}
+
+/// The native element type of a distance matrix: float32 or float64, and an
+/// error for every other kind.
+fn real_kind(kind: Kind) -> Result<NativeReal, Error> {
+    match kind {
+        Kind::Float => Ok(NativeReal::F32),
+        Kind::Double => Ok(NativeReal::F64),
+        Kind::Uint8
+        | Kind::Int8
+        | Kind::Int16
+        | Kind::Int
+        | Kind::Int64
+        | Kind::Half
+        | Kind::ComplexHalf
+        | Kind::ComplexFloat
+        | Kind::ComplexDouble
+        | Kind::Bool
+        | Kind::QInt8
+        | Kind::QUInt8
+        | Kind::QInt32
+        | Kind::BFloat16
+        | Kind::Float8e5m2
+        | Kind::Float8e4m3fn
+        | Kind::Float8e5m2fnuz
+        | Kind::Float8e4m3fnuz => Err(Error::Torch(format!(
+            "native mining runs on float32 or float64 distances, got {kind:?}"
+        ))),
+    }
 }
 
 /// Per-row sums, added up over rows.
@@ -157,42 +206,35 @@ struct Held {
 }
 
 impl Held {
-    fn new(chunk: &Chunk) -> Self {
-        Held {
-            d: chunk.d.contiguous(),
-            row_labels: chunk.row_labels.contiguous(),
-            col_labels: chunk.col_labels.contiguous(),
+    fn new(chunk: &Chunk) -> Result<Self, Error> {
+        Ok(Held {
+            d: chunk.d.f_contiguous()?,
+            row_labels: chunk.row_labels.f_contiguous()?,
+            col_labels: chunk.col_labels.f_contiguous()?,
             self_col: chunk.self_col,
-        }
+        })
     }
 
     fn rows(&self) -> usize {
         self.d.size()[0] as usize
     }
 
-    fn view<T: Real>(&self) -> Rows<'_, T> {
-        // SAFETY: the tensors are contiguous CPU tensors (checked by
-        // `use_native`) whose element types are T (the distances' kind
-        // picks T) and i64 (label keys), and they outlive the borrow of self.
-        unsafe {
-            Rows {
-                d: view::<T>(&self.d),
-                n: self.d.size()[1] as usize,
-                row_labels: view::<i64>(&self.row_labels),
-                col_labels: view::<i64>(&self.col_labels),
-                self_col: self.self_col,
-            }
-        }
+    fn view<T: Real>(&self) -> Result<Rows<'_, T>, Error> {
+        Ok(Rows {
+            d: view::<T>(&self.d)?,
+            n: self.d.size()[1] as usize,
+            row_labels: view::<i64>(&self.row_labels)?,
+            col_labels: view::<i64>(&self.col_labels)?,
+            self_col: self.self_col,
+        })
     }
 }
 
-fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Weighted {
-    let held = Held::new(chunk);
-    let weights = held.d.zeros_like();
-    let rows = held.view::<T>();
-    // SAFETY: `weights` is a new contiguous CPU tensor of element type T,
-    // written only through this slice while it lives.
-    let w = unsafe { view_mut::<T>(&weights) };
+fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
+    let held = Held::new(chunk)?;
+    let mut weights = held.d.f_zeros_like()?;
+    let rows = held.view::<T>()?;
+    let w = view_mut::<T>(&mut weights)?;
     let distance = chunk.distance;
     let blocks = in_blocks(held.rows(), rows.n, w, rows.n, |range, w| {
         let mut scratch = Scratch::default();
@@ -213,15 +255,15 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Weighted {
         totals = totals.add(t);
         row_sum.extend(sums);
     }
-    Weighted {
-        value: Tensor::from(totals.value).to_kind(held.d.kind()),
+    Ok(Weighted {
+        value: Tensor::from(totals.value).f_to_kind(held.d.kind())?,
         count: Tensor::from(totals.count),
         valid: Tensor::from(totals.valid),
         selection: Selection::PairWeights {
             weights,
-            row_sum: Tensor::from_slice(&row_sum),
+            row_sum: Tensor::f_from_slice(&row_sum)?,
         },
-    }
+    })
 }
 
 #[derive(Default)]
@@ -343,9 +385,9 @@ fn semihard_row<T: Real>(
     totals
 }
 
-fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Weighted {
-    let held = Held::new(chunk);
-    let rows = held.view::<T>();
+fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
+    let held = Held::new(chunk)?;
+    let rows = held.view::<T>()?;
     let blocks = in_blocks(held.rows(), rows.n, &mut [(); 0], 0, |range, _| {
         let mut scratch = Scratch::default();
         let mut totals = Totals::default();
@@ -368,8 +410,8 @@ fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Weighted {
             negative.push(q);
         }
     }
-    Weighted {
-        value: Tensor::from(totals.value).to_kind(held.d.kind()),
+    Ok(Weighted {
+        value: Tensor::from(totals.value).f_to_kind(held.d.kind())?,
         count: Tensor::from(totals.count),
         valid: Tensor::from(totals.valid),
         selection: Selection::Triplets {
@@ -377,20 +419,20 @@ fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Weighted {
             positive,
             negative,
         },
+    })
+}
+
+pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
+    match real_kind(chunk.d.kind())? {
+        NativeReal::F32 => batch_all_typed::<f32>(chunk, margin),
+        NativeReal::F64 => batch_all_typed::<f64>(chunk, margin),
     }
 }
 
-pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Weighted {
-    match chunk.d.kind() {
-        Kind::Double => batch_all_typed::<f64>(chunk, margin),
-        _ => batch_all_typed::<f32>(chunk, margin),
-    }
-}
-
-pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Weighted {
-    match chunk.d.kind() {
-        Kind::Double => semihard_typed::<f64>(chunk, margin),
-        _ => semihard_typed::<f32>(chunk, margin),
+pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
+    match real_kind(chunk.d.kind())? {
+        NativeReal::F32 => semihard_typed::<f32>(chunk, margin),
+        NativeReal::F64 => semihard_typed::<f64>(chunk, margin),
     }
 }
 
@@ -409,9 +451,9 @@ fn hardest_row<T: Real>(row: &Row<T>) -> Option<(i64, i64)> {
     Some((pos?.1 as i64, neg?.1 as i64))
 }
 
-fn hardest_typed<T: Real>(chunk: &Chunk) -> Hardest {
-    let held = Held::new(chunk);
-    let rows = held.view::<T>();
+fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
+    let held = Held::new(chunk)?;
+    let rows = held.view::<T>()?;
     let mut picks = vec![None; held.rows()];
     in_blocks(held.rows(), rows.n, &mut picks, 1, |range, out| {
         let first = range.start;
@@ -422,16 +464,16 @@ fn hardest_typed<T: Real>(chunk: &Chunk) -> Hardest {
     let positive: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.0)).collect();
     let negative: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.1)).collect();
     let valid: Vec<bool> = picks.iter().map(Option::is_some).collect();
-    Hardest {
-        positive: Tensor::from_slice(&positive),
-        negative: Tensor::from_slice(&negative),
-        valid: Tensor::from_slice(&valid),
-    }
+    Ok(Hardest {
+        positive: Tensor::f_from_slice(&positive)?,
+        negative: Tensor::f_from_slice(&negative)?,
+        valid: Tensor::f_from_slice(&valid)?,
+    })
 }
 
-pub(crate) fn hardest(chunk: &Chunk) -> Hardest {
-    match chunk.d.kind() {
-        Kind::Double => hardest_typed::<f64>(chunk),
-        _ => hardest_typed::<f32>(chunk),
+pub(crate) fn hardest(chunk: &Chunk) -> Result<Hardest, Error> {
+    match real_kind(chunk.d.kind())? {
+        NativeReal::F32 => hardest_typed::<f32>(chunk),
+        NativeReal::F64 => hardest_typed::<f64>(chunk),
     }
 }
