@@ -232,7 +232,8 @@ impl Held {
 
 fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let held = Held::new(chunk)?;
-    let mut weights = held.d.f_zeros_like()?;
+    // Every entry is written by `batch_all_row`.
+    let mut weights = held.d.f_empty_like()?;
     let rows = held.view::<T>()?;
     let w = view_mut::<T>(&mut weights)?;
     let distance = chunk.distance;
@@ -275,7 +276,7 @@ struct Scratch {
     nearest: Vec<(f64, usize)>,
 }
 
-/// Writes the pair weights of the row's batch-all gradient into `w`.
+/// Writes the pair weights of the row's batch-all gradient into every entry of `w`.
 fn batch_all_row<T: Real>(
     row: &Row<T>,
     w: &mut [T],
@@ -290,6 +291,7 @@ fn batch_all_row<T: Real>(
         weight_sum: 0.0,
     };
     if p == 0 {
+        w.fill(T::put(0.0));
         return out;
     }
     s.counts.clear();
@@ -299,6 +301,8 @@ fn batch_all_row<T: Real>(
     let mut negatives = 0i64;
     for (j, &dj) in row.d.iter().enumerate() {
         if row.labels[j] == row.label {
+            // The positives' weights are written below; the anchor's own stays 0.
+            w[j] = T::put(0.0);
             continue;
         }
         let dj = dj.get();

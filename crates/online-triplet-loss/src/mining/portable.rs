@@ -65,65 +65,68 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
 ///
 /// With the anchor's positive distances sorted, a negative's gap is the
 /// number of positives strictly below it. Gaps hold disjoint, increasing
-/// ranges of distances, so the negatives above d_ap are those in gaps from
-/// the number of positives ≤ d_ap on, and n* is the nearest negative of the
-/// first such gap that is not empty: a per-gap minimum (scatter-reduce) and
-/// a suffix minimum over gap numbers replace a sort of the negatives.
+/// ranges of distances, so the negatives above d_ap are those in the gaps
+/// from g_p, the number of positives ≤ d_ap, on, and n* is the nearest
+/// negative of all of them: a per-gap minimum (scatter-reduce) and a running
+/// minimum over the gaps replace a sort of the negatives. Gap numbers are
+/// stored reversed (n − gap), so that running minimum is a prefix `cummin`.
 pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let d = chunk.d;
     let kind = d.kind();
     let (rows, n) = (d.size()[0], d.size()[1]);
     let (same, different) = masks(chunk.row_labels, chunk.col_labels, chunk.self_col);
     let index_opts = (Kind::Int64, d.device());
+    let inf = d.f_full_like(f64::INFINITY)?;
 
-    let (sorted_pos, _) = d
-        .f_where_self(&same, &d.f_full_like(f64::INFINITY)?)?
-        .f_sort(1, false)?;
-    // Gaps 0..=n; the other columns go to gap n + 1, which nothing reads.
+    let (sorted_pos, _) = d.f_where_self(&same, &inf)?.f_sort(1, false)?;
+    // One search gives both counts: #{d_ap ≤ x} for positives, and for
+    // negatives #{d_ap < x}, as #{d_ap ≤ the float below x}.
+    let below = d.f_nextafter(&inf.f_neg()?)?;
+    let gap = below.f_where_self(&different, d)?.f_searchsorted(
+        &sorted_pos,
+        false,
+        true,
+        "right",
+        None::<Tensor>,
+    )?;
+    // Reversed gap numbers n − gap in 0..=n; other columns go to slot n + 1,
+    // which nothing reads.
     let unused = Tensor::f_full([rows, n], n + 1, index_opts)?;
-    let gap = d
-        .f_searchsorted(&sorted_pos, false, false, "left", None::<Tensor>)?
+    let slot = gap
+        .f_neg()?
+        .f_add_scalar(n)?
         .f_where_self(&different, &unused)?;
     let nearest = d
         .f_new_full([rows, n + 2], f64::INFINITY, (kind, d.device()))?
-        .f_internal_scatter_reduce(1, &gap, d, "amin", true)?;
+        .f_internal_scatter_reduce(1, &slot, d, "amin", true)?;
     let columns = Tensor::f_arange(n, index_opts)?.f_expand([rows, n], false)?;
-    let at_nearest = d.f_eq_tensor(&nearest.f_gather(1, &gap, false)?)?;
+    let at_nearest = d.f_eq_tensor(&nearest.f_gather(1, &slot, false)?)?;
     let first = Tensor::f_full([rows, n + 2], n, index_opts)?.f_internal_scatter_reduce(
         1,
-        &gap,
+        &slot,
         &columns.f_where_self(&at_nearest, &unused)?,
         "amin",
         true,
     )?;
-    let filled =
-        Tensor::f_zeros([rows, n + 2], index_opts)?.f_scatter_add(1, &gap, &gap.f_ones_like()?)?;
-    // next[g]: the first non-empty gap ≥ g among 0..=n, or n + 1.
-    let gap_numbers = Tensor::f_arange(n + 2, index_opts)?.f_expand([rows, n + 2], false)?;
-    let (next, _) = gap_numbers
-        .f_where_self(&filled.f_gt(0)?, &unused.f_narrow(1, 0, 1)?)?
-        .f_narrow(1, 0, n + 1)?
-        .f_flip([1])?
-        .f_cummin(1)?;
-    let next = next.f_flip([1])?;
-
-    let negatives = different.f_sum_dim_intlist(1, true, Kind::Int64)?;
+    // Finite minima of different gaps differ, so the slot a finite running
+    // minimum comes from is unique; an infinite one means that no finite
+    // negative is above, where the largest negative is the answer.
+    let (running, from) = nearest.f_narrow(1, 0, n + 1)?.f_cummin(1)?;
+    let own = gap.f_neg()?.f_add_scalar(n)?.f_clamp_min(0)?;
+    let d_above = running.f_gather(1, &own, false)?;
+    let above = first.f_gather(1, &from.f_gather(1, &own, false)?, false)?;
+    let found = d_above.f_isfinite()?.f_logical_and(&above.f_lt(n)?)?;
     let largest = d
-        .f_where_self(&different, &d.f_full_like(f64::NEG_INFINITY)?)?
+        .f_where_self(&different, &inf.f_neg()?)?
         .f_argmax(1, true)?;
-
-    let above = d.f_searchsorted(&sorted_pos, false, true, "right", None::<Tensor>)?;
-    let chosen = next.f_gather(1, &above, false)?;
-    let found = chosen.f_le(n)?;
-    let chosen = chosen.f_clamp_max(n)?;
-    let negative = first
-        .f_gather(1, &chosen, false)?
-        .f_where_self(&found, &largest.f_expand([rows, n], false)?)?;
-    // Where a positive has no pair the index may be the placeholder n.
-    let negative = negative.f_clamp_max(n - 1)?;
+    // Where a column is not a positive pair the index is unused but must be in range.
+    let negative = above
+        .f_where_self(&found, &largest.f_expand([rows, n], false)?)?
+        .f_clamp_max(n - 1)?;
     let d_neg = d.f_gather(1, &negative, false)?;
 
-    let pairs = same.f_logical_and(&negatives.f_gt(0)?)?;
+    let has_negative = different.f_any_dim(1, true)?;
+    let pairs = same.f_logical_and(&has_negative)?;
     let hinge = d
         .f_sub(&d_neg)?
         .f_add_scalar(margin)?
