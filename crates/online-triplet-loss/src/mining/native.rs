@@ -13,7 +13,16 @@ use super::parallel::in_blocks;
 use super::{Chunk, Hardest, Selection, Weighted};
 use crate::{Distance, Error};
 
-trait Real: Copy + Send + Sync + tch::kind::Element + 'static {
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + tch::kind::Element
+    + 'static
+{
     fn get(self) -> f64;
     fn put(v: f64) -> Self;
 }
@@ -33,6 +42,24 @@ impl Real for f64 {
     }
     fn put(v: f64) -> Self {
         v
+    }
+}
+
+/// The columns of each label, so that a row finds its positives without
+/// scanning the labels of every column.
+struct Groups(std::collections::HashMap<i64, Vec<usize>>);
+
+impl Groups {
+    fn new(labels: &[i64]) -> Self {
+        let mut groups = std::collections::HashMap::<i64, Vec<usize>>::new();
+        for (j, &label) in labels.iter().enumerate() {
+            groups.entry(label).or_default().push(j);
+        }
+        Groups(groups)
+    }
+
+    fn of(&self, label: i64) -> &[usize] {
+        self.0.get(&label).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -138,6 +165,8 @@ struct Row<'a, T> {
     d: &'a [T],
     label: i64,
     labels: &'a [i64],
+    /// The columns whose label is `label`.
+    same: &'a [usize],
     skip: usize,
 }
 
@@ -155,9 +184,10 @@ impl<T: Real> Row<'_, T> {
     ) {
         out.clear();
         out.extend(
-            (0..self.d.len())
-                .filter(|&j| self.is_positive(j))
-                .map(|j| (key(self.d[j].get()), j)),
+            self.same
+                .iter()
+                .filter(|&&j| j != self.skip)
+                .map(|&j| (key(self.d[j].get()), j)),
         );
         out.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         keys.clear();
@@ -175,11 +205,13 @@ struct Rows<'a, T> {
 }
 
 impl<'a, T: Real> Rows<'a, T> {
-    fn row(&self, r: usize) -> Row<'a, T> {
+    fn row(&self, r: usize, groups: &'a Groups) -> Row<'a, T> {
+        let label = self.row_labels[r];
         Row {
             d: &self.d[r * self.n..(r + 1) * self.n],
-            label: self.row_labels[r],
+            label,
             labels: self.col_labels,
+            same: groups.of(label),
             skip: self.self_col.map_or(usize::MAX, |c| c as usize + r),
         }
     }
@@ -237,6 +269,7 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Erro
     let rows = held.view::<T>()?;
     let w = view_mut::<T>(&mut weights)?;
     let distance = chunk.distance;
+    let groups = Groups::new(rows.col_labels);
     let blocks = in_blocks(held.rows(), rows.n, w, rows.n, |range, w| {
         let mut scratch = Scratch::default();
         let first = range.start;
@@ -244,7 +277,7 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Erro
         let mut sums = Vec::with_capacity(range.len());
         for r in range {
             let out = &mut w[(r - first) * rows.n..(r - first + 1) * rows.n];
-            let row = batch_all_row(&rows.row(r), out, &mut scratch, margin, distance);
+            let row = batch_all_row(&rows.row(r, &groups), out, &mut scratch, margin, distance);
             totals = totals.add(row.totals);
             sums.push(T::put(row.weight_sum));
         }
@@ -276,6 +309,10 @@ struct Scratch {
     nearest: Vec<(f64, usize)>,
 }
 
+/// Rows of batch-all keep this many sets of bucket totals, filled in turn,
+/// so that consecutive negatives in one bucket do not wait for each other.
+const LANES: usize = 4;
+
 /// Writes the pair weights of the row's batch-all gradient into every entry of `w`.
 fn batch_all_row<T: Real>(
     row: &Row<T>,
@@ -294,32 +331,37 @@ fn batch_all_row<T: Real>(
         w.fill(T::put(0.0));
         return out;
     }
+    let buckets = p + 1;
     s.counts.clear();
-    s.counts.resize(p + 1, 0);
+    s.counts.resize(LANES * buckets, 0);
     s.sums.clear();
-    s.sums.resize(p + 1, 0.0);
+    s.sums.resize(LANES * buckets, 0.0);
     let mut negatives = 0i64;
-    for (j, &dj) in row.d.iter().enumerate() {
+    // First the number of active positives of each negative (as a weight
+    // of d_an: minus that number), then the pair weights in one pass.
+    for (j, (&dj, wj)) in row.d.iter().zip(w.iter_mut()).enumerate() {
         if row.labels[j] == row.label {
             // The positives' weights are written below; the anchor's own stays 0.
-            w[j] = T::put(0.0);
+            *wj = T::put(0.0);
             continue;
         }
         let dj = dj.get();
         // Positives with t_p ≤ d_an come first; the rest are active for n.
         let bucket = count_below(&s.keys, dj, |t, d| t <= d);
-        let weight = distance.pair_weight(-((p - bucket) as f64), dj);
-        w[j] = T::put(weight);
-        out.weight_sum += weight;
-        s.counts[bucket] += 1;
-        s.sums[bucket] += dj;
+        *wj = T::put(-((p - bucket) as f64));
+        let at = (j % LANES) * buckets + bucket;
+        s.counts[at] += 1;
+        s.sums[at] += dj;
         negatives += 1;
     }
+    out.weight_sum = pair_weights_in_place(w, row.d, distance);
     out.totals.valid = p as i64 * negatives;
     let (mut k, mut prefix) = (0i64, 0.0f64);
     for (i, &(t, j)) in s.positives.iter().enumerate() {
-        k += s.counts[i];
-        prefix += s.sums[i];
+        for lane in 0..LANES {
+            k += s.counts[lane * buckets + i];
+            prefix += s.sums[lane * buckets + i];
+        }
         out.totals.value += k as f64 * t - prefix;
         out.totals.count += k;
         let weight = distance.pair_weight(k as f64, row.d[j].get());
@@ -327,6 +369,34 @@ fn batch_all_row<T: Real>(
         out.weight_sum += weight;
     }
     out
+}
+
+/// Turns weights of distances into pair weights ([`Distance::pair_weight`]),
+/// in place, and returns their sum.
+fn pair_weights_in_place<T: Real>(w: &mut [T], d: &[T], distance: Distance) -> f64 {
+    let zero = T::put(0.0);
+    match distance {
+        Distance::Euclidean => {
+            for (w, &d) in w.iter_mut().zip(d) {
+                *w = if d > zero { *w / d } else { zero };
+            }
+        }
+        Distance::Squared => {
+            let two = T::put(2.0);
+            for w in w.iter_mut() {
+                *w = *w * two;
+            }
+        }
+        Distance::Cosine => {}
+    }
+    let mut sums = [0.0f64; 8];
+    let mut blocks = w.chunks_exact(8);
+    for block in &mut blocks {
+        for (s, &v) in sums.iter_mut().zip(block) {
+            *s += v.get();
+        }
+    }
+    sums.iter().sum::<f64>() + blocks.remainder().iter().map(|v| v.get()).sum::<f64>()
 }
 
 /// Appends (positive, negative) for every positive pair of the row whose
@@ -392,6 +462,7 @@ fn semihard_row<T: Real>(
 fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let held = Held::new(chunk)?;
     let rows = held.view::<T>()?;
+    let groups = Groups::new(rows.col_labels);
     let blocks = in_blocks(held.rows(), rows.n, &mut [(); 0], 0, |range, _| {
         let mut scratch = Scratch::default();
         let mut totals = Totals::default();
@@ -399,7 +470,12 @@ fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error
         let mut picks = vec![];
         for r in range {
             picks.clear();
-            totals = totals.add(semihard_row(&rows.row(r), &mut scratch, margin, &mut picks));
+            totals = totals.add(semihard_row(
+                &rows.row(r, &groups),
+                &mut scratch,
+                margin,
+                &mut picks,
+            ));
             triplets.extend(picks.iter().map(|&(p, q)| (r as i64, p, q)));
         }
         (totals, triplets)
@@ -458,11 +534,12 @@ fn hardest_row<T: Real>(row: &Row<T>) -> Option<(i64, i64)> {
 fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
     let held = Held::new(chunk)?;
     let rows = held.view::<T>()?;
+    let groups = Groups::new(rows.col_labels);
     let mut picks = vec![None; held.rows()];
     in_blocks(held.rows(), rows.n, &mut picks, 1, |range, out| {
         let first = range.start;
         for r in range {
-            out[r - first] = hardest_row(&rows.row(r));
+            out[r - first] = hardest_row(&rows.row(r, &groups));
         }
     });
     let positive: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.0)).collect();
