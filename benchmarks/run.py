@@ -650,7 +650,7 @@ def write_outputs(cells: List[dict], meta: dict, out: Path) -> None:
             ax_r.plot(*zip(*rel), **kw)
             for B, r in rel:
                 if by_key[(impl, mining, B)].get("loaded") or gemm_at[B].get("loaded"):
-                    ax_r.annotate("⚠ load", (B, r), fontsize=7, color="tab:red")
+                    ax_r.annotate("under load", (B, r), fontsize=7, color="tab:red")
     for ax, ylabel in ((ax_t, "forward+backward time (s)"),
                        (ax_r, "time / one x @ x.T (gemm)"),
                        (ax_m, "peak CUDA memory (GB)" if cuda else "peak RSS (GB)")):
