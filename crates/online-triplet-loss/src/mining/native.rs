@@ -1,8 +1,9 @@
 //! Mining in Rust over the contiguous rows of a CPU distance matrix. Each
-//! anchor's positives are sorted (there are few of them in a P×K batch);
-//! every negative then lands in one bucket between two consecutive positives
-//! ([`count_below`]), so a row costs O(B log P) at most and needs no B×B
-//! temporary besides the weights.
+//! anchor's positives, found through an index of the columns by label
+//! ([`Groups`]), are sorted (there are few of them in a P×K batch); every
+//! negative then lands in one bucket between two consecutive positives
+//! ([`count_below`]), so a row costs O(B log K) for K positives and needs no
+//! B×B temporary besides the weights.
 //!
 //! Rows are split into one block per libtorch intra-op thread
 //! ([`in_blocks`]).
@@ -171,10 +172,6 @@ struct Row<'a, T> {
 }
 
 impl<T: Real> Row<'_, T> {
-    fn is_positive(&self, j: usize) -> bool {
-        j != self.skip && self.labels[j] == self.label
-    }
-
     /// Sorted (key(d_ap), p) over the positives, with the keys alone in `keys`.
     fn sorted_positives(
         &self,
@@ -516,19 +513,25 @@ pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     }
 }
 
+/// The farthest positive and the nearest negative of the row, the lowest
+/// column on ties. The positives come from the label index; only the
+/// negatives need a pass over the row.
 fn hardest_row<T: Real>(row: &Row<T>) -> Option<(i64, i64)> {
-    let (mut pos, mut neg) = (None::<(f64, usize)>, None::<(f64, usize)>);
-    for (j, &dj) in row.d.iter().enumerate() {
-        let dj = dj.get();
-        if row.is_positive(j) {
-            if pos.is_none_or(|(best, _)| dj > best) {
-                pos = Some((dj, j));
-            }
-        } else if row.labels[j] != row.label && neg.is_none_or(|(best, _)| dj < best) {
+    let mut pos = None::<(T, usize)>;
+    for &j in row.same.iter().filter(|&&j| j != row.skip) {
+        let dj = row.d[j];
+        if pos.is_none_or(|(best, _)| dj > best) {
+            pos = Some((dj, j));
+        }
+    }
+    let pos = pos?.1;
+    let mut neg = None::<(T, usize)>;
+    for (j, (&dj, &label)) in row.d.iter().zip(row.labels).enumerate() {
+        if label != row.label && neg.is_none_or(|(best, _)| dj < best) {
             neg = Some((dj, j));
         }
     }
-    Some((pos?.1 as i64, neg?.1 as i64))
+    Some((pos as i64, neg?.1 as i64))
 }
 
 fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
