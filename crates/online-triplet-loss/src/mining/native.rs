@@ -2,7 +2,7 @@
 //! anchor's positives, found through an index of the columns by label
 //! ([`Groups`]), are sorted (there are few of them in a P×K batch); every
 //! negative then lands in one bucket between two consecutive positives
-//! ([`count_below`]), so a row costs O(B log K) for K positives and needs no
+//! ([`Keys::count_below`]), so a row costs O(B log K) for K positives and needs no
 //! B×B temporary besides the weights.
 //!
 //! Rows are split into one block per libtorch intra-op thread
@@ -214,15 +214,34 @@ impl<'a, T: Real> Rows<'a, T> {
     }
 }
 
-/// The number of sorted keys k with `below(k, x)`, for a predicate that
-/// holds on a prefix. A handful of keys (a P×K batch has K − 1 positives per
-/// anchor) are counted without branches: a binary search over them would
-/// mispredict at almost every step.
-fn count_below(keys: &[f64], x: f64, below: impl Fn(f64, f64) -> bool) -> usize {
-    if keys.len() <= 32 {
-        keys.iter().map(|&k| below(k, x) as usize).sum()
-    } else {
-        keys.partition_point(|&k| below(k, x))
+/// A row's sorted keys, for counting the keys below a value.
+struct Keys<'a> {
+    /// Up to eight keys, padded with NaN, which no comparison counts.
+    few: Option<[f64; 8]>,
+    all: &'a [f64],
+}
+
+impl<'a> Keys<'a> {
+    fn new(all: &'a [f64]) -> Self {
+        let few = (all.len() <= 8).then(|| {
+            let mut few = [f64::NAN; 8];
+            few[..all.len()].copy_from_slice(all);
+            few
+        });
+        Keys { few, all }
+    }
+
+    /// The number of keys k with `below(k, x)`, for a comparison (`<` or
+    /// `≤`) that holds on a prefix of the keys and never on NaN. A handful of
+    /// keys (a P×K batch has K − 1 positives per anchor) are counted without
+    /// branches, eight at once when there are at most eight: a binary search
+    /// over them would mispredict at almost every step.
+    fn count_below(&self, x: f64, below: impl Fn(f64, f64) -> bool) -> usize {
+        match &self.few {
+            Some(few) => few.iter().map(|&k| below(k, x) as usize).sum(),
+            None if self.all.len() <= 32 => self.all.iter().map(|&k| below(k, x) as usize).sum(),
+            None => self.all.partition_point(|&k| below(k, x)),
+        }
     }
 }
 
@@ -334,6 +353,7 @@ fn batch_all_row<T: Real>(
     s.sums.clear();
     s.sums.resize(LANES * buckets, 0.0);
     let mut negatives = 0i64;
+    let keys = Keys::new(&s.keys);
     // First the number of active positives of each negative (as a weight
     // of d_an: minus that number), then the pair weights in one pass.
     for (j, (&dj, wj)) in row.d.iter().zip(w.iter_mut()).enumerate() {
@@ -344,7 +364,7 @@ fn batch_all_row<T: Real>(
         }
         let dj = dj.get();
         // Positives with t_p ≤ d_an come first; the rest are active for n.
-        let bucket = count_below(&s.keys, dj, |t, d| t <= d);
+        let bucket = keys.count_below(dj, |t, d| t <= d);
         *wj = T::put(-((p - bucket) as f64));
         let at = (j % LANES) * buckets + bucket;
         s.counts[at] += 1;
@@ -413,13 +433,14 @@ fn semihard_row<T: Real>(
     s.nearest.clear();
     s.nearest.resize(p + 1, NONE);
     let mut largest = (f64::NEG_INFINITY, usize::MAX);
+    let keys = Keys::new(&s.keys);
     for (j, &dj) in row.d.iter().enumerate() {
         if row.labels[j] == row.label {
             continue;
         }
         let dj = dj.get();
         // bucket = #{d_ap < d_an}: n is semi-hard for the positives below it.
-        let bucket = count_below(&s.keys, dj, |sp, d| sp < d);
+        let bucket = keys.count_below(dj, |sp, d| sp < d);
         if s.nearest[bucket].1 == usize::MAX || dj < s.nearest[bucket].0 {
             s.nearest[bucket] = (dj, j);
         }

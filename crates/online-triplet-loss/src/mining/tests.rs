@@ -1,6 +1,6 @@
 //! The native and portable kernels against each other and against a plain
 //! loop over each row, on chunks built to tie: distances drawn from a few
-//! integers, classes of up to 120 samples (the native kernels' binary search
+//! integers, classes of 6 to 150 samples (the native kernels' binary search
 //! starts above 32 positives), infinite distances, and anchors that are
 //! references.
 
@@ -150,6 +150,7 @@ fn semihard_kernels_match_the_definition_on_ties() {
     for seed in 0..24 {
         for (rows, cols, classes, levels) in [
             (7, 40, 3, 3),
+            (12, 60, 10, 3), // about 6 positives per anchor, as in P×K batches
             (16, 64, 5, 2),
             (9, 300, 2, 6),   // about 150 positives per anchor
             (12, 250, 2, 40), // large K with fewer ties
@@ -171,13 +172,18 @@ fn semihard_kernels_match_the_definition_on_ties() {
             }
         }
     }
-    assert_eq!(cases, 24 * 6 * 2 * 3);
+    assert_eq!(cases, 24 * 7 * 2 * 3);
 }
 
 #[test]
 fn batch_all_and_hardest_kernels_agree_on_ties() {
     for seed in 0..12 {
-        for (rows, cols, classes, levels) in [(8, 50, 3, 3), (10, 260, 2, 7), (4, 12, 12, 3)] {
+        for (rows, cols, classes, levels) in [
+            (8, 50, 3, 3),
+            (12, 60, 10, 3),
+            (10, 260, 2, 7),
+            (4, 12, 12, 3),
+        ] {
             let c = case(seed, rows, cols, classes, levels, Kind::Double);
             let what = format!("seed {seed} {rows}x{cols}");
             let n = native::batch_all(&c.chunk(), 0.5).expect("native");
