@@ -15,6 +15,13 @@ RSS of a cell is that cell's alone. Implementations:
 - ``st``:    sentence-transformers' ``BatchAllTripletLoss``, ``BatchHardTripletLoss``
   and ``BatchSemiHardTripletLoss`` on the embeddings alone (no model); only when
   asked for (``--impl``/``--cells``), not in the default grid.
+- ``gemm``:  the bare product ``x @ x.T`` (B x B x D, no grad, no backward), whole
+  and in row blocks written into one reused buffer; the faster is the yardstick
+  every other cell is reported as a multiple of.
+
+Every cell records the 1-minute load average around its runs and its thread
+settings; a ratio involving a cell that ran under a load above the number of
+CPUs is marked as such.
 
 Run ``python benchmarks/run.py --help``; see benchmarks/README.md.
 """
@@ -45,11 +52,20 @@ ROOT = HERE.parent
 CACHE = HERE / ".cache"
 V006_VERSION = "0.0.6"
 
-IMPLS = ("ours", "v006", "pml", "floor", "st")
+IMPLS = ("ours", "v006", "pml", "floor", "gemm", "st")
 MININGS = ("hard", "all", "semihard")
 DEFAULT_SIZES = (128, 512, 1024, 2048, 4096, 8192, 16384)
 FLOOR_VARIANTS = ("cdist", "expr")
-NO_MINING = "-"  # the floor does no mining: one cell per B
+GEMM_VARIANTS = ("full", "blocks")
+VARIANTS = {"floor": FLOOR_VARIANTS, "gemm": GEMM_VARIANTS}
+BASELINES = tuple(VARIANTS)  # no mining: one cell per B, shared by the minings
+NO_MINING = "-"
+# the gemm's row blocks hold about this many elements, as the losses' chunks do
+GEMM_BLOCK_ELEMENTS = 1 << 22
+# the whole B x B product is only formed up to this many bytes
+GEMM_FULL_MAX_BYTES = 2 * 10 ** 9
+# thread settings recorded with every cell
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
 
 OK = "ok"
 OVER_TIME = "over time cap"
@@ -98,7 +114,8 @@ def _is_memory_error(exc: BaseException) -> bool:
 
 
 def _build_step(spec: dict, torch):
-    """Returns ``step(labels, x) -> loss`` doing the forward pass of the cell."""
+    """Returns ``step(labels, x) -> loss`` doing the forward pass of the cell;
+    a step that returns None has no backward pass (the gemm)."""
     impl, mining, margin = spec["impl"], spec["mining"], spec["margin"]
     if impl == "ours":
         from online_triplet_loss import losses as L
@@ -142,6 +159,23 @@ def _build_step(spec: dict, torch):
             d2 = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (x @ x.t())
             return d2.clamp_min(1e-12).sqrt().sum()
         return expr
+    if impl == "gemm":
+        if spec["variant"] == "full":
+            def full(y, x):
+                with torch.no_grad():
+                    x @ x.t()
+            return full
+        B = spec["B"]
+        rows = max(1, GEMM_BLOCK_ELEMENTS // B)
+        buf = torch.empty(min(rows, B), B, device=spec["device"])
+
+        def blocks(y, x):
+            with torch.no_grad():
+                xt = x.detach().t()
+                for start in range(0, B, rows):
+                    n = min(rows, B - start)
+                    torch.mm(x.detach()[start:start + n], xt, out=buf[:n])
+        return blocks
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -167,6 +201,8 @@ def child_main(spec_json: str, out_path: str) -> int:
         import torch
         if spec.get("threads"):
             torch.set_num_threads(int(spec["threads"]))
+        res["torch_threads"] = torch.get_num_threads()
+        res["thread_env"] = {k: os.environ.get(k) for k in THREAD_ENV}
         device = torch.device(spec["device"])
         cuda = device.type == "cuda"
         step = _build_step(spec, torch)
@@ -201,14 +237,17 @@ def child_main(spec_json: str, out_path: str) -> int:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss = step(labels, x)
-        loss.backward()
+        if loss is not None:
+            loss.backward()
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        res["loss"] = float(loss.detach())
+        if loss is not None:
+            res["loss"] = float(loss.detach())
         return dt
 
     time_cap = spec["time_cap"]
+    res["loadavg_before"] = list(os.getloadavg())
     try:
         phase("warmup")
         w = once()
@@ -224,6 +263,7 @@ def child_main(spec_json: str, out_path: str) -> int:
             times.append(once())
         res["times_s"] = times
         res["median_s"] = statistics.median(times)
+        res["loadavg_after"] = list(os.getloadavg())
         return finish(OK)
     except BaseException as exc:  # noqa: BLE001 - a Rust panic is a BaseException
         if isinstance(exc, KeyboardInterrupt):
@@ -240,8 +280,12 @@ def valid_triplets(B: int, K: int) -> int:
     return B * (K - 1) * (B - K)
 
 
-def estimate_memory(impl: str, mining: str, B: int, K: int) -> int:
+def estimate_memory(impl: str, mining: str, B: int, K: int, D: int = 128) -> int:
     """Rough peak bytes on top of the baseline; only used to skip hopeless cells."""
+    if impl == "ours":  # chunks of 2^22 distances, the gradients, O(B·D) besides
+        return 2 ** 28 + 64 * B * D
+    if impl == "gemm":
+        return 4 * GEMM_BLOCK_ELEMENTS + 8 * B * D
     if impl == "v006" and mining == "all":
         return 20 * B ** 3  # about five float32 B^3 tensors
     if impl == "pml" and mining in ("all", "semihard"):
@@ -388,14 +432,14 @@ def plan_cells(impls: List[str], minings: List[str], sizes: List[int],
     cells: List[Tuple[str, str, int]] = []
     if explicit is not None:
         for impl, mining, B in explicit:
-            if impl == "floor":
+            if impl in BASELINES:
                 mining = NO_MINING
             c = (impl, mining, B)
             if c not in cells:
                 cells.append(c)
     else:
         for impl in impls:
-            for mining in ([NO_MINING] if impl == "floor" else minings):
+            for mining in ([NO_MINING] if impl in BASELINES else minings):
                 if impl == "v006" and mining == "semihard":
                     continue  # 0.0.6 has no semi-hard loss
                 for B in sizes:
@@ -419,7 +463,7 @@ def parse_cells(text: str) -> List[Tuple[str, str, int]]:
         impl, mining, B = parts[0], parts[1] or NO_MINING, int(parts[2])
         if impl not in IMPLS:
             raise SystemExit(f"--cells: unknown implementation {impl!r}")
-        if impl != "floor" and mining not in MININGS:
+        if impl not in BASELINES and mining not in MININGS:
             raise SystemExit(f"--cells: unknown mining {mining!r}")
         if impl == "v006" and mining == "semihard":
             raise SystemExit("--cells: v006 (0.0.6) has no semi-hard loss")
@@ -429,7 +473,7 @@ def parse_cells(text: str) -> List[Tuple[str, str, int]]:
 
 def run_cell(impl: str, mining: str, B: int, args, base: dict, series: Dict, v006: Tuple) -> dict:
     cell = {"impl": impl, "mining": mining, "B": B, "D": args.dim, "K": args.k, "P": B // args.k}
-    est = estimate_memory(impl, mining, B, args.k)
+    est = estimate_memory(impl, mining, B, args.k, args.dim)
     cell["est_mem_bytes"] = est
     prev = series.get((impl, mining))  # largest smaller B already run in this series
     if impl == "v006" and v006[0] is None:
@@ -454,22 +498,44 @@ def run_cell(impl: str, mining: str, B: int, args, base: dict, series: Dict, v00
                         detail=f"skipped: estimated {fmt_time(guess)} from B={prev['B']} > cap {args.time_cap:g} s")
             return cell
     spec = dict(base["spec"], impl=impl, mining=mining, B=B, v006_path=v006[0])
-    if impl == "floor":
+    if impl in VARIANTS:
         variants = {}
-        for v in FLOOR_VARIANTS:
+        for v in VARIANTS[impl]:
+            if impl == "gemm" and v == "full" and 4 * B * B > GEMM_FULL_MAX_BYTES:
+                variants[v] = {"status": OVER_MEM, "estimated": True,
+                               "detail": f"skipped: the B×B product takes {fmt_bytes(4 * B * B)}"}
+                continue
             variants[v] = run_child(dict(spec, variant=v), args.time_cap)
         ok = {v: r for v, r in variants.items() if r.get("status") == OK}
         if ok:
             best = min(ok, key=lambda v: ok[v]["median_s"])
             cell.update(variants[best], variant=best)
         else:
-            best = FLOOR_VARIANTS[0]
+            best = VARIANTS[impl][0]
             cell.update(variants[best], variant=None)
-        cell["variants"] = {v: {k: r.get(k) for k in ("status", "median_s", "peak_rss_bytes", "cuda_peak_bytes", "detail")}
+        cell["variants"] = {v: {k: r.get(k) for k in ("status", "median_s", "peak_rss_bytes", "cuda_peak_bytes",
+                                                      "detail", "loadavg_before", "loadavg_after")}
                             for v, r in variants.items()}
     else:
         cell.update(run_child(spec, args.time_cap))
+    mark_load(cell, base["cpus"])
     return cell
+
+
+def mark_load(cell: dict, cpus: int) -> None:
+    """Records the highest 1-minute load average seen around the cell's runs
+    and whether it exceeded the number of CPUs (then the cell's timing is not
+    a measurement of the code alone)."""
+    loads = [cell[k][0] for k in ("loadavg_before", "loadavg_after") if cell.get(k)]
+    if loads:
+        cell["load_1m"] = max(loads)
+        cell["loaded"] = cell["load_1m"] > cpus
+
+
+def load_mark(*cells: Optional[dict]) -> str:
+    """` ⚠ load L` when one of the cells ran under a load above the CPU count."""
+    loads = [c["load_1m"] for c in cells if c and c.get("loaded")]
+    return f" ⚠ load {max(loads):.1f}" if loads else ""
 
 
 def ratio_text(num: Optional[dict], den: Optional[dict], speedup: bool, time_cap: float) -> str:
@@ -478,7 +544,7 @@ def ratio_text(num: Optional[dict], den: Optional[dict], speedup: bool, time_cap
         return "—"
     a, b = (num, den)
     if a.get("status") == OK and b.get("status") == OK:
-        return f"{a['median_s'] / b['median_s']:.3g}×"
+        return f"{a['median_s'] / b['median_s']:.3g}×" + load_mark(a, b)
     if speedup and b.get("status") == OK and a.get("status") == OVER_TIME:
         if a.get("single_run_s"):
             return f"≈{a['single_run_s'] / b['median_s']:.3g}× (1 run)"
@@ -511,11 +577,12 @@ def write_outputs(cells: List[dict], meta: dict, out: Path) -> None:
     time_cap = meta["time_cap_s"]
     by_key = {(c["impl"], c["mining"], c["B"]): c for c in cells}
     floor_at = {c["B"]: c for c in cells if c["impl"] == "floor"}
+    gemm_at = {c["B"]: c for c in cells if c["impl"] == "gemm"}
 
-    head = ["implementation", "mining", "B", "median time", "runs", "peak RSS"]
+    head = ["implementation", "mining", "B", "median time", "× gemm", "runs", "peak RSS"]
     if cuda:
         head.append("peak CUDA mem")
-    head += ["status", "ours vs v006", "ours vs pml", "ours / floor"]
+    head += ["load (1 min)", "threads", "status", "ours vs v006", "ours vs pml", "ours / floor"]
     lines = [
         "# Triplet-loss benchmark",
         "",
@@ -529,8 +596,13 @@ def write_outputs(cells: List[dict], meta: dict, out: Path) -> None:
         + (f", at end {meta['loadavg_end'][0]:.2f}" if "loadavg_end" in meta else "")
         + f" on {meta['cpus']} CPUs; thread environment: "
         + (", ".join(f"`{k}={v}`" for k, v in meta.get("env", {}).items()) or "none set"),
+        "- *× gemm* = the cell's time / that of one bare `x @ x.T` (B×B×D, no grad, same device and "
+        "threads) at the same B: the product every loss needs at least once",
         "- ratios are on `ours` rows: *vs v006* and *vs pml* = their time / ours (× faster); "
         "*ours / floor* = ours / the distance-matrix floor at the same B",
+        f"- *load (1 min)*: the highest 1-minute load average seen before and after the cell's runs; "
+        f"**⚠ marks a ratio with a cell measured under a load above the {meta['cpus']} CPUs: "
+        f"it is not a measurement of the code alone**",
     ]
     if meta.get("jobs", 1) > 1:
         lines.append(f"- **{meta['jobs']} series ran in parallel: timings and memory are not comparable**")
@@ -538,21 +610,33 @@ def write_outputs(cells: List[dict], meta: dict, out: Path) -> None:
     if variants:
         lines.append("- floor = the faster of `torch.cdist` and `sqrt(clamp(|a|²+|b|²-2ab))`: "
                      + ", ".join(f"B={B}: {v}" for B, v in variants))
+    variants = sorted({(B, c.get("variant")) for B, c in gemm_at.items() if c.get("variant")})
+    if variants:
+        lines.append(f"- gemm = the faster of the whole product and row blocks of {GEMM_BLOCK_ELEMENTS} "
+                     "elements into one buffer: " + ", ".join(f"B={B}: {v}" for B, v in variants))
+    loaded = [c for c in cells if c.get("loaded")]
+    if loaded:
+        lines.append(f"- **{len(loaded)} of {len(cells)} cells ran under a 1-minute load above "
+                     f"{meta['cpus']}: their times and ratios (⚠) are not valid measurements**")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         impl, mining, B = c["impl"], c["mining"], c["B"]
-        mining_txt = f"— ({c['variant']})" if impl == "floor" and c.get("variant") else mining
+        mining_txt = f"— ({c['variant']})" if impl in BASELINES and c.get("variant") else mining
         st = c.get("status", "")
         if c.get("estimated"):
             st += " (est.)"
         if c.get("detail") and c.get("status") != OK:
             st += f": {c['detail']}"
         row = [impl, mining_txt, str(B), cell_time_text(c, time_cap),
+               "" if impl == "gemm" else ratio_text(c, gemm_at.get(B), False, time_cap),
                str(len(c.get("times_s", []))) if c.get("status") == OK else "—",
                fmt_bytes(c.get("peak_rss_bytes"))]
         if cuda:
             row.append(fmt_bytes(c.get("cuda_peak_bytes")))
-        row.append(st.replace("|", "\\|"))
+        env = c.get("thread_env") or {}
+        row += [f"{c['load_1m']:.2f}" + (" ⚠" if c.get("loaded") else "") if "load_1m" in c else "—",
+                f"{c.get('torch_threads', '—')} ({env.get('OMP_WAIT_POLICY') or 'default'} wait)",
+                st.replace("|", "\\|")]
         if impl == "ours":
             row += [ratio_text(by_key.get(("v006", mining, B)), c, True, time_cap),
                     ratio_text(by_key.get(("pml", mining, B)), c, True, time_cap),
@@ -566,10 +650,11 @@ def write_outputs(cells: List[dict], meta: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"ours": "tab:blue", "v006": "tab:red", "pml": "tab:green", "floor": "black", "st": "tab:purple"}
+    colors = {"ours": "tab:blue", "v006": "tab:red", "pml": "tab:green", "floor": "black",
+              "gemm": "tab:gray", "st": "tab:purple"}
     styles = {"all": "-", "hard": "--", "semihard": ":", NO_MINING: "-."}
     markers = {"all": "o", "hard": "s", "semihard": "^", NO_MINING: "x"}
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax_t, ax_r, ax_m) = plt.subplots(1, 3, figsize=(19, 5))
     series: Dict[Tuple[str, str], List[dict]] = {}
     for c in cells:
         series.setdefault((c["impl"], c["mining"]), []).append(c)
@@ -580,13 +665,21 @@ def write_outputs(cells: List[dict], meta: dict, out: Path) -> None:
         if not ok:
             continue
         plotted += 1
-        label = "floor (distance matrix)" if impl == "floor" else f"{impl} {mining}"
+        label = {"floor": "floor (distance matrix)", "gemm": "gemm (x @ x.T)"}.get(impl, f"{impl} {mining}")
         kw = dict(color=colors.get(impl), linestyle=styles.get(mining, "-"),
                   marker=markers.get(mining, "o"), label=label)
         xs = [c["B"] for c in ok]
         ax_t.plot(xs, [c["median_s"] for c in ok], **kw)
         ax_m.plot(xs, [c.get(mem_key, float("nan")) / 1e9 for c in ok], **kw)
+        rel = [(c["B"], c["median_s"] / gemm_at[c["B"]]["median_s"]) for c in ok
+               if gemm_at.get(c["B"], {}).get("status") == OK]
+        if rel:
+            ax_r.plot(*zip(*rel), **kw)
+            for B, r in rel:
+                if by_key[(impl, mining, B)].get("loaded") or gemm_at[B].get("loaded"):
+                    ax_r.annotate("under load", (B, r), fontsize=7, color="tab:red")
     for ax, ylabel in ((ax_t, "forward+backward time (s)"),
+                       (ax_r, "time / one x @ x.T (gemm)"),
                        (ax_m, "peak CUDA memory (GB)" if cuda else "peak RSS (GB)")):
         ax.set_xlabel("batch size B")
         ax.set_ylabel(ylabel)
@@ -636,7 +729,7 @@ def _csv(text: str, allowed) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--impl", default="ours,v006,pml,floor", help="comma list of " + ", ".join(IMPLS))
+    ap.add_argument("--impl", default="ours,v006,pml,floor,gemm", help="comma list of " + ", ".join(IMPLS))
     ap.add_argument("--mining", default=",".join(MININGS), help="comma list of " + ", ".join(MININGS))
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="comma list of batch sizes B")
     ap.add_argument("--cells", default=None,
@@ -685,6 +778,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     v006 = (ensure_v006(Path(args.wheels) if args.wheels else None)
             if any(c[0] == "v006" for c in cells_plan) else (None, "not requested"))
     base = {
+        "cpus": os.cpu_count() or 1,
         "pml_available": pml_version is not None,
         "spec": {"device": device, "D": args.dim, "K": args.k, "margin": args.margin,
                  "repeats": args.repeats, "time_cap": args.time_cap, "labels": args.labels,

@@ -10,12 +10,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
 
-# 0.0.6 has no semi-hard loss; the floor does no mining ("-")
+# 0.0.6 has no semi-hard loss; the floor and the gemm do no mining ("-")
 EXPECTED = {
     ("ours", "hard"), ("ours", "all"), ("ours", "semihard"),
     ("v006", "hard"), ("v006", "all"),
     ("pml", "hard"), ("pml", "all"), ("pml", "semihard"),
-    ("floor", "-"),
+    ("floor", "-"), ("gemm", "-"),
 }
 # these depend on a download or an optional package; anything else must run
 MAY_BE_UNAVAILABLE = {"v006", "pml"}
@@ -41,12 +41,16 @@ def test_every_cell_is_reported(tmp_path):
         assert c["status"] == "ok", (impl, mining, c)
         assert c["median_s"] > 0 and len(c["times_s"]) == 1
         assert c["peak_rss_bytes"] > 0
-        assert c["loss"] == c["loss"]  # not NaN
+        assert c["torch_threads"] >= 1 and "OMP_WAIT_POLICY" in c["thread_env"]
+        assert c["load_1m"] >= 0 and isinstance(c["loaded"], bool)
+        if impl != "gemm":  # the gemm has no loss and no backward
+            assert c["loss"] == c["loss"]  # not NaN
     assert cells[("floor", "-", 64)]["variant"] in ("cdist", "expr")
+    assert cells[("gemm", "-", 64)]["variant"] in ("full", "blocks")
     rows = [l for l in md.splitlines() if l.startswith("| ") and not l.startswith("| implementation")]
     assert len(rows) == len(EXPECTED)
     for impl, mining in EXPECTED:
-        shown = mining if impl != "floor" else "— ("
+        shown = mining if impl not in ("floor", "gemm") else "— ("
         assert any(r.startswith(f"| {impl} | {shown}") and "| 64 |" in r for r in rows), (impl, mining, md)
 
 
@@ -64,3 +68,20 @@ def test_capped_cells_are_reported_not_dropped(tmp_path):
     if cells[("pml", "all", 4096)]["status"] != "unavailable":
         assert cells[("pml", "all", 4096)]["status"] == "over memory cap"  # estimated > 1 GB
     assert md.count("over time cap") >= 2 and "over memory cap" in md
+
+
+def test_ratios_under_load_are_marked(tmp_path):
+    """A cell whose recorded load exceeds the CPU count gets ⚠ on its ratios."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    quiet = {"status": "ok", "median_s": 2.0, "loadavg_before": [0.5, 0, 0], "loadavg_after": [1.0, 0, 0]}
+    busy = dict(quiet, median_s=1.0, loadavg_after=[5.0, 0, 0])
+    for c in (quiet, busy):
+        run.mark_load(c, 2)
+    assert quiet["load_1m"] == 1.0 and not quiet["loaded"]
+    assert busy["load_1m"] == 5.0 and busy["loaded"]
+    assert run.ratio_text(quiet, dict(quiet, median_s=1.0), False, 60) == "2×"
+    assert run.ratio_text(quiet, busy, False, 60) == "2× ⚠ load 5.0"

@@ -474,8 +474,8 @@ impl TripletConfig {
                         distance: self.distance,
                     };
                     let out = match mining {
-                        Mining::All => mining::batch_all(self.kernel, &chunk, self.margin),
-                        _ => mining::semihard(self.kernel, &chunk, self.margin),
+                        Mining::All => mining::batch_all(self.kernel, &chunk, self.margin)?,
+                        _ => mining::semihard(self.kernel, &chunk, self.margin)?,
                     };
                     let _ = value.f_add_(&out.value)?;
                     let _ = count.f_add_(&out.count)?;
@@ -589,7 +589,7 @@ impl TripletConfig {
                     self_col: s.self_col.map(|c| c + start),
                     distance: self.distance,
                 };
-                let h = mining::hardest(self.kernel, &chunk);
+                let h = mining::hardest(self.kernel, &chunk)?;
                 positive.f_narrow(0, start, len)?.f_copy_(&h.positive)?;
                 negative.f_narrow(0, start, len)?.f_copy_(&h.negative)?;
                 valid.f_narrow(0, start, len)?.f_copy_(&h.valid)?;

@@ -15,7 +15,7 @@ pub(crate) mod portable;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::Distance;
+use crate::{Distance, Error};
 
 /// Which implementation of the mining runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -85,7 +85,11 @@ fn use_native(kernel: Kernel, d: &Tensor) -> bool {
         && matches!(d.kind(), Kind::Float | Kind::Double)
 }
 
-pub(crate) fn batch_all(kernel: Kernel, chunk: &Chunk, margin: f64) -> Weighted {
+/// Batch-all over one chunk.
+///
+/// # Errors
+/// `Error::Torch` when libtorch fails (out of memory, for one).
+pub(crate) fn batch_all(kernel: Kernel, chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     if use_native(kernel, chunk.d) {
         native::batch_all(chunk, margin)
     } else {
@@ -93,7 +97,11 @@ pub(crate) fn batch_all(kernel: Kernel, chunk: &Chunk, margin: f64) -> Weighted 
     }
 }
 
-pub(crate) fn semihard(kernel: Kernel, chunk: &Chunk, margin: f64) -> Weighted {
+/// Semi-hard over one chunk.
+///
+/// # Errors
+/// `Error::Torch` when libtorch fails.
+pub(crate) fn semihard(kernel: Kernel, chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     if use_native(kernel, chunk.d) {
         native::semihard(chunk, margin)
     } else {
@@ -101,10 +109,17 @@ pub(crate) fn semihard(kernel: Kernel, chunk: &Chunk, margin: f64) -> Weighted {
     }
 }
 
-pub(crate) fn hardest(kernel: Kernel, chunk: &Chunk) -> Hardest {
+/// The hardest positive and negative of every anchor of one chunk.
+///
+/// # Errors
+/// `Error::Torch` when libtorch fails.
+pub(crate) fn hardest(kernel: Kernel, chunk: &Chunk) -> Result<Hardest, Error> {
     if use_native(kernel, chunk.d) {
         native::hardest(chunk)
     } else {
         portable::hardest(chunk)
     }
 }
+
+#[cfg(test)]
+mod tests;

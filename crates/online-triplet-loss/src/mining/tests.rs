@@ -1,0 +1,231 @@
+//! The native and portable kernels against each other and against a plain
+//! loop over each row, on chunks built to tie: distances drawn from a few
+//! integers, classes of 6 to 150 samples (the native kernels' binary search
+//! starts above 32 positives), infinite distances, and anchors that are
+//! references.
+
+use tch::{Device, Kind, Tensor};
+
+use super::{native, portable, Chunk, Selection, Weighted};
+use crate::Distance;
+
+struct Case {
+    d: Tensor,
+    row_labels: Tensor,
+    col_labels: Tensor,
+    self_col: Option<i64>,
+}
+
+impl Case {
+    fn chunk(&self) -> Chunk<'_> {
+        Chunk {
+            d: &self.d,
+            row_labels: &self.row_labels,
+            col_labels: &self.col_labels,
+            self_col: self.self_col,
+            distance: Distance::Squared,
+        }
+    }
+}
+
+/// `rows` anchors against `cols` references with labels in `0..classes` and
+/// distances in `0..levels` (so ties are everywhere), some negatives at +inf.
+fn case(seed: i64, rows: i64, cols: i64, classes: i64, levels: i64, kind: Kind) -> Case {
+    tch::manual_seed(seed);
+    let opts = (Kind::Int64, Device::Cpu);
+    let col_labels = Tensor::randint(classes, [cols], opts);
+    let self_col = (seed % 2 == 0 && rows <= cols).then_some((cols - rows) / 2);
+    let row_labels = match self_col {
+        Some(c) => col_labels.narrow(0, c, rows).copy(),
+        None => Tensor::randint(classes, [rows], opts),
+    };
+    let mut d = Tensor::randint(levels, [rows, cols], opts).to_kind(kind);
+    if seed % 3 == 0 {
+        // Only negatives: an infinite d_ap makes d_ap − d_an NaN, which the
+        // losses report through their own NaN guard.
+        let negative = row_labels.unsqueeze(1).ne_tensor(&col_labels.unsqueeze(0));
+        let infinite = Tensor::rand([rows, cols], (Kind::Float, Device::Cpu))
+            .lt(0.05)
+            .logical_and(&negative);
+        d = d.masked_fill(&infinite, f64::INFINITY);
+    }
+    Case {
+        d,
+        row_labels,
+        col_labels,
+        self_col,
+    }
+}
+
+fn values<T: tch::kind::Element>(t: &Tensor) -> Vec<T> {
+    let t = t.flatten(0, -1).contiguous();
+    let mut out = vec![T::ZERO; t.numel()];
+    t.copy_data(&mut out, t.numel());
+    out
+}
+
+/// ∂value/∂d of a selection, as a dense float64 matrix, and the number of
+/// active (anchor, positive) pairs.
+fn dense_weights(selection: &Selection, rows: i64, cols: i64) -> Tensor {
+    match selection {
+        Selection::Weights(w) => w.to_kind(Kind::Double),
+        Selection::Triplets {
+            anchor,
+            positive,
+            negative,
+        } => {
+            let mut w = vec![0.0f64; (rows * cols) as usize];
+            for ((&a, &p), &n) in anchor.iter().zip(positive).zip(negative) {
+                w[(a * cols + p) as usize] += 1.0;
+                w[(a * cols + n) as usize] -= 1.0;
+            }
+            Tensor::from_slice(&w).reshape([rows, cols])
+        }
+        Selection::PairWeights { .. } => panic!("semi-hard never gives pair weights"),
+    }
+}
+
+/// Semi-hard by its definition, row by row: for each positive the negative
+/// with the smallest distance strictly above d_ap (lowest index on ties),
+/// else the largest (lowest index on ties).
+fn semihard_reference(c: &Case, margin: f64) -> (f64, i64, Tensor) {
+    let (rows, cols) = (c.d.size()[0], c.d.size()[1]);
+    let d = values::<f64>(&c.d.to_kind(Kind::Double));
+    let (rl, cl) = (values::<i64>(&c.row_labels), values::<i64>(&c.col_labels));
+    let (mut value, mut count) = (0.0, 0);
+    let mut w = vec![0.0f64; d.len()];
+    for a in 0..rows as usize {
+        let row = &d[a * cols as usize..(a + 1) * cols as usize];
+        let own = c.self_col.map(|s| s as usize + a);
+        let negatives: Vec<usize> = (0..row.len()).filter(|&j| cl[j] != rl[a]).collect();
+        let Some(&first) = negatives.first() else {
+            continue;
+        };
+        let largest = negatives
+            .iter()
+            .copied()
+            .fold(first, |b, j| if row[j] > row[b] { j } else { b });
+        for p in (0..row.len()).filter(|&j| cl[j] == rl[a] && Some(j) != own) {
+            count += 1;
+            let above = negatives.iter().copied().filter(|&j| row[j] > row[p]).fold(
+                None,
+                |b: Option<usize>, j| match b {
+                    Some(b) if row[b] <= row[j] => Some(b),
+                    _ => Some(j),
+                },
+            );
+            let n = above.unwrap_or(largest);
+            let hinge = row[p] - row[n] + margin;
+            if hinge > 0.0 {
+                value += hinge;
+                w[a * cols as usize + p] += 1.0;
+                w[a * cols as usize + n] -= 1.0;
+            }
+        }
+    }
+    (value, count, Tensor::from_slice(&w).reshape([rows, cols]))
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_kind(Kind::Double).double_value(&[])
+}
+
+fn assert_same_semihard(got: &Weighted, want: &(f64, i64, Tensor), c: &Case, what: &str) {
+    let (rows, cols) = (c.d.size()[0], c.d.size()[1]);
+    let value = scalar(&got.value);
+    assert!(
+        (value - want.0).abs() <= 1e-9 * (1.0 + want.0.abs()),
+        "{what}: value {value}, want {}",
+        want.0
+    );
+    assert_eq!(got.count.int64_value(&[]), want.1, "{what}: count");
+    assert_eq!(got.valid.int64_value(&[]), want.1, "{what}: valid");
+    let w = dense_weights(&got.selection, rows, cols);
+    assert!(w.equal(&want.2), "{what}: selected triplets differ");
+}
+
+#[test]
+fn semihard_kernels_match_the_definition_on_ties() {
+    let mut cases = 0;
+    for seed in 0..24 {
+        for (rows, cols, classes, levels) in [
+            (7, 40, 3, 3),
+            (12, 60, 10, 3), // about 6 positives per anchor, as in P×K batches
+            (16, 64, 5, 2),
+            (9, 300, 2, 6),   // about 150 positives per anchor
+            (12, 250, 2, 40), // large K with fewer ties
+            (5, 9, 9, 4),     // mostly no positive
+            (6, 30, 1, 5),    // no negative
+        ] {
+            for kind in [Kind::Float, Kind::Double] {
+                let c = case(seed, rows, cols, classes, levels, kind);
+                for margin in [0.0, 0.5, 2.0] {
+                    let want = semihard_reference(&c, margin);
+                    let what =
+                        format!("seed {seed} {rows}x{cols} classes {classes} {kind:?} m {margin}");
+                    let n = native::semihard(&c.chunk(), margin).expect("native");
+                    assert_same_semihard(&n, &want, &c, &format!("native {what}"));
+                    let p = portable::semihard(&c.chunk(), margin).expect("portable");
+                    assert_same_semihard(&p, &want, &c, &format!("portable {what}"));
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 24 * 7 * 2 * 3);
+}
+
+#[test]
+fn batch_all_and_hardest_kernels_agree_on_ties() {
+    for seed in 0..12 {
+        for (rows, cols, classes, levels) in [
+            (8, 50, 3, 3),
+            (12, 60, 10, 3),
+            (10, 260, 2, 7),
+            (4, 12, 12, 3),
+        ] {
+            let c = case(seed, rows, cols, classes, levels, Kind::Double);
+            let what = format!("seed {seed} {rows}x{cols}");
+            let n = native::batch_all(&c.chunk(), 0.5).expect("native");
+            let p = portable::batch_all(&c.chunk(), 0.5).expect("portable");
+            let (nv, pv) = (scalar(&n.value), scalar(&p.value));
+            // Infinite distances make both values NaN or infinite alike.
+            assert!(
+                nv == pv
+                    || (nv - pv).abs() <= 1e-9 * (1.0 + pv.abs())
+                    || (nv.is_nan() && pv.is_nan()),
+                "{what}: batch-all value {nv} vs {pv}"
+            );
+            assert!(n.count.equal(&p.count), "{what}: batch-all count");
+            assert!(n.valid.equal(&p.valid), "{what}: batch-all valid");
+            // Squared distance: the pair weights are twice the weights.
+            if let (Selection::PairWeights { weights, .. }, Selection::Weights(w)) =
+                (&n.selection, &p.selection)
+            {
+                assert!(weights.equal(&(w * 2.0)), "{what}: batch-all weights");
+            } else {
+                panic!("{what}: unexpected batch-all selections");
+            }
+
+            let n = native::hardest(&c.chunk()).expect("native");
+            let p = portable::hardest(&c.chunk()).expect("portable");
+            assert!(n.valid.equal(&p.valid), "{what}: hardest valid");
+            let valid = &n.valid;
+            for (a, b, name) in [
+                (&n.positive, &p.positive, "positive"),
+                (&n.negative, &p.negative, "negative"),
+            ] {
+                let (a, b) = (a.masked_select(valid), b.masked_select(valid));
+                assert!(a.equal(&b), "{what}: hardest {name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn native_kernels_refuse_other_dtypes() {
+    let c = case(1, 4, 8, 2, 3, Kind::Half);
+    assert!(native::semihard(&c.chunk(), 0.1).is_err());
+    assert!(native::batch_all(&c.chunk(), 0.1).is_err());
+    assert!(native::hardest(&c.chunk()).is_err());
+}
