@@ -6,7 +6,8 @@ tch 0.24 matches torch 2.11, tch 0.26 matches 2.13 and also builds against
 this
 
 - moves Cargo.lock to the tch that matches the torch in this environment
-  (the committed lock holds tch 0.26, torch 2.13);
+  for the duration of the build (the committed lock holds tch 0.26, torch
+  2.13, and is put back afterwards);
 - points cargo at a target directory of its own for this torch and Python,
   e.g. ``target/torch-2.13.0+cu130-cp311``: torch-sys does not rebuild when
   only the environment's torch changes, so two torches never share one;
@@ -26,11 +27,11 @@ Two ways in:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -75,6 +76,19 @@ def locked_tch() -> str | None:
     return match.group(1) if match else None
 
 
+@contextlib.contextmanager
+def lock_for(tch: str):
+    """Cargo.lock moved to ``tch`` inside the block, as it was after it."""
+    lock = ROOT / "Cargo.lock"
+    original = lock.read_bytes()
+    try:
+        select_lock(tch)
+        yield
+    finally:
+        if lock.read_bytes() != original:
+            lock.write_bytes(original)
+
+
 def select_lock(tch: str) -> None:
     """Moves Cargo.lock to ``tch`` (pyo3-tch pins tch and torch-sys to its own version)."""
     if locked_tch() == tch:
@@ -91,10 +105,9 @@ def python_tag() -> str:
 
 
 def build_environment() -> dict[str, str]:
-    """Selects the lock and returns the environment that cargo and maturin run in."""
+    """The environment that cargo and maturin run in, for this environment's torch."""
     version = torch_version()
     tch = tch_for(version)
-    select_lock(tch)
     env = dict(os.environ)
     env.setdefault("CARGO_TARGET_DIR", str(ROOT / "target" / f"torch-{version}-{python_tag()}"))
     env["LIBTORCH_USE_PYTORCH"] = "1"
@@ -197,7 +210,8 @@ def _build(wheel_directory, config_settings, metadata_directory, editable):
     version = torch_version()
     maturin = _maturin()
     build = maturin.build_editable if editable else maturin.build_wheel
-    filename = build(wheel_directory, config_settings, metadata_directory)
+    with lock_for(tch_for(version)):
+        filename = build(wheel_directory, config_settings, metadata_directory)
     return _pin_wheel(wheel_directory, filename, version)
 
 
@@ -252,8 +266,9 @@ def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit(f"usage: {sys.executable} {sys.argv[0]} COMMAND [ARGS...]")
     env = build_environment()
-    program = shutil.which(argv[0], path=env["PATH"]) or argv[0]
-    os.execvpe(program, argv, env)
+    with lock_for(tch_for(torch_version())):
+        code = subprocess.run(argv, env=env).returncode
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":
