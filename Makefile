@@ -56,7 +56,7 @@ test: rust-test python-test
 # the import check.
 smoke: develop
 	$(ACTIVATE) && python -m pytest -q tests/test_losses_reference.py tests/test_torch_check.py \
-	  tests/test_parity_006.py -k "reference or torch or readme_example"
+	  tests/test_parity_006.py::test_006_readme_example_runs_unchanged
 
 lint: $(VENV)/.build-installed
 	$(ACTIVATE) && cargo fmt --all --check && $(BUILD) cargo clippy --release --workspace --all-targets -- -D warnings
