@@ -74,7 +74,7 @@ doc: $(VENV)/.build-installed
 # auditwheel; torch's own libraries stay out of it (the torch wheel has them).
 wheel: $(VENV)/.build-installed
 	rm -rf target/wheel-build
-	$(ACTIVATE) && pip wheel --no-build-isolation --no-deps -w target/wheel-build .
+	$(ACTIVATE) && pip wheel -v --no-build-isolation --no-deps -w target/wheel-build .
 	$(ACTIVATE) && auditwheel repair --exclude 'libtorch*.so*' --exclude 'libc10*.so*' \
 	  -w dist target/wheel-build/*.whl
 
