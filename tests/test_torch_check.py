@@ -50,6 +50,9 @@ def _copy_package(tmp_path: Path) -> Path:
     copy.mkdir()
     for path in PACKAGE.glob("*.py"):
         shutil.copy(path, copy)
+    libs = PACKAGE.with_name("online_triplet_loss.libs")  # what auditwheel grafts in a wheel
+    if libs.is_dir():
+        shutil.copytree(libs, tmp_path / libs.name)
     return copy
 
 
