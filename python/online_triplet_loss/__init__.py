@@ -1,9 +1,15 @@
 """Triplet losses with exact online mining, on a Rust core.
 
 ``import torch`` runs first: it loads the libtorch that the extension links to.
+Then the torch the extension was built against is checked, before the
+extension is loaded.
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
+
+from ._torch_check import check_torch
+
+check_torch(__name__)
 
 from .losses import (
     BatchAllTripletLoss,

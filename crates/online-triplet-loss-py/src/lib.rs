@@ -159,11 +159,28 @@ fn mean_average_precision_at_r(
     })
 }
 
+macro_rules! torch_record_prefix {
+    () => {
+        "online-triplet-loss built against torch "
+    };
+}
+
+/// The torch this extension is compiled against (see build.rs), kept as one
+/// NUL-terminated string in the library file: `online_triplet_loss._torch_check`
+/// reads it there before the library is loaded.
+static TORCH_RECORD: &str = concat!(torch_record_prefix!(), env!("OTL_TORCH_VERSION"), "\0");
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(triplet_terms, m)?)?;
     m.add_function(wrap_pyfunction!(mean_and_fraction, m)?)?;
     m.add_function(wrap_pyfunction!(recall_at_k, m)?)?;
     m.add_function(wrap_pyfunction!(mean_average_precision_at_r, m)?)?;
+    // black_box keeps the whole record in the library, unfolded.
+    let record = std::hint::black_box(TORCH_RECORD);
+    m.add(
+        "TORCH_VERSION",
+        &record[torch_record_prefix!().len()..record.len() - 1],
+    )?;
     Ok(())
 }
