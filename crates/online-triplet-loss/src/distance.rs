@@ -284,7 +284,10 @@ impl Side {
     /// Adds to `grad_self` and `grad_other` the gradients of Σᵢⱼ wᵢⱼ dᵢⱼ with
     /// respect to the points of `self` and `other`, given the pair weights
     /// `p` of `w` ([`Distance::pair_weight`]) and, optionally, their row sums.
-    /// For the cosine distance these are gradients with respect to the
+    /// For Euclidean distances the references' term Σᵢ pᵢⱼ yⱼ is left to
+    /// [`Side::finish_columns`]: its weights Σᵢ pᵢⱼ are added to `col_sum`,
+    /// so that a chunk updates the references' gradient once, in place. For
+    /// the cosine distance these are gradients with respect to the
     /// normalised points; [`Side::finish_grad`] maps them back. Centring does
     /// not change them: Σⱼ pᵢⱼ (xᵢ − yⱼ) is the same in any frame.
     pub(crate) fn accumulate_grad(
@@ -294,33 +297,27 @@ impl Side {
         row_sum: Option<Tensor>,
         grad_self: &mut Tensor,
         grad_other: &mut Tensor,
+        col_sum: &mut Tensor,
     ) -> Result<(), Error> {
-        match self.distance {
-            Distance::Euclidean | Distance::Squared => {
-                // Σⱼ pᵢⱼ (xᵢ − yⱼ) for the anchors, Σᵢ pᵢⱼ (yⱼ − xᵢ) for the references.
-                let row_sum = match row_sum {
-                    Some(r) => r,
-                    None => p.f_sum_dim_intlist(1, false, None::<Kind>)?,
-                }
-                .f_unsqueeze(1)?;
-                let col_sum = p
-                    .f_sum_dim_intlist(0, false, None::<Kind>)?
-                    .f_unsqueeze(1)?;
-                let _ = grad_self.f_add_(
-                    &row_sum
-                        .f_mul(&self.points)?
-                        .f_sub(&p.f_mm(&other.points)?)?,
-                )?;
-                let _ = grad_other.f_add_(
-                    &col_sum
-                        .f_mul(&other.points)?
-                        .f_sub(&p.f_tr()?.f_mm(&self.points)?)?,
-                )?;
-            }
-            Distance::Cosine => {
-                let _ = grad_self.f_sub_(&p.f_mm(&other.points)?)?;
-                let _ = grad_other.f_sub_(&p.f_tr()?.f_mm(&self.points)?)?;
-            }
+        // −Σᵢ pᵢⱼ xᵢ for the references, −Σⱼ pᵢⱼ yⱼ for the anchors.
+        let _ = grad_other.f_addmm_(&p.f_tr()?, &self.points.f_neg()?)?;
+        let _ = grad_self.f_sub_(&p.f_mm(&other.points)?)?;
+        if self.distance != Distance::Cosine {
+            let row_sum = match row_sum {
+                Some(r) => r,
+                None => p.f_sum_dim_intlist(1, false, None::<Kind>)?,
+            };
+            let _ = grad_self.f_add_(&row_sum.f_unsqueeze(1)?.f_mul(&self.points)?)?;
+            let _ = col_sum.f_add_(&p.f_sum_dim_intlist(0, false, None::<Kind>)?)?;
+        }
+        Ok(())
+    }
+
+    /// Adds the references' term Σᵢ pᵢⱼ yⱼ of [`Side::accumulate_grad`] to
+    /// `grad`, given the column sums it collected.
+    pub(crate) fn finish_columns(&self, col_sum: &Tensor, grad: &mut Tensor) -> Result<(), Error> {
+        if self.distance != Distance::Cosine {
+            let _ = grad.f_add_(&col_sum.f_unsqueeze(1)?.f_mul(&self.points)?)?;
         }
         Ok(())
     }

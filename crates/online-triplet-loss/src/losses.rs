@@ -9,8 +9,12 @@ use crate::mining::{self, Chunk, Kernel, Selection};
 use crate::ties::Ties;
 use crate::Error;
 
-/// Anchors are mined against this many distances at a time, unless set.
+/// Anchors are mined against this many distances at a time, unless set...
 const CHUNK_ELEMENTS: i64 = 1 << 22;
+/// ... and at least this many anchors: every chunk updates the whole
+/// (M, D) gradient of the references, so thin chunks of a large batch would
+/// spend their time there.
+const MIN_CHUNK_ROWS: i64 = 256;
 
 /// How triplets are selected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -62,7 +66,7 @@ pub struct TripletConfig {
     /// Which implementation mines.
     pub kernel: Kernel,
     /// Anchors mined at a time; `None` picks a size that keeps each chunk's
-    /// distance matrix near 4M elements.
+    /// distance matrix near 4M elements, with at least 256 anchors.
     pub chunk_size: Option<i64>,
 }
 
@@ -443,7 +447,7 @@ impl TripletConfig {
 
     fn rows_per_chunk(&self, references: i64) -> i64 {
         self.chunk_size
-            .unwrap_or_else(|| (CHUNK_ELEMENTS / references.max(1)).max(1))
+            .unwrap_or_else(|| (CHUNK_ELEMENTS / references.max(1)).max(MIN_CHUNK_ROWS))
     }
 
     fn weighted_terms(&self, mining: Mining, s: &Sides) -> Result<Terms, Error> {
@@ -459,6 +463,7 @@ impl TripletConfig {
             let mut active = Tensor::f_zeros([], (kind, device))?;
             let gx = s.x.detach().f_zeros_like()?;
             let mut gy = s.y.detach().f_zeros_like()?;
+            let mut col_sum = Tensor::f_zeros([m], (kind, device))?;
             if m > 0 {
                 let step = self.rows_per_chunk(m);
                 for start in (0..n).step_by(step as usize) {
@@ -488,7 +493,14 @@ impl TripletConfig {
                             }
                             let mut gx_rows = gx.f_narrow(0, start, len)?;
                             let p = rows.pair_weights(&w, &d)?;
-                            rows.accumulate_grad(&s.sy, &p, None, &mut gx_rows, &mut gy)?;
+                            rows.accumulate_grad(
+                                &s.sy,
+                                &p,
+                                None,
+                                &mut gx_rows,
+                                &mut gy,
+                                &mut col_sum,
+                            )?;
                         }
                         Selection::PairWeights { weights, row_sum } => {
                             if mining == Mining::SemiHard {
@@ -503,6 +515,7 @@ impl TripletConfig {
                                 Some(row_sum),
                                 &mut gx_rows,
                                 &mut gy,
+                                &mut col_sum,
                             )?;
                         }
                         Selection::Triplets {
@@ -522,14 +535,10 @@ impl TripletConfig {
                 Mining::All => count.f_to_kind(kind)?,
                 _ => active,
             };
-            Ok((
-                value,
-                count,
-                valid,
-                active,
-                s.sx.finish_grad(gx)?,
-                s.sy.finish_grad(gy)?,
-            ))
+            Ok((value, count, valid, active, s.sx.finish_grad(gx)?, {
+                s.sy.finish_columns(&col_sum, &mut gy)?;
+                s.sy.finish_grad(gy)?
+            }))
         })?;
         // The loss is linear in the selected distances, so its gradient with
         // respect to the embeddings is (gx, gy) plus that of the selected
