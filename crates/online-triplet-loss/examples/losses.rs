@@ -1,11 +1,11 @@
 //! The three losses on one P×K batch, with their gradients.
 //!
-//! Run from the repository root, with torch 2.13.0 in the active Python
-//! environment:
+//! Run from the repository root with `make example`, or, with a supported
+//! torch (2.11–2.13) in the active Python environment:
 //!
 //! ```sh
 //! export LD_LIBRARY_PATH=$(python -c 'import os, torch; print(os.path.dirname(torch.__file__) + "/lib")')
-//! cargo run --release --example losses
+//! python tools/torch_build.py cargo run --release --example losses
 //! ```
 
 use online_triplet_loss::{
