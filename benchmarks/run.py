@@ -646,7 +646,11 @@ def write_outputs(cells: List[dict], meta: dict, out: Path) -> None:
         lines.append("| " + " | ".join(row) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
