@@ -334,3 +334,20 @@ def test_margin_tensor_must_be_one_element():
     with pytest.raises(ValueError, match=r"^margin: "):
         _core.triplet_terms("all", LABELS, _embeddings(0), 0.2, "euclidean", False,
                             margin_tensor=torch.ones(2))
+
+
+@pytest.mark.parametrize("big", [2**53 + 1, -(2**63)])
+@pytest.mark.parametrize("side", ["labels", "extra_labels"])
+def test_distributed_extra_references_refuse_big_ints_against_floats(big, side):
+    # DistributedTripletLoss concatenates its batch with the extra references
+    # before the core sees them: the mix is refused there too.
+    from online_triplet_loss.distributed import DistributedTripletLoss
+    from online_triplet_loss import BatchHardTripletLoss
+
+    ints = torch.tensor([big, big, 5, 5])
+    floats = torch.tensor([5.0, 5.0, 7.0, 7.0], dtype=torch.float64)
+    labels, extra = (ints, floats) if side == "labels" else (floats, ints)
+    loss = DistributedTripletLoss(BatchHardTripletLoss(margin=0.2))
+    with pytest.raises(ValueError, match=rf"^{side}: "):
+        loss(_embeddings(13, n=4), labels, extra_embeddings=_embeddings(14, n=4),
+             extra_labels=extra)

@@ -88,6 +88,13 @@ def _common_labels(labels: Tensor, extra: Tensor) -> Tuple[Tensor, Tensor]:
     value are one class, instead of a float being truncated to an integer."""
     extra = extra.to(labels.device)
     if labels.dtype != extra.dtype and (labels.is_floating_point() or extra.is_floating_point()):
+        for name, t in (("labels", labels), ("extra_labels", extra)):
+            # float64 tells integers apart only up to 2**53 (the core refuses
+            # the same mix; here the two are concatenated first).
+            if t.dtype == torch.int64 and t.numel() and bool(((t > 2**53) | (t < -(2**53))).any()):
+                raise ValueError(
+                    f"{name}: holds integers beyond ±2**53, which cannot be compared exactly "
+                    "with floating-point labels; give both the same integer dtype")
         return labels.double(), extra.double()
     return labels, extra
 
