@@ -56,10 +56,9 @@ _NAMES = {
 
 def _core_terms(mining, labels, embeddings, margin, distance, soft, ref_embeddings, ref_labels,
                 anchor_offset, margin_tensor):
-    options = {} if margin_tensor is None else {"margin_tensor": margin_tensor}
     return _core.triplet_terms(
         mining, labels, embeddings, margin, distance, soft, ref_embeddings, ref_labels,
-        anchor_offset, **options,
+        anchor_offset, margin_tensor=margin_tensor,
     )
 
 
