@@ -22,7 +22,7 @@ TORCH_LIB = $$(python -c 'import os, torch; print(os.path.join(os.path.dirname(t
 # The GPU machine's Python for `make gpu-bundle`.
 PYTHON312 ?= $(firstword $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null) $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12))
 
-.PHONY: demo test develop rust-test python-test smoke lint bench example doc wheel gpu-bundle
+.PHONY: demo test develop rust-test python-test smoke lint bench bench-kernels example doc wheel gpu-bundle
 
 # torch and what building a wheel and the smoke tests need.
 $(VENV)/.build-installed: requirements-build.txt
@@ -63,6 +63,11 @@ lint: $(VENV)/.build-installed
 
 bench: develop $(VENV)/.installed
 	$(ACTIVATE) && python benchmarks/run.py
+
+# The native and the portable mining kernels against the gemm, in Rust:
+# make bench-kernels ARGS="semihard 4096 [repeats]".
+bench-kernels: $(VENV)/.build-installed
+	$(ACTIVATE) && LD_LIBRARY_PATH=$(TORCH_LIB) $(BUILD) cargo run --release --example kernels -- $(ARGS)
 
 example: $(VENV)/.build-installed
 	$(ACTIVATE) && LD_LIBRARY_PATH=$(TORCH_LIB) $(BUILD) cargo run --release --example losses

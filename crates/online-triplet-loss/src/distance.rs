@@ -283,18 +283,18 @@ impl Side {
 
     /// Adds to `grad_self` and `grad_other` the gradients of Σᵢⱼ wᵢⱼ dᵢⱼ with
     /// respect to the points of `self` and `other`, given the pair weights
-    /// `p` of `w` ([`Distance::pair_weight`]) and, optionally, their row sums.
-    /// For Euclidean distances the references' term Σᵢ pᵢⱼ yⱼ is left to
-    /// [`Side::finish_columns`]: its weights Σᵢ pᵢⱼ are added to `col_sum`,
-    /// so that a chunk updates the references' gradient once, in place. For
-    /// the cosine distance these are gradients with respect to the
+    /// `p` of `w` ([`Distance::pair_weight`]) and, optionally, their row and
+    /// column sums. For Euclidean distances the references' term Σᵢ pᵢⱼ yⱼ
+    /// is left to [`Side::finish_columns`]: its weights Σᵢ pᵢⱼ are added to
+    /// `col_sum`, so that a chunk updates the references' gradient once, in
+    /// place. For the cosine distance these are gradients with respect to the
     /// normalised points; [`Side::finish_grad`] maps them back. Centring does
     /// not change them: Σⱼ pᵢⱼ (xᵢ − yⱼ) is the same in any frame.
     pub(crate) fn accumulate_grad(
         &self,
         other: &Side,
         p: &Tensor,
-        row_sum: Option<Tensor>,
+        sums: Option<(Tensor, Tensor)>,
         grad_self: &mut Tensor,
         grad_other: &mut Tensor,
         col_sum: &mut Tensor,
@@ -303,14 +303,37 @@ impl Side {
         let _ = grad_other.f_addmm_(&p.f_tr()?, &self.points.f_neg()?)?;
         let _ = grad_self.f_sub_(&p.f_mm(&other.points)?)?;
         if self.distance != Distance::Cosine {
-            let row_sum = match row_sum {
-                Some(r) => r,
-                None => p.f_sum_dim_intlist(1, false, None::<Kind>)?,
+            let (rows, cols) = match sums {
+                Some(sums) => sums,
+                None => (
+                    p.f_sum_dim_intlist(1, false, None::<Kind>)?,
+                    p.f_sum_dim_intlist(0, false, None::<Kind>)?,
+                ),
             };
-            let _ = grad_self.f_add_(&row_sum.f_unsqueeze(1)?.f_mul(&self.points)?)?;
-            let _ = col_sum.f_add_(&p.f_sum_dim_intlist(0, false, None::<Kind>)?)?;
+            let _ = grad_self.f_add_(&rows.f_unsqueeze(1)?.f_mul(&self.points)?)?;
+            let _ = col_sum.f_add_(&cols)?;
         }
         Ok(())
+    }
+
+    /// The Gram products of the points of `self` and `other`, written into
+    /// `out`, `(self rows, other rows)`; with [`Side::norms`] they give the
+    /// distances ([`crate::mining::Gram`]).
+    pub(crate) fn gram_into(&self, other: &Side, out: &Tensor) -> Result<(), Error> {
+        let _ = self.points.f_mm_out(out, &other.points.f_tr()?)?;
+        Ok(())
+    }
+
+    /// The points: centred embeddings for Euclidean distances, normalised
+    /// ones for the cosine distance.
+    pub(crate) fn points(&self) -> &Tensor {
+        &self.points
+    }
+
+    /// The squared norms of the centred points (Euclidean distances) or the
+    /// clamped norms of the embeddings (cosine), `(N,)`.
+    pub(crate) fn norms(&self) -> &Tensor {
+        &self.norms
     }
 
     /// Adds the references' term Σᵢ pᵢⱼ yⱼ of [`Side::accumulate_grad`] to

@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 use crate::distance::{Distance, Side};
 use crate::grad;
 use crate::labels::{common, domain, keys, ANCHOR_NAN_KEYS, REFERENCE_NAN_KEYS};
-use crate::mining::{self, Chunk, Kernel, Selection};
+use crate::mining::{self, Chunk, Columns, Gram, Kernel, Selection};
 use crate::ties::Ties;
 use crate::Error;
 
@@ -454,29 +454,32 @@ impl TripletConfig {
         let kind = s.x.f_kind()?;
         let device = s.x.device();
         let (n, m) = (s.x.size()[0], s.y.size()[0]);
-        let mut triplets: (Vec<i64>, Vec<i64>, Vec<i64>) = (vec![], vec![], vec![]);
         let (value, count, valid, active, gx, gy) = grad::no_grad(|| -> Result<_, Error> {
             let mut value = Tensor::f_zeros([], (kind, device))?;
             let mut count = Tensor::f_zeros([], (Kind::Int64, device))?;
             let mut valid = Tensor::f_zeros([], (Kind::Int64, device))?;
             // Semi-hard: the number of pairs whose hinge is active.
             let mut active = Tensor::f_zeros([], (kind, device))?;
-            let gx = s.x.detach().f_zeros_like()?;
-            let mut gy = s.y.detach().f_zeros_like()?;
+            // Contiguous whatever the strides of the embeddings.
+            let gx = Tensor::f_zeros(s.x.size(), (kind, device))?;
+            let mut gy = Tensor::f_zeros(s.y.size(), (kind, device))?;
             let mut col_sum = Tensor::f_zeros([m], (kind, device))?;
             if m > 0 {
                 let step = self.rows_per_chunk(m);
+                let columns = Columns::new(s.y_labels)?;
+                let scratch = s.scratch(self.kernel, step.min(n), m)?;
                 for start in (0..n).step_by(step as usize) {
                     let len = step.min(n - start);
                     let rows = s.sx.rows(start, len)?;
-                    let d = s.distances(&rows, start)?;
+                    let (d, gram) = s.chunk(&rows, start, scratch.as_ref())?;
                     let row_labels = s.x_labels.f_narrow(0, start, len)?;
                     let chunk = Chunk {
-                        d: &d,
+                        d: d.shallow_clone(),
                         row_labels: &row_labels,
-                        col_labels: s.y_labels,
+                        columns: &columns,
                         self_col: s.self_col.map(|c| c + start),
                         distance: self.distance,
+                        gram,
                     };
                     let out = match mining {
                         Mining::All => mining::batch_all(self.kernel, &chunk, self.margin)?,
@@ -502,7 +505,11 @@ impl TripletConfig {
                                 &mut col_sum,
                             )?;
                         }
-                        Selection::PairWeights { weights, row_sum } => {
+                        Selection::PairWeights {
+                            weights,
+                            row_sum,
+                            col_sum: cols,
+                        } => {
                             if mining == Mining::SemiHard {
                                 return Err(Error::Torch(
                                     "internal error: semi-hard mining returned pair weights".into(),
@@ -512,7 +519,7 @@ impl TripletConfig {
                             rows.accumulate_grad(
                                 &s.sy,
                                 &weights,
-                                Some(row_sum),
+                                Some((row_sum, cols)),
                                 &mut gx_rows,
                                 &mut gy,
                                 &mut col_sum,
@@ -524,9 +531,14 @@ impl TripletConfig {
                             negative,
                         } => {
                             let _ = active.f_add_scalar_(anchor.len() as f64)?;
-                            triplets.0.extend(anchor.iter().map(|a| a + start));
-                            triplets.1.extend(positive);
-                            triplets.2.extend(negative);
+                            let mut gx_rows = gx.f_narrow(0, start, len)?;
+                            mining::add_triplet_grad(
+                                self.distance,
+                                (rows.points(), s.sy.points()),
+                                (&anchor, &positive, &negative),
+                                &mut gx_rows,
+                                &mut gy,
+                            )?;
                         }
                     }
                 }
@@ -541,24 +553,11 @@ impl TripletConfig {
             }))
         })?;
         // The loss is linear in the selected distances, so its gradient with
-        // respect to the embeddings is (gx, gy) plus that of the selected
-        // triplets; the surrogates carry it through autograd without
-        // changing the value.
-        let mut sum = value
+        // respect to the embeddings is (gx, gy); the surrogates carry it
+        // through autograd without changing the value.
+        let sum = value
             .f_add(&surrogate(s.x, &gx)?)?
             .f_add(&surrogate(s.y, &gy)?)?;
-        if !triplets.0.is_empty() {
-            let index = |v: &[i64]| Tensor::f_from_slice(v)?.f_to_device(device);
-            let anchors = s.x.f_index_select(0, &index(&triplets.0)?)?;
-            let d_ap = self
-                .distance
-                .paired(&anchors, &s.y.f_index_select(0, &index(&triplets.1)?)?)?;
-            let d_an = self
-                .distance
-                .paired(&anchors, &s.y.f_index_select(0, &index(&triplets.2)?)?)?;
-            let selected = d_ap.f_sub(&d_an)?.f_sum(kind)?;
-            sum = sum.f_add(&selected.f_sub(&selected.detach())?)?;
-        }
         Ok(Terms {
             sum,
             count,
@@ -587,16 +586,20 @@ impl TripletConfig {
         let valid = Tensor::f_zeros([n], (Kind::Bool, device))?;
         grad::no_grad(|| -> Result<(), Error> {
             let step = self.rows_per_chunk(m);
+            let columns = Columns::new(s.y_labels)?;
+            let scratch = s.scratch(self.kernel, step.min(n), m)?;
             for start in (0..n).step_by(step as usize) {
                 let len = step.min(n - start);
-                let d = s.distances(&s.sx.rows(start, len)?, start)?;
+                let rows = s.sx.rows(start, len)?;
+                let (d, gram) = s.chunk(&rows, start, scratch.as_ref())?;
                 let row_labels = s.x_labels.f_narrow(0, start, len)?;
                 let chunk = Chunk {
-                    d: &d,
+                    d,
                     row_labels: &row_labels,
-                    col_labels: s.y_labels,
+                    columns: &columns,
                     self_col: s.self_col.map(|c| c + start),
                     distance: self.distance,
+                    gram,
                 };
                 let h = mining::hardest(self.kernel, &chunk)?;
                 positive.f_narrow(0, start, len)?.f_copy_(&h.positive)?;
@@ -661,6 +664,42 @@ impl Sides<'_> {
         match &self.ties {
             Some(ties) => ties.apply(&d, start),
             None => Ok(d),
+        }
+    }
+
+    /// A buffer for the Gram products of the chunks, `(rows, m)`, when the
+    /// native kernels compute the distances from them: always, unless the
+    /// kernel is the portable one or identical embeddings need their
+    /// distances rewritten ([`Ties`]).
+    fn scratch(&self, kernel: Kernel, rows: i64, m: i64) -> Result<Option<Tensor>, Error> {
+        if self.ties.is_some() || !mining::fuses_distances(kernel, self.x) {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::f_empty(
+            [rows, m],
+            (self.x.f_kind()?, self.x.device()),
+        )?))
+    }
+
+    /// The chunk of anchors `start..start + rows.len()`: their Gram products
+    /// in `scratch` with the norms that make them distances, or the distances.
+    fn chunk<'s>(
+        &'s self,
+        rows: &'s Side,
+        start: i64,
+        scratch: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Gram<'s>>), Error> {
+        match scratch {
+            Some(buffer) => {
+                let out = buffer.f_narrow(0, 0, rows.norms().size()[0])?;
+                rows.gram_into(&self.sy, &out)?;
+                let gram = Gram {
+                    row_norms: rows.norms(),
+                    col_norms: self.sy.norms(),
+                };
+                Ok((out, Some(gram)))
+            }
+            None => Ok((self.distances(rows, start)?, None)),
         }
     }
 }

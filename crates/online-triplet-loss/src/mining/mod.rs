@@ -29,18 +29,54 @@ pub enum Kernel {
     Portable,
 }
 
+/// The reference columns' labels, indexed once for all the chunks of a loss.
+pub(crate) struct Columns {
+    /// int64 label keys of the references.
+    pub labels: Tensor,
+    /// The columns of each label, for the native kernels (CPU labels only).
+    groups: Option<native::Groups>,
+}
+
+impl Columns {
+    /// # Errors
+    /// `Error::Torch` when libtorch fails.
+    pub(crate) fn new(labels: &Tensor) -> Result<Self, Error> {
+        let labels = labels.f_contiguous()?;
+        let groups = match labels.device() {
+            Device::Cpu => Some(native::Groups::new(&labels)?),
+            _ => None,
+        };
+        Ok(Columns { labels, groups })
+    }
+}
+
+/// The squared norms that turn a chunk of Gram products x·y into squared
+/// Euclidean distances ‖x‖² + ‖y‖² − 2x·y (unused for the cosine distance,
+/// 1 − x·y of normalised points).
+#[derive(Clone, Copy)]
+pub(crate) struct Gram<'a> {
+    /// `(rows,)`, of the anchors of the chunk.
+    pub row_norms: &'a Tensor,
+    /// `(references,)`.
+    pub col_norms: &'a Tensor,
+}
+
 /// One chunk of anchors against the reference set.
 pub(crate) struct Chunk<'a> {
-    /// Distances, anchors × references.
-    pub d: &'a Tensor,
+    /// Distances, anchors × references, or their Gram products when `gram`
+    /// is set. Scratch space: the native kernels overwrite it (batch-all
+    /// returns its weights in it).
+    pub d: Tensor,
     /// int64 label keys of the anchors in the chunk.
     pub row_labels: &'a Tensor,
-    /// int64 label keys of the references.
-    pub col_labels: &'a Tensor,
+    pub columns: &'a Columns,
     /// The reference column that is the first anchor of the chunk itself,
     /// when anchors are also references; anchor r is then column `self_col + r`.
     pub self_col: Option<i64>,
     pub distance: Distance,
+    /// Set when `d` holds Gram products, which only the native kernels take
+    /// ([`fuses_distances`]).
+    pub gram: Option<Gram<'a>>,
 }
 
 /// Loss value and distance weights of a chunk, for batch-all and semi-hard.
@@ -58,8 +94,13 @@ pub(crate) struct Weighted {
 pub(crate) enum Selection {
     /// ∂value/∂d, of the shape of `d`.
     Weights(Tensor),
-    /// The pair weights of ∂value/∂d ([`Distance::pair_weight`]), with their row sums.
-    PairWeights { weights: Tensor, row_sum: Tensor },
+    /// The pair weights of ∂value/∂d ([`Distance::pair_weight`]), with their
+    /// row and column sums.
+    PairWeights {
+        weights: Tensor,
+        row_sum: Tensor,
+        col_sum: Tensor,
+    },
     /// The triplets whose hinge is positive, as indices (anchor rows within
     /// the chunk, reference columns); the value is the sum of d_ap − d_an + m
     /// over them. Only on the CPU, where their number is known without
@@ -85,14 +126,31 @@ fn use_native(kernel: Kernel, d: &Tensor) -> bool {
         && matches!(d.kind(), Kind::Float | Kind::Double)
 }
 
+/// Whether the chunks of embeddings `x` are mined by native kernels that
+/// compute the distances from Gram products themselves ([`Chunk::gram`]),
+/// saving the passes over each chunk that libtorch would make.
+pub(crate) fn fuses_distances(kernel: Kernel, x: &Tensor) -> bool {
+    use_native(kernel, x)
+}
+
+fn check_gram(chunk: &Chunk) -> Result<(), Error> {
+    if chunk.gram.is_some() {
+        return Err(Error::Torch(
+            "internal error: Gram products given to the portable kernels".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Batch-all over one chunk.
 ///
 /// # Errors
 /// `Error::Torch` when libtorch fails (out of memory, for one).
 pub(crate) fn batch_all(kernel: Kernel, chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
-    if use_native(kernel, chunk.d) {
+    if use_native(kernel, &chunk.d) {
         native::batch_all(chunk, margin)
     } else {
+        check_gram(chunk)?;
         portable::batch_all(chunk, margin)
     }
 }
@@ -102,9 +160,10 @@ pub(crate) fn batch_all(kernel: Kernel, chunk: &Chunk, margin: f64) -> Result<We
 /// # Errors
 /// `Error::Torch` when libtorch fails.
 pub(crate) fn semihard(kernel: Kernel, chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
-    if use_native(kernel, chunk.d) {
+    if use_native(kernel, &chunk.d) {
         native::semihard(chunk, margin)
     } else {
+        check_gram(chunk)?;
         portable::semihard(chunk, margin)
     }
 }
@@ -114,11 +173,28 @@ pub(crate) fn semihard(kernel: Kernel, chunk: &Chunk, margin: f64) -> Result<Wei
 /// # Errors
 /// `Error::Torch` when libtorch fails.
 pub(crate) fn hardest(kernel: Kernel, chunk: &Chunk) -> Result<Hardest, Error> {
-    if use_native(kernel, chunk.d) {
+    if use_native(kernel, &chunk.d) {
         native::hardest(chunk)
     } else {
+        check_gram(chunk)?;
         portable::hardest(chunk)
     }
+}
+
+/// Adds the gradient of the selected triplets' Σ (d_ap − d_an) with respect
+/// to the anchors' points `x` and the references' points `y` to `gx` and
+/// `gy` ([`Selection::Triplets`], CPU only).
+///
+/// # Errors
+/// `Error::Torch` for tensors the native kernels do not take.
+pub(crate) fn add_triplet_grad(
+    distance: Distance,
+    points: (&Tensor, &Tensor),
+    triplets: (&[i64], &[i64], &[i64]),
+    gx: &mut Tensor,
+    gy: &mut Tensor,
+) -> Result<(), Error> {
+    native::add_triplet_grad(distance, points, triplets, gx, gy)
 }
 
 #[cfg(test)]

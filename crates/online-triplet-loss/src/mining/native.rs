@@ -1,12 +1,23 @@
-//! Mining in Rust over the contiguous rows of a CPU distance matrix. Each
-//! anchor's positives, found through an index of the columns by label
-//! ([`Groups`]), are sorted (there are few of them in a P×K batch); every
-//! negative then lands in one bucket between two consecutive positives
-//! ([`Keys::count_below`]), so a row costs O(B log K) for K positives and needs no
-//! B×B temporary besides the weights.
+//! Mining in Rust over the contiguous rows of a CPU chunk.
+//!
+//! A chunk holds distances, or the Gram products x·y that each row turns
+//! into distances first ([`Transform`]), so that the distance matrix is read
+//! once, while it is in the cache, instead of once per libtorch operation.
+//! Each anchor's positives, found through an index of the columns by label
+//! ([`Groups`]), are sorted (a P×K batch has K − 1 of them). Up to
+//! [`FEW_KEYS`] positives, a row is mined in blocks of [`BLOCK`] columns with
+//! one branch-free pass per positive, [`LANES`] columns at a time, that the
+//! compiler vectorises: the positives' own columns are set to NaN first, which
+//! no comparison selects, so those passes need no labels. Rows with more
+//! positives put every negative into one bucket between two consecutive
+//! positives ([`Keys::count_below`]): O(B log K) per row.
 //!
 //! Rows are split into one block per libtorch intra-op thread
-//! ([`in_blocks`]).
+//! ([`in_blocks`]), and each block runs with the widest vector instructions
+//! the CPU has ([`simd`]).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use tch::{Device, Kind, Tensor};
 
@@ -14,53 +25,121 @@ use super::parallel::in_blocks;
 use super::{Chunk, Hardest, Selection, Weighted};
 use crate::{Distance, Error};
 
+/// Columns per block of a row in the vectorised passes: a block of
+/// distances and its per-column counts stay in the L1 cache.
+const BLOCK: usize = 512;
+/// Columns handled at once by one vectorised step.
+const LANES: usize = 16;
+/// Rows with at most this many positives take the vectorised passes.
+const FEW_KEYS: usize = 16;
+
 trait Real:
     Copy
     + Send
     + Sync
     + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
     + tch::kind::Element
     + 'static
 {
+    const REAL_ZERO: Self;
+    const REAL_ONE: Self;
+    const INFINITY: Self;
+    const NAN: Self;
     fn get(self) -> f64;
     fn put(v: f64) -> Self;
+    /// The smallest value of this type that is ≥ `v`.
+    fn at_least(v: f64) -> Self;
+    fn sqrt(self) -> Self;
 }
 
 impl Real for f32 {
+    const REAL_ZERO: Self = 0.0;
+    const REAL_ONE: Self = 1.0;
+    const INFINITY: Self = f32::INFINITY;
+    const NAN: Self = f32::NAN;
     fn get(self) -> f64 {
         self as f64
     }
     fn put(v: f64) -> Self {
         v as f32
     }
+    fn at_least(v: f64) -> Self {
+        let f = v as f32;
+        if (f as f64) < v {
+            f.next_up()
+        } else {
+            f
+        }
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
 }
 
 impl Real for f64 {
+    const REAL_ZERO: Self = 0.0;
+    const REAL_ONE: Self = 1.0;
+    const INFINITY: Self = f64::INFINITY;
+    const NAN: Self = f64::NAN;
     fn get(self) -> f64 {
         self
     }
     fn put(v: f64) -> Self {
         v
     }
+    fn at_least(v: f64) -> Self {
+        v
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+/// A multiplicative hash for int64 label keys: the keys are not chosen by an
+/// adversary who could make the map slow, and SipHash would cost more than
+/// the lookups it serves.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_i64(&mut self, v: i64) {
+        self.0 = (v as u64 ^ 0x2545_f491_4f6c_dd1d).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 ^= self.0 >> 29;
+    }
 }
 
 /// The columns of each label, so that a row finds its positives without
-/// scanning the labels of every column.
-struct Groups(std::collections::HashMap<i64, Vec<usize>>);
+/// scanning the labels of every column; built once per loss.
+pub(crate) struct Groups {
+    columns: HashMap<i64, Vec<usize>, BuildHasherDefault<KeyHasher>>,
+}
 
 impl Groups {
-    fn new(labels: &[i64]) -> Self {
-        let mut groups = std::collections::HashMap::<i64, Vec<usize>>::new();
-        for (j, &label) in labels.iter().enumerate() {
-            groups.entry(label).or_default().push(j);
+    /// `labels`: int64 keys on the CPU.
+    pub(crate) fn new(labels: &Tensor) -> Result<Self, Error> {
+        let labels = labels.f_contiguous()?;
+        let mut columns = HashMap::<i64, Vec<usize>, _>::default();
+        for (j, &label) in view::<i64>(&labels)?.iter().enumerate() {
+            columns.entry(label).or_default().push(j);
         }
-        Groups(groups)
+        Ok(Groups { columns })
     }
 
     fn of(&self, label: i64) -> &[usize] {
-        self.0.get(&label).map_or(&[], Vec::as_slice)
+        self.columns.get(&label).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -89,15 +168,15 @@ fn view<T: tch::kind::Element>(t: &Tensor) -> Result<&[T], Error> {
     Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) })
 }
 
-/// A mutable view of a tensor that `view_mut` owns, so nothing else can
-/// reach its storage while the slice lives.
+/// A mutable view of a tensor whose storage the caller reaches through
+/// nothing else while the slice lives (a chunk's scratch space).
 fn view_mut<T: tch::kind::Element>(t: &mut Tensor) -> Result<&mut [T], Error> {
     let n = check_viewable::<T>(t)?;
     if n == 0 {
         return Ok(&mut []);
     }
     // SAFETY: as in `view`; the tensor is borrowed mutably for the slice's
-    // lifetime, and its caller created it, so no other view aliases it.
+    // lifetime, and a chunk's `d` is scratch space no other view reads.
     Ok(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, n) })
 }
 
@@ -136,18 +215,56 @@ fn real_kind(kind: Kind) -> Result<NativeReal, Error> {
     }
 }
 
+/// How a row of the chunk becomes distances.
+#[derive(Clone, Copy)]
+enum Transform<'a, T> {
+    /// The chunk holds distances.
+    Distances,
+    /// Gram products of centred points: (‖y‖² − 2x·y) + ‖x‖², clamped at 0,
+    /// and its square root for the Euclidean distance. These are the
+    /// operations, in the order, of [`crate::distance::Side::pairwise`].
+    Euclidean {
+        rows: &'a [T],
+        cols: &'a [T],
+        sqrt: bool,
+    },
+    /// Gram products of normalised points: 1 − x·y.
+    Cosine,
+}
+
+impl<T: Real> Transform<'_, T> {
+    #[inline(always)]
+    fn apply(&self, r: usize, row: &mut [T]) {
+        match *self {
+            Transform::Distances => {}
+            Transform::Euclidean { rows, cols, sqrt } => {
+                let (x, minus_two) = (rows[r], T::put(-2.0));
+                for (v, &y) in row.iter_mut().zip(cols) {
+                    let s = (y + minus_two * *v) + x;
+                    // `<` keeps NaN, as clamp_min does.
+                    *v = if s < T::REAL_ZERO { T::REAL_ZERO } else { s };
+                }
+                if sqrt {
+                    for v in row.iter_mut() {
+                        *v = v.sqrt();
+                    }
+                }
+            }
+            Transform::Cosine => {
+                for v in row.iter_mut() {
+                    *v = T::REAL_ONE - *v;
+                }
+            }
+        }
+    }
+}
+
 /// Per-row sums, added up over rows.
 #[derive(Clone, Copy, Default)]
 struct Totals {
     value: f64,
     count: i64,
     valid: i64,
-}
-
-/// What one row of batch-all adds: its totals and the sum of its pair weights.
-struct RowOut {
-    totals: Totals,
-    weight_sum: f64,
 }
 
 impl Totals {
@@ -160,10 +277,10 @@ impl Totals {
     }
 }
 
-/// One anchor's row: its distances, label, and the column of the anchor
-/// itself if it is among the references.
+/// One anchor's row: its distances (scratch: the kernels may overwrite
+/// them), label, and the column of the anchor itself if it is a reference.
 struct Row<'a, T> {
-    d: &'a [T],
+    d: &'a mut [T],
     label: i64,
     labels: &'a [i64],
     /// The columns whose label is `label`.
@@ -171,95 +288,105 @@ struct Row<'a, T> {
     skip: usize,
 }
 
+/// A positive of a row: its key (the value it is sorted by), its distance
+/// and its column.
+#[derive(Clone, Copy)]
+struct Positive<T> {
+    key: f64,
+    d: T,
+    j: usize,
+}
+
 impl<T: Real> Row<'_, T> {
-    /// Sorted (key(d_ap), p) over the positives, with the keys alone in `keys`.
-    fn sorted_positives(
-        &self,
-        key: impl Fn(f64) -> f64,
-        out: &mut Vec<(f64, usize)>,
-        keys: &mut Vec<f64>,
-    ) {
+    /// The positives sorted by (key, column) into `out`.
+    fn sorted_positives(&self, key: impl Fn(f64) -> f64, out: &mut Vec<Positive<T>>) {
         out.clear();
         out.extend(
             self.same
                 .iter()
                 .filter(|&&j| j != self.skip)
-                .map(|&j| (key(self.d[j].get()), j)),
+                .map(|&j| Positive {
+                    key: key(self.d[j].get()),
+                    d: self.d[j],
+                    j,
+                }),
         );
-        out.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        keys.clear();
-        keys.extend(out.iter().map(|&(k, _)| k));
+        out.sort_unstable_by(|a, b| a.key.total_cmp(&b.key).then(a.j.cmp(&b.j)));
+    }
+
+    /// The number of columns with another label.
+    fn negatives(&self) -> usize {
+        self.d.len() - self.same.len()
+    }
+
+    /// Sets the distances of the row's own label to NaN, which the
+    /// vectorised passes never select, so they need no labels.
+    fn hide_same(&mut self) {
+        for &j in self.same {
+            self.d[j] = T::NAN;
+        }
+    }
+
+    /// The first column with another label.
+    fn first_negative(&self) -> Option<usize> {
+        self.labels.iter().position(|&l| l != self.label)
     }
 }
 
-/// The distances and labels of a chunk, viewed as slices.
+/// The distances and labels of a chunk, viewed as slices; `d` is split
+/// among the threads.
 struct Rows<'a, T> {
-    d: &'a [T],
     n: usize,
     row_labels: &'a [i64],
     col_labels: &'a [i64],
+    groups: &'a Groups,
     self_col: Option<i64>,
+    transform: Transform<'a, T>,
 }
 
 impl<'a, T: Real> Rows<'a, T> {
-    fn row(&self, r: usize, groups: &'a Groups) -> Row<'a, T> {
+    /// Row `r`, whose distances are `d`, after the transform.
+    #[inline(always)]
+    fn row<'b>(&'b self, r: usize, d: &'b mut [T]) -> Row<'b, T> {
+        self.transform.apply(r, d);
         let label = self.row_labels[r];
         Row {
-            d: &self.d[r * self.n..(r + 1) * self.n],
+            d,
             label,
             labels: self.col_labels,
-            same: groups.of(label),
+            same: self.groups.of(label),
             skip: self.self_col.map_or(usize::MAX, |c| c as usize + r),
         }
     }
 }
 
-/// A row's sorted keys, for counting the keys below a value.
-struct Keys<'a> {
-    /// Up to eight keys, padded with NaN, which no comparison counts.
-    few: Option<[f64; 8]>,
-    all: &'a [f64],
-}
-
-impl<'a> Keys<'a> {
-    fn new(all: &'a [f64]) -> Self {
-        let few = (all.len() <= 8).then(|| {
-            let mut few = [f64::NAN; 8];
-            few[..all.len()].copy_from_slice(all);
-            few
-        });
-        Keys { few, all }
-    }
-
-    /// The number of keys k with `below(k, x)`, for a comparison (`<` or
-    /// `≤`) that holds on a prefix of the keys and never on NaN. A handful of
-    /// keys (a P×K batch has K − 1 positives per anchor) are counted without
-    /// branches, eight at once when there are at most eight: a binary search
-    /// over them would mispredict at almost every step.
-    fn count_below(&self, x: f64, below: impl Fn(f64, f64) -> bool) -> usize {
-        match &self.few {
-            Some(few) => few.iter().map(|&k| below(k, x) as usize).sum(),
-            None if self.all.len() <= 32 => self.all.iter().map(|&k| below(k, x) as usize).sum(),
-            None => self.all.partition_point(|&k| below(k, x)),
-        }
-    }
-}
-
-/// Contiguous copies of a chunk's tensors, kept alive while [`Rows`] views them.
+/// A chunk's tensors, kept alive while [`Rows`] views them.
 struct Held {
     d: Tensor,
     row_labels: Tensor,
-    col_labels: Tensor,
+    /// Set when the chunk came with its own copy of the norms.
+    norms: Option<(Tensor, Tensor)>,
     self_col: Option<i64>,
+    distance: Distance,
 }
 
 impl Held {
     fn new(chunk: &Chunk) -> Result<Self, Error> {
+        let d = if chunk.d.is_contiguous() {
+            chunk.d.shallow_clone()
+        } else {
+            chunk.d.f_contiguous()?
+        };
+        let norms = match chunk.gram {
+            Some(g) => Some((g.row_norms.f_contiguous()?, g.col_norms.f_contiguous()?)),
+            None => None,
+        };
         Ok(Held {
-            d: chunk.d.f_contiguous()?,
+            d,
             row_labels: chunk.row_labels.f_contiguous()?,
-            col_labels: chunk.col_labels.f_contiguous()?,
+            norms,
             self_col: chunk.self_col,
+            distance: chunk.distance,
         })
     }
 
@@ -267,43 +394,515 @@ impl Held {
         self.d.size()[0] as usize
     }
 
-    fn view<T: Real>(&self) -> Result<Rows<'_, T>, Error> {
+    fn view<'a, T: Real>(
+        &'a self,
+        (groups, col_labels): (&'a Groups, &'a [i64]),
+    ) -> Result<Rows<'a, T>, Error> {
+        let transform = match (&self.norms, self.distance) {
+            (None, _) => Transform::Distances,
+            (Some(_), Distance::Cosine) => Transform::Cosine,
+            (Some((rows, cols)), distance) => Transform::Euclidean {
+                rows: view::<T>(rows)?,
+                cols: view::<T>(cols)?,
+                sqrt: distance == Distance::Euclidean,
+            },
+        };
         Ok(Rows {
-            d: view::<T>(&self.d)?,
             n: self.d.size()[1] as usize,
             row_labels: view::<i64>(&self.row_labels)?,
-            col_labels: view::<i64>(&self.col_labels)?,
+            col_labels,
+            groups,
             self_col: self.self_col,
+            transform,
         })
     }
 }
 
+/// The index of the chunk's columns by label, and their labels.
+fn groups<'a>(chunk: &Chunk<'a>) -> Result<(&'a Groups, &'a [i64]), Error> {
+    let groups = chunk.columns.groups.as_ref().ok_or_else(|| {
+        Error::Torch("internal error: native mining of labels off the CPU".into())
+    })?;
+    Ok((groups, view::<i64>(&chunk.columns.labels)?))
+}
+
+/// The smallest of `values`, never NaN; +inf when none is below it.
+#[inline(always)]
+fn min_of<T: Real>(values: &[T]) -> T {
+    let mut lanes = [T::INFINITY; LANES];
+    let mut steps = values.chunks_exact(LANES);
+    for step in &mut steps {
+        for (l, &v) in lanes.iter_mut().zip(step) {
+            *l = if v < *l { v } else { *l };
+        }
+    }
+    let mut min = T::INFINITY;
+    for &v in lanes.iter().chain(steps.remainder()) {
+        min = if v < min { v } else { min };
+    }
+    min
+}
+
+/// The largest of `values`, never NaN; −inf when none is above it.
+#[inline(always)]
+fn max_of<T: Real>(values: &[T]) -> T {
+    let mut lanes = [-T::INFINITY; LANES];
+    let mut steps = values.chunks_exact(LANES);
+    for step in &mut steps {
+        for (l, &v) in lanes.iter_mut().zip(step) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let mut max = -T::INFINITY;
+    for &v in lanes.iter().chain(steps.remainder()) {
+        max = if v > max { v } else { max };
+    }
+    max
+}
+
+/// The smallest of `values` strictly above `floor`; +inf when none is below it.
+#[inline(always)]
+fn min_above<T: Real>(values: &[T], floor: T) -> T {
+    let mut lanes = [T::INFINITY; LANES];
+    let mut steps = values.chunks_exact(LANES);
+    for step in &mut steps {
+        for (l, &v) in lanes.iter_mut().zip(step) {
+            let v = if v > floor { v } else { T::INFINITY };
+            *l = if v < *l { v } else { *l };
+        }
+    }
+    let mut min = T::INFINITY;
+    for &v in lanes.iter().chain(steps.remainder()) {
+        let v = if v > floor { v } else { T::INFINITY };
+        min = if v < min { v } else { min };
+    }
+    min
+}
+
+/// A running extreme over the blocks of a row, with the first column that
+/// holds it: a block replaces it only when its own extreme `v` is strictly
+/// better (`lower`: smaller, else larger), so ties keep the lowest column,
+/// and only then is the block searched for the column.
+#[inline(always)]
+fn improve<T: Real>(best: &mut Option<(T, usize)>, v: T, block: &[T], offset: usize, lower: bool) {
+    let better = match *best {
+        None => {
+            v == v
+                && if lower {
+                    v < T::INFINITY
+                } else {
+                    v > -T::INFINITY
+                }
+        }
+        Some((b, _)) if lower => v < b,
+        Some((b, _)) => v > b,
+    };
+    if better {
+        if let Some(j) = block.iter().position(|&x| x == v) {
+            *best = Some((v, offset + j));
+        }
+    }
+}
+
+struct Scratch<T> {
+    positives: Vec<Positive<T>>,
+    keys: Vec<f64>,
+    counts: Vec<i64>,
+    sums: Vec<f64>,
+    nearest: Vec<(f64, usize)>,
+    /// Semi-hard with many positives: the nearest negative above each.
+    above: Vec<(f64, usize)>,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Scratch {
+            positives: vec![],
+            keys: vec![],
+            counts: vec![],
+            sums: vec![],
+            nearest: vec![],
+            above: vec![],
+        }
+    }
+}
+
+/// What one row of batch-all adds: its totals and the sum of its pair weights.
+struct RowOut {
+    totals: Totals,
+    weight_sum: f64,
+}
+
+/// Batch-all: writes the pair weights of the row's gradient over its
+/// distances, adds them to `col_sum`, and returns the row's totals.
+#[inline(always)]
+fn batch_all_row<T: Real>(
+    mut row: Row<T>,
+    s: &mut Scratch<T>,
+    margin: f64,
+    distance: Distance,
+    col_sum: &mut [T],
+) -> RowOut {
+    row.sorted_positives(|d| d + margin, &mut s.positives);
+    let p = s.positives.len();
+    let mut out = RowOut {
+        totals: Totals::default(),
+        weight_sum: 0.0,
+    };
+    if p == 0 {
+        row.d.fill(T::REAL_ZERO);
+        return out;
+    }
+    // k_i and the sum of the hinges of positive i.
+    let mut k = [0i64; FEW_KEYS];
+    if p <= FEW_KEYS {
+        row.hide_same();
+        batch_all_few(&mut row, &s.positives, distance, &mut k, &mut out.totals);
+    } else {
+        batch_all_many(&mut row, s, distance, &mut out.totals);
+    }
+    out.totals.valid = p as i64 * row.negatives() as i64;
+    // The positives' weights; the anchor's own column stays 0.
+    if row.skip < row.d.len() {
+        row.d[row.skip] = T::REAL_ZERO;
+    }
+    for (i, q) in s.positives.iter().enumerate() {
+        let k = if p <= FEW_KEYS { k[i] } else { s.counts[i] };
+        out.totals.count += k;
+        row.d[q.j] = T::put(distance.pair_weight(k as f64, q.d.get()));
+    }
+    out.weight_sum = add_columns(row.d, col_sum);
+    out
+}
+
+/// Batch-all over a row whose own label's columns are NaN, one vectorised
+/// pass per positive and block: k[i] and the hinges of positive i, and −(the
+/// number of positives a negative is active for), as pair weights, over
+/// the negatives' distances.
+#[inline(always)]
+fn batch_all_few<T: Real>(
+    row: &mut Row<T>,
+    positives: &[Positive<T>],
+    distance: Distance,
+    k: &mut [i64; FEW_KEYS],
+    totals: &mut Totals,
+) {
+    // Negative n is active for positive i when d_an < t_i = d_ap + m, that
+    // is below the smallest T at least t_i; the hinge is t_i − d_an.
+    let mut below = [T::REAL_ZERO; FEW_KEYS];
+    let mut t = [T::REAL_ZERO; FEW_KEYS];
+    for (i, q) in positives.iter().enumerate() {
+        below[i] = T::at_least(q.key);
+        t[i] = T::put(q.key);
+    }
+    let mut active = [T::REAL_ZERO; BLOCK];
+    for block in row.d.chunks_mut(BLOCK) {
+        let active = &mut active[..block.len()];
+        active.fill(T::REAL_ZERO);
+        for i in 0..positives.len() {
+            let (below, t) = (below[i], t[i]);
+            let mut count = [T::REAL_ZERO; LANES];
+            let mut hinge = [T::REAL_ZERO; LANES];
+            let mut steps = block
+                .chunks_exact(LANES)
+                .zip(active.chunks_exact_mut(LANES));
+            for (d, a) in &mut steps {
+                for l in 0..LANES {
+                    let on = d[l] < below;
+                    a[l] = a[l] + if on { T::REAL_ONE } else { T::REAL_ZERO };
+                    count[l] = count[l] + if on { T::REAL_ONE } else { T::REAL_ZERO };
+                    hinge[l] = hinge[l] + if on { t - d[l] } else { T::REAL_ZERO };
+                }
+            }
+            let rest = block.len() - block.len() % LANES;
+            for l in rest..block.len() {
+                let on = block[l] < below;
+                active[l] = active[l] + if on { T::REAL_ONE } else { T::REAL_ZERO };
+                count[0] = count[0] + if on { T::REAL_ONE } else { T::REAL_ZERO };
+                hinge[0] = hinge[0] + if on { t - block[l] } else { T::REAL_ZERO };
+            }
+            k[i] += count.iter().map(|c| c.get()).sum::<f64>() as i64;
+            totals.value += hinge.iter().map(|h| h.get()).sum::<f64>();
+        }
+        pair_weights(block, active, distance);
+    }
+}
+
+/// Overwrites distances d with the pair weights of weights −a
+/// ([`Distance::pair_weight`]).
+#[inline(always)]
+fn pair_weights<T: Real>(d: &mut [T], a: &[T], distance: Distance) {
+    match distance {
+        Distance::Euclidean => {
+            for (d, &a) in d.iter_mut().zip(a) {
+                *d = if *d > T::REAL_ZERO {
+                    -a / *d
+                } else {
+                    T::REAL_ZERO
+                };
+            }
+        }
+        Distance::Squared => {
+            let minus_two = T::put(-2.0);
+            for (d, &a) in d.iter_mut().zip(a) {
+                *d = minus_two * a;
+            }
+        }
+        Distance::Cosine => {
+            for (d, &a) in d.iter_mut().zip(a) {
+                *d = -a;
+            }
+        }
+    }
+}
+
+/// Batch-all over a row with many positives: each negative goes into the
+/// bucket between the positives' keys below and above it. Sets `s.counts[i]`
+/// to k_i.
+fn batch_all_many<T: Real>(
+    row: &mut Row<T>,
+    s: &mut Scratch<T>,
+    distance: Distance,
+    totals: &mut Totals,
+) {
+    let p = s.positives.len();
+    s.keys.clear();
+    s.keys.extend(s.positives.iter().map(|q| q.key));
+    let buckets = p + 1;
+    s.counts.clear();
+    s.counts.resize(buckets, 0);
+    s.sums.clear();
+    s.sums.resize(buckets, 0.0);
+    let keys = Keys::new(&s.keys);
+    for (j, v) in row.d.iter_mut().enumerate() {
+        if row.labels[j] == row.label {
+            continue;
+        }
+        let dj = v.get();
+        // Positives with t_p ≤ d_an come first; the rest are active for n.
+        let bucket = keys.count_below(dj, |t, d| t <= d);
+        s.counts[bucket] += 1;
+        s.sums[bucket] += dj;
+        *v = T::put(distance.pair_weight(-((p - bucket) as f64), dj));
+    }
+    let (mut k, mut prefix) = (0i64, 0.0f64);
+    for i in 0..p {
+        k += s.counts[i];
+        prefix += s.sums[i];
+        totals.value += k as f64 * s.keys[i] - prefix;
+        s.counts[i] = k;
+    }
+}
+
+/// Adds `w` to `col_sum` and returns the sum of `w`.
+#[inline(always)]
+fn add_columns<T: Real>(w: &[T], col_sum: &mut [T]) -> f64 {
+    let mut total = 0.0;
+    for (w, c) in w.chunks(BLOCK).zip(col_sum.chunks_mut(BLOCK)) {
+        let mut lanes = [T::REAL_ZERO; LANES];
+        let mut steps = w.chunks_exact(LANES).zip(c.chunks_exact_mut(LANES));
+        for (w, c) in &mut steps {
+            for l in 0..LANES {
+                c[l] = c[l] + w[l];
+                lanes[l] = lanes[l] + w[l];
+            }
+        }
+        let rest = w.len() - w.len() % LANES;
+        for l in rest..w.len() {
+            c[l] = c[l] + w[l];
+            lanes[0] = lanes[0] + w[l];
+        }
+        total += lanes.iter().map(|v| v.get()).sum::<f64>();
+    }
+    total
+}
+
+/// A row's sorted keys, for counting the keys below a value.
+struct Keys<'a> {
+    all: &'a [f64],
+}
+
+impl<'a> Keys<'a> {
+    fn new(all: &'a [f64]) -> Self {
+        Keys { all }
+    }
+
+    /// The number of keys k with `below(k, x)`, for a comparison (`<` or
+    /// `≤`) that holds on a prefix of the keys and never on NaN.
+    fn count_below(&self, x: f64, below: impl Fn(f64, f64) -> bool) -> usize {
+        self.all.partition_point(|&k| below(k, x))
+    }
+}
+
+/// Semi-hard: appends (positive, negative) for every positive pair of the
+/// row whose triplet has a positive hinge.
+#[inline(always)]
+fn semihard_row<T: Real>(
+    mut row: Row<T>,
+    s: &mut Scratch<T>,
+    margin: f64,
+    out: &mut Vec<(i64, i64)>,
+) -> Totals {
+    row.sorted_positives(|d| d, &mut s.positives);
+    let p = s.positives.len();
+    if p == 0 || row.negatives() == 0 {
+        return Totals::default();
+    }
+    let totals = Totals {
+        count: p as i64,
+        valid: p as i64,
+        ..Totals::default()
+    };
+    // For each positive, in sorted order, the nearest negative strictly
+    // farther (lowest column on ties), else the farthest negative.
+    let mut picks = [None::<(T, usize)>; FEW_KEYS];
+    let largest = if p <= FEW_KEYS {
+        row.hide_same();
+        let mut largest = None;
+        let mut at = 0;
+        for block in row.d.chunks(BLOCK) {
+            for (i, q) in s.positives.iter().enumerate() {
+                improve(&mut picks[i], min_above(block, q.d), block, at, true);
+            }
+            improve(&mut largest, max_of(block), block, at, false);
+            at += block.len();
+        }
+        largest
+    } else {
+        semihard_many(&row, s)
+    };
+    // Only NaN distances (a loss that is NaN anyway) leave no farthest.
+    let largest = match largest {
+        Some((d, j)) => (d.get(), j),
+        None => (f64::NAN, row.first_negative().unwrap_or(0)),
+    };
+    let mut value = 0.0;
+    for (i, q) in s.positives.iter().enumerate() {
+        let (d_an, n) = match (p <= FEW_KEYS, picks.get(i).copied().flatten()) {
+            (true, Some((d, j))) => (d.get(), j),
+            (true, None) => largest,
+            (false, _) => match s.above[i] {
+                (d, j) if j != usize::MAX => (d, j),
+                _ => largest,
+            },
+        };
+        let hinge = q.key - d_an + margin;
+        if hinge > 0.0 {
+            value += hinge;
+            out.push((q.j as i64, n as i64));
+        }
+    }
+    Totals { value, ..totals }
+}
+
+/// Semi-hard over a row with many positives: each negative goes into the
+/// bucket above the positives strictly below it, and a sweep from the top
+/// keeps the nearest negative above each positive in `s.above[i]`.
+/// Returns the farthest negative.
+fn semihard_many<T: Real>(row: &Row<T>, s: &mut Scratch<T>) -> Option<(T, usize)> {
+    const NONE: (f64, usize) = (f64::INFINITY, usize::MAX);
+    let p = s.positives.len();
+    s.keys.clear();
+    s.keys.extend(s.positives.iter().map(|q| q.key));
+    s.nearest.clear();
+    s.nearest.resize(p + 1, NONE);
+    let mut largest = None::<(T, usize)>;
+    let keys = Keys::new(&s.keys);
+    for (j, &v) in row.d.iter().enumerate() {
+        if row.labels[j] == row.label {
+            continue;
+        }
+        let dj = v.get();
+        // bucket = #{d_ap < d_an}: n is semi-hard for the positives below it.
+        let bucket = keys.count_below(dj, |sp, d| sp < d);
+        if s.nearest[bucket].1 == usize::MAX || dj < s.nearest[bucket].0 {
+            s.nearest[bucket] = (dj, j);
+        }
+        if largest.is_none_or(|(b, _)| v > b) {
+            largest = Some((v, j));
+        }
+    }
+    // Sweep the positives from the farthest down. Buckets are ordered by
+    // distance, so equal distances share a bucket and its first index is kept.
+    let mut best = NONE;
+    s.above.clear();
+    s.above.resize(p, NONE);
+    for i in (0..p).rev() {
+        let candidate = s.nearest[i + 1];
+        if candidate.1 != usize::MAX && (best.1 == usize::MAX || candidate.0 < best.0) {
+            best = candidate;
+        }
+        s.above[i] = best;
+    }
+    largest
+}
+
+/// The farthest positive and the nearest negative of the row, the lowest
+/// column on ties.
+#[inline(always)]
+fn hardest_row<T: Real>(mut row: Row<T>) -> Option<(i64, i64)> {
+    let mut pos = None::<(T, usize)>;
+    for &j in row.same.iter().filter(|&&j| j != row.skip) {
+        let dj = row.d[j];
+        if pos.is_none_or(|(best, _)| dj > best) {
+            pos = Some((dj, j));
+        }
+    }
+    let pos = pos?.1;
+    if row.negatives() == 0 {
+        return None;
+    }
+    row.hide_same();
+    let mut neg = None;
+    let mut at = 0;
+    for block in row.d.chunks(BLOCK) {
+        improve(&mut neg, min_of(block), block, at, true);
+        at += block.len();
+    }
+    // Only NaN or infinite distances leave none; any negative does then.
+    let neg = neg.map(|(_, j)| j).or_else(|| row.first_negative())?;
+    Some((pos as i64, neg as i64))
+}
+
 fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let held = Held::new(chunk)?;
-    // Every entry is written by `batch_all_row`.
-    let mut weights = held.d.f_empty_like()?;
-    let rows = held.view::<T>()?;
-    let w = view_mut::<T>(&mut weights)?;
-    let distance = chunk.distance;
-    let groups = Groups::new(rows.col_labels);
-    let blocks = in_blocks(held.rows(), rows.n, w, rows.n, |range, w| {
-        let mut scratch = Scratch::default();
-        let first = range.start;
-        let mut totals = Totals::default();
-        let mut sums = Vec::with_capacity(range.len());
-        for r in range {
-            let out = &mut w[(r - first) * rows.n..(r - first + 1) * rows.n];
-            let row = batch_all_row(&rows.row(r, &groups), out, &mut scratch, margin, distance);
-            totals = totals.add(row.totals);
-            sums.push(T::put(row.weight_sum));
-        }
-        (totals, sums)
-    });
+    let groups = groups(chunk)?;
+    let rows = held.view::<T>(groups)?;
+    let mut weights = held.d.shallow_clone();
+    let (n, distance) = (rows.n, chunk.distance);
+    let blocks = in_blocks(
+        held.rows(),
+        n,
+        view_mut::<T>(&mut weights)?,
+        n,
+        |range, d| {
+            simd::run(
+                #[inline(always)]
+                || {
+                    let mut s = Scratch::default();
+                    let mut totals = Totals::default();
+                    let mut sums = Vec::with_capacity(range.len());
+                    let mut col_sum = vec![T::REAL_ZERO; n];
+                    for (r, d) in range.zip(d.chunks_exact_mut(n.max(1))) {
+                        let out =
+                            batch_all_row(rows.row(r, d), &mut s, margin, distance, &mut col_sum);
+                        totals = totals.add(out.totals);
+                        sums.push(T::put(out.weight_sum));
+                    }
+                    (totals, sums, col_sum)
+                },
+            )
+        },
+    );
     let mut totals = Totals::default();
     let mut row_sum = Vec::with_capacity(held.rows());
-    for (t, sums) in blocks {
+    let mut col_sum = vec![T::REAL_ZERO; n];
+    for (t, sums, cols) in blocks {
         totals = totals.add(t);
         row_sum.extend(sums);
+        for (c, v) in col_sum.iter_mut().zip(cols) {
+            *c = *c + v;
+        }
     }
     Ok(Weighted {
         value: Tensor::from(totals.value).f_to_kind(held.d.kind())?,
@@ -312,191 +911,33 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Erro
         selection: Selection::PairWeights {
             weights,
             row_sum: Tensor::f_from_slice(&row_sum)?,
+            col_sum: Tensor::f_from_slice(&col_sum)?,
         },
     })
 }
 
-#[derive(Default)]
-struct Scratch {
-    positives: Vec<(f64, usize)>,
-    keys: Vec<f64>,
-    counts: Vec<i64>,
-    sums: Vec<f64>,
-    nearest: Vec<(f64, usize)>,
-}
-
-/// Rows of batch-all keep this many sets of bucket totals, filled in turn,
-/// so that consecutive negatives in one bucket do not wait for each other.
-const LANES: usize = 4;
-
-/// Writes the pair weights of the row's batch-all gradient into every entry of `w`.
-fn batch_all_row<T: Real>(
-    row: &Row<T>,
-    w: &mut [T],
-    s: &mut Scratch,
-    margin: f64,
-    distance: Distance,
-) -> RowOut {
-    row.sorted_positives(|d| d + margin, &mut s.positives, &mut s.keys);
-    let p = s.positives.len();
-    let mut out = RowOut {
-        totals: Totals::default(),
-        weight_sum: 0.0,
-    };
-    if p == 0 {
-        w.fill(T::put(0.0));
-        return out;
-    }
-    let buckets = p + 1;
-    s.counts.clear();
-    s.counts.resize(LANES * buckets, 0);
-    s.sums.clear();
-    s.sums.resize(LANES * buckets, 0.0);
-    let mut negatives = 0i64;
-    let keys = Keys::new(&s.keys);
-    // First the number of active positives of each negative (as a weight
-    // of d_an: minus that number), then the pair weights in one pass.
-    for (j, (&dj, wj)) in row.d.iter().zip(w.iter_mut()).enumerate() {
-        if row.labels[j] == row.label {
-            // The positives' weights are written below; the anchor's own stays 0.
-            *wj = T::put(0.0);
-            continue;
-        }
-        let dj = dj.get();
-        // Positives with t_p ≤ d_an come first; the rest are active for n.
-        let bucket = keys.count_below(dj, |t, d| t <= d);
-        *wj = T::put(-((p - bucket) as f64));
-        let at = (j % LANES) * buckets + bucket;
-        s.counts[at] += 1;
-        s.sums[at] += dj;
-        negatives += 1;
-    }
-    out.weight_sum = pair_weights_in_place(w, row.d, distance);
-    out.totals.valid = p as i64 * negatives;
-    let (mut k, mut prefix) = (0i64, 0.0f64);
-    for (i, &(t, j)) in s.positives.iter().enumerate() {
-        for lane in 0..LANES {
-            k += s.counts[lane * buckets + i];
-            prefix += s.sums[lane * buckets + i];
-        }
-        out.totals.value += k as f64 * t - prefix;
-        out.totals.count += k;
-        let weight = distance.pair_weight(k as f64, row.d[j].get());
-        w[j] = T::put(weight);
-        out.weight_sum += weight;
-    }
-    out
-}
-
-/// Turns weights of distances into pair weights ([`Distance::pair_weight`]),
-/// in place, and returns their sum.
-fn pair_weights_in_place<T: Real>(w: &mut [T], d: &[T], distance: Distance) -> f64 {
-    let zero = T::put(0.0);
-    match distance {
-        Distance::Euclidean => {
-            for (w, &d) in w.iter_mut().zip(d) {
-                *w = if d > zero { *w / d } else { zero };
-            }
-        }
-        Distance::Squared => {
-            let two = T::put(2.0);
-            for w in w.iter_mut() {
-                *w = *w * two;
-            }
-        }
-        Distance::Cosine => {}
-    }
-    let mut sums = [0.0f64; 8];
-    let mut blocks = w.chunks_exact(8);
-    for block in &mut blocks {
-        for (s, &v) in sums.iter_mut().zip(block) {
-            *s += v.get();
-        }
-    }
-    sums.iter().sum::<f64>() + blocks.remainder().iter().map(|v| v.get()).sum::<f64>()
-}
-
-/// Appends (positive, negative) for every positive pair of the row whose
-/// semi-hard triplet has a positive hinge.
-fn semihard_row<T: Real>(
-    row: &Row<T>,
-    s: &mut Scratch,
-    margin: f64,
-    out: &mut Vec<(i64, i64)>,
-) -> Totals {
-    row.sorted_positives(|d| d, &mut s.positives, &mut s.keys);
-    let p = s.positives.len();
-    if p == 0 {
-        return Totals::default();
-    }
-    const NONE: (f64, usize) = (f64::INFINITY, usize::MAX);
-    s.nearest.clear();
-    s.nearest.resize(p + 1, NONE);
-    let mut largest = (f64::NEG_INFINITY, usize::MAX);
-    let keys = Keys::new(&s.keys);
-    for (j, &dj) in row.d.iter().enumerate() {
-        if row.labels[j] == row.label {
-            continue;
-        }
-        let dj = dj.get();
-        // bucket = #{d_ap < d_an}: n is semi-hard for the positives below it.
-        let bucket = keys.count_below(dj, |sp, d| sp < d);
-        if s.nearest[bucket].1 == usize::MAX || dj < s.nearest[bucket].0 {
-            s.nearest[bucket] = (dj, j);
-        }
-        if largest.1 == usize::MAX || dj > largest.0 {
-            largest = (dj, j);
-        }
-    }
-    if largest.1 == usize::MAX {
-        return Totals::default();
-    }
-    let mut totals = Totals {
-        count: p as i64,
-        valid: p as i64,
-        ..Totals::default()
-    };
-    // Sweep the positives from the farthest down, keeping the nearest
-    // negative of the buckets above the current positive. Buckets are
-    // ordered by distance, so equal distances share a bucket and the first
-    // index found there is kept.
-    let mut best = NONE;
-    for i in (0..p).rev() {
-        let candidate = s.nearest[i + 1];
-        if candidate.1 != usize::MAX && (best.1 == usize::MAX || candidate.0 < best.0) {
-            best = candidate;
-        }
-        let (d_ap, pj) = s.positives[i];
-        let (d_an, nj) = if best.1 == usize::MAX { largest } else { best };
-        let hinge = d_ap - d_an + margin;
-        if hinge > 0.0 {
-            totals.value += hinge;
-            out.push((pj as i64, nj as i64));
-        }
-    }
-    totals
-}
-
 fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let held = Held::new(chunk)?;
-    let rows = held.view::<T>()?;
-    let groups = Groups::new(rows.col_labels);
-    let blocks = in_blocks(held.rows(), rows.n, &mut [(); 0], 0, |range, _| {
-        let mut scratch = Scratch::default();
-        let mut totals = Totals::default();
-        let mut triplets = vec![];
-        let mut picks = vec![];
-        for r in range {
-            picks.clear();
-            totals = totals.add(semihard_row(
-                &rows.row(r, &groups),
-                &mut scratch,
-                margin,
-                &mut picks,
-            ));
-            triplets.extend(picks.iter().map(|&(p, q)| (r as i64, p, q)));
-        }
-        (totals, triplets)
+    let groups = groups(chunk)?;
+    let rows = held.view::<T>(groups)?;
+    let mut d = held.d.shallow_clone();
+    let n = rows.n;
+    let blocks = in_blocks(held.rows(), n, view_mut::<T>(&mut d)?, n, |range, d| {
+        simd::run(
+            #[inline(always)]
+            || {
+                let mut s = Scratch::default();
+                let mut totals = Totals::default();
+                let mut triplets = vec![];
+                let mut picks = vec![];
+                for (r, d) in range.zip(d.chunks_exact_mut(n.max(1))) {
+                    picks.clear();
+                    totals = totals.add(semihard_row(rows.row(r, d), &mut s, margin, &mut picks));
+                    triplets.extend(picks.iter().map(|&(p, q)| (r as i64, p, q)));
+                }
+                (totals, triplets)
+            },
+        )
     });
     let mut totals = Totals::default();
     let (mut anchor, mut positive, mut negative) = (vec![], vec![], vec![]);
@@ -520,6 +961,141 @@ fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error
     })
 }
 
+fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
+    let held = Held::new(chunk)?;
+    let groups = groups(chunk)?;
+    let rows = held.view::<T>(groups)?;
+    let mut d = held.d.shallow_clone();
+    let n = rows.n;
+    let blocks = in_blocks(held.rows(), n, view_mut::<T>(&mut d)?, n, |range, d| {
+        simd::run(
+            #[inline(always)]
+            || {
+                range
+                    .zip(d.chunks_exact_mut(n.max(1)))
+                    .map(|(r, d)| hardest_row(rows.row(r, d)))
+                    .collect::<Vec<_>>()
+            },
+        )
+    });
+    let picks: Vec<Option<(i64, i64)>> = blocks.into_iter().flatten().collect();
+    let positive: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.0)).collect();
+    let negative: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.1)).collect();
+    let valid: Vec<bool> = picks.iter().map(Option::is_some).collect();
+    Ok(Hardest {
+        positive: Tensor::f_from_slice(&positive)?,
+        negative: Tensor::f_from_slice(&negative)?,
+        valid: Tensor::f_from_slice(&valid)?,
+    })
+}
+
+/// Adds to `gx` and `gy` the gradient of Σ (d_ap − d_an) over the triplets
+/// with respect to the points `x` (the anchors, rows `anchor`) and `y` (the
+/// references, rows `positive` and `negative`): for the Euclidean distance
+/// ±(x − y)/d (0 at d = 0), for the squared one ±2(x − y), and for the cosine
+/// distance of normalised points ∓y and ∓x, which
+/// [`crate::distance::Side::finish_grad`] maps back. O(triplets × D), where
+/// autograd over gathered rows would copy every triplet's three rows.
+///
+/// # Errors
+/// `Error::Torch` when a tensor is not a float32 or float64 CPU tensor of
+/// the dtype of `x`, or an index is out of range.
+pub(crate) fn add_triplet_grad(
+    distance: Distance,
+    (x, y): (&Tensor, &Tensor),
+    (anchor, positive, negative): (&[i64], &[i64], &[i64]),
+    gx: &mut Tensor,
+    gy: &mut Tensor,
+) -> Result<(), Error> {
+    let (x, y) = (x.f_contiguous()?, y.f_contiguous()?);
+    let width = x.size().get(1).copied().unwrap_or(0).max(0) as usize;
+    let rows = |t: &Tensor| t.size()[0];
+    let in_range = |v: &[i64], n: i64| v.iter().all(|&i| (0..n).contains(&i));
+    if !in_range(anchor, rows(&x).min(rows(gx)))
+        || !in_range(positive, rows(&y).min(rows(gy)))
+        || !in_range(negative, rows(&y).min(rows(gy)))
+        || positive.len() != anchor.len()
+        || negative.len() != anchor.len()
+    {
+        return Err(Error::Torch("internal error: triplet out of range".into()));
+    }
+    let triplets = (anchor, positive, negative);
+    match real_kind(x.kind())? {
+        NativeReal::F32 => triplet_grad::<f32>(
+            distance,
+            (view(&x)?, view(&y)?),
+            width,
+            triplets,
+            view_mut(gx)?,
+            view_mut(gy)?,
+        ),
+        NativeReal::F64 => triplet_grad::<f64>(
+            distance,
+            (view(&x)?, view(&y)?),
+            width,
+            triplets,
+            view_mut(gx)?,
+            view_mut(gy)?,
+        ),
+    }
+    Ok(())
+}
+
+fn triplet_grad<T: Real>(
+    distance: Distance,
+    (x, y): (&[T], &[T]),
+    width: usize,
+    (anchor, positive, negative): (&[i64], &[i64], &[i64]),
+    gx: &mut [T],
+    gy: &mut [T],
+) {
+    simd::run(
+        #[inline(always)]
+        || {
+            let pairs = anchor.iter().zip(positive).zip(negative);
+            for ((&a, &p), &n) in pairs {
+                let a = a as usize;
+                for (j, sign) in [(p as usize, T::REAL_ONE), (n as usize, -T::REAL_ONE)] {
+                    let xa = &x[a * width..(a + 1) * width];
+                    let yj = &y[j * width..(j + 1) * width];
+                    let ga = &mut gx[a * width..(a + 1) * width];
+                    if distance == Distance::Cosine {
+                        for (g, &v) in ga.iter_mut().zip(yj) {
+                            *g = *g - sign * v;
+                        }
+                        let gj = &mut gy[j * width..(j + 1) * width];
+                        for (g, &v) in gj.iter_mut().zip(xa) {
+                            *g = *g - sign * v;
+                        }
+                        continue;
+                    }
+                    let scale = match distance {
+                        Distance::Squared => T::put(2.0) * sign,
+                        _ => {
+                            let mut sq = T::REAL_ZERO;
+                            for (&u, &v) in xa.iter().zip(yj) {
+                                sq = sq + (u - v) * (u - v);
+                            }
+                            if sq > T::REAL_ZERO {
+                                sign / sq.sqrt()
+                            } else {
+                                T::REAL_ZERO
+                            }
+                        }
+                    };
+                    for ((g, &u), &v) in ga.iter_mut().zip(xa).zip(yj) {
+                        *g = *g + scale * (u - v);
+                    }
+                    let gj = &mut gy[j * width..(j + 1) * width];
+                    for ((g, &u), &v) in gj.iter_mut().zip(xa).zip(yj) {
+                        *g = *g - scale * (u - v);
+                    }
+                }
+            }
+        },
+    )
+}
+
 pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     match real_kind(chunk.d.kind())? {
         NativeReal::F32 => batch_all_typed::<f32>(chunk, margin),
@@ -534,51 +1110,48 @@ pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     }
 }
 
-/// The farthest positive and the nearest negative of the row, the lowest
-/// column on ties. The positives come from the label index; only the
-/// negatives need a pass over the row.
-fn hardest_row<T: Real>(row: &Row<T>) -> Option<(i64, i64)> {
-    let mut pos = None::<(T, usize)>;
-    for &j in row.same.iter().filter(|&&j| j != row.skip) {
-        let dj = row.d[j];
-        if pos.is_none_or(|(best, _)| dj > best) {
-            pos = Some((dj, j));
-        }
-    }
-    let pos = pos?.1;
-    let mut neg = None::<(T, usize)>;
-    for (j, (&dj, &label)) in row.d.iter().zip(row.labels).enumerate() {
-        if label != row.label && neg.is_none_or(|(best, _)| dj < best) {
-            neg = Some((dj, j));
-        }
-    }
-    Some((pos as i64, neg?.1 as i64))
-}
-
-fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
-    let held = Held::new(chunk)?;
-    let rows = held.view::<T>()?;
-    let groups = Groups::new(rows.col_labels);
-    let mut picks = vec![None; held.rows()];
-    in_blocks(held.rows(), rows.n, &mut picks, 1, |range, out| {
-        let first = range.start;
-        for r in range {
-            out[r - first] = hardest_row(&rows.row(r, &groups));
-        }
-    });
-    let positive: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.0)).collect();
-    let negative: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.1)).collect();
-    let valid: Vec<bool> = picks.iter().map(Option::is_some).collect();
-    Ok(Hardest {
-        positive: Tensor::f_from_slice(&positive)?,
-        negative: Tensor::f_from_slice(&negative)?,
-        valid: Tensor::f_from_slice(&valid)?,
-    })
-}
-
 pub(crate) fn hardest(chunk: &Chunk) -> Result<Hardest, Error> {
     match real_kind(chunk.d.kind())? {
         NativeReal::F32 => hardest_typed::<f32>(chunk),
         NativeReal::F64 => hardest_typed::<f64>(chunk),
+    }
+}
+
+/// Runs code compiled for the widest vector instructions the CPU has.
+mod simd {
+    /// Calls `f`, inlined into a function compiled for AVX-512 or AVX2 when
+    /// the CPU has them: the kernels' loops are written to vectorise, and
+    /// the baseline x86-64 target has only 128-bit SSE2. Floating-point
+    /// results are the same on every path (no contraction into FMA).
+    #[inline(always)]
+    pub(super) fn run<R>(f: impl FnOnce() -> R) -> R {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+            {
+                // SAFETY: the CPU has the features the function is compiled for.
+                return unsafe { avx512(f) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: as above.
+                return unsafe { avx2(f) };
+            }
+        }
+        f()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2")]
+    unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+        f()
     }
 }

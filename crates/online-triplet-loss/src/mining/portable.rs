@@ -11,9 +11,9 @@ use crate::Error;
 /// d_an < t are those below t in the sorted row, so Σₙ relu(t − d_an) is
 /// k·t − S_k with k from a binary search and S the prefix sums.
 pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
-    let d = chunk.d;
+    let d = &chunk.d;
     let kind = d.kind();
-    let (same, different) = masks(chunk.row_labels, chunk.col_labels, chunk.self_col);
+    let (same, different) = masks(chunk.row_labels, &chunk.columns.labels, chunk.self_col);
     let zeros = d.f_zeros_like()?;
 
     let (sorted_neg, _) = d
@@ -71,10 +71,10 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
 /// minimum over the gaps replace a sort of the negatives. Gap numbers are
 /// stored reversed (n − gap), so that running minimum is a prefix `cummin`.
 pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
-    let d = chunk.d;
+    let d = &chunk.d;
     let kind = d.kind();
     let (rows, n) = (d.size()[0], d.size()[1]);
-    let (same, different) = masks(chunk.row_labels, chunk.col_labels, chunk.self_col);
+    let (same, different) = masks(chunk.row_labels, &chunk.columns.labels, chunk.self_col);
     let index_opts = (Kind::Int64, d.device());
     let inf = d.f_full_like(f64::INFINITY)?;
 
@@ -144,8 +144,8 @@ pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
 }
 
 pub(crate) fn hardest(chunk: &Chunk) -> Result<Hardest, Error> {
-    let d = chunk.d;
-    let (same, different) = masks(chunk.row_labels, chunk.col_labels, chunk.self_col);
+    let d = &chunk.d;
+    let (same, different) = masks(chunk.row_labels, &chunk.columns.labels, chunk.self_col);
     let positive = d
         .f_where_self(&same, &d.f_full_like(f64::NEG_INFINITY)?)?
         .f_argmax(1, false)?;

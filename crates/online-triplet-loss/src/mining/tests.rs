@@ -6,24 +6,27 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::{native, portable, Chunk, Selection, Weighted};
+use super::{native, portable, Chunk, Columns, Selection, Weighted};
 use crate::Distance;
 
 struct Case {
     d: Tensor,
     row_labels: Tensor,
     col_labels: Tensor,
+    columns: Columns,
     self_col: Option<i64>,
 }
 
 impl Case {
+    /// A chunk holding a copy of the distances, which the native kernels overwrite.
     fn chunk(&self) -> Chunk<'_> {
         Chunk {
-            d: &self.d,
+            d: self.d.copy(),
             row_labels: &self.row_labels,
-            col_labels: &self.col_labels,
+            columns: &self.columns,
             self_col: self.self_col,
             distance: Distance::Squared,
+            gram: None,
         }
     }
 }
@@ -52,6 +55,7 @@ fn case(seed: i64, rows: i64, cols: i64, classes: i64, levels: i64, kind: Kind) 
     Case {
         d,
         row_labels,
+        columns: Columns::new(&col_labels).expect("columns"),
         col_labels,
         self_col,
     }
