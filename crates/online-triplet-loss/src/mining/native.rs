@@ -430,14 +430,18 @@ fn groups<'a>(chunk: &Chunk<'a>) -> Result<(&'a Groups, &'a [i64]), Error> {
 #[inline(always)]
 fn min_of<T: Real>(values: &[T]) -> T {
     let mut lanes = [T::INFINITY; LANES];
-    let mut steps = values.chunks_exact(LANES);
-    for step in &mut steps {
-        for (l, &v) in lanes.iter_mut().zip(step) {
-            *l = if v < *l { v } else { *l };
+    let (steps, rest) = values.as_chunks::<LANES>();
+    for step in steps {
+        for l in 0..LANES {
+            lanes[l] = if step[l] < lanes[l] {
+                step[l]
+            } else {
+                lanes[l]
+            };
         }
     }
     let mut min = T::INFINITY;
-    for &v in lanes.iter().chain(steps.remainder()) {
+    for &v in lanes.iter().chain(rest) {
         min = if v < min { v } else { min };
     }
     min
@@ -447,36 +451,62 @@ fn min_of<T: Real>(values: &[T]) -> T {
 #[inline(always)]
 fn max_of<T: Real>(values: &[T]) -> T {
     let mut lanes = [-T::INFINITY; LANES];
-    let mut steps = values.chunks_exact(LANES);
-    for step in &mut steps {
-        for (l, &v) in lanes.iter_mut().zip(step) {
-            *l = if v > *l { v } else { *l };
+    let (steps, rest) = values.as_chunks::<LANES>();
+    for step in steps {
+        for l in 0..LANES {
+            lanes[l] = if step[l] > lanes[l] {
+                step[l]
+            } else {
+                lanes[l]
+            };
         }
     }
     let mut max = -T::INFINITY;
-    for &v in lanes.iter().chain(steps.remainder()) {
+    for &v in lanes.iter().chain(rest) {
         max = if v > max { v } else { max };
     }
     max
 }
 
-/// The smallest of `values` strictly above `floor`; +inf when none is below it.
+/// The smallest of `values` strictly above `floor`; +inf when none is.
 #[inline(always)]
 fn min_above<T: Real>(values: &[T], floor: T) -> T {
     let mut lanes = [T::INFINITY; LANES];
-    let mut steps = values.chunks_exact(LANES);
-    for step in &mut steps {
-        for (l, &v) in lanes.iter_mut().zip(step) {
-            let v = if v > floor { v } else { T::INFINITY };
-            *l = if v < *l { v } else { *l };
+    let (steps, rest) = values.as_chunks::<LANES>();
+    for step in steps {
+        for l in 0..LANES {
+            let v = if step[l] > floor {
+                step[l]
+            } else {
+                T::INFINITY
+            };
+            lanes[l] = if v < lanes[l] { v } else { lanes[l] };
         }
     }
     let mut min = T::INFINITY;
-    for &v in lanes.iter().chain(steps.remainder()) {
+    for &v in lanes.iter().chain(rest) {
         let v = if v > floor { v } else { T::INFINITY };
         min = if v < min { v } else { min };
     }
     min
+}
+
+/// The first position of `v` in `values`, [`LANES`] comparisons at a time.
+#[inline(always)]
+fn position_of<T: Real>(values: &[T], v: T) -> Option<usize> {
+    let (steps, rest) = values.as_chunks::<LANES>();
+    for (k, step) in steps.iter().enumerate() {
+        let mut hit = false;
+        for &x in step {
+            hit |= x == v;
+        }
+        if hit {
+            return step.iter().position(|&x| x == v).map(|l| k * LANES + l);
+        }
+    }
+    rest.iter()
+        .position(|&x| x == v)
+        .map(|l| steps.len() * LANES + l)
 }
 
 /// A running extreme over the blocks of a row, with the first column that
@@ -498,7 +528,7 @@ fn improve<T: Real>(best: &mut Option<(T, usize)>, v: T, block: &[T], offset: us
         Some((b, _)) => v > b,
     };
     if better {
-        if let Some(j) = block.iter().position(|&x| x == v) {
+        if let Some(j) = position_of(block, v) {
             *best = Some((v, offset + j));
         }
     }
@@ -761,8 +791,8 @@ fn semihard_row<T: Real>(
         let mut largest = None;
         let mut at = 0;
         for block in row.d.chunks(BLOCK) {
-            for (i, q) in s.positives.iter().enumerate() {
-                improve(&mut picks[i], min_above(block, q.d), block, at, true);
+            for (pick, q) in picks.iter_mut().zip(&s.positives) {
+                improve(pick, min_above(block, q.d), block, at, true);
             }
             improve(&mut largest, max_of(block), block, at, false);
             at += block.len();
@@ -971,10 +1001,13 @@ fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
         simd::run(
             #[inline(always)]
             || {
-                range
-                    .zip(d.chunks_exact_mut(n.max(1)))
-                    .map(|(r, d)| hardest_row(rows.row(r, d)))
-                    .collect::<Vec<_>>()
+                // A plain loop: an iterator adapter's closure would be
+                // compiled apart, without the vector instructions.
+                let mut picks = Vec::with_capacity(range.len());
+                for (r, d) in range.zip(d.chunks_exact_mut(n.max(1))) {
+                    picks.push(hardest_row(rows.row(r, d)));
+                }
+                picks
             },
         )
     });
@@ -1072,10 +1105,19 @@ fn triplet_grad<T: Real>(
                     let scale = match distance {
                         Distance::Squared => T::put(2.0) * sign,
                         _ => {
-                            let mut sq = T::REAL_ZERO;
-                            for (&u, &v) in xa.iter().zip(yj) {
-                                sq = sq + (u - v) * (u - v);
+                            // LANES partial sums, so that the sum vectorises.
+                            let mut lanes = [T::REAL_ZERO; LANES];
+                            let mut steps = xa.chunks_exact(LANES).zip(yj.chunks_exact(LANES));
+                            for (u, v) in &mut steps {
+                                for l in 0..LANES {
+                                    lanes[l] = lanes[l] + (u[l] - v[l]) * (u[l] - v[l]);
+                                }
                             }
+                            let rest = width - width % LANES;
+                            for (&u, &v) in xa[rest..].iter().zip(&yj[rest..]) {
+                                lanes[0] = lanes[0] + (u - v) * (u - v);
+                            }
+                            let sq = lanes.iter().fold(T::REAL_ZERO, |s, &v| s + v);
                             if sq > T::REAL_ZERO {
                                 sign / sq.sqrt()
                             } else {
