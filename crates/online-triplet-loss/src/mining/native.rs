@@ -516,14 +516,9 @@ fn position_of<T: Real>(values: &[T], v: T) -> Option<usize> {
 #[inline(always)]
 fn improve<T: Real>(best: &mut Option<(T, usize)>, v: T, block: &[T], offset: usize, lower: bool) {
     let better = match *best {
-        None => {
-            v == v
-                && if lower {
-                    v < T::INFINITY
-                } else {
-                    v > -T::INFINITY
-                }
-        }
+        // The block's extreme is ±inf when it has nothing to offer.
+        None if lower => v < T::INFINITY,
+        None => v > -T::INFINITY,
         Some((b, _)) if lower => v < b,
         Some((b, _)) => v > b,
     };
