@@ -233,3 +233,132 @@ fn native_kernels_refuse_other_dtypes() {
     assert!(native::batch_all(&c.chunk(), 0.1).is_err());
     assert!(native::hardest(&c.chunk()).is_err());
 }
+
+/// Square roots rounded to nearest, as IEEE 754 (and Rust) define them;
+/// libtorch's CPU sqrt may be an ulp off. A float32 value's square root in
+/// float64, rounded to float32, is rounded correctly.
+fn rounded_sqrt(t: &Tensor) -> Tensor {
+    let v: Vec<f64> = values::<f64>(&t.to_kind(Kind::Double))
+        .into_iter()
+        .map(f64::sqrt)
+        .collect();
+    Tensor::from_slice(&v).reshape(t.size()).to_kind(t.kind())
+}
+
+/// The native kernels given Gram products and norms give exactly what they
+/// give on the distances that libtorch computes from those products in the
+/// same order of operations (`Side::pairwise`'s), for every distance,
+/// both dtypes, rows with few positives (the vectorised passes) and with
+/// many (the buckets), and anchors that are references.
+#[test]
+fn native_kernels_on_gram_products_match_them_on_distances() {
+    use super::Gram;
+    use crate::distance::Side;
+
+    for (seed, (rows, cols, classes)) in [(40, 200, 25), (24, 300, 3), (33, 97, 40)]
+        .into_iter()
+        .enumerate()
+    {
+        for kind in [Kind::Float, Kind::Double] {
+            for distance in [Distance::Euclidean, Distance::Squared, Distance::Cosine] {
+                tch::manual_seed(seed as i64);
+                let opts = (kind, Device::Cpu);
+                let y = Tensor::randn([cols, 16], opts) + 3.0;
+                let self_col = (seed != 1).then_some(7);
+                let x = match self_col {
+                    Some(c) => y.narrow(0, c, rows).copy(),
+                    None => Tensor::randn([rows, 16], opts),
+                };
+                let col_labels = Tensor::randint(classes, [cols], (Kind::Int64, Device::Cpu));
+                let row_labels = match self_col {
+                    Some(c) => col_labels.narrow(0, c, rows).copy(),
+                    None => Tensor::randint(classes, [rows], (Kind::Int64, Device::Cpu)),
+                };
+                let columns = Columns::new(&col_labels).expect("columns");
+                let (sx, sy) = Side::pair(distance, &x, &y).expect("sides");
+                let g = Tensor::empty([rows, cols], opts);
+                sx.gram_into(&sy, &g).expect("gram");
+                // The distances from the same products by libtorch's
+                // elementwise operations, each rounded as in the kernels.
+                let d = match distance {
+                    Distance::Cosine => g.neg() + 1.0,
+                    _ => {
+                        let s = (sy.norms().unsqueeze(0) + &g * -2.0 + sx.norms().unsqueeze(1))
+                            .clamp_min(0.0);
+                        if distance == Distance::Euclidean {
+                            rounded_sqrt(&s)
+                        } else {
+                            s
+                        }
+                    }
+                };
+                let chunk = |gram: bool| Chunk {
+                    d: if gram { g.copy() } else { d.copy() },
+                    row_labels: &row_labels,
+                    columns: &columns,
+                    self_col,
+                    distance,
+                    gram: gram.then_some(Gram {
+                        row_norms: sx.norms(),
+                        col_norms: sy.norms(),
+                    }),
+                };
+                let what = format!("seed {seed} {kind:?} {distance:?}");
+                for margin in [0.0, 0.3] {
+                    let (a, b) = (
+                        native::semihard(&chunk(true), margin).expect("gram"),
+                        native::semihard(&chunk(false), margin).expect("distances"),
+                    );
+                    assert_eq!(
+                        scalar(&a.value),
+                        scalar(&b.value),
+                        "{what}: semi-hard value"
+                    );
+                    assert!(
+                        dense_weights(&a.selection, rows, cols).equal(&dense_weights(
+                            &b.selection,
+                            rows,
+                            cols
+                        )),
+                        "{what}: semi-hard triplets"
+                    );
+                    let (a, b) = (
+                        native::batch_all(&chunk(true), margin).expect("gram"),
+                        native::batch_all(&chunk(false), margin).expect("distances"),
+                    );
+                    assert_eq!(
+                        scalar(&a.value),
+                        scalar(&b.value),
+                        "{what}: batch-all value"
+                    );
+                    assert!(a.count.equal(&b.count), "{what}: batch-all count");
+                    match (&a.selection, &b.selection) {
+                        (
+                            Selection::PairWeights {
+                                weights: wa,
+                                row_sum: ra,
+                                col_sum: ca,
+                            },
+                            Selection::PairWeights {
+                                weights: wb,
+                                row_sum: rb,
+                                col_sum: cb,
+                            },
+                        ) => {
+                            assert!(wa.equal(wb), "{what}: batch-all weights");
+                            assert!(ra.equal(rb) && ca.equal(cb), "{what}: batch-all sums");
+                        }
+                        _ => panic!("{what}: batch-all gives pair weights"),
+                    }
+                }
+                let (a, b) = (
+                    native::hardest(&chunk(true)).expect("gram"),
+                    native::hardest(&chunk(false)).expect("distances"),
+                );
+                assert!(a.valid.equal(&b.valid), "{what}: hardest valid");
+                assert!(a.positive.equal(&b.positive), "{what}: hardest positive");
+                assert!(a.negative.equal(&b.negative), "{what}: hardest negative");
+            }
+        }
+    }
+}
