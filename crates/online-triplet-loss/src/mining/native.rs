@@ -587,8 +587,9 @@ fn batch_all_row<T: Real>(
         batch_all_many(&mut row, s, distance, &mut out.totals);
     }
     out.totals.valid = p as i64 * row.negatives() as i64;
-    // The positives' weights; the anchor's own column stays 0.
-    if row.skip < row.d.len() {
+    // The positives' weights; the anchor's own column, when it has the
+    // anchor's label, gets 0 (with another label it is a negative).
+    if row.labels.get(row.skip) == Some(&row.label) {
         row.d[row.skip] = T::REAL_ZERO;
     }
     for (i, q) in s.positives.iter().enumerate() {

@@ -39,6 +39,11 @@ fn case(seed: i64, rows: i64, cols: i64, classes: i64, levels: i64, kind: Kind) 
     let col_labels = Tensor::randint(classes, [cols], opts);
     let self_col = (seed % 2 == 0 && rows <= cols).then_some((cols - rows) / 2);
     let row_labels = match self_col {
+        // Every other anchor of some cases has a label other than its own
+        // column's, which makes that column one of its negatives.
+        Some(c) if seed % 4 == 2 => {
+            col_labels.narrow(0, c, rows) + Tensor::arange(rows, opts).remainder(2)
+        }
         Some(c) => col_labels.narrow(0, c, rows).copy(),
         None => Tensor::randint(classes, [rows], opts),
     };
