@@ -494,18 +494,25 @@ fn min_above<T: Real>(values: &[T], floor: T) -> T {
 /// The first position of `v` in `values`, [`LANES`] comparisons at a time.
 #[inline(always)]
 fn position_of<T: Real>(values: &[T], v: T) -> Option<usize> {
+    position_where(values, |x| x == v)
+}
+
+/// The first position in `values` where `hit` holds, tested [`LANES`]
+/// values at a time.
+#[inline(always)]
+fn position_where<T: Real>(values: &[T], hit: impl Fn(T) -> bool) -> Option<usize> {
     let (steps, rest) = values.as_chunks::<LANES>();
     for (k, step) in steps.iter().enumerate() {
-        let mut hit = false;
+        let mut any = false;
         for &x in step {
-            hit |= x == v;
+            any |= hit(x);
         }
-        if hit {
-            return step.iter().position(|&x| x == v).map(|l| k * LANES + l);
+        if any {
+            return step.iter().position(|&x| hit(x)).map(|l| k * LANES + l);
         }
     }
     rest.iter()
-        .position(|&x| x == v)
+        .position(|&x| hit(x))
         .map(|l| steps.len() * LANES + l)
 }
 
@@ -864,12 +871,16 @@ fn semihard_many<T: Real>(row: &Row<T>, s: &mut Scratch<T>) -> Option<(T, usize)
 }
 
 /// The farthest positive and the nearest negative of the row, the lowest
-/// column on ties.
+/// column on ties. With `sqrt`, the row holds squared Euclidean distances
+/// and the distances are their square roots: the mining compares the
+/// squares, which order the same way, and takes the roots only of each
+/// block's extreme, so that ties are still those of the distances.
 #[inline(always)]
-fn hardest_row<T: Real>(mut row: Row<T>) -> Option<(i64, i64)> {
+fn hardest_row<T: Real>(mut row: Row<T>, sqrt: bool) -> Option<(i64, i64)> {
+    let post = |v: T| if sqrt { v.sqrt() } else { v };
     let mut pos = None::<(T, usize)>;
     for &j in row.same.iter().filter(|&&j| j != row.skip) {
-        let dj = row.d[j];
+        let dj = post(row.d[j]);
         if pos.is_none_or(|(best, _)| dj > best) {
             pos = Some((dj, j));
         }
@@ -879,10 +890,18 @@ fn hardest_row<T: Real>(mut row: Row<T>) -> Option<(i64, i64)> {
         return None;
     }
     row.hide_same();
-    let mut neg = None;
+    let mut neg = None::<(T, usize)>;
     let mut at = 0;
     for block in row.d.chunks(BLOCK) {
-        improve(&mut neg, min_of(block), block, at, true);
+        let min = min_of(block);
+        if min < T::INFINITY {
+            let d = post(min);
+            if neg.is_none_or(|(best, _)| d < best) {
+                if let Some(j) = position_where(block, |x| post(x) == d) {
+                    neg = Some((d, at + j));
+                }
+            }
+        }
         at += block.len();
     }
     // Only NaN or infinite distances leave none; any negative does then.
@@ -990,7 +1009,12 @@ fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error
 fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
     let held = Held::new(chunk)?;
     let groups = groups(chunk)?;
-    let rows = held.view::<T>(groups)?;
+    let mut rows = held.view::<T>(groups)?;
+    // The rows keep squared distances; `hardest_row` takes the roots it needs.
+    let sqrt = match &mut rows.transform {
+        Transform::Euclidean { sqrt, .. } => std::mem::replace(sqrt, false),
+        _ => false,
+    };
     let mut d = held.d.shallow_clone();
     let n = rows.n;
     let blocks = in_blocks(held.rows(), n, view_mut::<T>(&mut d)?, n, |range, d| {
@@ -1001,7 +1025,7 @@ fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
                 // compiled apart, without the vector instructions.
                 let mut picks = Vec::with_capacity(range.len());
                 for (r, d) in range.zip(d.chunks_exact_mut(n.max(1))) {
-                    picks.push(hardest_row(rows.row(r, d)));
+                    picks.push(hardest_row(rows.row(r, d), sqrt));
                 }
                 picks
             },
