@@ -286,6 +286,8 @@ struct Row<'a, T> {
     /// The columns whose label is `label`.
     same: &'a [usize],
     skip: usize,
+    /// `d` holds squared Euclidean distances, whose roots are the distances.
+    squared: bool,
 }
 
 /// A positive of a row: its key (the value it is sorted by), its distance
@@ -298,19 +300,27 @@ struct Positive<T> {
 }
 
 impl<T: Real> Row<'_, T> {
+    /// The distance that a value of `d` stands for.
+    #[inline(always)]
+    fn distance(&self, v: T) -> T {
+        if self.squared {
+            v.sqrt()
+        } else {
+            v
+        }
+    }
+
     /// The positives sorted by (key, column) into `out`.
     fn sorted_positives(&self, key: impl Fn(f64) -> f64, out: &mut Vec<Positive<T>>) {
         out.clear();
-        out.extend(
-            self.same
-                .iter()
-                .filter(|&&j| j != self.skip)
-                .map(|&j| Positive {
-                    key: key(self.d[j].get()),
-                    d: self.d[j],
-                    j,
-                }),
-        );
+        out.extend(self.same.iter().filter(|&&j| j != self.skip).map(|&j| {
+            let d = self.distance(self.d[j]);
+            Positive {
+                key: key(d.get()),
+                d,
+                j,
+            }
+        }));
         out.sort_unstable_by(|a, b| a.key.total_cmp(&b.key).then(a.j.cmp(&b.j)));
     }
 
@@ -342,9 +352,20 @@ struct Rows<'a, T> {
     groups: &'a Groups,
     self_col: Option<i64>,
     transform: Transform<'a, T>,
+    squared: bool,
 }
 
 impl<'a, T: Real> Rows<'a, T> {
+    /// Rows of squared Euclidean distances, for mining that compares
+    /// distances only: the square root is monotone, so it is taken only of
+    /// the values a row picks and of its ties ([`Row::distance`]).
+    fn squares(mut self) -> Self {
+        if let Transform::Euclidean { sqrt, .. } = &mut self.transform {
+            self.squared = std::mem::replace(sqrt, false);
+        }
+        self
+    }
+
     /// Row `r`, whose distances are `d`, after the transform.
     #[inline(always)]
     fn row<'b>(&'b self, r: usize, d: &'b mut [T]) -> Row<'b, T> {
@@ -356,6 +377,7 @@ impl<'a, T: Real> Rows<'a, T> {
             labels: self.col_labels,
             same: self.groups.of(label),
             skip: self.self_col.map_or(usize::MAX, |c| c as usize + r),
+            squared: self.squared,
         }
     }
 }
@@ -414,6 +436,7 @@ impl Held {
             groups,
             self_col: self.self_col,
             transform,
+            squared: false,
         })
     }
 }
@@ -491,12 +514,6 @@ fn min_above<T: Real>(values: &[T], floor: T) -> T {
     min
 }
 
-/// The first position of `v` in `values`, [`LANES`] comparisons at a time.
-#[inline(always)]
-fn position_of<T: Real>(values: &[T], v: T) -> Option<usize> {
-    position_where(values, |x| x == v)
-}
-
 /// The first position in `values` where `hit` holds, tested [`LANES`]
 /// values at a time.
 #[inline(always)]
@@ -514,26 +531,6 @@ fn position_where<T: Real>(values: &[T], hit: impl Fn(T) -> bool) -> Option<usiz
     rest.iter()
         .position(|&x| hit(x))
         .map(|l| steps.len() * LANES + l)
-}
-
-/// A running extreme over the blocks of a row, with the first column that
-/// holds it: a block replaces it only when its own extreme `v` is strictly
-/// better (`lower`: smaller, else larger), so ties keep the lowest column,
-/// and only then is the block searched for the column.
-#[inline(always)]
-fn improve<T: Real>(best: &mut Option<(T, usize)>, v: T, block: &[T], offset: usize, lower: bool) {
-    let better = match *best {
-        // The block's extreme is ±inf when it has nothing to offer.
-        None if lower => v < T::INFINITY,
-        None => v > -T::INFINITY,
-        Some((b, _)) if lower => v < b,
-        Some((b, _)) => v > b,
-    };
-    if better {
-        if let Some(j) = position_of(block, v) {
-            *best = Some((v, offset + j));
-        }
-    }
 }
 
 struct Scratch<T> {
@@ -791,13 +788,23 @@ fn semihard_row<T: Real>(
     let mut picks = [None::<(T, usize)>; FEW_KEYS];
     let largest = if p <= FEW_KEYS {
         row.hide_same();
-        let mut largest = None;
+        let mut largest = None::<(T, usize)>;
         let mut at = 0;
         for block in row.d.chunks(BLOCK) {
             for (pick, q) in picks.iter_mut().zip(&s.positives) {
-                improve(pick, min_above(block, q.d), block, at, true);
+                let min = min_above(block, q.d);
+                if min < T::INFINITY && pick.is_none_or(|(best, _)| min < best) {
+                    if let Some(j) = position_where(block, |x| x == min) {
+                        *pick = Some((min, at + j));
+                    }
+                }
             }
-            improve(&mut largest, max_of(block), block, at, false);
+            let max = max_of(block);
+            if max > -T::INFINITY && largest.is_none_or(|(best, _)| max > best) {
+                if let Some(j) = position_where(block, |x| x == max) {
+                    largest = Some((max, at + j));
+                }
+            }
             at += block.len();
         }
         largest
@@ -871,16 +878,13 @@ fn semihard_many<T: Real>(row: &Row<T>, s: &mut Scratch<T>) -> Option<(T, usize)
 }
 
 /// The farthest positive and the nearest negative of the row, the lowest
-/// column on ties. With `sqrt`, the row holds squared Euclidean distances
-/// and the distances are their square roots: the mining compares the
-/// squares, which order the same way, and takes the roots only of each
-/// block's extreme, so that ties are still those of the distances.
+/// column on ties. Rows of squares ([`Rows::squares`]) are compared as they
+/// are, and only each block's extreme and its ties are turned into distances.
 #[inline(always)]
-fn hardest_row<T: Real>(mut row: Row<T>, sqrt: bool) -> Option<(i64, i64)> {
-    let post = |v: T| if sqrt { v.sqrt() } else { v };
+fn hardest_row<T: Real>(mut row: Row<T>) -> Option<(i64, i64)> {
     let mut pos = None::<(T, usize)>;
     for &j in row.same.iter().filter(|&&j| j != row.skip) {
-        let dj = post(row.d[j]);
+        let dj = row.distance(row.d[j]);
         if pos.is_none_or(|(best, _)| dj > best) {
             pos = Some((dj, j));
         }
@@ -895,9 +899,9 @@ fn hardest_row<T: Real>(mut row: Row<T>, sqrt: bool) -> Option<(i64, i64)> {
     for block in row.d.chunks(BLOCK) {
         let min = min_of(block);
         if min < T::INFINITY {
-            let d = post(min);
+            let d = row.distance(min);
             if neg.is_none_or(|(best, _)| d < best) {
-                if let Some(j) = position_where(block, |x| post(x) == d) {
+                if let Some(j) = position_where(block, |x| row.distance(x) == d) {
                     neg = Some((d, at + j));
                 }
             }
@@ -1009,12 +1013,7 @@ fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error
 fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
     let held = Held::new(chunk)?;
     let groups = groups(chunk)?;
-    let mut rows = held.view::<T>(groups)?;
-    // The rows keep squared distances; `hardest_row` takes the roots it needs.
-    let sqrt = match &mut rows.transform {
-        Transform::Euclidean { sqrt, .. } => std::mem::replace(sqrt, false),
-        _ => false,
-    };
+    let rows = held.view::<T>(groups)?.squares();
     let mut d = held.d.shallow_clone();
     let n = rows.n;
     let blocks = in_blocks(held.rows(), n, view_mut::<T>(&mut d)?, n, |range, d| {
@@ -1025,7 +1024,7 @@ fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
                 // compiled apart, without the vector instructions.
                 let mut picks = Vec::with_capacity(range.len());
                 for (r, d) in range.zip(d.chunks_exact_mut(n.max(1))) {
-                    picks.push(hardest_row(rows.row(r, d), sqrt));
+                    picks.push(hardest_row(rows.row(r, d)));
                 }
                 picks
             },
