@@ -15,7 +15,7 @@ import torch
 
 import online_triplet_loss
 import reference as R
-from conftest import make_batch, make_reference_set
+from conftest import Batch, make_batch, make_reference_set
 from helpers import (
     DISTANCES,
     LOSSES,
@@ -305,6 +305,26 @@ def test_reference_set_of_the_batch_itself_equals_plain_call(cfg):
     assert [int(plain[1]), int(plain[2])] == [int(same[1]), int(same[2])]
     assert_close(same[0].detach(), plain[0].detach(), "sum", **VALUE_TOL)
     assert_close(g_same, g_plain, "grad", **GRAD_TOL)
+
+
+# ------------------------------------------------------ batches the threads split
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if not c[3]], ids=config_id)
+def test_reference_at_a_batch_the_threads_split(cfg):
+    """A P x K batch large enough that the native kernels and semi-hard's
+    gradient split their rows (and references) among threads: values and
+    gradients still equal the brute-force reference."""
+    mining, distance, margin, soft = cfg
+    g = torch.Generator().manual_seed(7)
+    labels = torch.arange(32).repeat_interleave(8)[torch.randperm(256, generator=g)]
+    emb = torch.randn(256, 24, generator=g, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        check_against_reference(Batch(7, labels, emb, False), mining, distance, margin, soft)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------- chunking

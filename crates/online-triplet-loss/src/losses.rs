@@ -456,6 +456,8 @@ impl TripletConfig {
         let kind = s.x.f_kind()?;
         let device = s.x.device();
         let (n, m) = (s.x.size()[0], s.y.size()[0]);
+        // Semi-hard's selected triplets (anchor, positive, negative), on the CPU.
+        let mut triplets: (Vec<i64>, Vec<i64>, Vec<i64>) = (vec![], vec![], vec![]);
         let (value, count, valid, active, gx, gy) = grad::no_grad(|| -> Result<_, Error> {
             let mut value = Tensor::f_zeros([], (kind, device))?;
             let mut count = Tensor::f_zeros([], (Kind::Int64, device))?;
@@ -463,7 +465,7 @@ impl TripletConfig {
             // Semi-hard: the number of pairs whose hinge is active.
             let mut active = Tensor::f_zeros([], (kind, device))?;
             // Contiguous whatever the strides of the embeddings.
-            let gx = Tensor::f_zeros(s.x.size(), (kind, device))?;
+            let mut gx = Tensor::f_zeros(s.x.size(), (kind, device))?;
             let mut gy = Tensor::f_zeros(s.y.size(), (kind, device))?;
             let mut col_sum = Tensor::f_zeros([m], (kind, device))?;
             if m > 0 {
@@ -533,17 +535,21 @@ impl TripletConfig {
                             negative,
                         } => {
                             let _ = active.f_add_scalar_(anchor.len() as f64)?;
-                            let mut gx_rows = gx.f_narrow(0, start, len)?;
-                            mining::add_triplet_grad(
-                                self.distance,
-                                (rows.points(), s.sy.points()),
-                                (&anchor, &positive, &negative),
-                                &mut gx_rows,
-                                &mut gy,
-                            )?;
+                            triplets.0.extend(anchor.iter().map(|a| a + start));
+                            triplets.1.extend(positive);
+                            triplets.2.extend(negative);
                         }
                     }
                 }
+            }
+            if !triplets.0.is_empty() {
+                mining::add_triplet_grad(
+                    self.distance,
+                    (s.sx.points(), s.sy.points()),
+                    (&triplets.0, &triplets.1, &triplets.2),
+                    &mut gx,
+                    &mut gy,
+                )?;
             }
             let active = match mining {
                 Mining::All => count.f_to_kind(kind)?,

@@ -1042,16 +1042,21 @@ fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
 }
 
 /// Adds to `gx` and `gy` the gradient of Σ (d_ap − d_an) over the triplets
-/// with respect to the points `x` (the anchors, rows `anchor`) and `y` (the
-/// references, rows `positive` and `negative`): for the Euclidean distance
-/// ±(x − y)/d (0 at d = 0), for the squared one ±2(x − y), and for the cosine
-/// distance of normalised points ∓y and ∓x, which
+/// with respect to the points `x` (the anchors, rows `anchor`, ascending)
+/// and `y` (the references, rows `positive` and `negative`): for the
+/// Euclidean distance ±(x − y)/d (0 at d = 0), for the squared one ±2(x − y),
+/// and for the cosine distance of normalised points ∓y and ∓x, which
 /// [`crate::distance::Side::finish_grad`] maps back. O(triplets × D), where
 /// autograd over gathered rows would copy every triplet's three rows.
 ///
+/// Two parallel passes: over blocks of anchors, which own their rows of
+/// `gx`, then over blocks of references, which own their rows of `gy`, each
+/// pair found through a counting sort by reference.
+///
 /// # Errors
 /// `Error::Torch` when a tensor is not a float32 or float64 CPU tensor of
-/// the dtype of `x`, or an index is out of range.
+/// the dtype of `x`, the anchors are not ascending, or an index is out of
+/// range.
 pub(crate) fn add_triplet_grad(
     distance: Distance,
     (x, y): (&Tensor, &Tensor),
@@ -1063,98 +1068,199 @@ pub(crate) fn add_triplet_grad(
     let width = x.size().get(1).copied().unwrap_or(0).max(0) as usize;
     let rows = |t: &Tensor| t.size()[0];
     let in_range = |v: &[i64], n: i64| v.iter().all(|&i| (0..n).contains(&i));
-    if !in_range(anchor, rows(&x).min(rows(gx)))
-        || !in_range(positive, rows(&y).min(rows(gy)))
-        || !in_range(negative, rows(&y).min(rows(gy)))
+    if x.dim() != 2
+        || y.dim() != 2
+        || !in_range(anchor, rows(&x))
+        || !in_range(positive, rows(&y))
+        || !in_range(negative, rows(&y))
         || positive.len() != anchor.len()
         || negative.len() != anchor.len()
+        || anchor.windows(2).any(|w| w[0] > w[1])
+        || gx.size() != x.size()
+        || gy.size() != y.size()
     {
-        return Err(Error::Torch("internal error: triplet out of range".into()));
+        return Err(Error::Torch("internal error: triplets out of range".into()));
     }
-    let triplets = (anchor, positive, negative);
+    let triplets = Triplets {
+        anchor,
+        positive,
+        negative,
+        anchors: rows(&x) as usize,
+        references: rows(&y) as usize,
+    };
     match real_kind(x.kind())? {
         NativeReal::F32 => triplet_grad::<f32>(
             distance,
             (view(&x)?, view(&y)?),
             width,
-            triplets,
-            view_mut(gx)?,
-            view_mut(gy)?,
+            &triplets,
+            (view_mut(gx)?, view_mut(gy)?),
         ),
         NativeReal::F64 => triplet_grad::<f64>(
             distance,
             (view(&x)?, view(&y)?),
             width,
-            triplets,
-            view_mut(gx)?,
-            view_mut(gy)?,
+            &triplets,
+            (view_mut(gx)?, view_mut(gy)?),
         ),
     }
     Ok(())
+}
+
+/// Triplets as row indices, ascending by anchor, into `anchors` anchors and
+/// `references` references.
+struct Triplets<'a> {
+    anchor: &'a [i64],
+    positive: &'a [i64],
+    negative: &'a [i64],
+    anchors: usize,
+    references: usize,
+}
+
+impl Triplets<'_> {
+    /// Pair k of the triplets (two per triplet): (anchor, reference, sign
+    /// of its distance in d_ap − d_an).
+    fn pair<T: Real>(&self, k: usize) -> (usize, usize, T) {
+        let t = k / 2;
+        if k % 2 == 0 {
+            (
+                self.anchor[t] as usize,
+                self.positive[t] as usize,
+                T::REAL_ONE,
+            )
+        } else {
+            (
+                self.anchor[t] as usize,
+                self.negative[t] as usize,
+                -T::REAL_ONE,
+            )
+        }
+    }
+}
+
+/// Row `i` of a matrix of rows of `width`.
+#[inline(always)]
+fn row_of<T>(m: &[T], i: usize, width: usize) -> &[T] {
+    &m[i * width..(i + 1) * width]
+}
+
+/// ‖u − v‖ with [`LANES`] partial sums, so that it vectorises.
+#[inline(always)]
+fn norm_of_difference<T: Real>(u: &[T], v: &[T]) -> T {
+    let mut lanes = [T::REAL_ZERO; LANES];
+    let (us, u_rest) = u.as_chunks::<LANES>();
+    let (vs, v_rest) = v.as_chunks::<LANES>();
+    for (u, v) in us.iter().zip(vs) {
+        for l in 0..LANES {
+            lanes[l] = lanes[l] + (u[l] - v[l]) * (u[l] - v[l]);
+        }
+    }
+    for (&u, &v) in u_rest.iter().zip(v_rest) {
+        lanes[0] = lanes[0] + (u - v) * (u - v);
+    }
+    lanes.iter().fold(T::REAL_ZERO, |s, &v| s + v).sqrt()
 }
 
 fn triplet_grad<T: Real>(
     distance: Distance,
     (x, y): (&[T], &[T]),
     width: usize,
-    (anchor, positive, negative): (&[i64], &[i64], &[i64]),
-    gx: &mut [T],
-    gy: &mut [T],
+    triplets: &Triplets,
+    (gx, gy): (&mut [T], &mut [T]),
 ) {
-    simd::run(
-        #[inline(always)]
-        || {
-            let pairs = anchor.iter().zip(positive).zip(negative);
-            for ((&a, &p), &n) in pairs {
-                let a = a as usize;
-                for (j, sign) in [(p as usize, T::REAL_ONE), (n as usize, -T::REAL_ONE)] {
-                    let xa = &x[a * width..(a + 1) * width];
-                    let yj = &y[j * width..(j + 1) * width];
-                    let ga = &mut gx[a * width..(a + 1) * width];
-                    if distance == Distance::Cosine {
-                        for (g, &v) in ga.iter_mut().zip(yj) {
-                            *g = *g - sign * v;
-                        }
-                        let gj = &mut gy[j * width..(j + 1) * width];
-                        for (g, &v) in gj.iter_mut().zip(xa) {
-                            *g = *g - sign * v;
-                        }
-                        continue;
-                    }
-                    let scale = match distance {
-                        Distance::Squared => T::put(2.0) * sign,
-                        _ => {
-                            // LANES partial sums, so that the sum vectorises.
-                            let mut lanes = [T::REAL_ZERO; LANES];
-                            let mut steps = xa.chunks_exact(LANES).zip(yj.chunks_exact(LANES));
-                            for (u, v) in &mut steps {
-                                for l in 0..LANES {
-                                    lanes[l] = lanes[l] + (u[l] - v[l]) * (u[l] - v[l]);
-                                }
-                            }
-                            let rest = width - width % LANES;
-                            for (&u, &v) in xa[rest..].iter().zip(&yj[rest..]) {
-                                lanes[0] = lanes[0] + (u - v) * (u - v);
-                            }
-                            let sq = lanes.iter().fold(T::REAL_ZERO, |s, &v| s + v);
-                            if sq > T::REAL_ZERO {
-                                sign / sq.sqrt()
-                            } else {
-                                T::REAL_ZERO
-                            }
-                        }
-                    };
-                    for ((g, &u), &v) in ga.iter_mut().zip(xa).zip(yj) {
-                        *g = *g + scale * (u - v);
-                    }
-                    let gj = &mut gy[j * width..(j + 1) * width];
-                    for ((g, &u), &v) in gj.iter_mut().zip(xa).zip(yj) {
-                        *g = *g - scale * (u - v);
-                    }
+    let pairs = 2 * triplets.anchor.len();
+    // The factor of each pair's term: the gradient of its distance with
+    // respect to x is factor × (x − y), or −factor × y for the cosine one.
+    let factor = |a: usize, j: usize, sign: T| -> T {
+        match distance {
+            Distance::Squared => T::put(2.0) * sign,
+            Distance::Cosine => sign,
+            Distance::Euclidean => {
+                let d = norm_of_difference(row_of(x, a, width), row_of(y, j, width));
+                if d > T::REAL_ZERO {
+                    sign / d
+                } else {
+                    T::REAL_ZERO
                 }
             }
-        },
-    )
+        }
+    };
+    // Pass 1: anchors. Each block of anchors owns its rows of gx and
+    // returns the factors of its pairs, which are consecutive.
+    let anchors = triplets.anchors;
+    let work = width * (pairs / anchors.max(1) + 1);
+    let blocks = in_blocks(anchors, work, gx, width, |range, gx| {
+        simd::run(
+            #[inline(always)]
+            || {
+                let first = 2 * triplets
+                    .anchor
+                    .partition_point(|&a| (a as usize) < range.start);
+                let last = 2 * triplets
+                    .anchor
+                    .partition_point(|&a| (a as usize) < range.end);
+                let mut factors = Vec::with_capacity(last - first);
+                for k in first..last {
+                    let (a, j, sign) = triplets.pair::<T>(k);
+                    let f = factor(a, j, sign);
+                    factors.push(f);
+                    let (xa, yj) = (row_of(x, a, width), row_of(y, j, width));
+                    let ga = &mut gx[(a - range.start) * width..(a - range.start + 1) * width];
+                    if distance == Distance::Cosine {
+                        for (g, &v) in ga.iter_mut().zip(yj) {
+                            *g = *g - f * v;
+                        }
+                    } else {
+                        for ((g, &u), &v) in ga.iter_mut().zip(xa).zip(yj) {
+                            *g = *g + f * (u - v);
+                        }
+                    }
+                }
+                factors
+            },
+        )
+    });
+    let factors: Vec<T> = blocks.into_iter().flatten().collect();
+    // Pass 2: references, through the pairs sorted by reference.
+    let references = triplets.references;
+    let mut start = vec![0usize; references + 1];
+    for k in 0..pairs {
+        start[triplets.pair::<T>(k).1 + 1] += 1;
+    }
+    for j in 0..references {
+        start[j + 1] += start[j];
+    }
+    let mut next = start.clone();
+    let mut order = vec![0usize; pairs];
+    for k in 0..pairs {
+        let j = triplets.pair::<T>(k).1;
+        order[next[j]] = k;
+        next[j] += 1;
+    }
+    in_blocks(references, work, gy, width, |range, gy| {
+        simd::run(
+            #[inline(always)]
+            || {
+                for j in range.clone() {
+                    let yj = row_of(y, j, width);
+                    let gj = &mut gy[(j - range.start) * width..(j - range.start + 1) * width];
+                    for &k in &order[start[j]..start[j + 1]] {
+                        let (a, _, _) = triplets.pair::<T>(k);
+                        let (f, xa) = (factors[k], row_of(x, a, width));
+                        if distance == Distance::Cosine {
+                            for (g, &u) in gj.iter_mut().zip(xa) {
+                                *g = *g - f * u;
+                            }
+                        } else {
+                            for ((g, &u), &v) in gj.iter_mut().zip(xa).zip(yj) {
+                                *g = *g - f * (u - v);
+                            }
+                        }
+                    }
+                }
+            },
+        )
+    });
 }
 
 pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
