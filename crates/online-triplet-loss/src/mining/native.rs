@@ -1122,7 +1122,7 @@ impl Triplets<'_> {
     /// of its distance in d_ap − d_an).
     fn pair<T: Real>(&self, k: usize) -> (usize, usize, T) {
         let t = k / 2;
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             (
                 self.anchor[t] as usize,
                 self.positive[t] as usize,
