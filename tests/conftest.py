@@ -22,10 +22,10 @@ CACHE_DIR = REPO_ROOT / ".cache" / "online_triplet_loss_006"
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-# The CI machines have 2 cores. libtorch's OpenMP pool and the core's rayon
-# pool both want every core; with both active each call slows down 10-100x
-# (threads spinning against each other), which would blow the time budget.
-# One intra-op torch thread keeps the suite fast and changes no result.
+# The CI machines have 2 cores, and OpenMP's spinning worker threads slow
+# every call down 10-100x when anything else wants a core, which would blow
+# the time budget. One intra-op torch thread keeps the suite fast; tests of
+# the paths that split work among threads set the thread count themselves.
 torch.set_num_threads(1)
 
 
