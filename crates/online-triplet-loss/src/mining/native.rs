@@ -1285,16 +1285,37 @@ pub(crate) fn hardest(chunk: &Chunk) -> Result<Hardest, Error> {
 }
 
 /// Runs code compiled for the widest vector instructions the CPU has.
-mod simd {
+pub(super) mod simd {
+    /// Tests lower this to run the narrower paths on a CPU that has wider
+    /// ones: 2 allows AVX-512, 1 AVX2, 0 the baseline.
+    #[cfg(test)]
+    pub(in crate::mining) static CEILING: std::sync::atomic::AtomicU8 =
+        std::sync::atomic::AtomicU8::new(2);
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn allowed(level: u8) -> bool {
+        #[cfg(test)]
+        {
+            level <= CEILING.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        #[cfg(not(test))]
+        {
+            let _ = level;
+            true
+        }
+    }
+
     /// Calls `f`, inlined into a function compiled for AVX-512 or AVX2 when
     /// the CPU has them: the kernels' loops are written to vectorise, and
     /// the baseline x86-64 target has only 128-bit SSE2. Floating-point
     /// results are the same on every path (no contraction into FMA).
     #[inline(always)]
-    pub(super) fn run<R>(f: impl FnOnce() -> R) -> R {
+    pub(in crate::mining) fn run<R>(f: impl FnOnce() -> R) -> R {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f")
+            if allowed(2)
+                && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512vl")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512dq")
@@ -1302,7 +1323,7 @@ mod simd {
                 // SAFETY: the CPU has the features the function is compiled for.
                 return unsafe { avx512(f) };
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if allowed(1) && std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: as above.
                 return unsafe { avx2(f) };
             }

@@ -367,3 +367,89 @@ fn native_kernels_on_gram_products_match_them_on_distances() {
         }
     }
 }
+
+/// Everything the three native kernels return for fresh copies of a chunk.
+fn kernel_outputs<'a>(c: &dyn Fn() -> Chunk<'a>) -> Vec<Tensor> {
+    let mut out = vec![];
+    for margin in [0.0, 0.3] {
+        let w = native::batch_all(&c(), margin).expect("batch-all");
+        out.push(w.value);
+        out.push(w.count);
+        if let Selection::PairWeights {
+            weights,
+            row_sum,
+            col_sum,
+        } = w.selection
+        {
+            out.extend([weights, row_sum, col_sum]);
+        }
+        let s = native::semihard(&c(), margin).expect("semi-hard");
+        out.push(s.value);
+        if let Selection::Triplets {
+            anchor,
+            positive,
+            negative,
+        } = s.selection
+        {
+            out.extend([anchor, positive, negative].map(|v| Tensor::from_slice(&v)));
+        }
+    }
+    let h = native::hardest(&c()).expect("hardest");
+    out.extend([h.positive, h.negative, h.valid]);
+    out
+}
+
+/// Every vector width gives the same bits: the kernels run with AVX-512,
+/// AVX2 and the baseline allowed in turn (as far as the CPU has them) on
+/// Gram products of every distance, both dtypes, few and many positives.
+/// Other tests running meanwhile see a lowered ceiling too, which must not
+/// change their results either.
+#[test]
+fn every_vector_width_gives_the_same_bits() {
+    use super::native::simd::CEILING;
+    use super::Gram;
+    use crate::distance::Side;
+    use std::sync::atomic::Ordering;
+
+    for (seed, (rows, cols, classes)) in [(40, 300, 30), (20, 200, 3)].into_iter().enumerate() {
+        for kind in [Kind::Float, Kind::Double] {
+            for distance in [Distance::Euclidean, Distance::Squared, Distance::Cosine] {
+                tch::manual_seed(seed as i64);
+                let opts = (kind, Device::Cpu);
+                let y = Tensor::randn([cols, 24], opts);
+                let col_labels = Tensor::randint(classes, [cols], (Kind::Int64, Device::Cpu));
+                let row_labels = col_labels.narrow(0, 5, rows).copy();
+                let columns = Columns::new(&col_labels).expect("columns");
+                let (sx, sy) = Side::pair(distance, &y.narrow(0, 5, rows), &y).expect("sides");
+                let g = Tensor::empty([rows, cols], opts);
+                sx.gram_into(&sy, &g).expect("gram");
+                let chunk = || Chunk {
+                    d: g.copy(),
+                    row_labels: &row_labels,
+                    columns: &columns,
+                    self_col: Some(5),
+                    distance,
+                    gram: Some(Gram {
+                        row_norms: sx.norms(),
+                        col_norms: sy.norms(),
+                    }),
+                };
+                let mut results = vec![];
+                for ceiling in [2, 1, 0] {
+                    CEILING.store(ceiling, Ordering::Relaxed);
+                    results.push(kernel_outputs(&chunk));
+                }
+                CEILING.store(2, Ordering::Relaxed);
+                for (level, got) in results.iter().enumerate().skip(1) {
+                    for (i, (a, b)) in got.iter().zip(&results[0]).enumerate() {
+                        assert!(
+                            a.equal(b),
+                            "seed {seed} {kind:?} {distance:?}: output {i} differs at ceiling {}",
+                            2 - level
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
