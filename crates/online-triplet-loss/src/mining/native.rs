@@ -913,38 +913,53 @@ fn hardest_row<T: Real>(mut row: Row<T>) -> Option<(i64, i64)> {
     Some((pos as i64, neg as i64))
 }
 
-fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
+/// Runs `block` over the rows of the chunk, one block of rows per thread,
+/// inside [`simd::run`], and returns the blocks' results in row order with
+/// the chunk's (overwritten) values. `block` gets the rows, its range of
+/// row indices and their values; with `squares`, [`Rows::squares`].
+fn mine_rows<T: Real, R: Send>(
+    chunk: &Chunk,
+    squares: bool,
+    block: impl Fn(&Rows<T>, std::ops::Range<usize>, &mut [T]) -> R + Sync,
+) -> Result<(Tensor, Vec<R>), Error> {
     let held = Held::new(chunk)?;
-    let groups = groups(chunk)?;
-    let rows = held.view::<T>(groups)?;
-    let mut weights = held.d.shallow_clone();
-    let (n, distance) = (rows.n, chunk.distance);
-    let blocks = in_blocks(
-        held.rows(),
-        n,
-        view_mut::<T>(&mut weights)?,
-        n,
-        |range, d| {
-            simd::run(
-                #[inline(always)]
-                || {
-                    let mut s = Scratch::default();
-                    let mut totals = Totals::default();
-                    let mut sums = Vec::with_capacity(range.len());
-                    let mut col_sum = vec![T::REAL_ZERO; n];
-                    for (r, d) in range.zip(d.chunks_exact_mut(n.max(1))) {
-                        let out =
-                            batch_all_row(rows.row(r, d), &mut s, margin, distance, &mut col_sum);
-                        totals = totals.add(out.totals);
-                        sums.push(T::put(out.weight_sum));
-                    }
-                    (totals, sums, col_sum)
-                },
-            )
+    let rows = held.view::<T>(groups(chunk)?)?;
+    let rows = if squares { rows.squares() } else { rows };
+    let mut d = held.d.shallow_clone();
+    let n = rows.n;
+    let blocks = in_blocks(held.rows(), n, view_mut::<T>(&mut d)?, n, |range, d| {
+        simd::run(
+            #[inline(always)]
+            || block(&rows, range, d),
+        )
+    });
+    Ok((d, blocks))
+}
+
+fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
+    let distance = chunk.distance;
+    let (weights, blocks) = mine_rows::<T, _>(
+        chunk,
+        false,
+        #[inline(always)]
+        |rows, range, d| {
+            let mut s = Scratch::default();
+            let mut totals = Totals::default();
+            let mut sums = Vec::with_capacity(range.len());
+            let mut col_sum = vec![T::REAL_ZERO; rows.n];
+            // Plain loops: an iterator adapter's closure would be compiled
+            // apart, without the vector instructions.
+            for (r, d) in range.zip(d.chunks_exact_mut(rows.n.max(1))) {
+                let out = batch_all_row(rows.row(r, d), &mut s, margin, distance, &mut col_sum);
+                totals = totals.add(out.totals);
+                sums.push(T::put(out.weight_sum));
+            }
+            (totals, sums, col_sum)
         },
-    );
+    )?;
+    let n = weights.size()[1] as usize;
     let mut totals = Totals::default();
-    let mut row_sum = Vec::with_capacity(held.rows());
+    let mut row_sum = Vec::with_capacity(weights.size()[0] as usize);
     let mut col_sum = vec![T::REAL_ZERO; n];
     for (t, sums, cols) in blocks {
         totals = totals.add(t);
@@ -954,7 +969,7 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Erro
         }
     }
     Ok(Weighted {
-        value: Tensor::from(totals.value).f_to_kind(held.d.kind())?,
+        value: Tensor::from(totals.value).f_to_kind(weights.kind())?,
         count: Tensor::from(totals.count),
         valid: Tensor::from(totals.valid),
         selection: Selection::PairWeights {
@@ -966,28 +981,23 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Erro
 }
 
 fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
-    let held = Held::new(chunk)?;
-    let groups = groups(chunk)?;
-    let rows = held.view::<T>(groups)?;
-    let mut d = held.d.shallow_clone();
-    let n = rows.n;
-    let blocks = in_blocks(held.rows(), n, view_mut::<T>(&mut d)?, n, |range, d| {
-        simd::run(
-            #[inline(always)]
-            || {
-                let mut s = Scratch::default();
-                let mut totals = Totals::default();
-                let mut triplets = vec![];
-                let mut picks = vec![];
-                for (r, d) in range.zip(d.chunks_exact_mut(n.max(1))) {
-                    picks.clear();
-                    totals = totals.add(semihard_row(rows.row(r, d), &mut s, margin, &mut picks));
-                    triplets.extend(picks.iter().map(|&(p, q)| (r as i64, p, q)));
-                }
-                (totals, triplets)
-            },
-        )
-    });
+    let (d, blocks) = mine_rows::<T, _>(
+        chunk,
+        false,
+        #[inline(always)]
+        |rows, range, d| {
+            let mut s = Scratch::default();
+            let mut totals = Totals::default();
+            let mut triplets = vec![];
+            let mut picks = vec![];
+            for (r, d) in range.zip(d.chunks_exact_mut(rows.n.max(1))) {
+                picks.clear();
+                totals = totals.add(semihard_row(rows.row(r, d), &mut s, margin, &mut picks));
+                triplets.extend(picks.iter().map(|&(p, q)| (r as i64, p, q)));
+            }
+            (totals, triplets)
+        },
+    )?;
     let mut totals = Totals::default();
     let (mut anchor, mut positive, mut negative) = (vec![], vec![], vec![]);
     for (t, triplets) in blocks {
@@ -999,7 +1009,7 @@ fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error
         }
     }
     Ok(Weighted {
-        value: Tensor::from(totals.value).f_to_kind(held.d.kind())?,
+        value: Tensor::from(totals.value).f_to_kind(d.kind())?,
         count: Tensor::from(totals.count),
         valid: Tensor::from(totals.valid),
         selection: Selection::Triplets {
@@ -1011,25 +1021,18 @@ fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error
 }
 
 fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
-    let held = Held::new(chunk)?;
-    let groups = groups(chunk)?;
-    let rows = held.view::<T>(groups)?.squares();
-    let mut d = held.d.shallow_clone();
-    let n = rows.n;
-    let blocks = in_blocks(held.rows(), n, view_mut::<T>(&mut d)?, n, |range, d| {
-        simd::run(
-            #[inline(always)]
-            || {
-                // A plain loop: an iterator adapter's closure would be
-                // compiled apart, without the vector instructions.
-                let mut picks = Vec::with_capacity(range.len());
-                for (r, d) in range.zip(d.chunks_exact_mut(n.max(1))) {
-                    picks.push(hardest_row(rows.row(r, d)));
-                }
-                picks
-            },
-        )
-    });
+    let (_, blocks) = mine_rows::<T, _>(
+        chunk,
+        true,
+        #[inline(always)]
+        |rows, range, d| {
+            let mut picks = Vec::with_capacity(range.len());
+            for (r, d) in range.zip(d.chunks_exact_mut(rows.n.max(1))) {
+                picks.push(hardest_row(rows.row(r, d)));
+            }
+            picks
+        },
+    )?;
     let picks: Vec<Option<(i64, i64)>> = blocks.into_iter().flatten().collect();
     let positive: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.0)).collect();
     let negative: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.1)).collect();
