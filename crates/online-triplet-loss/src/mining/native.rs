@@ -10,7 +10,7 @@
 //! compiler vectorises: the positives' own columns are set to NaN first, which
 //! no comparison selects, so those passes need no labels. Rows with more
 //! positives put every negative into one bucket between two consecutive
-//! positives ([`Keys::count_below`]): O(B log K) per row.
+//! positives by binary search: O(B log K) per row.
 //!
 //! Rows are split into one block per libtorch intra-op thread
 //! ([`in_blocks`]), and each block runs with the widest vector instructions
@@ -703,14 +703,13 @@ fn batch_all_many<T: Real>(
     s.counts.resize(buckets, 0);
     s.sums.clear();
     s.sums.resize(buckets, 0.0);
-    let keys = Keys::new(&s.keys);
     for (j, v) in row.d.iter_mut().enumerate() {
         if row.labels[j] == row.label {
             continue;
         }
         let dj = v.get();
         // Positives with t_p ≤ d_an come first; the rest are active for n.
-        let bucket = keys.count_below(dj, |t, d| t <= d);
+        let bucket = s.keys.partition_point(|&t| t <= dj);
         s.counts[bucket] += 1;
         s.sums[bucket] += dj;
         *v = T::put(distance.pair_weight(-((p - bucket) as f64), dj));
@@ -745,23 +744,6 @@ fn add_columns<T: Real>(w: &[T], col_sum: &mut [T]) -> f64 {
         total += lanes.iter().map(|v| v.get()).sum::<f64>();
     }
     total
-}
-
-/// A row's sorted keys, for counting the keys below a value.
-struct Keys<'a> {
-    all: &'a [f64],
-}
-
-impl<'a> Keys<'a> {
-    fn new(all: &'a [f64]) -> Self {
-        Keys { all }
-    }
-
-    /// The number of keys k with `below(k, x)`, for a comparison (`<` or
-    /// `≤`) that holds on a prefix of the keys and never on NaN.
-    fn count_below(&self, x: f64, below: impl Fn(f64, f64) -> bool) -> usize {
-        self.all.partition_point(|&k| below(k, x))
-    }
 }
 
 /// Semi-hard: appends (positive, negative) for every positive pair of the
@@ -847,14 +829,13 @@ fn semihard_many<T: Real>(row: &Row<T>, s: &mut Scratch<T>) -> Option<(T, usize)
     s.nearest.clear();
     s.nearest.resize(p + 1, NONE);
     let mut largest = None::<(T, usize)>;
-    let keys = Keys::new(&s.keys);
     for (j, &v) in row.d.iter().enumerate() {
         if row.labels[j] == row.label {
             continue;
         }
         let dj = v.get();
         // bucket = #{d_ap < d_an}: n is semi-hard for the positives below it.
-        let bucket = keys.count_below(dj, |sp, d| sp < d);
+        let bucket = s.keys.partition_point(|&sp| sp < dj);
         if s.nearest[bucket].1 == usize::MAX || dj < s.nearest[bucket].0 {
             s.nearest[bucket] = (dj, j);
         }
