@@ -309,93 +309,62 @@ fn native_kernels_on_gram_products_match_them_on_distances() {
                     }),
                 };
                 let what = format!("seed {seed} {kind:?} {distance:?}");
-                for margin in [0.0, 0.3] {
-                    let (a, b) = (
-                        native::semihard(&chunk(true), margin).expect("gram"),
-                        native::semihard(&chunk(false), margin).expect("distances"),
-                    );
-                    assert_eq!(
-                        scalar(&a.value),
-                        scalar(&b.value),
-                        "{what}: semi-hard value"
-                    );
-                    assert!(
-                        dense_weights(&a.selection, rows, cols).equal(&dense_weights(
-                            &b.selection,
-                            rows,
-                            cols
-                        )),
-                        "{what}: semi-hard triplets"
-                    );
-                    let (a, b) = (
-                        native::batch_all(&chunk(true), margin).expect("gram"),
-                        native::batch_all(&chunk(false), margin).expect("distances"),
-                    );
-                    assert_eq!(
-                        scalar(&a.value),
-                        scalar(&b.value),
-                        "{what}: batch-all value"
-                    );
-                    assert!(a.count.equal(&b.count), "{what}: batch-all count");
-                    match (&a.selection, &b.selection) {
-                        (
-                            Selection::PairWeights {
-                                weights: wa,
-                                row_sum: ra,
-                                col_sum: ca,
-                            },
-                            Selection::PairWeights {
-                                weights: wb,
-                                row_sum: rb,
-                                col_sum: cb,
-                            },
-                        ) => {
-                            assert!(wa.equal(wb), "{what}: batch-all weights");
-                            assert!(ra.equal(rb) && ca.equal(cb), "{what}: batch-all sums");
-                        }
-                        _ => panic!("{what}: batch-all gives pair weights"),
-                    }
-                }
                 let (a, b) = (
-                    native::hardest(&chunk(true)).expect("gram"),
-                    native::hardest(&chunk(false)).expect("distances"),
+                    kernel_outputs(&|| chunk(true)),
+                    kernel_outputs(&|| chunk(false)),
                 );
-                assert!(a.valid.equal(&b.valid), "{what}: hardest valid");
-                assert!(a.positive.equal(&b.positive), "{what}: hardest positive");
-                assert!(a.negative.equal(&b.negative), "{what}: hardest negative");
+                for ((name, a), (_, b)) in a.iter().zip(&b) {
+                    assert!(a.equal(b), "{what}: {name}");
+                }
             }
         }
     }
 }
 
-/// Everything the three native kernels return for fresh copies of a chunk.
-fn kernel_outputs<'a>(c: &dyn Fn() -> Chunk<'a>) -> Vec<Tensor> {
-    let mut out = vec![];
+/// Everything the three native kernels return for fresh copies of a chunk,
+/// named, at margins 0 and 0.3.
+fn kernel_outputs<'a>(c: &dyn Fn() -> Chunk<'a>) -> Vec<(String, Tensor)> {
+    let mut out: Vec<(String, Tensor)> = vec![];
+    let mut put =
+        |name: &str, margin: f64, t: Tensor| out.push((format!("{name} (m {margin})"), t));
     for margin in [0.0, 0.3] {
         let w = native::batch_all(&c(), margin).expect("batch-all");
-        out.push(w.value);
-        out.push(w.count);
-        if let Selection::PairWeights {
-            weights,
-            row_sum,
-            col_sum,
-        } = w.selection
-        {
-            out.extend([weights, row_sum, col_sum]);
+        put("batch-all value", margin, w.value);
+        put("batch-all count", margin, w.count);
+        put("batch-all valid", margin, w.valid);
+        match w.selection {
+            Selection::PairWeights {
+                weights,
+                row_sum,
+                col_sum,
+            } => {
+                put("batch-all weights", margin, weights);
+                put("batch-all row sums", margin, row_sum);
+                put("batch-all column sums", margin, col_sum);
+            }
+            _ => panic!("batch-all gives pair weights"),
         }
         let s = native::semihard(&c(), margin).expect("semi-hard");
-        out.push(s.value);
-        if let Selection::Triplets {
-            anchor,
-            positive,
-            negative,
-        } = s.selection
-        {
-            out.extend([anchor, positive, negative].map(|v| Tensor::from_slice(&v)));
+        put("semi-hard value", margin, s.value);
+        put("semi-hard count", margin, s.count);
+        put("semi-hard valid", margin, s.valid);
+        match s.selection {
+            Selection::Triplets {
+                anchor,
+                positive,
+                negative,
+            } => {
+                put("semi-hard anchors", margin, Tensor::from_slice(&anchor));
+                put("semi-hard positives", margin, Tensor::from_slice(&positive));
+                put("semi-hard negatives", margin, Tensor::from_slice(&negative));
+            }
+            _ => panic!("native semi-hard gives triplets"),
         }
     }
     let h = native::hardest(&c()).expect("hardest");
-    out.extend([h.positive, h.negative, h.valid]);
+    put("hardest positives", 0.0, h.positive);
+    put("hardest negatives", 0.0, h.negative);
+    put("hardest valid", 0.0, h.valid);
     out
 }
 
@@ -441,10 +410,10 @@ fn every_vector_width_gives_the_same_bits() {
                 }
                 CEILING.store(2, Ordering::Relaxed);
                 for (level, got) in results.iter().enumerate().skip(1) {
-                    for (i, (a, b)) in got.iter().zip(&results[0]).enumerate() {
+                    for ((name, a), (_, b)) in got.iter().zip(&results[0]) {
                         assert!(
                             a.equal(b),
-                            "seed {seed} {kind:?} {distance:?}: output {i} differs at ceiling {}",
+                            "seed {seed} {kind:?} {distance:?}: {name} differs at ceiling {}",
                             2 - level
                         );
                     }
