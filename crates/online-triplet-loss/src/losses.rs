@@ -456,9 +456,9 @@ impl TripletConfig {
         let kind = s.x.f_kind()?;
         let device = s.x.device();
         let (n, m) = (s.x.size()[0], s.y.size()[0]);
-        // Semi-hard's selected triplets (anchor, positive, negative), on the CPU.
-        let mut triplets: (Vec<i64>, Vec<i64>, Vec<i64>) = (vec![], vec![], vec![]);
         let (value, count, valid, active, gx, gy) = grad::no_grad(|| -> Result<_, Error> {
+            // Semi-hard's selected triplets (anchor, positive, negative), on the CPU.
+            let mut triplets: (Vec<i64>, Vec<i64>, Vec<i64>) = (vec![], vec![], vec![]);
             let mut value = Tensor::f_zeros([], (kind, device))?;
             let mut count = Tensor::f_zeros([], (Kind::Int64, device))?;
             let mut valid = Tensor::f_zeros([], (Kind::Int64, device))?;
