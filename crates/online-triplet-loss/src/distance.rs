@@ -273,8 +273,8 @@ impl Side {
         Ok(match self.distance {
             Distance::Euclidean => {
                 let positive = d.f_gt(0.0)?;
-                w.f_div(&d.f_where_self(&positive, &d.f_ones_like()?)?)?
-                    .f_where_self(&positive, &d.f_zeros_like()?)?
+                w.f_div(&d.f_where_scalarother(&positive, 1.0)?)?
+                    .f_where_scalarother(&positive, 0.0)?
             }
             Distance::Squared => w.f_mul_scalar(2.0)?,
             Distance::Cosine => w.shallow_clone(),

@@ -121,23 +121,24 @@ pub(crate) fn keys(labels: &Tensor, domain: Domain, nan_keys: i64) -> Result<Ten
 /// Masks of one chunk of anchors against the reference set: `same[i][j]`
 /// when anchor i and reference j share a label and are not the same sample,
 /// `different[i][j]` when the labels differ.
+///
+/// # Errors
+/// `Error::Torch` when libtorch fails (out of memory, say).
 pub(crate) fn masks(
     row_labels: &Tensor,
     col_labels: &Tensor,
     self_col: Option<i64>,
-) -> (Tensor, Tensor) {
-    let equal = row_labels.unsqueeze(1).eq_tensor(&col_labels.unsqueeze(0));
-    let different = equal.logical_not();
-    let same = match self_col {
-        Some(first) => {
-            let rows = row_labels.size()[0];
-            let cols = col_labels.size()[0];
-            let opts = (Kind::Int64, row_labels.device());
-            let row_self = Tensor::arange(rows, opts).unsqueeze(1) + first;
-            let col = Tensor::arange(cols, opts).unsqueeze(0);
-            equal.logical_and(&col.ne_tensor(&row_self))
-        }
-        None => equal,
-    };
-    (same, different)
+) -> Result<(Tensor, Tensor), Error> {
+    let mut same = row_labels
+        .f_unsqueeze(1)?
+        .f_eq_tensor(&col_labels.f_unsqueeze(0)?)?;
+    let different = same.f_logical_not()?;
+    if let Some(first) = self_col {
+        let opts = (Kind::Int64, row_labels.device());
+        let row_self = Tensor::f_arange_start(first, first + row_labels.size()[0], opts)?;
+        let col = Tensor::f_arange(col_labels.size()[0], opts)?;
+        let _ =
+            same.f_logical_and_(&col.f_unsqueeze(0)?.f_ne_tensor(&row_self.f_unsqueeze(1)?)?)?;
+    }
+    Ok((same, different))
 }

@@ -7,55 +7,68 @@ use super::{Chunk, Hardest, Selection, Weighted};
 use crate::labels::masks;
 use crate::Error;
 
-/// For anchor a and positive p, with t = d_ap + m, the negatives with
-/// d_an < t are those below t in the sorted row, so Σₙ relu(t − d_an) is
-/// k·t − S_k with k from a binary search and S the prefix sums.
+/// With t_p = d_ap + m over the anchor's positives sorted, a negative n is
+/// active against the positives with t_p > d_an, the last P − k_n of them,
+/// k_n from a binary search, and its hinge terms sum to
+/// (T_P − T_{k_n}) − (P − k_n)·d_an, T the prefix sums of the sorted t. The
+/// positive in sorted place j is active against the negatives with k_n ≤ j
+/// (tied t are all counted in k_n or none is): a count of the k_n
+/// (scatter-add) and its running sum. Only the positives are sorted.
 pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let d = &chunk.d;
     let kind = d.kind();
-    let (same, different) = masks(chunk.row_labels, &chunk.columns.labels, chunk.self_col);
-    let zeros = d.f_zeros_like()?;
+    let (rows, n) = (d.size()[0], d.size()[1]);
+    let (same, different) = masks(chunk.row_labels, &chunk.columns.labels, chunk.self_col)?;
+    let index_opts = (Kind::Int64, d.device());
+    let positives = same.f_sum_dim_intlist(1, true, Kind::Int64)?;
 
-    let (sorted_neg, _) = d
-        .f_where_self(&different, &d.f_full_like(f64::INFINITY)?)?
+    let (sorted_t, order) = d
+        .f_where_scalarother(&same, f64::INFINITY)?
+        .f_add_scalar_(margin)?
         .f_sort(1, false)?;
-    let finite = sorted_neg.f_isfinite()?;
-    let prefix = Tensor::f_cat(
-        &[
-            zeros.f_narrow(1, 0, 1)?,
-            sorted_neg
-                .f_where_self(&finite, &zeros)?
-                .f_cumsum(1, None::<Kind>)?,
-        ],
-        1,
-    )?;
-    let t = d.f_add_scalar(margin)?;
-    let below = t.f_searchsorted(&sorted_neg, false, false, "left", None::<Tensor>)?;
-    let hinge = below
-        .f_to_kind(kind)?
-        .f_mul(&t)?
-        .f_sub(&prefix.f_gather(1, &below, false)?)?;
-    let zero_i = below.f_zeros_like()?;
-    let below = below.f_where_self(&same, &zero_i)?;
-    let value = hinge.f_where_self(&same, &zeros)?.f_sum(kind)?;
-
-    // For a negative n, the active positives are those with t_p > d_an.
-    let (sorted_t, _) = t
-        .f_where_self(&same, &d.f_full_like(f64::NEG_INFINITY)?)?
-        .f_sort(1, false)?;
-    let not_above = d.f_searchsorted(&sorted_t, false, true, "right", None::<Tensor>)?;
-    let above = not_above
-        .f_neg()?
-        .f_add_scalar(d.size()[1])?
-        .f_where_self(&different, &zero_i)?;
-
-    let negatives = different.f_sum_dim_intlist(1, false, Kind::Int64)?;
-    let positives = same.f_sum_dim_intlist(1, false, Kind::Int64)?;
+    // #{t_p ≤ d_an} for every column, and P − k_n for the negatives.
+    let k = d.f_searchsorted(&sorted_t, false, true, "right", None::<Tensor>)?;
+    let active = positives
+        .f_sub(&k)?
+        .f_clamp_min_(0)?
+        .f_where_scalarother(&different, 0)?;
+    // Sorted places that hold a positive.
+    let in_place = Tensor::f_arange(n, index_opts)?
+        .f_unsqueeze(0)?
+        .f_lt_tensor(&positives)?;
+    let (value, mut negative_weight) = {
+        let prefix = Tensor::f_cat(
+            &[
+                Tensor::f_zeros([rows, 1], (kind, d.device()))?,
+                sorted_t
+                    .f_where_scalarother(&in_place, 0.0)?
+                    .f_cumsum_(1, kind)?,
+            ],
+            1,
+        )?;
+        let mut count = active.f_to_kind(kind)?;
+        let terms = prefix
+            .f_gather(1, &k, false)?
+            .f_neg_()?
+            .f_add_(&prefix.f_gather(1, &positives, false)?)?
+            .f_sub_(&count.f_mul(d)?)?
+            .f_where_scalarother(&active.f_gt(0)?, 0.0)?;
+        (terms.f_sum(kind)?, count.f_neg_()?)
+    };
+    drop(sorted_t);
+    // The positive in sorted place j gets the number of negatives with k_n ≤ j.
+    let below = Tensor::f_zeros([rows, n + 1], (kind, d.device()))?
+        .f_scatter_add_(1, &k, &different.f_to_kind(kind)?)?
+        .f_cumsum_(1, kind)?
+        .f_narrow(1, 0, n)?
+        .f_where_scalarother(&in_place, 0.0)?;
+    let weights = negative_weight.f_scatter_add_(1, &order, &below)?;
+    let negatives = different.f_sum_dim_intlist(1, true, Kind::Int64)?;
     Ok(Weighted {
         value,
-        count: below.f_sum(Kind::Int64)?,
+        count: active.f_sum(Kind::Int64)?,
         valid: positives.f_mul(&negatives)?.f_sum(Kind::Int64)?,
-        selection: Selection::Weights(below.f_sub(&above)?.f_to_kind(kind)?),
+        selection: Selection::Weights(weights),
     })
 }
 
@@ -63,77 +76,78 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
 /// d_an > d_ap (lowest index on ties), or the largest negative when none is
 /// above.
 ///
-/// With the anchor's positive distances sorted, a negative's gap is the
-/// number of positives strictly below it. Gaps hold disjoint, increasing
-/// ranges of distances, so the negatives above d_ap are those in the gaps
-/// from g_p, the number of positives ≤ d_ap, on, and n* is the nearest
-/// negative of all of them: a per-gap minimum (scatter-reduce) and a running
-/// minimum over the gaps replace a sort of the negatives. Gap numbers are
-/// stored reversed (n − gap), so that running minimum is a prefix `cummin`.
+/// A negative's gap is the number of the anchor's positives strictly below
+/// it, from a binary search in the sorted positive distances. Gaps hold
+/// disjoint, increasing ranges of distances, and the negatives above d_ap
+/// are those in the gaps beyond g_p, the number of positives strictly below
+/// d_ap: p itself, and any positive tied with it, lies below all of them.
+/// So n* is the nearest negative of those gaps, a per-gap minimum
+/// (scatter-reduce) and a running minimum over the gaps instead of a sort of
+/// the negatives. Gaps are numbered from the top, n − gap, so that the
+/// running minimum is a prefix `cummin`.
 pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let d = &chunk.d;
     let kind = d.kind();
     let (rows, n) = (d.size()[0], d.size()[1]);
-    let (same, different) = masks(chunk.row_labels, &chunk.columns.labels, chunk.self_col);
+    let (mut same, different) = masks(chunk.row_labels, &chunk.columns.labels, chunk.self_col)?;
     let index_opts = (Kind::Int64, d.device());
-    let inf = d.f_full_like(f64::INFINITY)?;
 
-    let (sorted_pos, _) = d.f_where_self(&same, &inf)?.f_sort(1, false)?;
-    // One search gives both counts: #{d_ap ≤ x} for positives, and for
-    // negatives #{d_ap < x}, as #{d_ap ≤ the float below x}.
-    let below = d.f_nextafter(&inf.f_neg()?)?;
-    let gap = below.f_where_self(&different, d)?.f_searchsorted(
-        &sorted_pos,
-        false,
-        true,
-        "right",
-        None::<Tensor>,
-    )?;
-    // Reversed gap numbers n − gap in 0..=n; other columns go to slot n + 1,
-    // which nothing reads.
-    let unused = Tensor::f_full([rows, n], n + 1, index_opts)?;
-    let slot = gap
-        .f_neg()?
-        .f_add_scalar(n)?
-        .f_where_self(&different, &unused)?;
-    let nearest = d
-        .f_new_full([rows, n + 2], f64::INFINITY, (kind, d.device()))?
-        .f_internal_scatter_reduce(1, &slot, d, "amin", true)?;
-    let columns = Tensor::f_arange(n, index_opts)?.f_expand([rows, n], false)?;
-    let at_nearest = d.f_eq_tensor(&nearest.f_gather(1, &slot, false)?)?;
-    let first = Tensor::f_full([rows, n + 2], n, index_opts)?.f_internal_scatter_reduce(
-        1,
-        &slot,
-        &columns.f_where_self(&at_nearest, &unused)?,
-        "amin",
-        true,
-    )?;
-    // Finite minima of different gaps differ, so the slot a finite running
+    // n − gap for every column, in 0..=n.
+    let mut from_top = {
+        let (sorted_pos, _) = d
+            .f_where_scalarother(&same, f64::INFINITY)?
+            .f_sort(1, false)?;
+        d.f_searchsorted(&sorted_pos, false, false, "left", None::<Tensor>)?
+            .f_neg_()?
+            .f_add_scalar_(n)?
+    };
+    // Columns that are not negatives scatter +inf, which changes no minimum.
+    let negative_d = d.f_where_scalarother(&different, f64::INFINITY)?;
+    let nearest = Tensor::f_full([rows, n + 1], f64::INFINITY, (kind, d.device()))?
+        .f_internal_scatter_reduce_(1, &from_top, &negative_d, "amin", true)?;
+    // The lowest column holding each gap's minimum. A finite minimum is never
+    // matched by the +inf of a column that is not a negative.
+    let first = {
+        let at_nearest = negative_d.f_eq_tensor(&nearest.f_gather(1, &from_top, false)?)?;
+        let columns = Tensor::f_arange(n, index_opts)?
+            .f_expand([rows, n], false)?
+            .f_where_scalarother(&at_nearest, n)?;
+        Tensor::f_full([rows, n + 1], n, index_opts)?
+            .f_internal_scatter_reduce_(1, &from_top, &columns, "amin", true)?
+    };
+    drop(negative_d);
+    // Finite minima of different gaps differ, so the gap a finite running
     // minimum comes from is unique; an infinite one means that no finite
     // negative is above, where the largest negative is the answer.
-    let (running, from) = nearest.f_narrow(1, 0, n + 1)?.f_cummin(1)?;
-    let own = gap.f_neg()?.f_add_scalar(n)?.f_clamp_min(0)?;
-    let d_above = running.f_gather(1, &own, false)?;
-    let above = first.f_gather(1, &from.f_gather(1, &own, false)?, false)?;
-    let found = d_above.f_isfinite()?.f_logical_and(&above.f_lt(n)?)?;
+    let (d_above, above) = {
+        let (running, gap) = nearest.f_cummin(1)?;
+        drop(nearest);
+        // The gaps beyond a positive's own: n − (gap + 1) from the top.
+        let beyond = from_top.f_sub_scalar_(1)?.f_clamp_min_(0)?;
+        let gap = gap.f_gather(1, &beyond, false)?;
+        (
+            running.f_gather(1, &beyond, false)?,
+            first.f_gather(1, &gap, false)?,
+        )
+    };
     let largest = d
-        .f_where_self(&different, &inf.f_neg()?)?
+        .f_where_scalarother(&different, f64::NEG_INFINITY)?
         .f_argmax(1, true)?;
     // Where a column is not a positive pair the index is unused but must be in range.
     let negative = above
-        .f_where_self(&found, &largest.f_expand([rows, n], false)?)?
-        .f_clamp_max(n - 1)?;
-    let d_neg = d.f_gather(1, &negative, false)?;
+        .f_where_self(&d_above.f_isfinite()?, &largest)?
+        .f_clamp_max_(n - 1)?;
+    drop(d_above);
 
-    let has_negative = different.f_any_dim(1, true)?;
-    let pairs = same.f_logical_and(&has_negative)?;
+    let pairs = same.f_logical_and_(&different.f_any_dim(1, true)?)?;
     let hinge = d
-        .f_sub(&d_neg)?
-        .f_add_scalar(margin)?
-        .f_relu()?
-        .f_where_self(&pairs, &d.f_zeros_like()?)?;
-    let active = hinge.f_gt(0.0)?.f_to_kind(kind)?;
-    let weights = active.f_scatter_add(1, &negative, &active.f_neg()?)?;
+        .f_sub(&d.f_gather(1, &negative, false)?)?
+        .f_add_scalar_(margin)?
+        .f_relu_()?
+        .f_where_scalarother(&pairs, 0.0)?;
+    let mut weights = hinge.f_gt(0.0)?.f_to_kind(kind)?;
+    let minus = weights.f_neg()?;
+    let _ = weights.f_scatter_add_(1, &negative, &minus)?;
     let count = pairs.f_sum(Kind::Int64)?;
     Ok(Weighted {
         value: hinge.f_sum(kind)?,
@@ -145,12 +159,12 @@ pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
 
 pub(crate) fn hardest(chunk: &Chunk) -> Result<Hardest, Error> {
     let d = &chunk.d;
-    let (same, different) = masks(chunk.row_labels, &chunk.columns.labels, chunk.self_col);
+    let (same, different) = masks(chunk.row_labels, &chunk.columns.labels, chunk.self_col)?;
     let positive = d
-        .f_where_self(&same, &d.f_full_like(f64::NEG_INFINITY)?)?
+        .f_where_scalarother(&same, f64::NEG_INFINITY)?
         .f_argmax(1, false)?;
     let negative = d
-        .f_where_self(&different, &d.f_full_like(f64::INFINITY)?)?
+        .f_where_scalarother(&different, f64::INFINITY)?
         .f_argmin(1, false)?;
     let valid = same
         .f_any_dim(1, false)?

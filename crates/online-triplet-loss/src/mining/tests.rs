@@ -195,25 +195,29 @@ fn batch_all_and_hardest_kernels_agree_on_ties() {
         ] {
             let c = case(seed, rows, cols, classes, levels, Kind::Double);
             let what = format!("seed {seed} {rows}x{cols}");
-            let n = native::batch_all(&c.chunk(), 0.5).expect("native");
-            let p = portable::batch_all(&c.chunk(), 0.5).expect("portable");
-            let (nv, pv) = (scalar(&n.value), scalar(&p.value));
-            // Infinite distances make both values NaN or infinite alike.
-            assert!(
-                nv == pv
-                    || (nv - pv).abs() <= 1e-9 * (1.0 + pv.abs())
-                    || (nv.is_nan() && pv.is_nan()),
-                "{what}: batch-all value {nv} vs {pv}"
-            );
-            assert!(n.count.equal(&p.count), "{what}: batch-all count");
-            assert!(n.valid.equal(&p.valid), "{what}: batch-all valid");
-            // Squared distance: the pair weights are twice the weights.
-            if let (Selection::PairWeights { weights, .. }, Selection::Weights(w)) =
-                (&n.selection, &p.selection)
-            {
-                assert!(weights.equal(&(w * 2.0)), "{what}: batch-all weights");
-            } else {
-                panic!("{what}: unexpected batch-all selections");
+            // Whole margins tie d_ap + m with distances, whose hinge is 0.
+            for margin in [0.0, 0.5, 2.0] {
+                let what = format!("{what} m {margin}");
+                let n = native::batch_all(&c.chunk(), margin).expect("native");
+                let p = portable::batch_all(&c.chunk(), margin).expect("portable");
+                let (nv, pv) = (scalar(&n.value), scalar(&p.value));
+                // Infinite distances make both values NaN or infinite alike.
+                assert!(
+                    nv == pv
+                        || (nv - pv).abs() <= 1e-9 * (1.0 + pv.abs())
+                        || (nv.is_nan() && pv.is_nan()),
+                    "{what}: batch-all value {nv} vs {pv}"
+                );
+                assert!(n.count.equal(&p.count), "{what}: batch-all count");
+                assert!(n.valid.equal(&p.valid), "{what}: batch-all valid");
+                // Squared distance: the pair weights are twice the weights.
+                if let (Selection::PairWeights { weights, .. }, Selection::Weights(w)) =
+                    (&n.selection, &p.selection)
+                {
+                    assert!(weights.equal(&(w * 2.0)), "{what}: batch-all weights");
+                } else {
+                    panic!("{what}: unexpected batch-all selections");
+                }
             }
 
             let n = native::hardest(&c.chunk()).expect("native");
