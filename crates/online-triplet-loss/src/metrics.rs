@@ -262,8 +262,11 @@ impl RetrievalConfig {
         grad::no_grad(|| {
             let (side, _) = Side::pair(ranking, &x, &x)?;
             let opts = (Kind::Int64, device);
-            let mut hits: Vec<Tensor> = ks.iter().map(|_| Tensor::zeros([], opts)).collect();
-            let mut average_precision = Tensor::zeros([], (Kind::Double, device));
+            let mut hits = ks
+                .iter()
+                .map(|_| Tensor::f_zeros([], opts))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut average_precision = Tensor::f_zeros([], (Kind::Double, device))?;
             let mut start = first;
             while start < n {
                 let len = step.min(n - start);
