@@ -60,8 +60,10 @@ GEMM_VARIANTS = ("full", "blocks")
 VARIANTS = {"floor": FLOOR_VARIANTS, "gemm": GEMM_VARIANTS}
 BASELINES = tuple(VARIANTS)  # no mining: one cell per B, shared by the minings
 NO_MINING = "-"
-# the gemm's row blocks hold about this many elements, as the losses' chunks do
+# the gemm's row blocks hold about this many elements and at least this many
+# rows, as the losses' chunks do (CHUNK_ELEMENTS, MIN_CHUNK_ROWS in losses.rs)
 GEMM_BLOCK_ELEMENTS = 1 << 22
+GEMM_MIN_ROWS = 512
 # the whole B x B product is only formed up to this many bytes
 GEMM_FULL_MAX_BYTES = 2 * 10 ** 9
 # thread settings recorded with every cell
@@ -166,7 +168,7 @@ def _build_step(spec: dict, torch):
                     x @ x.t()
             return full
         B = spec["B"]
-        rows = max(1, GEMM_BLOCK_ELEMENTS // B)
+        rows = gemm_rows(B)
         buf = torch.empty(min(rows, B), B, device=spec["device"])
 
         def blocks(y, x):
@@ -280,12 +282,17 @@ def valid_triplets(B: int, K: int) -> int:
     return B * (K - 1) * (B - K)
 
 
+def gemm_rows(B: int) -> int:
+    """Rows per block of the gemm yardstick: the losses' chunk policy."""
+    return min(B, max(GEMM_BLOCK_ELEMENTS // B, GEMM_MIN_ROWS))
+
+
 def estimate_memory(impl: str, mining: str, B: int, K: int, D: int = 128) -> int:
     """Rough peak bytes on top of the baseline; only used to skip hopeless cells."""
     if impl == "ours":  # chunks of 2^22 distances, the gradients, O(B·D) besides
         return 2 ** 28 + 64 * B * D
     if impl == "gemm":
-        return 4 * GEMM_BLOCK_ELEMENTS + 8 * B * D
+        return 4 * gemm_rows(B) * B + 8 * B * D
     if impl == "v006" and mining == "all":
         return 20 * B ** 3  # about five float32 B^3 tensors
     if impl == "pml" and mining in ("all", "semihard"):
@@ -613,7 +620,7 @@ def write_outputs(cells: List[dict], meta: dict, out: Path) -> None:
     variants = sorted({(B, c.get("variant")) for B, c in gemm_at.items() if c.get("variant")})
     if variants:
         lines.append(f"- gemm = the faster of the whole product and row blocks of {GEMM_BLOCK_ELEMENTS} "
-                     "elements into one buffer: " + ", ".join(f"B={B}: {v}" for B, v in variants))
+                     f"elements, at least {GEMM_MIN_ROWS} rows, into one buffer: " + ", ".join(f"B={B}: {v}" for B, v in variants))
     loaded = [c for c in cells if c.get("loaded")]
     if loaded:
         lines.append(f"- **{len(loaded)} of {len(cells)} cells ran under a 1-minute load above "
