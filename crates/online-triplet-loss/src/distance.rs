@@ -181,23 +181,40 @@ pub(crate) struct Side {
 impl Side {
     /// The anchors' side and the references' side, detached, in one frame:
     /// Euclidean distances are invariant under translation, so both are
-    /// centred on the mean reference.
-    pub(crate) fn pair(distance: Distance, x: &Tensor, y: &Tensor) -> Result<(Side, Side), Error> {
-        let (x, y) = (x.detach(), y.detach());
-        match distance {
+    /// centred on the mean reference. `y` is `None` when the references are
+    /// the anchors, whose side is then computed once.
+    pub(crate) fn pair(
+        distance: Distance,
+        x: &Tensor,
+        y: Option<&Tensor>,
+    ) -> Result<(Side, Side), Error> {
+        let x = x.detach();
+        let y = y.map(Tensor::detach);
+        let center = match distance {
+            Distance::Cosine => None,
             Distance::Euclidean | Distance::Squared => {
-                let center = if y.size()[0] > 0 {
+                let y = y.as_ref().unwrap_or(&x);
+                Some(if y.size()[0] > 0 {
                     y.f_mean_dim([0i64].as_slice(), true, None::<Kind>)?
                 } else {
                     Tensor::f_zeros([1, y.size()[1]], (y.kind(), y.device()))?
-                };
-                Ok((
-                    Side::centred(distance, &x, &center)?,
-                    Side::centred(distance, &y, &center)?,
-                ))
+                })
             }
-            Distance::Cosine => Ok((Side::normalised(&x)?, Side::normalised(&y)?)),
-        }
+        };
+        let side = |t: &Tensor| match &center {
+            Some(center) => Side::centred(distance, t, center),
+            None => Side::normalised(t),
+        };
+        let sx = side(&x)?;
+        let sy = match &y {
+            Some(y) => side(y)?,
+            None => Side {
+                distance,
+                points: sx.points.shallow_clone(),
+                norms: sx.norms.shallow_clone(),
+            },
+        };
+        Ok((sx, sy))
     }
 
     fn centred(distance: Distance, x: &Tensor, center: &Tensor) -> Result<Side, Error> {

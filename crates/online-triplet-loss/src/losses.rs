@@ -334,11 +334,14 @@ impl TripletConfig {
         let (x_labels, y_labels) = y_labels;
         let (ties, (sx, sy), nonfinite) = grad::no_grad(|| -> Result<_, Error> {
             let ties = Ties::find(&x, &y, self_col, references.is_none(), self.kernel)?;
-            let sides = Side::pair(self.distance, &x, &y)?;
-            let nonfinite = x
-                .f_isfinite()?
-                .f_all()?
-                .f_logical_and(&y.f_isfinite()?.f_all()?)?
+            // The references, unless they are the anchors themselves.
+            let y_apart = references.map(|_| &y);
+            let sides = Side::pair(self.distance, &x, y_apart)?;
+            let mut finite = x.f_isfinite()?.f_all()?;
+            if let Some(y) = y_apart {
+                finite = finite.f_logical_and(&y.f_isfinite()?.f_all()?)?;
+            }
+            let nonfinite = finite
                 .f_logical_not()?
                 .f_logical_or(&sides.0.may_overflow(&sides.1)?)?;
             Ok((ties, sides, nonfinite))

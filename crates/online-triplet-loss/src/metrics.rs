@@ -260,7 +260,7 @@ impl RetrievalConfig {
             x
         };
         grad::no_grad(|| {
-            let (side, _) = Side::pair(ranking, &x, &x)?;
+            let (side, _) = Side::pair(ranking, &x, None)?;
             let opts = (Kind::Int64, device);
             let mut hits = ks
                 .iter()
