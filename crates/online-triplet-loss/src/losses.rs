@@ -371,11 +371,11 @@ impl TripletConfig {
         // make the loss and every gradient it sends NaN, even when no
         // triplet uses that sample.
         let poison = Tensor::f_where_scalar(&nonfinite, f64::NAN, 0.0)?.f_to_kind(kind)?;
-        let mut sum = terms
-            .sum
-            .f_add(&poison)?
-            .f_add(&surrogate(&x, &poison)?)?
-            .f_add(&surrogate(&y, &poison)?)?;
+        let mut sum = terms.sum.f_add(&poison)?.f_add(&surrogate(&x, &poison)?)?;
+        // When the references are the anchors, x's surrogate reaches them all.
+        if references.is_some() {
+            sum = sum.f_add(&surrogate(&y, &poison)?)?;
+        }
         if let Some(m) = &margin {
             sum = sum.f_add(&surrogate(m, &poison)?)?;
         }
@@ -565,7 +565,9 @@ impl TripletConfig {
         })?;
         // The loss is linear in the selected distances, so its gradient with
         // respect to the embeddings is (gx, gy); the surrogates carry it
-        // through autograd without changing the value.
+        // through autograd without changing the value. They stay two when
+        // the references are the anchors: c·gx + c·gy, not c·(gx + gy), is
+        // what autograd gives the same loss with references passed apart.
         let sum = value
             .f_add(&surrogate(s.x, &gx)?)?
             .f_add(&surrogate(s.y, &gy)?)?;
