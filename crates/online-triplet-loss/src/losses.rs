@@ -352,6 +352,7 @@ impl TripletConfig {
             y: &y,
             y_labels: &y_labels,
             self_col,
+            y_is_x: references.is_none(),
             ties,
             sx,
             sy,
@@ -594,12 +595,25 @@ impl TripletConfig {
         }
         // Written in place: per-chunk tensors kept alive between the chunks'
         // distance matrices would fragment the heap.
-        let positive = Tensor::f_zeros([n], (Kind::Int64, device))?;
-        let negative = positive.f_zeros_like()?;
-        let valid = Tensor::f_zeros([n], (Kind::Bool, device))?;
+        let mut positive = Tensor::f_zeros([n], (Kind::Int64, device))?;
+        let mut negative = positive.f_zeros_like()?;
+        let mut valid = Tensor::f_zeros([n], (Kind::Bool, device))?;
         grad::no_grad(|| -> Result<(), Error> {
             let step = self.rows_per_chunk(m);
             let columns = Columns::new(s.y_labels)?;
+            if s.y_is_x && s.ties.is_none() && mining::fuses_distances(self.kernel, s.x) {
+                let h = mining::hardest_within(
+                    s.sx.points(),
+                    s.sx.norms(),
+                    &columns,
+                    self.distance,
+                    step,
+                )?;
+                positive.f_copy_(&h.positive)?;
+                negative.f_copy_(&h.negative)?;
+                valid.f_copy_(&h.valid)?;
+                return Ok(());
+            }
             let scratch = s.scratch(self.kernel, step.min(n), m)?;
             for start in (0..n).step_by(step as usize) {
                 let len = step.min(n - start);
@@ -664,6 +678,8 @@ struct Sides<'a> {
     y: &'a Tensor,
     y_labels: &'a Tensor,
     self_col: Option<i64>,
+    /// The references are the anchors themselves (`y` is `x`).
+    y_is_x: bool,
     ties: Option<Ties>,
     /// The anchors and the references, detached, in the frame of the distance.
     sx: Side,

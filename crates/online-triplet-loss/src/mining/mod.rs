@@ -181,6 +181,27 @@ pub(crate) fn hardest(kernel: Kernel, chunk: &Chunk) -> Result<Hardest, Error> {
     }
 }
 
+/// The hardest positive and negative of every sample of a batch mined
+/// against itself, by the native kernels from half of its Gram matrix, in
+/// chunks of `step` anchors: `points` and `norms` as in [`Gram`], `columns`
+/// the batch's labels. The same picks as [`hardest`] over the whole matrix.
+///
+/// # Errors
+/// `Error::Torch` when libtorch fails or the points are not float32 or
+/// float64 CPU tensors with CPU labels.
+pub(crate) fn hardest_within(
+    points: &Tensor,
+    norms: &Tensor,
+    columns: &Columns,
+    distance: Distance,
+    step: i64,
+) -> Result<Hardest, Error> {
+    let groups = columns.groups.as_ref().ok_or_else(|| {
+        Error::Torch("internal error: native mining of labels off the CPU".into())
+    })?;
+    native::hardest_within(points, norms, &columns.labels, groups, distance, step)
+}
+
 /// Adds the gradient of the selected triplets' Σ (d_ap − d_an) with respect
 /// to the anchors' points `x` and the references' points `y` to `gx` and
 /// `gy` ([`Selection::Triplets`], CPU only).

@@ -25,6 +25,9 @@ use super::parallel::in_blocks;
 use super::{Chunk, Hardest, Selection, Weighted};
 use crate::{Distance, Error};
 
+mod within;
+pub(crate) use within::hardest_within;
+
 /// Columns per block of a row in the vectorised passes: a block of
 /// distances and its per-column counts stay in the L1 cache.
 const BLOCK: usize = 512;
@@ -336,11 +339,11 @@ impl<T: Real> Row<'_, T> {
             self.d[j] = T::NAN;
         }
     }
+}
 
-    /// The first column with another label.
-    fn first_negative(&self) -> Option<usize> {
-        self.labels.iter().position(|&l| l != self.label)
-    }
+/// The first column whose label is not `label`.
+fn first_negative(labels: &[i64], label: i64) -> Option<usize> {
+    labels.iter().position(|&l| l != label)
 }
 
 /// The distances and labels of a chunk, viewed as slices; `d` is split
@@ -796,7 +799,7 @@ fn semihard_row<T: Real>(
     // Only NaN distances (a loss that is NaN anyway) leave no farthest.
     let largest = match largest {
         Some((d, j)) => (d.get(), j),
-        None => (f64::NAN, row.first_negative().unwrap_or(0)),
+        None => (f64::NAN, first_negative(row.labels, row.label).unwrap_or(0)),
     };
     let mut value = 0.0;
     for (i, q) in s.positives.iter().enumerate() {
@@ -862,17 +865,34 @@ fn semihard_many<T: Real>(row: &Row<T>, s: &mut Scratch<T>) -> Option<(T, usize)
 /// column on ties. Rows of squares ([`Rows::squares`]) are compared as they
 /// are, and only each block's extreme and its ties are turned into distances.
 #[inline(always)]
-fn hardest_row<T: Real>(mut row: Row<T>) -> Option<(i64, i64)> {
+fn hardest_row<T: Real>(row: Row<T>) -> Option<(i64, i64)> {
+    if row.negatives() == 0 {
+        return None;
+    }
+    let (labels, label) = (row.labels, row.label);
+    let (pos, neg) = extremes(row);
+    let pos = pos?.1;
+    // Only NaN or infinite distances leave none; any negative does then.
+    let neg = neg
+        .map(|(_, j)| j)
+        .or_else(|| first_negative(labels, label))?;
+    Some((pos as i64, neg as i64))
+}
+
+/// A row's farthest positive and nearest negative, as (distance, column).
+type Extremes<T> = (Option<(T, usize)>, Option<(T, usize)>);
+
+/// The farthest positive of the row (the first one, then any farther) and
+/// its nearest negative with a finite distance, the lowest column on ties.
+/// Hides the row's own label ([`Row::hide_same`]).
+#[inline(always)]
+fn extremes<T: Real>(mut row: Row<T>) -> Extremes<T> {
     let mut pos = None::<(T, usize)>;
     for &j in row.same.iter().filter(|&&j| j != row.skip) {
         let dj = row.distance(row.d[j]);
         if pos.is_none_or(|(best, _)| dj > best) {
             pos = Some((dj, j));
         }
-    }
-    let pos = pos?.1;
-    if row.negatives() == 0 {
-        return None;
     }
     row.hide_same();
     let mut neg = None::<(T, usize)>;
@@ -889,9 +909,7 @@ fn hardest_row<T: Real>(mut row: Row<T>) -> Option<(i64, i64)> {
         }
         at += block.len();
     }
-    // Only NaN or infinite distances leave none; any negative does then.
-    let neg = neg.map(|(_, j)| j).or_else(|| row.first_negative())?;
-    Some((pos as i64, neg as i64))
+    (pos, neg)
 }
 
 /// Runs `block` over the rows of the chunk, one block of rows per thread,

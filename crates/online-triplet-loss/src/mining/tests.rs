@@ -427,3 +427,72 @@ fn every_vector_width_gives_the_same_bits() {
         }
     }
 }
+
+/// Batch-hard of a batch against itself from half its Gram matrix picks what
+/// the row kernel picks from the whole matrix that those products make
+/// symmetric (each product serves both of its pairs), for every distance,
+/// both dtypes and chunks of 1 to all anchors, on points of a small grid,
+/// whose many equal distances and duplicates test the lowest column on
+/// ties, with classes of one sample (no positive) and a single class (no
+/// negative).
+#[test]
+fn hardest_within_picks_what_the_whole_matrix_gives() {
+    use super::{hardest_within, Gram};
+    use crate::distance::Side;
+
+    let mut cases = 0;
+    for (seed, (n, d, classes)) in [(40, 2, 5), (70, 2, 70), (33, 3, 1), (50, 3, 4), (97, 5, 9)]
+        .into_iter()
+        .enumerate()
+    {
+        for kind in [Kind::Float, Kind::Double] {
+            for distance in [Distance::Euclidean, Distance::Squared, Distance::Cosine] {
+                tch::manual_seed(seed as i64);
+                let x = Tensor::randint(4, [n, d], (kind, Device::Cpu)) - 1.5;
+                let labels = Tensor::randint(classes, [n], (Kind::Int64, Device::Cpu));
+                let columns = Columns::new(&labels).expect("columns");
+                let (sx, _) = Side::pair(distance, &x, None).expect("sides");
+                let p = sx.points();
+                for step in [1, 5, 16, 17, 33, n] {
+                    // Each chunk's products with the samples from its first
+                    // on; those with the later chunks serve their rows too.
+                    let g = Tensor::zeros([n, n], (kind, Device::Cpu));
+                    for s in (0..n).step_by(step as usize) {
+                        let len = step.min(n - s);
+                        let block = p.narrow(0, s, len).mm(&p.narrow(0, s, n - s).tr());
+                        g.narrow(0, s, len).narrow(1, s, n - s).copy_(&block);
+                        let later = block.narrow(1, len, n - s - len).tr();
+                        g.narrow(0, s + len, n - s - len)
+                            .narrow(1, s, len)
+                            .copy_(&later);
+                    }
+                    let want = native::hardest(&Chunk {
+                        d: g,
+                        row_labels: &labels,
+                        columns: &columns,
+                        self_col: Some(0),
+                        distance,
+                        gram: Some(Gram {
+                            row_norms: sx.norms(),
+                            col_norms: sx.norms(),
+                        }),
+                    })
+                    .expect("whole matrix");
+                    let what = format!("seed {seed} {kind:?} {distance:?} step {step}");
+                    let got = hardest_within(p, sx.norms(), &columns, distance, step)
+                        .expect("half matrix");
+                    assert!(got.valid.equal(&want.valid), "{what}: valid");
+                    for (a, b, name) in [
+                        (&got.positive, &want.positive, "positive"),
+                        (&got.negative, &want.negative, "negative"),
+                    ] {
+                        let (a, b) = (a.masked_select(&want.valid), b.masked_select(&want.valid));
+                        assert!(a.equal(&b), "{what}: {name}");
+                    }
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 5 * 2 * 3 * 6);
+}

@@ -1,0 +1,329 @@
+//! Batch-hard over a batch mined against itself, from half its Gram matrix.
+//!
+//! The distances of a batch to itself are symmetric, so a chunk of anchors
+//! `s..e` is multiplied with the samples from `s` on only: half the products
+//! of the whole matrix. Its own rows are mined over those columns; its
+//! columns from `e` on are mined over its rows, for the later anchors whose
+//! references these rows are. Every anchor thus meets every reference once:
+//! the references below its chunk first (column passes, in order), then the
+//! rest (its row), which keeps the lowest column on ties.
+//!
+//! Each product x_i·x_j then serves both pairs (i, j) and (j, i), so these
+//! distances are symmetric exactly; the whole matrix's need not be, since a
+//! gemm may round x_i·x_j and x_j·x_i apart (it does here for small shapes,
+//! not for 512-row chunks of 128-wide embeddings). Either way every distance
+//! is computed in the order of [`Transform::apply`].
+
+use tch::Tensor;
+
+use super::{
+    extremes, first_negative, in_blocks, real_kind, simd, view, view_mut, Extremes, Groups,
+    NativeReal, Real, Row, Transform, LANES,
+};
+use crate::mining::Hardest;
+use crate::{Distance, Error};
+
+/// No column chosen yet.
+const NONE: usize = usize::MAX;
+
+/// The running extremes of [`LANES`] consecutive anchors, kept lane by lane so
+/// that the column pass compares a whole step of anchors at once. A key is
+/// what the row kernels compare: the squared distance for the Euclidean one
+/// ([`super::Rows::squares`]), the distance otherwise.
+#[derive(Clone, Copy)]
+struct Lanes<T> {
+    pos_key: [T; LANES],
+    pos_d: [T; LANES],
+    pos_col: [usize; LANES],
+    neg_key: [T; LANES],
+    neg_d: [T; LANES],
+    neg_col: [usize; LANES],
+}
+
+impl<T: Real> Lanes<T> {
+    fn new() -> Self {
+        Lanes {
+            pos_key: [-T::INFINITY; LANES],
+            pos_d: [-T::INFINITY; LANES],
+            pos_col: [NONE; LANES],
+            neg_key: [T::INFINITY; LANES],
+            neg_d: [T::INFINITY; LANES],
+            neg_col: [NONE; LANES],
+        }
+    }
+
+    /// Offers reference `i` at `key` to the anchor in lane `l`: the first
+    /// positive, then a farther one; a nearer negative with a finite
+    /// distance. Candidates come in increasing column order, so ties keep
+    /// the earlier.
+    #[inline(always)]
+    fn offer(&mut self, l: usize, i: usize, key: T, positive: bool, squared: bool) {
+        let d = if squared { key.sqrt() } else { key };
+        if positive {
+            if self.pos_col[l] == NONE || d > self.pos_d[l] {
+                self.pos_key[l] = key;
+                self.pos_d[l] = d;
+                self.pos_col[l] = i;
+            }
+        } else if d < self.neg_d[l] {
+            self.neg_key[l] = key;
+            self.neg_d[l] = d;
+            self.neg_col[l] = i;
+        }
+    }
+
+    /// Whether the offer in lane `l` could change anything: a positive key
+    /// not at most the farthest one's (NaN included, and any before the
+    /// first), a negative key below the nearest one's. The square root is
+    /// monotone, so nothing else can.
+    #[inline(always)]
+    // `!(key <= farthest)` is true for a NaN key too, as it must be.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn may_take(&self, l: usize, key: T, positive: bool) -> bool {
+        if positive {
+            !(key <= self.pos_key[l])
+        } else {
+            key < self.neg_key[l]
+        }
+    }
+}
+
+/// The key of anchor j against reference i from their Gram product `v`, in
+/// the operations and order of [`Transform::apply`] on anchor j's row.
+#[inline(always)]
+fn key_of<T: Real>(v: T, n_i: T, n_j: T, euclidean: bool) -> T {
+    if euclidean {
+        let s = (n_i + T::put(-2.0) * v) + n_j;
+        if s < T::REAL_ZERO {
+            T::REAL_ZERO
+        } else {
+            s
+        }
+    } else {
+        T::REAL_ONE - v
+    }
+}
+
+/// The chunk's rows `s..e` as references of the anchors in `blocks` (whole
+/// steps of [`LANES`] anchors from `first_anchor`, all at or after `e`);
+/// `g` holds the chunk's Gram products with the samples from `s` on.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn column_pass<T: Real>(
+    g: &[T],
+    (s, e): (usize, usize),
+    first_anchor: usize,
+    blocks: &mut [Lanes<T>],
+    norms: &[T],
+    labels: &[i64],
+    (euclidean, squared): (bool, bool),
+) {
+    let width = norms.len() - s;
+    for (r, row) in g.chunks_exact(width).take(e - s).enumerate() {
+        let i = s + r;
+        let (n_i, label) = (norms[i], labels[i]);
+        for (b, lanes) in blocks.iter_mut().enumerate() {
+            let j0 = first_anchor + b * LANES;
+            let (v, n, l) = (
+                &row[j0 - s..j0 - s + LANES],
+                &norms[j0..j0 + LANES],
+                &labels[j0..j0 + LANES],
+            );
+            let mut any = false;
+            for k in 0..LANES {
+                let key = key_of(v[k], n_i, n[k], euclidean);
+                any |= lanes.may_take(k, key, l[k] == label);
+            }
+            if any {
+                for k in 0..LANES {
+                    let key = key_of(v[k], n_i, n[k], euclidean);
+                    if lanes.may_take(k, key, l[k] == label) {
+                        lanes.offer(k, i, key, l[k] == label, squared);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Batch-hard of the samples `points` (their squared norms `norms` for the
+/// Euclidean distances; the points normalised for the cosine one) against
+/// themselves, with labels `labels` indexed by `groups`, in chunks of `step`
+/// anchors.
+///
+/// # Errors
+/// `Error::Torch` when libtorch fails or the tensors are not float32 or
+/// float64 CPU tensors.
+pub(crate) fn hardest_within(
+    points: &Tensor,
+    norms: &Tensor,
+    labels: &Tensor,
+    groups: &Groups,
+    distance: Distance,
+    step: i64,
+) -> Result<Hardest, Error> {
+    match real_kind(points.kind())? {
+        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, distance, step),
+        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, distance, step),
+    }
+}
+
+fn typed<T: Real>(
+    points: &Tensor,
+    norms: &Tensor,
+    labels: &Tensor,
+    groups: &Groups,
+    distance: Distance,
+    step: i64,
+) -> Result<Hardest, Error> {
+    let b = points.size()[0];
+    let n = b as usize;
+    let step = step.clamp(1, b.max(1));
+    let norms = norms.f_contiguous()?;
+    let labels = labels.f_contiguous()?;
+    let (norm, label) = (view::<T>(&norms)?, view::<i64>(&labels)?);
+    let euclidean = distance != Distance::Cosine;
+    let squared = distance == Distance::Euclidean;
+    let mut state = vec![Lanes::<T>::new(); n.div_ceil(LANES)];
+    let scratch = Tensor::f_empty([step * b], (points.kind(), points.device()))?;
+    for s in (0..b).step_by(step as usize) {
+        let len = step.min(b - s);
+        let (su, e) = (s as usize, (s + len) as usize);
+        let width = n - su;
+        let mut g = scratch
+            .f_narrow(0, 0, len * (b - s))?
+            .f_view([len, b - s])?;
+        let _ = points
+            .f_narrow(0, s, len)?
+            .f_mm_out(&g, &points.f_narrow(0, s, b - s)?.f_tr()?)?;
+        let g_view = view_mut::<T>(&mut g)?;
+
+        // The later anchors: whole steps of lanes in parallel, the partial
+        // steps at either end one anchor at a time.
+        let first_whole = e.div_ceil(LANES);
+        let last_whole = n / LANES;
+        let columns = (euclidean, squared);
+        if first_whole < last_whole {
+            let whole = &mut state[first_whole..last_whole];
+            let g_read: &[T] = g_view;
+            in_blocks(
+                whole.len(),
+                len as usize * LANES,
+                whole,
+                1,
+                |range, blocks| {
+                    simd::run(
+                        #[inline(always)]
+                        || {
+                            column_pass(
+                                g_read,
+                                (su, e),
+                                (first_whole + range.start) * LANES,
+                                blocks,
+                                norm,
+                                label,
+                                columns,
+                            )
+                        },
+                    )
+                },
+            );
+        }
+        let (lo, hi) = if first_whole < last_whole {
+            (first_whole * LANES, last_whole * LANES)
+        } else {
+            (n, n)
+        };
+        let ends = (e..lo).chain(hi.max(e)..n);
+        for j in ends {
+            let lanes = &mut state[j / LANES];
+            for (r, row) in g_view.chunks_exact(width).enumerate() {
+                let i = su + r;
+                let key = key_of(row[j - su], norm[i], norm[j], euclidean);
+                let positive = label[j] == label[i];
+                if lanes.may_take(j % LANES, key, positive) {
+                    lanes.offer(j % LANES, i, key, positive, squared);
+                }
+            }
+        }
+
+        // The chunk's own rows, over the columns from s on; this overwrites g.
+        let transform = if euclidean {
+            Transform::Euclidean {
+                rows: &norm[su..e],
+                cols: &norm[su..],
+                sqrt: false,
+            }
+        } else {
+            Transform::Cosine
+        };
+        let found: Vec<Vec<(usize, Extremes<T>)>> =
+            in_blocks(len as usize, width, g_view, width, |range, rows| {
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        let mut same = Vec::new();
+                        let mut out = Vec::with_capacity(range.len());
+                        for (r, d) in range.zip(rows.chunks_exact_mut(width)) {
+                            transform.apply(r, d);
+                            let a = su + r;
+                            same.clear();
+                            same.extend(
+                                groups
+                                    .of(label[a])
+                                    .iter()
+                                    .filter(|&&j| j >= su)
+                                    .map(|&j| j - su),
+                            );
+                            let row = Row {
+                                d,
+                                label: label[a],
+                                labels: &label[su..],
+                                same: &same,
+                                skip: r,
+                                squared,
+                            };
+                            out.push((a, extremes(row)));
+                        }
+                        out
+                    },
+                )
+            });
+        for (a, (pos, neg)) in found.into_iter().flatten() {
+            let (lanes, l) = (&mut state[a / LANES], a % LANES);
+            if let Some((d, j)) = pos {
+                if lanes.pos_col[l] == NONE || d > lanes.pos_d[l] {
+                    lanes.pos_d[l] = d;
+                    lanes.pos_col[l] = j + su;
+                }
+            }
+            if let Some((d, j)) = neg {
+                if d < lanes.neg_d[l] {
+                    lanes.neg_d[l] = d;
+                    lanes.neg_col[l] = j + su;
+                }
+            }
+        }
+    }
+
+    let mut positive = Vec::with_capacity(n);
+    let mut negative = Vec::with_capacity(n);
+    let mut valid = Vec::with_capacity(n);
+    for a in 0..n {
+        let (lanes, l) = (&state[a / LANES], a % LANES);
+        let has_negative = groups.of(label[a]).len() < n;
+        let neg = match lanes.neg_col[l] {
+            NONE => first_negative(label, label[a]),
+            j => Some(j),
+        };
+        let ok = has_negative && lanes.pos_col[l] != NONE;
+        valid.push(ok);
+        positive.push(if ok { lanes.pos_col[l] as i64 } else { 0 });
+        negative.push(if ok { neg.unwrap_or(0) as i64 } else { 0 });
+    }
+    Ok(Hardest {
+        positive: Tensor::f_from_slice(&positive)?,
+        negative: Tensor::f_from_slice(&negative)?,
+        valid: Tensor::f_from_slice(&valid)?,
+    })
+}
