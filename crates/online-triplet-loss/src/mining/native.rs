@@ -870,7 +870,7 @@ fn hardest_row<T: Real>(row: Row<T>) -> Option<(i64, i64)> {
         return None;
     }
     let (labels, label) = (row.labels, row.label);
-    let (pos, neg) = extremes(row);
+    let (pos, neg) = extremes(row, None);
     let pos = pos?.1;
     // Only NaN or infinite distances leave none; any negative does then.
     let neg = neg
@@ -884,10 +884,11 @@ type Extremes<T> = (Option<(T, usize)>, Option<(T, usize)>);
 
 /// The farthest positive of the row (the first one, then any farther) and
 /// its nearest negative with a finite distance, the lowest column on ties.
-/// Hides the row's own label ([`Row::hide_same`]).
+/// `pos` is the farthest positive before the row's first column, if any: the
+/// row's positives continue that scan. Hides the row's own label
+/// ([`Row::hide_same`]).
 #[inline(always)]
-fn extremes<T: Real>(mut row: Row<T>) -> Extremes<T> {
-    let mut pos = None::<(T, usize)>;
+fn extremes<T: Real>(mut row: Row<T>, mut pos: Option<(T, usize)>) -> Extremes<T> {
     for &j in row.same.iter().filter(|&&j| j != row.skip) {
         let dj = row.distance(row.d[j]);
         if pos.is_none_or(|(best, _)| dj > best) {

@@ -19,7 +19,6 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let kind = d.kind();
     let (rows, n) = (d.size()[0], d.size()[1]);
     let (same, different) = masks(chunk.row_labels, &chunk.columns.labels, chunk.self_col)?;
-    let index_opts = (Kind::Int64, d.device());
     let positives = same.f_sum_dim_intlist(1, true, Kind::Int64)?;
 
     let (sorted_t, order) = d
@@ -32,10 +31,10 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
         .f_sub(&k)?
         .f_clamp_min_(0)?
         .f_where_scalarother(&different, 0)?;
-    // Sorted places that hold a positive.
-    let in_place = Tensor::f_arange(n, index_opts)?
-        .f_unsqueeze(0)?
-        .f_lt_tensor(&positives)?;
+    // Sorted places that hold a positive: the first P, unless a positive's
+    // distance is infinite or NaN (a loss that is NaN anyway) and sorts among
+    // or after the +inf of the other columns.
+    let in_place = same.f_gather(1, &order, false)?;
     let (value, mut negative_weight) = {
         let prefix = Tensor::f_cat(
             &[

@@ -235,6 +235,50 @@ fn batch_all_and_hardest_kernels_agree_on_ties() {
     }
 }
 
+/// Positives at an infinite distance (overflowing inputs, whose loss the NaN
+/// guard reports) sort among the +inf that pads the other columns: the
+/// portable batch-all still gives their weights to their own columns, as the
+/// native kernel does.
+#[test]
+fn batch_all_kernels_agree_on_infinite_positives() {
+    for seed in 0..12 {
+        let c = case(seed, 10, 60, 4, 5, Kind::Double);
+        let same = c
+            .row_labels
+            .unsqueeze(1)
+            .eq_tensor(&c.col_labels.unsqueeze(0));
+        let infinite = Tensor::rand([10, 60], (Kind::Float, Device::Cpu))
+            .lt(0.3)
+            .logical_and(&same);
+        let d = c.d.masked_fill(&infinite, f64::INFINITY);
+        let chunk = || Chunk {
+            d: d.copy(),
+            row_labels: &c.row_labels,
+            columns: &c.columns,
+            self_col: c.self_col,
+            distance: Distance::Squared,
+            gram: None,
+        };
+        let what = format!("seed {seed}");
+        let n = native::batch_all(&chunk(), 0.5).expect("native");
+        let p = portable::batch_all(&chunk(), 0.5).expect("portable");
+        assert!(n.count.equal(&p.count), "{what}: count");
+        assert!(n.valid.equal(&p.valid), "{what}: valid");
+        let (nv, pv) = (scalar(&n.value), scalar(&p.value));
+        assert!(
+            nv == pv || (nv.is_nan() && pv.is_nan()),
+            "{what}: value {nv} vs {pv}"
+        );
+        if let (Selection::PairWeights { weights, .. }, Selection::Weights(w)) =
+            (&n.selection, &p.selection)
+        {
+            assert!(weights.equal(&(w * 2.0)), "{what}: weights");
+        } else {
+            panic!("{what}: unexpected batch-all selections");
+        }
+    }
+}
+
 #[test]
 fn native_kernels_refuse_other_dtypes() {
     let c = case(1, 4, 8, 2, 3, Kind::Half);
@@ -495,4 +539,45 @@ fn hardest_within_picks_what_the_whole_matrix_gives() {
         }
     }
     assert_eq!(cases, 5 * 2 * 3 * 6);
+}
+
+/// A positive at a NaN distance (NaN inputs, whose loss the NaN guard
+/// reports) among the references below a chunk: the half-matrix batch-hard
+/// continues the row's scan from it, as one scan over the whole row does.
+#[test]
+fn hardest_within_keeps_the_scan_order_past_a_nan_positive() {
+    use super::{hardest_within, Gram};
+    use crate::distance::Side;
+
+    let x = Tensor::from_slice(&[1.0f64, 0.0, 1.0, 0.1, f64::NAN, 0.0, -1.0, 0.0, 0.0, 1.0])
+        .reshape([5, 2]);
+    let labels = Tensor::from_slice(&[0i64, 0, 0, 0, 1]);
+    let columns = Columns::new(&labels).expect("columns");
+    let (sx, _) = Side::pair(Distance::Cosine, &x, None).expect("sides");
+    let g = Tensor::empty([5, 5], (Kind::Double, Device::Cpu));
+    sx.gram_into(&sx, &g).expect("gram");
+    let want = native::hardest(&Chunk {
+        d: g,
+        row_labels: &labels,
+        columns: &columns,
+        self_col: Some(0),
+        distance: Distance::Cosine,
+        gram: Some(Gram {
+            row_norms: sx.norms(),
+            col_norms: sx.norms(),
+        }),
+    })
+    .expect("whole matrix");
+    for step in [1, 2, 5] {
+        let got = hardest_within(sx.points(), sx.norms(), &columns, Distance::Cosine, step)
+            .expect("half matrix");
+        assert!(got.valid.equal(&want.valid), "step {step}: valid");
+        for (a, b, name) in [
+            (&got.positive, &want.positive, "positive"),
+            (&got.negative, &want.negative, "negative"),
+        ] {
+            let (a, b) = (a.masked_select(&want.valid), b.masked_select(&want.valid));
+            assert!(a.equal(&b), "step {step}: {name}");
+        }
+    }
 }

@@ -283,7 +283,12 @@ fn typed<T: Real>(
                                 skip: r,
                                 squared,
                             };
-                            out.push((a, extremes(row)));
+                            // The positives below s, from the column passes, come
+                            // first (a NaN one among them stays, as in one scan).
+                            let lanes = &state[a / LANES];
+                            let before = (lanes.pos_col[a % LANES] != NONE)
+                                .then_some((lanes.pos_d[a % LANES], NONE));
+                            out.push((a, extremes(row, before)));
                         }
                         out
                     },
@@ -291,11 +296,9 @@ fn typed<T: Real>(
             });
         for (a, (pos, neg)) in found.into_iter().flatten() {
             let (lanes, l) = (&mut state[a / LANES], a % LANES);
-            if let Some((d, j)) = pos {
-                if lanes.pos_col[l] == NONE || d > lanes.pos_d[l] {
-                    lanes.pos_d[l] = d;
-                    lanes.pos_col[l] = j + su;
-                }
+            if let Some((d, j)) = pos.filter(|&(_, j)| j != NONE) {
+                lanes.pos_d[l] = d;
+                lanes.pos_col[l] = j + su;
             }
             if let Some((d, j)) = neg {
                 if d < lanes.neg_d[l] {
