@@ -418,7 +418,8 @@ fn kernel_outputs<'a>(c: &dyn Fn() -> Chunk<'a>) -> Vec<(String, Tensor)> {
 
 /// Every vector width gives the same bits: the kernels run with AVX-512,
 /// AVX2 and the baseline allowed in turn (as far as the CPU has them) on
-/// Gram products of every distance, both dtypes, few and many positives.
+/// Gram products of every distance, both dtypes, few and many positives,
+/// and so does the half-matrix batch-hard of the same samples.
 /// Other tests running meanwhile see a lowered ceiling too, which must not
 /// change their results either.
 #[test]
@@ -452,10 +453,23 @@ fn every_vector_width_gives_the_same_bits() {
                         col_norms: sy.norms(),
                     }),
                 };
+                // The half-matrix batch-hard of the references against themselves.
+                let (sw, _) = Side::pair(distance, &y, None).expect("sides");
+                let within = || {
+                    let h = super::hardest_within(sw.points(), sw.norms(), &columns, distance, 7)
+                        .expect("half matrix");
+                    [
+                        ("within positive".to_string(), h.positive),
+                        ("within negative".to_string(), h.negative),
+                        ("within valid".to_string(), h.valid),
+                    ]
+                };
                 let mut results = vec![];
                 for ceiling in [2, 1, 0] {
                     CEILING.store(ceiling, Ordering::Relaxed);
-                    results.push(kernel_outputs(&chunk));
+                    let mut outputs = kernel_outputs(&chunk);
+                    outputs.extend(within());
+                    results.push(outputs);
                 }
                 CEILING.store(2, Ordering::Relaxed);
                 for (level, got) in results.iter().enumerate().skip(1) {
