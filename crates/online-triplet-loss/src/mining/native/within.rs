@@ -75,9 +75,9 @@ impl<T: Real> Lanes<T> {
     /// Whether the offer in lane `l` could change anything: a positive key
     /// not at most the farthest one's (NaN included, and any before the
     /// first), a negative key below the nearest one's. The square root is
-    /// monotone, so nothing else can.
+    /// monotone, so nothing else can. `!(key <= farthest)` is true for a
+    /// NaN key too, as it must be.
     #[inline(always)]
-    // `!(key <= farthest)` is true for a NaN key too, as it must be.
     #[allow(clippy::neg_cmp_op_on_partial_ord)]
     fn may_take(&self, l: usize, key: T, positive: bool) -> bool {
         if positive {
