@@ -34,6 +34,7 @@
 mod distance;
 mod error;
 mod grad;
+mod hash;
 mod labels;
 mod losses;
 pub mod metrics;

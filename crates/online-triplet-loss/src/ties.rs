@@ -6,11 +6,9 @@
 //! the columns of identical references equal and the distance between
 //! identical embeddings exactly 0: ties then resolve by the documented rules.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
 use tch::{Device, Kind, Tensor};
 
+use crate::hash::FastMap;
 use crate::mining::Kernel;
 use crate::Error;
 
@@ -39,8 +37,8 @@ fn hashed<T: Copy + Eq + std::hash::Hash>(x: &Tensor, n: i64) -> (Tensor, bool) 
         unsafe { std::slice::from_raw_parts(x.data_ptr() as *const T, numel) }
     };
     let width = if n == 0 { 0 } else { numel / n as usize };
-    let mut seen: HashMap<&[T], i64, BuildHasherDefault<RowHasher>> =
-        HashMap::with_capacity_and_hasher(n as usize, Default::default());
+    let mut seen: FastMap<&[T], i64> =
+        FastMap::with_capacity_and_hasher(n as usize, Default::default());
     let mut copies = false;
     let first: Vec<i64> = (0..n as usize)
         .map(|i| {
@@ -51,28 +49,6 @@ fn hashed<T: Copy + Eq + std::hash::Hash>(x: &Tensor, n: i64) -> (Tensor, bool) 
         })
         .collect();
     (Tensor::from_slice(&first), copies)
-}
-
-/// A multiplicative hash over the 8-byte words of a row: embeddings are not
-/// chosen by an adversary who could make the map slow, and SipHash over
-/// every byte would cost more than the rest of the search.
-#[derive(Default)]
-struct RowHasher(u64);
-
-impl Hasher for RowHasher {
-    fn finish(&self) -> u64 {
-        self.0 ^ (self.0 >> 29)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x9e37_79b9_7f4a_7c15;
-        let (words, rest) = bytes.as_chunks::<8>();
-        for w in words {
-            self.0 = (self.0.rotate_left(23) ^ u64::from_le_bytes(*w)).wrapping_mul(K);
-        }
-        for &b in rest {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(K);
-        }
-    }
 }
 
 /// Lexicographic sort of the rows with fixed shapes: a stable sort per

@@ -48,6 +48,16 @@ impl Columns {
         };
         Ok(Columns { labels, groups })
     }
+
+    /// The index of the columns by label that the native kernels read.
+    ///
+    /// # Errors
+    /// `Error::Torch` for labels off the CPU, which have none.
+    fn native_groups(&self) -> Result<&native::Groups, Error> {
+        self.groups.as_ref().ok_or_else(|| {
+            Error::Torch("internal error: native mining of labels off the CPU".into())
+        })
+    }
 }
 
 /// The squared norms that turn a chunk of Gram products x·y into squared
@@ -196,10 +206,14 @@ pub(crate) fn hardest_within(
     distance: Distance,
     step: i64,
 ) -> Result<Hardest, Error> {
-    let groups = columns.groups.as_ref().ok_or_else(|| {
-        Error::Torch("internal error: native mining of labels off the CPU".into())
-    })?;
-    native::hardest_within(points, norms, &columns.labels, groups, distance, step)
+    native::hardest_within(
+        points,
+        norms,
+        &columns.labels,
+        columns.native_groups()?,
+        distance,
+        step,
+    )
 }
 
 /// Adds the gradient of the selected triplets' Σ (d_ap − d_an) with respect

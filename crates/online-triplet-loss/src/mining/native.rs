@@ -16,13 +16,11 @@
 //! ([`in_blocks`]), and each block runs with the widest vector instructions
 //! the CPU has ([`simd`]).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
 use tch::{Device, Kind, Tensor};
 
 use super::parallel::in_blocks;
 use super::{Chunk, Hardest, Selection, Weighted};
+use crate::hash::FastMap;
 use crate::{Distance, Error};
 
 mod within;
@@ -103,38 +101,17 @@ impl Real for f64 {
     }
 }
 
-/// A multiplicative hash for int64 label keys: the keys are not chosen by an
-/// adversary who could make the map slow, and SipHash would cost more than
-/// the lookups it serves.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_i64(&mut self, v: i64) {
-        self.0 = (v as u64 ^ 0x2545_f491_4f6c_dd1d).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 ^= self.0 >> 29;
-    }
-}
-
 /// The columns of each label, so that a row finds its positives without
 /// scanning the labels of every column; built once per loss.
 pub(crate) struct Groups {
-    columns: HashMap<i64, Vec<usize>, BuildHasherDefault<KeyHasher>>,
+    columns: FastMap<i64, Vec<usize>>,
 }
 
 impl Groups {
     /// `labels`: int64 keys on the CPU.
     pub(crate) fn new(labels: &Tensor) -> Result<Self, Error> {
         let labels = labels.f_contiguous()?;
-        let mut columns = HashMap::<i64, Vec<usize>, _>::default();
+        let mut columns = FastMap::<i64, Vec<usize>>::default();
         for (j, &label) in view::<i64>(&labels)?.iter().enumerate() {
             columns.entry(label).or_default().push(j);
         }
@@ -446,10 +423,10 @@ impl Held {
 
 /// The index of the chunk's columns by label, and their labels.
 fn groups<'a>(chunk: &Chunk<'a>) -> Result<(&'a Groups, &'a [i64]), Error> {
-    let groups = chunk.columns.groups.as_ref().ok_or_else(|| {
-        Error::Torch("internal error: native mining of labels off the CPU".into())
-    })?;
-    Ok((groups, view::<i64>(&chunk.columns.labels)?))
+    Ok((
+        chunk.columns.native_groups()?,
+        view::<i64>(&chunk.columns.labels)?,
+    ))
 }
 
 /// The smallest of `values`, never NaN; +inf when none is below it.
