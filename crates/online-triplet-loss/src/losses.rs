@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 use crate::distance::{Distance, Side};
 use crate::grad;
 use crate::labels::{common, domain, keys, ANCHOR_NAN_KEYS, REFERENCE_NAN_KEYS};
-use crate::mining::{self, Chunk, Columns, Gram, Kernel, Selection};
+use crate::mining::{self, Chunk, Columns, Gram, Hardest, Kernel, Selection};
 use crate::ties::Ties;
 use crate::Error;
 
@@ -593,27 +593,22 @@ impl TripletConfig {
                 margin_grad: Tensor::f_zeros([], (kind, device))?,
             });
         }
-        // Written in place: per-chunk tensors kept alive between the chunks'
-        // distance matrices would fragment the heap.
-        let mut positive = Tensor::f_zeros([n], (Kind::Int64, device))?;
-        let mut negative = positive.f_zeros_like()?;
-        let mut valid = Tensor::f_zeros([n], (Kind::Bool, device))?;
-        grad::no_grad(|| -> Result<(), Error> {
+        let Hardest {
+            positive,
+            negative,
+            valid,
+        } = grad::no_grad(|| -> Result<Hardest, Error> {
             let step = self.rows_per_chunk(m);
             let columns = Columns::new(s.y_labels)?;
             if s.y_is_x && s.ties.is_none() && mining::fuses_distances(self.kernel, s.x) {
-                let h = mining::hardest_within(
-                    s.sx.points(),
-                    s.sx.norms(),
-                    &columns,
-                    self.distance,
-                    step,
-                )?;
-                positive.f_copy_(&h.positive)?;
-                negative.f_copy_(&h.negative)?;
-                valid.f_copy_(&h.valid)?;
-                return Ok(());
+                let (points, norms) = (s.sx.points(), s.sx.norms());
+                return mining::hardest_within(points, norms, &columns, self.distance, step);
             }
+            // Written in place: per-chunk tensors kept alive between the
+            // chunks' distance matrices would fragment the heap.
+            let positive = Tensor::f_zeros([n], (Kind::Int64, device))?;
+            let negative = positive.f_zeros_like()?;
+            let valid = Tensor::f_zeros([n], (Kind::Bool, device))?;
             let scratch = s.scratch(self.kernel, step.min(n), m)?;
             for start in (0..n).step_by(step as usize) {
                 let len = step.min(n - start);
@@ -633,7 +628,11 @@ impl TripletConfig {
                 negative.f_narrow(0, start, len)?.f_copy_(&h.negative)?;
                 valid.f_narrow(0, start, len)?.f_copy_(&h.valid)?;
             }
-            Ok(())
+            Ok(Hardest {
+                positive,
+                negative,
+                valid,
+            })
         })?;
         let d_ap = self
             .distance
