@@ -179,7 +179,8 @@ class CrossBatchMemory(nn.Module):
         if isinstance(self.loss, DistributedTripletLoss):
             return self._forward_distributed(embeddings, labels)
         if self._count == 0:
-            ref_embeddings, ref_labels = embeddings, labels
+            # An empty memory: the batch against itself, exactly the wrapped loss.
+            ref_embeddings = ref_labels = None
         else:
             stored = slice(0, self._count)
             ref_embeddings = torch.cat(

@@ -457,6 +457,15 @@ impl TripletConfig {
     }
 
     fn weighted_terms(&self, mining: Mining, s: &Sides) -> Result<Terms, Error> {
+        if mining == Mining::All
+            && s.y_is_x
+            && s.ties.is_none()
+            && mining::fuses_distances(self.kernel, s.x)
+        {
+            if let Some(terms) = self.all_within_terms(s)? {
+                return Ok(terms);
+            }
+        }
         let kind = s.x.f_kind()?;
         let device = s.x.device();
         let (n, m) = (s.x.size()[0], s.y.size()[0]);
@@ -578,6 +587,42 @@ impl TripletConfig {
             valid,
             margin_grad: active,
         })
+    }
+
+    /// Batch-all of a batch against itself from half its Gram matrix
+    /// ([`mining::batch_all_within`]); `None` for batches it does not take.
+    fn all_within_terms(&self, s: &Sides) -> Result<Option<Terms>, Error> {
+        let kind = s.x.f_kind()?;
+        let found = grad::no_grad(|| -> Result<_, Error> {
+            let columns = Columns::new(s.y_labels)?;
+            let step = self.rows_per_chunk(s.y.size()[0]);
+            let (points, norms) = (s.sx.points(), s.sx.norms());
+            let Some(out) = mining::batch_all_within(
+                points,
+                norms,
+                &columns,
+                (self.distance, self.margin),
+                step,
+            )?
+            else {
+                return Ok(None);
+            };
+            Ok(Some((
+                out.value,
+                out.count,
+                out.valid,
+                s.sx.finish_grad(out.grad)?,
+            )))
+        })?;
+        let Some((value, count, valid, gx)) = found else {
+            return Ok(None);
+        };
+        Ok(Some(Terms {
+            sum: value.f_add(&surrogate(s.x, &gx)?)?,
+            margin_grad: count.f_to_kind(kind)?,
+            count,
+            valid,
+        }))
     }
 
     fn hard_terms(&self, s: &Sides, margin: Option<&Tensor>) -> Result<Terms, Error> {

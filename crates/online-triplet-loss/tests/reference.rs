@@ -363,3 +363,96 @@ fn identical_embeddings_tie_exactly() {
         }
     }
 }
+
+/// Batch-all of a batch against itself, which takes half of the Gram matrix
+/// when no class has more than 17 samples, against the same batch passed as
+/// its own references (the chunked path over the whole matrix): on distinct
+/// points of a small grid, whose centred coordinates and distances are
+/// exact in both and tie with whole margins (and, in float32, with a margin
+/// below the rounding of t = d_ap + m),
+/// and on random points for the cosine distance, the counts are equal and the loss and gradient agree, for every
+/// distance, both dtypes, chunks of 1 to all anchors, classes of one sample
+/// (no positive), of 17 (the most the half-matrix path takes) and of 18 (the
+/// chunked path then).
+#[test]
+fn batch_all_from_half_the_matrix_matches_the_whole_matrix() {
+    let mut cases = 0;
+    for (seed, (n, dim, classes, big)) in [
+        (40, 3, 5, 0),
+        (70, 4, 70, 0),
+        (62, 4, 9, 17),
+        (50, 3, 4, 18),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for kind in [Kind::Float, Kind::Double] {
+            tch::manual_seed(seed as i64);
+            // Distinct points (identical ones take the chunked path), in
+            // pairs ±p, so that their mean is 0 and centring them is exact:
+            // n/2 points whose first coordinate is negative, and their negations.
+            let half = 2 * 4i64.pow(dim as u32 - 1);
+            let pick = Tensor::randperm(half, (Kind::Int64, Device::Cpu)).narrow(0, 0, n / 2);
+            let digits: Vec<Tensor> = (0..dim)
+                .map(|k| {
+                    pick.divide_scalar_mode(4i64.pow(k as u32), "floor")
+                        .remainder(4)
+                })
+                .rev()
+                .collect();
+            let half = Tensor::stack(&digits, 1).to_kind(kind) - 1.5;
+            let grid = Tensor::cat(&[&half, &half.neg()], 0);
+            let random = Tensor::randn([n, dim], (kind, Device::Cpu));
+            let labels = Tensor::randint(classes, [n], (Kind::Int64, Device::Cpu));
+            // `big` samples of one more class.
+            let _ = labels.narrow(0, 0, big).fill_(classes);
+            for distance in DISTANCES {
+                // Cosine distances of grid points tie only up to rounding,
+                // which differs between the two paths' products.
+                let x = match distance {
+                    Distance::Cosine => &random,
+                    _ => &grid,
+                };
+                for margin in [0.0, 1e-7, 0.5, 1.0] {
+                    for step in [1, 5, 16, 17, 33, n] {
+                        let cfg = TripletConfig::new(margin)
+                            .distance(distance)
+                            .chunk_size(step);
+                        let run = |refs: bool| {
+                            let x = x.detach().set_requires_grad(true);
+                            let references = References {
+                                embeddings: &x,
+                                labels: &labels,
+                                anchor_offset: Some(0),
+                            };
+                            let t = cfg
+                                .terms(Mining::All, &labels, &x, refs.then_some(&references))
+                                .unwrap();
+                            t.sum.backward();
+                            let count = i64::try_from(&t.count).unwrap();
+                            let valid = i64::try_from(&t.valid).unwrap();
+                            (f64::try_from(&t.sum).unwrap(), count, valid, x.grad())
+                        };
+                        let (sum, count, valid, grad) = run(false);
+                        let (want_sum, want_count, want_valid, want_grad) = run(true);
+                        let what =
+                            format!("seed {seed} {kind:?} {distance:?} m {margin} step {step}");
+                        assert_eq!((count, valid), (want_count, want_valid), "{what}");
+                        let tol = if kind == Kind::Float { 1e-5 } else { 1e-12 };
+                        assert!(
+                            (sum - want_sum).abs() <= tol * want_sum.abs().max(1.0),
+                            "{what}: {sum} against {want_sum}"
+                        );
+                        let scale = f64::try_from(want_grad.abs().max()).unwrap().max(1.0);
+                        assert!(
+                            grad.allclose(&want_grad, 0.0, tol * scale, false),
+                            "{what}: gradients differ"
+                        );
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 4 * 2 * 3 * 4 * 6);
+}

@@ -216,6 +216,32 @@ pub(crate) fn hardest_within(
     )
 }
 
+pub(crate) use native::AllWithin;
+
+/// Batch-all of a batch mined against itself, by the native kernels from
+/// half of its Gram matrix, in chunks of `step` anchors: `points` and `norms`
+/// as in [`Gram`], `columns` the batch's labels. `None` when a label has more
+/// samples than these kernels take; [`batch_all`] over chunks then applies.
+///
+/// # Errors
+/// As [`hardest_within`].
+pub(crate) fn batch_all_within(
+    points: &Tensor,
+    norms: &Tensor,
+    columns: &Columns,
+    (distance, margin): (Distance, f64),
+    step: i64,
+) -> Result<Option<AllWithin>, Error> {
+    native::batch_all_within(
+        points,
+        norms,
+        &columns.labels,
+        columns.native_groups()?,
+        (distance, margin),
+        step,
+    )
+}
+
 /// Adds the gradient of the selected triplets' Σ (d_ap − d_an) with respect
 /// to the anchors' points `x` and the references' points `y` to `gx` and
 /// `gy` ([`Selection::Triplets`], CPU only).

@@ -24,7 +24,9 @@ use crate::hash::FastMap;
 use crate::{Distance, Error};
 
 mod within;
+mod within_all;
 pub(crate) use within::hardest_within;
+pub(crate) use within_all::{batch_all_within, AllWithin};
 
 /// Columns per block of a row in the vectorised passes: a block of
 /// distances and its per-column counts stay in the L1 cache.
@@ -56,6 +58,8 @@ trait Real:
     /// The smallest value of this type that is ≥ `v`.
     fn at_least(v: f64) -> Self;
     fn sqrt(self) -> Self;
+    /// A small count, exactly.
+    fn of_count(c: u8) -> Self;
 }
 
 impl Real for f32 {
@@ -80,6 +84,9 @@ impl Real for f32 {
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
+    fn of_count(c: u8) -> Self {
+        f32::from(c)
+    }
 }
 
 impl Real for f64 {
@@ -98,6 +105,9 @@ impl Real for f64 {
     }
     fn sqrt(self) -> Self {
         f64::sqrt(self)
+    }
+    fn of_count(c: u8) -> Self {
+        f64::from(c)
     }
 }
 
@@ -120,6 +130,11 @@ impl Groups {
 
     fn of(&self, label: i64) -> &[usize] {
         self.columns.get(&label).map_or(&[], Vec::as_slice)
+    }
+
+    /// The number of columns of the largest label.
+    pub(crate) fn largest(&self) -> usize {
+        self.columns.values().map(Vec::len).max().unwrap_or(0)
     }
 }
 
@@ -566,7 +581,7 @@ fn batch_all_row<T: Real>(
     let mut k = [0i64; FEW_KEYS];
     if p <= FEW_KEYS {
         row.hide_same();
-        batch_all_few(&mut row, &s.positives, distance, &mut k, &mut out.totals);
+        batch_all_few(row.d, &s.positives, distance, &mut k, &mut out.totals);
     } else {
         batch_all_many(&mut row, s, distance, &mut out.totals);
     }
@@ -585,13 +600,13 @@ fn batch_all_row<T: Real>(
     out
 }
 
-/// Batch-all over a row whose own label's columns are NaN, one vectorised
+/// Batch-all over the distances `d` of a row whose own label's columns are NaN, one vectorised
 /// pass per positive and block: k[i] and the hinges of positive i, and −(the
 /// number of positives a negative is active for), as pair weights, over
 /// the negatives' distances.
 #[inline(always)]
 fn batch_all_few<T: Real>(
-    row: &mut Row<T>,
+    d: &mut [T],
     positives: &[Positive<T>],
     distance: Distance,
     k: &mut [i64; FEW_KEYS],
@@ -606,7 +621,7 @@ fn batch_all_few<T: Real>(
         t[i] = T::put(q.key);
     }
     let mut active = [T::REAL_ZERO; BLOCK];
-    for block in row.d.chunks_mut(BLOCK) {
+    for block in d.chunks_mut(BLOCK) {
         let active = &mut active[..block.len()];
         active.fill(T::REAL_ZERO);
         for i in 0..positives.len() {
@@ -642,27 +657,24 @@ fn batch_all_few<T: Real>(
 /// ([`Distance::pair_weight`]).
 #[inline(always)]
 fn pair_weights<T: Real>(d: &mut [T], a: &[T], distance: Distance) {
+    for (d, &a) in d.iter_mut().zip(a) {
+        *d = negative_pair_weight(a, *d, distance);
+    }
+}
+
+/// The pair weight of weight −a on distance d ([`Distance::pair_weight`]).
+#[inline(always)]
+fn negative_pair_weight<T: Real>(a: T, d: T, distance: Distance) -> T {
     match distance {
         Distance::Euclidean => {
-            for (d, &a) in d.iter_mut().zip(a) {
-                *d = if *d > T::REAL_ZERO {
-                    -a / *d
-                } else {
-                    T::REAL_ZERO
-                };
+            if d > T::REAL_ZERO {
+                -a / d
+            } else {
+                T::REAL_ZERO
             }
         }
-        Distance::Squared => {
-            let minus_two = T::put(-2.0);
-            for (d, &a) in d.iter_mut().zip(a) {
-                *d = minus_two * a;
-            }
-        }
-        Distance::Cosine => {
-            for (d, &a) in d.iter_mut().zip(a) {
-                *d = -a;
-            }
-        }
+        Distance::Squared => T::put(-2.0) * a,
+        Distance::Cosine => -a,
     }
 }
 

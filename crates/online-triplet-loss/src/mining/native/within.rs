@@ -91,7 +91,7 @@ impl<T: Real> Lanes<T> {
 /// The key of anchor j against reference i from their Gram product `v`, in
 /// the operations and order of [`Transform::apply`] on anchor j's row.
 #[inline(always)]
-fn key_of<T: Real>(v: T, n_i: T, n_j: T, euclidean: bool) -> T {
+pub(super) fn key_of<T: Real>(v: T, n_i: T, n_j: T, euclidean: bool) -> T {
     if euclidean {
         let s = (n_i + T::put(-2.0) * v) + n_j;
         if s < T::REAL_ZERO {

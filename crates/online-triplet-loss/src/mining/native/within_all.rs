@@ -1,0 +1,507 @@
+//! Batch-all over a batch mined against itself, from half its Gram matrix.
+//!
+//! Given an anchor's positives sorted by t = d_ap + m, batch-all's loss and
+//! weights are sums over the anchor's negatives, each of which needs only
+//! its own distance: the number of positives it is active for (d_an below
+//! their t) and their hinges. So, as in [`super::within`], a chunk of
+//! anchors `s..e` is multiplied with the samples from `s` on only, and the
+//! product x_i·x_j of a pair i < j serves both anchors: i in the pass over
+//! its row, j in the pass over its column. Their two weights go into one
+//! weight matrix W whose entry (i, j), i < j, weighs both distances, so the
+//! gradient takes the chunk's two products with W (its rows against the
+//! columns, and back): where the whole matrix takes three products, this
+//! takes three halves.
+//!
+//! The positive pairs are few (at most [`FEW_KEYS`] per anchor; batches
+//! with larger classes take the chunked path): their distances are computed
+//! apart first, to sort each anchor's keys, and their gradient, with the
+//! weights k_p that the passes count, is added at the end.
+//!
+//! The pass over the columns runs first: for each pair i < j of other
+//! labels it leaves the number of j's positives that i is active for, in a
+//! byte. The pass over the rows then mines row i, whose weights overwrite
+//! the products, and adds j's weight of d_ji, from that count, to each entry.
+//!
+//! The distance of each ordered pair is computed in the operations and
+//! order of [`super::Transform::apply`] on its anchor's row, as in the
+//! chunked path; only the positive pairs' products come from a loop of
+//! their own instead of the gemm, so they may differ from the chunked
+//! path's in the last bits.
+
+use tch::Tensor;
+
+use super::within::key_of;
+use super::{
+    batch_all_few, in_blocks, negative_pair_weight, real_kind, simd, view, view_mut, Groups,
+    NativeReal, Positive, Real, Totals, FEW_KEYS, LANES,
+};
+use crate::{Distance, Error};
+
+/// The loss terms of a batch mined against itself, and their gradient.
+pub(crate) struct AllWithin {
+    /// Σ of the positive hinges, 0-d, in the dtype of the points.
+    pub value: Tensor,
+    /// Number of positive triplets (int64, 0-d).
+    pub count: Tensor,
+    /// Number of valid triplets (int64, 0-d).
+    pub valid: Tensor,
+    /// ∂value/∂points, `(B, D)`, in the frame of the points (for the cosine
+    /// distance, with respect to the normalised points).
+    pub grad: Tensor,
+}
+
+/// The sorted keys of [`LANES`] consecutive anchors, lane by lane, for the
+/// column pass; lanes past an anchor's positives hold −∞, which no distance
+/// is below.
+#[derive(Clone, Copy)]
+struct LaneKeys<T> {
+    /// The smallest value of T at least t (a distance below it is active).
+    below: [[T; LANES]; FEW_KEYS],
+    t: [[T; LANES]; FEW_KEYS],
+    /// The most positives of any of the lanes' anchors.
+    width: usize,
+}
+
+/// A group of [`LANES`] anchors in the column pass: their keys and what the
+/// pass has counted for them over all the chunks.
+#[derive(Clone, Copy)]
+struct LaneGroup<T> {
+    keys: LaneKeys<T>,
+    /// k of positive q of the anchor in lane l.
+    k: [[i64; LANES]; FEW_KEYS],
+    hinge: [f64; LANES],
+}
+
+/// Groups of [`LANES`] columns that the column pass takes at a time over
+/// all the rows of a chunk: 1024 columns, whose products in a row fill one
+/// 4 KiB page for float32, so consecutive rows do not each cost a TLB miss.
+const TILE: usize = 64;
+
+/// The chunk's counts c_ji (the number of positives of column j's anchor
+/// that row i's sample is active for), shared by the threads of the column
+/// pass, each of which writes only its own columns.
+#[derive(Clone, Copy)]
+struct SharedCounts {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the column pass gives each thread disjoint columns of the counts
+// (see `column_pass`); nothing else reads or writes them meanwhile.
+unsafe impl Send for SharedCounts {}
+unsafe impl Sync for SharedCounts {}
+
+/// What the passes over a chunk read: its first anchor `s`, its first
+/// column `s0` (both absolute), the number of columns, and the samples'
+/// norms and labels (padded to whole groups).
+#[derive(Clone, Copy)]
+struct Frame<'a, T> {
+    s: usize,
+    s0: usize,
+    width: usize,
+    norm: &'a [T],
+    label: &'a [i64],
+    euclidean: bool,
+    root: bool,
+}
+
+/// The [`LANES`] values of `v` from `at` on.
+#[inline(always)]
+fn lanes_of<V>(v: &[V], at: usize) -> &[V; LANES] {
+    v[at..at + LANES]
+        .try_into()
+        .expect("a whole group of lanes")
+}
+
+/// The column pass over one chunk, whose products are `g` (rows of
+/// `frame.width` columns): for each anchor j of the column groups `part`
+/// (the first one being group `first`), the distances d_ji to the chunk's
+/// samples i < j of other labels are counted against j's keys, and each
+/// count c_ji is written into `counts` for the row pass.
+#[inline(always)]
+fn column_pass<T: Real>(
+    g: &[T],
+    counts: SharedCounts,
+    frame: Frame<T>,
+    first: usize,
+    part: &mut [LaneGroup<T>],
+) {
+    let rows = g.len() / frame.width.max(1);
+    // On the heap: up to 128 KiB, more than the threads' stacks should hold.
+    #[allow(clippy::useless_vec)]
+    let mut k = vec![[[T::REAL_ZERO; LANES]; FEW_KEYS]; TILE];
+    let mut hinge = [[T::REAL_ZERO; LANES]; TILE];
+    for (tile_at, tile) in (0..).step_by(TILE).zip(part.chunks_mut(TILE)) {
+        for (k, h) in k.iter_mut().zip(hinge.iter_mut()) {
+            *k = [[T::REAL_ZERO; LANES]; FEW_KEYS];
+            *h = [T::REAL_ZERO; LANES];
+        }
+        for r in 0..rows {
+            let i = frame.s + r;
+            let (label_i, row) = (frame.label[i], &g[r * frame.width..(r + 1) * frame.width]);
+            for (t, group) in tile.iter().enumerate() {
+                let j0 = (first + tile_at + t) * LANES;
+                if j0 + LANES <= i + 1 {
+                    continue;
+                }
+                let c0 = j0 - frame.s0;
+                let v: &[T; LANES] = lanes_of(row, c0);
+                let norms: &[T; LANES] = lanes_of(frame.norm, j0);
+                let labels: &[i64; LANES] = lanes_of(frame.label, j0);
+                let n_i = frame.norm[i];
+                let mut d = [T::NAN; LANES];
+                for l in 0..LANES {
+                    let key = key_of(v[l], n_i, norms[l], frame.euclidean);
+                    let dj = of_key(key, frame.root);
+                    d[l] = if j0 + l > i && labels[l] != label_i {
+                        dj
+                    } else {
+                        T::NAN
+                    };
+                }
+                let keys = &group.keys;
+                let (kt, ht) = (&mut k[t], &mut hinge[t]);
+                let mut c = [0u8; LANES];
+                let per_key = keys.below.iter().zip(&keys.t).zip(kt.iter_mut());
+                for ((below, tq), kq) in per_key.take(keys.width) {
+                    for l in 0..LANES {
+                        let on = d[l] < below[l];
+                        let one = if on { T::REAL_ONE } else { T::REAL_ZERO };
+                        c[l] += u8::from(on);
+                        kq[l] = kq[l] + one;
+                        ht[l] = ht[l] + if on { tq[l] - d[l] } else { T::REAL_ZERO };
+                    }
+                }
+                let at = r * frame.width + c0;
+                assert!(at + LANES <= counts.len, "counts of a whole group");
+                // SAFETY: this thread alone writes columns c0..c0 + LANES
+                // of the counts (its groups are disjoint from the other
+                // threads'), which lie within them.
+                unsafe { *(counts.ptr.add(at) as *mut [u8; LANES]) = c };
+            }
+        }
+        for ((group, k), hinge) in tile.iter_mut().zip(&k).zip(&hinge) {
+            let width = group.keys.width;
+            for (total, k) in group.k.iter_mut().zip(k).take(width) {
+                for (total, k) in total.iter_mut().zip(k) {
+                    *total += k.get() as i64;
+                }
+            }
+            for (total, h) in group.hinge.iter_mut().zip(hinge) {
+                *total += h.get();
+            }
+        }
+    }
+}
+
+/// Batch-all of the samples `points` (their squared norms `norms` for the
+/// Euclidean distances; normalised points for the cosine one) against
+/// themselves, with labels `labels` indexed by `groups`, in chunks of
+/// `step` anchors. `None` when a label has more than [`FEW_KEYS`] + 1
+/// samples, which the chunked path handles.
+///
+/// # Errors
+/// `Error::Torch` when libtorch fails or the tensors are not float32 or
+/// float64 CPU tensors.
+pub(crate) fn batch_all_within(
+    points: &Tensor,
+    norms: &Tensor,
+    labels: &Tensor,
+    groups: &Groups,
+    (distance, margin): (Distance, f64),
+    step: i64,
+) -> Result<Option<AllWithin>, Error> {
+    if groups.largest() > FEW_KEYS + 1 {
+        return Ok(None);
+    }
+    let loss = (distance, margin);
+    Ok(Some(match real_kind(points.kind())? {
+        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, loss, step)?,
+        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, loss, step)?,
+    }))
+}
+
+/// x·y in `T`, summed [`LANES`] products at a time.
+#[inline(always)]
+fn dot<T: Real>(x: &[T], y: &[T]) -> T {
+    let mut lanes = [T::REAL_ZERO; LANES];
+    let (xs, x_rest) = x.as_chunks::<LANES>();
+    let (ys, y_rest) = y.as_chunks::<LANES>();
+    for (a, b) in xs.iter().zip(ys) {
+        for l in 0..LANES {
+            lanes[l] = lanes[l] + a[l] * b[l];
+        }
+    }
+    let mut sum = T::REAL_ZERO;
+    for (&a, &b) in x_rest.iter().zip(y_rest) {
+        sum = sum + a * b;
+    }
+    lanes.iter().fold(sum, |s, &v| s + v)
+}
+
+/// The distance from its key (the squared distance for the Euclidean one).
+#[inline(always)]
+fn of_key<T: Real>(key: T, root: bool) -> T {
+    if root {
+        key.sqrt()
+    } else {
+        key
+    }
+}
+
+fn typed<T: Real>(
+    points: &Tensor,
+    norms: &Tensor,
+    labels: &Tensor,
+    groups: &Groups,
+    (distance, margin): (Distance, f64),
+    step: i64,
+) -> Result<AllWithin, Error> {
+    let (kind, device) = (points.kind(), points.device());
+    let (b, dim) = (points.size()[0], points.size()[1]);
+    let n = b as usize;
+    let padded = n.div_ceil(LANES) * LANES;
+    let step = step.clamp(1, b.max(1));
+    let euclidean = distance != Distance::Cosine;
+    let root = distance == Distance::Euclidean;
+    // Whole groups of LANES columns: the points padded with zeros, whose
+    // pairs the row pass hides.
+    let extra = (padded - n) as i64;
+    let pad = |t: &Tensor| -> Result<Tensor, Error> {
+        let mut shape = t.size();
+        shape[0] = extra;
+        Ok(Tensor::f_cat(&[t, &Tensor::f_zeros(shape, (kind, device))?], 0)?.f_contiguous()?)
+    };
+    let points = pad(points)?;
+    let norms = pad(norms)?;
+    let labels = labels.f_contiguous()?;
+    let (x, norm) = (view::<T>(&points)?, view::<T>(&norms)?);
+    // Padding lanes get a label no sample has; the keys hide them anyway.
+    let mut label = view::<i64>(&labels)?.to_vec();
+    label.resize(padded, i64::MIN);
+    let width_of = dim.max(0) as usize;
+    let row_of = |i: usize| &x[i * width_of..(i + 1) * width_of];
+
+    // Each anchor's positives, sorted by (t, column).
+    let mut start = Vec::with_capacity(n + 1);
+    let mut positives = Vec::new();
+    for a in 0..n {
+        start.push(positives.len());
+        let first = positives.len();
+        for &p in groups.of(label[a]).iter().filter(|&&p| p != a) {
+            let v = dot(row_of(p), row_of(a));
+            let d = of_key(key_of(v, norm[p], norm[a], euclidean), root);
+            positives.push(Positive {
+                key: d.get() + margin,
+                d,
+                j: p,
+            });
+        }
+        positives[first..].sort_unstable_by(|a, b| a.key.total_cmp(&b.key).then(a.j.cmp(&b.j)));
+    }
+    start.push(positives.len());
+    let of = |a: usize| &positives[start[a]..start[a + 1]];
+    let mut k_total = vec![0i64; positives.len()];
+
+    let mut lanes = Vec::with_capacity(padded / LANES);
+    for g in 0..padded / LANES {
+        let mut keys = LaneKeys {
+            below: [[-T::INFINITY; LANES]; FEW_KEYS],
+            t: [[T::REAL_ZERO; LANES]; FEW_KEYS],
+            width: 0,
+        };
+        for l in 0..LANES {
+            let a = g * LANES + l;
+            if a >= n {
+                continue;
+            }
+            for (q, p) in of(a).iter().enumerate() {
+                keys.below[q][l] = T::at_least(p.key);
+                keys.t[q][l] = T::put(p.key);
+            }
+            keys.width = keys.width.max(of(a).len());
+        }
+        lanes.push(LaneGroup {
+            keys,
+            k: [[0; LANES]; FEW_KEYS],
+            hinge: [0.0; LANES],
+        });
+    }
+
+    let grad = Tensor::f_zeros([padded as i64, dim], (kind, device))?;
+    // Σⱼ Wᵢⱼ for each sample, as anchor and as reference, for the term
+    // (Σⱼ Wᵢⱼ) xᵢ of the gradient of Euclidean distances.
+    let mut coef = vec![0.0f64; padded];
+    let mut value = 0.0f64;
+    let su = step as usize;
+    let buffer = Tensor::f_empty([step * padded as i64], (kind, device))?;
+    let mut counts = vec![0u8; su * padded];
+    for s in (0..n).step_by(su) {
+        let e = (s + su).min(n);
+        let len = e - s;
+        // The chunk's columns, from the group of s on.
+        let s0 = s - s % LANES;
+        let width = padded - s0;
+        let frame = Frame {
+            s,
+            s0,
+            width,
+            norm,
+            label: &label,
+            euclidean,
+            root,
+        };
+        let mut w = buffer
+            .f_narrow(0, 0, (len * width) as i64)?
+            .f_view([len as i64, width as i64])?;
+        let cols = points.f_narrow(0, s0 as i64, width as i64)?;
+        let rows = points.f_narrow(0, s as i64, len as i64)?;
+        let _ = rows.f_mm_out(&w, &cols.f_tr()?)?;
+
+        // Columns: each anchor j > i against the chunk's samples i.
+        let shared = SharedCounts {
+            ptr: counts.as_mut_ptr(),
+            len: len * width,
+        };
+        let products = view::<T>(&w)?;
+        let groups_here = &mut lanes[s0 / LANES..];
+        in_blocks(
+            groups_here.len(),
+            len * LANES,
+            groups_here,
+            1,
+            |range, part| {
+                simd::run(
+                    #[inline(always)]
+                    || column_pass(products, shared, frame, s0 / LANES + range.start, part),
+                )
+            },
+        );
+
+        // Rows: row i is mined over its distances d_ij, whose weights then
+        // overwrite the products, and each entry gets column j's weight of
+        // d_ji too.
+        let counts = &counts[..len * width];
+        let data = view_mut::<T>(&mut w)?;
+        type RowOut = (usize, [i64; FEW_KEYS], f64, f64);
+        let done: Vec<(Vec<RowOut>, Vec<T>)> = in_blocks(len, width, data, width, |range, data| {
+            simd::run(
+                #[inline(always)]
+                || {
+                    let mut out = Vec::with_capacity(range.len());
+                    let mut col_sum = vec![T::REAL_ZERO; width];
+                    let mut dt = vec![T::REAL_ZERO; width];
+                    for (r, w) in range.zip(data.chunks_exact_mut(width)) {
+                        let i = s + r;
+                        let n_i = norm[i];
+                        for ((v, dt), &n_j) in w.iter_mut().zip(dt.iter_mut()).zip(&norm[s0..]) {
+                            let g = *v;
+                            *v = of_key(key_of(g, n_j, n_i, euclidean), root);
+                            *dt = of_key(key_of(g, n_i, n_j, euclidean), root);
+                        }
+                        // Only pairs i < j < n with other labels.
+                        let same = groups.of(label[i]).iter().filter(|&&j| j > i);
+                        let hide = (0..=i - s0)
+                            .chain(n - s0..width)
+                            .chain(same.map(|&j| j - s0));
+                        for j in hide {
+                            w[j] = T::NAN;
+                            dt[j] = T::NAN;
+                        }
+                        let mut k = [0i64; FEW_KEYS];
+                        let mut totals = Totals::default();
+                        if of(i).is_empty() {
+                            w.fill(T::REAL_ZERO);
+                        } else {
+                            batch_all_few(w, of(i), distance, &mut k, &mut totals);
+                        }
+                        // The column pass counted only the pairs i < j.
+                        let after = i + 1 - s0;
+                        let c = &counts[r * width + after..(r + 1) * width];
+                        let mut row_sum = T::REAL_ZERO;
+                        for (((w, &d), &c), cs) in w[after..]
+                            .iter_mut()
+                            .zip(&dt[after..])
+                            .zip(c)
+                            .zip(&mut col_sum[after..])
+                        {
+                            *w = *w + negative_pair_weight(T::of_count(c), d, distance);
+                            row_sum = row_sum + *w;
+                            *cs = *cs + *w;
+                        }
+                        out.push((i, k, totals.value, row_sum.get()));
+                    }
+                    (out, col_sum)
+                },
+            )
+        });
+        for (rows_out, col_sum) in done {
+            for (i, k, v, row_sum) in rows_out {
+                value += v;
+                coef[i] += row_sum;
+                for (total, k) in k_total[start[i]..start[i + 1]].iter_mut().zip(k) {
+                    *total += k;
+                }
+            }
+            for (c, v) in coef[s0..].iter_mut().zip(col_sum) {
+                *c += v.get();
+            }
+        }
+
+        // The gradient of Σ Wᵢⱼ dᵢⱼ: −W·x_cols for the rows, −Wᵀ·x_rows for
+        // the columns ([`crate::distance::Side::accumulate_grad`]).
+        let _ = grad
+            .f_narrow(0, s as i64, len as i64)?
+            .f_sub_(&w.f_mm(&cols)?)?;
+        let _ = grad
+            .f_narrow(0, s0 as i64, width as i64)?
+            .f_addmm_(&w.f_tr()?, &rows.f_neg()?)?;
+    }
+    for (g, group) in lanes.iter().enumerate() {
+        for l in 0..LANES {
+            let a = g * LANES + l;
+            if a >= n {
+                continue;
+            }
+            value += group.hinge[l];
+            for (q, total) in k_total[start[a]..start[a + 1]].iter_mut().enumerate() {
+                *total += group.k[q][l];
+            }
+        }
+    }
+
+    // The positive pairs: weight k_p on d_ap, from both of their anchors.
+    let pair = |a: usize, q: usize| -> f64 {
+        let p = positives[start[a] + q];
+        distance.pair_weight(k_total[start[a] + q] as f64, p.d.get())
+    };
+    let mut grad = grad.f_narrow(0, 0, b)?.f_contiguous()?;
+    {
+        let g = view_mut::<T>(&mut grad)?;
+        for a in 0..n {
+            for (q, p) in of(a).iter().enumerate() {
+                let back = of(p.j).iter().position(|o| o.j == a).unwrap_or(0);
+                let weight = pair(a, q) + pair(p.j, back);
+                coef[a] += weight;
+                let (weight, y) = (T::put(weight), row_of(p.j));
+                for (g, &y) in g[a * width_of..(a + 1) * width_of].iter_mut().zip(y) {
+                    *g = *g - weight * y;
+                }
+            }
+        }
+    }
+    if euclidean {
+        let coef = Tensor::f_from_slice(&coef[..n])?.f_to_kind(kind)?;
+        let _ = grad.f_add_(&coef.f_unsqueeze(1)?.f_mul(&points.f_narrow(0, 0, b)?)?)?;
+    }
+    let count: i64 = k_total.iter().sum();
+    let valid: i64 = (0..n)
+        .map(|a| of(a).len() as i64 * (n - groups.of(label[a]).len()) as i64)
+        .sum();
+    Ok(AllWithin {
+        value: Tensor::from(value).f_to_kind(kind)?,
+        count: Tensor::from(count),
+        valid: Tensor::from(valid),
+        grad,
+    })
+}
