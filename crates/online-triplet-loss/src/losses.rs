@@ -17,6 +17,15 @@ const CHUNK_ELEMENTS: i64 = 1 << 22;
 /// there (measured: 512 beats 256 at B = 16384, while taller chunks than
 /// 4M elements are slower at B = 4096).
 const MIN_CHUNK_ROWS: i64 = 512;
+/// A batch mined against itself takes the half-matrix kernels of batch-all
+/// and semi-hard when it spans at least this many chunks: over c chunks the
+/// half computes (c + 1)/2c of the products, and their passes over columns
+/// cost more than the row passes they replace. Measured on a 2-core CPU,
+/// D = 128: batch-all gains from 4 chunks on (B = 4096: 65 against 79 ms;
+/// at one chunk, B = 2048, it loses), semi-hard, whose gradient takes no
+/// product, only from 16 (B = 8192: 128 against 129 ms; B = 4096, 4
+/// chunks: 45 against 36 ms; B = 16384: 448 against 543 ms).
+const HALF_MIN_CHUNKS: (i64, i64) = (4, 16);
 
 /// How triplets are selected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -481,7 +490,29 @@ impl TripletConfig {
             let mut gx = Tensor::f_zeros(s.x.size(), (kind, device))?;
             let mut gy = Tensor::f_zeros(s.y.size(), (kind, device))?;
             let mut col_sum = Tensor::f_zeros([m], (kind, device))?;
-            if m > 0 {
+            let within = match mining {
+                Mining::SemiHard if s.y_is_x && s.ties.is_none() && m > 0 => {
+                    self.semihard_within(s)?
+                }
+                _ => None,
+            };
+            if let Some(out) = within {
+                let Selection::Triplets {
+                    anchor,
+                    positive,
+                    negative,
+                } = out.selection
+                else {
+                    return Err(Error::Torch(
+                        "internal error: semi-hard mining returned weights".into(),
+                    ));
+                };
+                value = out.value;
+                count = out.count;
+                valid = out.valid;
+                let _ = active.f_add_scalar_(anchor.len() as f64)?;
+                triplets = (anchor, positive, negative);
+            } else if m > 0 {
                 let step = self.rows_per_chunk(m);
                 let columns = Columns::new(s.y_labels)?;
                 let scratch = s.scratch(self.kernel, step.min(n), m)?;
@@ -593,9 +624,12 @@ impl TripletConfig {
     /// ([`mining::batch_all_within`]); `None` for batches it does not take.
     fn all_within_terms(&self, s: &Sides) -> Result<Option<Terms>, Error> {
         let kind = s.x.f_kind()?;
+        let (b, step) = (s.y.size()[0], self.rows_per_chunk(s.y.size()[0]));
+        if b < HALF_MIN_CHUNKS.0 * step {
+            return Ok(None);
+        }
         let found = grad::no_grad(|| -> Result<_, Error> {
             let columns = Columns::new(s.y_labels)?;
-            let step = self.rows_per_chunk(s.y.size()[0]);
             let (points, norms) = (s.sx.points(), s.sx.norms());
             let Some(out) = mining::batch_all_within(
                 points,
@@ -623,6 +657,19 @@ impl TripletConfig {
             count,
             valid,
         }))
+    }
+
+    /// Semi-hard of a batch against itself from half its Gram matrix
+    /// ([`mining::semihard_within`]), with the native kernels; `None` for
+    /// batches it does not take.
+    fn semihard_within(&self, s: &Sides) -> Result<Option<mining::Weighted>, Error> {
+        let (b, step) = (s.y.size()[0], self.rows_per_chunk(s.y.size()[0]));
+        if !mining::fuses_distances(self.kernel, s.x) || b < HALF_MIN_CHUNKS.1 * step {
+            return Ok(None);
+        }
+        let columns = Columns::new(s.y_labels)?;
+        let (points, norms) = (s.sx.points(), s.sx.norms());
+        mining::semihard_within(points, norms, &columns, (self.distance, self.margin), step)
     }
 
     fn hard_terms(&self, s: &Sides, margin: Option<&Tensor>) -> Result<Terms, Error> {

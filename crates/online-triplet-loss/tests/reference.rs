@@ -364,24 +364,28 @@ fn identical_embeddings_tie_exactly() {
     }
 }
 
-/// Batch-all of a batch against itself, which takes half of the Gram matrix
-/// when no class has more than 17 samples, against the same batch passed as
-/// its own references (the chunked path over the whole matrix): on distinct
-/// points of a small grid, whose centred coordinates and distances are
-/// exact in both and tie with whole margins (and, in float32, with a margin
-/// below the rounding of t = d_ap + m),
-/// and on random points for the cosine distance, the counts are equal and the loss and gradient agree, for every
-/// distance, both dtypes, chunks of 1 to all anchors, classes of one sample
-/// (no positive), of 17 (the most the half-matrix path takes) and of 18 (the
-/// chunked path then).
+/// Batch-all and semi-hard of a batch against itself, which take half of
+/// the Gram matrix when no class has more than 17 samples and the batch
+/// spans enough chunks (4 and 16), against the same batch passed as its own
+/// references (the chunked path over the whole matrix). On distinct points
+/// of a small grid, whose centred coordinates and distances are exact in
+/// both and tie with whole margins (and, in float32, with a margin below
+/// the rounding of t = d_ap + m), and on random points for the cosine
+/// distance, the counts are equal and the loss and gradient agree: for
+/// every distance, both dtypes, chunks of 1 to all anchors, classes of one
+/// sample (no positive), of 17 (the most the half-matrix paths take) and
+/// of 18 (the chunked path then).
 #[test]
-fn batch_all_from_half_the_matrix_matches_the_whole_matrix() {
+fn losses_from_half_the_matrix_match_the_whole_matrix() {
     let mut cases = 0;
     for (seed, (n, dim, classes, big)) in [
         (40, 3, 5, 0),
         (70, 4, 70, 0),
         (62, 4, 9, 17),
         (50, 3, 4, 18),
+        (64, 4, 12, 0),
+        (66, 4, 20, 0),
+        (200, 4, 40, 0),
     ]
     .into_iter()
     .enumerate()
@@ -413,8 +417,11 @@ fn batch_all_from_half_the_matrix_matches_the_whole_matrix() {
                     Distance::Cosine => &random,
                     _ => &grid,
                 };
-                for margin in [0.0, 1e-7, 0.5, 1.0] {
-                    for step in [1, 5, 16, 17, 33, n] {
+                for (margin, mining) in [0.0, 1e-7, 0.5, 1.0]
+                    .into_iter()
+                    .flat_map(|m| [(m, Mining::All), (m, Mining::SemiHard)])
+                {
+                    for step in [1, 5, 12, 16, 17, 33, n] {
                         let cfg = TripletConfig::new(margin)
                             .distance(distance)
                             .chunk_size(step);
@@ -426,7 +433,7 @@ fn batch_all_from_half_the_matrix_matches_the_whole_matrix() {
                                 anchor_offset: Some(0),
                             };
                             let t = cfg
-                                .terms(Mining::All, &labels, &x, refs.then_some(&references))
+                                .terms(mining, &labels, &x, refs.then_some(&references))
                                 .unwrap();
                             t.sum.backward();
                             let count = i64::try_from(&t.count).unwrap();
@@ -454,5 +461,5 @@ fn batch_all_from_half_the_matrix_matches_the_whole_matrix() {
             }
         }
     }
-    assert_eq!(cases, 4 * 2 * 3 * 4 * 6);
+    assert_eq!(cases, 7 * 2 * 3 * 4 * 2 * 7);
 }

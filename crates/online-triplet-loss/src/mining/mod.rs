@@ -242,6 +242,30 @@ pub(crate) fn batch_all_within(
     )
 }
 
+/// Semi-hard of a batch mined against itself, by the native kernels from
+/// half of its Gram matrix, as [`batch_all_within`]: the terms of
+/// [`semihard`] over the whole batch, with [`Selection::Triplets`]. `None`
+/// when a label has more samples than these kernels take.
+///
+/// # Errors
+/// As [`hardest_within`].
+pub(crate) fn semihard_within(
+    points: &Tensor,
+    norms: &Tensor,
+    columns: &Columns,
+    loss: (Distance, f64),
+    step: i64,
+) -> Result<Option<Weighted>, Error> {
+    native::semihard_within(
+        points,
+        norms,
+        &columns.labels,
+        columns.native_groups()?,
+        loss,
+        step,
+    )
+}
+
 /// Adds the gradient of the selected triplets' Σ (d_ap − d_an) with respect
 /// to the anchors' points `x` and the references' points `y` to `gx` and
 /// `gy` ([`Selection::Triplets`], CPU only).

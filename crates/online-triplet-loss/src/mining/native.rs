@@ -18,15 +18,17 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::parallel::in_blocks;
+use super::parallel::{in_blocks, in_weighted_blocks};
 use super::{Chunk, Hardest, Selection, Weighted};
 use crate::hash::FastMap;
 use crate::{Distance, Error};
 
 mod within;
 mod within_all;
+mod within_semihard;
 pub(crate) use within::hardest_within;
 pub(crate) use within_all::{batch_all_within, AllWithin};
+pub(crate) use within_semihard::semihard_within;
 
 /// Columns per block of a row in the vectorised passes: a block of
 /// distances and its per-column counts stay in the L1 cache.
@@ -762,26 +764,7 @@ fn semihard_row<T: Real>(
     let mut picks = [None::<(T, usize)>; FEW_KEYS];
     let largest = if p <= FEW_KEYS {
         row.hide_same();
-        let mut largest = None::<(T, usize)>;
-        let mut at = 0;
-        for block in row.d.chunks(BLOCK) {
-            for (pick, q) in picks.iter_mut().zip(&s.positives) {
-                let min = min_above(block, q.d);
-                if min < T::INFINITY && pick.is_none_or(|(best, _)| min < best) {
-                    if let Some(j) = position_where(block, |x| x == min) {
-                        *pick = Some((min, at + j));
-                    }
-                }
-            }
-            let max = max_of(block);
-            if max > -T::INFINITY && largest.is_none_or(|(best, _)| max > best) {
-                if let Some(j) = position_where(block, |x| x == max) {
-                    largest = Some((max, at + j));
-                }
-            }
-            at += block.len();
-        }
-        largest
+        semihard_few(row.d, &s.positives, &mut picks)
     } else {
         semihard_many(&row, s)
     };
@@ -807,6 +790,38 @@ fn semihard_row<T: Real>(
         }
     }
     Totals { value, ..totals }
+}
+
+/// Semi-hard over the distances `d` of a row whose own label's columns are
+/// NaN: for each positive, in `picks`, the nearest finite distance strictly
+/// above its own, the lowest column on ties, and the farthest distance,
+/// which this returns; `None` where there are none.
+#[inline(always)]
+fn semihard_few<T: Real>(
+    d: &[T],
+    positives: &[Positive<T>],
+    picks: &mut [Option<(T, usize)>; FEW_KEYS],
+) -> Option<(T, usize)> {
+    let mut largest = None::<(T, usize)>;
+    let mut at = 0;
+    for block in d.chunks(BLOCK) {
+        for (pick, q) in picks.iter_mut().zip(positives) {
+            let min = min_above(block, q.d);
+            if min < T::INFINITY && pick.is_none_or(|(best, _)| min < best) {
+                if let Some(j) = position_where(block, |x| x == min) {
+                    *pick = Some((min, at + j));
+                }
+            }
+        }
+        let max = max_of(block);
+        if max > -T::INFINITY && largest.is_none_or(|(best, _)| max > best) {
+            if let Some(j) = position_where(block, |x| x == max) {
+                largest = Some((max, at + j));
+            }
+        }
+        at += block.len();
+    }
+    largest
 }
 
 /// Semi-hard over a row with many positives: each negative goes into the

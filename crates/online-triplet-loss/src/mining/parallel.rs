@@ -23,22 +23,67 @@ pub(super) fn in_blocks<O: Send, R: Send>(
     stride: usize,
     f: impl Fn(Range<usize>, &mut [O]) -> R + Sync,
 ) -> Vec<R> {
-    let threads = if rows * row_len < PARALLEL_ELEMENTS {
+    let threads = threads_for(rows, rows * row_len);
+    let per_block = rows.div_ceil(threads.max(1)).max(1);
+    let mut ends: Vec<usize> = (1..=threads).map(|t| (t * per_block).min(rows)).collect();
+    ends.dedup();
+    run_blocks(&ends, output, stride, f)
+}
+
+/// [`in_blocks`] for rows of uneven work: row `r` costs `work(r)` elements,
+/// and the blocks split the total evenly.
+pub(super) fn in_weighted_blocks<O: Send, R: Send>(
+    rows: usize,
+    work: impl Fn(usize) -> usize,
+    output: &mut [O],
+    stride: usize,
+    f: impl Fn(Range<usize>, &mut [O]) -> R + Sync,
+) -> Vec<R> {
+    let total: usize = (0..rows).map(&work).sum();
+    let threads = threads_for(rows, total);
+    let mut ends = Vec::with_capacity(threads);
+    let mut done = 0;
+    for r in 0..rows {
+        done += work(r);
+        // Close a block once its share of the total is reached.
+        if done * threads >= total * (ends.len() + 1) && ends.len() + 1 < threads {
+            ends.push(r + 1);
+        }
+    }
+    ends.push(rows);
+    ends.dedup();
+    run_blocks(&ends, output, stride, f)
+}
+
+/// The number of threads for `rows` rows of `elements` in all.
+fn threads_for(rows: usize, elements: usize) -> usize {
+    if elements < PARALLEL_ELEMENTS {
         1
     } else {
-        (tch::get_num_threads().max(1) as usize).min(rows)
-    };
-    if threads <= 1 {
+        (tch::get_num_threads().max(1) as usize).min(rows).max(1)
+    }
+}
+
+/// Runs `f` over the blocks of rows that end at `ends` (ascending, the last
+/// one the number of rows), in parallel.
+fn run_blocks<O: Send, R: Send>(
+    ends: &[usize],
+    output: &mut [O],
+    stride: usize,
+    f: impl Fn(Range<usize>, &mut [O]) -> R + Sync,
+) -> Vec<R> {
+    let rows = ends.last().copied().unwrap_or(0);
+    if ends.len() <= 1 {
         return vec![f(0..rows, output)];
     }
-    let per_block = rows.div_ceil(threads);
-    let mut blocks = Vec::with_capacity(threads);
+    let mut blocks = Vec::with_capacity(ends.len());
     let mut rest = output;
-    for start in (0..rows).step_by(per_block) {
-        let end = (start + per_block).min(rows);
+    let mut start = 0;
+    for &end in ends {
         let (block, tail) = std::mem::take(&mut rest).split_at_mut((end - start) * stride);
         rest = tail;
         blocks.push(Mutex::new(Some((start..end, block))));
+        start = end;
     }
     let results: Vec<Mutex<Option<R>>> = blocks.iter().map(|_| Mutex::new(None)).collect();
     run_team(blocks.len(), &|i| {

@@ -419,7 +419,7 @@ fn kernel_outputs<'a>(c: &dyn Fn() -> Chunk<'a>) -> Vec<(String, Tensor)> {
 /// Every vector width gives the same bits: the kernels run with AVX-512,
 /// AVX2 and the baseline allowed in turn (as far as the CPU has them) on
 /// Gram products of every distance, both dtypes, few and many positives,
-/// and so does the half-matrix batch-hard of the same samples.
+/// and so do the half-matrix kernels on the same samples.
 /// Other tests running meanwhile see a lowered ceiling too, which must not
 /// change their results either.
 #[test]
@@ -453,16 +453,37 @@ fn every_vector_width_gives_the_same_bits() {
                         col_norms: sy.norms(),
                     }),
                 };
-                // The half-matrix batch-hard of the references against themselves.
+                // The half-matrix kernels of the references against themselves
+                // (batch-all and semi-hard only with the smaller classes).
                 let (sw, _) = Side::pair(distance, &y, None).expect("sides");
                 let within = || {
-                    let h = super::hardest_within(sw.points(), sw.norms(), &columns, distance, 7)
-                        .expect("half matrix");
-                    [
+                    let (p, n) = (sw.points(), sw.norms());
+                    let h =
+                        super::hardest_within(p, n, &columns, distance, 7).expect("half matrix");
+                    let mut out = vec![
                         ("within positive".to_string(), h.positive),
                         ("within negative".to_string(), h.negative),
                         ("within valid".to_string(), h.valid),
-                    ]
+                    ];
+                    let all = super::batch_all_within(p, n, &columns, (distance, 0.3), 7);
+                    if let Some(a) = all.expect("half-matrix batch-all") {
+                        out.extend([
+                            ("within batch-all value".to_string(), a.value),
+                            ("within batch-all count".to_string(), a.count),
+                            ("within batch-all gradient".to_string(), a.grad),
+                        ]);
+                    }
+                    let semihard = super::semihard_within(p, n, &columns, (distance, 0.3), 7);
+                    if let Some(w) = semihard.expect("half-matrix semi-hard") {
+                        out.push(("within semi-hard value".to_string(), w.value));
+                        if let Selection::Triplets { negative, .. } = w.selection {
+                            out.push((
+                                "within semi-hard negatives".to_string(),
+                                Tensor::from_slice(&negative),
+                            ));
+                        }
+                    }
+                    out
                 };
                 let mut results = vec![];
                 for ceiling in [2, 1, 0] {

@@ -18,7 +18,7 @@ use tch::Tensor;
 
 use super::{
     extremes, first_negative, in_blocks, real_kind, simd, view, view_mut, Extremes, Groups,
-    NativeReal, Real, Row, Transform, LANES,
+    NativeReal, Positive, Real, Row, Transform, LANES,
 };
 use crate::mining::Hardest;
 use crate::{Distance, Error};
@@ -101,6 +101,110 @@ pub(super) fn key_of<T: Real>(v: T, n_i: T, n_j: T, euclidean: bool) -> T {
         }
     } else {
         T::REAL_ONE - v
+    }
+}
+
+/// The distance from its key (the squared distance for the Euclidean one).
+#[inline(always)]
+pub(super) fn of_key<T: Real>(key: T, root: bool) -> T {
+    if root {
+        key.sqrt()
+    } else {
+        key
+    }
+}
+
+/// The [`LANES`] values of `v` from `at` on.
+#[inline(always)]
+pub(super) fn lanes_of<V>(v: &[V], at: usize) -> &[V; LANES] {
+    v[at..at + LANES]
+        .try_into()
+        .expect("a whole group of lanes")
+}
+
+/// `t` with zeros appended along its first dimension up to `rows`,
+/// contiguous.
+pub(super) fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor, Error> {
+    let mut shape = t.size();
+    shape[0] = rows as i64 - shape[0];
+    let zeros = Tensor::f_zeros(shape, (t.kind(), t.device()))?;
+    Ok(Tensor::f_cat(&[t, &zeros], 0)?.f_contiguous()?)
+}
+
+/// x·y in `T`, summed [`LANES`] products at a time.
+#[inline(always)]
+fn dot<T: Real>(x: &[T], y: &[T]) -> T {
+    let mut lanes = [T::REAL_ZERO; LANES];
+    let (xs, x_rest) = x.as_chunks::<LANES>();
+    let (ys, y_rest) = y.as_chunks::<LANES>();
+    for (a, b) in xs.iter().zip(ys) {
+        for l in 0..LANES {
+            lanes[l] = lanes[l] + a[l] * b[l];
+        }
+    }
+    let mut sum = T::REAL_ZERO;
+    for (&a, &b) in x_rest.iter().zip(y_rest) {
+        sum = sum + a * b;
+    }
+    lanes.iter().fold(sum, |s, &v| s + v)
+}
+
+/// Every sample's positives (the other samples of its label), with their
+/// distances, sorted by (key, column): what the half-matrix batch-all and
+/// semi-hard need of an anchor before they meet its negatives, in passes
+/// over its row and over its column. Their products come from a loop of
+/// their own, not from the chunks' gemm.
+pub(super) struct Positives<T> {
+    start: Vec<usize>,
+    all: Vec<Positive<T>>,
+}
+
+impl<T: Real> Positives<T> {
+    /// The positives of the samples with labels `label`, indexed by
+    /// `groups`, whose points are the rows of `points` (`(values, width)`)
+    /// with norms `norm` as in [`key_of`]; `root` takes the square root of
+    /// the key (the Euclidean distance). A positive's key is `key(d)`.
+    pub(super) fn new(
+        (points, width): (&[T], usize),
+        norm: &[T],
+        label: &[i64],
+        groups: &Groups,
+        (euclidean, root): (bool, bool),
+        key: impl Fn(f64) -> f64,
+    ) -> Self {
+        let row = |i: usize| &points[i * width..(i + 1) * width];
+        let mut start = Vec::with_capacity(label.len() + 1);
+        let mut all: Vec<Positive<T>> = Vec::new();
+        for (a, &l) in label.iter().enumerate() {
+            start.push(all.len());
+            let first = all.len();
+            for &p in groups.of(l).iter().filter(|&&p| p != a) {
+                let v = dot(row(p), row(a));
+                let d = of_key(key_of(v, norm[p], norm[a], euclidean), root);
+                all.push(Positive {
+                    key: key(d.get()),
+                    d,
+                    j: p,
+                });
+            }
+            all[first..].sort_unstable_by(|a, b| a.key.total_cmp(&b.key).then(a.j.cmp(&b.j)));
+        }
+        start.push(all.len());
+        Positives { start, all }
+    }
+
+    /// Where the positives of sample `a` are among all of them.
+    pub(super) fn range(&self, a: usize) -> std::ops::Range<usize> {
+        self.start[a]..self.start[a + 1]
+    }
+
+    pub(super) fn of(&self, a: usize) -> &[Positive<T>] {
+        &self.all[self.range(a)]
+    }
+
+    /// The number of positive pairs.
+    pub(super) fn len(&self) -> usize {
+        self.all.len()
     }
 }
 

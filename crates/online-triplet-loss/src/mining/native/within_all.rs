@@ -30,10 +30,10 @@
 
 use tch::Tensor;
 
-use super::within::key_of;
+use super::within::{key_of, lanes_of, of_key, pad_rows, Positives};
 use super::{
-    batch_all_few, in_blocks, negative_pair_weight, real_kind, simd, view, view_mut, Groups,
-    NativeReal, Positive, Real, Totals, FEW_KEYS, LANES,
+    batch_all_few, in_blocks, in_weighted_blocks, negative_pair_weight, real_kind, simd, view,
+    view_mut, Groups, NativeReal, Real, Totals, FEW_KEYS, LANES,
 };
 use crate::{Distance, Error};
 
@@ -103,14 +103,6 @@ struct Frame<'a, T> {
     label: &'a [i64],
     euclidean: bool,
     root: bool,
-}
-
-/// The [`LANES`] values of `v` from `at` on.
-#[inline(always)]
-fn lanes_of<V>(v: &[V], at: usize) -> &[V; LANES] {
-    v[at..at + LANES]
-        .try_into()
-        .expect("a whole group of lanes")
 }
 
 /// The column pass over one chunk, whose products are `g` (rows of
@@ -221,34 +213,6 @@ pub(crate) fn batch_all_within(
     }))
 }
 
-/// x·y in `T`, summed [`LANES`] products at a time.
-#[inline(always)]
-fn dot<T: Real>(x: &[T], y: &[T]) -> T {
-    let mut lanes = [T::REAL_ZERO; LANES];
-    let (xs, x_rest) = x.as_chunks::<LANES>();
-    let (ys, y_rest) = y.as_chunks::<LANES>();
-    for (a, b) in xs.iter().zip(ys) {
-        for l in 0..LANES {
-            lanes[l] = lanes[l] + a[l] * b[l];
-        }
-    }
-    let mut sum = T::REAL_ZERO;
-    for (&a, &b) in x_rest.iter().zip(y_rest) {
-        sum = sum + a * b;
-    }
-    lanes.iter().fold(sum, |s, &v| s + v)
-}
-
-/// The distance from its key (the squared distance for the Euclidean one).
-#[inline(always)]
-fn of_key<T: Real>(key: T, root: bool) -> T {
-    if root {
-        key.sqrt()
-    } else {
-        key
-    }
-}
-
 fn typed<T: Real>(
     points: &Tensor,
     norms: &Tensor,
@@ -266,14 +230,8 @@ fn typed<T: Real>(
     let root = distance == Distance::Euclidean;
     // Whole groups of LANES columns: the points padded with zeros, whose
     // pairs the row pass hides.
-    let extra = (padded - n) as i64;
-    let pad = |t: &Tensor| -> Result<Tensor, Error> {
-        let mut shape = t.size();
-        shape[0] = extra;
-        Ok(Tensor::f_cat(&[t, &Tensor::f_zeros(shape, (kind, device))?], 0)?.f_contiguous()?)
-    };
-    let points = pad(points)?;
-    let norms = pad(norms)?;
+    let points = pad_rows(points, padded)?;
+    let norms = pad_rows(norms, padded)?;
     let labels = labels.f_contiguous()?;
     let (x, norm) = (view::<T>(&points)?, view::<T>(&norms)?);
     // Padding lanes get a label no sample has; the keys hide them anyway.
@@ -281,26 +239,15 @@ fn typed<T: Real>(
     label.resize(padded, i64::MIN);
     let width_of = dim.max(0) as usize;
     let row_of = |i: usize| &x[i * width_of..(i + 1) * width_of];
-
-    // Each anchor's positives, sorted by (t, column).
-    let mut start = Vec::with_capacity(n + 1);
-    let mut positives = Vec::new();
-    for a in 0..n {
-        start.push(positives.len());
-        let first = positives.len();
-        for &p in groups.of(label[a]).iter().filter(|&&p| p != a) {
-            let v = dot(row_of(p), row_of(a));
-            let d = of_key(key_of(v, norm[p], norm[a], euclidean), root);
-            positives.push(Positive {
-                key: d.get() + margin,
-                d,
-                j: p,
-            });
-        }
-        positives[first..].sort_unstable_by(|a, b| a.key.total_cmp(&b.key).then(a.j.cmp(&b.j)));
-    }
-    start.push(positives.len());
-    let of = |a: usize| &positives[start[a]..start[a + 1]];
+    let positives = Positives::new(
+        (x, width_of),
+        norm,
+        &label[..n],
+        groups,
+        (euclidean, root),
+        |d| d + margin,
+    );
+    let of = |a: usize| positives.of(a);
     let mut k_total = vec![0i64; positives.len()];
 
     let mut lanes = Vec::with_capacity(padded / LANES);
@@ -365,9 +312,10 @@ fn typed<T: Real>(
         };
         let products = view::<T>(&w)?;
         let groups_here = &mut lanes[s0 / LANES..];
-        in_blocks(
+        in_weighted_blocks(
             groups_here.len(),
-            len * LANES,
+            // The rows i < j of the group's anchors j.
+            |g| (s0 + (g + 1) * LANES).saturating_sub(s).min(len) * LANES,
             groups_here,
             1,
             |range, part| {
@@ -439,7 +387,7 @@ fn typed<T: Real>(
             for (i, k, v, row_sum) in rows_out {
                 value += v;
                 coef[i] += row_sum;
-                for (total, k) in k_total[start[i]..start[i + 1]].iter_mut().zip(k) {
+                for (total, k) in k_total[positives.range(i)].iter_mut().zip(k) {
                     *total += k;
                 }
             }
@@ -464,7 +412,7 @@ fn typed<T: Real>(
                 continue;
             }
             value += group.hinge[l];
-            for (q, total) in k_total[start[a]..start[a + 1]].iter_mut().enumerate() {
+            for (q, total) in k_total[positives.range(a)].iter_mut().enumerate() {
                 *total += group.k[q][l];
             }
         }
@@ -472,8 +420,8 @@ fn typed<T: Real>(
 
     // The positive pairs: weight k_p on d_ap, from both of their anchors.
     let pair = |a: usize, q: usize| -> f64 {
-        let p = positives[start[a] + q];
-        distance.pair_weight(k_total[start[a] + q] as f64, p.d.get())
+        let at = positives.range(a).start + q;
+        distance.pair_weight(k_total[at] as f64, of(a)[q].d.get())
     };
     let mut grad = grad.f_narrow(0, 0, b)?.f_contiguous()?;
     {

@@ -1,0 +1,354 @@
+//! Semi-hard over a batch mined against itself, from half its Gram matrix.
+//!
+//! An anchor's picks, the nearest negative strictly farther than each of
+//! its positives and its farthest negative, are running extremes over its
+//! negatives, which can come in any split as long as they come in column
+//! order (ties keep the lowest column). So, as in [`super::within`], a chunk
+//! of anchors `s..e` is multiplied with the samples from `s` on only, and
+//! the product x_i·x_j of a pair i < j serves both anchors: j in the pass
+//! over the chunk's columns, which meets j's references i below it, in
+//! order, first; i in the pass over its row, which meets the rest.
+//!
+//! Each anchor's positives (at most [`FEW_KEYS`]; batches with larger
+//! classes take the chunked path) are computed apart first
+//! ([`Positives`]), since the column passes need their distances before the
+//! anchor's own chunk comes. The distance of each ordered pair is computed
+//! in the operations and order of [`super::Transform::apply`] on its
+//! anchor's row.
+
+use tch::Tensor;
+
+use super::within::{key_of, lanes_of, of_key, pad_rows, Positives};
+use super::{
+    first_negative, in_blocks, in_weighted_blocks, real_kind, semihard_few, simd, view, view_mut,
+    Groups, NativeReal, Real, FEW_KEYS, LANES,
+};
+use crate::mining::{Selection, Weighted};
+use crate::{Distance, Error};
+
+/// No column yet.
+const NONE: u32 = u32::MAX;
+
+/// Groups of [`LANES`] columns that the column pass takes at a time over
+/// all the rows of a chunk (512 columns).
+const TILE: usize = 32;
+
+/// The running picks of [`LANES`] consecutive anchors, lane by lane.
+#[derive(Clone, Copy)]
+struct Lanes<T> {
+    /// The distance of positive q of the anchor in lane l, sorted; +∞ past
+    /// the anchor's positives, which nothing is above.
+    positive: [[T; LANES]; FEW_KEYS],
+    /// The most positives of any of the lanes' anchors.
+    width: usize,
+    /// The nearest finite distance strictly above positive q's, and its
+    /// column: +∞ and [`NONE`] until one comes.
+    above: [[T; LANES]; FEW_KEYS],
+    above_at: [[u32; LANES]; FEW_KEYS],
+    /// The farthest negative and its column: −∞ and [`NONE`] until one comes.
+    far: [T; LANES],
+    far_at: [u32; LANES],
+}
+
+impl<T: Real> Lanes<T> {
+    /// Offers the anchors of the lanes their distances `d` to sample `i`
+    /// (NaN where it is not a negative); candidates come in increasing
+    /// column order, so ties keep the earlier.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // lane-parallel arrays, to vectorise
+    fn offer(&mut self, d: &[T; LANES], i: u32) {
+        // Non-short-circuit operators, so that this test vectorises.
+        let mut hit = [false; LANES];
+        for l in 0..LANES {
+            hit[l] = d[l] > self.far[l];
+        }
+        for (positive, above) in self.positive.iter().zip(&self.above).take(self.width) {
+            for l in 0..LANES {
+                hit[l] |= (d[l] > positive[l]) & (d[l] < above[l]);
+            }
+        }
+        if !hit.iter().fold(false, |a, &h| a | h) {
+            return;
+        }
+        for q in 0..self.width {
+            for l in 0..LANES {
+                if d[l] > self.positive[q][l] && d[l] < self.above[q][l] {
+                    self.above[q][l] = d[l];
+                    self.above_at[q][l] = i;
+                }
+            }
+        }
+        for l in 0..LANES {
+            if d[l] > self.far[l] {
+                self.far[l] = d[l];
+                self.far_at[l] = i;
+            }
+        }
+    }
+}
+
+/// Semi-hard of the samples `points` (their squared norms `norms` for the
+/// Euclidean distances; normalised points for the cosine one) against
+/// themselves, with labels `labels` indexed by `groups`, in chunks of
+/// `step` anchors: the loss terms and the selected triplets, as
+/// [`super::semihard`] gives them over the whole matrix. `None` when a label
+/// has more than [`FEW_KEYS`] + 1 samples, or there are 2³² or more, which
+/// the chunked path handles.
+///
+/// # Errors
+/// `Error::Torch` when libtorch fails or the tensors are not float32 or
+/// float64 CPU tensors.
+pub(crate) fn semihard_within(
+    points: &Tensor,
+    norms: &Tensor,
+    labels: &Tensor,
+    groups: &Groups,
+    (distance, margin): (Distance, f64),
+    step: i64,
+) -> Result<Option<Weighted>, Error> {
+    if groups.largest() > FEW_KEYS + 1 || points.size()[0] >= i64::from(NONE) {
+        return Ok(None);
+    }
+    let loss = (distance, margin);
+    Ok(Some(match real_kind(points.kind())? {
+        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, loss, step)?,
+        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, loss, step)?,
+    }))
+}
+
+/// What the column pass reads of a chunk: its first anchor `s`, its first
+/// column `s0` (both absolute), its number of columns, and the samples'
+/// norms and labels, padded to whole groups.
+#[derive(Clone, Copy)]
+struct Frame<'a, T> {
+    s: usize,
+    s0: usize,
+    width: usize,
+    norm: &'a [T],
+    label: &'a [i64],
+    euclidean: bool,
+    root: bool,
+}
+
+/// The column pass over one chunk, whose products are `g` (rows of
+/// `frame.width` columns): each anchor j of the groups `part` (the first
+/// being group `first`) is offered its distances to the chunk's samples
+/// i < j of other labels.
+#[inline(always)]
+fn column_pass<T: Real>(g: &[T], frame: Frame<T>, first: usize, part: &mut [Lanes<T>]) {
+    let rows = g.len() / frame.width.max(1);
+    for (tile_at, tile) in (0..).step_by(TILE).zip(part.chunks_mut(TILE)) {
+        for r in 0..rows {
+            let i = frame.s + r;
+            let (label_i, n_i) = (frame.label[i], frame.norm[i]);
+            let row = &g[r * frame.width..(r + 1) * frame.width];
+            for (t, lanes) in tile.iter_mut().enumerate() {
+                let j0 = (first + tile_at + t) * LANES;
+                if j0 + LANES <= i + 1 {
+                    continue;
+                }
+                let v: &[T; LANES] = lanes_of(row, j0 - frame.s0);
+                let norms: &[T; LANES] = lanes_of(frame.norm, j0);
+                let labels: &[i64; LANES] = lanes_of(frame.label, j0);
+                let mut d = [T::NAN; LANES];
+                for l in 0..LANES {
+                    let dj = of_key(key_of(v[l], n_i, norms[l], frame.euclidean), frame.root);
+                    d[l] = if j0 + l > i && labels[l] != label_i {
+                        dj
+                    } else {
+                        T::NAN
+                    };
+                }
+                lanes.offer(&d, i as u32);
+            }
+        }
+    }
+}
+
+/// One anchor's picks from its row: per positive and the farthest, as
+/// (distance, column).
+type RowPicks<T> = (usize, [Option<(T, usize)>; FEW_KEYS], Option<(T, usize)>);
+
+fn typed<T: Real>(
+    points: &Tensor,
+    norms: &Tensor,
+    labels: &Tensor,
+    groups: &Groups,
+    (distance, margin): (Distance, f64),
+    step: i64,
+) -> Result<Weighted, Error> {
+    let kind = points.kind();
+    let (b, dim) = (points.size()[0], points.size()[1]);
+    let n = b as usize;
+    let padded = n.div_ceil(LANES) * LANES;
+    let step = step.clamp(1, b.max(1));
+    let euclidean = distance != Distance::Cosine;
+    let root = distance == Distance::Euclidean;
+    // Whole groups of LANES columns: the points padded with zeros, whose
+    // pairs the passes hide.
+    let points = pad_rows(points, padded)?;
+    let norms = pad_rows(norms, padded)?;
+    let labels = labels.f_contiguous()?;
+    let (x, norm) = (view::<T>(&points)?, view::<T>(&norms)?);
+    let mut label = view::<i64>(&labels)?.to_vec();
+    label.resize(padded, i64::MIN);
+    let positives = Positives::new(
+        (x, dim.max(0) as usize),
+        norm,
+        &label[..n],
+        groups,
+        (euclidean, root),
+        |d| d,
+    );
+
+    let mut state = Vec::with_capacity(padded / LANES);
+    for g in 0..padded / LANES {
+        let mut lanes = Lanes {
+            positive: [[T::INFINITY; LANES]; FEW_KEYS],
+            width: 0,
+            above: [[T::INFINITY; LANES]; FEW_KEYS],
+            above_at: [[NONE; LANES]; FEW_KEYS],
+            far: [-T::INFINITY; LANES],
+            far_at: [NONE; LANES],
+        };
+        for l in 0..LANES {
+            let a = g * LANES + l;
+            if a < n {
+                for (q, p) in positives.of(a).iter().enumerate() {
+                    lanes.positive[q][l] = p.d;
+                }
+                lanes.width = lanes.width.max(positives.of(a).len());
+            }
+        }
+        state.push(lanes);
+    }
+
+    let su = step as usize;
+    let buffer = Tensor::f_empty([step * padded as i64], (kind, points.device()))?;
+    for s in (0..n).step_by(su) {
+        let e = (s + su).min(n);
+        let len = e - s;
+        let s0 = s - s % LANES;
+        let width = padded - s0;
+        let mut g = buffer
+            .f_narrow(0, 0, (len * width) as i64)?
+            .f_view([len as i64, width as i64])?;
+        let rows = points.f_narrow(0, s as i64, len as i64)?;
+        let cols = points.f_narrow(0, s0 as i64, width as i64)?;
+        let _ = rows.f_mm_out(&g, &cols.f_tr()?)?;
+
+        // Columns: each anchor j > i against the chunk's samples i.
+        let frame = Frame {
+            s,
+            s0,
+            width,
+            norm,
+            label: &label,
+            euclidean,
+            root,
+        };
+        let products = view::<T>(&g)?;
+        let groups_here = &mut state[s0 / LANES..];
+        in_weighted_blocks(
+            groups_here.len(),
+            // The rows i < j of the group's anchors j.
+            |g| (s0 + (g + 1) * LANES).saturating_sub(s).min(len) * LANES,
+            groups_here,
+            1,
+            |range, part| {
+                simd::run(
+                    #[inline(always)]
+                    || column_pass(products, frame, s0 / LANES + range.start, part),
+                )
+            },
+        );
+
+        // Rows: each anchor i against the samples j > i.
+        let data = view_mut::<T>(&mut g)?;
+        let found: Vec<Vec<RowPicks<T>>> = in_blocks(len, width, data, width, |range, data| {
+            simd::run(
+                #[inline(always)]
+                || {
+                    let mut out = Vec::with_capacity(range.len());
+                    for (r, d) in range.zip(data.chunks_exact_mut(width)) {
+                        let i = s + r;
+                        let n_i = norm[i];
+                        for (v, &n_j) in d.iter_mut().zip(&norm[s0..]) {
+                            *v = of_key(key_of(*v, n_j, n_i, euclidean), root);
+                        }
+                        // Only samples i < j < n of other labels.
+                        let same = groups.of(label[i]).iter().filter(|&&j| j > i);
+                        let hide = (0..=i - s0)
+                            .chain(n - s0..width)
+                            .chain(same.map(|&j| j - s0));
+                        for j in hide {
+                            d[j] = T::NAN;
+                        }
+                        let mut picks = [None; FEW_KEYS];
+                        let far = semihard_few(d, positives.of(i), &mut picks);
+                        out.push((i, picks, far));
+                    }
+                    out
+                },
+            )
+        });
+        for (i, picks, far) in found.into_iter().flatten() {
+            let (lanes, l) = (&mut state[i / LANES], i % LANES);
+            for (q, pick) in picks.iter().enumerate().take(lanes.width) {
+                if let Some((d, j)) = *pick {
+                    if d < lanes.above[q][l] {
+                        lanes.above[q][l] = d;
+                        lanes.above_at[q][l] = (s0 + j) as u32;
+                    }
+                }
+            }
+            if let Some((d, j)) = far {
+                if d > lanes.far[l] {
+                    lanes.far[l] = d;
+                    lanes.far_at[l] = (s0 + j) as u32;
+                }
+            }
+        }
+    }
+
+    // Each positive pair's triplet, where its hinge is positive.
+    let (mut anchor, mut positive, mut negative) = (vec![], vec![], vec![]);
+    let (mut value, mut count) = (0.0f64, 0i64);
+    let label = &label[..n];
+    for a in 0..n {
+        let mine = positives.of(a);
+        if mine.is_empty() || groups.of(label[a]).len() == n {
+            continue;
+        }
+        count += mine.len() as i64;
+        let (lanes, l) = (&state[a / LANES], a % LANES);
+        // Only NaN distances (a loss that is NaN anyway) leave no farthest.
+        let far = match lanes.far_at[l] {
+            NONE => (f64::NAN, first_negative(label, label[a]).unwrap_or(0)),
+            j => (lanes.far[l].get(), j as usize),
+        };
+        for (q, p) in mine.iter().enumerate() {
+            let (d_an, j) = match lanes.above_at[q][l] {
+                NONE => far,
+                j => (lanes.above[q][l].get(), j as usize),
+            };
+            let hinge = p.key - d_an + margin;
+            if hinge > 0.0 {
+                value += hinge;
+                anchor.push(a as i64);
+                positive.push(p.j as i64);
+                negative.push(j as i64);
+            }
+        }
+    }
+    Ok(Weighted {
+        value: Tensor::from(value).f_to_kind(kind)?,
+        count: Tensor::from(count),
+        valid: Tensor::from(count),
+        selection: Selection::Triplets {
+            anchor,
+            positive,
+            negative,
+        },
+    })
+}
