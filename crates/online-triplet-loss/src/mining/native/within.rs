@@ -17,8 +17,8 @@
 use tch::Tensor;
 
 use super::{
-    extremes, first_negative, in_blocks, real_kind, simd, view, view_mut, Extremes, Groups,
-    NativeReal, Positive, Real, Row, Transform, LANES,
+    extremes, first_negative, in_blocks, in_weighted_blocks, real_kind, simd, view, view_mut,
+    Extremes, Groups, NativeReal, Positive, Real, Row, Transform, LANES,
 };
 use crate::mining::Hardest;
 use crate::{Distance, Error};
@@ -124,11 +124,198 @@ pub(super) fn lanes_of<V>(v: &[V], at: usize) -> &[V; LANES] {
 
 /// `t` with zeros appended along its first dimension up to `rows`,
 /// contiguous.
-pub(super) fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor, Error> {
+fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor, Error> {
     let mut shape = t.size();
     shape[0] = rows as i64 - shape[0];
     let zeros = Tensor::f_zeros(shape, (t.kind(), t.device()))?;
     Ok(Tensor::f_cat(&[t, &zeros], 0)?.f_contiguous()?)
+}
+
+/// A batch mined against itself by the half-matrix batch-all and semi-hard,
+/// padded to whole groups of [`LANES`] samples (zero points, and a label no
+/// sample has, which their passes hide anyway), with one buffer for the
+/// products of its chunks of `step` anchors.
+pub(super) struct Half<T> {
+    /// Padded points and their norms ([`super::Transform`]).
+    pub(super) points: Tensor,
+    pub(super) norms: Tensor,
+    /// Padded labels.
+    pub(super) label: Vec<i64>,
+    /// The number of samples, without the padding.
+    pub(super) n: usize,
+    pub(super) padded: usize,
+    /// The width of the points.
+    pub(super) dim: usize,
+    pub(super) positives: Positives<T>,
+    step: usize,
+    buffer: Tensor,
+}
+
+/// The chunk of anchors `s..s + len` with its products with the samples
+/// from `s0` (the first of the group of `s`) on: `width` columns.
+pub(super) struct Block {
+    pub(super) s: usize,
+    pub(super) len: usize,
+    pub(super) s0: usize,
+    pub(super) width: usize,
+    /// `(len, width)`, in the batch's buffer.
+    pub(super) products: Tensor,
+    /// The anchors' points and the columns' points.
+    pub(super) rows: Tensor,
+    pub(super) cols: Tensor,
+}
+
+impl<T: Real> Half<T> {
+    /// The batch of `points` with norms `norms` and labels `labels` indexed
+    /// by `groups`, whose positives get the keys `key(d)`.
+    ///
+    /// # Errors
+    /// `Error::Torch` when libtorch fails or the tensors are not contiguous
+    /// CPU tensors of `T` (points, norms) and int64 (labels).
+    pub(super) fn new(
+        (points, norms, labels): (&Tensor, &Tensor, &Tensor),
+        groups: &Groups,
+        distance: Distance,
+        key: impl Fn(f64) -> f64,
+        step: i64,
+    ) -> Result<Self, Error> {
+        let n = points.size()[0].max(0) as usize;
+        let dim = points.size()[1].max(0) as usize;
+        let padded = n.div_ceil(LANES) * LANES;
+        let labels = labels.f_contiguous()?;
+        let mut label = view::<i64>(&labels)?.to_vec();
+        label.resize(padded, i64::MIN);
+        let step = step.clamp(1, (n as i64).max(1));
+        let points = pad_rows(points, padded)?;
+        let norms = pad_rows(norms, padded)?;
+        let positives = Positives::new(
+            (view::<T>(&points)?, dim),
+            view::<T>(&norms)?,
+            &label[..n],
+            groups,
+            distance,
+            key,
+        );
+        let buffer = Tensor::f_empty([step * padded as i64], (points.kind(), points.device()))?;
+        Ok(Half {
+            points,
+            norms,
+            label,
+            n,
+            padded,
+            dim,
+            positives,
+            step: step as usize,
+            buffer,
+        })
+    }
+
+    /// The padded points, row after row, and their norms.
+    ///
+    /// # Errors
+    /// As [`Half::new`].
+    pub(super) fn views(&self) -> Result<(&[T], &[T]), Error> {
+        Ok((view::<T>(&self.points)?, view::<T>(&self.norms)?))
+    }
+
+    /// The chunks, as (first anchor, number of anchors).
+    pub(super) fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.n)
+            .step_by(self.step)
+            .map(|s| (s, self.step.min(self.n - s)))
+    }
+
+    /// The products of the chunk of `len` anchors from `s` on, in the buffer.
+    pub(super) fn block(&self, s: usize, len: usize) -> Result<Block, Error> {
+        let s0 = s - s % LANES;
+        let width = self.padded - s0;
+        let products = self
+            .buffer
+            .f_narrow(0, 0, (len * width) as i64)?
+            .f_view([len as i64, width as i64])?;
+        let rows = self.points.f_narrow(0, s as i64, len as i64)?;
+        let cols = self.points.f_narrow(0, s0 as i64, width as i64)?;
+        let _ = rows.f_mm_out(&products, &cols.f_tr()?)?;
+        Ok(Block {
+            s,
+            len,
+            s0,
+            width,
+            products,
+            rows,
+            cols,
+        })
+    }
+}
+
+/// What the column passes read of a [`Block`]: its first anchor `s`, its
+/// first column `s0` (both absolute), its rows and columns, and the
+/// samples' norms and padded labels.
+#[derive(Clone, Copy)]
+pub(super) struct Frame<'a, T> {
+    pub(super) s: usize,
+    pub(super) s0: usize,
+    pub(super) rows: usize,
+    pub(super) width: usize,
+    pub(super) norm: &'a [T],
+    pub(super) label: &'a [i64],
+    pub(super) euclidean: bool,
+    /// The distance is the square root of the key ([`of_key`]).
+    pub(super) root: bool,
+}
+
+impl<'a, T: Real> Frame<'a, T> {
+    /// The distance of an anchor with norm `anchor` to a reference with norm
+    /// `reference` from their product `v`, in the operations and order of
+    /// [`super::Transform::apply`] on the anchor's row.
+    #[inline(always)]
+    pub(super) fn distance(&self, v: T, anchor: T, reference: T) -> T {
+        of_key(key_of(v, reference, anchor, self.euclidean), self.root)
+    }
+
+    pub(super) fn new(block: &Block, norm: &'a [T], label: &'a [i64], distance: Distance) -> Self {
+        Frame {
+            s: block.s,
+            s0: block.s0,
+            rows: block.len,
+            width: block.width,
+            norm,
+            label,
+            euclidean: distance != Distance::Cosine,
+            root: distance == Distance::Euclidean,
+        }
+    }
+
+    /// Runs `pass(first, part)` over the groups of [`LANES`] columns of the
+    /// block, whose states are `groups[s0 / LANES..]`, in parts split among
+    /// the threads by their work (a group's anchors j against the rows
+    /// i < j); `first` is the index of the first group of `part`.
+    #[inline(always)]
+    pub(super) fn over_columns<G: Send>(
+        &self,
+        groups: &mut [G],
+        pass: impl Fn(usize, &mut [G]) + Sync,
+    ) {
+        let first = self.s0 / LANES;
+        let work = |g: usize| {
+            (self.s0 + (g + 1) * LANES)
+                .saturating_sub(self.s)
+                .min(self.rows)
+        };
+        let here = &mut groups[first..];
+        in_weighted_blocks(
+            here.len(),
+            |g| work(g) * LANES,
+            here,
+            1,
+            |range, part| {
+                simd::run(
+                    #[inline(always)]
+                    || pass(first + range.start, part),
+                )
+            },
+        );
+    }
 }
 
 /// x·y in `T`, summed [`LANES`] products at a time.
@@ -162,16 +349,19 @@ pub(super) struct Positives<T> {
 impl<T: Real> Positives<T> {
     /// The positives of the samples with labels `label`, indexed by
     /// `groups`, whose points are the rows of `points` (`(values, width)`)
-    /// with norms `norm` as in [`key_of`]; `root` takes the square root of
-    /// the key (the Euclidean distance). A positive's key is `key(d)`.
+    /// with norms `norm` as in [`key_of`]. A positive's key is `key(d)`.
     pub(super) fn new(
         (points, width): (&[T], usize),
         norm: &[T],
         label: &[i64],
         groups: &Groups,
-        (euclidean, root): (bool, bool),
+        distance: Distance,
         key: impl Fn(f64) -> f64,
     ) -> Self {
+        let (euclidean, root) = (
+            distance != Distance::Cosine,
+            distance == Distance::Euclidean,
+        );
         let row = |i: usize| &points[i * width..(i + 1) * width];
         let mut start = Vec::with_capacity(label.len() + 1);
         let mut all: Vec<Positive<T>> = Vec::new();

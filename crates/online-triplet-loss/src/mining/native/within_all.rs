@@ -30,10 +30,10 @@
 
 use tch::Tensor;
 
-use super::within::{key_of, lanes_of, of_key, pad_rows, Positives};
+use super::within::{lanes_of, Frame, Half};
 use super::{
-    batch_all_few, in_blocks, in_weighted_blocks, negative_pair_weight, real_kind, simd, view,
-    view_mut, Groups, NativeReal, Real, Totals, FEW_KEYS, LANES,
+    batch_all_few, in_blocks, negative_pair_weight, real_kind, simd, view, view_mut, Groups,
+    NativeReal, Real, Totals, FEW_KEYS, LANES,
 };
 use crate::{Distance, Error};
 
@@ -91,20 +91,6 @@ struct SharedCounts {
 unsafe impl Send for SharedCounts {}
 unsafe impl Sync for SharedCounts {}
 
-/// What the passes over a chunk read: its first anchor `s`, its first
-/// column `s0` (both absolute), the number of columns, and the samples'
-/// norms and labels (padded to whole groups).
-#[derive(Clone, Copy)]
-struct Frame<'a, T> {
-    s: usize,
-    s0: usize,
-    width: usize,
-    norm: &'a [T],
-    label: &'a [i64],
-    euclidean: bool,
-    root: bool,
-}
-
 /// The column pass over one chunk, whose products are `g` (rows of
 /// `frame.width` columns): for each anchor j of the column groups `part`
 /// (the first one being group `first`), the distances d_ji to the chunk's
@@ -143,8 +129,7 @@ fn column_pass<T: Real>(
                 let n_i = frame.norm[i];
                 let mut d = [T::NAN; LANES];
                 for l in 0..LANES {
-                    let key = key_of(v[l], n_i, norms[l], frame.euclidean);
-                    let dj = of_key(key, frame.root);
+                    let dj = frame.distance(v[l], norms[l], n_i);
                     d[l] = if j0 + l > i && labels[l] != label_i {
                         dj
                     } else {
@@ -221,32 +206,18 @@ fn typed<T: Real>(
     (distance, margin): (Distance, f64),
     step: i64,
 ) -> Result<AllWithin, Error> {
-    let (kind, device) = (points.kind(), points.device());
-    let (b, dim) = (points.size()[0], points.size()[1]);
-    let n = b as usize;
-    let padded = n.div_ceil(LANES) * LANES;
-    let step = step.clamp(1, b.max(1));
-    let euclidean = distance != Distance::Cosine;
-    let root = distance == Distance::Euclidean;
-    // Whole groups of LANES columns: the points padded with zeros, whose
-    // pairs the row pass hides.
-    let points = pad_rows(points, padded)?;
-    let norms = pad_rows(norms, padded)?;
-    let labels = labels.f_contiguous()?;
-    let (x, norm) = (view::<T>(&points)?, view::<T>(&norms)?);
-    // Padding lanes get a label no sample has; the keys hide them anyway.
-    let mut label = view::<i64>(&labels)?.to_vec();
-    label.resize(padded, i64::MIN);
-    let width_of = dim.max(0) as usize;
-    let row_of = |i: usize| &x[i * width_of..(i + 1) * width_of];
-    let positives = Positives::new(
-        (x, width_of),
-        norm,
-        &label[..n],
+    let kind = points.kind();
+    let half = Half::<T>::new(
+        (points, norms, labels),
         groups,
-        (euclidean, root),
+        distance,
         |d| d + margin,
-    );
+        step,
+    )?;
+    let (n, padded, dim, label, positives) =
+        (half.n, half.padded, half.dim, &half.label, &half.positives);
+    let (x, norm) = half.views()?;
+    let row_of = |i: usize| &x[i * dim..(i + 1) * dim];
     let of = |a: usize| positives.of(a);
     let mut k_total = vec![0i64; positives.len()];
 
@@ -275,35 +246,17 @@ fn typed<T: Real>(
         });
     }
 
-    let grad = Tensor::f_zeros([padded as i64, dim], (kind, device))?;
+    let grad = Tensor::f_zeros([padded as i64, dim as i64], (kind, half.points.device()))?;
     // Σⱼ Wᵢⱼ for each sample, as anchor and as reference, for the term
     // (Σⱼ Wᵢⱼ) xᵢ of the gradient of Euclidean distances.
     let mut coef = vec![0.0f64; padded];
     let mut value = 0.0f64;
-    let su = step as usize;
-    let buffer = Tensor::f_empty([step * padded as i64], (kind, device))?;
-    let mut counts = vec![0u8; su * padded];
-    for s in (0..n).step_by(su) {
-        let e = (s + su).min(n);
-        let len = e - s;
-        // The chunk's columns, from the group of s on.
-        let s0 = s - s % LANES;
-        let width = padded - s0;
-        let frame = Frame {
-            s,
-            s0,
-            width,
-            norm,
-            label: &label,
-            euclidean,
-            root,
-        };
-        let mut w = buffer
-            .f_narrow(0, 0, (len * width) as i64)?
-            .f_view([len as i64, width as i64])?;
-        let cols = points.f_narrow(0, s0 as i64, width as i64)?;
-        let rows = points.f_narrow(0, s as i64, len as i64)?;
-        let _ = rows.f_mm_out(&w, &cols.f_tr()?)?;
+    let mut counts = vec![0u8; half.chunks().map(|(_, len)| len).max().unwrap_or(0) * padded];
+    for (s, len) in half.chunks() {
+        let block = half.block(s, len)?;
+        let frame = Frame::new(&block, norm, label, distance);
+        let (s0, width) = (block.s0, block.width);
+        let mut w = block.products.shallow_clone();
 
         // Columns: each anchor j > i against the chunk's samples i.
         let shared = SharedCounts {
@@ -311,19 +264,10 @@ fn typed<T: Real>(
             len: len * width,
         };
         let products = view::<T>(&w)?;
-        let groups_here = &mut lanes[s0 / LANES..];
-        in_weighted_blocks(
-            groups_here.len(),
-            // The rows i < j of the group's anchors j.
-            |g| (s0 + (g + 1) * LANES).saturating_sub(s).min(len) * LANES,
-            groups_here,
-            1,
-            |range, part| {
-                simd::run(
-                    #[inline(always)]
-                    || column_pass(products, shared, frame, s0 / LANES + range.start, part),
-                )
-            },
+        frame.over_columns(
+            &mut lanes,
+            #[inline(always)]
+            |first, part| column_pass(products, shared, frame, first, part),
         );
 
         // Rows: row i is mined over its distances d_ij, whose weights then
@@ -344,8 +288,8 @@ fn typed<T: Real>(
                         let n_i = norm[i];
                         for ((v, dt), &n_j) in w.iter_mut().zip(dt.iter_mut()).zip(&norm[s0..]) {
                             let g = *v;
-                            *v = of_key(key_of(g, n_j, n_i, euclidean), root);
-                            *dt = of_key(key_of(g, n_i, n_j, euclidean), root);
+                            *v = frame.distance(g, n_i, n_j);
+                            *dt = frame.distance(g, n_j, n_i);
                         }
                         // Only pairs i < j < n with other labels.
                         let same = groups.of(label[i]).iter().filter(|&&j| j > i);
@@ -400,10 +344,10 @@ fn typed<T: Real>(
         // the columns ([`crate::distance::Side::accumulate_grad`]).
         let _ = grad
             .f_narrow(0, s as i64, len as i64)?
-            .f_sub_(&w.f_mm(&cols)?)?;
+            .f_sub_(&w.f_mm(&block.cols)?)?;
         let _ = grad
             .f_narrow(0, s0 as i64, width as i64)?
-            .f_addmm_(&w.f_tr()?, &rows.f_neg()?)?;
+            .f_addmm_(&w.f_tr()?, &block.rows.f_neg()?)?;
     }
     for (g, group) in lanes.iter().enumerate() {
         for l in 0..LANES {
@@ -423,7 +367,7 @@ fn typed<T: Real>(
         let at = positives.range(a).start + q;
         distance.pair_weight(k_total[at] as f64, of(a)[q].d.get())
     };
-    let mut grad = grad.f_narrow(0, 0, b)?.f_contiguous()?;
+    let mut grad = grad.f_narrow(0, 0, n as i64)?.f_contiguous()?;
     {
         let g = view_mut::<T>(&mut grad)?;
         for a in 0..n {
@@ -432,15 +376,16 @@ fn typed<T: Real>(
                 let weight = pair(a, q) + pair(p.j, back);
                 coef[a] += weight;
                 let (weight, y) = (T::put(weight), row_of(p.j));
-                for (g, &y) in g[a * width_of..(a + 1) * width_of].iter_mut().zip(y) {
+                for (g, &y) in g[a * dim..(a + 1) * dim].iter_mut().zip(y) {
                     *g = *g - weight * y;
                 }
             }
         }
     }
-    if euclidean {
+    if distance != Distance::Cosine {
         let coef = Tensor::f_from_slice(&coef[..n])?.f_to_kind(kind)?;
-        let _ = grad.f_add_(&coef.f_unsqueeze(1)?.f_mul(&points.f_narrow(0, 0, b)?)?)?;
+        let points = half.points.f_narrow(0, 0, n as i64)?;
+        let _ = grad.f_add_(&coef.f_unsqueeze(1)?.f_mul(&points)?)?;
     }
     let count: i64 = k_total.iter().sum();
     let valid: i64 = (0..n)

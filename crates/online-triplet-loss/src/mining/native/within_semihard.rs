@@ -18,10 +18,10 @@
 
 use tch::Tensor;
 
-use super::within::{key_of, lanes_of, of_key, pad_rows, Positives};
+use super::within::{lanes_of, Frame, Half};
 use super::{
-    first_negative, in_blocks, in_weighted_blocks, real_kind, semihard_few, simd, view, view_mut,
-    Groups, NativeReal, Real, FEW_KEYS, LANES,
+    first_negative, in_blocks, real_kind, semihard_few, simd, view, view_mut, Groups, NativeReal,
+    Real, FEW_KEYS, LANES,
 };
 use crate::mining::{Selection, Weighted};
 use crate::{Distance, Error};
@@ -116,20 +116,6 @@ pub(crate) fn semihard_within(
     }))
 }
 
-/// What the column pass reads of a chunk: its first anchor `s`, its first
-/// column `s0` (both absolute), its number of columns, and the samples'
-/// norms and labels, padded to whole groups.
-#[derive(Clone, Copy)]
-struct Frame<'a, T> {
-    s: usize,
-    s0: usize,
-    width: usize,
-    norm: &'a [T],
-    label: &'a [i64],
-    euclidean: bool,
-    root: bool,
-}
-
 /// The column pass over one chunk, whose products are `g` (rows of
 /// `frame.width` columns): each anchor j of the groups `part` (the first
 /// being group `first`) is offered its distances to the chunk's samples
@@ -152,7 +138,7 @@ fn column_pass<T: Real>(g: &[T], frame: Frame<T>, first: usize, part: &mut [Lane
                 let labels: &[i64; LANES] = lanes_of(frame.label, j0);
                 let mut d = [T::NAN; LANES];
                 for l in 0..LANES {
-                    let dj = of_key(key_of(v[l], n_i, norms[l], frame.euclidean), frame.root);
+                    let dj = frame.distance(v[l], norms[l], n_i);
                     d[l] = if j0 + l > i && labels[l] != label_i {
                         dj
                     } else {
@@ -178,28 +164,9 @@ fn typed<T: Real>(
     step: i64,
 ) -> Result<Weighted, Error> {
     let kind = points.kind();
-    let (b, dim) = (points.size()[0], points.size()[1]);
-    let n = b as usize;
-    let padded = n.div_ceil(LANES) * LANES;
-    let step = step.clamp(1, b.max(1));
-    let euclidean = distance != Distance::Cosine;
-    let root = distance == Distance::Euclidean;
-    // Whole groups of LANES columns: the points padded with zeros, whose
-    // pairs the passes hide.
-    let points = pad_rows(points, padded)?;
-    let norms = pad_rows(norms, padded)?;
-    let labels = labels.f_contiguous()?;
-    let (x, norm) = (view::<T>(&points)?, view::<T>(&norms)?);
-    let mut label = view::<i64>(&labels)?.to_vec();
-    label.resize(padded, i64::MIN);
-    let positives = Positives::new(
-        (x, dim.max(0) as usize),
-        norm,
-        &label[..n],
-        groups,
-        (euclidean, root),
-        |d| d,
-    );
+    let half = Half::<T>::new((points, norms, labels), groups, distance, |d| d, step)?;
+    let (n, padded, label, positives) = (half.n, half.padded, &half.label, &half.positives);
+    let (_, norm) = half.views()?;
 
     let mut state = Vec::with_capacity(padded / LANES);
     for g in 0..padded / LANES {
@@ -223,44 +190,18 @@ fn typed<T: Real>(
         state.push(lanes);
     }
 
-    let su = step as usize;
-    let buffer = Tensor::f_empty([step * padded as i64], (kind, points.device()))?;
-    for s in (0..n).step_by(su) {
-        let e = (s + su).min(n);
-        let len = e - s;
-        let s0 = s - s % LANES;
-        let width = padded - s0;
-        let mut g = buffer
-            .f_narrow(0, 0, (len * width) as i64)?
-            .f_view([len as i64, width as i64])?;
-        let rows = points.f_narrow(0, s as i64, len as i64)?;
-        let cols = points.f_narrow(0, s0 as i64, width as i64)?;
-        let _ = rows.f_mm_out(&g, &cols.f_tr()?)?;
+    for (s, len) in half.chunks() {
+        let block = half.block(s, len)?;
+        let frame = Frame::new(&block, norm, label, distance);
+        let (s0, width) = (block.s0, block.width);
+        let mut g = block.products.shallow_clone();
 
         // Columns: each anchor j > i against the chunk's samples i.
-        let frame = Frame {
-            s,
-            s0,
-            width,
-            norm,
-            label: &label,
-            euclidean,
-            root,
-        };
         let products = view::<T>(&g)?;
-        let groups_here = &mut state[s0 / LANES..];
-        in_weighted_blocks(
-            groups_here.len(),
-            // The rows i < j of the group's anchors j.
-            |g| (s0 + (g + 1) * LANES).saturating_sub(s).min(len) * LANES,
-            groups_here,
-            1,
-            |range, part| {
-                simd::run(
-                    #[inline(always)]
-                    || column_pass(products, frame, s0 / LANES + range.start, part),
-                )
-            },
+        frame.over_columns(
+            &mut state,
+            #[inline(always)]
+            |first, part| column_pass(products, frame, first, part),
         );
 
         // Rows: each anchor i against the samples j > i.
@@ -274,7 +215,7 @@ fn typed<T: Real>(
                         let i = s + r;
                         let n_i = norm[i];
                         for (v, &n_j) in d.iter_mut().zip(&norm[s0..]) {
-                            *v = of_key(key_of(*v, n_j, n_i, euclidean), root);
+                            *v = frame.distance(*v, n_i, n_j);
                         }
                         // Only samples i < j < n of other labels.
                         let same = groups.of(label[i]).iter().filter(|&&j| j > i);
