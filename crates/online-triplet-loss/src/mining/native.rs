@@ -602,10 +602,10 @@ fn batch_all_row<T: Real>(
     out
 }
 
-/// Batch-all over the distances `d` of a row whose own label's columns are NaN, one vectorised
-/// pass per positive and block: k[i] and the hinges of positive i, and −(the
-/// number of positives a negative is active for), as pair weights, over
-/// the negatives' distances.
+/// Batch-all over the distances `d` of a row whose own label's columns are
+/// NaN, one vectorised pass per positive and block: `k[i]` and the hinges of
+/// positive i, and −(the number of positives a negative is active for), as
+/// pair weights, over the negatives' distances.
 #[inline(always)]
 fn batch_all_few<T: Real>(
     d: &mut [T],

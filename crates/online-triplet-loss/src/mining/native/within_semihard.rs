@@ -11,7 +11,7 @@
 //!
 //! Each anchor's positives (at most [`FEW_KEYS`]; batches with larger
 //! classes take the chunked path) are computed apart first
-//! ([`Positives`]), since the column passes need their distances before the
+//! ([`super::within::Positives`]), since the column passes need their distances before the
 //! anchor's own chunk comes. The distance of each ordered pair is computed
 //! in the operations and order of [`super::Transform::apply`] on its
 //! anchor's row.
