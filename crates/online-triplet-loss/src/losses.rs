@@ -625,7 +625,7 @@ impl TripletConfig {
     fn all_within_terms(&self, s: &Sides) -> Result<Option<Terms>, Error> {
         let kind = s.x.f_kind()?;
         let (b, step) = (s.y.size()[0], self.rows_per_chunk(s.y.size()[0]));
-        if b < HALF_MIN_CHUNKS.0 * step {
+        if b < HALF_MIN_CHUNKS.0.saturating_mul(step) {
             return Ok(None);
         }
         let found = grad::no_grad(|| -> Result<_, Error> {
@@ -664,7 +664,8 @@ impl TripletConfig {
     /// batches it does not take.
     fn semihard_within(&self, s: &Sides) -> Result<Option<mining::Weighted>, Error> {
         let (b, step) = (s.y.size()[0], self.rows_per_chunk(s.y.size()[0]));
-        if !mining::fuses_distances(self.kernel, s.x) || b < HALF_MIN_CHUNKS.1 * step {
+        if !mining::fuses_distances(self.kernel, s.x) || b < HALF_MIN_CHUNKS.1.saturating_mul(step)
+        {
             return Ok(None);
         }
         let columns = Columns::new(s.y_labels)?;

@@ -164,3 +164,27 @@ fn float_and_narrow_integer_labels_are_class_ids() {
     let want = batch_hard_triplet_loss(&relabelled, &x, 1.0, false).unwrap();
     assert!(got.allclose(&want, 0.0, 0.0, false));
 }
+
+/// A chunk size of any magnitude is one chunk: the batch takes the chunked
+/// path (the half-matrix one needs 4 or 16 chunks), bit for bit what the
+/// batch passed as its own references gives, and nothing overflows.
+#[test]
+fn huge_chunk_sizes_are_one_chunk() {
+    tch::manual_seed(3);
+    let x = Tensor::randn([40, 5], cpu(Kind::Double));
+    let labels = Tensor::arange(40, (Kind::Int64, Device::Cpu)).divide_scalar_mode(3, "floor");
+    for mining in [Mining::All, Mining::SemiHard, Mining::Hard] {
+        for rows in [40, 1 << 59, (1 << 61) + 1, i64::MAX] {
+            let cfg = TripletConfig::new(0.2).chunk_size(rows);
+            let got = cfg.terms(mining, &labels, &x, None).unwrap();
+            let references = References {
+                embeddings: &x,
+                labels: &labels,
+                anchor_offset: Some(0),
+            };
+            let want = cfg.terms(mining, &labels, &x, Some(&references)).unwrap();
+            assert!(got.sum.equal(&want.sum), "{mining:?} chunk_size {rows}");
+            assert!(got.count.equal(&want.count), "{mining:?} chunk_size {rows}");
+        }
+    }
+}
