@@ -5,16 +5,20 @@
 //! negatives, which can come in any split as long as they come in column
 //! order (ties keep the lowest column). So, as in [`super::within`], a chunk
 //! of anchors `s..e` is multiplied with the samples from `s` on only, and
-//! the product x_i·x_j of a pair i < j serves both anchors: j in the pass
-//! over the chunk's columns, which meets j's references i below it, in
-//! order, first; i in the pass over its row, which meets the rest.
+//! the distance of a pair i < j serves both anchors: i in the pass over its
+//! row, which meets the samples after it, and j in the pass over the
+//! chunk's columns, which meets j's references i below it, in order. Each
+//! anchor takes the column passes' candidates before its row's.
+//!
+//! The row pass turns the products into distances, in the operations and
+//! order of [`super::Transform::apply`] on row i, and the column pass reads
+//! them as they are: d_ji is d_ij, where the chunked path computes it on
+//! row j (the two may differ in the last bit).
 //!
 //! Each anchor's positives (at most [`FEW_KEYS`]; batches with larger
 //! classes take the chunked path) are computed apart first
-//! ([`super::within::Positives`]), since the column passes need their distances before the
-//! anchor's own chunk comes. The distance of each ordered pair is computed
-//! in the operations and order of [`super::Transform::apply`] on its
-//! anchor's row.
+//! ([`super::within::Positives`]), since the column passes need their
+//! distances before the anchor's own chunk comes.
 
 use tch::Tensor;
 
@@ -116,35 +120,23 @@ pub(crate) fn semihard_within(
     }))
 }
 
-/// The column pass over one chunk, whose products are `g` (rows of
-/// `frame.width` columns): each anchor j of the groups `part` (the first
-/// being group `first`) is offered its distances to the chunk's samples
-/// i < j of other labels.
+/// The column pass over one chunk, whose distances are `d` (rows of
+/// `frame.width` columns, left by the row pass: NaN but where i < j and the
+/// labels differ): each anchor j of the groups `part` (the first being
+/// group `first`) is offered its distances to the chunk's samples i < j.
 #[inline(always)]
-fn column_pass<T: Real>(g: &[T], frame: Frame<T>, first: usize, part: &mut [Lanes<T>]) {
-    let rows = g.len() / frame.width.max(1);
+fn column_pass<T: Real>(d: &[T], frame: Frame<T>, first: usize, part: &mut [Lanes<T>]) {
+    let rows = d.len() / frame.width.max(1);
     for (tile_at, tile) in (0..).step_by(TILE).zip(part.chunks_mut(TILE)) {
         for r in 0..rows {
             let i = frame.s + r;
-            let (label_i, n_i) = (frame.label[i], frame.norm[i]);
-            let row = &g[r * frame.width..(r + 1) * frame.width];
+            let row = &d[r * frame.width..(r + 1) * frame.width];
             for (t, lanes) in tile.iter_mut().enumerate() {
                 let j0 = (first + tile_at + t) * LANES;
                 if j0 + LANES <= i + 1 {
                     continue;
                 }
-                let v: &[T; LANES] = lanes_of(row, j0 - frame.s0);
-                let norms: &[T; LANES] = lanes_of(frame.norm, j0);
-                let labels: &[i64; LANES] = lanes_of(frame.label, j0);
-                let mut d = [T::NAN; LANES];
-                for l in 0..LANES {
-                    let dj = frame.distance(v[l], norms[l], n_i);
-                    d[l] = if j0 + l > i && labels[l] != label_i {
-                        dj
-                    } else {
-                        T::NAN
-                    };
-                }
+                let d: [T; LANES] = *lanes_of(row, j0 - frame.s0);
                 lanes.offer(&d, i as u32);
             }
         }
@@ -196,15 +188,9 @@ fn typed<T: Real>(
         let (s0, width) = (block.s0, block.width);
         let mut g = block.products.shallow_clone();
 
-        // Columns: each anchor j > i against the chunk's samples i.
-        let products = view::<T>(&g)?;
-        frame.over_columns(
-            &mut state,
-            #[inline(always)]
-            |first, part| column_pass(products, frame, first, part),
-        );
-
-        // Rows: each anchor i against the samples j > i.
+        // Rows: each anchor i against the samples j > i. Their distances stay
+        // in the buffer, NaN but for the pairs i < j of other labels, for
+        // the columns; their picks wait for the columns' candidates.
         let data = view_mut::<T>(&mut g)?;
         let found: Vec<Vec<RowPicks<T>>> = in_blocks(len, width, data, width, |range, data| {
             simd::run(
@@ -233,6 +219,15 @@ fn typed<T: Real>(
                 },
             )
         });
+        // Columns: each anchor j > i against the chunk's samples i, over
+        // the distances the rows left; these come before the anchors' own
+        // rows, which hold the later columns.
+        let distances = view::<T>(&g)?;
+        frame.over_columns(
+            &mut state,
+            #[inline(always)]
+            |first, part| column_pass(distances, frame, first, part),
+        );
         for (i, picks, far) in found.into_iter().flatten() {
             let (lanes, l) = (&mut state[i / LANES], i % LANES);
             for (q, pick) in picks.iter().enumerate().take(lanes.width) {
