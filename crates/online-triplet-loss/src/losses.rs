@@ -23,8 +23,8 @@ const MIN_CHUNK_ROWS: i64 = 512;
 /// cost more than the row passes they replace. Measured on a 2-core CPU,
 /// D = 128: batch-all gains from 4 chunks on (B = 4096: 65 against 79 ms;
 /// at one chunk, B = 2048, it loses), semi-hard, whose gradient takes no
-/// product, only from 16 (B = 8192: 128 against 129 ms; B = 4096, 4
-/// chunks: 45 against 36 ms; B = 16384: 448 against 543 ms).
+/// product, only from 16 (B = 8192: 121 against 128 ms; B = 4096, 4
+/// chunks: 42 against 37 ms; B = 16384: 405 against 517 ms).
 const HALF_MIN_CHUNKS: (i64, i64) = (4, 16);
 
 /// How triplets are selected.
