@@ -18,14 +18,15 @@ const CHUNK_ELEMENTS: i64 = 1 << 22;
 /// 4M elements are slower at B = 4096).
 const MIN_CHUNK_ROWS: i64 = 512;
 /// A batch mined against itself takes the half-matrix kernels of batch-all
-/// and semi-hard when it spans at least this many chunks: over c chunks the
+/// and semi-hard when it spans at least these many chunks: over c chunks the
 /// half computes (c + 1)/2c of the products, and their passes over columns
 /// cost more than the row passes they replace. Measured on a 2-core CPU,
 /// D = 128: batch-all gains from 4 chunks on (B = 4096: 65 against 79 ms;
 /// at one chunk, B = 2048, it loses), semi-hard, whose gradient takes no
 /// product, only from 16 (B = 8192: 121 against 128 ms; B = 4096, 4
 /// chunks: 42 against 37 ms; B = 16384: 405 against 517 ms).
-const HALF_MIN_CHUNKS: (i64, i64) = (4, 16);
+const HALF_MIN_CHUNKS_ALL: i64 = 4;
+const HALF_MIN_CHUNKS_SEMIHARD: i64 = 16;
 
 /// How triplets are selected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -466,12 +467,9 @@ impl TripletConfig {
     }
 
     fn weighted_terms(&self, mining: Mining, s: &Sides) -> Result<Terms, Error> {
-        if mining == Mining::All
-            && s.y_is_x
-            && s.ties.is_none()
-            && mining::fuses_distances(self.kernel, s.x)
-        {
-            if let Some(terms) = self.all_within_terms(s)? {
+        let columns = Columns::new(s.y_labels)?;
+        if mining == Mining::All && self.half_matrix(s, HALF_MIN_CHUNKS_ALL) {
+            if let Some(terms) = self.all_within_terms(s, &columns)? {
                 return Ok(terms);
             }
         }
@@ -491,8 +489,11 @@ impl TripletConfig {
             let mut gy = Tensor::f_zeros(s.y.size(), (kind, device))?;
             let mut col_sum = Tensor::f_zeros([m], (kind, device))?;
             let within = match mining {
-                Mining::SemiHard if s.y_is_x && s.ties.is_none() && m > 0 => {
-                    self.semihard_within(s)?
+                Mining::SemiHard if self.half_matrix(s, HALF_MIN_CHUNKS_SEMIHARD) => {
+                    let (points, norms) = (s.sx.points(), s.sx.norms());
+                    let loss = (self.distance, self.margin);
+                    let step = self.rows_per_chunk(m);
+                    mining::semihard_within(points, norms, &columns, loss, step)?
                 }
                 _ => None,
             };
@@ -514,7 +515,6 @@ impl TripletConfig {
                 triplets = (anchor, positive, negative);
             } else if m > 0 {
                 let step = self.rows_per_chunk(m);
-                let columns = Columns::new(s.y_labels)?;
                 let scratch = s.scratch(self.kernel, step.min(n), m)?;
                 for start in (0..n).step_by(step as usize) {
                     let len = step.min(n - start);
@@ -620,21 +620,28 @@ impl TripletConfig {
         })
     }
 
+    /// Whether the batch is mined against itself by the native kernels from
+    /// half its Gram matrix: references that are the anchors, no identical
+    /// embeddings, native kernels, and at least `min_chunks` chunks.
+    fn half_matrix(&self, s: &Sides, min_chunks: i64) -> bool {
+        let b = s.y.size()[0];
+        s.y_is_x
+            && s.ties.is_none()
+            && mining::fuses_distances(self.kernel, s.x)
+            && b >= min_chunks.saturating_mul(self.rows_per_chunk(b))
+    }
+
     /// Batch-all of a batch against itself from half its Gram matrix
     /// ([`mining::batch_all_within`]); `None` for batches it does not take.
-    fn all_within_terms(&self, s: &Sides) -> Result<Option<Terms>, Error> {
+    fn all_within_terms(&self, s: &Sides, columns: &Columns) -> Result<Option<Terms>, Error> {
         let kind = s.x.f_kind()?;
-        let (b, step) = (s.y.size()[0], self.rows_per_chunk(s.y.size()[0]));
-        if b < HALF_MIN_CHUNKS.0.saturating_mul(step) {
-            return Ok(None);
-        }
+        let step = self.rows_per_chunk(s.y.size()[0]);
         let found = grad::no_grad(|| -> Result<_, Error> {
-            let columns = Columns::new(s.y_labels)?;
             let (points, norms) = (s.sx.points(), s.sx.norms());
             let Some(out) = mining::batch_all_within(
                 points,
                 norms,
-                &columns,
+                columns,
                 (self.distance, self.margin),
                 step,
             )?
@@ -659,20 +666,6 @@ impl TripletConfig {
         }))
     }
 
-    /// Semi-hard of a batch against itself from half its Gram matrix
-    /// ([`mining::semihard_within`]), with the native kernels; `None` for
-    /// batches it does not take.
-    fn semihard_within(&self, s: &Sides) -> Result<Option<mining::Weighted>, Error> {
-        let (b, step) = (s.y.size()[0], self.rows_per_chunk(s.y.size()[0]));
-        if !mining::fuses_distances(self.kernel, s.x) || b < HALF_MIN_CHUNKS.1.saturating_mul(step)
-        {
-            return Ok(None);
-        }
-        let columns = Columns::new(s.y_labels)?;
-        let (points, norms) = (s.sx.points(), s.sx.norms());
-        mining::semihard_within(points, norms, &columns, (self.distance, self.margin), step)
-    }
-
     fn hard_terms(&self, s: &Sides, margin: Option<&Tensor>) -> Result<Terms, Error> {
         let kind = s.x.f_kind()?;
         let device = s.x.device();
@@ -693,7 +686,7 @@ impl TripletConfig {
         } = grad::no_grad(|| -> Result<Hardest, Error> {
             let step = self.rows_per_chunk(m);
             let columns = Columns::new(s.y_labels)?;
-            if s.y_is_x && s.ties.is_none() && mining::fuses_distances(self.kernel, s.x) {
+            if self.half_matrix(s, 0) {
                 let (points, norms) = (s.sx.points(), s.sx.norms());
                 return mining::hardest_within(points, norms, &columns, self.distance, step);
             }
