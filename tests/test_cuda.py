@@ -11,8 +11,9 @@ reference comparisons carry information). The host-synchronisation check
 needs CUDA and is skipped on any other device.
 
 Layout: losses against the CPU and the reference (per loss x distance x dtype)
--> chunked mining -> reference sets -> CrossBatchMemory -> metrics -> no host
-synchronisation.
+-> chunked mining -> reference sets -> CrossBatchMemory -> metrics -> the
+sentence-transformers adapters against sentence-transformers' losses -> no
+host synchronisation.
 
 Tolerances, per input dtype, of a loss or a gradient entry against the
 float64 reference of the same (already rounded) input values:
@@ -51,6 +52,11 @@ from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
 from test_memory import reference_loss as memory_reference_loss
 from test_metrics import brute_force as metrics_brute_force
 from test_metrics import random_data as metrics_random_data
+from test_sentence_transformers import HAVE_ST
+from test_sentence_transformers import LOSS_NAMES as ST_LOSS_NAMES
+from test_sentence_transformers import _pair as st_pair
+from test_sentence_transformers import _pk_batch as st_pk_batch
+from test_sentence_transformers import _value_and_grad as st_value_and_grad
 
 pytestmark = pytest.mark.cuda
 
@@ -296,6 +302,35 @@ def test_metrics_match_brute_force_and_cpu(device, distance):
         got32 = mean_average_precision_at_r(emb.float().to(device), labels.to(device), distance=distance)
         cpu32 = mean_average_precision_at_r(emb.float(), labels, distance=distance)
         assert got32 == pytest.approx(cpu32, abs=2.0 / len(labels)), what
+
+
+# ---------------------------------------------------------- sentence-transformers
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("loss_name", ST_LOSS_NAMES)
+def test_sentence_transformers_losses_match_st_on_the_device(device, loss_name, dtype):
+    """The adapters of online_triplet_loss.sentence_transformers against
+    sentence-transformers' own losses, both on the device, on P×K batches
+    where the two must agree (values and gradients)."""
+    if not HAVE_ST:
+        pytest.skip("sentence-transformers is not installed")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from sentence_transformers.sentence_transformer import losses as st
+
+    import online_triplet_loss.sentence_transformers as ours
+
+    for metric in ("euclidean", "squared", "cosine"):
+        for batch in ((3, 4, 8, 1), (16, 8, 32, 3)):
+            st_loss, our_loss = st_pair(st, ours, loss_name, metric, margin=None)
+            labels, emb = st_pk_batch(*batch, dtype=dtype)
+            labels, emb = labels.to(device), emb.to(device)
+            expected, g_expected = st_value_and_grad(st_loss, labels, emb)
+            got, g = st_value_and_grad(our_loss, labels, emb)
+            what = f"{loss_name} {metric} P{batch[0]}xK{batch[1]} {DTYPE_IDS[dtype]}"
+            assert got.device == device and g.device == device and got.dtype == dtype, what
+            assert_close(got, expected, what + " loss vs sentence-transformers", **value_tol(dtype))
+            assert_close(g, g_expected, what + " gradient vs sentence-transformers", **grad_tol(dtype))
 
 
 # -------------------------------------------------------------- host synchronisation
