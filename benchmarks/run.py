@@ -207,6 +207,8 @@ def child_main(spec_json: str, out_path: str) -> int:
         res["thread_env"] = {k: os.environ.get(k) for k in THREAD_ENV}
         device = torch.device(spec["device"])
         cuda = device.type == "cuda"
+        if cuda and device.index is None:  # set_per_process_memory_fraction needs the index
+            device = torch.device("cuda", torch.cuda.current_device())
         step = _build_step(spec, torch)
         B, D, K = spec["B"], spec["D"], spec["K"]
         gen = torch.Generator().manual_seed(spec.get("seed", 0))

@@ -104,6 +104,8 @@ def device(record_testsuite_property) -> torch.device:
                         f"{torch.version.cuda or 'none'}); {DEVICE_VARIABLE}=cpu runs these checks on the CPU")
         if (dev.index or 0) >= torch.cuda.device_count():
             pytest.skip(f"{dev} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+        if dev.index is None:  # tensors report their device with its index
+            dev = torch.device("cuda", torch.cuda.current_device())
         record_testsuite_property("device_name", torch.cuda.get_device_name(dev))
     record_testsuite_property("device", str(dev))
     return dev
