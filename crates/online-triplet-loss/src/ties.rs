@@ -51,33 +51,87 @@ fn hashed<T: Copy + Eq + std::hash::Hash>(x: &Tensor, n: i64) -> (Tensor, bool) 
     (Tensor::from_slice(&first), copies)
 }
 
-/// Lexicographic sort of the rows with fixed shapes: a stable sort per
-/// column, last column first, then runs of equal neighbours.
+/// Odd multipliers of the row hashes: splitmix64's, and two from the
+/// golden ratio and its square, for the two keys.
+const MIX_1: i64 = 0xbf58_476d_1ce4_e5b9_u64 as i64;
+const MIX_2: i64 = 0x94d0_49bb_1331_11eb_u64 as i64;
+const KEY_1: i64 = 0x9e37_79b9_7f4a_7c15_u64 as i64;
+const KEY_2: i64 = 0xc2b2_ae3d_27d4_eb4f_u64 as i64;
+
+/// `z >> s` with zeros shifted in (libtorch shifts int64 arithmetically).
+fn shift_right(z: &Tensor, s: i64) -> Result<Tensor, Error> {
+    Ok(z.f_bitwise_right_shift_tensor_scalar(s)?
+        .f_bitwise_and((1i64 << (64 - s)) - 1)?)
+}
+
+/// splitmix64's finaliser, a bijection of 64-bit words (wrapping products).
+fn mix(z: &Tensor) -> Result<Tensor, Error> {
+    let z = z
+        .f_bitwise_xor_tensor(&shift_right(z, 30)?)?
+        .f_mul_scalar(MIX_1)?;
+    let z = z
+        .f_bitwise_xor_tensor(&shift_right(&z, 27)?)?
+        .f_mul_scalar(MIX_2)?;
+    Ok(z.f_bitwise_xor_tensor(&shift_right(&z, 31)?)?)
+}
+
+/// First copies with fixed shapes and a constant number of operations, for
+/// any device. Each row gets two 64-bit keys, sums over its entries of a
+/// mixed (bit pattern, column) word; a stable sort by the keys puts copies
+/// next to each other in their original order, and a row is a copy of the
+/// first row of its run of equal keys when it equals that row. Distinct
+/// rows share both keys with probability about 2^-128; a row that then
+/// shares them with a different first row of its run is counted as having
+/// no copy, which can only move a tie between identical embeddings by the
+/// rounding of their distances.
 fn sorted(x: &Tensor, n: i64) -> Result<Tensor, Error> {
-    let opts = (Kind::Int64, x.device());
-    let mut order = Tensor::f_arange(n, opts)?;
-    for c in (0..x.size()[1]).rev() {
-        let key = x.f_select(1, c)?.f_index_select(0, &order)?;
-        let (_, by) = key.f_sort_stable(true, 0, false)?;
-        order = order.f_index_select(0, &by)?;
-    }
-    let rows = x.f_index_select(0, &order)?;
+    let device = x.device();
+    let opts = (Kind::Int64, device);
+    let bits = match x.f_kind()? {
+        Kind::Double => x.f_view_dtype(Kind::Int64)?,
+        Kind::Float => x.f_view_dtype(Kind::Int)?.f_to_kind(Kind::Int64)?,
+        Kind::Half | Kind::BFloat16 => x.f_view_dtype(Kind::Int16)?.f_to_kind(Kind::Int64)?,
+        kind => {
+            return Err(Error::Torch(format!(
+                "internal error: identical rows of {kind:?} embeddings"
+            )))
+        }
+    };
+    let column = Tensor::f_arange(x.size()[1], opts)?.f_unsqueeze(0)?;
+    let word = mix(&bits.f_add(&column.f_mul_scalar(KEY_1)?)?)?;
+    let key_1 = word.f_sum_dim_intlist(1, false, Kind::Int64)?;
+    let key_2 = mix(&word.f_bitwise_xor(KEY_2)?)?.f_sum_dim_intlist(1, false, Kind::Int64)?;
+    // By key 1, then key 2, then position: the sorts are stable.
+    let (_, by_2) = key_2.f_sort_stable(true, 0, false)?;
+    let (_, by_1) = key_1
+        .f_index_select(0, &by_2)?
+        .f_sort_stable(true, 0, false)?;
+    let order = by_2.f_index_select(0, &by_1)?;
     if n == 0 {
         return Ok(order);
     }
-    let starts = rows
-        .f_narrow(0, 1, n - 1)?
-        .f_ne_tensor(&rows.f_narrow(0, 0, n - 1)?)?
-        .f_any_dim(1, false)?;
-    // Equal rows keep their original order through stable sorts, so each run
-    // starts at its smallest original index.
+    let (k1, k2) = (
+        key_1.f_index_select(0, &order)?,
+        key_2.f_index_select(0, &order)?,
+    );
+    let differs = |k: &Tensor| -> Result<Tensor, Error> {
+        Ok(k.f_narrow(0, 1, n - 1)?
+            .f_ne_tensor(&k.f_narrow(0, 0, n - 1)?)?)
+    };
+    let starts = differs(&k1)?.f_logical_or(&differs(&k2)?)?;
     let positions = Tensor::f_arange(n, opts)?;
-    let start_of_run = Tensor::f_cat(&[Tensor::f_ones([1], (Kind::Bool, x.device()))?, starts], 0)?;
+    let start_of_run = Tensor::f_cat(&[Tensor::f_ones([1], (Kind::Bool, device))?, starts], 0)?;
     let run_start = positions
         .f_where_self(&start_of_run, &positions.f_zeros_like()?)?
         .f_cummax(0)?
         .0;
-    let by_sorted = order.f_index_select(0, &run_start)?;
+    let rows = x.f_index_select(0, &order)?;
+    let copy = rows
+        .f_eq_tensor(&rows.f_index_select(0, &run_start)?)?
+        .f_all_dim(1, false)?;
+    let by_sorted = order
+        .f_index_select(0, &run_start)?
+        .f_where_self(&copy, &order)?;
     Ok(by_sorted
         .f_zeros_like()?
         .f_index_copy(0, &order, &by_sorted)?)
@@ -135,5 +189,90 @@ impl Ties {
             .f_eq_tensor(&self.columns.f_unsqueeze(0)?)?;
         let _ = d.f_masked_fill_(&identical, 0.0)?;
         Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// For each row, the first row equal to it entry by entry (NaN equals
+    /// nothing, −0 equals 0), by brute force in float64.
+    fn brute_force(x: &Tensor) -> Vec<i64> {
+        let rows = Vec::<Vec<f64>>::try_from(x.to_kind(Kind::Double)).unwrap();
+        (0..rows.len())
+            .map(|i| (0..=i).find(|&j| rows[j] == rows[i]).unwrap_or(i) as i64)
+            .collect()
+    }
+
+    fn portable(x: &Tensor) -> Vec<i64> {
+        let (first, copies) = first_copies(x, Kernel::Portable).unwrap();
+        assert!(copies, "the portable kernel cannot know there are none");
+        Vec::<i64>::try_from(&first).unwrap()
+    }
+
+    /// Random rows drawn from a few distinct ones, so most have copies.
+    fn with_copies(seed: i64, n: i64, distinct: i64, d: i64, kind: Kind) -> Tensor {
+        tch::manual_seed(seed);
+        let base = Tensor::randn([distinct, d], (kind, Device::Cpu));
+        base.index_select(
+            0,
+            &Tensor::randint(distinct, [n], (Kind::Int64, Device::Cpu)),
+        )
+    }
+
+    #[test]
+    fn portable_first_copies_match_brute_force_in_every_dtype() {
+        for kind in [Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16] {
+            for (seed, n, distinct, d) in [
+                (0, 50, 7, 3),
+                (1, 200, 199, 16),
+                (2, 64, 1, 5),
+                (3, 1, 1, 4),
+            ] {
+                let x = with_copies(seed, n, distinct, d, kind);
+                assert_eq!(portable(&x), brute_force(&x), "{kind:?} seed {seed}");
+            }
+        }
+    }
+
+    #[test]
+    fn portable_first_copies_of_signed_zeros_nan_and_empty_rows() {
+        let x = Tensor::from_slice(&[
+            0.0f32,
+            1.0,
+            -0.0,
+            1.0,
+            f32::NAN,
+            2.0,
+            f32::NAN,
+            2.0,
+            0.0,
+            -1.0,
+            -0.0,
+            1.0,
+        ])
+        .view([6, 2]);
+        // Rows 0, 1 and 5 are equal (signed zeros), NaN rows equal nothing.
+        assert_eq!(portable(&x), vec![0, 0, 2, 3, 4, 0]);
+        assert_eq!(portable(&x), brute_force(&x));
+        let empty_rows = Tensor::zeros([4, 0], (Kind::Float, Device::Cpu));
+        assert_eq!(portable(&empty_rows), vec![0, 0, 0, 0]);
+        let no_rows = Tensor::zeros([0, 3], (Kind::Float, Device::Cpu));
+        assert_eq!(portable(&no_rows), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn portable_and_native_first_copies_agree() {
+        for kind in [Kind::Double, Kind::Float] {
+            let x = with_copies(7, 300, 40, 8, kind);
+            let (native, copies) = first_copies(&x, Kernel::Auto).unwrap();
+            assert!(copies);
+            assert_eq!(
+                portable(&x),
+                Vec::<i64>::try_from(&native).unwrap(),
+                "{kind:?}"
+            );
+        }
     }
 }
