@@ -85,3 +85,27 @@ def test_ratios_under_load_are_marked(tmp_path):
     assert busy["load_1m"] == 5.0 and busy["loaded"]
     assert run.ratio_text(quiet, dict(quiet, median_s=1.0), False, 60) == "2×"
     assert run.ratio_text(quiet, busy, False, 60) == "2× ⚠ load 5.0"
+
+
+def test_chunk_size_sweep_times_every_mining_and_chunk(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "chunk_sizes.py"), "--device", "cpu", "--out", str(tmp_path),
+           "--sizes", "64", "--chunks", "16,128", "--repeats", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads((tmp_path / "chunk_sizes.json").read_text())["rows"]
+    # the gemm, then each mining at the default, 16 and the whole batch (128 > B is left out)
+    expected = [(64, "gemm", "-")] + [(64, m, c) for m in ("hard", "semihard", "all") for c in ("default", 16, 64)]
+    assert [(r["B"], r["mining"], r["chunk"]) for r in rows] == expected
+    assert all(r["status"] == "ok" and r["median_s"] > 0 for r in rows), rows
+    assert (tmp_path / "chunk_sizes.md").read_text().count("\n| 64 |") == len(expected)
+
+
+def test_profile_lists_the_operators_of_every_mining(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_losses.py"), "--device", "cpu", "--out", str(tmp_path),
+           "--sizes", "64", "--runs", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    text = (tmp_path / "profile.txt").read_text()
+    for mining in ("hard", "semihard", "all"):
+        section = text.split(f"## B=64 {mining}:")[1].split("## ")[0]
+        assert "ms per run" in section and "aten::" in section, (mining, section[:500])
