@@ -703,7 +703,12 @@ fn batch_all_many<T: Real>(
         }
         let dj = v.get();
         // Positives with t_p ≤ d_an come first; the rest are active for n.
-        let bucket = s.keys.partition_point(|&t| t <= dj);
+        // A NaN distance is below none of them, as in `batch_all_few`.
+        let bucket = if dj.is_nan() {
+            p
+        } else {
+            s.keys.partition_point(|&t| t <= dj)
+        };
         s.counts[bucket] += 1;
         s.sums[bucket] += dj;
         *v = T::put(distance.pair_weight(-((p - bucket) as f64), dj));

@@ -7,30 +7,53 @@ use super::{Chunk, Hardest, Selection, Weighted};
 use crate::labels::masks;
 use crate::Error;
 
-/// With t_p = d_ap + m over the anchor's positives sorted, a negative n is
-/// active against the positives with t_p > d_an, the last P − k_n of them,
-/// k_n from a binary search, and its hinge terms sum to
-/// (T_P − T_{k_n}) − (P − k_n)·d_an, T the prefix sums of the sorted t. The
-/// positive in sorted place j is active against the negatives with k_n ≤ j
-/// (tied t are all counted in k_n or none is): a count of the k_n
-/// (scatter-add) and its running sum. Only the positives are sorted.
+/// With the anchor's positives sorted by b_p, the smallest value of the
+/// dtype at least d_ap + m, a negative n is active against the positives
+/// with b_p > d_an, the last P − k_n of them, k_n from a binary search, and
+/// its hinge terms sum to (T_P − T_{k_n}) − (P − k_n)·d_an, T the prefix
+/// sums of t_p = d_ap + m rounded, in the same order. The positive in sorted
+/// place j is active against the negatives with k_n ≤ j (tied b are all
+/// counted in k_n or none is): a count of the k_n (scatter-add) and its
+/// running sum. Only the positives are sorted.
 pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let d = &chunk.d;
     let kind = d.kind();
     let (rows, n) = (d.size()[0], d.size()[1]);
     let (same, different) = masks(chunk.row_labels, &chunk.columns.labels, chunk.self_col)?;
     let positives = same.f_sum_dim_intlist(1, true, Kind::Int64)?;
+    // A NaN distance is below no t_p, as in the native kernels, whatever
+    // place `searchsorted` gives it.
+    let negative = different.f_logical_and(&d.f_eq_tensor(d)?)?;
 
-    let (sorted_t, order) = d
-        .f_where_scalarother(&same, f64::INFINITY)?
-        .f_add_scalar_(margin)?
-        .f_sort(1, false)?;
-    // #{t_p ≤ d_an} for every column, and P − k_n for the negatives.
-    let k = d.f_searchsorted(&sorted_t, false, true, "right", None::<Tensor>)?;
+    // Negative n is active for positive p when d_an < d_ap + m exactly:
+    // below the smallest value of the dtype at least d_ap + m (computed in
+    // float64, as the native kernels do), which float32's rounding to nearest
+    // can fall short of by an ulp. The hinges take t_p, d_ap + m rounded.
+    let t = d.f_where_scalarother(&same, f64::INFINITY)?;
+    let (bound, t) = match kind {
+        Kind::Double => {
+            let t = t.f_add_scalar(margin)?;
+            (t.shallow_clone(), t)
+        }
+        _ => {
+            let exact = t.f_to_kind(Kind::Double)?.f_add_scalar_(margin)?;
+            let t = exact.f_to_kind(kind)?;
+            let up = t.f_nextafter(&Tensor::f_full([], f64::INFINITY, (kind, d.device()))?)?;
+            let short = t.f_to_kind(Kind::Double)?.f_lt_tensor(&exact)?;
+            (up.f_where_self(&short, &t)?, t)
+        }
+    };
+    let (sorted_bound, order) = bound.f_sort(1, false)?;
+    drop(bound);
+    let sorted_t = t.f_gather(1, &order, false)?;
+    drop(t);
+    // #{bound_p ≤ d_an} for every column, and P − k_n for the negatives.
+    let k = d.f_searchsorted(&sorted_bound, false, true, "right", None::<Tensor>)?;
+    drop(sorted_bound);
     let active = positives
         .f_sub(&k)?
         .f_clamp_min_(0)?
-        .f_where_scalarother(&different, 0)?;
+        .f_where_scalarother(&negative, 0)?;
     // Sorted places that hold a positive: the first P, unless a positive's
     // distance is infinite or NaN (a loss that is NaN anyway) and sorts among
     // or after the +inf of the other columns.
@@ -57,7 +80,7 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     drop(sorted_t);
     // The positive in sorted place j gets the number of negatives with k_n ≤ j.
     let below = Tensor::f_zeros([rows, n + 1], (kind, d.device()))?
-        .f_scatter_add_(1, &k, &different.f_to_kind(kind)?)?
+        .f_scatter_add_(1, &k, &negative.f_to_kind(kind)?)?
         .f_cumsum_(1, kind)?
         .f_narrow(1, 0, n)?
         .f_where_scalarother(&in_place, 0.0)?;

@@ -184,6 +184,10 @@ fn semihard_kernels_match_the_definition_on_ties() {
     assert_eq!(cases, 24 * 7 * 2 * 3);
 }
 
+/// A margin of 0.4 ulp of 1: d_ap + m rounds down to d_ap in float32 for
+/// every whole d_ap ≥ 1, while a negative at d_ap is below d_ap + m.
+const SUB_ULP_MARGIN: f64 = 0.4 / (1u64 << 23) as f64;
+
 #[test]
 fn batch_all_and_hardest_kernels_agree_on_ties() {
     for seed in 0..12 {
@@ -193,33 +197,38 @@ fn batch_all_and_hardest_kernels_agree_on_ties() {
             (10, 260, 2, 7),
             (4, 12, 12, 3),
         ] {
-            let c = case(seed, rows, cols, classes, levels, Kind::Double);
-            let what = format!("seed {seed} {rows}x{cols}");
-            // Whole margins tie d_ap + m with distances, whose hinge is 0.
-            for margin in [0.0, 0.5, 2.0] {
-                let what = format!("{what} m {margin}");
-                let n = native::batch_all(&c.chunk(), margin).expect("native");
-                let p = portable::batch_all(&c.chunk(), margin).expect("portable");
-                let (nv, pv) = (scalar(&n.value), scalar(&p.value));
-                // Infinite distances make both values NaN or infinite alike.
-                assert!(
-                    nv == pv
-                        || (nv - pv).abs() <= 1e-9 * (1.0 + pv.abs())
-                        || (nv.is_nan() && pv.is_nan()),
-                    "{what}: batch-all value {nv} vs {pv}"
-                );
-                assert!(n.count.equal(&p.count), "{what}: batch-all count");
-                assert!(n.valid.equal(&p.valid), "{what}: batch-all valid");
-                // Squared distance: the pair weights are twice the weights.
-                if let (Selection::PairWeights { weights, .. }, Selection::Weights(w)) =
-                    (&n.selection, &p.selection)
-                {
-                    assert!(weights.equal(&(w * 2.0)), "{what}: batch-all weights");
-                } else {
-                    panic!("{what}: unexpected batch-all selections");
+            for kind in [Kind::Double, Kind::Float] {
+                let c = case(seed, rows, cols, classes, levels, kind);
+                let what = format!("seed {seed} {rows}x{cols} {kind:?}");
+                // Whole margins tie d_ap + m with distances, whose hinge is 0.
+                for margin in [0.0, 0.5, 2.0, SUB_ULP_MARGIN] {
+                    let what = format!("{what} m {margin}");
+                    let n = native::batch_all(&c.chunk(), margin).expect("native");
+                    let p = portable::batch_all(&c.chunk(), margin).expect("portable");
+                    let (nv, pv) = (scalar(&n.value), scalar(&p.value));
+                    // Infinite distances make both values NaN or infinite alike;
+                    // float32 sums differ in their order.
+                    let tol = if kind == Kind::Float { 1e-6 } else { 1e-9 };
+                    assert!(
+                        nv == pv
+                            || (nv - pv).abs() <= tol * (1.0 + pv.abs())
+                            || (nv.is_nan() && pv.is_nan()),
+                        "{what}: batch-all value {nv} vs {pv}"
+                    );
+                    assert!(n.count.equal(&p.count), "{what}: batch-all count");
+                    assert!(n.valid.equal(&p.valid), "{what}: batch-all valid");
+                    // Squared distance: the pair weights are twice the weights.
+                    if let (Selection::PairWeights { weights, .. }, Selection::Weights(w)) =
+                        (&n.selection, &p.selection)
+                    {
+                        assert!(weights.equal(&(w * 2.0)), "{what}: batch-all weights");
+                    } else {
+                        panic!("{what}: unexpected batch-all selections");
+                    }
                 }
             }
-
+            let c = case(seed, rows, cols, classes, levels, Kind::Double);
+            let what = format!("seed {seed} {rows}x{cols}");
             let n = native::hardest(&c.chunk()).expect("native");
             let p = portable::hardest(&c.chunk()).expect("portable");
             assert!(n.valid.equal(&p.valid), "{what}: hardest valid");
@@ -275,6 +284,56 @@ fn batch_all_kernels_agree_on_infinite_positives() {
             assert!(weights.equal(&(w * 2.0)), "{what}: weights");
         } else {
             panic!("{what}: unexpected batch-all selections");
+        }
+    }
+}
+
+/// A NaN distance to a negative (NaN inputs, whose loss the NaN guard
+/// reports) is below no d_ap + m: neither kernel counts it as active or
+/// gives it, or its positives, a weight.
+#[test]
+fn batch_all_kernels_agree_on_nan_negatives() {
+    for seed in 0..12 {
+        for kind in [Kind::Double, Kind::Float] {
+            let c = case(seed, 10, 60, 4, 5, kind);
+            let different = c
+                .row_labels
+                .unsqueeze(1)
+                .ne_tensor(&c.col_labels.unsqueeze(0));
+            let nan = Tensor::rand([10, 60], (Kind::Float, Device::Cpu))
+                .lt(0.3)
+                .logical_and(&different);
+            let d = c.d.masked_fill(&nan, f64::NAN);
+            let chunk = || Chunk {
+                d: d.copy(),
+                row_labels: &c.row_labels,
+                columns: &c.columns,
+                self_col: c.self_col,
+                distance: Distance::Squared,
+                gram: None,
+            };
+            let what = format!("seed {seed} {kind:?}");
+            let n = native::batch_all(&chunk(), 0.5).expect("native");
+            let p = portable::batch_all(&chunk(), 0.5).expect("portable");
+            assert!(
+                n.count.equal(&p.count),
+                "{what}: count {} vs {}",
+                n.count.int64_value(&[]),
+                p.count.int64_value(&[])
+            );
+            assert!(n.valid.equal(&p.valid), "{what}: valid");
+            let (nv, pv) = (scalar(&n.value), scalar(&p.value));
+            assert!(
+                (nv - pv).abs() <= 1e-6 * (1.0 + pv.abs()) || (nv.is_nan() && pv.is_nan()),
+                "{what}: value {nv} vs {pv}"
+            );
+            if let (Selection::PairWeights { weights, .. }, Selection::Weights(w)) =
+                (&n.selection, &p.selection)
+            {
+                assert!(weights.equal(&(w * 2.0)), "{what}: weights");
+            } else {
+                panic!("{what}: unexpected batch-all selections");
+            }
         }
     }
 }
