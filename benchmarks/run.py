@@ -596,7 +596,8 @@ def write_outputs(cells: List[dict], meta: dict, out: Path) -> None:
         "# Triplet-loss benchmark",
         "",
         f"- {meta['date']}, device **{meta['device_name']}**, torch {meta['torch']}, "
-        f"{meta['threads']} CPU threads, pytorch-metric-learning {meta['pml'] or 'n/a'}, commit {meta['commit']}",
+        f"{meta['threads']} CPU threads, pytorch-metric-learning {meta['pml'] or 'n/a'}, commit {meta['commit']}"
+        f" (tree), online_triplet_loss {meta.get('package') or 'n/a'}",
         f"- D={meta['D']}, K={meta['K']} per class (P = B/K classes, labels {meta['labels']}), margin {meta['margin']}, "
         f"embeddings randn/sqrt(D), forward+backward, median of up to {meta['repeats']} runs after a warm-up",
         f"- caps: {time_cap:g} s per run, {meta['mem_cap_gb']:g} GB per cell"
@@ -786,6 +787,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         pml_version: Optional[str] = version("pytorch-metric-learning")
     except Exception:
         pml_version = None
+    try:  # the package the cells import, which need not be the tree's build
+        from importlib.metadata import version
+        package: Optional[str] = version("online_triplet_loss")
+    except Exception:
+        package = None
 
     cells_plan = plan_cells(impls, minings, sizes, explicit)
     v006 = (ensure_v006(Path(args.wheels) if args.wheels else None)
@@ -801,7 +807,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "device": dev_type, "device_name": device_name, "torch": torch.__version__,
         "threads": args.threads or torch.get_num_threads(), "pml": pml_version,
-        "commit": _commit(), "python": platform.python_version(),
+        "commit": _commit(), "package": package, "python": platform.python_version(),
         "D": args.dim, "K": args.k, "margin": args.margin, "labels": args.labels,
         "repeats": args.repeats, "jobs": args.jobs, "time_cap_s": args.time_cap, "mem_cap_gb": args.mem_cap_gb,
         "budget_s": args.budget or None,
