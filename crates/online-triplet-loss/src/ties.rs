@@ -58,49 +58,74 @@ const MIX_2: i64 = 0x94d0_49bb_1331_11eb_u64 as i64;
 const KEY_1: i64 = 0x9e37_79b9_7f4a_7c15_u64 as i64;
 const KEY_2: i64 = 0xc2b2_ae3d_27d4_eb4f_u64 as i64;
 
-/// `z >> s` with zeros shifted in (libtorch shifts int64 arithmetically).
-fn shift_right(z: &Tensor, s: i64) -> Result<Tensor, Error> {
-    Ok(z.f_bitwise_right_shift_tensor_scalar(s)?
-        .f_bitwise_and((1i64 << (64 - s)) - 1)?)
+/// The row keys take this many int64 words at a time (32 MiB), a block of
+/// columns: the mixing needs two such temporaries.
+const KEY_BLOCK_ELEMENTS: i64 = 1 << 22;
+
+/// splitmix64's finaliser, a bijection of 64-bit words (wrapping products),
+/// in place; `>>` shifts int64 arithmetically, so the sign is masked off.
+fn mix_(z: &mut Tensor) -> Result<(), Error> {
+    for (s, product) in [(30, Some(MIX_1)), (27, Some(MIX_2)), (31, None)] {
+        let mut high = z.f_bitwise_right_shift_tensor_scalar(s)?;
+        let _ = high.f_bitwise_and_((1i64 << (64 - s)) - 1)?;
+        let _ = z.f_bitwise_xor_tensor_(&high)?;
+        if let Some(product) = product {
+            let _ = z.f_mul_scalar_(product)?;
+        }
+    }
+    Ok(())
 }
 
-/// splitmix64's finaliser, a bijection of 64-bit words (wrapping products).
-fn mix(z: &Tensor) -> Result<Tensor, Error> {
-    let z = z
-        .f_bitwise_xor_tensor(&shift_right(z, 30)?)?
-        .f_mul_scalar(MIX_1)?;
-    let z = z
-        .f_bitwise_xor_tensor(&shift_right(&z, 27)?)?
-        .f_mul_scalar(MIX_2)?;
-    Ok(z.f_bitwise_xor_tensor(&shift_right(&z, 31)?)?)
+/// Two 64-bit keys per row, sums (wrapping) over its entries of a mixed
+/// word of the entry's bit pattern and its column, taken a block of about
+/// `block_elements` entries at a time.
+fn keys(x: &Tensor, block_elements: i64) -> Result<(Tensor, Tensor), Error> {
+    let (n, width) = (x.size()[0], x.size()[1]);
+    let opts = (Kind::Int64, x.device());
+    let (mut key_1, mut key_2) = (Tensor::f_zeros([n], opts)?, Tensor::f_zeros([n], opts)?);
+    let step = (block_elements / n.max(1)).clamp(1, width.max(1));
+    for start in (0..width).step_by(step as usize) {
+        let len = step.min(width - start);
+        let block = x.f_narrow(1, start, len)?;
+        let bits = match x.f_kind()? {
+            Kind::Double => block.f_view_dtype(Kind::Int64)?,
+            Kind::Float => block.f_view_dtype(Kind::Int)?,
+            Kind::Half | Kind::BFloat16 => block.f_view_dtype(Kind::Int16)?,
+            kind => {
+                return Err(Error::Torch(format!(
+                    "internal error: identical rows of {kind:?} embeddings"
+                )))
+            }
+        };
+        // A copy, also of float64's bits, which are x's own storage.
+        let mut word = bits.f_to_dtype(Kind::Int64, false, true)?;
+        let column = Tensor::f_arange_start(start, start + len, opts)?.f_mul_scalar_(KEY_1)?;
+        let _ = word.f_add_(&column.f_unsqueeze(0)?)?;
+        mix_(&mut word)?;
+        let _ = key_1.f_add_(&word.f_sum_dim_intlist(1, false, Kind::Int64)?)?;
+        let _ = word.f_bitwise_xor_(KEY_2)?;
+        mix_(&mut word)?;
+        let _ = key_2.f_add_(&word.f_sum_dim_intlist(1, false, Kind::Int64)?)?;
+    }
+    Ok((key_1, key_2))
 }
 
-/// First copies with fixed shapes and a constant number of operations, for
-/// any device. Each row gets two 64-bit keys, sums over its entries of a
-/// mixed (bit pattern, column) word; a stable sort by the keys puts copies
-/// next to each other in their original order, and a row is a copy of the
-/// first row of its run of equal keys when it equals that row. Distinct
-/// rows share both keys with probability about 2^-128; a row that then
+/// First copies with fixed shapes and a constant number of operations per
+/// block of columns, for any device. Each row gets two 64-bit [`keys`]; a
+/// stable sort by the keys puts copies next to each other in their original
+/// order, and a row is a copy of the first row of its run of equal keys
+/// when it equals that row. Rows that are not chosen to collide share both
+/// keys with probability about 2^-128, but the keys are sums over the
+/// entries, so colliding rows can be constructed on purpose. A row that
 /// shares them with a different first row of its run is counted as having
-/// no copy, which can only move a tie between identical embeddings by the
-/// rounding of their distances.
+/// no copy: a false copy is never made, and a missed one only leaves the
+/// distances of identical embeddings as libtorch rounds them (about the
+/// square root of the rounding, for Euclidean distances), which can move a
+/// tie between them.
 fn sorted(x: &Tensor, n: i64) -> Result<Tensor, Error> {
     let device = x.device();
     let opts = (Kind::Int64, device);
-    let bits = match x.f_kind()? {
-        Kind::Double => x.f_view_dtype(Kind::Int64)?,
-        Kind::Float => x.f_view_dtype(Kind::Int)?.f_to_kind(Kind::Int64)?,
-        Kind::Half | Kind::BFloat16 => x.f_view_dtype(Kind::Int16)?.f_to_kind(Kind::Int64)?,
-        kind => {
-            return Err(Error::Torch(format!(
-                "internal error: identical rows of {kind:?} embeddings"
-            )))
-        }
-    };
-    let column = Tensor::f_arange(x.size()[1], opts)?.f_unsqueeze(0)?;
-    let word = mix(&bits.f_add(&column.f_mul_scalar(KEY_1)?)?)?;
-    let key_1 = word.f_sum_dim_intlist(1, false, Kind::Int64)?;
-    let key_2 = mix(&word.f_bitwise_xor(KEY_2)?)?.f_sum_dim_intlist(1, false, Kind::Int64)?;
+    let (key_1, key_2) = keys(x, KEY_BLOCK_ELEMENTS)?;
     // By key 1, then key 2, then position: the sorts are stable.
     let (_, by_2) = key_2.f_sort_stable(true, 0, false)?;
     let (_, by_1) = key_1
@@ -260,6 +285,28 @@ mod tests {
         assert_eq!(portable(&empty_rows), vec![0, 0, 0, 0]);
         let no_rows = Tensor::zeros([0, 3], (Kind::Float, Device::Cpu));
         assert_eq!(portable(&no_rows), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn row_keys_do_not_depend_on_the_blocks_of_columns() {
+        for kind in [Kind::Double, Kind::Float, Kind::BFloat16] {
+            let x = with_copies(11, 50, 20, 37, kind);
+            let (whole_1, whole_2) = keys(&x, i64::MAX).unwrap();
+            // 50 rows: blocks of 1, 5 (the last of 2 columns) and 36 columns.
+            for block_elements in [1, 250, 1800] {
+                let (k1, k2) = keys(&x, block_elements).unwrap();
+                assert!(
+                    k1.equal(&whole_1) && k2.equal(&whole_2),
+                    "{kind:?} {block_elements}"
+                );
+            }
+            // The keys of a row are not those of its columns reordered.
+            let swapped = x.index_select(0, &Tensor::from_slice(&[0i64]));
+            let swapped =
+                swapped.index_select(1, &Tensor::arange(37, (Kind::Int64, Device::Cpu)).flip([0]));
+            let (s1, _) = keys(&swapped, i64::MAX).unwrap();
+            assert!(!s1.equal(&whole_1.narrow(0, 0, 1)), "{kind:?}");
+        }
     }
 
     #[test]
