@@ -2,7 +2,7 @@
 
 use online_triplet_loss::{
     batch_all_triplet_loss, batch_hard_triplet_loss, batch_semihard_triplet_loss, Distance, Error,
-    Mining, References, TripletConfig,
+    Kernel, Mining, References, TripletConfig,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -185,6 +185,39 @@ fn huge_chunk_sizes_are_one_chunk() {
             let want = cfg.terms(mining, &labels, &x, Some(&references)).unwrap();
             assert!(got.sum.equal(&want.sum), "{mining:?} chunk_size {rows}");
             assert!(got.count.equal(&want.count), "{mining:?} chunk_size {rows}");
+        }
+    }
+}
+
+/// A margin near the largest float32: d_ap + m rounds to f32::MAX and its
+/// bound, the next float32 up, is +inf, as is every other column's in the
+/// portable batch-all; whichever order those take, both kernels give the
+/// loss d_ap − d_an + m.
+#[test]
+fn batch_all_with_a_margin_near_the_largest_float() {
+    let x = Tensor::from_slice(&[0.0f32]).view([1, 1]);
+    let labels = Tensor::from_slice(&[0i64]);
+    for (points, ref_labels) in [([2e13f32, 1e13], [1i64, 0]), ([1e13, 2e13], [0, 1])] {
+        let y = Tensor::from_slice(&points).view([2, 1]);
+        let ref_labels = Tensor::from_slice(&ref_labels);
+        let refs = References {
+            embeddings: &y,
+            labels: &ref_labels,
+            anchor_offset: None,
+        };
+        let want = 1e26 - 4e26 + f64::from(f32::MAX);
+        for kernel in [Kernel::Auto, Kernel::Portable] {
+            let terms = TripletConfig::new(f64::from(f32::MAX))
+                .distance(Distance::Squared)
+                .kernel(kernel)
+                .terms(Mining::All, &labels, &x, Some(&refs))
+                .unwrap();
+            let sum = terms.sum.double_value(&[]);
+            assert_eq!(terms.count.int64_value(&[]), 1, "{kernel:?} {points:?}");
+            assert!(
+                (sum - want).abs() <= 1e-6 * want,
+                "{kernel:?} {points:?}: {sum:e}, want {want:e}"
+            );
         }
     }
 }

@@ -72,7 +72,10 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
         let terms = prefix
             .f_gather(1, &k, false)?
             .f_neg_()?
-            .f_add_(&prefix.f_gather(1, &positives, false)?)?
+            // T_P: the total, not the prefix at place P, since a positive
+            // whose bound rounds up to +inf ties with the other columns' and
+            // may sort past place P.
+            .f_add_(&prefix.f_narrow(1, n, 1)?)?
             .f_sub_(&count.f_mul(d)?)?
             .f_where_scalarother(&active.f_gt(0)?, 0.0)?;
         (terms.f_sum(kind)?, count.f_neg_()?)
