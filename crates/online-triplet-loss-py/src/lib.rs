@@ -36,7 +36,9 @@ fn mining(name: &str) -> PyResult<Mining> {
         "all" => Ok(Mining::All),
         "hard" => Ok(Mining::Hard),
         "semihard" => Ok(Mining::SemiHard),
-        other => Err(PyValueError::new_err(format!("unknown mining {other:?}"))),
+        other => Err(PyValueError::new_err(format!(
+            "mining: expected 'all', 'hard' or 'semihard', got {other:?}"
+        ))),
     }
 }
 
@@ -107,6 +109,12 @@ fn mean_and_fraction(
     let (sum, count, valid, like) = (sum.0, count.0, valid.0, like.0);
     run(py, move || {
         let kind = like.f_kind()?;
+        if !like.is_floating_point() {
+            return Err(Error::InvalidArgument {
+                argument: "like",
+                message: format!("must be a floating-point tensor, got dtype {kind:?}"),
+            });
+        }
         let terms = Terms {
             margin_grad: sum.f_zeros_like()?,
             sum,

@@ -108,6 +108,7 @@ pub struct Terms {
 
 impl Terms {
     fn check(&self) -> Result<(), Error> {
+        let device = self.sum.device();
         for (name, t) in [
             ("sum", &self.sum),
             ("count", &self.count),
@@ -123,9 +124,29 @@ impl Terms {
                     format!("must be a 0-d tensor, got shape {:?}", t.size()),
                 ));
             }
+            // libtorch's other device types (meta, MPS, …) read as Mps.
+            if t.device() != device || !matches!(device, Device::Cpu | Device::Cuda(_)) {
+                return Err(Error::invalid(
+                    name,
+                    if name == "sum" {
+                        "must be on the CPU or a CUDA device"
+                    } else {
+                        "must be on the device of sum"
+                    },
+                ));
+            }
         }
         if !self.sum.is_floating_point() {
             return Err(Error::invalid("sum", "must be floating point"));
+        }
+        for (name, t) in [("count", &self.count), ("valid", &self.valid)] {
+            let kind = t.f_kind()?;
+            if kind != Kind::Int64 {
+                return Err(Error::invalid(
+                    name,
+                    format!("must be an int64 tensor, got dtype {kind:?}"),
+                ));
+            }
         }
         Ok(())
     }
@@ -306,6 +327,12 @@ impl TripletConfig {
                         "must be a one-element floating-point tensor, got shape {:?}",
                         m.size()
                     ),
+                ));
+            }
+            if m.device() != Device::Cpu && m.device() != embeddings.device() {
+                return Err(Error::invalid(
+                    "margin",
+                    "must be on the CPU or the device of embeddings",
                 ));
             }
         }

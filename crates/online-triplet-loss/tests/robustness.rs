@@ -71,6 +71,19 @@ fn terms_of_mismatched_shapes_are_errors() {
             valid: count(),
             margin_grad: scalar(),
         },
+        // A float count would be truncated nowhere but compared as a count.
+        Terms {
+            sum: scalar(),
+            count: scalar(),
+            valid: count(),
+            margin_grad: scalar(),
+        },
+        Terms {
+            sum: scalar(),
+            count: count(),
+            valid: Tensor::zeros([], (Kind::Int, Device::Cpu)),
+            margin_grad: scalar(),
+        },
     ];
     for terms in cases {
         assert!(matches!(terms.mean(), Err(Error::InvalidArgument { .. })));
@@ -149,20 +162,23 @@ fn unusable_dtypes_are_errors() {
             "{kind:?}: {err}"
         );
     }
-    for kind in [Kind::ComplexFloat, Kind::QInt8] {
-        if let Ok(labels) = y.f_to_kind(kind) {
-            let err = TripletConfig::new(0.2).batch_all(&labels, &x).unwrap_err();
-            assert!(
-                matches!(
-                    err,
-                    Error::InvalidArgument {
-                        argument: "labels",
-                        ..
-                    }
-                ),
-                "{kind:?}: {err}"
-            );
-        }
+    // Complex and quantised labels (libtorch quantises only from floats).
+    let quantised = y
+        .to_kind(Kind::Float)
+        .quantize_per_tensor(1.0, 0, Kind::QInt8);
+    for labels in [y.to_kind(Kind::ComplexFloat), quantised] {
+        let err = TripletConfig::new(0.2).batch_all(&labels, &x).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    argument: "labels",
+                    ..
+                }
+            ),
+            "{:?}: {err}",
+            labels.kind()
+        );
     }
     let sparse = x.to_sparse_sparse_dim(2);
     assert!(matches!(
