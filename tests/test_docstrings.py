@@ -23,8 +23,11 @@ def test_public_names_have_docstrings(name):
         assert doc and doc.strip(), f"{name}.{attr} has no docstring"
 
 
-@pytest.mark.parametrize("name", MODULES)
+# distributed's docstrings hold no examples, which would need a process group;
+# test_distributed.py runs the module under gloo.
+@pytest.mark.parametrize("name", [m for m in MODULES if m != "online_triplet_loss.distributed"])
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, extraglobs={"torch": importlib.import_module("torch")})
+    assert result.attempted > 0, f"{name} has no docstring examples"
     assert result.failed == 0, f"{result.failed} doctest failures in {name}"

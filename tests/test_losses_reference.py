@@ -253,7 +253,7 @@ def test_module_equals_function(cfg):
 def test_reference_set_public_functions(cfg, seed):
     """ref_embeddings / ref_labels keyword (no offset: no anchor is excluded)."""
     mining, distance, margin, soft = cfg
-    labels, emb, rlabels, remb, _ = make_reference_set(1000 + seed, 1 + 7 * seed, 1 + seed,
+    labels, emb, rlabels, remb, _ = make_reference_set(1000 + seed, 5 + 7 * seed, 2 + seed,
                                                        with_offset=False)
     x, y = leaf(emb), leaf(remb)
     loss = function_loss(mining, labels, x, margin, distance, soft, ref_embeddings=y, ref_labels=rlabels)
@@ -262,6 +262,7 @@ def test_reference_set_public_functions(cfg, seed):
     ref = R.reference_terms(mining, labels, xr, margin, distance, soft=soft,
                             ref_embeddings=yr, ref_labels=rlabels)
     grx, gry = grad_of(ref.loss, xr, yr)
+    assert ref.valid > 0, "the reference set should hold triplets"
     assert_close(loss.detach(), ref.loss.detach(), "loss", **VALUE_TOL)
     assert_close(gx, grx, "grad embeddings", **GRAD_TOL)
     assert_close(gy, gry, "grad ref_embeddings", **GRAD_TOL)
@@ -317,8 +318,9 @@ def test_reference_at_a_batch_the_threads_split(cfg):
     gradients still equal the brute-force reference."""
     mining, distance, margin, soft = cfg
     g = torch.Generator().manual_seed(7)
-    labels = torch.arange(32).repeat_interleave(8)[torch.randperm(256, generator=g)]
-    emb = torch.randn(256, 24, generator=g, dtype=torch.float64)
+    # 512 x 512 distances, well above the threads' 1 << 16 (mining/parallel.rs)
+    labels = torch.arange(64).repeat_interleave(8)[torch.randperm(512, generator=g)]
+    emb = torch.randn(512, 24, generator=g, dtype=torch.float64)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:
