@@ -300,8 +300,6 @@ def estimate_memory(impl: str, mining: str, B: int, K: int, D: int = 128) -> int
     if impl == "pml" and mining in ("all", "semihard"):
         dense = B ** 3 if B ** 3 < 2 ** 31 - 1 else 0  # uint8 B^3 mask before torch.where
         return dense + 100 * valid_triplets(B, K)  # int64 indices, gathers, their grads
-    if impl == "ours":
-        return 0  # mined in chunks of rows: O(B * chunk), far below any cap
     if impl == "floor":
         return 16 * B * B  # the float32 B x B distances, their gradient and two temporaries
     if impl == "st" and mining == "all":
