@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from online_triplet_loss import (
@@ -66,3 +69,31 @@ def grad_of(loss: torch.Tensor, *inputs: torch.Tensor):
     """Gradients of ``loss`` w.r.t. ``inputs`` (zeros where unused)."""
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def assert_overflow_is_nan_else_right(got: float, want: float, dtype: torch.dtype, distance: str,
+                                      rows: torch.Tensor, centre_rows: torch.Tensor, rel: float) -> None:
+    """The documented overflow rule, with a factor of 4 either side of its
+    threshold: Euclidean and squared distances are computed in float32 (or
+    float64) from rows centred on the references' mean, and the loss is NaN
+    when 4·max‖row − mean‖² does not fit; below that it is right (``want``,
+    the float64 loss, rounded to ``dtype``), and the cosine distance never
+    overflows; inputs that are not finite give NaN. ``rows`` and
+    ``centre_rows`` hold the values as given, in float64."""
+    if not torch.isfinite(rows).all():  # overflowed already in the dtype
+        zone = "nan"
+    elif distance == "cosine":
+        zone = "finite"
+    else:
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        big = torch.finfo(compute).max
+        centred = rows - centre_rows.mean(0)
+        reach = 4 * centred.pow(2).sum(1).max().item() if len(rows) else 0.0
+        zone = "finite" if reach < big / 4 else "nan" if reach > 4 * big else "either"
+    expected = torch.tensor(want, dtype=torch.float64).to(dtype).item()
+    if zone == "nan":
+        assert math.isnan(got), (got, want)
+    elif zone == "finite":
+        assert got == pytest.approx(expected, rel=rel), (got, expected)
+    else:
+        assert math.isnan(got) or got == pytest.approx(expected, rel=rel), (got, expected)

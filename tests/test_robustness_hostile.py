@@ -34,7 +34,7 @@ from online_triplet_loss import (
 )
 from online_triplet_loss.distributed import DistributedTripletLoss
 from online_triplet_loss.losses import terms
-from helpers import DISTANCES, LOSSES, function_loss, make_module
+from helpers import DISTANCES, LOSSES, assert_overflow_is_nan_else_right, function_loss, make_module
 from reference import reference_terms
 
 LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3])
@@ -608,8 +608,8 @@ def test_nan_margin_gradient_is_non_finite(mining):
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("mining", LOSSES)
 @pytest.mark.parametrize("dtype, scales", [
-    (torch.float32, [1e19, 1e25, 1e37, 3e38]),
-    (torch.bfloat16, [1e19, 1e30, 1e38]),
+    (torch.float32, [1e6, 1e12, 1e17, 1e19, 1e25, 1e37, 3e38]),
+    (torch.bfloat16, [1e6, 1e17, 1e19, 1e30, 1e38]),
     (torch.float16, [3e2, 3e4, 6e4]),
 ])
 def test_overflow_in_other_dtypes_and_references(mining, distance, dtype, scales):
@@ -621,18 +621,22 @@ def test_overflow_in_other_dtypes_and_references(mining, distance, dtype, scales
             kwd = {k: (v.double() if k == "ref_embeddings" else v) for k, v in kw.items()}
             want = function_loss(mining, LABELS, xd, 0.2, distance, **kwd).item()
             got = function_loss(mining, LABELS, x, 0.2, distance, **kw).float().item()
-            assert math.isnan(got) or math.isinf(got) or got == pytest.approx(want, rel=1e-2), \
-                (scale, kw.keys(), got, want)
+            rows = torch.cat([xd, kwd["ref_embeddings"]]) if kw else xd
+            centre = kwd["ref_embeddings"] if kw else xd
+            assert_overflow_is_nan_else_right(got, want, dtype, distance, rows, centre, 1e-2)
 
 
 @pytest.mark.parametrize("mining", LOSSES)
 @pytest.mark.parametrize("distance", ["euclidean", "squared"])
 def test_one_huge_row_among_small_ones(mining, distance):
+    # (A smaller outlier, 1e15 say, is the README's documented limit of Gram
+    # distances: the other rows, far from the centre it pulls away, lose
+    # float32's digits.)
     x = _x(25)
     x[7] = 3e19  # label 3: a lone class, only ever a negative
     want = function_loss(mining, LABELS, x.double(), 0.2, distance).item()
     got = function_loss(mining, LABELS, x, 0.2, distance).item()
-    assert math.isnan(got) or math.isinf(got) or got == pytest.approx(want, rel=1e-3)
+    assert_overflow_is_nan_else_right(got, want, x.dtype, distance, x.double(), x.double(), 1e-3)
 
 
 def _unit_within(seed, degrees, n=16, d=16):
