@@ -105,3 +105,12 @@ def test_profile_lists_the_operators_of_every_mining(tmp_path):
     for mining in ("hard", "semihard", "all"):
         section = text.split(f"## B=64 {mining}:")[1].split("## ")[0]
         assert "ms per run" in section and "aten::" in section, (mining, section[:500])
+
+
+def test_semihard_variants_agree_and_are_timed():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "semihard_variants.py"), "--device", "cpu",
+           "--sizes", "64,200", "--rows", "32", "--repeats", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [line for line in p.stdout.splitlines() if line.startswith(("| 64 ", "| 200 "))]
+    assert len(rows) == 2 and all(r.endswith("| yes |") for r in rows), p.stdout
