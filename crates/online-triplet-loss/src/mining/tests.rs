@@ -20,8 +20,13 @@ struct Case {
 impl Case {
     /// A chunk holding a copy of the distances, which the native kernels overwrite.
     fn chunk(&self) -> Chunk<'_> {
+        self.chunk_of(&self.d)
+    }
+
+    /// The chunk of this case's labels with a copy of the distances `d`.
+    fn chunk_of(&self, d: &Tensor) -> Chunk<'_> {
         Chunk {
-            d: self.d.copy(),
+            d: d.copy(),
             row_labels: &self.row_labels,
             columns: &self.columns,
             self_col: self.self_col,
@@ -139,6 +144,34 @@ fn scalar(t: &Tensor) -> f64 {
     t.to_kind(Kind::Double).double_value(&[])
 }
 
+/// Native and portable batch-all on the case's labels with distances `d`:
+/// equal counts, valid and weights, and values within `tol` relative (both
+/// NaN, or equal when infinite).
+fn assert_batch_all_kernels_agree(c: &Case, d: &Tensor, margin: f64, tol: f64, what: &str) {
+    let n = native::batch_all(&c.chunk_of(d), margin).expect("native");
+    let p = portable::batch_all(&c.chunk_of(d), margin).expect("portable");
+    let (nv, pv) = (scalar(&n.value), scalar(&p.value));
+    assert!(
+        nv == pv || (nv - pv).abs() <= tol * (1.0 + pv.abs()) || (nv.is_nan() && pv.is_nan()),
+        "{what}: batch-all value {nv} vs {pv}"
+    );
+    assert!(
+        n.count.equal(&p.count),
+        "{what}: batch-all count {} vs {}",
+        n.count.int64_value(&[]),
+        p.count.int64_value(&[])
+    );
+    assert!(n.valid.equal(&p.valid), "{what}: batch-all valid");
+    // Squared distance: the pair weights are twice the weights.
+    if let (Selection::PairWeights { weights, .. }, Selection::Weights(w)) =
+        (&n.selection, &p.selection)
+    {
+        assert!(weights.equal(&(w * 2.0)), "{what}: batch-all weights");
+    } else {
+        panic!("{what}: unexpected batch-all selections");
+    }
+}
+
 fn assert_same_semihard(got: &Weighted, want: &(f64, i64, Tensor), c: &Case, what: &str) {
     let (rows, cols) = (c.d.size()[0], c.d.size()[1]);
     let value = scalar(&got.value);
@@ -202,29 +235,11 @@ fn batch_all_and_hardest_kernels_agree_on_ties() {
                 let what = format!("seed {seed} {rows}x{cols} {kind:?}");
                 // Whole margins tie d_ap + m with distances, whose hinge is 0.
                 for margin in [0.0, 0.5, 2.0, SUB_ULP_MARGIN] {
-                    let what = format!("{what} m {margin}");
-                    let n = native::batch_all(&c.chunk(), margin).expect("native");
-                    let p = portable::batch_all(&c.chunk(), margin).expect("portable");
-                    let (nv, pv) = (scalar(&n.value), scalar(&p.value));
                     // Infinite distances make both values NaN or infinite alike;
                     // float32 sums differ in their order.
                     let tol = if kind == Kind::Float { 1e-6 } else { 1e-9 };
-                    assert!(
-                        nv == pv
-                            || (nv - pv).abs() <= tol * (1.0 + pv.abs())
-                            || (nv.is_nan() && pv.is_nan()),
-                        "{what}: batch-all value {nv} vs {pv}"
-                    );
-                    assert!(n.count.equal(&p.count), "{what}: batch-all count");
-                    assert!(n.valid.equal(&p.valid), "{what}: batch-all valid");
-                    // Squared distance: the pair weights are twice the weights.
-                    if let (Selection::PairWeights { weights, .. }, Selection::Weights(w)) =
-                        (&n.selection, &p.selection)
-                    {
-                        assert!(weights.equal(&(w * 2.0)), "{what}: batch-all weights");
-                    } else {
-                        panic!("{what}: unexpected batch-all selections");
-                    }
+                    let what = format!("{what} m {margin}");
+                    assert_batch_all_kernels_agree(&c, &c.d, margin, tol, &what);
                 }
             }
             let c = case(seed, rows, cols, classes, levels, Kind::Double);
@@ -260,31 +275,7 @@ fn batch_all_kernels_agree_on_infinite_positives() {
             .lt(0.3)
             .logical_and(&same);
         let d = c.d.masked_fill(&infinite, f64::INFINITY);
-        let chunk = || Chunk {
-            d: d.copy(),
-            row_labels: &c.row_labels,
-            columns: &c.columns,
-            self_col: c.self_col,
-            distance: Distance::Squared,
-            gram: None,
-        };
-        let what = format!("seed {seed}");
-        let n = native::batch_all(&chunk(), 0.5).expect("native");
-        let p = portable::batch_all(&chunk(), 0.5).expect("portable");
-        assert!(n.count.equal(&p.count), "{what}: count");
-        assert!(n.valid.equal(&p.valid), "{what}: valid");
-        let (nv, pv) = (scalar(&n.value), scalar(&p.value));
-        assert!(
-            nv == pv || (nv.is_nan() && pv.is_nan()),
-            "{what}: value {nv} vs {pv}"
-        );
-        if let (Selection::PairWeights { weights, .. }, Selection::Weights(w)) =
-            (&n.selection, &p.selection)
-        {
-            assert!(weights.equal(&(w * 2.0)), "{what}: weights");
-        } else {
-            panic!("{what}: unexpected batch-all selections");
-        }
+        assert_batch_all_kernels_agree(&c, &d, 0.5, 0.0, &format!("seed {seed}"));
     }
 }
 
@@ -304,36 +295,7 @@ fn batch_all_kernels_agree_on_nan_negatives() {
                 .lt(0.3)
                 .logical_and(&different);
             let d = c.d.masked_fill(&nan, f64::NAN);
-            let chunk = || Chunk {
-                d: d.copy(),
-                row_labels: &c.row_labels,
-                columns: &c.columns,
-                self_col: c.self_col,
-                distance: Distance::Squared,
-                gram: None,
-            };
-            let what = format!("seed {seed} {kind:?}");
-            let n = native::batch_all(&chunk(), 0.5).expect("native");
-            let p = portable::batch_all(&chunk(), 0.5).expect("portable");
-            assert!(
-                n.count.equal(&p.count),
-                "{what}: count {} vs {}",
-                n.count.int64_value(&[]),
-                p.count.int64_value(&[])
-            );
-            assert!(n.valid.equal(&p.valid), "{what}: valid");
-            let (nv, pv) = (scalar(&n.value), scalar(&p.value));
-            assert!(
-                (nv - pv).abs() <= 1e-6 * (1.0 + pv.abs()) || (nv.is_nan() && pv.is_nan()),
-                "{what}: value {nv} vs {pv}"
-            );
-            if let (Selection::PairWeights { weights, .. }, Selection::Weights(w)) =
-                (&n.selection, &p.selection)
-            {
-                assert!(weights.equal(&(w * 2.0)), "{what}: weights");
-            } else {
-                panic!("{what}: unexpected batch-all selections");
-            }
+            assert_batch_all_kernels_agree(&c, &d, 0.5, 1e-6, &format!("seed {seed} {kind:?}"));
         }
     }
 }
