@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -31,6 +30,7 @@ from typing import Callable, List, Optional
 import torch
 
 from online_triplet_loss import _core
+from pk_batch import pk_batch
 
 MININGS = ("hard", "semihard", "all")
 # temporaries of one chunk, in chunk x B float32 matrices, at most (an
@@ -111,9 +111,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     chunks = [int(c) for c in args.chunks.split(",") if c]
     minings = [m for m in args.minings.split(",") if m]
     for B in sizes:
-        gen = torch.Generator().manual_seed(B)
-        labels = torch.arange(B // args.k).repeat_interleave(args.k)[torch.randperm(B, generator=gen)].to(device)
-        x = (torch.randn(B, args.dim, generator=gen) / math.sqrt(args.dim)).to(device).requires_grad_()
+        labels, x = pk_batch(B, args.k, args.dim, B, device)
+        x.requires_grad_()
 
         def gemm() -> None:
             with torch.no_grad():

@@ -12,7 +12,6 @@ their own device time (self CPU time on the CPU).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -21,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from online_triplet_loss import _core
+from pk_batch import pk_batch
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -50,9 +50,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             torch.cuda.synchronize(device)
 
     for B in (int(b) for b in args.sizes.split(",") if b):
-        gen = torch.Generator().manual_seed(B)
-        labels = torch.arange(B // args.k).repeat_interleave(args.k)[torch.randperm(B, generator=gen)].to(device)
-        x = (torch.randn(B, args.dim, generator=gen) / math.sqrt(args.dim)).to(device).requires_grad_()
+        labels, x = pk_batch(B, args.k, args.dim, B, device)
+        x.requires_grad_()
         for mining in (m for m in args.minings.split(",") if m):
             def step() -> None:
                 x.grad = None

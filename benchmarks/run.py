@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import resource
@@ -211,12 +210,10 @@ def child_main(spec_json: str, out_path: str) -> int:
             device = torch.device("cuda", torch.cuda.current_device())
         step = _build_step(spec, torch)
         B, D, K = spec["B"], spec["D"], spec["K"]
-        gen = torch.Generator().manual_seed(spec.get("seed", 0))
-        labels = torch.arange(B // K).repeat_interleave(K)
-        if spec.get("labels", "shuffled") == "shuffled":
-            labels = labels[torch.randperm(B, generator=gen)]
-        x = (torch.randn(B, D, generator=gen) / math.sqrt(D)).to(device).requires_grad_()
-        labels = labels.to(device)
+        from pk_batch import pk_batch  # beside this script, which runs the cell
+        labels, x = pk_batch(B, K, D, spec.get("seed", 0), device,
+                             shuffled=spec.get("labels", "shuffled") == "shuffled")
+        x.requires_grad_()
     except Exception as exc:  # import or setup failure: not a cap
         res["error"] = f"{type(exc).__name__}: {exc}"
         return finish(ERROR, res["error"][:200])

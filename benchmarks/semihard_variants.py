@@ -20,12 +20,13 @@ above d_ap, lowest column on ties, else the farthest negative).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from typing import Callable, List, Optional
 
 import torch
+
+from pk_batch import pk_batch
 
 
 def by_gaps(d: torch.Tensor, same: torch.Tensor, different: torch.Tensor) -> torch.Tensor:
@@ -89,9 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"D={args.dim}, K={args.k}, median of {args.repeats}\n")
     print("| B | by gaps | by sorted negatives | same picks (also on ties) |\n|---|---|---|---|")
     for B in (int(b) for b in args.sizes.split(",") if b):
-        g = torch.Generator().manual_seed(B)
-        labels = torch.arange(B // args.k).repeat_interleave(args.k)[torch.randperm(B, generator=g)]
-        x = torch.randn(B, args.dim, generator=g) / math.sqrt(args.dim)
+        labels, x = pk_batch(B, args.k, args.dim, B)
         rows = min(args.rows, B)
         d = torch.cdist(x[:rows], x).to(device)
         labels = labels.to(device)
