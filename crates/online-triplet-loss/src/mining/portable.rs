@@ -29,24 +29,24 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     // below the smallest value of the dtype at least d_ap + m (computed in
     // float64, as the native kernels do), which float32's rounding to nearest
     // can fall short of by an ulp. The hinges take t_p, d_ap + m rounded.
+    // In float64 the bound is t itself, and sorting it sorts t.
     let t = d.f_where_scalarother(&same, f64::INFINITY)?;
-    let (bound, t) = match kind {
+    let (sorted_bound, order, sorted_t) = match kind {
         Kind::Double => {
-            let t = t.f_add_scalar(margin)?;
-            (t.shallow_clone(), t)
+            let (sorted, order) = t.f_add_scalar(margin)?.f_sort(1, false)?;
+            (sorted.shallow_clone(), order, sorted)
         }
         _ => {
             let exact = t.f_to_kind(Kind::Double)?.f_add_scalar_(margin)?;
             let t = exact.f_to_kind(kind)?;
             let up = t.f_nextafter(&Tensor::f_full([], f64::INFINITY, (kind, d.device()))?)?;
             let short = t.f_to_kind(Kind::Double)?.f_lt_tensor(&exact)?;
-            (up.f_where_self(&short, &t)?, t)
+            drop(exact);
+            let (sorted_bound, order) = up.f_where_self(&short, &t)?.f_sort(1, false)?;
+            let sorted_t = t.f_gather(1, &order, false)?;
+            (sorted_bound, order, sorted_t)
         }
     };
-    let (sorted_bound, order) = bound.f_sort(1, false)?;
-    drop(bound);
-    let sorted_t = t.f_gather(1, &order, false)?;
-    drop(t);
     // #{bound_p ≤ d_an} for every column, and P − k_n for the negatives.
     let k = d.f_searchsorted(&sorted_bound, false, true, "right", None::<Tensor>)?;
     drop(sorted_bound);
