@@ -32,6 +32,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--runs", type=int, default=2, help="profiled runs after one warm-up")
     ap.add_argument("--rows", type=int, default=25, help="operators listed")
+    ap.add_argument("--portable", action="store_true",
+                    help="mine with libtorch operations, CUDA's path, also on the CPU")
     ap.add_argument("--out", default="profile-out")
     args = ap.parse_args(argv)
 
@@ -43,7 +45,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sort_key = "self_device_time_total" if cuda else "self_cpu_time_total"
     report = [f"# torch {torch.__version__} on "
               f"{torch.cuda.get_device_name(device) if cuda else 'cpu'}, D={args.dim}, K={args.k}, "
-              f"{args.runs} profiled runs after a warm-up", ""]
+              f"{args.runs} profiled runs after a warm-up"
+              f"{', portable mining' if args.portable else ''}", ""]
 
     def sync() -> None:
         if cuda:
@@ -55,7 +58,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for mining in (m for m in args.minings.split(",") if m):
             def step() -> None:
                 x.grad = None
-                s, c, _ = _core.triplet_terms(mining, labels, x, 0.2, "euclidean", False, None, None, None, None)
+                s, c, _ = _core.triplet_terms(mining, labels, x, 0.2, "euclidean", False, None, None, None, None,
+                                              portable=args.portable)
                 (s / c.clamp_min(1)).backward()
 
             try:

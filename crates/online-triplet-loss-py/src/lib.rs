@@ -3,7 +3,7 @@
 //! Rust crate.
 
 use online_triplet_loss::metrics::RetrievalConfig;
-use online_triplet_loss::{Distance, Error, Mining, References, Terms, TripletConfig};
+use online_triplet_loss::{Distance, Error, Kernel, Mining, References, Terms, TripletConfig};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
@@ -42,9 +42,11 @@ fn mining(name: &str) -> PyResult<Mining> {
     }
 }
 
-/// Unnormalised terms of a triplet loss: (sum, count, valid).
+/// Unnormalised terms of a triplet loss: (sum, count, valid). `portable`
+/// mines with libtorch operations, CUDA's path, also on the CPU (for tests
+/// and profiles).
 #[pyfunction]
-#[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None, margin_tensor=None))]
+#[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None, margin_tensor=None, portable=false))]
 #[allow(clippy::too_many_arguments)]
 fn triplet_terms(
     py: Python<'_>,
@@ -59,11 +61,18 @@ fn triplet_terms(
     anchor_offset: Option<i64>,
     chunk_size: Option<i64>,
     margin_tensor: Option<PyTensor>,
+    portable: bool,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
     let mining = mining(mining_name)?;
+    let kernel = if portable {
+        Kernel::Portable
+    } else {
+        Kernel::Auto
+    };
     let mut config = TripletConfig::new(margin)
         .distance(distance.parse::<Distance>().map_err(to_py)?)
-        .soft(soft);
+        .soft(soft)
+        .kernel(kernel);
     config.chunk_size = chunk_size;
     let (labels, embeddings) = (labels.0, embeddings.0);
     let margin_tensor = margin_tensor.map(|t| t.0);

@@ -1,0 +1,93 @@
+"""The portable mining path (libtorch operations, the one CUDA takes) on the CPU.
+
+On CPU tensors the losses mine with native Rust kernels; ``portable=True``
+of the private binding runs the operations that CUDA runs instead, so that
+their results are checked on every machine, not only where a GPU is.
+
+Layout: against the float64 references (values, counts, gradients; with
+identical rows, reference sets and chunks) -> against the native kernels in
+float32 -> non-finite inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import reference as R
+from conftest import make_batch, make_reference_set
+from helpers import DISTANCES, LOSSES, grad_of, leaf
+from online_triplet_loss import _core
+
+
+def terms(mining, labels, x, margin, distance, soft=False, y=None, ref_labels=None, offset=None,
+          chunk=None, portable=True):
+    return _core.triplet_terms(mining, labels, x, margin, distance, soft, y, ref_labels, offset,
+                               chunk, portable=portable)
+
+
+@pytest.mark.parametrize("refs", ["none", "refs", "offset"])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_portable_terms_match_reference(mining, distance, refs):
+    margin, soft = 0.3, mining == "hard"
+    cases = []
+    for seed in (3200, 3201, 3202):
+        if refs == "none":
+            b = make_batch(seed, min_size=12, duplicates=seed != 3200)
+            cases.append((b.labels, b.embeddings, None, None, None))
+        else:
+            cases.append(make_reference_set(seed, 19, 4, with_offset=(refs == "offset")))
+    for case, (labels, emb, rlabels, remb, offset) in enumerate(cases):
+        xr = leaf(emb)
+        yr = leaf(remb) if remb is not None else None
+        ref = R.reference_terms(mining, labels, xr, margin, distance, soft=soft, ref_embeddings=yr,
+                                ref_labels=rlabels, anchor_offset=offset)
+        ref_grads = grad_of(ref.sum, xr, *([yr] if yr is not None else []))
+        for chunk in (None, 1, 5):
+            x = leaf(emb)
+            y = leaf(remb) if remb is not None else None
+            s, c, v = terms(mining, labels, x, margin, distance, soft, y, rlabels, offset, chunk)
+            what = f"case {case} {mining} {distance} {refs} chunk_size={chunk}"
+            assert (int(c), int(v)) == (ref.count, ref.valid), what
+            torch.testing.assert_close(s.detach(), torch.as_tensor(ref.sum).detach().double(),
+                                       rtol=1e-9, atol=1e-10, msg=lambda m: f"{what}: {m}")
+            for g, gr in zip(grad_of(s, x, *([y] if y is not None else [])), ref_grads):
+                torch.testing.assert_close(g, gr, rtol=1e-7, atol=1e-9, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_portable_and_native_agree_in_float32(mining, distance):
+    """A P x K batch with copied rows: both paths pick the same triplets, so
+    the terms and gradients agree to float32 rounding."""
+    g = torch.Generator().manual_seed(41)
+    labels = torch.arange(24).repeat_interleave(6)
+    emb = torch.randn(len(labels), 16, generator=g)
+    emb[7] = emb[3]  # a copy in the same class
+    emb[50] = emb[3]  # and in another
+    results = []
+    for portable in (False, True):
+        x = leaf(emb)
+        s, c, v = terms(mining, labels, x, 0.2, distance, portable=portable)
+        results.append((s.detach(), int(c), int(v), grad_of(s, x)[0]))
+    (s0, c0, v0, g0), (s1, c1, v1, g1) = results
+    assert (c1, v1) == (c0, v0) and c0 > 0
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_portable_non_finite_input_gives_nan(mining, distance, bad):
+    b = make_batch(3300, min_size=10)
+    emb = b.embeddings.clone()
+    emb[-1, 0] = bad  # a sample whatever the triplets
+    x = leaf(emb)
+    s, _, _ = terms(mining, b.labels, x, 0.2, distance)
+    (g,) = grad_of(s, x)
+    assert math.isnan(float(s.detach())), (mining, distance, bad)
+    assert torch.isnan(g).all(), (mining, distance, bad)
