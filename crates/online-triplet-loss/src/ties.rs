@@ -51,39 +51,38 @@ fn hashed<T: Copy + Eq + std::hash::Hash>(x: &Tensor, n: i64) -> (Tensor, bool) 
     (Tensor::from_slice(&first), copies)
 }
 
-/// Odd multipliers of the row hashes: splitmix64's, and two from the
-/// golden ratio and its square, for the two keys.
+/// Odd multipliers: of a row's columns (the golden ratio's), and of the
+/// mixing (splitmix64's).
+const COLUMN: i64 = 0x9e37_79b9_7f4a_7c15_u64 as i64;
 const MIX_1: i64 = 0xbf58_476d_1ce4_e5b9_u64 as i64;
 const MIX_2: i64 = 0x94d0_49bb_1331_11eb_u64 as i64;
-const KEY_1: i64 = 0x9e37_79b9_7f4a_7c15_u64 as i64;
-const KEY_2: i64 = 0xc2b2_ae3d_27d4_eb4f_u64 as i64;
 
 /// The row keys take this many int64 words at a time (32 MiB), a block of
 /// columns: the mixing needs two such temporaries.
 const KEY_BLOCK_ELEMENTS: i64 = 1 << 22;
 
-/// splitmix64's finaliser, a bijection of 64-bit words (wrapping products),
-/// in place; `>>` shifts int64 arithmetically, so the sign is masked off.
+/// A bijection of 64-bit words, in place: a product, an xor of the high
+/// half into the low one, a product (wrapping). `>>` shifts int64
+/// arithmetically, so the sign is masked off.
 fn mix_(z: &mut Tensor) -> Result<(), Error> {
-    for (s, product) in [(30, Some(MIX_1)), (27, Some(MIX_2)), (31, None)] {
-        let mut high = z.f_bitwise_right_shift_tensor_scalar(s)?;
-        let _ = high.f_bitwise_and_((1i64 << (64 - s)) - 1)?;
-        let _ = z.f_bitwise_xor_tensor_(&high)?;
-        if let Some(product) = product {
-            let _ = z.f_mul_scalar_(product)?;
-        }
-    }
+    let _ = z.f_mul_scalar_(MIX_1)?;
+    let mut high = z.f_bitwise_right_shift_tensor_scalar(32)?;
+    let _ = high.f_bitwise_and_(0xffff_ffff)?;
+    let _ = z.f_bitwise_xor_tensor_(&high)?;
+    let _ = z.f_mul_scalar_(MIX_2)?;
     Ok(())
 }
 
-/// Two 64-bit keys per row, sums (wrapping) over its entries of a mixed
+/// A 64-bit key per row: the sum (wrapping) over its entries of the mixed
 /// word of the entry's bit pattern and its column, taken a block of about
-/// `block_elements` entries at a time.
-fn keys(x: &Tensor, block_elements: i64) -> Result<(Tensor, Tensor), Error> {
+/// `block_elements` entries at a time. Rows that differ in one entry have
+/// different keys; the column makes rows that are permutations of each other
+/// (one-hot rows, say) differ too.
+fn key(x: &Tensor, block_elements: i64) -> Result<Tensor, Error> {
     let (n, width) = (x.size()[0], x.size()[1]);
     let opts = (Kind::Int64, x.device());
-    let (mut key_1, mut key_2) = (Tensor::f_zeros([n], opts)?, Tensor::f_zeros([n], opts)?);
     let step = (block_elements / n.max(1)).clamp(1, width.max(1));
+    let mut key: Option<Tensor> = None;
     for start in (0..width).step_by(step as usize) {
         let len = step.min(width - start);
         let block = x.f_narrow(1, start, len)?;
@@ -99,67 +98,47 @@ fn keys(x: &Tensor, block_elements: i64) -> Result<(Tensor, Tensor), Error> {
         };
         // A copy, also of float64's bits, which are x's own storage.
         let mut word = bits.f_to_dtype(Kind::Int64, false, true)?;
-        let column = Tensor::f_arange_start(start, start + len, opts)?.f_mul_scalar_(KEY_1)?;
+        let column = Tensor::f_arange_start(start, start + len, opts)?.f_mul_scalar_(COLUMN)?;
         let _ = word.f_add_(&column.f_unsqueeze(0)?)?;
         mix_(&mut word)?;
-        let _ = key_1.f_add_(&word.f_sum_dim_intlist(1, false, Kind::Int64)?)?;
-        let _ = word.f_bitwise_xor_(KEY_2)?;
-        mix_(&mut word)?;
-        let _ = key_2.f_add_(&word.f_sum_dim_intlist(1, false, Kind::Int64)?)?;
+        let sum = word.f_sum_dim_intlist(1, false, Kind::Int64)?;
+        key = Some(match key {
+            Some(mut key) => {
+                let _ = key.f_add_(&sum)?;
+                key
+            }
+            None => sum,
+        });
     }
-    Ok((key_1, key_2))
+    match key {
+        Some(key) => Ok(key),
+        None => Ok(Tensor::f_zeros([n], opts)?),
+    }
 }
 
 /// First copies with fixed shapes and a constant number of operations per
-/// block of columns, for any device. Each row gets two 64-bit [`keys`]; a
-/// stable sort by the keys puts copies next to each other in their original
-/// order, and a row is a copy of the first row of its run of equal keys
-/// when it equals that row. Rows that are not chosen to collide share both
-/// keys with probability about 2^-128, but the keys are sums over the
-/// entries, so colliding rows can be constructed on purpose. A row that
-/// shares them with a different first row of its run is counted as having
-/// no copy: a false copy is never made, and a missed one only leaves the
-/// distances of identical embeddings as libtorch rounds them (about the
+/// block of columns, for any device. Each row gets a 64-bit [`key`]; in a
+/// stable sort by key, the first row with a row's key is the lowest such
+/// row, and the row is a copy of it when it equals it. Rows that are not
+/// chosen to collide share a key with probability about 2^-64 a pair, but
+/// the keys are sums over the entries, so colliding rows can be constructed
+/// on purpose. A row whose key's first row differs from it is counted as
+/// having no copy: a false copy is never made, and a missed one only leaves
+/// the distances of identical embeddings as libtorch rounds them (about the
 /// square root of the rounding, for Euclidean distances), which can move a
 /// tie between them.
 fn sorted(x: &Tensor, n: i64) -> Result<Tensor, Error> {
-    let device = x.device();
-    let opts = (Kind::Int64, device);
-    let (key_1, key_2) = keys(x, KEY_BLOCK_ELEMENTS)?;
-    // By key 1, then key 2, then position: the sorts are stable.
-    let (_, by_2) = key_2.f_sort_stable(true, 0, false)?;
-    let (_, by_1) = key_1
-        .f_index_select(0, &by_2)?
-        .f_sort_stable(true, 0, false)?;
-    let order = by_2.f_index_select(0, &by_1)?;
-    if n == 0 {
-        return Ok(order);
-    }
-    let (k1, k2) = (
-        key_1.f_index_select(0, &order)?,
-        key_2.f_index_select(0, &order)?,
-    );
-    let differs = |k: &Tensor| -> Result<Tensor, Error> {
-        Ok(k.f_narrow(0, 1, n - 1)?
-            .f_ne_tensor(&k.f_narrow(0, 0, n - 1)?)?)
-    };
-    let starts = differs(&k1)?.f_logical_or(&differs(&k2)?)?;
-    let positions = Tensor::f_arange(n, opts)?;
-    let start_of_run = Tensor::f_cat(&[Tensor::f_ones([1], (Kind::Bool, device))?, starts], 0)?;
-    let run_start = positions
-        .f_where_self(&start_of_run, &positions.f_zeros_like()?)?
-        .f_cummax(0)?
-        .0;
-    let rows = x.f_index_select(0, &order)?;
-    let copy = rows
-        .f_eq_tensor(&rows.f_index_select(0, &run_start)?)?
+    let key = key(x, KEY_BLOCK_ELEMENTS)?;
+    let (by_key, order) = key.f_sort_stable(true, 0, false)?;
+    let first = order.f_index_select(
+        0,
+        &key.f_searchsorted(&by_key, false, false, "left", None::<Tensor>)?,
+    )?;
+    let copy = x
+        .f_index_select(0, &first)?
+        .f_eq_tensor(x)?
         .f_all_dim(1, false)?;
-    let by_sorted = order
-        .f_index_select(0, &run_start)?
-        .f_where_self(&copy, &order)?;
-    Ok(by_sorted
-        .f_zeros_like()?
-        .f_index_copy(0, &order, &by_sorted)?)
+    Ok(first.f_where_self(&copy, &Tensor::f_arange(n, (Kind::Int64, x.device()))?)?)
 }
 
 /// What mining needs to treat identical embeddings exactly.
@@ -288,24 +267,43 @@ mod tests {
     }
 
     #[test]
+    fn portable_first_copies_of_structured_rows() {
+        // Rows of small integers and one-hot rows: many rows are permutations
+        // of each other or differ in one entry, which the keys must tell apart.
+        tch::manual_seed(5);
+        let opts = (Kind::Float, Device::Cpu);
+        let small = Tensor::randint(3, [400, 6], opts);
+        let one_hot = Tensor::eye(8, opts)
+            .repeat([3, 1])
+            .f_mul_scalar(2.0)
+            .unwrap();
+        for x in [small, one_hot] {
+            let first = portable(&x);
+            assert_eq!(first, brute_force(&x));
+            let distinct = first.iter().enumerate().filter(|&(i, &f)| f == i as i64);
+            assert!(
+                distinct.count() < x.size()[0] as usize,
+                "the rows must have copies"
+            );
+        }
+    }
+
+    #[test]
     fn row_keys_do_not_depend_on_the_blocks_of_columns() {
         for kind in [Kind::Double, Kind::Float, Kind::BFloat16] {
             let x = with_copies(11, 50, 20, 37, kind);
-            let (whole_1, whole_2) = keys(&x, i64::MAX).unwrap();
+            let whole = key(&x, i64::MAX).unwrap();
             // 50 rows: blocks of 1, 5 (the last of 2 columns) and 36 columns.
             for block_elements in [1, 250, 1800] {
-                let (k1, k2) = keys(&x, block_elements).unwrap();
-                assert!(
-                    k1.equal(&whole_1) && k2.equal(&whole_2),
-                    "{kind:?} {block_elements}"
-                );
+                let k = key(&x, block_elements).unwrap();
+                assert!(k.equal(&whole), "{kind:?} {block_elements}");
             }
             // The keys of a row are not those of its columns reordered.
             let swapped = x.index_select(0, &Tensor::from_slice(&[0i64]));
             let swapped =
                 swapped.index_select(1, &Tensor::arange(37, (Kind::Int64, Device::Cpu)).flip([0]));
-            let (s1, _) = keys(&swapped, i64::MAX).unwrap();
-            assert!(!s1.equal(&whole_1.narrow(0, 0, 1)), "{kind:?}");
+            let s = key(&swapped, i64::MAX).unwrap();
+            assert!(!s.equal(&whole.narrow(0, 0, 1)), "{kind:?}");
         }
     }
 
