@@ -74,19 +74,21 @@ def grad_of(loss: torch.Tensor, *inputs: torch.Tensor):
 def assert_overflow_is_nan_else_right(got: float, want: float, dtype: torch.dtype, distance: str,
                                       rows: torch.Tensor, centre_rows: torch.Tensor, rel: float) -> None:
     """The documented overflow rule, with a factor of 4 either side of its
-    threshold: Euclidean and squared distances are computed in float32 (or
-    float64) from rows centred on the references' mean, and the loss is NaN
-    when 4·max‖row − mean‖² does not fit; below that it is right (``want``,
-    the float64 loss, rounded to ``dtype``), and the cosine distance never
-    overflows; inputs that are not finite give NaN. ``rows`` and
+    threshold: distances are computed in float32 (or float64). Euclidean and
+    squared ones come from rows centred on the references' mean, and the loss
+    is NaN when 4·max‖row − mean‖² does not fit; the cosine distance is NaN
+    when a row's norm does not fit (a factor of 2 either side there). Below
+    that the loss is right (``want``, the float64 loss, rounded to
+    ``dtype``); inputs that are not finite give NaN. ``rows`` and
     ``centre_rows`` hold the values as given, in float64."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    big = torch.finfo(compute).max
     if not torch.isfinite(rows).all():  # overflowed already in the dtype
         zone = "nan"
     elif distance == "cosine":
-        zone = "finite"
+        reach = rows.norm(dim=1).max().item() if len(rows) else 0.0
+        zone = "finite" if reach < big / 2 else "nan" if reach > 2 * big else "either"
     else:
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
-        big = torch.finfo(compute).max
         centred = rows - centre_rows.mean(0)
         reach = 4 * centred.pow(2).sum(1).max().item() if len(rows) else 0.0
         zone = "finite" if reach < big / 4 else "nan" if reach > 4 * big else "either"

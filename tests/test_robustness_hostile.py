@@ -630,6 +630,21 @@ def test_overflow_in_other_dtypes_and_references(mining, distance, dtype, scales
 
 
 @pytest.mark.parametrize("mining", LOSSES)
+def test_cosine_of_a_row_whose_norm_overflows(mining):
+    # Finite entries whose norm does not fit in float32 (1.2e39 at 16 entries
+    # of 3e38) would normalise to zero: NaN instead; 1e37 fits and is right.
+    for value in (3e38, 1e37):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(26))
+        x[5] = value
+        assert torch.isfinite(x).all()
+        want = function_loss(mining, LABELS, x.double(), 0.2, "cosine").item()
+        got = function_loss(mining, LABELS, x, 0.2, "cosine").item()
+        assert_overflow_is_nan_else_right(got, want, x.dtype, "cosine", x.double(), x.double(), 1e-4)
+        if value > 1e38:
+            assert math.isnan(got)
+
+
+@pytest.mark.parametrize("mining", LOSSES)
 @pytest.mark.parametrize("distance", ["euclidean", "squared"])
 def test_one_huge_row_among_small_ones(mining, distance):
     # (A smaller outlier, 1e15 say, is the README's documented limit of Gram

@@ -103,9 +103,9 @@ impl Distance {
                     .f_sum_dim_intlist(-1, false, None::<Kind>)?;
                 let positive = sq.f_gt(0.0)?;
                 // sqrt is evaluated on 1 where sq is 0 so that its gradient is finite.
-                sq.f_where_self(&positive, &sq.f_ones_like()?)?
+                sq.f_where_scalarother(&positive, 1.0)?
                     .f_sqrt()?
-                    .f_where_self(&positive, &sq.f_zeros_like()?)?
+                    .f_where_scalarother(&positive, 0.0)?
             }
             Distance::Cosine => {
                 let xn = normalize(x)?;
@@ -246,20 +246,27 @@ impl Side {
         })
     }
 
-    /// A 0-d bool tensor: true when a distance between the two sides may
-    /// overflow in their dtype (the Euclidean ones are at most 4·max‖x‖²),
-    /// so the mined distances cannot be trusted.
-    pub(crate) fn may_overflow(&self, other: &Side) -> Result<Tensor, Error> {
-        let device = self.points.device();
-        let all = Tensor::f_cat(&[&self.norms, &other.norms], 0)?;
-        if self.distance == Distance::Cosine || all.numel() == 0 {
-            return Ok(Tensor::f_zeros([], (Kind::Bool, device))?);
+    /// A 0-d tensor of the points' dtype, NaN when the distances between the
+    /// sides cannot be trusted and 0 otherwise: when an embedding is not
+    /// finite, or a distance may overflow the dtype (Euclidean distances are
+    /// at most 4·max‖x‖², the cosine distance takes norms). `other` is `None`
+    /// when the references are the anchors. Non-finite embeddings reach the
+    /// norms: through the shared centre and their own points (Euclidean), or
+    /// their own norms (cosine), so the norms' maximum, scaled by the bound
+    /// and times 0, is NaN exactly then (inf·0 and NaN·0 are NaN).
+    pub(crate) fn poison(&self, other: Option<&Side>) -> Result<Tensor, Error> {
+        let norms = match other {
+            Some(other) => Tensor::f_cat(&[&self.norms, &other.norms], 0)?,
+            None => self.norms.shallow_clone(),
+        };
+        if norms.numel() == 0 {
+            return Ok(Tensor::f_zeros([], (norms.f_kind()?, norms.device()))?);
         }
-        Ok(all
-            .f_max()?
-            .f_mul_scalar(4.0)?
-            .f_isfinite()?
-            .f_logical_not()?)
+        let bound = match self.distance {
+            Distance::Cosine => 1.0,
+            Distance::Euclidean | Distance::Squared => 4.0,
+        };
+        Ok(norms.f_max()?.f_mul_scalar(bound)?.f_mul_scalar(0.0)?)
     }
 
     /// The matrix of distances from every row of `self` to every row of `other`.

@@ -129,16 +129,16 @@ pub(crate) fn masks(
     col_labels: &Tensor,
     self_col: Option<i64>,
 ) -> Result<(Tensor, Tensor), Error> {
-    let mut same = row_labels
+    let same = row_labels
         .f_unsqueeze(1)?
         .f_eq_tensor(&col_labels.f_unsqueeze(0)?)?;
     let different = same.f_logical_not()?;
     if let Some(first) = self_col {
-        let opts = (Kind::Int64, row_labels.device());
-        let row_self = Tensor::f_arange_start(first, first + row_labels.size()[0], opts)?;
-        let col = Tensor::f_arange(col_labels.size()[0], opts)?;
-        let _ =
-            same.f_logical_and_(&col.f_unsqueeze(0)?.f_ne_tensor(&row_self.f_unsqueeze(1)?)?)?;
+        // Anchor r is column first + r: the diagonal of the columns from `first`.
+        let mut diagonal = same
+            .f_narrow(1, first, row_labels.size()[0])?
+            .f_diagonal(0, 0, 1)?;
+        let _ = diagonal.f_fill_(0)?;
     }
     Ok((same, different))
 }

@@ -369,19 +369,13 @@ impl TripletConfig {
             }
         };
         let (x_labels, y_labels) = y_labels;
-        let (ties, (sx, sy), nonfinite) = grad::no_grad(|| -> Result<_, Error> {
+        let (ties, (sx, sy), poison) = grad::no_grad(|| -> Result<_, Error> {
             let ties = Ties::find(&x, &y, self_col, references.is_none(), self.kernel)?;
             // The references, unless they are the anchors themselves.
             let y_apart = references.map(|_| &y);
-            let sides = Side::pair(self.distance, &x, y_apart)?;
-            let mut finite = x.f_isfinite()?.f_all()?;
-            if let Some(y) = y_apart {
-                finite = finite.f_logical_and(&y.f_isfinite()?.f_all()?)?;
-            }
-            let nonfinite = finite
-                .f_logical_not()?
-                .f_logical_or(&sides.0.may_overflow(&sides.1)?)?;
-            Ok((ties, sides, nonfinite))
+            let (sx, sy) = Side::pair(self.distance, &x, y_apart)?;
+            let poison = sx.poison(y_apart.map(|_| &sy))?;
+            Ok((ties, (sx, sy), poison))
         })?;
         let sides = Sides {
             x: &x,
@@ -408,7 +402,6 @@ impl TripletConfig {
         // NaN or ±Inf anywhere in the inputs, or distances that overflow,
         // make the loss and every gradient it sends NaN, even when no
         // triplet uses that sample.
-        let poison = Tensor::f_where_scalar(&nonfinite, f64::NAN, 0.0)?.f_to_kind(kind)?;
         let mut sum = terms.sum.f_add(&poison)?.f_add(&surrogate(&x, &poison)?)?;
         // When the references are the anchors, x's surrogate reaches them all.
         if references.is_some() {
@@ -506,11 +499,10 @@ impl TripletConfig {
         let (value, count, valid, active, gx, gy) = grad::no_grad(|| -> Result<_, Error> {
             // Semi-hard's selected triplets (anchor, positive, negative), on the CPU.
             let mut triplets: (Vec<i64>, Vec<i64>, Vec<i64>) = (vec![], vec![], vec![]);
-            let mut value = Tensor::f_zeros([], (kind, device))?;
-            let mut count = Tensor::f_zeros([], (Kind::Int64, device))?;
-            let mut valid = Tensor::f_zeros([], (Kind::Int64, device))?;
+            // Totals over the chunks, from the first chunk's.
+            let (mut value, mut count, mut valid) = (None, None, None);
             // Semi-hard: the number of pairs whose hinge is active.
-            let mut active = Tensor::f_zeros([], (kind, device))?;
+            let mut active = None;
             // Contiguous whatever the strides of the embeddings.
             let mut gx = Tensor::f_zeros(s.x.size(), (kind, device))?;
             let mut gy = Tensor::f_zeros(s.y.size(), (kind, device))?;
@@ -535,10 +527,10 @@ impl TripletConfig {
                         "internal error: semi-hard mining returned weights".into(),
                     ));
                 };
-                value = out.value;
-                count = out.count;
-                valid = out.valid;
-                let _ = active.f_add_scalar_(anchor.len() as f64)?;
+                value = Some(out.value);
+                count = Some(out.count);
+                valid = Some(out.valid);
+                active = Some(Tensor::f_full([], anchor.len() as f64, (kind, device))?);
                 triplets = (anchor, positive, negative);
             } else if m > 0 {
                 let step = self.rows_per_chunk(m);
@@ -560,14 +552,14 @@ impl TripletConfig {
                         Mining::All => mining::batch_all(self.kernel, &chunk, self.margin)?,
                         _ => mining::semihard(self.kernel, &chunk, self.margin)?,
                     };
-                    let _ = value.f_add_(&out.value)?;
-                    let _ = count.f_add_(&out.count)?;
-                    let _ = valid.f_add_(&out.valid)?;
+                    add_to(&mut value, out.value)?;
+                    add_to(&mut count, out.count)?;
+                    add_to(&mut valid, out.valid)?;
                     match out.selection {
                         Selection::Weights(w) => {
                             if mining == Mining::SemiHard {
                                 // +1 at the positive of each active pair, −1s at its negative.
-                                let _ = active.f_add_(&w.f_relu()?.f_sum(kind)?)?;
+                                add_to(&mut active, w.f_relu()?.f_sum(kind)?)?;
                             }
                             let mut gx_rows = gx.f_narrow(0, start, len)?;
                             let p = rows.pair_weights(&w, &d)?;
@@ -605,7 +597,8 @@ impl TripletConfig {
                             positive,
                             negative,
                         } => {
-                            let _ = active.f_add_scalar_(anchor.len() as f64)?;
+                            let len = anchor.len() as f64;
+                            add_to(&mut active, Tensor::f_full([], len, (kind, device))?)?;
                             triplets.0.extend(anchor.iter().map(|a| a + start));
                             triplets.1.extend(positive);
                             triplets.2.extend(negative);
@@ -622,9 +615,13 @@ impl TripletConfig {
                     &mut gy,
                 )?;
             }
+            let zero = |kind: Kind| Tensor::f_zeros([], (kind, device));
+            let value = value.map_or_else(|| zero(kind), Ok)?;
+            let count = count.map_or_else(|| zero(Kind::Int64), Ok)?;
+            let valid = valid.map_or_else(|| zero(Kind::Int64), Ok)?;
             let active = match mining {
                 Mining::All => count.f_to_kind(kind)?,
-                _ => active,
+                _ => active.map_or_else(|| zero(kind), Ok)?,
             };
             Ok((value, count, valid, active, s.sx.finish_grad(gx)?, {
                 s.sy.finish_columns(&col_sum, &mut gy)?;
@@ -717,14 +714,8 @@ impl TripletConfig {
                 let (points, norms) = (s.sx.points(), s.sx.norms());
                 return mining::hardest_within(points, norms, &columns, self.distance, step);
             }
-            // Written in place: per-chunk tensors kept alive between the
-            // chunks' distance matrices would fragment the heap.
-            let positive = Tensor::f_zeros([n], (Kind::Int64, device))?;
-            let negative = positive.f_zeros_like()?;
-            let valid = Tensor::f_zeros([n], (Kind::Bool, device))?;
             let scratch = s.scratch(self.kernel, step.min(n), m)?;
-            for start in (0..n).step_by(step as usize) {
-                let len = step.min(n - start);
+            let mine = |start: i64, len: i64| -> Result<Hardest, Error> {
                 let rows = s.sx.rows(start, len)?;
                 let (d, gram) = s.chunk(&rows, start, scratch.as_ref())?;
                 let row_labels = s.x_labels.f_narrow(0, start, len)?;
@@ -736,7 +727,19 @@ impl TripletConfig {
                     distance: self.distance,
                     gram,
                 };
-                let h = mining::hardest(self.kernel, &chunk)?;
+                mining::hardest(self.kernel, &chunk)
+            };
+            if n <= step {
+                return mine(0, n);
+            }
+            // Written in place: per-chunk tensors kept alive between the
+            // chunks' distance matrices would fragment the heap.
+            let positive = Tensor::f_zeros([n], (Kind::Int64, device))?;
+            let negative = positive.f_zeros_like()?;
+            let valid = Tensor::f_zeros([n], (Kind::Bool, device))?;
+            for start in (0..n).step_by(step as usize) {
+                let len = step.min(n - start);
+                let h = mine(start, len)?;
                 positive.f_narrow(0, start, len)?.f_copy_(&h.positive)?;
                 negative.f_narrow(0, start, len)?.f_copy_(&h.negative)?;
                 valid.f_narrow(0, start, len)?.f_copy_(&h.valid)?;
@@ -747,13 +750,14 @@ impl TripletConfig {
                 valid,
             })
         })?;
-        let d_ap = self
-            .distance
-            .paired(s.x, &s.y.f_index_select(0, &positive)?)?;
-        let d_an = self
-            .distance
-            .paired(s.x, &s.y.f_index_select(0, &negative)?)?;
-        let gap = d_ap.f_sub(&d_an)?;
+        // d_ap and d_an in one pass: the anchors twice against their
+        // positives, then their negatives.
+        let d = self.distance.paired(
+            &s.x.f_expand([2, n, s.x.size()[1]], false)?
+                .f_reshape([2 * n, -1])?,
+            &s.y.f_index_select(0, &Tensor::f_cat(&[&positive, &negative], 0)?)?,
+        )?;
+        let gap = d.f_narrow(0, 0, n)?.f_sub(&d.f_narrow(0, n, n)?)?;
         let z = match margin {
             Some(m) => gap.f_add(m)?,
             None => gap.f_add_scalar(self.margin)?,
@@ -763,16 +767,16 @@ impl TripletConfig {
         } else {
             z.f_relu()?
         };
-        let zeros = hinge.f_zeros_like()?;
-        let sum = hinge.f_where_self(&valid, &zeros)?.f_sum(kind)?;
+        let sum = hinge.f_where_scalarother(&valid, 0.0)?.f_sum(kind)?;
         let margin_grad = grad::no_grad(|| -> Result<Tensor, Error> {
             let z = z.detach();
-            let slope = if self.soft {
+            Ok(if self.soft {
                 z.f_sigmoid()?
+                    .f_where_scalarother(&valid, 0.0)?
+                    .f_sum(kind)?
             } else {
-                z.f_gt(0.0)?.f_to_kind(kind)?
-            };
-            Ok(slope.f_where_self(&valid, &zeros.detach())?.f_sum(kind)?)
+                z.f_gt(0.0)?.f_logical_and(&valid)?.f_sum(kind)?
+            })
         })?;
         let count = valid.f_sum(Kind::Int64)?;
         Ok(Terms {
@@ -843,6 +847,16 @@ impl Sides<'_> {
             None => Ok((self.distances(rows, start)?, None)),
         }
     }
+}
+
+/// Adds a chunk's `t` to a running total, which the first chunk's starts
+/// (out of place: a chunk's tensors may share storage with each other).
+fn add_to(total: &mut Option<Tensor>, t: Tensor) -> Result<(), Error> {
+    *total = Some(match total.take() {
+        Some(sum) => sum.f_add(&t)?,
+        None => t,
+    });
+    Ok(())
 }
 
 /// A term whose value is 0 and whose gradient with respect to `x` is `grad`.

@@ -158,9 +158,10 @@ pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let largest = d
         .f_where_scalarother(&different, f64::NEG_INFINITY)?
         .f_argmax(1, true)?;
-    // Where a column is not a positive pair the index is unused but must be in range.
+    // Where a column is not a positive pair the index is unused but must be
+    // in range. Distances are not −inf: below +inf is finite.
     let negative = above
-        .f_where_self(&d_above.f_isfinite()?, &largest)?
+        .f_where_self(&d_above.f_lt(f64::INFINITY)?, &largest)?
         .f_clamp_max_(n - 1)?;
     drop(d_above);
 
