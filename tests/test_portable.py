@@ -6,7 +6,7 @@ their results are checked on every machine, not only where a GPU is.
 
 Layout: against the float64 references (values, counts, gradients; with
 identical rows, reference sets and chunks) -> against the native kernels in
-float32 -> non-finite inputs.
+float32, and in float64 on rows of signs -> non-finite inputs.
 """
 
 from __future__ import annotations
@@ -77,6 +77,28 @@ def test_portable_and_native_agree_in_float32(mining, distance):
     assert (c1, v1) == (c0, v0) and c0 > 0
     torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_portable_and_native_agree_on_rows_of_signs(mining, distance):
+    """float64 rows of ±0.1: many identical rows, and distinct rows that
+    differ only in the signs of a few entries, which the first-copy keys
+    must tell apart (a key that did not missed copies on most batches)."""
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        emb = (torch.randint(0, 2, (40, 4), generator=g) * 2 - 1).double() * 0.1
+        labels = torch.randint(0, 4, (40,), generator=g)
+        results = []
+        for portable in (False, True):
+            x = leaf(emb)
+            s, c, v = terms(mining, labels, x, 0.2, distance, portable=portable)
+            results.append((s.detach(), int(c), int(v), grad_of(s, x)[0]))
+        (s0, c0, v0, g0), (s1, c1, v1, g1) = results
+        what = f"seed {seed} {mining} {distance}"
+        assert (c1, v1) == (c0, v0), what
+        torch.testing.assert_close(s1, s0, rtol=1e-9, atol=1e-10, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(g1, g0, rtol=1e-7, atol=1e-9, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

@@ -61,15 +61,21 @@ const MIX_2: i64 = 0x94d0_49bb_1331_11eb_u64 as i64;
 /// columns: the mixing needs two such temporaries.
 const KEY_BLOCK_ELEMENTS: i64 = 1 << 22;
 
-/// A bijection of 64-bit words, in place: a product, an xor of the high
-/// half into the low one, a product (wrapping). `>>` shifts int64
-/// arithmetically, so the sign is masked off.
+/// splitmix64's finaliser, a bijection of 64-bit words (wrapping products),
+/// in place; `>>` shifts int64 arithmetically, so the sign is masked off.
+/// Each product follows a shift that brings the high bits down: a product
+/// first would send a flip of the top bit (a float64's sign) to a flip of
+/// the top bit, whose sum over the columns is linear, so rows differing in
+/// the signs of two entries would share a key half the time.
 fn mix_(z: &mut Tensor) -> Result<(), Error> {
-    let _ = z.f_mul_scalar_(MIX_1)?;
-    let mut high = z.f_bitwise_right_shift_tensor_scalar(32)?;
-    let _ = high.f_bitwise_and_(0xffff_ffff)?;
-    let _ = z.f_bitwise_xor_tensor_(&high)?;
-    let _ = z.f_mul_scalar_(MIX_2)?;
+    for (s, product) in [(30, Some(MIX_1)), (27, Some(MIX_2)), (31, None)] {
+        let mut high = z.f_bitwise_right_shift_tensor_scalar(s)?;
+        let _ = high.f_bitwise_and_((1i64 << (64 - s)) - 1)?;
+        let _ = z.f_bitwise_xor_tensor_(&high)?;
+        if let Some(product) = product {
+            let _ = z.f_mul_scalar_(product)?;
+        }
+    }
     Ok(())
 }
 
@@ -266,25 +272,49 @@ mod tests {
         assert_eq!(portable(&no_rows), Vec::<i64>::new());
     }
 
+    /// Rows of ±1 (every sign pattern of 10 entries), of small integers, and
+    /// one-hot rows: rows that differ only in signs, in a few top bits, or
+    /// are permutations of each other.
+    fn structured_rows(kind: Kind) -> Vec<Tensor> {
+        let opts = (kind, Device::Cpu);
+        let signs = Tensor::arange(1024, (Kind::Int64, Device::Cpu))
+            .unsqueeze(1)
+            .bitwise_right_shift(&Tensor::arange(10, (Kind::Int64, Device::Cpu)))
+            .bitwise_and(1)
+            .to_kind(kind)
+            .f_mul_scalar(2.0)
+            .unwrap()
+            .f_sub_scalar(1.0)
+            .unwrap();
+        tch::manual_seed(5);
+        let small = Tensor::randint(3, [400, 6], opts);
+        let one_hot = Tensor::eye(8, opts).repeat([3, 1]) * 2.0;
+        vec![signs, small, one_hot]
+    }
+
+    #[test]
+    fn distinct_structured_rows_have_distinct_keys() {
+        for kind in [Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16] {
+            for x in structured_rows(kind) {
+                let first = brute_force(&x);
+                let keys = Vec::<i64>::try_from(key(&x, i64::MAX).unwrap()).unwrap();
+                let mut seen = std::collections::HashMap::new();
+                for (i, (&k, &f)) in keys.iter().zip(&first).enumerate() {
+                    let row = *seen.entry(k).or_insert(f);
+                    assert_eq!(row, f, "{kind:?}: row {i} shares a key with row {row}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn portable_first_copies_of_structured_rows() {
-        // Rows of small integers and one-hot rows: many rows are permutations
-        // of each other or differ in one entry, which the keys must tell apart.
-        tch::manual_seed(5);
-        let opts = (Kind::Float, Device::Cpu);
-        let small = Tensor::randint(3, [400, 6], opts);
-        let one_hot = Tensor::eye(8, opts)
-            .repeat([3, 1])
-            .f_mul_scalar(2.0)
-            .unwrap();
-        for x in [small, one_hot] {
-            let first = portable(&x);
-            assert_eq!(first, brute_force(&x));
-            let distinct = first.iter().enumerate().filter(|&(i, &f)| f == i as i64);
-            assert!(
-                distinct.count() < x.size()[0] as usize,
-                "the rows must have copies"
-            );
+        for kind in [Kind::Double, Kind::Float] {
+            for x in structured_rows(kind) {
+                // A copy of each row, after the others.
+                let x = Tensor::cat(&[&x, &x.flip([0])], 0);
+                assert_eq!(portable(&x), brute_force(&x), "{kind:?}");
+            }
         }
     }
 
