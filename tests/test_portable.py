@@ -28,6 +28,16 @@ def terms(mining, labels, x, margin, distance, soft=False, y=None, ref_labels=No
                                chunk, portable=portable)
 
 
+def native_and_portable(mining, labels, emb, distance):
+    """(sum, count, valid, gradient) of each path, margin 0.2."""
+    results = []
+    for portable in (False, True):
+        x = leaf(emb)
+        s, c, v = terms(mining, labels, x, 0.2, distance, portable=portable)
+        results.append((s.detach(), int(c), int(v), grad_of(s, x)[0]))
+    return results
+
+
 @pytest.mark.parametrize("refs", ["none", "refs", "offset"])
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("mining", LOSSES)
@@ -68,12 +78,7 @@ def test_portable_and_native_agree_in_float32(mining, distance):
     emb = torch.randn(len(labels), 16, generator=g)
     emb[7] = emb[3]  # a copy in the same class
     emb[50] = emb[3]  # and in another
-    results = []
-    for portable in (False, True):
-        x = leaf(emb)
-        s, c, v = terms(mining, labels, x, 0.2, distance, portable=portable)
-        results.append((s.detach(), int(c), int(v), grad_of(s, x)[0]))
-    (s0, c0, v0, g0), (s1, c1, v1, g1) = results
+    (s0, c0, v0, g0), (s1, c1, v1, g1) = native_and_portable(mining, labels, emb, distance)
     assert (c1, v1) == (c0, v0) and c0 > 0
     torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-5)
@@ -89,12 +94,7 @@ def test_portable_and_native_agree_on_rows_of_signs(mining, distance):
         g = torch.Generator().manual_seed(seed)
         emb = (torch.randint(0, 2, (40, 4), generator=g) * 2 - 1).double() * 0.1
         labels = torch.randint(0, 4, (40,), generator=g)
-        results = []
-        for portable in (False, True):
-            x = leaf(emb)
-            s, c, v = terms(mining, labels, x, 0.2, distance, portable=portable)
-            results.append((s.detach(), int(c), int(v), grad_of(s, x)[0]))
-        (s0, c0, v0, g0), (s1, c1, v1, g1) = results
+        (s0, c0, v0, g0), (s1, c1, v1, g1) = native_and_portable(mining, labels, emb, distance)
         what = f"seed {seed} {mining} {distance}"
         assert (c1, v1) == (c0, v0), what
         torch.testing.assert_close(s1, s0, rtol=1e-9, atol=1e-10, msg=lambda m: f"{what}: {m}")
