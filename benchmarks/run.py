@@ -258,7 +258,8 @@ def child_main(spec_json: str, out_path: str) -> int:
             return finish(OVER_TIME, f"single run {w:.1f} s > cap {time_cap:g} s")
         # fewer runs for slow cells: the timed runs stay within the time cap.
         # Their number comes from the first timed run, not the warm-up, which
-        # carries one-off costs (CUDA loads each kernel at its first call).
+        # carries one-off costs (CUDA's first semi-hard or batch-all call took 3 s
+        # on an H200, most likely loading kernel modules lazily).
         phase("timed")
         times = [once()]
         n = max(1, min(spec["repeats"], int(time_cap // max(times[0], 1e-9))))
