@@ -7,6 +7,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::{native, portable, Chunk, Columns, Selection, Weighted};
+use crate::labels::masks;
 use crate::Distance;
 
 struct Case {
@@ -267,10 +268,7 @@ fn batch_all_and_hardest_kernels_agree_on_ties() {
 fn batch_all_kernels_agree_on_infinite_positives() {
     for seed in 0..12 {
         let c = case(seed, 10, 60, 4, 5, Kind::Double);
-        let same = c
-            .row_labels
-            .unsqueeze(1)
-            .eq_tensor(&c.col_labels.unsqueeze(0));
+        let (same, _) = masks(&c.row_labels, &c.col_labels, None).unwrap();
         let infinite = Tensor::rand([10, 60], (Kind::Float, Device::Cpu))
             .lt(0.3)
             .logical_and(&same);
@@ -287,10 +285,7 @@ fn batch_all_kernels_agree_on_nan_negatives() {
     for seed in 0..12 {
         for kind in [Kind::Double, Kind::Float] {
             let c = case(seed, 10, 60, 4, 5, kind);
-            let different = c
-                .row_labels
-                .unsqueeze(1)
-                .ne_tensor(&c.col_labels.unsqueeze(0));
+            let (_, different) = masks(&c.row_labels, &c.col_labels, None).unwrap();
             let nan = Tensor::rand([10, 60], (Kind::Float, Device::Cpu))
                 .lt(0.3)
                 .logical_and(&different);
