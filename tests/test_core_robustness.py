@@ -222,9 +222,32 @@ def test_non_finite_input_reaches_loss_and_every_gradient(mining, distance, bad,
     loss = function_loss(mining, LABELS, x, 0.2, distance, **kw)
     assert math.isnan(loss.item())
     loss.backward()
-    assert not x.grad.isfinite().all()
+    assert x.grad.isnan().all()
     if where == "reference":
-        assert not bank.grad.isfinite().all()
+        assert bank.grad.isnan().all()
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("bad", [NAN, math.inf, -math.inf, "overflow"])
+@pytest.mark.parametrize("where", ["anchor", "unused anchor", "reference"])
+def test_non_finite_input_with_references_reaches_every_gradient(mining, distance, bad, where, portable):
+    # Anchors and references apart: a bad anchor must reach every reference's
+    # gradient and a bad reference every anchor's, whichever triplets they form.
+    x, bank = _embeddings(7, dtype=torch.float64), _embeddings(8, dtype=torch.float64)
+    bank_labels = torch.tensor([0, 0, 1, 1, 2, 2, 4, 4])  # 3: the last anchor's, no reference has it
+    row, col = {"anchor": (x, 1), "unused anchor": (x, 7), "reference": (bank, 5)}[where]
+    if bad == "overflow":  # finite, but squared distances or the row's norm beyond float64
+        row[col] = 1e308 if distance == "cosine" else 1e300
+    else:
+        row[col, 2] = bad
+    x, bank = leaf(x), leaf(bank)
+    s, _, _ = _core.triplet_terms(mining, LABELS, x, 0.2, distance, False, bank, bank_labels, None, None,
+                                  portable=portable)
+    gx, gy = torch.autograd.grad(s, (x, bank))
+    assert math.isnan(s.item())
+    assert gx.isnan().all() and gy.isnan().all()
 
 
 # --------------------------------------------------------------------------- overflow and cancellation

@@ -125,7 +125,8 @@ fn mean_and_fraction(
             });
         }
         let terms = Terms {
-            margin_grad: sum.f_zeros_like()?,
+            // Read by neither `mean` nor `fraction`.
+            margin_grad: sum.shallow_clone(),
             sum,
             count,
             valid,

@@ -158,10 +158,8 @@ impl Terms {
     /// is not floating point; [`Error::Torch`] when libtorch fails.
     pub fn mean(&self) -> Result<Tensor, Error> {
         self.check()?;
-        let kind = self.sum.f_kind()?;
-        Ok(self
-            .sum
-            .f_div(&self.count.f_clamp_min(1)?.f_to_kind(kind)?)?)
+        // Dividing by an int64 tensor casts it to the dtype of `sum`.
+        Ok(self.sum.f_div(&self.count.f_clamp_min(1)?)?)
     }
 
     /// `count / max(valid, 1)`: the fraction of positive triplets for batch-all.
@@ -174,7 +172,7 @@ impl Terms {
         Ok(self
             .count
             .f_to_kind(kind)?
-            .f_div(&self.valid.f_clamp_min(1)?.f_to_kind(kind)?)?)
+            .f_div(&self.valid.f_clamp_min(1)?)?)
     }
 }
 
@@ -387,6 +385,7 @@ impl TripletConfig {
             ties,
             sx,
             sy,
+            poison,
         };
         let margin = match margin {
             Some(m) => Some(m.f_reshape([])?.f_to_kind(kind)?.f_to_device(device)?),
@@ -399,18 +398,14 @@ impl TripletConfig {
         if let (Some(m), Mining::All | Mining::SemiHard) = (&margin, mining) {
             terms.sum = terms.sum.f_add(&surrogate(m, &terms.margin_grad)?)?;
         }
-        // NaN or ±Inf anywhere in the inputs, or distances that overflow,
-        // make the loss and every gradient it sends NaN, even when no
-        // triplet uses that sample.
-        let mut sum = terms.sum.f_add(&poison)?.f_add(&surrogate(&x, &poison)?)?;
-        // When the references are the anchors, x's surrogate reaches them all.
-        if references.is_some() {
-            sum = sum.f_add(&surrogate(&y, &poison)?)?;
+        // The weighted losses carry the poison in their gradients already.
+        if mining == Mining::Hard {
+            terms.sum = sides.poisoned(terms.sum, None, None)?;
         }
         if let Some(m) = &margin {
-            sum = sum.f_add(&surrogate(m, &poison)?)?;
+            terms.sum = terms.sum.f_add(&surrogate(m, &sides.poison)?)?;
         }
-        Ok(Terms { sum, ..terms })
+        Ok(terms)
     }
 
     fn validate(
@@ -633,11 +628,8 @@ impl TripletConfig {
         // through autograd without changing the value. They stay two when
         // the references are the anchors: c·gx + c·gy, not c·(gx + gy), is
         // what autograd gives the same loss with references passed apart.
-        let sum = value
-            .f_add(&surrogate(s.x, &gx)?)?
-            .f_add(&surrogate(s.y, &gy)?)?;
         Ok(Terms {
-            sum,
+            sum: s.poisoned(value, Some(&gx), Some(&gy))?,
             count,
             valid,
             margin_grad: active,
@@ -683,7 +675,7 @@ impl TripletConfig {
             return Ok(None);
         };
         Ok(Some(Terms {
-            sum: value.f_add(&surrogate(s.x, &gx)?)?,
+            sum: s.poisoned(value, Some(&gx), None)?,
             margin_grad: count.f_to_kind(kind)?,
             count,
             valid,
@@ -767,17 +759,19 @@ impl TripletConfig {
         } else {
             z.f_relu()?
         };
-        let sum = hinge.f_where_scalarother(&valid, 0.0)?.f_sum(kind)?;
+        let terms = hinge.f_where_scalarother(&valid, 0.0)?;
         let margin_grad = grad::no_grad(|| -> Result<Tensor, Error> {
-            let z = z.detach();
             Ok(if self.soft {
-                z.f_sigmoid()?
+                z.detach()
+                    .f_sigmoid()?
                     .f_where_scalarother(&valid, 0.0)?
                     .f_sum(kind)?
             } else {
-                z.f_gt(0.0)?.f_logical_and(&valid)?.f_sum(kind)?
+                // A hinge is positive exactly where its slope is 1.
+                terms.detach().f_gt(0.0)?.f_sum(kind)?
             })
         })?;
+        let sum = terms.f_sum(kind)?;
         let count = valid.f_sum(Kind::Int64)?;
         Ok(Terms {
             sum,
@@ -800,9 +794,40 @@ struct Sides<'a> {
     /// The anchors and the references, detached, in the frame of the distance.
     sx: Side,
     sy: Side,
+    /// 0, or NaN when an input is not finite or a distance overflows
+    /// ([`Side::poison`]).
+    poison: Tensor,
 }
 
 impl Sides<'_> {
+    /// `value` plus the poison, whose gradients are `gx` with respect to the
+    /// anchors and `gy` with respect to the references, where given (`None`
+    /// where the caller's graph reaches them), plus the poison: NaN reaches
+    /// the loss and every gradient, also to samples no triplet uses.
+    fn poisoned(
+        &self,
+        value: Tensor,
+        gx: Option<&Tensor>,
+        gy: Option<&Tensor>,
+    ) -> Result<Tensor, Error> {
+        let p = &self.poison;
+        let gx = match gx {
+            Some(g) => g.f_add(p)?,
+            None => p.shallow_clone(),
+        };
+        let mut sum = value.f_add(p)?.f_add(&surrogate(self.x, &gx)?)?;
+        // When the references are the anchors, x's poison reaches them all.
+        let gy = match gy {
+            Some(g) if self.y_is_x => Some(g.shallow_clone()),
+            Some(g) => Some(g.f_add(p)?),
+            None if self.y_is_x => None,
+            None => Some(p.shallow_clone()),
+        };
+        if let Some(gy) = gy {
+            sum = sum.f_add(&surrogate(self.y, &gy)?)?;
+        }
+        Ok(sum)
+    }
     /// Distances from anchors `start..start + rows.len()` to every reference.
     fn distances(&self, rows: &Side, start: i64) -> Result<Tensor, Error> {
         let d = rows.pairwise(&self.sy)?;
