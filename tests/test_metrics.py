@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,26 @@ def test_cosine_matches_brute_force(seed):
     )
 
 
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_identical_items_are_nearest_in_float32(distance, chunk_size):
+    # Unit vectors in D = 128, each with an exact copy and a neighbour of
+    # another label 3e-4 away: float32 Gram distances are off by about that
+    # much, so the copy must be found, not ranked by rounding.
+    g = torch.Generator().manual_seed(3)
+    base = torch.nn.functional.normalize(torch.randn(40, 128, generator=g), dim=1)
+    near = torch.nn.functional.normalize(base + 3e-4 / 128 ** 0.5 * torch.randn(40, 128, generator=g), dim=1)
+    embeddings = torch.cat([base, base, near])
+    labels = torch.cat([torch.arange(40), torch.arange(40), torch.arange(100, 140)])
+    perm = torch.randperm(120, generator=g)
+    embeddings, labels = embeddings[perm], labels[perm]
+    want_recall, want_map = brute_force(embeddings, labels, (1, 2), distance)
+    assert want_recall[1] == want_map == 1.0
+    kw = dict(distance=distance, chunk_size=chunk_size)
+    assert recall_at_k(embeddings, labels, (1, 2), **kw) == pytest.approx(want_recall)
+    assert mean_average_precision_at_r(embeddings, labels, **kw) == pytest.approx(want_map)
+
+
 def test_float32_and_other_label_types():
     embeddings, labels = random_data(11, n=60, dim=3, classes=4, singletons=3)
     recall, map_at_r = brute_force(embeddings.float(), labels, (1, 3))
@@ -176,6 +197,14 @@ def test_twenty_thousand_items_chunked_against_a_torch_reference():
     assert 0.05 < got[1] < 0.95
 
 
+def test_ks_as_tensors_and_arrays():
+    embeddings, labels = random_data(5, 30, 4, 4)
+    want = recall_at_k(embeddings, labels, (1, 3))
+    assert recall_at_k(embeddings, labels, torch.tensor([1, 3])) == want
+    assert recall_at_k(embeddings, labels, torch.tensor(3)) == {3: want[3]}
+    assert recall_at_k(embeddings, labels, np.array([1, 3])) == want
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -184,6 +213,8 @@ def test_twenty_thousand_items_chunked_against_a_torch_reference():
         (dict(ks="1"), "ks: must be a sequence of positive ints, got '1'"),
         (dict(ks=[1, 2.5]), r"ks: every k must be an int >= 1, got 2.5"),
         (dict(ks=[True]), r"ks: every k must be an int >= 1, got True"),
+        (dict(ks=torch.tensor(1.5)), "ks: must be a sequence of positive ints, got 1.5"),
+        (dict(ks=torch.tensor([1, 0])), r"ks: every k must be an int >= 1, got 0"),
         (dict(distance="manhattan"), "distance: expected one of .* got 'manhattan'"),
         (dict(chunk_size=0), "chunk_size: must be None or an int >= 1, got 0"),
     ],

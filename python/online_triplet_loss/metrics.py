@@ -24,6 +24,8 @@ from ._validation import INT64_MAX, check_int, check_tensor, resolve_distance
 __all__ = ["recall_at_k", "mean_average_precision_at_r"]
 
 def _check_ks(ks: object) -> List[int]:
+    if hasattr(ks, "ndim") and hasattr(ks, "tolist"):
+        ks = ks.tolist()  # tensors and arrays; 0-d ones become one k
     if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
         ks = (ks,)
     if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):

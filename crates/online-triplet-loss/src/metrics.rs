@@ -17,7 +17,9 @@
 //! memory stays O(B·chunk); the time is O(B²·D) for the distances plus
 //! O(B·(B + K log K)) for the selection, with K = max(k, R_q). Queries are
 //! sorted by R_q so that a chunk selects only as many neighbours as its own
-//! queries need. Ties between distances are broken in an unspecified order.
+//! queries need. Identical items are at distance exactly 0 from each other,
+//! ahead of every distinct item, and at equal distances from every other
+//! item; other ties between distances are broken in an unspecified order.
 //!
 //! ```
 //! use online_triplet_loss::metrics::{mean_average_precision_at_r, recall_at_k};
@@ -41,6 +43,8 @@ use crate::distance::{Distance, Side};
 use crate::grad;
 use crate::labels::{domain, keys, REFERENCE_NAN_KEYS};
 use crate::losses::check_embeddings;
+use crate::mining::Kernel;
+use crate::ties::Ties;
 use crate::Error;
 
 /// Queries are ranked against this many distances at a time, unless set.
@@ -260,6 +264,7 @@ impl RetrievalConfig {
             x
         };
         grad::no_grad(|| {
+            let ties = Ties::find(&x, &x, Some(0), true, Kernel::Auto)?;
             let (side, _) = Side::pair(ranking, &x, None)?;
             let opts = (Kind::Int64, device);
             let mut hits = ks
@@ -271,6 +276,20 @@ impl RetrievalConfig {
             while start < n {
                 let len = step.min(n - start);
                 let mut d = side.rows(start, len)?.pairwise(&side)?;
+                if let Some(ties) = &ties {
+                    d = ties.apply(&d, start)?;
+                    // Distinct items whose distance rounds to 0 or below (a
+                    // cosine distance can) rank after the copies, at the
+                    // smallest positive normal number.
+                    let apart = d
+                        .f_le(0.0)?
+                        .f_logical_and_(&ties.identical(start, len)?.f_logical_not()?)?;
+                    let tiny = match kind {
+                        Kind::Double => f64::MIN_POSITIVE,
+                        _ => f64::from(f32::MIN_POSITIVE),
+                    };
+                    let _ = d.f_masked_fill_(&apart, tiny)?;
+                }
                 let own = Tensor::f_arange_start(start, start + len, opts)?.f_unsqueeze(1)?;
                 let _ = d.f_scatter_value_(1, &own, f64::INFINITY)?;
                 let r_last = sorted_r[(start + len - 1) as usize];

@@ -190,15 +190,18 @@ impl Ties {
 
     /// Rewrites the distances of anchors `start..start + d.size()[0]`.
     pub(crate) fn apply(&self, d: &Tensor, start: i64) -> Result<Tensor, Error> {
-        let len = d.size()[0];
         let mut d = d.f_index_select(1, &self.columns)?;
-        let identical = self
+        let _ = d.f_masked_fill_(&self.identical(start, d.size()[0])?, 0.0)?;
+        Ok(d)
+    }
+
+    /// Whether anchor `start + i` and reference j are identical, `(len, m)`.
+    pub(crate) fn identical(&self, start: i64, len: i64) -> Result<Tensor, Error> {
+        Ok(self
             .rows
             .f_narrow(0, start, len)?
             .f_unsqueeze(1)?
-            .f_eq_tensor(&self.columns.f_unsqueeze(0)?)?;
-        let _ = d.f_masked_fill_(&identical, 0.0)?;
-        Ok(d)
+            .f_eq_tensor(&self.columns.f_unsqueeze(0)?)?)
     }
 }
 
