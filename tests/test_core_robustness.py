@@ -374,3 +374,56 @@ def test_distributed_extra_references_refuse_big_ints_against_floats(big, side):
     with pytest.raises(ValueError, match=rf"^{side}: "):
         loss(_embeddings(13, n=4), labels, extra_embeddings=_embeddings(14, n=4),
              extra_labels=extra)
+
+
+# --------------------------------------------------------------------------- underflow
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("distance", ["euclidean", "squared"])
+@pytest.mark.parametrize("dtype, exponent, nan", [
+    (torch.float32, -40, False), (torch.float32, -100, True), (torch.float32, -130, True),
+    (torch.float64, -480, False), (torch.float64, -540, True),
+])
+def test_embeddings_whose_squares_underflow_give_nan(mining, distance, dtype, exponent, nan, portable):
+    # With margin 0 a Euclidean loss is homogeneous: at s·x (s a power of two)
+    # it is s times the loss at x (s² for squared) with the same gradient (s
+    # times). Below the square root of the smallest normal number the squares
+    # of the entries underflow and every Gram distance comes out 0: NaN then,
+    # never a loss of 0.
+    x = _embeddings(11, dtype=dtype)
+    s = 2.0 ** exponent
+    power = 2 if distance == "squared" else 1
+    loss1, _, _ = _core.triplet_terms(mining, LABELS, leaf(x), 0.0, distance, False, None, None, None, None,
+                                      portable=portable)
+    xs = leaf(x * s)
+    loss, _, _ = _core.triplet_terms(mining, LABELS, xs, 0.0, distance, False, None, None, None, None,
+                                     portable=portable)
+    (g,) = torch.autograd.grad(loss, xs)
+    if nan:
+        assert math.isnan(loss.item()) and g.isnan().all()
+    else:
+        assert loss.item() / s ** power == pytest.approx(loss1.item(), rel=1e-4)
+        assert g.isfinite().all()
+
+
+def test_identical_tiny_embeddings_are_not_poisoned():
+    # All rows equal (centred points 0): a degenerate batch, loss 0, no NaN.
+    x = leaf(torch.full((8, 5), 1e-30))
+    for mining in LOSSES:
+        loss = function_loss(mining, LABELS, x, 0.2, "euclidean")
+        assert loss.item() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_fraction_is_nan_when_the_loss_is(distance, portable):
+    # Its counts come from comparisons of NaN distances, which the paths make
+    # differently: NaN, like the loss.
+    x = _embeddings(12)
+    x[2, 1] = NAN
+    s, c, v = _core.triplet_terms("all", LABELS, x, 0.2, distance, False, None, None, None, None,
+                                  portable=portable)
+    loss, fraction = _core.mean_and_fraction(s, c, v, x)
+    assert math.isnan(loss.item()) and math.isnan(fraction.item())

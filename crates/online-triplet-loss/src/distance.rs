@@ -249,11 +249,15 @@ impl Side {
     /// A 0-d tensor of the points' dtype, NaN when the distances between the
     /// sides cannot be trusted and 0 otherwise: when an embedding is not
     /// finite, or a distance may overflow the dtype (Euclidean distances are
-    /// at most 4·max‖x‖², the cosine distance takes norms). `other` is `None`
-    /// when the references are the anchors. Non-finite embeddings reach the
-    /// norms: through the shared centre and their own points (Euclidean), or
-    /// their own norms (cosine), so the norms' maximum, scaled by the bound
-    /// and times 0, is NaN exactly then (inf·0 and NaN·0 are NaN).
+    /// at most 4·max‖x‖², the cosine distance takes norms), or, for Euclidean
+    /// distances, when the points are so close to their centre (every entry
+    /// below the square root of the smallest normal number, 1.1e-19 in
+    /// float32, but not all 0) that the Gram matrix rounds the distances to
+    /// nothing. `other` is `None` when the references are the anchors.
+    /// Non-finite embeddings reach the norms: through the shared centre and
+    /// their own points (Euclidean), or their own norms (cosine), so the
+    /// norms' maximum, scaled by the bound and times 0, is NaN exactly then
+    /// (inf·0 and NaN·0 are NaN).
     pub(crate) fn poison(&self, other: Option<&Side>) -> Result<Tensor, Error> {
         let norms = match other {
             Some(other) => Tensor::f_cat(&[&self.norms, &other.norms], 0)?,
@@ -266,7 +270,34 @@ impl Side {
             Distance::Cosine => 1.0,
             Distance::Euclidean | Distance::Squared => 4.0,
         };
-        Ok(norms.f_max()?.f_mul_scalar(bound)?.f_mul_scalar(0.0)?)
+        let mut poison = norms.f_max()?.f_mul_scalar(bound)?.f_mul_scalar(0.0)?;
+        if self.distance == Distance::Cosine {
+            return Ok(poison);
+        }
+        // The largest entry, and the smallest whose square is a normal number
+        // (half and bfloat16 come as float32); squares that underflow to 0
+        // cannot tell such points from identical ones.
+        let largest = match other {
+            Some(other) => self.largest()?.f_maximum(&other.largest()?)?,
+            None => self.largest()?,
+        };
+        let tiny = match self.points.f_kind()? {
+            Kind::Double => f64::MIN_POSITIVE.sqrt(),
+            _ => f64::from(f32::MIN_POSITIVE.sqrt()),
+        };
+        let underflow = largest.f_gt(0.0)?.f_logical_and_(&largest.f_lt(tiny)?)?;
+        Ok(poison.f_masked_fill_(&underflow, f64::NAN)?)
+    }
+
+    /// The largest magnitude of an entry of the points, 0-d (0 when empty).
+    fn largest(&self) -> Result<Tensor, Error> {
+        if self.points.numel() == 0 {
+            return Ok(Tensor::f_zeros(
+                [],
+                (self.points.f_kind()?, self.points.device()),
+            )?);
+        }
+        Ok(self.points.f_abs()?.f_max()?)
     }
 
     /// The matrix of distances from every row of `self` to every row of `other`.

@@ -162,7 +162,9 @@ impl Terms {
         Ok(self.sum.f_div(&self.count.f_clamp_min(1)?)?)
     }
 
-    /// `count / max(valid, 1)`: the fraction of positive triplets for batch-all.
+    /// `count / max(valid, 1)`: the fraction of positive triplets for batch-all;
+    /// NaN when `sum` is not finite (non-finite embeddings, say), whose
+    /// counts mean nothing.
     ///
     /// # Errors
     /// As [`Terms::mean`].
@@ -172,7 +174,8 @@ impl Terms {
         Ok(self
             .count
             .f_to_kind(kind)?
-            .f_div(&self.valid.f_clamp_min(1)?)?)
+            .f_div(&self.valid.f_clamp_min(1)?)?
+            .f_add(&self.sum.detach().f_mul_scalar(0.0)?)?)
     }
 }
 
