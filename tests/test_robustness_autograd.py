@@ -75,6 +75,22 @@ def test_second_derivatives_raise(mining, distance, grad_mode):
 
 
 @pytest.mark.parametrize("mining", FIRST_ORDER)
+def test_batched_gradients_raise_and_batch_hard_gives_them(mining):
+    labels, x = _batch(SEEDS[0])
+    loss = lambda e: function_loss(mining, labels, e, 0.5, "euclidean").reshape(1)  # noqa: E731
+    with pytest.raises(RuntimeError, match="batched gradients"):
+        torch.autograd.functional.jacobian(loss, x, vectorize=True)
+    with pytest.raises(RuntimeError, match="batched gradients"):
+        e = leaf(x)
+        torch.autograd.grad(loss(e), e, torch.eye(1), is_grads_batched=True)
+    assert torch.is_grad_enabled()
+    # Batch-hard's graph is plain autograd, and vectorises.
+    hard = lambda e: function_loss("hard", labels, e, 0.5, "euclidean").reshape(1)  # noqa: E731
+    torch.testing.assert_close(torch.autograd.functional.jacobian(hard, x, vectorize=True),
+                               torch.autograd.functional.jacobian(hard, x))
+
+
+@pytest.mark.parametrize("mining", FIRST_ORDER)
 def test_second_derivatives_raise_with_references_modules_memory_and_margin(mining):
     """Through a reference set, the Modules, CrossBatchMemory and the
     single-process DistributedTripletLoss: the same refusal, never zeros."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import LOSSES, leaf, make_module
-from online_triplet_loss import CrossBatchMemory
+from online_triplet_loss import BatchHardTripletLoss, CrossBatchMemory
 from online_triplet_loss.distributed import DistributedTripletLoss
 
 SIZE = 7
@@ -210,3 +210,18 @@ def test_load_state_dict_accepts_memories_of_the_same_size():
     target = CrossBatchMemory(make_module("hard", 0.5, "euclidean"), memory_size=SIZE)
     target.load_state_dict(_filled(embedding_dim=5, steps=0).state_dict())
     assert target.embedding_dim == 5
+
+
+@pytest.mark.parametrize("cast", ["half", "double", "bfloat16", "to-float64"])
+def test_module_casts_leave_float_labels_alone(cast):
+    # 2049 and 2050 are one number in float16 and bfloat16.
+    memory = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
+    labels = torch.tensor([2049.0, 2049.0, 2050.0, 2050.0])
+    memory(torch.randn(4, 3), labels)
+    memory.to(torch.float64) if cast == "to-float64" else getattr(memory, cast)()
+    assert torch.equal(memory.memory[1], labels)
+    # Later batches keep the first batch's label dtype, as before the cast.
+    memory(torch.randn(4, 3), labels)
+    assert torch.equal(memory.memory[1], torch.cat([labels, labels]))
+    state = memory.state_dict()
+    assert state["memory_labels"].dtype == torch.float32

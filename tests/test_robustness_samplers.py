@@ -4,6 +4,8 @@ give the classes that the plain ints give."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -69,3 +71,10 @@ def test_nan_labels_are_distinct_classes():
     labels = torch.tensor([0.0, float("nan"), 0.0, float("nan"), 1.0, 1.0])
     for form in (labels, list(labels), labels.numpy()):
         assert PKSampler(form, 1, 2).num_classes == 4
+    # One NaN object repeated: a dict would find it by identity.
+    nan = float("nan")
+    for form in ([nan, nan, 1.0, 1.0], [math.nan, 0, math.nan, 0], [np.nan] * 3 + [2, 2]):
+        sampler = PKSampler(form, 1, 2)
+        assert sampler.num_classes == len(form) - 1
+        assert all(len({form[i] if form[i] == form[i] else i for i in batch}) == 1
+                   for batch in sampler)

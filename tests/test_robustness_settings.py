@@ -59,7 +59,7 @@ def test_squared_must_be_a_bool(mining, bad):
     refused("squared", lambda: getattr(otl, fn)(LABELS, EMB, 0.2, bad))
 
 
-@pytest.mark.parametrize("flag", [True, False, 1, 0, np.int64(1)], ids=repr)
+@pytest.mark.parametrize("flag", [True, False, 1, 0, np.int64(1), np.True_, np.False_, np.array(True)], ids=repr)
 def test_flags_accept_bools_and_0_1(flag):
     module = BatchHardTripletLoss(soft=flag)
     assert module.soft is bool(flag)

@@ -353,6 +353,15 @@ def test_rejects_label_count_mismatch(ours):
 
 @needs_st
 @pytest.mark.parametrize("loss_name", LOSS_NAMES)
+@pytest.mark.parametrize("labels", [[0, 0, 1, 1], (0, 0, 1, 1)], ids=["list", "tuple"])
+def test_rejects_labels_that_are_not_tensors(ours, loss_name, labels):
+    loss = getattr(ours, loss_name)(None)
+    with pytest.raises(ValueError, match=f"labels: must be a torch.Tensor, got {type(labels).__name__}"):
+        loss.compute_loss_from_embeddings([torch.randn(4, 3)], labels)
+
+
+@needs_st
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
 @pytest.mark.parametrize("metric_name", METRIC_NAMES)
 def test_interface_matches_st(st, ours, loss_name, metric_name):
     model = _Linear(seed=0)

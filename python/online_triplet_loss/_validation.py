@@ -31,8 +31,11 @@ def resolve_distance(squared: object, distance: object) -> str:
 
 
 def check_flag(name: str, value: object) -> bool:
-    """A bool setting: True, False, or the ints 1 and 0."""
+    """A bool setting: True, False, the ints 1 and 0, or a numpy bool."""
     if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    # np.True_ and 0-d bool arrays (numpy's dtype kind "b"), as 0.0.6 took.
+    if getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "shape", None) == ():
         return bool(value)
     raise ValueError(f"{name}: must be True or False, got {value!r}")
 

@@ -101,6 +101,14 @@ class _FirstOrderTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_sum, _grad_count, _grad_valid):  # type: ignore[override]
+        # autograd's own vmap (is_grads_batched) batches the incoming gradient,
+        # under a dispatch key the DispatchKey enum does not list.
+        if "Batched" in repr(torch._C._dispatch_keys(grad_sum)):
+            raise RuntimeError(
+                f"{_NAMES[ctx.mining]}: batched gradients (jacobian(vectorize=True), "
+                "autograd.grad(is_grads_batched=True)) are not supported through batch-all and "
+                "semi-hard mining; compute them one output at a time (vectorize=False)."
+            )
         inputs = ctx.saved_tensors  # raises if the graph was already freed
         sum_, leaves = ctx.inner
         wanted = [i for i, t in enumerate(leaves) if t is not None and t.requires_grad]

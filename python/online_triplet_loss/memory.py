@@ -135,6 +135,22 @@ class CrossBatchMemory(nn.Module):
     def extra_repr(self) -> str:
         return f"memory_size={self.memory_size}, embedding_dim={self.embedding_dim}, stored={self._count}"
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # Module casts (.half(), .double(), .to(dtype)) convert floating-point
+        # buffers; float labels would merge classes (2049.0 becomes 2048.0 in
+        # float16) and change the dtype later batches must keep. The labels
+        # follow the module to its device only.
+        labels = self._buffers.get("memory_labels")
+        if labels is None:
+            return super()._apply(fn, recurse)
+        self._buffers["memory_labels"] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["memory_labels"] = labels
+        self._buffers["memory_labels"] = labels.to(fn(labels).device)
+        return self
+
     @property
     def num_stored(self) -> int:
         """The number of embeddings stored, at most ``memory_size``."""

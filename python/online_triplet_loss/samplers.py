@@ -58,7 +58,19 @@ def _label_list(labels: object) -> List[Hashable]:
         raise ValueError(
             f"labels: must be a sequence of class ids, got {type(labels).__name__}"
         ) from None
-    return [_class_id(value) for value in values]
+    return [_Unequal() if _is_nan(i) else i for i in map(_class_id, values)]
+
+
+def _is_nan(value: Hashable) -> bool:
+    return isinstance(value, float) and value != value
+
+
+class _Unequal:
+    """The class id of a NaN label: equal to nothing else. A dict finds the
+    same NaN object by identity, so repeated ``math.nan`` would share a class."""
+
+    def __repr__(self) -> str:
+        return "nan"
 
 
 class PKSampler(Sampler[List[int]]):

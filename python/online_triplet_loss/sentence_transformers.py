@@ -55,7 +55,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
         'with: pip install "online_triplet_loss[sentence-transformers]"'
     ) from err
 
-from ._validation import check_margin
+from ._validation import check_margin, check_tensor
 from .losses import batch_all_triplet_loss, batch_hard_triplet_loss, batch_semihard_triplet_loss
 
 __all__ = [
@@ -135,6 +135,7 @@ class _SentenceTransformerTripletLoss(nn.Module):
     def compute_loss_from_embeddings(self, embeddings: List[Tensor], labels: Tensor) -> Tensor:
         """The loss of ``embeddings[0]``, :math:`(B, D)`, with ``labels`` of
         :math:`B` elements (any shape, as in ST)."""
+        check_tensor("labels", labels)
         return self._loss(labels.reshape(-1), embeddings[0])
 
     def _loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
