@@ -408,12 +408,26 @@ def test_embeddings_whose_squares_underflow_give_nan(mining, distance, dtype, ex
         assert g.isfinite().all()
 
 
-def test_identical_tiny_embeddings_are_not_poisoned():
-    # All rows equal (centred points 0): a degenerate batch, loss 0, no NaN.
-    x = leaf(torch.full((8, 5), 1e-30))
-    for mining in LOSSES:
-        loss = function_loss(mining, LABELS, x, 0.2, "euclidean")
-        assert loss.item() == pytest.approx(0.2)
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-13), (torch.float32, 1e-30),
+                                          (torch.float64, 1e-142)])
+def test_identical_tiny_embeddings_are_not_poisoned(dtype, scale, portable):
+    # All rows equal: a degenerate batch, every distance 0, loss = margin. Seven
+    # rows, whose mean rounds, so centred points are not exactly 0. Also with
+    # the references apart, and with an empty side, where no distance exists.
+    g = torch.Generator().manual_seed(5)
+    row = torch.rand(16, generator=g, dtype=torch.float64).to(dtype) * scale
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0])
+    x = leaf(row.expand(7, 16).clone())
+    cases = [(x, None, None), (x[:3], row.expand(4, 16), labels[3:]),
+             (x[:4], row[:0].reshape(0, 16), labels[:0]), (x[:0], row.expand(4, 16), labels[:4])]
+    for anchors, refs, ref_labels in cases:
+        for mining in LOSSES:
+            s, c, _ = _core.triplet_terms(mining, labels[:anchors.shape[0]], anchors, 0.2, "euclidean", False,
+                                          refs, ref_labels, None, None, portable=portable)
+            assert not math.isnan(s.item()), (mining, anchors.shape, refs is None)
+            if c.item() > 0:
+                assert s.item() / c.item() == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])

@@ -250,10 +250,10 @@ impl Side {
     /// sides cannot be trusted and 0 otherwise: when an embedding is not
     /// finite, or a distance may overflow the dtype (Euclidean distances are
     /// at most 4·max‖x‖², the cosine distance takes norms), or, for Euclidean
-    /// distances, when the points are so close to their centre (every entry
-    /// below the square root of the smallest normal number, 1.1e-19 in
-    /// float32, but not all 0) that the Gram matrix rounds the distances to
-    /// nothing. `other` is `None` when the references are the anchors.
+    /// distances between two non-empty sides, when the points are so close
+    /// together (every entry within the square root of the smallest normal
+    /// number, 1.1e-19 in float32, of the first point's, but not all equal)
+    /// that the Gram matrix rounds the distances to nothing. `other` is `None` when the references are the anchors.
     /// Non-finite embeddings reach the norms: through the shared centre and
     /// their own points (Euclidean), or their own norms (cosine), so the
     /// norms' maximum, scaled by the bound and times 0, is NaN exactly then
@@ -274,30 +274,31 @@ impl Side {
         if self.distance == Distance::Cosine {
             return Ok(poison);
         }
-        // The largest entry, and the smallest whose square is a normal number
-        // (half and bfloat16 come as float32); squares that underflow to 0
-        // cannot tell such points from identical ones.
-        let largest = match other {
-            Some(other) => self.largest()?.f_maximum(&other.largest()?)?,
-            None => self.largest()?,
+        // Distances exist only between two non-empty sides, and are all 0
+        // between points of no entries.
+        let empty = |side: &Side| side.points.numel() == 0;
+        if empty(self) || other.is_some_and(empty) {
+            return Ok(poison);
+        }
+        // The spread of the points about the first one (identical rows give
+        // identical points, so exactly 0 for them, which a rounded centre
+        // would not), and the smallest whose square is a normal number (half
+        // and bfloat16 come as float32): squares that underflow cannot tell
+        // such points from identical ones.
+        let first = self.points.f_narrow(0, 0, 1)?;
+        let spread = |side: &Side| -> Result<Tensor, Error> {
+            Ok(side.points.f_sub(&first)?.f_abs_()?.f_max()?)
+        };
+        let spread = match other {
+            Some(other) => spread(self)?.f_maximum(&spread(other)?)?,
+            None => spread(self)?,
         };
         let tiny = match self.points.f_kind()? {
             Kind::Double => f64::MIN_POSITIVE.sqrt(),
             _ => f64::from(f32::MIN_POSITIVE.sqrt()),
         };
-        let underflow = largest.f_gt(0.0)?.f_logical_and_(&largest.f_lt(tiny)?)?;
+        let underflow = spread.f_gt(0.0)?.f_logical_and_(&spread.f_lt(tiny)?)?;
         Ok(poison.f_masked_fill_(&underflow, f64::NAN)?)
-    }
-
-    /// The largest magnitude of an entry of the points, 0-d (0 when empty).
-    fn largest(&self) -> Result<Tensor, Error> {
-        if self.points.numel() == 0 {
-            return Ok(Tensor::f_zeros(
-                [],
-                (self.points.f_kind()?, self.points.device()),
-            )?);
-        }
-        Ok(self.points.f_abs()?.f_max()?)
     }
 
     /// The matrix of distances from every row of `self` to every row of `other`.
