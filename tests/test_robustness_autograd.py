@@ -339,3 +339,32 @@ def test_anchor_offset_errors(mining, bad):
     # 0 without references is the batch itself.
     assert torch.equal(function_loss(mining, labels, x, 0.2, "euclidean", anchor_offset=0),
                        function_loss(mining, labels, x, 0.2, "euclidean"))
+
+
+@pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
+def test_non_reentrant_checkpoint_and_saved_tensor_hooks(mining):
+    # Non-reentrant checkpoint recomputes the forward in backward and stops it
+    # with an exception from a saved-tensor hook, which runs inside the native
+    # code: the loss must let it through as it was raised.
+    from torch.utils.checkpoint import checkpoint
+
+    labels, x = _batch(SEEDS[1])
+    x = leaf(x)
+    loss = lambda e: function_loss(mining, labels, e, 0.5, "euclidean")  # noqa: E731
+    (want,) = torch.autograd.grad(loss(x), x)
+    (got,) = torch.autograd.grad(checkpoint(loss, x, use_reentrant=False), x)
+    torch.testing.assert_close(got, want, **TIGHT)
+    with torch.autograd.graph.save_on_cpu():
+        value = loss(x)
+    torch.testing.assert_close(torch.autograd.grad(value, x)[0], want, **TIGHT)
+
+    class Refused(Exception):
+        pass
+
+    def pack(t):
+        raise Refused("no saving")
+
+    with pytest.raises(Refused, match="no saving"):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss(x)
+    assert torch.is_grad_enabled()

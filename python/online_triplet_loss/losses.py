@@ -54,11 +54,40 @@ _NAMES = {
 }
 
 
+def _native(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, a function of the Rust core, raising what a
+    saved-tensor pack hook raised inside it as it was raised. Autograd runs
+    those hooks inside the native code, which turns their exceptions into
+    libtorch's text; a non-reentrant ``torch.utils.checkpoint`` stops its
+    recomputation of the forward with such an exception."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = None if top is None else top(False)
+    if hooks is None:
+        return fn(*args, **kwargs)
+    pack, unpack = hooks
+    raised = []
+
+    def keep(tensor):
+        try:
+            return pack(tensor)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, unpack):
+            return fn(*args, **kwargs)
+    except RuntimeError as err:
+        if raised:
+            raise raised[0] from err
+        raise
+
+
 def _core_terms(mining, labels, embeddings, margin, distance, soft, ref_embeddings, ref_labels,
                 anchor_offset, margin_tensor):
-    return _core.triplet_terms(
-        mining, labels, embeddings, margin, distance, soft, ref_embeddings, ref_labels,
-        anchor_offset, margin_tensor=margin_tensor,
+    return _native(
+        _core.triplet_terms, mining, labels, embeddings, margin, distance, soft, ref_embeddings,
+        ref_labels, anchor_offset, margin_tensor=margin_tensor,
     )
 
 
@@ -192,7 +221,14 @@ def loss_and_fraction(mining: str, labels: Tensor, embeddings: Tensor, margin: o
     """The loss and the fraction of positive terms of :func:`terms` (same
     arguments), in the embeddings' dtype."""
     sum_, count, valid = terms(mining, labels, embeddings, margin, squared, **options)
-    return _core.mean_and_fraction(sum_, count, valid, embeddings)
+    return _native(_core.mean_and_fraction, sum_, count, valid, embeddings)
+
+
+def loss_of(mining: str, labels: Tensor, embeddings: Tensor, margin: object,
+            squared: object = False, **options) -> Tensor:
+    """The loss of :func:`loss_and_fraction`, without the fraction's operations."""
+    sum_, count, _ = terms(mining, labels, embeddings, margin, squared, **options)
+    return _native(_core.mean, sum_, count, embeddings)
 
 
 def batch_all_triplet_loss(
@@ -320,10 +356,10 @@ def batch_hard_triplet_loss(
         >>> embeddings = torch.randn(4, 8, requires_grad=True)
         >>> batch_hard_triplet_loss(labels, embeddings, margin=0.3).backward()
     """
-    return loss_and_fraction(
+    return loss_of(
         "hard", labels, embeddings, margin, squared, distance=distance, soft=soft,
         ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=anchor_offset,
-    )[0]
+    )
 
 
 def batch_semihard_triplet_loss(
@@ -383,10 +419,10 @@ def batch_semihard_triplet_loss(
         >>> embeddings = torch.randn(4, 8, requires_grad=True)
         >>> batch_semihard_triplet_loss(labels, embeddings, margin=0.2).backward()
     """
-    return loss_and_fraction(
+    return loss_of(
         "semihard", labels, embeddings, margin, squared, distance=distance,
         ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=anchor_offset,
-    )[0]
+    )
 
 
 class _TripletLoss(nn.Module):
@@ -432,11 +468,11 @@ class _TripletLoss(nn.Module):
                 f"is 2-D of shape {tuple(labels.shape)}: the arguments look swapped; "
                 "forward takes (embeddings, labels)"
             )
-        return loss_and_fraction(
+        return loss_of(
             self.mining, labels, embeddings, self.margin, distance=self.distance,
             soft=self.soft, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
             anchor_offset=anchor_offset,
-        )[0]
+        )
 
 
 class BatchAllTripletLoss(_TripletLoss):

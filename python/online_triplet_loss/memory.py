@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import DistributedTripletLoss
-from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, _TripletLoss, loss_and_fraction
+from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, _TripletLoss, loss_of
 from ._validation import INT64_MAX, check_int, check_tensor, refuse_scripting
 
 __all__ = ["CrossBatchMemory"]
@@ -203,7 +203,7 @@ class CrossBatchMemory(nn.Module):
                 [embeddings, self.memory_embeddings[stored].to(embeddings.dtype)]
             )
             ref_labels = torch.cat([labels, self.memory_labels[stored].to(labels.device)])
-        loss, _ = loss_and_fraction(
+        loss = loss_of(
             self.loss.mining,
             labels,
             embeddings,

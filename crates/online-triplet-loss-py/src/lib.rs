@@ -7,6 +7,7 @@ use online_triplet_loss::{Distance, Error, Kernel, Mining, References, Terms, Tr
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
+use tch::{Kind, Tensor};
 
 fn to_py(err: Error) -> PyErr {
     match err {
@@ -105,6 +106,31 @@ fn triplet_terms(
     ))
 }
 
+/// `Terms` of `triplet_terms`' parts, and the dtype of `like`, which must be
+/// floating point.
+fn terms_like(
+    sum: Tensor,
+    count: Tensor,
+    valid: Tensor,
+    like: &Tensor,
+) -> Result<(Terms, Kind), Error> {
+    let kind = like.f_kind()?;
+    if !like.is_floating_point() {
+        return Err(Error::InvalidArgument {
+            argument: "like",
+            message: format!("must be a floating-point tensor, got dtype {kind:?}"),
+        });
+    }
+    let terms = Terms {
+        // Read by neither `mean` nor `fraction`.
+        margin_grad: sum.shallow_clone(),
+        sum,
+        count,
+        valid,
+    };
+    Ok((terms, kind))
+}
+
 /// The loss `sum / max(count, 1)` and fraction `count / max(valid, 1)` of
 /// `triplet_terms`, in the dtype of `like`.
 #[pyfunction]
@@ -115,26 +141,22 @@ fn mean_and_fraction(
     valid: PyTensor,
     like: PyTensor,
 ) -> PyResult<(PyTensor, PyTensor)> {
-    let (sum, count, valid, like) = (sum.0, count.0, valid.0, like.0);
     run(py, move || {
-        let kind = like.f_kind()?;
-        if !like.is_floating_point() {
-            return Err(Error::InvalidArgument {
-                argument: "like",
-                message: format!("must be a floating-point tensor, got dtype {kind:?}"),
-            });
-        }
-        let terms = Terms {
-            // Read by neither `mean` nor `fraction`.
-            margin_grad: sum.shallow_clone(),
-            sum,
-            count,
-            valid,
-        };
+        let (terms, kind) = terms_like(sum.0, count.0, valid.0, &like.0)?;
         Ok((
             PyTensor(terms.mean()?.f_to_kind(kind)?),
             PyTensor(terms.fraction()?.f_to_kind(kind)?),
         ))
+    })
+}
+
+/// The loss `sum / max(count, 1)` of `triplet_terms`, in the dtype of `like`.
+#[pyfunction]
+fn mean(py: Python<'_>, sum: PyTensor, count: PyTensor, like: PyTensor) -> PyResult<PyTensor> {
+    run(py, move || {
+        let valid = count.0.shallow_clone();
+        let (terms, kind) = terms_like(sum.0, count.0, valid, &like.0)?;
+        Ok(PyTensor(terms.mean()?.f_to_kind(kind)?))
     })
 }
 
@@ -192,6 +214,7 @@ static TORCH_RECORD: &str = concat!(torch_record_prefix!(), env!("OTL_TORCH_VERS
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(triplet_terms, m)?)?;
     m.add_function(wrap_pyfunction!(mean_and_fraction, m)?)?;
+    m.add_function(wrap_pyfunction!(mean, m)?)?;
     m.add_function(wrap_pyfunction!(recall_at_k, m)?)?;
     m.add_function(wrap_pyfunction!(mean_average_precision_at_r, m)?)?;
     // black_box keeps the whole record in the library, unfolded.
