@@ -51,6 +51,7 @@ from online_triplet_loss import (
 from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
 from test_memory import reference_loss as memory_reference_loss
 from test_metrics import brute_force as metrics_brute_force
+from test_metrics import copies_and_near_neighbours
 from test_metrics import random_data as metrics_random_data
 from test_sentence_transformers import HAVE_ST
 from test_sentence_transformers import LOSS_NAMES as ST_LOSS_NAMES
@@ -304,6 +305,17 @@ def test_metrics_match_brute_force_and_cpu(device, distance):
         got32 = mean_average_precision_at_r(emb.float().to(device), labels.to(device), distance=distance)
         cpu32 = mean_average_precision_at_r(emb.float(), labels, distance=distance)
         assert got32 == pytest.approx(cpu32, abs=2.0 / len(labels)), what
+
+
+@pytest.mark.parametrize("distance", ("euclidean", "cosine"))
+def test_metrics_rank_identical_items_first(device, distance):
+    # The device finds copies with the sort-based search the losses use there.
+    embeddings, labels = copies_and_near_neighbours()
+    recall, map_r = metrics_brute_force(embeddings, labels, (1, 2), distance)
+    for chunk in (None, 7):
+        kw = dict(distance=distance, chunk_size=chunk)
+        assert recall_at_k(embeddings.to(device), labels.to(device), (1, 2), **kw) == pytest.approx(recall)
+        assert mean_average_precision_at_r(embeddings.to(device), labels.to(device), **kw) == pytest.approx(map_r)
 
 
 # ---------------------------------------------------------- sentence-transformers

@@ -94,19 +94,23 @@ def test_cosine_matches_brute_force(seed):
     )
 
 
-@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
-@pytest.mark.parametrize("chunk_size", [None, 7])
-def test_identical_items_are_nearest_in_float32(distance, chunk_size):
-    # Unit vectors in D = 128, each with an exact copy and a neighbour of
-    # another label 3e-4 away: float32 Gram distances are off by about that
-    # much, so the copy must be found, not ranked by rounding.
-    g = torch.Generator().manual_seed(3)
+def copies_and_near_neighbours(seed: int = 3):
+    """float32 unit vectors in D = 128, each with an exact copy and a neighbour
+    of another label 3e-4 away: float32 Gram distances are off by about that
+    much, so the copy must be found, not ranked by rounding."""
+    g = torch.Generator().manual_seed(seed)
     base = torch.nn.functional.normalize(torch.randn(40, 128, generator=g), dim=1)
     near = torch.nn.functional.normalize(base + 3e-4 / 128 ** 0.5 * torch.randn(40, 128, generator=g), dim=1)
     embeddings = torch.cat([base, base, near])
     labels = torch.cat([torch.arange(40), torch.arange(40), torch.arange(100, 140)])
     perm = torch.randperm(120, generator=g)
-    embeddings, labels = embeddings[perm], labels[perm]
+    return embeddings[perm], labels[perm]
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_identical_items_are_nearest_in_float32(distance, chunk_size):
+    embeddings, labels = copies_and_near_neighbours()
     want_recall, want_map = brute_force(embeddings, labels, (1, 2), distance)
     assert want_recall[1] == want_map == 1.0
     kw = dict(distance=distance, chunk_size=chunk_size)
