@@ -368,3 +368,18 @@ def test_non_reentrant_checkpoint_and_saved_tensor_hooks(mining):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss(x)
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
+def test_compiled_autograd(mining):
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd",
+                                            reason="this torch has no compiled autograd")
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch's compiled autograd has no _enable")
+    labels, x = _batch(SEEDS[2])
+    x = leaf(x)
+    loss = lambda e: function_loss(mining, labels, e, 0.5, "euclidean")  # noqa: E731
+    (want,) = torch.autograd.grad(loss(x), x)
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        loss(x).backward()
+    torch.testing.assert_close(x.grad, want, **TIGHT)

@@ -149,7 +149,9 @@ class _FirstOrderTerms(torch.autograd.Function):
                 allow_unused=True,
             )
             if not keep:
-                del ctx.inner
+                # Frees the inner graph. Not `del`: compiled autograd passes a
+                # stand-in for ctx that reads its attributes but deletes none.
+                ctx.inner = None
             for i, g in zip(wanted, found):
                 grads[i] = torch.zeros_like(leaves[i]) if g is None else g
         if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
