@@ -253,11 +253,12 @@ impl Side {
     /// distances between two non-empty sides, when the points are so close
     /// together (every entry within the square root of the smallest normal
     /// number, 1.1e-19 in float32, of the first point's, but not all equal)
-    /// that the Gram matrix rounds the distances to nothing. `other` is `None` when the references are the anchors.
-    /// Non-finite embeddings reach the norms: through the shared centre and
-    /// their own points (Euclidean), or their own norms (cosine), so the
-    /// norms' maximum, scaled by the bound and times 0, is NaN exactly then
-    /// (inf·0 and NaN·0 are NaN).
+    /// that the Gram matrix rounds the distances to nothing. `other` is
+    /// `None` when the references are the anchors. Non-finite embeddings
+    /// reach the norms: through the shared centre and their own points
+    /// (Euclidean), or their own norms (cosine), so the norms' maximum,
+    /// scaled by the bound and times 0, is NaN exactly then (inf·0 and NaN·0
+    /// are NaN).
     pub(crate) fn poison(&self, other: Option<&Side>) -> Result<Tensor, Error> {
         let norms = match other {
             Some(other) => Tensor::f_cat(&[&self.norms, &other.norms], 0)?,

@@ -803,10 +803,12 @@ struct Sides<'a> {
 }
 
 impl Sides<'_> {
-    /// `value` plus the poison, whose gradients are `gx` with respect to the
-    /// anchors and `gy` with respect to the references, where given (`None`
-    /// where the caller's graph reaches them), plus the poison: NaN reaches
-    /// the loss and every gradient, also to samples no triplet uses.
+    /// `value` plus the poison, differentiable: its gradient is `gx` plus the
+    /// poison with respect to the anchors, and `gy` with respect to the
+    /// references, plus the poison when they are apart. A `None` gradient is
+    /// one the caller's own graph gives; the poison alone is added to it.
+    /// So NaN reaches the loss and every gradient, also of samples that no
+    /// triplet uses.
     fn poisoned(
         &self,
         value: Tensor,
@@ -831,6 +833,7 @@ impl Sides<'_> {
         }
         Ok(sum)
     }
+
     /// Distances from anchors `start..start + rows.len()` to every reference.
     fn distances(&self, rows: &Side, start: i64) -> Result<Tensor, Error> {
         let d = rows.pairwise(&self.sy)?;
