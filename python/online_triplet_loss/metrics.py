@@ -8,9 +8,8 @@ Queries are ranked in chunks against all items, so memory stays
 :math:`O(B \cdot \text{chunk})` and 100k embeddings need well under 1 GB.
 Identical items are at distance exactly 0 from each other, ahead of every
 distinct item, as in the losses; other ties between distances are broken in an
-unspecified order. Both functions
-synchronise with the device (they return Python numbers) and never build a
-graph.
+unspecified order. Both functions synchronise with the device (they return
+Python numbers) and never build a graph.
 """
 
 from __future__ import annotations
