@@ -441,3 +441,24 @@ def test_fraction_is_nan_when_the_loss_is(distance, portable):
                                   portable=portable)
     loss, fraction = _core.mean_and_fraction(s, c, v, x)
     assert math.isnan(loss.item()) and math.isnan(fraction.item())
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("mining", LOSSES)
+def test_cosine_of_identical_zero_rows_is_one(mining, portable):
+    # Rows below the normalisation floor are not unit vectors: two zero rows
+    # are at cosine distance 1, not 0, though they are identical; rows of one
+    # direction are at 0, though they are not.
+    x = _embeddings(13, dtype=torch.float64)
+    x[0] = 0.0
+    x[1] = 0.0  # label 0, as row 0
+    x[4] = 3.0 * x[3]  # label 1, as row 3
+    x[6] = 0.0  # label 2: zero rows of different labels
+    for refs in (False, True):
+        kw = dict(ref_embeddings=x.flip(0), ref_labels=LABELS.flip(0)) if refs else {}
+        want = reference_terms(mining, LABELS, x, 0.2, "cosine", anchor_offset=None, **kw)
+        s, c, v = _core.triplet_terms(mining, LABELS, leaf(x), 0.2, "cosine", False,
+                                      kw.get("ref_embeddings"), kw.get("ref_labels"), None, None,
+                                      portable=portable)
+        assert float(s) == pytest.approx(float(want.sum), rel=1e-9, abs=1e-12), refs
+        assert (int(c), int(v)) == (want.count, want.valid), refs

@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use tch::{Kind, Tensor};
 
+use crate::losses::check_embeddings;
 use crate::Error;
 
 /// Norms below this are treated as this when normalising for the cosine
@@ -65,7 +66,9 @@ impl Distance {
     /// `x` and `y`: `(N, D)`; the result: `(N,)`.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when the shapes differ or are not 2-D,
+    /// [`Error::InvalidArgument`] when the shapes differ or are not 2-D, or
+    /// when `x` or `y` is not a floating-point tensor (float16, bfloat16,
+    /// float32 or float64) of dense layout on the CPU or a CUDA device;
     /// [`Error::Torch`] when libtorch fails.
     ///
     /// ```
@@ -80,6 +83,8 @@ impl Distance {
     /// # Ok::<(), online_triplet_loss::Error>(())
     /// ```
     pub fn paired(self, x: &Tensor, y: &Tensor) -> Result<Tensor, Error> {
+        check_embeddings("x", x)?;
+        check_embeddings("y", y)?;
         if x.dim() != 2 || x.size() != y.size() {
             return Err(Error::invalid(
                 "y",
@@ -236,6 +241,21 @@ impl Side {
             points: x.f_div(&norms)?,
             norms,
         })
+    }
+
+    /// What makes two embeddings identical for this distance, for
+    /// [`crate::ties::Ties`]: `None` for Euclidean distances, where it is
+    /// the embeddings themselves. For the cosine distance, the normalised
+    /// points, equal for rows of one direction; a row below the
+    /// normalisation floor is not a unit vector, its copy is not at distance
+    /// 0 (a zero row is at 1 from everything), so it gets NaN, which equals
+    /// nothing.
+    pub(crate) fn tie_rows(&self) -> Result<Option<Tensor>, Error> {
+        if self.distance != Distance::Cosine {
+            return Ok(None);
+        }
+        let unit = self.norms.f_gt(COSINE_EPS)?;
+        Ok(Some(self.points.f_where_scalarother(&unit, f64::NAN)?))
     }
 
     pub(crate) fn rows(&self, start: i64, len: i64) -> Result<Side, Error> {

@@ -2,6 +2,7 @@
 
 use tch::{Kind, Tensor};
 
+use crate::losses::check_placement;
 use crate::Error;
 
 /// How labels are compared.
@@ -18,10 +19,15 @@ pub(crate) enum Domain {
 /// The kind of comparison that labels of this tensor's dtype need.
 ///
 /// # Errors
-/// `InvalidArgument` naming `argument` for dtypes that are not class ids:
-/// complex, quantized, float8 and the unsigned 16-, 32- and 64-bit integers
+/// `InvalidArgument` naming `argument` for an undefined tensor, a layout
+/// other than dense, a device other than the CPU or CUDA, and dtypes that
+/// are not class ids: complex, quantized, float8 and the unsigned 16-, 32-
+/// and 64-bit integers
 /// (which this libtorch binding cannot read).
 pub(crate) fn domain(labels: &Tensor, argument: &'static str) -> Result<Domain, Error> {
+    if !labels.defined() {
+        return Err(Error::invalid(argument, "must be a defined tensor"));
+    }
     let kind = labels.f_kind().map_err(|_| {
         Error::invalid(
             argument,
@@ -31,9 +37,13 @@ pub(crate) fn domain(labels: &Tensor, argument: &'static str) -> Result<Domain, 
     })?;
     match kind {
         Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64 | Kind::Bool => {
+            check_placement(argument, labels)?;
             Ok(Domain::Integer)
         }
-        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double => Ok(Domain::Float),
+        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double => {
+            check_placement(argument, labels)?;
+            Ok(Domain::Float)
+        }
         Kind::ComplexHalf
         | Kind::ComplexFloat
         | Kind::ComplexDouble

@@ -108,6 +108,16 @@ pub struct Terms {
 
 impl Terms {
     fn check(&self) -> Result<(), Error> {
+        for (name, t) in [
+            ("sum", &self.sum),
+            ("count", &self.count),
+            ("valid", &self.valid),
+            ("margin_grad", &self.margin_grad),
+        ] {
+            if !t.defined() {
+                return Err(Error::invalid(name, "must be a defined tensor"));
+            }
+        }
         let device = self.sum.device();
         for (name, t) in [
             ("sum", &self.sum),
@@ -295,7 +305,11 @@ impl TripletConfig {
     /// one-element floating-point tensor on any device holding the value of
     /// [`TripletConfig::margin`], receives the gradient of `sum`. Batch-hard
     /// uses it in its hinge, so every derivative is exact; batch-all and
-    /// semi-hard add the exact first derivative.
+    /// semi-hard add the exact first derivative. Batch-hard takes the
+    /// tensor's value; for batch-all and semi-hard, which mine with
+    /// [`TripletConfig::margin`], a tensor holding another value (in the
+    /// dtype the loss computes in: float32 for float16, bfloat16 and float32
+    /// embeddings) makes `sum` and its gradients NaN.
     ///
     /// # Errors
     /// As [`TripletConfig::terms`], and [`Error::InvalidArgument`] when
@@ -370,14 +384,30 @@ impl TripletConfig {
             }
         };
         let (x_labels, y_labels) = y_labels;
-        let (ties, (sx, sy), poison) = grad::no_grad(|| -> Result<_, Error> {
-            let ties = Ties::find(&x, &y, self_col, references.is_none(), self.kernel)?;
+        let (ties, (sx, sy), mut poison) = grad::no_grad(|| -> Result<_, Error> {
             // The references, unless they are the anchors themselves.
             let y_apart = references.map(|_| &y);
             let (sx, sy) = Side::pair(self.distance, &x, y_apart)?;
+            let same = references.is_none();
+            let ties = match (sx.tie_rows()?, sy.tie_rows()?) {
+                (Some(tx), Some(ty)) => Ties::find(&tx, &ty, self_col, same, self.kernel)?,
+                _ => Ties::find(&x, &y, self_col, same, self.kernel)?,
+            };
             let poison = sx.poison(y_apart.map(|_| &sy))?;
             Ok((ties, (sx, sy), poison))
         })?;
+        let margin = match margin {
+            Some(m) => Some(m.f_reshape([])?.f_to_kind(kind)?.f_to_device(device)?),
+            None => None,
+        };
+        // Batch-all and semi-hard mine with the config's margin and take the
+        // tensor's gradient: a tensor that does not hold the config's margin
+        // (NaN, say) poisons the loss rather than mixing the two (read on the
+        // host, it would synchronise). Batch-hard's mining has no margin.
+        if let (Some(m), Mining::All | Mining::SemiHard) = (&margin, mining) {
+            let other = m.detach().f_ne(self.margin)?;
+            let _ = poison.f_masked_fill_(&other, f64::NAN)?;
+        }
         let sides = Sides {
             x: &x,
             x_labels: &x_labels,
@@ -389,10 +419,6 @@ impl TripletConfig {
             sx,
             sy,
             poison,
-        };
-        let margin = match margin {
-            Some(m) => Some(m.f_reshape([])?.f_to_kind(kind)?.f_to_device(device)?),
-            None => None,
         };
         let mut terms = match mining {
             Mining::Hard => self.hard_terms(&sides, margin.as_ref())?,
@@ -897,6 +923,9 @@ fn surrogate(x: &Tensor, grad: &Tensor) -> Result<Tensor, Error> {
 
 /// The dtype, layout and device of embeddings the losses compute on.
 pub(crate) fn check_embeddings(name: &'static str, embeddings: &Tensor) -> Result<(), Error> {
+    if !embeddings.defined() {
+        return Err(Error::invalid(name, "must be a defined tensor"));
+    }
     let kind = embeddings
         .f_kind()
         .map_err(|_| Error::invalid(name, "has a dtype this library cannot read; pass float32"))?;
@@ -924,12 +953,18 @@ pub(crate) fn check_embeddings(name: &'static str, embeddings: &Tensor) -> Resul
             ))
         }
     }
+    check_placement(name, embeddings)
+}
+
+/// That a defined tensor `t` is dense (strided) and on the CPU or a CUDA
+/// device.
+pub(crate) fn check_placement(name: &'static str, t: &Tensor) -> Result<(), Error> {
     // Compressed sparse layouts fail `contiguous`; strided tensors that are
     // contiguous already return themselves.
-    if embeddings.is_sparse() || embeddings.is_mkldnn() || embeddings.f_contiguous().is_err() {
+    if t.is_sparse() || t.is_mkldnn() || t.f_contiguous().is_err() {
         return Err(Error::invalid(name, "must be a dense (strided) tensor"));
     }
-    match embeddings.device() {
+    match t.device() {
         Device::Cpu | Device::Cuda(_) => Ok(()),
         // libtorch's other device types (meta, MPS, XPU, …) all read as Mps here.
         Device::Mps | Device::Vulkan => {

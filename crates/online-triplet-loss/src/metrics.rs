@@ -252,20 +252,25 @@ impl RetrievalConfig {
 
         // Rankings do not change under scaling by a positive number: a power
         // of two that brings the largest magnitude near 1 keeps squared
-        // distances from overflowing and changes no digit.
+        // distances from overflowing or underflowing, and changes no digit
+        // (but of entries it takes below the normal range). It is applied in
+        // two halves, each a number of the dtype: 2^149 is not a float32.
         let largest = if x.numel() > 0 {
             f64::try_from(x.f_abs()?.f_max()?)?
         } else {
             0.0
         };
         let x = if largest > 0.0 {
-            x.f_mul_scalar(2f64.powi(-(largest.log2().floor() as i32)))?
+            let exponent = -(largest.log2().floor() as i32);
+            x.f_mul_scalar(2f64.powi(exponent / 2))?
+                .f_mul_scalar(2f64.powi(exponent - exponent / 2))?
         } else {
             x
         };
         grad::no_grad(|| {
-            let ties = Ties::find(&x, &x, Some(0), true, Kernel::Auto)?;
             let (side, _) = Side::pair(ranking, &x, None)?;
+            let rows = side.tie_rows()?.unwrap_or_else(|| x.shallow_clone());
+            let ties = Ties::find(&rows, &rows, Some(0), true, Kernel::Auto)?;
             let opts = (Kind::Int64, device);
             let mut hits = ks
                 .iter()

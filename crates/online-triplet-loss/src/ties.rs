@@ -13,21 +13,29 @@ use crate::mining::Kernel;
 use crate::Error;
 
 /// For each row, the index of the first row with the same values (rows
-/// differing only in the sign of zeros count as the same), and whether any
-/// row has an earlier copy (always `true` off the CPU, where finding out would
-/// synchronise, and with the portable kernel).
+/// differing only in the sign of zeros count as the same; a row holding NaN
+/// has no copy), and whether any row has an earlier copy (always `true` off
+/// the CPU, where finding out would synchronise, and with the portable
+/// kernel).
 fn first_copies(x: &Tensor, kernel: Kernel) -> Result<(Tensor, bool), Error> {
     let x = x.detach().f_add_scalar(0.0)?.f_contiguous()?;
     let n = x.size()[0];
     // The slices of `hashed` are made here, from the dtype matched exactly.
     match (kernel, x.device(), x.f_kind()?) {
-        (Kernel::Auto, Device::Cpu, Kind::Float) => Ok(hashed::<u32>(&x, n)),
-        (Kernel::Auto, Device::Cpu, Kind::Double) => Ok(hashed::<u64>(&x, n)),
+        (Kernel::Auto, Device::Cpu, kind @ (Kind::Float | Kind::Double)) => {
+            let nan = Vec::<bool>::try_from(x.f_isnan()?.f_any_dim(1, false)?)?;
+            Ok(match kind {
+                Kind::Float => hashed::<u32>(&x, n, &nan),
+                _ => hashed::<u64>(&x, n, &nan),
+            })
+        }
         _ => Ok((sorted(&x, n)?, true)),
     }
 }
 
-fn hashed<T: Copy + Eq + std::hash::Hash>(x: &Tensor, n: i64) -> (Tensor, bool) {
+/// [`first_copies`] by hashing the rows' bit patterns; `nan` marks the rows
+/// that hold NaN, which equal nothing.
+fn hashed<T: Copy + Eq + std::hash::Hash>(x: &Tensor, n: i64, nan: &[bool]) -> (Tensor, bool) {
     let numel = x.numel();
     let data: &[T] = if numel == 0 {
         &[]
@@ -42,6 +50,9 @@ fn hashed<T: Copy + Eq + std::hash::Hash>(x: &Tensor, n: i64) -> (Tensor, bool) 
     let mut copies = false;
     let first: Vec<i64> = (0..n as usize)
         .map(|i| {
+            if nan[i] {
+                return i as i64;
+            }
             let row = &data[i * width..(i + 1) * width];
             let f = *seen.entry(row).or_insert(i as i64);
             copies |= f != i as i64;

@@ -189,3 +189,88 @@ fn unusable_dtypes_are_errors() {
         })
     ));
 }
+
+fn names(err: &Error, name: &str) -> bool {
+    matches!(err, Error::InvalidArgument { argument, .. } if *argument == name)
+}
+
+#[test]
+fn paired_distances_of_unusable_tensors_are_errors() {
+    // libtorch fails inside scalar operations on these, where tch 0.26
+    // panics instead of returning its error: they are refused first.
+    let x = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
+    for distance in [Distance::Euclidean, Distance::Squared, Distance::Cosine] {
+        for kind in [Kind::ComplexFloat, Kind::Bool, Kind::Int64] {
+            let bad = x.to_kind(kind);
+            let err = distance.paired(&bad, &bad).unwrap_err();
+            assert!(names(&err, "x"), "{distance} {kind:?}: {err}");
+            let err = distance.paired(&x, &bad).unwrap_err();
+            assert!(names(&err, "y"), "{distance} {kind:?}: {err}");
+        }
+        let err = distance.paired(&x, &Tensor::new()).unwrap_err();
+        assert!(names(&err, "y"), "{distance}: {err}");
+    }
+}
+
+#[test]
+fn undefined_and_sparse_tensors_are_errors() {
+    let x = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
+    let y = Tensor::from_slice(&[0i64, 0, 1, 1]);
+    let undefined = Tensor::new();
+    for mining in MININGS {
+        let config = TripletConfig::new(0.2);
+        let err = config.terms(mining, &undefined, &x, None).unwrap_err();
+        assert!(names(&err, "labels"), "{err}");
+        let err = config.terms(mining, &y, &undefined, None).unwrap_err();
+        assert!(names(&err, "embeddings"), "{err}");
+    }
+    let metrics = RetrievalConfig::new(Distance::Euclidean);
+    for labels in [undefined.shallow_clone(), y.to_sparse_sparse_dim(1)] {
+        let err = metrics.recall_at_k(&x, &labels, &[1]).unwrap_err();
+        assert!(names(&err, "labels"), "{err}");
+    }
+    let zero = || Tensor::zeros([], (Kind::Int64, Device::Cpu));
+    let terms = Terms {
+        sum: Tensor::new(),
+        count: zero(),
+        valid: zero(),
+        margin_grad: Tensor::zeros([], (Kind::Float, Device::Cpu)),
+    };
+    assert!(names(&terms.mean().unwrap_err(), "sum"));
+    assert!(names(&terms.fraction().unwrap_err(), "sum"));
+}
+
+#[test]
+fn a_margin_tensor_that_is_not_the_margin_poisons_the_mined_losses() {
+    let x = Tensor::randn([6, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let y = Tensor::from_slice(&[0i64, 0, 1, 1, 2, 2]);
+    let config = TripletConfig::new(1.0);
+    for (value, poisoned) in [(1.0, false), (-5.0, true), (f64::NAN, true), (0.5, true)] {
+        let m = Tensor::from_slice(&[value as f32])
+            .reshape([])
+            .set_requires_grad(true);
+        for mining in [Mining::All, Mining::SemiHard] {
+            let terms = config.terms_with_margin(mining, &y, &x, None, &m).unwrap();
+            let sum = f64::try_from(&terms.sum).unwrap();
+            assert_eq!(sum.is_nan(), poisoned, "{mining:?} {value}: {sum}");
+        }
+    }
+}
+
+#[test]
+fn metrics_of_embeddings_below_the_normal_range() {
+    // Rankings are scale-free: points times 1e-39 (float32 subnormals) and
+    // times 1e-310 (float64) rank as the points do.
+    let points = [0.0, 0.1, 0.2, 5.0, 5.1, 0.17];
+    let labels = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 1]);
+    let config = RetrievalConfig::new(Distance::Euclidean);
+    for (kind, scale) in [(Kind::Float, 1e-39), (Kind::Double, 1e-310)] {
+        let unscaled = Tensor::from_slice(&points).view([6, 1]).to_kind(kind);
+        let tiny = (Tensor::from_slice(&points) * scale)
+            .view([6, 1])
+            .to_kind(kind);
+        let want = config.evaluate(&unscaled, &labels, &[1, 2]).unwrap();
+        let got = config.evaluate(&tiny, &labels, &[1, 2]).unwrap();
+        assert_eq!(got, want, "{kind:?}");
+    }
+}
