@@ -104,3 +104,61 @@ def test_extra_labels_keep_their_values(label_dtype, extra_dtype):
             mining, labels.double(), x, 0.5, ref_embeddings=torch.cat([x, extra]),
             ref_labels=torch.cat([labels.double(), extra_labels.double()]), anchor_offset=0).loss
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def _worker_after_review(rank, world, init_file):
+    """Found by review: a learnable margin's gradient, ranks whose embeddings
+    do not all require grad, a memory whose checks one rank fails after the
+    first step, int16 labels, and second derivatives."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        g = torch.Generator().manual_seed(7)
+        full_x = torch.randn(9, 3, generator=g, dtype=torch.float64)
+        full_y = torch.tensor([0, 1, 0, 2, 1, 2, 0, 1, 2])
+        rows = [slice(0, 4), slice(4, 9)][rank]
+        for make in MAKERS:
+            # The margin's gradient is the single-process one, on every rank.
+            loss = make()
+            loss.margin = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+            x = full_x[rows].clone().requires_grad_(True)
+            DistributedTripletLoss(loss)(x, full_y[rows]).backward()
+            single = make()
+            single.margin = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+            single(full_x, full_y).backward()
+            torch.testing.assert_close(loss.margin.grad, single.margin.grad, rtol=1e-12, atol=1e-14)
+            # int16 labels, which gloo cannot gather, give the int64 result.
+            criterion = DistributedTripletLoss(make())
+            want = criterion(full_x[rows], full_y[rows])
+            got = criterion(full_x[rows], full_y[rows].to(torch.int16))
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            # A rank whose embeddings do not require grad: both raise.
+            x = full_x[rows].clone().requires_grad_(rank == 0)
+            with pytest.raises(ValueError, match="requires_grad") as err:
+                criterion(x, full_y[rows])
+            assert f"on rank {1 - rank}" in str(err.value)
+            # Second derivatives raise on every rank instead of being wrong.
+            x = full_x[rows].clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(criterion(x, full_y[rows]), x, create_graph=True)
+            with pytest.raises(RuntimeError, match="second derivatives"):
+                torch.autograd.grad(grad.square().sum(), x)
+            # A filled memory, then one rank's labels change dtype: both raise.
+            memory = CrossBatchMemory(DistributedTripletLoss(make()), memory_size=16)
+            memory(full_x[rows].clone().requires_grad_(True), full_y[rows])
+            labels = full_y[rows].to(torch.int32 if rank == 1 else torch.int64)
+            with pytest.raises(ValueError, match="labels: every rank of the group must pass the same dtype"):
+                memory(full_x[rows].clone().requires_grad_(True), labels)
+            # All ranks change it: the memory refuses on every rank.
+            with pytest.raises(ValueError, match="labels: must keep the dtype of the first batch's"):
+                memory(full_x[rows].clone().requires_grad_(True), full_y[rows].to(torch.int32))
+            # The group still works.
+            memory(full_x[rows].clone().requires_grad_(True), full_y[rows]).backward()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_review_findings_on_two_ranks(tmp_path):
+    assert dist.is_available(), "torch.distributed is required"
+    _start(_worker_after_review, (2, os.path.join(str(tmp_path), "init")), 2)

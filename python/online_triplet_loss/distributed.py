@@ -30,27 +30,36 @@ __all__ = ["DistributedTripletLoss"]
 _DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 
 
+# Label dtypes gloo cannot gather, and the dtype each travels in.
+_CARRIERS = {torch.bool: torch.uint8, torch.int16: torch.int32}
+
+
 def _gather_sizes(embeddings: Tensor, labels: Tensor, group: Optional[object]) -> List[int]:
     """Every rank's batch size, as Python ints, after checking that every rank
     passes embeddings of the same width and dtype, and labels of the same
     dtype: a gather of mismatched tensors would abort the process inside the
-    backend. ``tolist`` is the one host synchronisation of the loss: padding
-    needs the sizes on the host."""
+    backend. Every rank's embeddings must also require grad, or none, since
+    the gather's backward is a collective. ``tolist`` is the one host
+    synchronisation of the loss: padding needs the sizes on the host."""
+    differentiable = int(torch.is_grad_enabled() and embeddings.requires_grad)
     mine = [embeddings.shape[0], embeddings.shape[1], _DTYPES.index(embeddings.dtype),
-            _DTYPES.index(labels.dtype)]
+            _DTYPES.index(labels.dtype), differentiable]
     shape = torch.tensor(mine, dtype=torch.int64, device=embeddings.device)
     shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shapes, shape, group=group)
     rows = torch.stack(shapes).tolist()
     for column, name, what in ((1, "embeddings", "width"), (2, "embeddings", "dtype"),
-                               (3, "labels", "dtype")):
+                               (3, "labels", "dtype"),
+                               (4, "embeddings", "requires_grad (under grad mode)")):
         values = [row[column] for row in rows]
         if len(set(values)) > 1:
-            shown = values if column == 1 else [_DTYPES[v] for v in values]
+            shown = {1: values, 4: [bool(v) for v in values]}.get(column) or [_DTYPES[v] for v in values]
             per_rank = ", ".join(f"{v} on rank {r}" for r, v in enumerate(shown))
             raise ValueError(
                 f"{name}: every rank of the group must pass the same {what}; got {per_rank}"
             )
+    if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):  # the same on every rank
+        raise ValueError(f"labels: {labels.dtype} is not supported; pass int64 class ids")
     return [row[0] for row in rows]
 
 
@@ -114,10 +123,50 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
+        summed = grad.detach().contiguous().clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
+        offset, rows = ctx.rows
+        mine = summed[offset:offset + rows]
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
+            mine = _NoSecondDerivative.apply(mine, grad)
+        return mine, None, None, None
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Passes the gathered rows' first derivative through, attached to the
+    gradient it came from; differentiating it raises: the all-reduce that
+    made it is no autograd operation, so its own derivative would be wrong."""
+
+    @staticmethod
+    def forward(ctx, mine: Tensor, source: Tensor) -> Tensor:  # type: ignore[override]
+        return mine.clone()
+
+    @staticmethod
+    def backward(ctx, *_):  # type: ignore[override]
+        raise RuntimeError(
+            "DistributedTripletLoss: second derivatives (double backward, gradient penalties) "
+            "are not supported across ranks: the gather's all-reduce is not differentiable. "
+            "batch_hard_triplet_loss supports them in a single process."
+        )
+
+
+class _SharedGradient(torch.autograd.Function):
+    """The identity, whose backward averages the gradient over the ranks. A
+    learnable margin lives in the loss, outside the model DDP averages: each
+    rank's gradient is its share of the loss's, scaled by the world size as
+    the embeddings' are, and the average is the single-process gradient, the
+    same on every rank."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, world: int, group: Optional[object]) -> Tensor:  # type: ignore[override]
+        ctx.world, ctx.group = world, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        offset, rows = ctx.rows
-        return grad[offset:offset + rows], None, None, None
+        return grad / ctx.world, None, None
 
 
 class DistributedTripletLoss(nn.Module):
@@ -250,10 +299,8 @@ class DistributedTripletLoss(nn.Module):
         labels = labels.to(embeddings.device)
         sizes = _gather_sizes(embeddings, labels, self.group)
         offset = sum(sizes[:rank])
-        if labels.dtype == torch.bool:  # gloo gathers no bool tensors
-            all_labels = _gather_rows(labels.to(torch.uint8), sizes, self.group).bool()
-        else:
-            all_labels = _gather_rows(labels, sizes, self.group)
+        carrier = _CARRIERS.get(labels.dtype, labels.dtype)
+        all_labels = _gather_rows(labels.to(carrier), sizes, self.group).to(labels.dtype)
         all_embeddings = _GatherRows.apply(embeddings, sizes, offset, self.group)
         return all_embeddings, all_labels, offset
 
@@ -286,15 +333,18 @@ class DistributedTripletLoss(nn.Module):
         """
         if (extra_embeddings is None) != (extra_labels is None):
             raise ValueError("extra_embeddings and extra_labels: must be given together")
-        if extra_embeddings is not None:
-            _check_extra(embeddings, extra_embeddings, extra_labels)
         rank, world = self._world()
         if world == 1:
             if extra_embeddings is None:
                 return self.loss(embeddings, labels)
+            _check_extra(embeddings, extra_embeddings, extra_labels)
             return self._single_process(embeddings, labels, extra_embeddings, extra_labels)
 
         all_embeddings, all_labels, offset = self.gather(embeddings, labels)
+        # After the gather, which holds every rank to one width: the extra
+        # references, the same on every rank, then pass or fail on all.
+        if extra_embeddings is not None:
+            _check_extra(all_embeddings, extra_embeddings, extra_labels)
         # The anchors are rows of the gathered tensor, not the input: all the
         # gradient of this rank's rows, as anchors here and as references on
         # every rank, then takes one path, the gather's all-reduce, and each
@@ -311,7 +361,8 @@ class DistributedTripletLoss(nn.Module):
 
         loss = self.loss
         sum_, count, valid = terms(
-            self.mining, anchor_labels, anchors, loss.margin,
+            self.mining, anchor_labels, anchors, _SharedGradient.apply(loss.margin, world, self.group)
+            if isinstance(loss.margin, Tensor) and loss.margin.requires_grad else loss.margin,
             distance=loss.distance, soft=loss.soft,
             ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=offset,
         )

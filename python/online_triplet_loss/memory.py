@@ -191,9 +191,9 @@ class CrossBatchMemory(nn.Module):
         Returns:
             The loss, a scalar in the dtype of ``embeddings``.
         """
-        self._check_batch(embeddings, labels)
         if isinstance(self.loss, DistributedTripletLoss):
             return self._forward_distributed(embeddings, labels)
+        self._check_batch(embeddings, labels)
         if self._count == 0:
             # An empty memory: the batch against itself, exactly the wrapped loss.
             ref_embeddings = ref_labels = None
@@ -218,6 +218,13 @@ class CrossBatchMemory(nn.Module):
         return loss
 
     def _forward_distributed(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        # The global batch first: the gather holds every rank to one width
+        # and dtype, so the memory's checks (the same memory on every rank)
+        # then pass or fail on all of them, instead of one rank raising while
+        # the others wait in a collective.
+        with torch.no_grad():
+            all_embeddings, all_labels, _ = self.loss.gather(embeddings.detach(), labels)
+        self._check_batch(all_embeddings, all_labels)
         extra_embeddings = extra_labels = None
         if self._count > 0:
             # The same slice (ring order) as the plain path, so that both
@@ -228,8 +235,6 @@ class CrossBatchMemory(nn.Module):
         loss = self.loss(
             embeddings, labels, extra_embeddings=extra_embeddings, extra_labels=extra_labels
         )
-        with torch.no_grad():
-            all_embeddings, all_labels, _ = self.loss.gather(embeddings.detach(), labels)
         self.enqueue(all_embeddings, all_labels)
         return loss
 
