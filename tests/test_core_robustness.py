@@ -447,8 +447,8 @@ def test_fraction_is_nan_when_the_loss_is(distance, portable):
 @pytest.mark.parametrize("mining", LOSSES)
 def test_cosine_of_identical_zero_rows_is_one(mining, portable):
     # Rows below the normalisation floor are not unit vectors: two zero rows
-    # are at cosine distance 1, not 0, though they are identical; rows of one
-    # direction are at 0, though they are not.
+    # are at cosine distance 1, not 0, though they are identical. Rows of one
+    # direction are at 0, up to rounding.
     x = _embeddings(13, dtype=torch.float64)
     x[0] = 0.0
     x[1] = 0.0  # label 0, as row 0
@@ -462,3 +462,24 @@ def test_cosine_of_identical_zero_rows_is_one(mining, portable):
                                       portable=portable)
         assert float(s) == pytest.approx(float(want.sum), rel=1e-9, abs=1e-12), refs
         assert (int(c), int(v)) == (want.count, want.valid), refs
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+def test_cosine_copies_do_not_depend_on_the_layout(portable):
+    # Anchor 0's one positive is its exact copy among references apart, the
+    # negative is orthogonal (d_an = 1 exactly): at margin 1 batch-all counts
+    # nothing, whether the anchors are contiguous or column-major (what a
+    # (W @ h.T).T head gives), whose norms libtorch rounds differently.
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        d = 33 + seed
+        y = torch.randn(6, d, generator=g)
+        y[:, -1] = 0
+        negative = torch.zeros(1, d)
+        negative[0, -1] = 1
+        refs, ref_labels = torch.cat([y[:1], negative]), torch.tensor([0, 1])
+        labels = torch.tensor([0, 2, 2, 2, 2, 2])
+        for x in (y.clone(), y.t().contiguous().t()):
+            s, c, v = _core.triplet_terms("all", labels, x, 1.0, "cosine", False, refs, ref_labels, None,
+                                          None, portable=portable)
+            assert (float(s), int(c), int(v)) == (0.0, 0, 1), (seed, x.stride())

@@ -128,6 +128,12 @@ def _worker_after_review(rank, world, init_file):
             single.margin = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
             single(full_x, full_y).backward()
             torch.testing.assert_close(loss.margin.grad, single.margin.grad, rtol=1e-12, atol=1e-14)
+            # Its second derivative raises, as the embeddings' does.
+            x = full_x[rows].clone()
+            (dm,) = torch.autograd.grad(DistributedTripletLoss(loss)(x, full_y[rows]), loss.margin,
+                                        create_graph=True)
+            with pytest.raises(RuntimeError, match="second derivatives"):
+                torch.autograd.grad(dm, loss.margin)
             # int16 labels, which gloo cannot gather, give the int64 result.
             criterion = DistributedTripletLoss(make())
             want = criterion(full_x[rows], full_y[rows])

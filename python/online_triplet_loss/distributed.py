@@ -133,9 +133,9 @@ class _GatherRows(torch.autograd.Function):
 
 
 class _NoSecondDerivative(torch.autograd.Function):
-    """Passes the gathered rows' first derivative through, attached to the
-    gradient it came from; differentiating it raises: the all-reduce that
-    made it is no autograd operation, so its own derivative would be wrong."""
+    """Passes a first derivative made by an all-reduce through, attached to
+    the gradient it came from; differentiating it raises: the all-reduce is
+    no autograd operation, so its own derivative would be wrong."""
 
     @staticmethod
     def forward(ctx, mine: Tensor, source: Tensor) -> Tensor:  # type: ignore[override]
@@ -164,9 +164,12 @@ class _SharedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad / ctx.world, None, None
+        summed = grad.detach().contiguous().clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
+        mean = summed / ctx.world
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
+            mean = _NoSecondDerivative.apply(mean, grad)
+        return mean, None, None
 
 
 class DistributedTripletLoss(nn.Module):

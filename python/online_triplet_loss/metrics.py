@@ -7,8 +7,9 @@ Every item is a query against all the *other* items. For a query :math:`q`,
 Queries are ranked in chunks against all items, so memory stays
 :math:`O(B \cdot \text{chunk})` and 100k embeddings need well under 1 GB.
 Identical items are at distance exactly 0 from each other, ahead of every
-distinct item, as in the losses; other ties between distances are broken in an
-unspecified order. Both functions synchronise with the device (they return
+distinct item, as in the losses (for the cosine distance, not rows of norm
+below 1e-12: zero rows are at 1); other ties between distances are broken in
+an unspecified order. Both functions synchronise with the device (they return
 Python numbers) and never build a graph.
 """
 

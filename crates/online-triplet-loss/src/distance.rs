@@ -243,19 +243,19 @@ impl Side {
         })
     }
 
-    /// What makes two embeddings identical for this distance, for
-    /// [`crate::ties::Ties`]: `None` for Euclidean distances, where it is
-    /// the embeddings themselves. For the cosine distance, the normalised
-    /// points, equal for rows of one direction; a row below the
-    /// normalisation floor is not a unit vector, its copy is not at distance
-    /// 0 (a zero row is at 1 from everything), so it gets NaN, which equals
-    /// nothing.
-    pub(crate) fn tie_rows(&self) -> Result<Option<Tensor>, Error> {
+    /// The rows of `raw`, the embeddings this side was made from, that
+    /// [`crate::ties::Ties`] compares to find identical embeddings: all of
+    /// them, except for the cosine distance rows below the normalisation
+    /// floor, which are not unit vectors, so that their copies are not at
+    /// distance 0 (a zero row is at 1 from everything): they become NaN,
+    /// which equals nothing. The raw rows, not the normalised points, whose
+    /// rounding depends on the tensor's layout.
+    pub(crate) fn tie_rows(&self, raw: &Tensor) -> Result<Tensor, Error> {
         if self.distance != Distance::Cosine {
-            return Ok(None);
+            return Ok(raw.shallow_clone());
         }
         let unit = self.norms.f_gt(COSINE_EPS)?;
-        Ok(Some(self.points.f_where_scalarother(&unit, f64::NAN)?))
+        Ok(raw.f_where_scalarother(&unit, f64::NAN)?)
     }
 
     pub(crate) fn rows(&self, start: i64, len: i64) -> Result<Side, Error> {

@@ -389,10 +389,8 @@ impl TripletConfig {
             let y_apart = references.map(|_| &y);
             let (sx, sy) = Side::pair(self.distance, &x, y_apart)?;
             let same = references.is_none();
-            let ties = match (sx.tie_rows()?, sy.tie_rows()?) {
-                (Some(tx), Some(ty)) => Ties::find(&tx, &ty, self_col, same, self.kernel)?,
-                _ => Ties::find(&x, &y, self_col, same, self.kernel)?,
-            };
+            let (tx, ty) = (sx.tie_rows(&x)?, sy.tie_rows(&y)?);
+            let ties = Ties::find(&tx, &ty, self_col, same, self.kernel)?;
             let poison = sx.poison(y_apart.map(|_| &sy))?;
             Ok((ties, (sx, sy), poison))
         })?;

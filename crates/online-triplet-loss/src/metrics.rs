@@ -17,9 +17,11 @@
 //! memory stays O(B·chunk); the time is O(B²·D) for the distances plus
 //! O(B·(B + K log K)) for the selection, with K = max(k, R_q). Queries are
 //! sorted by R_q so that a chunk selects only as many neighbours as its own
-//! queries need. Identical items are at distance exactly 0 from each other,
-//! ahead of every distinct item, and at equal distances from every other
-//! item; other ties between distances are broken in an unspecified order.
+//! queries need. Identical items are at distance exactly 0 from each other
+//! (but for the cosine distance zero rows, and rows of norm below 1e-12,
+//! which are at 1), ahead of every distinct item, and at equal distances
+//! from every other item; other ties between distances are broken in an
+//! unspecified order.
 //!
 //! ```
 //! use online_triplet_loss::metrics::{mean_average_precision_at_r, recall_at_k};
@@ -269,7 +271,7 @@ impl RetrievalConfig {
         };
         grad::no_grad(|| {
             let (side, _) = Side::pair(ranking, &x, None)?;
-            let rows = side.tie_rows()?.unwrap_or_else(|| x.shallow_clone());
+            let rows = side.tie_rows(&x)?;
             let ties = Ties::find(&rows, &rows, Some(0), true, Kernel::Auto)?;
             let opts = (Kind::Int64, device);
             let mut hits = ks
