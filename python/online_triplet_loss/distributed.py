@@ -363,9 +363,11 @@ class DistributedTripletLoss(nn.Module):
         anchor_labels = all_labels[offset:offset + embeddings.shape[0]]
 
         loss = self.loss
+        margin = loss.margin
+        if isinstance(margin, Tensor) and margin.requires_grad:
+            margin = _SharedGradient.apply(margin, world, self.group)
         sum_, count, valid = terms(
-            self.mining, anchor_labels, anchors, _SharedGradient.apply(loss.margin, world, self.group)
-            if isinstance(loss.margin, Tensor) and loss.margin.requires_grad else loss.margin,
+            self.mining, anchor_labels, anchors, margin,
             distance=loss.distance, soft=loss.soft,
             ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=offset,
         )
