@@ -158,6 +158,14 @@ def _worker_after_review(rank, world, init_file):
             # All ranks change it: the memory refuses on every rank.
             with pytest.raises(ValueError, match="labels: must keep the dtype of the first batch's"):
                 memory(full_x[rows].clone().requires_grad_(True), full_y[rows].to(torch.int32))
+            # Labels of the wrong length on one rank: it says why, the other
+            # that the rank's input does not match; neither waits.
+            labels = full_y[rows][:-1] if rank == 1 else full_y[rows]
+            for call in (lambda: criterion(full_x[rows].clone().requires_grad_(True), labels),
+                         lambda: memory(full_x[rows].clone().requires_grad_(True), labels)):
+                match = "labels: must be 1-D with one entry" if rank == 1 else "rank 1 of the group passed"
+                with pytest.raises(ValueError, match=match):
+                    call()
             # The group still works.
             memory(full_x[rows].clone().requires_grad_(True), full_y[rows]).backward()
         dist.barrier()

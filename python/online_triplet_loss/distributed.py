@@ -34,20 +34,32 @@ _DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}
 _CARRIERS = {torch.bool: torch.uint8, torch.int16: torch.int32}
 
 
-def _gather_sizes(embeddings: Tensor, labels: Tensor, group: Optional[object]) -> List[int]:
+def _gather_sizes(embeddings: Tensor, labels: Tensor, group: Optional[object],
+                  problem: Optional[ValueError] = None) -> List[int]:
     """Every rank's batch size, as Python ints, after checking that every rank
     passes embeddings of the same width and dtype, and labels of the same
     dtype: a gather of mismatched tensors would abort the process inside the
     backend. Every rank's embeddings must also require grad, or none, since
-    the gather's backward is a collective. ``tolist`` is the one host
+    the gather's backward is a collective. A rank's own ``problem`` (shapes
+    that do not match) is raised there, and makes the other ranks raise too,
+    instead of waiting in the gather. ``tolist`` is the one host
     synchronisation of the loss: padding needs the sizes on the host."""
     differentiable = int(torch.is_grad_enabled() and embeddings.requires_grad)
-    mine = [embeddings.shape[0], embeddings.shape[1], _DTYPES.index(embeddings.dtype),
-            _DTYPES.index(labels.dtype), differentiable]
+    size, width = tuple(embeddings.shape) if problem is None else (0, 0)
+    mine = [size, width, _DTYPES.index(embeddings.dtype),
+            _DTYPES.index(labels.dtype), differentiable, int(problem is not None)]
     shape = torch.tensor(mine, dtype=torch.int64, device=embeddings.device)
     shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shapes, shape, group=group)
     rows = torch.stack(shapes).tolist()
+    if problem is not None:
+        raise problem
+    others = [r for r, row in enumerate(rows) if row[5]]
+    if others:
+        raise ValueError(
+            f"embeddings: rank {', '.join(map(str, others))} of the group passed embeddings and "
+            "labels that do not match (the error there says how)"
+        )
     for column, name, what in ((1, "embeddings", "width"), (2, "embeddings", "dtype"),
                                (3, "labels", "dtype"),
                                (4, "embeddings", "requires_grad (under grad mode)")):
@@ -286,21 +298,24 @@ class DistributedTripletLoss(nn.Module):
         """
         check_tensor("embeddings", embeddings)
         check_tensor("labels", labels)
+        problem = None
         if embeddings.dim() != 2:
-            raise ValueError(
+            problem = ValueError(
                 f"embeddings: must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}"
             )
-        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(
+        elif labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            problem = ValueError(
                 "labels: must be 1-D with one entry per row of embeddings "
                 f"({embeddings.shape[0]}), "
                 f"got shape {tuple(labels.shape)}"
             )
         rank, world = self._world()
         if world == 1:
+            if problem is not None:
+                raise problem
             return embeddings, labels, 0
         labels = labels.to(embeddings.device)
-        sizes = _gather_sizes(embeddings, labels, self.group)
+        sizes = _gather_sizes(embeddings, labels, self.group, problem)
         offset = sum(sizes[:rank])
         carrier = _CARRIERS.get(labels.dtype, labels.dtype)
         all_labels = _gather_rows(labels.to(carrier), sizes, self.group).to(labels.dtype)
