@@ -391,3 +391,46 @@ def test_loss_does_not_synchronise_with_the_host(device, mining, distance, refs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert torch.isfinite(loss).item(), (chunk, loss)
+
+
+# ------------------------------------------------------------- out of device memory
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+def test_out_of_device_memory_is_torchs_out_of_memory_error(device, mining):
+    """A loss that runs out of device memory inside the Rust core raises
+    ``torch.OutOfMemoryError``, as torch's own operations do (code that
+    shrinks the batch and retries catches it), with libtorch's message and
+    without its C++ stack; grad mode is kept and the next call is right.
+    The device's memory is capped at what is in use plus 64 MiB, and the
+    chunk buffers of a 65536-anchor batch pass that cap."""
+    if device.type != "cuda":
+        pytest.skip(f"device memory caps are CUDA's (torch.cuda.set_per_process_memory_fraction); "
+                    f"the device is {device}; tests/test_out_of_memory.py covers the CPU")
+    g = torch.Generator().manual_seed(11)
+    n = 1 << 16
+    labels = torch.randint(0, 4096, (n,), generator=g).to(device)
+    x = leaf(torch.randn(n, 128, generator=g).to(device))
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = torch.cuda.memory_allocated(device) + (64 << 20)
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    try:
+        with pytest.raises(torch.OutOfMemoryError) as caught:
+            loss = function_loss(mining, labels, x, 0.2, "euclidean", False)
+            loss.backward()
+            torch.cuda.synchronize(device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+    message = str(caught.value)
+    assert "out of memory" in message, message
+    for leak in ["frame #", "Exception raised from", "unwrap()", "Torch("]:
+        assert leak not in message, message
+    assert torch.is_grad_enabled()
+    small = make_batch(12, min_size=16)
+    got = function_loss(mining, small.labels.to(device), small.embeddings.to(device), 0.2,
+                        "euclidean", False)
+    want = R.reference_terms(mining, small.labels, small.embeddings, 0.2, "euclidean", False)
+    assert_close(got, want.loss, "after the failure", **value_tol(torch.float64))

@@ -16,20 +16,78 @@ fn to_py(err: Error) -> PyErr {
     }
 }
 
-/// Runs `f` without the GIL; a panic inside libtorch's bindings (an
-/// allocation that fails, say) becomes a RuntimeError instead of a
+/// A libtorch failure as Python sees torch's own: an allocator that ran out
+/// of device memory ("CUDA out of memory", "MPS backend out of memory")
+/// raises `torch.OutOfMemoryError`, which code that shrinks the batch and
+/// retries catches; anything else, a CPU allocation included (torch itself
+/// raises RuntimeError there), a RuntimeError.
+fn torch_failure(py: Python<'_>, message: String) -> PyErr {
+    if message.contains("out of memory") {
+        if let Ok(oom) = py
+            .import("torch")
+            .and_then(|torch| torch.getattr("OutOfMemoryError"))
+            .and_then(|class| class.call1((message.as_str(),)))
+        {
+            return PyErr::from_value(oom);
+        }
+    }
+    PyRuntimeError::new_err(message)
+}
+
+/// Runs `f` without the GIL; a panic inside libtorch's bindings becomes an
+/// exception as an `Err` does (see [`libtorch_panic`]), instead of a
 /// PanicException, which `except Exception` would not catch.
 fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
-    py.allow_threads(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)))
-        .map_err(|panic| {
+    match py.allow_threads(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err @ Error::Torch(_))) => Err(torch_failure(py, err.to_string())),
+        Ok(Err(err)) => Err(to_py(err)),
+        Err(panic) => {
             let message = panic
                 .downcast_ref::<String>()
                 .map(String::as_str)
                 .or_else(|| panic.downcast_ref::<&str>().copied())
                 .unwrap_or("unknown error");
-            PyRuntimeError::new_err(message.to_string())
-        })?
-        .map_err(to_py)
+            Err(torch_failure(py, libtorch_panic(message)))
+        }
+    }
+}
+
+/// tch 0.26's operations that take a scalar panic when libtorch fails (the
+/// scalar, dropped before the op returns, finds libtorch's error and
+/// unwraps it): `called `Result::unwrap()` on an `Err` value:
+/// Torch("...")`, the message escaped by `{:?}` and followed by libtorch's
+/// C++ stack. This gives the message as an `Err` would carry it; other
+/// panics keep theirs.
+fn libtorch_panic(message: &str) -> String {
+    const QUOTED: &str = "called `Result::unwrap()` on an `Err` value: Torch(\"";
+    let Some(start) = message.find(QUOTED) else {
+        return message.to_string();
+    };
+    let quoted = &message[start + QUOTED.len()..];
+    let end = ["\\nException raised from ", "\\nframe #", "\")"]
+        .iter()
+        .filter_map(|marker| quoted.find(marker))
+        .min()
+        .unwrap_or(quoted.len());
+    let text = quoted[..end].replace("\\\"", "\"").replace("\\'", "'");
+    Error::Torch(text).to_string()
+}
+
+/// The panics of [`libtorch_panic`] are turned into exceptions with their
+/// message: the default hook would also print each to stderr (an
+/// out-of-memory error that a training script catches and recovers from,
+/// say). Every other panic is printed as before.
+fn quiet_libtorch_panics() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let from_scalar = info
+            .location()
+            .is_some_and(|at| at.file().ends_with("wrappers/scalar.rs"));
+        if !from_scalar {
+            previous(info);
+        }
+    }));
 }
 
 fn mining(name: &str) -> PyResult<Mining> {
@@ -212,6 +270,7 @@ static TORCH_RECORD: &str = concat!(torch_record_prefix!(), env!("OTL_TORCH_VERS
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    quiet_libtorch_panics();
     m.add_function(wrap_pyfunction!(triplet_terms, m)?)?;
     m.add_function(wrap_pyfunction!(mean_and_fraction, m)?)?;
     m.add_function(wrap_pyfunction!(mean, m)?)?;

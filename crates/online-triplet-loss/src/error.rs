@@ -34,6 +34,46 @@ impl std::error::Error for Error {}
 
 impl From<tch::TchError> for Error {
     fn from(err: tch::TchError) -> Self {
-        Error::Torch(err.to_string())
+        match err {
+            tch::TchError::Torch(message) => Error::Torch(without_backtrace(&message).to_owned()),
+            other => Error::Torch(other.to_string()),
+        }
+    }
+}
+
+/// libtorch's message without the C++ stack that its errors carry after it,
+/// as torch's Python errors show it.
+pub(crate) fn without_backtrace(message: &str) -> &str {
+    ["\nException raised from ", "\nframe #"]
+        .iter()
+        .filter_map(|marker| message.find(marker))
+        .min()
+        .map_or(message, |end| &message[..end])
+        .trim_end()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtorch_errors_lose_their_cpp_stack() {
+        // A real libtorch error: indices out of range.
+        let t = tch::Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu));
+        let index = tch::Tensor::from_slice(&[5i64]);
+        let err: Error = t.f_index_select(0, &index).unwrap_err().into();
+        let Error::Torch(message) = err else {
+            panic!("expected Error::Torch, got {err:?}")
+        };
+        assert!(message.contains("out of range"), "{message}");
+        for leak in ["frame #", "Exception raised from", "Internal torch error"] {
+            assert!(!message.contains(leak), "{message}");
+        }
+        assert_eq!(without_backtrace("a\nframe #0: b"), "a");
+        assert_eq!(
+            without_backtrace("a\nException raised from b\nframe #0"),
+            "a"
+        );
+        assert_eq!(without_backtrace("no stack"), "no stack");
     }
 }

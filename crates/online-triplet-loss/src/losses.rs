@@ -125,7 +125,7 @@ impl Terms {
             ("valid", &self.valid),
             ("margin_grad", &self.margin_grad),
         ] {
-            if t.is_sparse() || t.is_mkldnn() || t.f_contiguous().is_err() {
+            if !is_strided(t) {
                 return Err(Error::invalid(name, "must be a dense (strided) tensor"));
             }
             if t.dim() != 0 {
@@ -954,12 +954,19 @@ pub(crate) fn check_embeddings(name: &'static str, embeddings: &Tensor) -> Resul
     check_placement(name, embeddings)
 }
 
+/// Whether `t` has the strided layout, asked without copying it (a
+/// `contiguous` copy of an expanded tensor may not fit in memory) and
+/// without a libtorch error on strided tensors (its message takes
+/// milliseconds to build): a view of a strided tensor as its own shape
+/// always exists; the compressed layouts (CSR, CSC, BSR, BSC) have none.
+fn is_strided(t: &Tensor) -> bool {
+    !(t.is_sparse() || t.is_mkldnn()) && t.f_view(t.size().as_slice()).is_ok()
+}
+
 /// That a defined tensor `t` is dense (strided) and on the CPU or a CUDA
 /// device.
 pub(crate) fn check_placement(name: &'static str, t: &Tensor) -> Result<(), Error> {
-    // Compressed sparse layouts fail `contiguous`; strided tensors that are
-    // contiguous already return themselves.
-    if t.is_sparse() || t.is_mkldnn() || t.f_contiguous().is_err() {
+    if !is_strided(t) {
         return Err(Error::invalid(name, "must be a dense (strided) tensor"));
     }
     match t.device() {
@@ -988,7 +995,7 @@ fn check_pair(
         ));
     }
     domain(labels, label_name)?;
-    if labels.is_sparse() || labels.is_mkldnn() || labels.f_contiguous().is_err() {
+    if !is_strided(labels) {
         return Err(Error::invalid(
             label_name,
             "must be a dense (strided) tensor",
