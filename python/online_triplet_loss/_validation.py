@@ -60,7 +60,21 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
         raise ValueError(f"{name}: must be a dense (strided) tensor, got {kind}")
     if value.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name}: must be on the CPU or a CUDA device, got {value.device}")
+    refuse_python_dispatch(name, value)
     return value
+
+
+def refuse_python_dispatch(name: str, value: torch.Tensor) -> None:
+    """Tensor subclasses that handle their operations in Python
+    (``__torch_dispatch__``: DTensor, FakeTensor, MaskedTensor, ...) hold no
+    memory of their own, or not all of it, where the native code would read
+    it. ``__torch_function__`` subclasses and ``nn.Parameter`` hold theirs."""
+    if torch._C._dispatch_keys(value).has(torch._C.DispatchKey.Python):
+        raise ValueError(
+            f"{name}: must be a plain tensor, got a {type(value).__name__}, a tensor subclass "
+            f"that dispatches its operations in Python, whose memory the native code cannot "
+            f"read; pass a plain tensor (a DTensor's full_tensor() or to_local(), say)"
+        )
 
 
 def check_margin(margin: object) -> float:
@@ -68,6 +82,7 @@ def check_margin(margin: object) -> float:
     tensor, finite and >= 0."""
     value = margin
     if isinstance(margin, torch.Tensor):
+        refuse_python_dispatch("margin", margin)
         if margin.numel() != 1 or margin.device.type != "cpu":
             raise ValueError(
                 "margin: must be a number or a one-element CPU tensor, got a tensor of shape "
