@@ -347,3 +347,25 @@ def test_extra_reference_errors():
         criterion.gather(emb, labels[:2])
     with pytest.raises(ValueError, match="embeddings: must be 2-D"):
         criterion.gather(emb[0], labels)
+
+
+@pytest.mark.parametrize("bad", [torch.uint16, torch.uint32, torch.uint64, torch.complex64,
+                                 torch.float8_e4m3fn])
+@pytest.mark.parametrize("which", ["labels", "extra_labels"])
+def test_extra_reference_label_dtypes_are_errors_naming_the_argument(which, bad):
+    """Labels meet the extra labels in a concatenation before the core sees
+    them: unsupported dtypes are refused first, naming the argument, as the
+    core names labels and ref_labels."""
+    criterion = DistributedTripletLoss(BatchHardTripletLoss())
+    emb, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    args = dict(labels=labels, extra_labels=labels)
+    args[which] = labels.to(bad)
+    with pytest.raises(ValueError, match=f"^{which}: dtype {bad} is not supported"):
+        criterion(emb, args["labels"], extra_embeddings=emb, extra_labels=args["extra_labels"])
+
+
+def test_integer_extra_embeddings_are_an_error():
+    criterion = DistributedTripletLoss(BatchHardTripletLoss())
+    emb, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="^extra_embeddings: must be floating point"):
+        criterion(emb, labels, extra_embeddings=emb.long(), extra_labels=labels)

@@ -91,6 +91,11 @@ def _check_extra(embeddings: object, extra_embeddings: object, extra_labels: obj
     check_tensor("extra_embeddings", extra_embeddings)
     check_tensor("extra_labels", extra_labels)
     width = embeddings.shape[1] if isinstance(embeddings, Tensor) and embeddings.dim() == 2 else None
+    if extra_embeddings.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(
+            "extra_embeddings: must be floating point (float16, bfloat16, float32 or float64), "
+            f"got dtype {extra_embeddings.dtype}"
+        )
     if extra_embeddings.dim() != 2 or (width is not None and extra_embeddings.shape[1] != width):
         raise ValueError(
             f"extra_embeddings: must be 2-D with {width if width is not None else 'D'} columns "
@@ -103,10 +108,23 @@ def _check_extra(embeddings: object, extra_embeddings: object, extra_labels: obj
         )
 
 
+# The label dtypes of the core (uint16/32/64, complex, float8 and quantized
+# labels are refused there).
+_LABEL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                 torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _common_labels(labels: Tensor, extra: Tensor) -> Tuple[Tensor, Tensor]:
     """``labels`` and ``extra`` in dtypes that keep every class: integer and
     float labels meet in float64, where an integer and a float of the same
     value are one class, instead of a float being truncated to an integer."""
+    # Checked here, before they are concatenated into the core's ref_labels.
+    for name, t in (("labels", labels), ("extra_labels", extra)):
+        if t.dtype not in _LABEL_DTYPES:
+            raise ValueError(
+                f"{name}: dtype {t.dtype} is not supported; pass class ids as int64 (or int8 to "
+                "int32, uint8, bool or floating point)"
+            )
     extra = extra.to(labels.device)
     if labels.dtype != extra.dtype and (labels.is_floating_point() or extra.is_floating_point()):
         for name, t in (("labels", labels), ("extra_labels", extra)):
