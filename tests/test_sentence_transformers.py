@@ -197,6 +197,31 @@ def test_forward_through_model_equals_st(st, ours, loss_name):
         torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12)
 
 
+@needs_st
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_attributes_set_after_construction_act_as_on_st(st, ours, loss_name):
+    """``distance_metric`` and ``sentence_embedder`` set on a built loss, as
+    on ST's: the next call uses them, and the config says what is used."""
+    g = torch.Generator().manual_seed(8)
+    features = [{"x": torch.randn(12, 6, generator=g, dtype=torch.float64)}]
+    labels = torch.tensor([0, 1, 2] * 4)
+    values = []
+    for impl in (st, ours):
+        loss = getattr(impl, loss_name)(_Linear(seed=3))
+        loss.distance_metric = _metric(st, "cosine")
+        replacement = _Linear(seed=4)
+        loss.sentence_embedder = replacement
+        assert loss.sentence_embedder is replacement
+        assert [p for p in loss.parameters()] == [p for p in replacement.parameters()]
+        assert loss.get_config_dict()["distance_metric"] == "cosine_distance"
+        values.append(loss(features, labels).detach())
+    torch.testing.assert_close(values[1], values[0], rtol=1e-9, atol=1e-12)
+    loss = getattr(ours, loss_name)(_Linear(seed=3))
+    with pytest.raises(ValueError, match="^distance_metric: expected"):
+        loss.distance_metric = lambda x: x
+    assert loss.get_config_dict()["distance_metric"] == "euclidean_distance"
+
+
 # ---------------------------------------------------------------------------
 # Where ST differs: our definitions, and ST's values as documented
 

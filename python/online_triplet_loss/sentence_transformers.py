@@ -121,12 +121,28 @@ class _SentenceTransformerTripletLoss(nn.Module):
         super().__init__()
         self.model = model
         self.distance_metric = distance_metric
-        self.distance = _distance_name(distance_metric)
+
+    @property
+    def distance_metric(self) -> Callable[[Tensor], Tensor]:
+        """ST's distance function; setting it (as on ST's losses) checks it
+        and changes the distance computed."""
+        return self._distance_metric
+
+    @distance_metric.setter
+    def distance_metric(self, value: Callable[[Tensor], Tensor]) -> None:
+        self.distance = _distance_name(value)
+        self._distance_metric = value
 
     @property
     def sentence_embedder(self) -> nn.Module:
         """The model, under the attribute name ST's triplet losses use."""
         return self.model
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # nn.Module registers a module set as an attribute without asking
+        # the property: ``loss.sentence_embedder = other`` would add a second
+        # child and leave the model in use unchanged.
+        super().__setattr__("model" if name == "sentence_embedder" else name, value)
 
     def forward(self, sentence_features: Sequence[Dict[str, Tensor]], labels: Tensor) -> Tensor:
         embeddings = self.model(sentence_features[0])["sentence_embedding"]
