@@ -212,6 +212,27 @@ def test_load_state_dict_accepts_memories_of_the_same_size():
     assert target.embedding_dim == 5
 
 
+@pytest.mark.parametrize("used_with", [torch.int32, torch.float32])
+def test_load_state_dict_into_a_used_memory_keeps_the_saved_dtypes(used_with):
+    """Loading copies into the buffers: those an earlier batch made, in its
+    dtypes, must not cast the saved ones (int64 labels beyond 2**31 into
+    int32, float64 embeddings into float32)."""
+    labels = torch.tensor([2**31 + 5, 2**31 + 5, 7, 7])
+    embeddings = torch.tensor([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3 + 1e-12], [1.0, 0.0, 0.0],
+                               [0.0, 1.0, 0.0]], dtype=torch.float64)
+    source = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=4)
+    source(embeddings, labels)
+    target = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=4)
+    target(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]).to(used_with))
+    target.load_state_dict(source.state_dict())
+    for got, saved in zip(target.memory, source.memory):
+        assert got.dtype == saved.dtype and torch.equal(got, saved)
+    # The next batch, with the labels the state was made with, continues as
+    # the source memory does.
+    batch = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(target(batch, labels.flip(0)), source(batch, labels.flip(0)))
+
+
 @pytest.mark.parametrize("cast", ["half", "double", "bfloat16", "to-float64"])
 def test_module_casts_leave_float_labels_alone(cast):
     # 2049 and 2050 are one number in float16 and bfloat16.

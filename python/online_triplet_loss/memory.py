@@ -324,11 +324,16 @@ class CrossBatchMemory(nn.Module):
             state_dict.get(prefix + "memory_labels"),
             state_dict.get(prefix + "_extra_state"),
         )
-        # The buffers are allocated lazily; take their shape from the saved state.
+        # The buffers are allocated lazily; take their shape from the saved
+        # state, and their dtype: loading copies into the buffers, which would
+        # cast int64 labels into an int32 buffer that an earlier batch made
+        # (2**31 + 5 becoming -2**31 + 5), or round float64 embeddings.
         for name in ("memory_embeddings", "memory_labels"):
             saved = state_dict.get(prefix + name)
-            if saved is not None and getattr(self, name) is None:
-                setattr(self, name, torch.empty_like(saved))
+            current = getattr(self, name)
+            if isinstance(saved, Tensor) and (current is None or current.dtype != saved.dtype):
+                device = saved.device if current is None else current.device
+                setattr(self, name, torch.empty(saved.shape, dtype=saved.dtype, device=device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_saved(self, embeddings: object, labels: object, extra: object) -> None:
