@@ -121,6 +121,30 @@ def test_every_class_every_epoch_and_balance():
         assert sum(counts.values()) == 50
 
 
+@pytest.mark.parametrize("others", [5, 300])
+def test_fill_classes_are_absent_distinct_and_uniform(others):
+    """One class sets the number of batches, so nearly every place beside it
+    is filled: with classes, distinct, not already in the batch, drawn
+    uniformly (by listing the absent classes when few, by redrawing when
+    most are absent)."""
+    p, k = 4, 2
+    labels = [0] * 2000 + [c for c in range(1, others + 1) for _ in range(2)]
+    sampler = PKSampler(labels, p=p, k=k, seed=3)
+    counts = collections.Counter()
+    for batch in sampler:
+        classes = [labels[i] for i in batch[::k]]
+        assert len(set(classes)) == p and 0 in classes
+        counts.update(c for c in classes if c != 0)
+    assert set(counts) == set(range(1, others + 1))
+    # Each other class: its one group, plus fill drawn uniformly.
+    total = sum(counts.values())
+    expected = total / others
+    chi2 = sum((n - expected) ** 2 / expected for n in counts.values())
+    # mean others - 1, sd sqrt(2 (others - 1)): a wide bound that a biased draw
+    # (one class always, or the first ones favoured) far exceeds.
+    assert chi2 < (others - 1) + 8 * (2 * (others - 1)) ** 0.5, chi2
+
+
 def test_determinism_and_set_epoch():
     labels = LABEL_SETS["uneven"]
     a = PKSampler(labels, 4, 3, seed=11)

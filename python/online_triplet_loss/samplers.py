@@ -101,14 +101,16 @@ class PKSampler(Sampler[List[int]]):
        the batch, drawn at random; then the batches are shuffled.
 
     So every epoch covers every index at least once (every class in
-    particular), a class's share of an epoch is at least its share of the
-    data, and small classes are oversampled only as much as filling the
-    batches needs. ``len(sampler)`` is :math:`N /` ``world_size``, known
+    particular), and small classes are oversampled only as much as filling
+    the batches needs; a large class, at most :math:`K` indices a batch, can
+    take a smaller share of an epoch than of the data. ``len(sampler)`` is :math:`N /` ``world_size``, known
     without drawing. Call :meth:`set_epoch` before each epoch to vary it.
 
     With ``world_size > 1`` every rank builds the same epoch and takes every
     ``world_size``-th batch starting at ``rank``: the ranks get the same
-    number of batches and never the same batch.
+    number of batches, different batches of one epoch (which can still hold
+    the same indices: a class's groups and the groups that fill free places
+    are drawn independently).
 
     Args:
         labels: the class of every sample of the dataset, as a 1-D tensor,
@@ -221,6 +223,24 @@ class PKSampler(Sampler[List[int]]):
             last.extend(rng.sample(rest, self.k - len(last)))
         return groups
 
+    def _absent_classes(self, rng: random.Random, present: List[int], need: int) -> List[int]:
+        """``need`` distinct classes not in ``present``, uniformly at random.
+        Listing the absent classes costs O(classes) a batch, which made an
+        epoch with one dominant class (many batches to fill) quadratic; while
+        at least half of all classes stay absent, drawing and redrawing
+        costs under two draws a class instead."""
+        classes = len(self._classes)
+        taken = set(present)
+        if 2 * (len(taken) + need) > classes:
+            return rng.sample([c for c in range(classes) if c not in taken], need)
+        chosen: List[int] = []
+        while len(chosen) < need:
+            c = rng.randrange(classes)
+            if c not in taken:
+                taken.add(c)
+                chosen.append(c)
+        return chosen
+
     def _epoch_batches(self, epoch: int) -> List[List[int]]:
         """The whole epoch, identical on every rank."""
         rng = random.Random(f"PKSampler:{self.seed}:{epoch}")
@@ -252,10 +272,9 @@ class PKSampler(Sampler[List[int]]):
                 contents[b].append(group)
         batches = []
         for present, groups in zip(slots, contents):
-            if len(present) < self.p:
-                taken = set(present)
-                absent = [c for c in range(len(self._classes)) if c not in taken]
-                for c in rng.sample(absent, self.p - len(present)):
+            need = self.p - len(present)
+            if need > 0:
+                for c in self._absent_classes(rng, present, need):
                     groups.append(self._group(rng, self._classes[c]))
             rng.shuffle(groups)
             batches.append([i for group in groups for i in group])
