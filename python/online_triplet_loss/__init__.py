@@ -35,4 +35,5 @@ __all__ = [
     "CrossBatchMemory",
     "PKSampler",
     "metrics",
+    "samplers",
 ]

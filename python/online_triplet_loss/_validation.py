@@ -92,14 +92,23 @@ def check_margin(margin: object) -> float:
             raise ValueError(f"margin: must be a real number, got a tensor of dtype {margin.dtype}")
         value = margin.detach().item()  # a CPU tensor: no device synchronisation
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"margin: must be a number, got {margin!r}")
+        raise ValueError(f"margin: must be a number, got {_shown(margin)}")
     try:
         result = float(value)
     except OverflowError:
-        raise ValueError(f"margin: must be finite and >= 0, got {margin!r}") from None
+        raise ValueError(f"margin: must be finite and >= 0, got {_shown(margin)}") from None
     if not math.isfinite(result) or result < 0:
-        raise ValueError(f"margin: must be finite and >= 0, got {margin!r}")
+        raise ValueError(f"margin: must be finite and >= 0, got {_shown(margin)}")
     return result
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for a message, its middle cut when it is long (an int
+    of 400 digits, say)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text)} characters)"
 
 
 def margin_and_tensor(margin: object) -> Tuple[float, Optional[torch.Tensor]]:

@@ -36,7 +36,7 @@ from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTrip
 from .metrics import mean_average_precision_at_r, recall_at_k
 from .samplers import PKSampler
 
-__all__ = ["main", "parse_args", "run", "Result"]
+__all__ = ["main", "parse_args", "run", "Result", "Embedder"]
 
 _LOSSES = {
     "hard": BatchHardTripletLoss,

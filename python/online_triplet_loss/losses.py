@@ -236,7 +236,7 @@ def loss_of(mining: str, labels: Tensor, embeddings: Tensor, margin: object,
 def batch_all_triplet_loss(
     labels: Tensor,
     embeddings: Tensor,
-    margin: float,
+    margin: Union[float, Tensor],
     squared: bool = False,
     *,
     distance: Optional[str] = None,
@@ -303,7 +303,7 @@ def batch_all_triplet_loss(
 def batch_hard_triplet_loss(
     labels: Tensor,
     embeddings: Tensor,
-    margin: float,
+    margin: Union[float, Tensor],
     squared: bool = False,
     *,
     distance: Optional[str] = None,
@@ -367,7 +367,7 @@ def batch_hard_triplet_loss(
 def batch_semihard_triplet_loss(
     labels: Tensor,
     embeddings: Tensor,
-    margin: float,
+    margin: Union[float, Tensor],
     squared: bool = False,
     *,
     distance: Optional[str] = None,
@@ -444,7 +444,10 @@ class _TripletLoss(nn.Module):
         self.distance = resolve_distance(False, distance)
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, distance={self.distance!r}"
+        margin = self.margin
+        if isinstance(margin, Tensor):  # a learned margin: its value, on one line
+            margin = f"{float(margin.detach()):.6g} (learned)"
+        return f"margin={margin}, distance={self.distance!r}"
 
     def __prepare_scriptable__(self) -> "_TripletLoss":
         refuse_scripting(type(self).__name__)
@@ -459,6 +462,12 @@ class _TripletLoss(nn.Module):
         ref_labels: Optional[Tensor] = None,
         anchor_offset: Optional[int] = None,
     ) -> Tensor:
+        """The loss of ``embeddings`` :math:`(B, D)` with ``labels``
+        :math:`(B)`, mined within the batch or against a reference set
+        ``ref_embeddings`` :math:`(M, D)` with ``ref_labels`` :math:`(M)`
+        that holds the anchors from row ``anchor_offset`` on, if it holds
+        them; a scalar in the embeddings' dtype. See the function this
+        Module stands for."""
         if (
             isinstance(embeddings, Tensor)
             and isinstance(labels, Tensor)
@@ -487,6 +496,11 @@ class BatchAllTripletLoss(_TripletLoss):
             requires grad (e.g. an ``nn.Parameter``) is kept and learned.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
 
+    Shape:
+        - embeddings: :math:`(B, D)`; labels: :math:`(B)`.
+        - ref_embeddings: :math:`(M, D)`; ref_labels: :math:`(M)`.
+        - output: scalar, in the embeddings' dtype.
+
     Example::
 
         >>> criterion = BatchAllTripletLoss(margin=0.2)
@@ -494,6 +508,9 @@ class BatchAllTripletLoss(_TripletLoss):
     """
 
     mining = "all"
+
+    def __init__(self, *, margin: Union[float, Tensor] = 1.0, distance: str = "euclidean") -> None:
+        super().__init__(margin=margin, distance=distance)
 
 
 class BatchHardTripletLoss(_TripletLoss):
@@ -505,6 +522,11 @@ class BatchHardTripletLoss(_TripletLoss):
             requires grad (e.g. an ``nn.Parameter``) is kept and learned.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
         soft: softplus instead of relu. Default: False.
+
+    Shape:
+        - embeddings: :math:`(B, D)`; labels: :math:`(B)`.
+        - ref_embeddings: :math:`(M, D)`; ref_labels: :math:`(M)`.
+        - output: scalar, in the embeddings' dtype.
 
     Example::
 
@@ -532,6 +554,11 @@ class BatchSemiHardTripletLoss(_TripletLoss):
             requires grad (e.g. an ``nn.Parameter``) is kept and learned.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
 
+    Shape:
+        - embeddings: :math:`(B, D)`; labels: :math:`(B)`.
+        - ref_embeddings: :math:`(M, D)`; ref_labels: :math:`(M)`.
+        - output: scalar, in the embeddings' dtype.
+
     Example::
 
         >>> criterion = BatchSemiHardTripletLoss(margin=0.2)
@@ -539,3 +566,6 @@ class BatchSemiHardTripletLoss(_TripletLoss):
     """
 
     mining = "semihard"
+
+    def __init__(self, *, margin: Union[float, Tensor] = 1.0, distance: str = "euclidean") -> None:
+        super().__init__(margin=margin, distance=distance)

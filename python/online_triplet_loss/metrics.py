@@ -93,6 +93,7 @@ def recall_at_k(
 
     Example::
 
+        >>> import torch
         >>> embeddings = torch.tensor([[0.0], [0.1], [5.0], [5.1], [0.25]])
         >>> labels = torch.tensor([0, 0, 1, 1, 1])
         >>> recall_at_k(embeddings, labels, ks=(1, 4))
@@ -149,6 +150,7 @@ def mean_average_precision_at_r(
 
     Example::
 
+        >>> import torch
         >>> embeddings = torch.tensor([[0.0], [0.1], [5.0], [5.1], [0.25]])
         >>> labels = torch.tensor([0, 0, 1, 1, 1])
         >>> round(mean_average_precision_at_r(embeddings, labels), 4)

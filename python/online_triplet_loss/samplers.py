@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import random
-from typing import Dict, Hashable, Iterator, List, Sequence
+from typing import Dict, Hashable, Iterator, List, Sequence, Union
 
 import torch
 from torch.utils.data import Sampler
@@ -140,7 +140,7 @@ class PKSampler(Sampler[List[int]]):
 
     def __init__(
         self,
-        labels: Sequence[Hashable],
+        labels: Union[torch.Tensor, Sequence[Hashable]],
         p: int,
         k: int,
         *,

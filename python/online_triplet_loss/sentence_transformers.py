@@ -26,7 +26,9 @@ gradients are ST's. Elsewhere this package's definitions hold:
   margin) and, in a one-class batch, every anchor adds m (softplus(0) = log 2);
 - semi-hard with a single class is 0 here; ST gives the mean of d_ap + m;
 - with no positive pair at all (every label distinct) every loss is 0 here;
-  ST's batch-all and semi-hard give 0 too, its batch-hard and soft margin do not;
+  ST's batch-all and semi-hard give 0 too, its batch-hard the mean of
+  relu(m − min_n d_an) (0 only when every anchor's nearest negative is at
+  least m away) and its soft margin the mean of softplus(−min_n d_an) > 0;
 - batch-all counts triplets with a loss > 0 (ST: > 1e-16) and divides by that
   count (ST: count + 1e-16);
 - margins must be finite and ≥ 0 (a ``ValueError`` otherwise);
@@ -41,7 +43,7 @@ sentence-transformers is an optional dependency:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -185,7 +187,9 @@ class BatchAllTripletLoss(_SentenceTransformerTripletLoss):
 
     Example::
 
-        >>> loss = BatchAllTripletLoss(model, margin=0.5)   # model: a SentenceTransformer
+        >>> import torch
+        >>> model = torch.nn.Identity()  # stands in for a SentenceTransformer here
+        >>> loss = BatchAllTripletLoss(model, margin=0.5)
         >>> trainer = SentenceTransformerTrainer(model=model, train_dataset=ds, loss=loss)  # doctest: +SKIP
         >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
         >>> value = loss.compute_loss_from_embeddings([torch.randn(6, 8)], labels)
@@ -195,7 +199,7 @@ class BatchAllTripletLoss(_SentenceTransformerTripletLoss):
         self,
         model: nn.Module,
         distance_metric: Callable[[Tensor], Tensor] = BatchHardTripletLossDistanceFunction.euclidean_distance,
-        margin: float = 5,
+        margin: Union[float, Tensor] = 5,
     ) -> None:
         super().__init__(model, distance_metric)
         check_margin(margin)
@@ -231,6 +235,9 @@ class BatchHardTripletLoss(_SentenceTransformerTripletLoss):
 
     Example::
 
+        >>> import torch
+        >>> model = torch.nn.Identity()  # stands in for a SentenceTransformer here
+        >>> from sentence_transformers.losses import BatchHardTripletLossDistanceFunction
         >>> loss = BatchHardTripletLoss(model, BatchHardTripletLossDistanceFunction.cosine_distance,
         ...                             margin=0.5)
         >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -243,7 +250,7 @@ class BatchHardTripletLoss(_SentenceTransformerTripletLoss):
         self,
         model: nn.Module,
         distance_metric: Callable[[Tensor], Tensor] = BatchHardTripletLossDistanceFunction.euclidean_distance,
-        margin: float = 5,
+        margin: Union[float, Tensor] = 5,
     ) -> None:
         super().__init__(model, distance_metric)
         check_margin(margin)
@@ -279,6 +286,8 @@ class BatchHardSoftMarginTripletLoss(BatchHardTripletLoss):
 
     Example::
 
+        >>> import torch
+        >>> model = torch.nn.Identity()  # stands in for a SentenceTransformer here
         >>> loss = BatchHardSoftMarginTripletLoss(model)
         >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
         >>> value = loss.compute_loss_from_embeddings([torch.randn(6, 8)], labels)
@@ -320,6 +329,10 @@ class BatchSemiHardTripletLoss(_SentenceTransformerTripletLoss):
 
     Example::
 
+        >>> import torch
+        >>> model = torch.nn.Identity()  # stands in for a SentenceTransformer here
+        >>> import functools
+        >>> from sentence_transformers.losses import BatchHardTripletLossDistanceFunction
         >>> squared = functools.partial(BatchHardTripletLossDistanceFunction.euclidean_distance,
         ...                             squared=True)
         >>> loss = BatchSemiHardTripletLoss(model, distance_metric=squared, margin=0.5)
@@ -333,7 +346,7 @@ class BatchSemiHardTripletLoss(_SentenceTransformerTripletLoss):
         self,
         model: nn.Module,
         distance_metric: Callable[[Tensor], Tensor] = BatchHardTripletLossDistanceFunction.euclidean_distance,
-        margin: float = 5,
+        margin: Union[float, Tensor] = 5,
     ) -> None:
         super().__init__(model, distance_metric)
         check_margin(margin)
