@@ -81,7 +81,9 @@ class CrossBatchMemory(nn.Module):
             wrapping one of them (for a memory shared by all ranks).
         memory_size: the capacity of the memory, :math:`\ge 1`.
         embedding_dim: the embedding size :math:`D`; by default that of the first
-            batch. Giving it allocates the memory at once (as float32).
+            batch. Giving it allocates the memory at once, in torch's
+            default dtype (float32 unless set otherwise); ``.to()`` moves and
+            casts it.
 
     Shape:
         - embeddings: :math:`(B, D)`, floating point; with a distributed loss,
