@@ -217,9 +217,14 @@ def test_attributes_set_after_construction_act_as_on_st(st, ours, loss_name):
         values.append(loss(features, labels).detach())
     torch.testing.assert_close(values[1], values[0], rtol=1e-9, atol=1e-12)
     loss = getattr(ours, loss_name)(_Linear(seed=3))
-    with pytest.raises(ValueError, match="^distance_metric: expected"):
-        loss.distance_metric = lambda x: x
+    # A module is an attribute nn.Module stores without asking the property.
+    for bad in (lambda x: x, torch.nn.PairwiseDistance()):
+        with pytest.raises(ValueError, match="^distance_metric: expected"):
+            loss.distance_metric = bad
+        with pytest.raises(ValueError, match="^distance_metric: expected"):
+            getattr(ours, loss_name)(_Linear(seed=3), distance_metric=bad)
     assert loss.get_config_dict()["distance_metric"] == "euclidean_distance"
+    assert [name for name, _ in loss.named_children()] == ["model"]
 
 
 # ---------------------------------------------------------------------------

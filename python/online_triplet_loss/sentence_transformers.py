@@ -141,10 +141,14 @@ class _SentenceTransformerTripletLoss(nn.Module):
         return self.model
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # nn.Module registers a module set as an attribute without asking
-        # the property: ``loss.sentence_embedder = other`` would add a second
-        # child and leave the model in use unchanged.
-        super().__setattr__("model" if name == "sentence_embedder" else name, value)
+        # nn.Module stores a module set as an attribute without asking the
+        # class's properties: ``loss.sentence_embedder = other`` would add a
+        # second child and leave the model in use unchanged, and a module as
+        # ``distance_metric`` would skip its check.
+        if name == "distance_metric":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__("model" if name == "sentence_embedder" else name, value)
 
     def forward(self, sentence_features: Sequence[Dict[str, Tensor]], labels: Tensor) -> Tensor:
         embeddings = self.model(sentence_features[0])["sentence_embedding"]
@@ -237,7 +241,7 @@ class BatchHardTripletLoss(_SentenceTransformerTripletLoss):
 
         >>> import torch
         >>> model = torch.nn.Identity()  # stands in for a SentenceTransformer here
-        >>> from sentence_transformers.losses import BatchHardTripletLossDistanceFunction
+        >>> from sentence_transformers.sentence_transformer.losses import BatchHardTripletLossDistanceFunction
         >>> loss = BatchHardTripletLoss(model, BatchHardTripletLossDistanceFunction.cosine_distance,
         ...                             margin=0.5)
         >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -332,7 +336,7 @@ class BatchSemiHardTripletLoss(_SentenceTransformerTripletLoss):
         >>> import torch
         >>> model = torch.nn.Identity()  # stands in for a SentenceTransformer here
         >>> import functools
-        >>> from sentence_transformers.losses import BatchHardTripletLossDistanceFunction
+        >>> from sentence_transformers.sentence_transformer.losses import BatchHardTripletLossDistanceFunction
         >>> squared = functools.partial(BatchHardTripletLossDistanceFunction.euclidean_distance,
         ...                             squared=True)
         >>> loss = BatchSemiHardTripletLoss(model, distance_metric=squared, margin=0.5)
