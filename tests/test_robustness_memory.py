@@ -213,13 +213,11 @@ def test_load_state_dict_accepts_memories_of_the_same_size():
 
 
 @pytest.mark.parametrize("used_with", [torch.int32, torch.float32])
-def test_load_state_dict_into_a_used_memory_keeps_the_saved_dtypes(used_with):
-    """Loading copies into the buffers: those an earlier batch made, in its
-    dtypes, must not cast the saved ones (int64 labels beyond 2**31 into
-    int32, float64 embeddings into float32)."""
+def test_load_state_dict_into_a_used_memory_keeps_the_saved_labels(used_with):
+    """Loading copies into the buffers: those an earlier batch made must not
+    cast the saved labels (int64 beyond 2**31 into int32, or into float32)."""
     labels = torch.tensor([2**31 + 5, 2**31 + 5, 7, 7])
-    embeddings = torch.tensor([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3 + 1e-12], [1.0, 0.0, 0.0],
-                               [0.0, 1.0, 0.0]], dtype=torch.float64)
+    embeddings = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     source = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=4)
     source(embeddings, labels)
     target = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=4)
@@ -229,8 +227,26 @@ def test_load_state_dict_into_a_used_memory_keeps_the_saved_dtypes(used_with):
         assert got.dtype == saved.dtype and torch.equal(got, saved)
     # The next batch, with the labels the state was made with, continues as
     # the source memory does.
-    batch = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    batch = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
     assert torch.equal(target(batch, labels.flip(0)), source(batch, labels.flip(0)))
+
+
+@pytest.mark.parametrize("cast", ["double", "half"])
+def test_load_state_dict_keeps_the_embeddings_dtype_of_a_cast_memory(cast):
+    """As a Module's parameters: a memory cast with ``.double()`` stays
+    float64 after loading a float32 state, and keeps float64 batches exact."""
+    source = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=4, embedding_dim=3)
+    source(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))
+    target = getattr(CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=4,
+                                      embedding_dim=3), cast)()
+    dtype = target.memory_embeddings.dtype
+    target.load_state_dict(source.state_dict())
+    assert target.memory_embeddings.dtype == dtype
+    assert torch.equal(target.memory_embeddings, source.memory_embeddings.to(dtype))
+    if cast == "double":
+        batch = torch.tensor([[0.1, 0.2, 0.3 + 1e-12]] * 4, dtype=torch.float64)
+        target(batch, torch.tensor([2, 2, 3, 3]))
+        assert torch.equal(target.memory[0][:4], batch)
 
 
 @pytest.mark.parametrize("cast", ["half", "double", "bfloat16", "to-float64"])

@@ -327,15 +327,20 @@ class CrossBatchMemory(nn.Module):
             state_dict.get(prefix + "_extra_state"),
         )
         # The buffers are allocated lazily; take their shape from the saved
-        # state, and their dtype: loading copies into the buffers, which would
-        # cast int64 labels into an int32 buffer that an earlier batch made
-        # (2**31 + 5 becoming -2**31 + 5), or round float64 embeddings.
+        # state. Loading copies into existing buffers: the embeddings keep
+        # the dtype the module was cast to (``.double()``), as a Module's
+        # parameters do; the labels, whose dtype is the data's and which
+        # casts leave alone, take the saved one (an int32 buffer that an
+        # earlier batch made would turn 2**31 + 5 into -2**31 + 5).
         for name in ("memory_embeddings", "memory_labels"):
             saved = state_dict.get(prefix + name)
             current = getattr(self, name)
-            if isinstance(saved, Tensor) and (current is None or current.dtype != saved.dtype):
-                device = saved.device if current is None else current.device
-                setattr(self, name, torch.empty(saved.shape, dtype=saved.dtype, device=device))
+            if not isinstance(saved, Tensor):
+                continue
+            if current is None:
+                setattr(self, name, torch.empty_like(saved))
+            elif name == "memory_labels" and current.dtype != saved.dtype:
+                setattr(self, name, torch.empty(saved.shape, dtype=saved.dtype, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_saved(self, embeddings: object, labels: object, extra: object) -> None:
