@@ -81,6 +81,21 @@ def test_margin_must_be_a_finite_non_negative_number(mining, bad):
     refused("margin", lambda: make_module(mining, bad, "euclidean"))
 
 
+@pytest.mark.parametrize("bad", [10**400, 10**5000], ids=["400 digits", "5001 digits"])
+def test_margin_messages_stay_short(bad):
+    # 5001 digits are past the limit of Python's int-to-str conversion.
+    with pytest.raises(ValueError) as caught:
+        function_loss("hard", LABELS, EMB, bad, "euclidean")
+    assert str(caught.value).startswith("margin: ") and len(str(caught.value)) < 150
+
+
+@pytest.mark.parametrize("module_class", [BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss])
+def test_learned_margin_repr_is_one_line_on_any_device(module_class):
+    module = module_class(margin=nn.Parameter(torch.tensor(0.25)))
+    assert "margin=0.25 (learned)" in repr(module) and "\n" not in repr(module)
+    assert "margin=(learned, on meta)" in repr(module.to("meta"))
+
+
 @pytest.mark.parametrize("mining", LOSSES)
 @pytest.mark.parametrize("good", [0, 2, 0.5, np.float32(0.5), np.int64(2), fractions.Fraction(1, 2),
                                   10**20, torch.tensor(0.5), torch.tensor([2])], ids=repr)

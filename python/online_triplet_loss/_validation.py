@@ -105,7 +105,10 @@ def check_margin(margin: object) -> float:
 def _shown(value: object, limit: int = 80) -> str:
     """``repr(value)`` for a message, its middle cut when it is long (an int
     of 400 digits, say)."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's limit on digits it converts
+        return f"an int of {value.bit_length()} bits"  # type: ignore[attr-defined]
     if len(text) <= limit:
         return text
     return f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text)} characters)"
