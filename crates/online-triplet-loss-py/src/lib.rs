@@ -53,25 +53,10 @@ fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> 
     }
 }
 
-/// tch 0.26's operations that take a scalar panic when libtorch fails (the
-/// scalar, dropped before the op returns, finds libtorch's error and
-/// unwraps it): `called `Result::unwrap()` on an `Err` value:
-/// Torch("...")`, the message escaped by `{:?}` and followed by libtorch's
-/// C++ stack. This gives the message as an `Err` would carry it; other
-/// panics keep theirs.
+/// The message of a panic: a libtorch error's, as an `Err` carries it, for
+/// tch's panics on libtorch failures (see [`Error::from_tch_panic`]).
 fn libtorch_panic(message: &str) -> String {
-    const QUOTED: &str = "called `Result::unwrap()` on an `Err` value: Torch(\"";
-    let Some(start) = message.find(QUOTED) else {
-        return message.to_string();
-    };
-    let quoted = &message[start + QUOTED.len()..];
-    let end = ["\\nException raised from ", "\\nframe #", "\")"]
-        .iter()
-        .filter_map(|marker| quoted.find(marker))
-        .min()
-        .unwrap_or(quoted.len());
-    let text = quoted[..end].replace("\\\"", "\"").replace("\\'", "'");
-    Error::Torch(text).to_string()
+    Error::from_tch_panic(message).map_or_else(|| message.to_string(), |err| err.to_string())
 }
 
 /// The panics of [`libtorch_panic`] are turned into exceptions with their

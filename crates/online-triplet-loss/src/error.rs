@@ -41,6 +41,45 @@ impl From<tch::TchError> for Error {
     }
 }
 
+impl Error {
+    /// The error in a panic of tch's: its operations that take a scalar
+    /// (tch 0.24 and 0.26) panic when libtorch fails, because the scalar, dropped
+    /// before the operation returns, finds libtorch's error and unwraps it.
+    /// The panic's message quotes the error with `{:?}`:
+    /// ``called `Result::unwrap()` on an `Err` value: Torch("...")``. `None`
+    /// for any other panic message.
+    pub fn from_tch_panic(message: &str) -> Option<Error> {
+        const QUOTED: &str = "called `Result::unwrap()` on an `Err` value: Torch(\"";
+        let start = message.find(QUOTED)? + QUOTED.len();
+        // Undo `{:?}`'s escapes up to the closing quote.
+        let mut text = String::new();
+        let mut chars = message[start..].chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => break,
+                '\\' => match chars.next()? {
+                    'n' => text.push('\n'),
+                    't' => text.push('\t'),
+                    'r' => text.push('\r'),
+                    '0' => text.push('\0'),
+                    'u' => {
+                        let code: String =
+                            chars.by_ref().skip(1).take_while(|&c| c != '}').collect();
+                        text.push(
+                            u32::from_str_radix(&code, 16)
+                                .ok()
+                                .and_then(char::from_u32)?,
+                        );
+                    }
+                    other => text.push(other),
+                },
+                c => text.push(c),
+            }
+        }
+        Some(Error::Torch(without_backtrace(&text).to_owned()))
+    }
+}
+
 /// libtorch's message without the C++ stack that its errors carry after it,
 /// as torch's Python errors show it.
 pub(crate) fn without_backtrace(message: &str) -> &str {
@@ -75,5 +114,33 @@ mod tests {
             "a"
         );
         assert_eq!(without_backtrace("no stack"), "no stack");
+    }
+
+    #[test]
+    fn the_error_in_a_tch_scalar_panic_is_recovered() {
+        // A real one: `full` takes its fill value as a scalar.
+        let panic = std::panic::catch_unwind(|| {
+            tch::Tensor::f_full([-1], 0.5, (tch::Kind::Float, tch::Device::Cpu))
+        })
+        .unwrap_err();
+        let message = panic
+            .downcast_ref::<String>()
+            .expect("a formatted panic message");
+        let Some(Error::Torch(text)) = Error::from_tch_panic(message) else {
+            panic!("not recovered from {message:?}")
+        };
+        assert!(text.contains("-1"), "{text}");
+        assert!(!text.contains("frame #") && !text.contains('\\'), "{text}");
+        // Every escape, a quote before a parenthesis, and the stack after it.
+        let quoted = "a \"b\") c\td\\e\nf \u{e9}\nframe #0: g";
+        let message = format!(
+            "called `Result::unwrap()` on an `Err` value: {:?}",
+            tch::TchError::Torch(quoted.into())
+        );
+        assert_eq!(
+            Error::from_tch_panic(&message),
+            Some(Error::Torch("a \"b\") c\td\\e\nf \u{e9}".into()))
+        );
+        assert_eq!(Error::from_tch_panic("index out of bounds"), None);
     }
 }
