@@ -434,3 +434,39 @@ def test_out_of_device_memory_is_torchs_out_of_memory_error(device, mining):
                         "euclidean", False)
     want = R.reference_terms(mining, small.labels, small.embeddings, 0.2, "euclidean", False)
     assert_close(got, want.loss, "after the failure", **value_tol(torch.float64))
+
+
+# ------------------------------------------------------------- deterministic algorithms
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_deterministic_algorithms_mode(device, mining, distance):
+    """Under ``torch.use_deterministic_algorithms(True)``, which reproducible
+    training sets and under which torch raises for operations without a
+    deterministic kernel (a floating ``cumsum`` on CUDA, say), every loss and
+    the metrics run, agree with the reference, and two runs agree bit for
+    bit, gradients included."""
+    b = make_batch(21, min_size=40)
+    labels, emb = b.labels.to(device), b.embeddings.to(device=device, dtype=torch.float32)
+    ref = R.reference_terms(mining, b.labels, leaf(b.embeddings), 0.2, distance)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            x = leaf(emb)
+            loss = function_loss(mining, labels, x, 0.2, distance, False)
+            (grad,) = grad_of(loss, x)
+            metrics = (recall_at_k(emb, labels, ks=(1, 2), distance=distance),
+                       mean_average_precision_at_r(emb, labels, distance=distance))
+            runs.append((loss.detach(), grad, metrics))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][2] == runs[1][2]
+    assert_close(runs[0][0], ref.loss, "loss vs reference", **value_tol(torch.float32))
+    recall, map_r = runs[0][2]
+    assert recall == pytest.approx(recall_at_k(b.embeddings, b.labels, ks=(1, 2), distance=distance))
+    assert map_r == pytest.approx(mean_average_precision_at_r(b.embeddings, b.labels, distance=distance),
+                                  rel=1e-9)

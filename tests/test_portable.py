@@ -113,3 +113,71 @@ def test_portable_non_finite_input_gives_nan(mining, distance, bad):
     (g,) = grad_of(s, x)
     assert math.isnan(float(s.detach())), (mining, distance, bad)
     assert torch.isnan(g).all(), (mining, distance, bad)
+
+
+# ------------------------------------------- operations with a deterministic CUDA kernel
+
+# What torch.use_deterministic_algorithms(True) makes raise on CUDA (its
+# documentation's list), for the operations a loss could use: a floating
+# cumsum, histc, bincount with weights, median with indices, put_, a
+# product scatter_reduce.
+_NONDETERMINISTIC_ON_CUDA = {"histc", "bincount", "put", "put_", "median"}
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.refused = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        out = func(*args, **kwargs)
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if name in ("cumsum", "cumsum_") and isinstance(first, torch.Tensor) and (
+                first.is_floating_point() or first.is_complex()):
+            self.refused.append(f"{name} in {first.dtype}")
+        elif name in _NONDETERMINISTIC_ON_CUDA:
+            self.refused.append(name)
+        elif name.startswith("scatter_reduce") and "prod" in map(str, list(args) + list(kwargs.values())):
+            self.refused.append(name)
+        return out
+
+
+@pytest.mark.parametrize("refs", [False, True], ids=["batch", "ref-set"])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_portable_path_uses_only_deterministic_cuda_kernels(mining, distance, refs):
+    """Every libtorch operation of the portable path, forward and backward,
+    seen through a dispatch mode on the CPU: none is one that
+    ``torch.use_deterministic_algorithms(True)`` refuses on CUDA, where this
+    path runs (the CUDA test checks the mode itself on a GPU)."""
+    labels, emb, ref_labels, ref_emb, offset = make_reference_set(32, 30, 5, with_offset=True)
+    x = leaf(emb.float())
+    y = leaf(ref_emb.float()) if refs else None
+    kw = dict(y=y, ref_labels=ref_labels, offset=offset) if refs else {}
+    mode = _RecordOps()
+    with mode:
+        s, _, _ = terms(mining, labels, x, 0.2, distance, chunk=8, **kw)
+        s.backward()
+    assert mode.refused == [], mode.refused
+
+
+def test_the_operation_check_sees_the_core_operations():
+    # The mode sees what the Rust core runs: a floating cumsum done there.
+    mode = _RecordOps()
+    with mode:
+        torch.ones(3).cumsum(0)
+    assert mode.refused == ["cumsum in torch.float32"]
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_metrics_use_only_deterministic_cuda_kernels(distance):
+    from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
+
+    labels, emb, _, _, _ = make_reference_set(33, 40, 5, with_offset=False)
+    mode = _RecordOps()
+    with mode:
+        recall_at_k(emb.float(), labels, ks=(1, 3), distance=distance, chunk_size=8)
+        mean_average_precision_at_r(emb.float(), labels, distance=distance, chunk_size=8)
+    assert mode.refused == [], mode.refused

@@ -314,16 +314,24 @@ impl RetrievalConfig {
                     .f_logical_and(&nearest.f_ne_tensor(&own)?)?;
                 for (sum, &k) in hits.iter_mut().zip(ks) {
                     let top = relevant.f_narrow(1, 0, k.min(depth))?;
-                    *sum += top.f_any_dim(1, false)?.f_sum(Kind::Int64)?;
+                    let _ = sum.f_add_(&top.f_any_dim(1, false)?.f_sum(Kind::Int64)?)?;
                 }
                 if map {
                     let r = others.f_narrow(0, start, len)?.f_to_kind(Kind::Double)?;
                     let rank = Tensor::f_arange_start(1, depth + 1, (Kind::Double, device))?;
                     let within = rank.f_unsqueeze(0)?.f_le_tensor(&r.f_unsqueeze(1)?)?;
-                    let rel = relevant.f_logical_and(&within)?.f_to_kind(Kind::Double)?;
-                    let precision = rel.f_cumsum(1, Kind::Double)? / rank.f_unsqueeze(0)?;
-                    let ap = (precision * &rel).f_sum_dim_intlist(1, false, Kind::Double)? / r;
-                    average_precision += ap.f_sum(Kind::Double)?;
+                    let rel = relevant.f_logical_and(&within)?;
+                    // Hits so far counted in integers: a floating running sum
+                    // has no deterministic CUDA kernel.
+                    let precision = rel
+                        .f_cumsum(1, Kind::Int64)?
+                        .f_to_kind(Kind::Double)?
+                        .f_div(&rank.f_unsqueeze(0)?)?;
+                    let ap = precision
+                        .f_where_scalarother(&rel, 0.0)?
+                        .f_sum_dim_intlist(1, false, Kind::Double)?
+                        .f_div(&r)?;
+                    let _ = average_precision.f_add_(&ap.f_sum(Kind::Double)?)?;
                 }
                 start += len;
             }

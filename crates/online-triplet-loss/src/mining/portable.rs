@@ -9,12 +9,13 @@ use crate::Error;
 
 /// With the anchor's positives sorted by b_p, the smallest value of the
 /// dtype at least d_ap + m, a negative n is active against the positives
-/// with b_p > d_an, the last P − k_n of them, k_n from a binary search, and
-/// its hinge terms sum to (T_P − T_{k_n}) − (P − k_n)·d_an, T the prefix
-/// sums of t_p = d_ap + m rounded, in the same order. The positive in sorted
-/// place j is active against the negatives with k_n ≤ j (tied b are all
-/// counted in k_n or none is): a count of the k_n (scatter-add) and its
-/// running sum. Only the positives are sorted.
+/// with b_p > d_an, the last P − k_n of them, k_n from a binary search. The
+/// positive in sorted place j is active against the c_j negatives with
+/// k_n ≤ j (tied b are all counted in k_n or none is): a count of the k_n
+/// (scatter-add) and its running sum, in integers. The hinge terms sum to
+/// Σ_p c_p·t_p − Σ_n (P − k_n)·d_an, t_p = d_ap + m rounded: no running sum
+/// of distances, which has no deterministic CUDA kernel (it raises under
+/// `torch.use_deterministic_algorithms`). Only the positives are sorted.
 pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let d = &chunk.d;
     let kind = d.kind();
@@ -56,38 +57,31 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
         .f_where_scalarother(&negative, 0)?;
     // Sorted places that hold a positive: the first P, unless a positive's
     // distance is infinite or NaN (a loss that is NaN anyway) and sorts among
-    // or after the +inf of the other columns.
+    // or after the +inf of the other columns, where it still counts every
+    // negative with k_n at or before its place.
     let in_place = same.f_gather(1, &order, false)?;
-    let (value, mut negative_weight) = {
-        let prefix = Tensor::f_cat(
-            &[
-                Tensor::f_zeros([rows, 1], (kind, d.device()))?,
-                sorted_t
-                    .f_where_scalarother(&in_place, 0.0)?
-                    .f_cumsum_(1, kind)?,
-            ],
-            1,
-        )?;
-        let mut count = active.f_to_kind(kind)?;
-        let terms = prefix
-            .f_gather(1, &k, false)?
-            .f_neg_()?
-            // T_P: the total, not the prefix at place P, since a positive
-            // whose bound rounds up to +inf ties with the other columns' and
-            // may sort past place P.
-            .f_add_(&prefix.f_narrow(1, n, 1)?)?
-            .f_sub_(&count.f_mul(d)?)?
-            .f_where_scalarother(&active.f_gt(0)?, 0.0)?;
-        (terms.f_sum(kind)?, count.f_neg_()?)
-    };
-    drop(sorted_t);
     // The positive in sorted place j gets the number of negatives with k_n ≤ j.
-    let below = Tensor::f_zeros([rows, n + 1], (kind, d.device()))?
-        .f_scatter_add_(1, &k, &negative.f_to_kind(kind)?)?
-        .f_cumsum_(1, kind)?
+    let below = Tensor::f_zeros([rows, n + 1], (Kind::Int64, d.device()))?
+        .f_scatter_add_(1, &k, &negative.f_to_kind(Kind::Int64)?)?
+        .f_cumsum_(1, Kind::Int64)?
         .f_narrow(1, 0, n)?
-        .f_where_scalarother(&in_place, 0.0)?;
-    let weights = negative_weight.f_scatter_add_(1, &order, &below)?;
+        .f_where_scalarother(&in_place, 0)?;
+    let count = active.f_to_kind(kind)?;
+    let below_weight = below.f_to_kind(kind)?;
+    // Masked, so that a distance no term uses (an overflowed +inf, say)
+    // gives no 0·inf.
+    let value = sorted_t
+        .f_mul(&below_weight)?
+        .f_where_scalarother(&below.f_gt(0)?, 0.0)?
+        .f_sum(kind)?
+        .f_sub(
+            &count
+                .f_mul(d)?
+                .f_where_scalarother(&active.f_gt(0)?, 0.0)?
+                .f_sum(kind)?,
+        )?;
+    drop(sorted_t);
+    let weights = count.f_neg()?.f_scatter_add_(1, &order, &below_weight)?;
     let negatives = different.f_sum_dim_intlist(1, true, Kind::Int64)?;
     Ok(Weighted {
         value,
