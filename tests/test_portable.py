@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from torch.nn.functional import normalize as nn_normalize
 
 import reference as R
 from conftest import make_batch, make_reference_set
@@ -181,3 +182,48 @@ def test_metrics_use_only_deterministic_cuda_kernels(distance):
         recall_at_k(emb.float(), labels, ks=(1, 3), distance=distance, chunk_size=8)
         mean_average_precision_at_r(emb.float(), labels, distance=distance, chunk_size=8)
     assert mode.refused == [], mode.refused
+
+
+# ------------------------------------------- batch-all's two large sums
+
+def _circle():
+    """One anchor at the origin and the 44 integer points with a² + b² = 5¹⁰:
+    every squared distance is exactly 9765625 in float32, and every one of
+    the 484 triplets has hinge exactly m."""
+    r2 = 5 ** 10
+    r = math.isqrt(r2)
+    points = []
+    for a in range(-r, r + 1):
+        b = math.isqrt(r2 - a * a)
+        if b * b == r2 - a * a:
+            points += [(a, b)] + ([(a, -b)] if b else [])
+    y = torch.tensor(points, dtype=torch.float32)
+    return torch.tensor([0]), torch.zeros(1, 2), torch.tensor([i % 2 for i in range(len(y))]), y
+
+
+def test_batch_all_sum_of_large_equal_distances_is_exact():
+    # Batch-all's value is the difference of two sums of about count·d each:
+    # in float32 it came out 0 instead of 484 here.
+    labels, x, ref_labels, y = _circle()
+    for portable in (False, True):
+        s, c, v = terms("all", labels, x, 1.0, "squared", y=y, ref_labels=ref_labels,
+                        portable=portable)
+        assert (float(s), int(c), int(v)) == (484.0, 484, 484), portable
+
+
+def test_batch_all_sum_does_not_overflow_where_its_terms_do_not():
+    # Squared distances about 1e34: count·d passes float32's maximum, the
+    # loss (about 1e36) does not; float32 sums gave inf − inf = NaN.
+    g = torch.Generator().manual_seed(0)
+    y = nn_normalize(torch.randn(100, 4, generator=g, dtype=torch.float64))
+    y = (y * (1 + 1e-3 * torch.rand(100, 1, generator=g, dtype=torch.float64)) * 1e17).float()
+    x = torch.randn(40, 4, generator=g) * 1e14
+    labels = torch.randint(0, 2, (40,), generator=g)
+    ref_labels = torch.randint(0, 2, (100,), generator=g)
+    want = R.reference_terms("all", labels, x.double(), 0.0, "squared",
+                             ref_embeddings=y.double(), ref_labels=ref_labels)
+    for portable in (False, True):
+        s, c, _ = terms("all", labels, x, 0.0, "squared", y=y, ref_labels=ref_labels,
+                        portable=portable)
+        assert math.isfinite(float(s)), portable
+        assert float(s) == pytest.approx(float(want.sum), rel=1e-4), portable

@@ -13,9 +13,10 @@ use crate::Error;
 /// positive in sorted place j is active against the c_j negatives with
 /// k_n ≤ j (tied b are all counted in k_n or none is): a count of the k_n
 /// (scatter-add) and its running sum, in integers. The hinge terms sum to
-/// Σ_p c_p·t_p − Σ_n (P − k_n)·d_an, t_p = d_ap + m rounded: no running sum
-/// of distances, which has no deterministic CUDA kernel (it raises under
-/// `torch.use_deterministic_algorithms`). Only the positives are sorted.
+/// Σ_p c_p·t_p − Σ_n (P − k_n)·d_an, t_p = d_ap + m rounded, both sums in
+/// float64: no running sum of distances, which has no deterministic CUDA
+/// kernel (it raises under `torch.use_deterministic_algorithms`). Only the
+/// positives are sorted.
 pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let d = &chunk.d;
     let kind = d.kind();
@@ -66,22 +67,29 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
         .f_cumsum_(1, Kind::Int64)?
         .f_narrow(1, 0, n)?
         .f_where_scalarother(&in_place, 0)?;
-    let count = active.f_to_kind(kind)?;
-    let below_weight = below.f_to_kind(kind)?;
-    // Masked, so that a distance no term uses (an overflowed +inf, say)
-    // gives no 0·inf.
-    let value = sorted_t
-        .f_mul(&below_weight)?
+    // The two sums are each about count·d, and the loss their difference:
+    // in float64, where float32's products are exact, neither overflows, and
+    // the difference keeps float32's digits (in float32 it could come out
+    // negative, or inf − inf). Masked, so that a distance no term uses (an
+    // overflowed +inf, say) gives no 0·inf.
+    let wide = |t: &Tensor| t.f_to_kind(Kind::Double);
+    let value = wide(&sorted_t)?
+        .f_mul(&wide(&below)?)?
         .f_where_scalarother(&below.f_gt(0)?, 0.0)?
-        .f_sum(kind)?
+        .f_sum(Kind::Double)?
         .f_sub(
-            &count
-                .f_mul(d)?
+            &wide(&active)?
+                .f_mul(&wide(d)?)?
                 .f_where_scalarother(&active.f_gt(0)?, 0.0)?
-                .f_sum(kind)?,
-        )?;
+                .f_sum(Kind::Double)?,
+        )?
+        .f_to_kind(kind)?;
     drop(sorted_t);
-    let weights = count.f_neg()?.f_scatter_add_(1, &order, &below_weight)?;
+    let weights =
+        active
+            .f_to_kind(kind)?
+            .f_neg_()?
+            .f_scatter_add_(1, &order, &below.f_to_kind(kind)?)?;
     let negatives = different.f_sum_dim_intlist(1, true, Kind::Int64)?;
     Ok(Weighted {
         value,
