@@ -66,9 +66,10 @@ fn libtorch_panic(message: &str) -> String {
 fn quiet_libtorch_panics() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let from_scalar = info
-            .location()
-            .is_some_and(|at| at.file().ends_with("wrappers/scalar.rs"));
+        let from_scalar = info.location().is_some_and(|at| {
+            let file = at.file();
+            file.ends_with("wrappers/scalar.rs") || file.ends_with("wrappers\\scalar.rs")
+        });
         if !from_scalar {
             previous(info);
         }
