@@ -70,8 +70,7 @@ def _gather_sizes(embeddings: Tensor, labels: Tensor, group: Optional[object],
             raise ValueError(
                 f"{name}: every rank of the group must pass the same {what}; got {per_rank}"
             )
-    if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):  # the same on every rank
-        raise ValueError(f"labels: {labels.dtype} is not supported; pass int64 class ids")
+    _check_label_dtype("labels", labels)  # the same dtype on every rank
     return [row[0] for row in rows]
 
 
@@ -109,9 +108,18 @@ def _check_extra(embeddings: object, extra_embeddings: object, extra_labels: obj
 
 
 # The label dtypes of the core (uint16/32/64, complex, float8 and quantized
-# labels are refused there).
+# labels are refused there), checked before labels are gathered or
+# concatenated here.
 _LABEL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
                  torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_label_dtype(name: str, labels: Tensor) -> None:
+    if labels.dtype not in _LABEL_DTYPES:
+        raise ValueError(
+            f"{name}: dtype {labels.dtype} is not supported; pass class ids as int64 (or int8 to "
+            "int32, uint8, bool or floating point)"
+        )
 
 
 def _common_labels(labels: Tensor, extra: Tensor) -> Tuple[Tensor, Tensor]:
@@ -119,12 +127,8 @@ def _common_labels(labels: Tensor, extra: Tensor) -> Tuple[Tensor, Tensor]:
     float labels meet in float64, where an integer and a float of the same
     value are one class, instead of a float being truncated to an integer."""
     # Checked here, before they are concatenated into the core's ref_labels.
-    for name, t in (("labels", labels), ("extra_labels", extra)):
-        if t.dtype not in _LABEL_DTYPES:
-            raise ValueError(
-                f"{name}: dtype {t.dtype} is not supported; pass class ids as int64 (or int8 to "
-                "int32, uint8, bool or floating point)"
-            )
+    _check_label_dtype("labels", labels)
+    _check_label_dtype("extra_labels", extra)
     extra = extra.to(labels.device)
     if labels.dtype != extra.dtype and (labels.is_floating_point() or extra.is_floating_point()):
         for name, t in (("labels", labels), ("extra_labels", extra)):

@@ -103,8 +103,9 @@ class PKSampler(Sampler[List[int]]):
     So every epoch covers every index at least once (every class in
     particular), and small classes are oversampled only as much as filling
     the batches needs; a large class, at most :math:`K` indices a batch, can
-    take a smaller share of an epoch than of the data. ``len(sampler)`` is :math:`N /` ``world_size``, known
-    without drawing. Call :meth:`set_epoch` before each epoch to vary it.
+    take a smaller share of an epoch than of the data. ``len(sampler)`` is
+    :math:`N /` ``world_size``, known without drawing. Call
+    :meth:`set_epoch` before each epoch to vary it.
 
     With ``world_size > 1`` every rank builds the same epoch and takes every
     ``world_size``-th batch starting at ``rank``: the ranks get the same
