@@ -371,6 +371,88 @@ def test_non_reentrant_checkpoint_and_saved_tensor_hooks(mining):
 
 
 @pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
+@pytest.mark.parametrize("selective", [False, True], ids=["checkpoint", "selective"])
+def test_checkpoint_recomputes_once(mining, selective):
+    # Selective activation checkpointing serves each saved result once: a
+    # second recomputation of the region (a nested backward pass inside the
+    # loss's) failed with "Trying to backward an extra time".
+    import functools
+
+    from torch.utils.checkpoint import (
+        CheckpointPolicy,
+        checkpoint,
+        create_selective_checkpoint_contexts,
+    )
+
+    def policy(ctx, op, *args, **kwargs):
+        keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    labels, x = _batch(SEEDS[1])
+    x = leaf(x)
+    layer = torch.nn.Linear(x.shape[1], 5).double()
+    margin = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def region(e):
+        calls.append(None)
+        return function_loss(mining, labels, layer(e), margin, "euclidean")
+
+    wanted = (x, margin, layer.weight)
+    want = torch.autograd.grad(region(x), wanted)
+    calls.clear()
+    options = {"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
+    value = checkpoint(region, x, use_reentrant=False, **(options if selective else {}))
+    got = torch.autograd.grad(value, wanted)
+    assert len(calls) == 2, "the forward and one recomputation"
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TIGHT)
+
+
+@pytest.mark.parametrize("target", ["all", "hard", "semihard", "recall", "map"])
+def test_dispatch_mode_exception_raised_as_is(target):
+    # A TorchDispatchMode runs for the core's operations too; what it raises
+    # there reached the caller as an empty "libtorch error: ".
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
+
+    class Refused(Exception):
+        pass
+
+    class Refusing(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen += 1
+            if self.seen > 3:
+                raise Refused(f"refused {func}")
+            return func(*args, **(kwargs or {}))
+
+    labels, x = _batch(SEEDS[3])
+    x = leaf(x)
+    run = {
+        "recall": lambda: recall_at_k(x, labels, ks=[1, 2]),
+        "map": lambda: mean_average_precision_at_r(x, labels),
+    }.get(target, lambda: function_loss(target, labels, x, 0.5, "euclidean"))
+    want = run()
+    with pytest.raises(Refused, match="refused aten"):
+        with Refusing():
+            run()
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        got = run()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
 def test_compiled_autograd(mining):
     compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd",
                                             reason="this torch has no compiled autograd")

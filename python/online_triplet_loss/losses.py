@@ -25,7 +25,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import _core
+from . import _core, _native as native
 from ._validation import (
     check_anchor_offset,
     check_flag,
@@ -54,117 +54,67 @@ _NAMES = {
 }
 
 
-def _native(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``, a function of the Rust core, raising what a
-    saved-tensor pack hook raised inside it as it was raised. Autograd runs
-    those hooks inside the native code, which turns their exceptions into
-    libtorch's text; a non-reentrant ``torch.utils.checkpoint`` stops its
-    recomputation of the forward with such an exception."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    hooks = None if top is None else top(False)
-    if hooks is None:
-        return fn(*args, **kwargs)
-    pack, unpack = hooks
-    raised = []
-
-    def keep(tensor):
-        try:
-            return pack(tensor)
-        except BaseException as exc:
-            raised.append(exc)
-            raise
-
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(keep, unpack):
-            return fn(*args, **kwargs)
-    except RuntimeError as err:
-        if raised:
-            raise raised[0] from err
-        raise
-
-
 def _core_terms(mining, labels, embeddings, margin, distance, soft, ref_embeddings, ref_labels,
                 anchor_offset, margin_tensor):
-    return _native(
+    return native.call(
         _core.triplet_terms, mining, labels, embeddings, margin, distance, soft, ref_embeddings,
         ref_labels, anchor_offset, margin_tensor=margin_tensor,
     )
 
 
-def _keep_graph() -> bool:
-    """Whether the running backward pass keeps its graph (``retain_graph``).
-    Without the probe, keeping it is the safe answer: the inner graph then
-    lives as long as the loss."""
-    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if probe is None else bool(probe())
-
-
-class _FirstOrderTerms(torch.autograd.Function):
-    """``(sum, count, valid)`` of batch-all or semi-hard, differentiable once.
+class _FirstOrderInputs(torch.autograd.Function):
+    """The identity on the tensors that batch-all or semi-hard differentiates.
 
     Their mining picks triplets by comparisons and batch-all's gradient is
     assembled from weights, so the core's graph has exact first derivatives
-    but no correct second ones. The core runs on detached leaves; backward
-    differentiates that inner graph and, when a graph of the gradient is
-    asked for (``create_graph=True``), returns gradients whose own backward
-    raises instead of silently giving zeros.
+    but no correct second ones. Every path from the loss to the embeddings,
+    the reference embeddings and a margin tensor passes through this node, so
+    when a graph of the gradient is asked for (``create_graph=True``), the
+    gradients it passes on, each attached to all those inputs, raise when
+    differentiated instead of silently giving wrong second derivatives. The
+    core's graph stays part of the caller's: one backward pass, which
+    ``torch.utils.checkpoint`` (selective or not) recomputes once.
     """
 
     @staticmethod
-    def forward(ctx, mining, labels, embeddings, ref_embeddings, ref_labels, margin_tensor,  # type: ignore[override]
-                margin, distance, soft, anchor_offset):
-        inputs = (embeddings, ref_embeddings, margin_tensor)
-        leaves = tuple(
-            None if t is None else t.detach().requires_grad_(t.requires_grad) for t in inputs
-        )
-        with torch.enable_grad():
-            sum_, count, valid = _core_terms(
-                mining, labels, leaves[0], margin, distance, soft, leaves[1], ref_labels,
-                anchor_offset, leaves[2],
-            )
+    def forward(ctx, mining, *tensors):  # type: ignore[override]
         ctx.mining = mining
-        ctx.inner = (sum_, leaves)
-        ctx.save_for_backward(*inputs)
-        ctx.mark_non_differentiable(count, valid)
-        return sum_.detach(), count, valid
+        ctx.save_for_backward(*tensors)
+        return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
-    def backward(ctx, grad_sum, _grad_count, _grad_valid):  # type: ignore[override]
+    def backward(ctx, *grads):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
+            sources = ctx.saved_tensors
+            grads = tuple(_NoSecondDerivative.apply(g, ctx.mining, *sources) for g in grads)
+        return (None, *grads)
+
+
+class _FirstOrderOutput(torch.autograd.Function):
+    """The identity on the sum of batch-all or semi-hard, refusing batched
+    gradients before the core's graph sees them."""
+
+    @staticmethod
+    def forward(ctx, sum_, mining):  # type: ignore[override]
+        ctx.mining = mining
+        return sum_.view_as(sum_)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
         # autograd's own vmap (is_grads_batched) batches the incoming gradient,
         # under a dispatch key the DispatchKey enum does not list.
-        if "Batched" in repr(torch._C._dispatch_keys(grad_sum)):
+        if "Batched" in repr(torch._C._dispatch_keys(grad)):
             raise RuntimeError(
                 f"{_NAMES[ctx.mining]}: batched gradients (jacobian(vectorize=True), "
                 "autograd.grad(is_grads_batched=True)) are not supported through batch-all and "
                 "semi-hard mining; compute them one output at a time (vectorize=False)."
             )
-        inputs = ctx.saved_tensors  # raises if the graph was already freed
-        sum_, leaves = ctx.inner
-        wanted = [i for i, t in enumerate(leaves) if t is not None and t.requires_grad]
-        grads = [None, None, None]
-        if sum_.requires_grad and wanted:
-            keep = _keep_graph()
-            found = torch.autograd.grad(
-                sum_, [leaves[i] for i in wanted], grad_sum.detach(), retain_graph=keep,
-                allow_unused=True,
-            )
-            if not keep:
-                # Frees the inner graph. Not `del`: compiled autograd passes a
-                # stand-in for ctx that reads its attributes but deletes none.
-                ctx.inner = None
-            for i, g in zip(wanted, found):
-                grads[i] = torch.zeros_like(leaves[i]) if g is None else g
-        if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
-            sources = [t for t in inputs if t is not None and t.requires_grad]
-            grads = [None if g is None else _NoSecondDerivative.apply(g, ctx.mining, *sources)
-                     for g in grads]
-        g_embeddings, g_ref, g_margin = grads
-        return None, None, g_embeddings, g_ref, None, g_margin, None, None, None, None
+        return grad, None
 
 
 class _NoSecondDerivative(torch.autograd.Function):
-    """Passes a first derivative through, attached to the inputs it depends
-    on; differentiating it raises."""
+    """Passes a first derivative through, attached to the input it belongs
+    to; differentiating it raises."""
 
     @staticmethod
     def forward(ctx, grad, mining, *sources):  # type: ignore[override]
@@ -214,8 +164,14 @@ def terms(
     if mining == "hard" or not differentiable:
         return _core_terms(mining, labels, embeddings, value, distance, soft, ref_embeddings,
                            ref_labels, anchor_offset, margin_tensor)
-    return _FirstOrderTerms.apply(mining, labels, embeddings, ref_embeddings, ref_labels,
-                                  margin_tensor, value, distance, soft, anchor_offset)
+    inputs = [embeddings, ref_embeddings, margin_tensor]
+    wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+    for i, t in zip(wanted, _FirstOrderInputs.apply(mining, *(inputs[i] for i in wanted))):
+        inputs[i] = t
+    embeddings, ref_embeddings, margin_tensor = inputs
+    sum_, count, valid = _core_terms(mining, labels, embeddings, value, distance, soft,
+                                     ref_embeddings, ref_labels, anchor_offset, margin_tensor)
+    return _FirstOrderOutput.apply(sum_, mining), count, valid
 
 
 def loss_and_fraction(mining: str, labels: Tensor, embeddings: Tensor, margin: object,
@@ -223,14 +179,14 @@ def loss_and_fraction(mining: str, labels: Tensor, embeddings: Tensor, margin: o
     """The loss and the fraction of positive terms of :func:`terms` (same
     arguments), in the embeddings' dtype."""
     sum_, count, valid = terms(mining, labels, embeddings, margin, squared, **options)
-    return _native(_core.mean_and_fraction, sum_, count, valid, embeddings)
+    return native.call(_core.mean_and_fraction, sum_, count, valid, embeddings)
 
 
 def loss_of(mining: str, labels: Tensor, embeddings: Tensor, margin: object,
             squared: object = False, **options) -> Tensor:
     """The loss of :func:`loss_and_fraction`, without the fraction's operations."""
     sum_, count, _ = terms(mining, labels, embeddings, margin, squared, **options)
-    return _native(_core.mean, sum_, count, embeddings)
+    return native.call(_core.mean, sum_, count, embeddings)
 
 
 def batch_all_triplet_loss(

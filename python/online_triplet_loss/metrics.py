@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Optional, Union
 
 from torch import Tensor
 
-from . import _core
+from . import _core, _native as native
 from ._validation import INT64_MAX, check_int, check_tensor, resolve_distance
 
 __all__ = ["recall_at_k", "mean_average_precision_at_r"]
@@ -102,7 +102,8 @@ def recall_at_k(
     check_tensor("embeddings", embeddings)
     check_tensor("labels", labels)
     values = _check_ks(ks)
-    recalls = _core.recall_at_k(
+    recalls = native.call(
+        _core.recall_at_k,
         embeddings.detach(), labels, values,
         resolve_distance(False, distance), _check_chunk_size(chunk_size),
     )
@@ -158,7 +159,8 @@ def mean_average_precision_at_r(
     """
     check_tensor("embeddings", embeddings)
     check_tensor("labels", labels)
-    return _core.mean_average_precision_at_r(
+    return native.call(
+        _core.mean_average_precision_at_r,
         embeddings.detach(), labels,
         resolve_distance(False, distance), _check_chunk_size(chunk_size),
     )
