@@ -826,6 +826,28 @@ def test_torch_compile_eager_backend_matches_eager(mining):
         torch.testing.assert_close(gg, gw)
 
 
+@pytest.mark.parametrize("mining", LOSSES)
+def test_torch_compile_fullgraph_says_why_and_second_derivative_refused(mining):
+    torch._dynamo.reset()
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    x = _x(32, n=6, d=3).double().requires_grad_()
+    loss = lambda e: function_loss(mining, y, e, 0.3, "euclidean")  # noqa: E731
+    with pytest.raises(Exception, match="online_triplet_loss: the triplet mining"):
+        torch.compile(loss, backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = torch.compile(loss, backend="eager")(x)
+    (g,) = torch.autograd.grad(value, x, create_graph=True)
+    if mining == "hard":
+        torch.testing.assert_close(
+            torch.autograd.grad(g.sum(), x)[0],
+            torch.autograd.grad(torch.autograd.grad(loss(x), x, create_graph=True)[0].sum(), x)[0])
+    else:
+        with pytest.raises(RuntimeError, match="second derivative"):
+            torch.autograd.grad(g.sum(), x, allow_unused=True)
+
+
 def test_vmap_over_memory_and_metrics_refused_state_kept():
     memory = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
     xs = torch.stack([_x(1), _x(2)])

@@ -62,6 +62,24 @@ def _core_terms(mining, labels, embeddings, margin, distance, soft, ref_embeddin
     )
 
 
+def _first_order_terms(mining, labels, embeddings, margin, distance, soft, ref_embeddings,
+                       ref_labels, anchor_offset, margin_tensor):
+    """:func:`_core_terms` between :class:`_FirstOrderInputs` and
+    :class:`_FirstOrderOutput`, all in one native call, so that
+    ``torch.compile`` never traces those two (a traced backward would not
+    refuse a second derivative)."""
+    inputs = [embeddings, ref_embeddings, margin_tensor]
+    wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+    for i, t in zip(wanted, _FirstOrderInputs.apply(mining, *(inputs[i] for i in wanted))):
+        inputs[i] = t
+    embeddings, ref_embeddings, margin_tensor = inputs
+    sum_, count, valid = _core.triplet_terms(
+        mining, labels, embeddings, margin, distance, soft, ref_embeddings, ref_labels,
+        anchor_offset, margin_tensor=margin_tensor,
+    )
+    return _FirstOrderOutput.apply(sum_, mining), count, valid
+
+
 class _FirstOrderInputs(torch.autograd.Function):
     """The identity on the tensors that batch-all or semi-hard differentiates.
 
@@ -164,14 +182,8 @@ def terms(
     if mining == "hard" or not differentiable:
         return _core_terms(mining, labels, embeddings, value, distance, soft, ref_embeddings,
                            ref_labels, anchor_offset, margin_tensor)
-    inputs = [embeddings, ref_embeddings, margin_tensor]
-    wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
-    for i, t in zip(wanted, _FirstOrderInputs.apply(mining, *(inputs[i] for i in wanted))):
-        inputs[i] = t
-    embeddings, ref_embeddings, margin_tensor = inputs
-    sum_, count, valid = _core_terms(mining, labels, embeddings, value, distance, soft,
-                                     ref_embeddings, ref_labels, anchor_offset, margin_tensor)
-    return _FirstOrderOutput.apply(sum_, mining), count, valid
+    return native.call(_first_order_terms, mining, labels, embeddings, value, distance, soft,
+                       ref_embeddings, ref_labels, anchor_offset, margin_tensor)
 
 
 def loss_and_fraction(mining: str, labels: Tensor, embeddings: Tensor, margin: object,

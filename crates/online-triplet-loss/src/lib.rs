@@ -16,8 +16,13 @@
 //!
 //! Batch-all and semi-hard run in O(B² log B) time and O(B·chunk) memory:
 //! mining runs without autograd, and the gradient reaches the embeddings as
-//! a weighted sum over the distance matrix. First-order gradients are exact;
-//! double backward through batch-all and semi-hard is not supported.
+//! a weighted sum over the distance matrix. First-order gradients are exact.
+//! Second derivatives are exact through batch-hard; through batch-all and
+//! semi-hard they are not supported, and differentiating their gradient
+//! (after a backward pass with `create_graph`) fails with libtorch's "the
+//! derivative for '_cdist_backward' is not implemented", from a guard that
+//! keeps the gradient from being differentiated as a constant (which would
+//! give 0, silently).
 //!
 //! ```
 //! use online_triplet_loss::batch_all_triplet_loss;

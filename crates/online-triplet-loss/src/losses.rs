@@ -335,6 +335,10 @@ impl TripletConfig {
     ) -> Result<Terms, Error> {
         self.validate(labels, embeddings, references)?;
         if let Some(m) = margin {
+            if !m.defined() {
+                return Err(Error::invalid("margin", "must be a defined tensor"));
+            }
+            check_placement("margin", m)?;
             if m.numel() != 1 || !m.is_floating_point() {
                 return Err(Error::invalid(
                     "margin",
@@ -423,7 +427,9 @@ impl TripletConfig {
             Mining::All | Mining::SemiHard => self.weighted_terms(mining, &sides)?,
         };
         if let (Some(m), Mining::All | Mining::SemiHard) = (&margin, mining) {
-            terms.sum = terms.sum.f_add(&surrogate(m, &terms.margin_grad)?)?;
+            terms.sum = terms
+                .sum
+                .f_add(&first_order_surrogate(m, &terms.margin_grad)?)?;
         }
         // The weighted losses carry the poison in their gradients already.
         if mining == Mining::Hard {
@@ -832,19 +838,24 @@ impl Sides<'_> {
     /// references, plus the poison when they are apart. A `None` gradient is
     /// one the caller's own graph gives; the poison alone is added to it.
     /// So NaN reaches the loss and every gradient, also of samples that no
-    /// triplet uses.
+    /// triplet uses. Gradients given here are exact to first order only: a
+    /// second derivative through them fails ([`first_order_surrogate`]).
     fn poisoned(
         &self,
         value: Tensor,
         gx: Option<&Tensor>,
         gy: Option<&Tensor>,
     ) -> Result<Tensor, Error> {
+        let weighted = match gx {
+            Some(_) => first_order_surrogate,
+            None => surrogate,
+        };
         let p = &self.poison;
         let gx = match gx {
             Some(g) => g.f_add(p)?,
             None => p.shallow_clone(),
         };
-        let mut sum = value.f_add(p)?.f_add(&surrogate(self.x, &gx)?)?;
+        let mut sum = value.f_add(p)?.f_add(&weighted(self.x, &gx)?)?;
         // When the references are the anchors, x's poison reaches them all.
         let gy = match gy {
             Some(g) if self.y_is_x => Some(g.shallow_clone()),
@@ -853,7 +864,7 @@ impl Sides<'_> {
             None => Some(p.shallow_clone()),
         };
         if let Some(gy) = gy {
-            sum = sum.f_add(&surrogate(self.y, &gy)?)?;
+            sum = sum.f_add(&weighted(self.y, &gy)?)?;
         }
         Ok(sum)
     }
@@ -917,6 +928,32 @@ fn add_to(total: &mut Option<Tensor>, t: Tensor) -> Result<(), Error> {
 /// A term whose value is 0 and whose gradient with respect to `x` is `grad`.
 fn surrogate(x: &Tensor, grad: &Tensor) -> Result<Tensor, Error> {
     Ok(x.f_sub(&x.detach())?.f_mul(grad)?.f_sum(x.f_kind()?)?)
+}
+
+/// [`surrogate`] for a gradient that is exact to first order only: `grad`
+/// is a constant, so a second derivative through it would come out 0,
+/// silently. The term is multiplied by a guard that is 1, with a first
+/// derivative of 0 (both exact), taken through libtorch's `cdist` of one
+/// element of `x` with itself: the derivative of `cdist`'s backward is not
+/// implemented, so differentiating the gradient fails with libtorch's
+/// "the derivative for '_cdist_backward' is not implemented".
+fn first_order_surrogate(x: &Tensor, grad: &Tensor) -> Result<Tensor, Error> {
+    let term = surrogate(x, grad)?;
+    if !x.requires_grad() || x.numel() == 0 {
+        return Ok(term);
+    }
+    // One element, in float64: cdist takes no half precision on the CPU.
+    let point = x
+        .f_flatten(0, -1)?
+        .f_narrow(0, 0, 1)?
+        .f_to_kind(Kind::Double)?
+        .f_view([1, 1])?;
+    let guard = Tensor::f_cdist(&point, &point, 2.0, None::<i64>)?
+        .f_mul_scalar(0.0)?
+        .f_add_scalar(1.0)?
+        .f_view([])?
+        .f_to_kind(term.f_kind()?)?;
+    Ok(term.f_mul(&guard)?)
 }
 
 /// The dtype, layout and device of embeddings the losses compute on.

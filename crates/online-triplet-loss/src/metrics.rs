@@ -165,6 +165,7 @@ impl RetrievalConfig {
                 format!("every k must be >= 1, got {k}"),
             ));
         }
+        check_embeddings("embeddings", embeddings)?;
         if embeddings.dim() != 2 {
             return Err(Error::invalid(
                 "embeddings",
@@ -174,7 +175,6 @@ impl RetrievalConfig {
                 ),
             ));
         }
-        check_embeddings("embeddings", embeddings)?;
         domain(labels, "labels")?;
         if labels.dim() != 1 {
             return Err(Error::invalid(

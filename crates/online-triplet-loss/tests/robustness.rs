@@ -223,12 +223,27 @@ fn undefined_and_sparse_tensors_are_errors() {
         assert!(names(&err, "labels"), "{err}");
         let err = config.terms(mining, &y, &undefined, None).unwrap_err();
         assert!(names(&err, "embeddings"), "{err}");
+        let sparse = Tensor::from_slice(&[0.2f32]).to_sparse_sparse_dim(1);
+        for (margin, says) in [(&undefined, "defined"), (&sparse, "dense")] {
+            let err = config
+                .terms_with_margin(mining, &y, &x, None, margin)
+                .unwrap_err();
+            assert!(
+                names(&err, "margin") && err.to_string().contains(says),
+                "{err}"
+            );
+        }
     }
     let metrics = RetrievalConfig::new(Distance::Euclidean);
     for labels in [undefined.shallow_clone(), y.to_sparse_sparse_dim(1)] {
         let err = metrics.recall_at_k(&x, &labels, &[1]).unwrap_err();
         assert!(names(&err, "labels"), "{err}");
     }
+    let err = metrics.evaluate(&undefined, &y, &[1]).unwrap_err();
+    assert!(
+        names(&err, "embeddings") && err.to_string().contains("defined"),
+        "{err}"
+    );
     let zero = || Tensor::zeros([], (Kind::Int64, Device::Cpu));
     let terms = Terms {
         sum: Tensor::new(),
@@ -272,5 +287,48 @@ fn metrics_of_embeddings_below_the_normal_range() {
         let want = config.evaluate(&unscaled, &labels, &[1, 2]).unwrap();
         let got = config.evaluate(&tiny, &labels, &[1, 2]).unwrap();
         assert_eq!(got, want, "{kind:?}");
+    }
+}
+
+#[test]
+fn second_derivatives_through_first_order_losses_fail() {
+    // Batch-all's and semi-hard's gradients are constants given to autograd:
+    // differentiating them again must fail, not give 0. Batch-hard's are
+    // exact. (Mixed derivatives, of the margin's gradient with respect to the
+    // embeddings and the reverse, are 0 almost everywhere, as autograd says.)
+    let y = Tensor::from_slice(&[0i64, 0, 1, 1, 2, 2]);
+    for distance in [Distance::Euclidean, Distance::Squared, Distance::Cosine] {
+        let config = TripletConfig::new(1.0).distance(distance);
+        for mining in MININGS {
+            for kind in [Kind::Float, Kind::Double, Kind::Half] {
+                let x = Tensor::randn([6, 3], (kind, Device::Cpu)).set_requires_grad(true);
+                let m = Tensor::from_slice(&[1.0f64])
+                    .reshape([])
+                    .set_requires_grad(true);
+                let loss = config
+                    .terms_with_margin(mining, &y, &x, None, &m)
+                    .unwrap()
+                    .mean()
+                    .unwrap();
+                for wrt in [&x, &m] {
+                    let case = format!("{mining:?} {distance:?} {kind:?} {:?}", wrt.size());
+                    let g = Tensor::f_run_backward(&[&loss], &[wrt], true, true).unwrap();
+                    let finite = g[0].f_isfinite().unwrap().f_all().unwrap();
+                    assert!(bool::try_from(&finite).unwrap(), "{case}: finite");
+                    let second = g[0].requires_grad().then(|| {
+                        let total = g[0].f_sum(Kind::Double).unwrap();
+                        Tensor::f_run_backward(&[&total], &[wrt], true, false)
+                    });
+                    match (mining, second) {
+                        (Mining::Hard, None | Some(Ok(_))) => {}
+                        (Mining::Hard, Some(Err(e))) => panic!("{case}: {e}"),
+                        (_, Some(Err(e))) => {
+                            assert!(e.to_string().contains("_cdist_backward"), "{case}: {e}")
+                        }
+                        (_, _) => panic!("{case}: a second derivative, silently"),
+                    }
+                }
+            }
+        }
     }
 }
