@@ -163,7 +163,8 @@ def _worker_after_review(rank, world, init_file):
             labels = full_y[rows][:-1] if rank == 1 else full_y[rows]
             for call in (lambda: criterion(full_x[rows].clone().requires_grad_(True), labels),
                          lambda: memory(full_x[rows].clone().requires_grad_(True), labels)):
-                match = "labels: must be 1-D with one entry" if rank == 1 else "rank 1 of the group passed"
+                match = ("labels: must be 1-D with one entry" if rank == 1
+                         else "labels: rank 1 of the group raised a ValueError for its labels")
                 with pytest.raises(ValueError, match=match):
                     call()
             # The group still works.
@@ -176,3 +177,84 @@ def _worker_after_review(rank, world, init_file):
 def test_review_findings_on_two_ranks(tmp_path):
     assert dist.is_available(), "torch.distributed is required"
     _start(_worker_after_review, (2, os.path.join(str(tmp_path), "init")), 2)
+
+
+def _worker_settings(rank, world, init_file):
+    """Ranks whose loss settings, extra references or memories differ: one
+    rank raised while the others waited in a collective (or the process
+    aborted inside gloo), or every rank computed a different, meaningless
+    loss. Now every rank raises a ValueError that says what differs."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        g = torch.Generator().manual_seed(3)
+        full_x = torch.randn(9, 3, generator=g, dtype=torch.float64)
+        full_y = torch.tensor([0, 1, 0, 2, 1, 2, 0, 1, 2])
+        rows = [slice(0, 4), slice(4, 9)][rank]
+        x, y = full_x[rows].clone().requires_grad_(True), full_y[rows]
+        extra = (torch.randn(3, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2]))
+        mine = rank == 0
+
+        def learnable(dtype):
+            return torch.nn.Parameter(torch.tensor(0.5, dtype=dtype))
+
+        def loss(cls=BatchAllTripletLoss, **kw):
+            return DistributedTripletLoss(cls(**{"margin": 0.5, **kw}))
+
+        def stored(memory_size=8, rows_stored=4):
+            memory = CrossBatchMemory(loss(), memory_size=memory_size)
+            if mine:
+                memory.enqueue(full_x[:rows_stored], full_y[:rows_stored])
+            return memory
+
+        cases = [
+            ("loss.mining", lambda: loss(BatchAllTripletLoss if mine else BatchHardTripletLoss)(x, y)),
+            ("loss.margin", lambda: loss(margin=0.5 if mine else 5.0)(x, y)),
+            ("loss.distance", lambda: loss(distance="euclidean" if mine else "cosine")(x, y)),
+            ("loss.soft", lambda: loss(BatchHardTripletLoss, soft=mine)(x, y)),
+            ("loss.margin (learnable", lambda: loss(
+                margin=learnable(torch.float64) if mine else 0.5)(x, y)),
+            ("loss.margin (learnable", lambda: loss(
+                margin=learnable(torch.float64 if mine else torch.float32))(x, y)),
+            ("extra_embeddings (rows)", lambda: loss()(
+                x, y, **(dict(extra_embeddings=extra[0], extra_labels=extra[1]) if mine else {}))),
+            ("extra_embeddings (dtype)", lambda: loss()(
+                x, y, extra_embeddings=extra[0].to(torch.float64 if mine else torch.float32),
+                extra_labels=extra[1])),
+            ("extra_labels (dtype)", lambda: loss()(
+                x, y, extra_embeddings=extra[0],
+                extra_labels=extra[1].to(torch.int64 if mine else torch.int32))),
+            ("extra_embeddings and extra_labels", lambda: loss()(
+                x, y, extra_embeddings=extra[0], **(dict(extra_labels=extra[1]) if not mine else {}))),
+            ("extra_embeddings", lambda: loss()(
+                x, y, extra_embeddings=extra[0][:, : 2 if mine else 3], extra_labels=extra[1])),
+            ("margin", lambda: _with_margin(loss(), -1.0 if mine else 0.5)(x, y)),
+            ("memory (entries stored)", lambda: stored()(x, y)),
+            ("memory (memory_size)", lambda: CrossBatchMemory(
+                loss(), memory_size=4 if mine else 16)(x, y)),
+        ]
+        for what, call in cases:
+            with pytest.raises(ValueError) as err:
+                call()
+            text = str(err.value)
+            assert text.startswith(what), (rank, what, text)
+            assert "rank" in text or what in ("margin", "extra_embeddings and extra_labels",
+                                              "extra_embeddings"), text
+            # The group still works: a matching call goes through on both ranks.
+            value = loss()(x, y)
+            value.backward()
+            assert torch.isfinite(value)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _with_margin(criterion, margin):
+    criterion.loss.margin = margin
+    return criterion
+
+
+def test_ranks_with_different_settings_all_raise(tmp_path):
+    assert dist.is_available(), "torch.distributed is required"
+    _start(_worker_settings, (2, os.path.join(str(tmp_path), "init")), 2)

@@ -12,16 +12,19 @@ Only ``all_gather`` and ``all_reduce`` are used, so gloo and nccl both work.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import struct
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._validation import check_tensor, refuse_scripting
+from ._validation import DISTANCES, check_tensor, margin_and_tensor, refuse_scripting, resolve_distance
 from .losses import _TripletLoss, loss_and_fraction, terms
 
 __all__ = ["DistributedTripletLoss"]
+
+_MININGS = ("all", "hard", "semihard")
 
 
 
@@ -34,31 +37,80 @@ _DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}
 _CARRIERS = {torch.bool: torch.uint8, torch.int16: torch.int32}
 
 
+# A setting every rank of the group must share: what it is, its value as an
+# int, and how to show such an int in a message.
+Setting = Tuple[str, int, Callable[[int], object]]
+
+# Places for the settings in the exchange (a fixed length on every rank).
+_SETTINGS = 16
+
+
+def _dtype_code(dtype: Optional[torch.dtype]) -> int:
+    return -1 if dtype is None else _DTYPES.index(dtype)
+
+
+def _dtype_shown(code: int) -> object:
+    return None if code < 0 else _DTYPES[code]
+
+
+def _float_code(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _float_shown(code: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", code))[0]
+
+
+# What a rank's own problem is about, told to the other ranks as a code.
+_PROBLEMS = ("embeddings", "labels", "extra_embeddings", "extra_labels",
+             "extra_embeddings and extra_labels", "margin",
+             "loss.distance", "loss.soft")
+
+
+def _problem_code(problem: Optional[ValueError]) -> int:
+    """0 for no problem, else 1 + the argument the problem names in
+    :data:`_PROBLEMS` (or one past them)."""
+    if problem is None:
+        return 0
+    name = str(problem).split(":", 1)[0]
+    return _PROBLEMS.index(name) + 1 if name in _PROBLEMS else len(_PROBLEMS) + 1
+
+
 def _gather_sizes(embeddings: Tensor, labels: Tensor, group: Optional[object],
-                  problem: Optional[ValueError] = None) -> List[int]:
+                  problem: Optional[ValueError] = None,
+                  settings: Sequence[Setting] = ()) -> List[int]:
     """Every rank's batch size, as Python ints, after checking that every rank
     passes embeddings of the same width and dtype, and labels of the same
     dtype: a gather of mismatched tensors would abort the process inside the
     backend. Every rank's embeddings must also require grad, or none, since
-    the gather's backward is a collective. A rank's own ``problem`` (shapes
-    that do not match) is raised there, and makes the other ranks raise too,
-    instead of waiting in the gather. ``tolist`` is the one host
-    synchronisation of the loss: padding needs the sizes on the host."""
+    the gather's backward is a collective, and every rank must give the same
+    ``settings`` (the loss's, a memory's state), or the ranks would compute
+    different things, or call different collectives. A rank's own
+    ``problem`` (shapes that do not match, a bad setting) is raised there,
+    and makes the other ranks raise too, instead of waiting in a collective.
+    ``tolist`` is the one host synchronisation of the loss: padding needs the
+    sizes on the host."""
+    if len(settings) > _SETTINGS:
+        raise RuntimeError(f"internal error: {len(settings)} settings to exchange")
     differentiable = int(torch.is_grad_enabled() and embeddings.requires_grad)
     size, width = tuple(embeddings.shape) if problem is None else (0, 0)
+    codes = [code for _, code, _ in settings] if problem is None else []
     mine = [size, width, _DTYPES.index(embeddings.dtype),
-            _DTYPES.index(labels.dtype), differentiable, int(problem is not None)]
+            _DTYPES.index(labels.dtype), differentiable, _problem_code(problem)]
+    mine += codes + [0] * (_SETTINGS - len(codes))
     shape = torch.tensor(mine, dtype=torch.int64, device=embeddings.device)
     shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shapes, shape, group=group)
     rows = torch.stack(shapes).tolist()
     if problem is not None:
         raise problem
-    others = [r for r, row in enumerate(rows) if row[5]]
+    others = [(r, row[5]) for r, row in enumerate(rows) if row[5]]
     if others:
+        rank, code = others[0]
+        name = _PROBLEMS[code - 1] if code <= len(_PROBLEMS) else "arguments"
         raise ValueError(
-            f"embeddings: rank {', '.join(map(str, others))} of the group passed embeddings and "
-            "labels that do not match (the error there says how)"
+            f"{name}: rank {rank} of the group raised a ValueError for its {name} (the error "
+            "there says how); every rank stops here"
         )
     for column, name, what in ((1, "embeddings", "width"), (2, "embeddings", "dtype"),
                                (3, "labels", "dtype"),
@@ -70,8 +122,26 @@ def _gather_sizes(embeddings: Tensor, labels: Tensor, group: Optional[object],
             raise ValueError(
                 f"{name}: every rank of the group must pass the same {what}; got {per_rank}"
             )
+    for place, (what, _, show) in enumerate(settings, start=6):
+        values = [row[place] for row in rows]
+        if len(set(values)) > 1:
+            per_rank = ", ".join(f"{show(v)!r} on rank {r}" for r, v in enumerate(values))
+            raise ValueError(f"{what}: must be the same on every rank of the group; got {per_rank}")
     _check_label_dtype("labels", labels)  # the same dtype on every rank
     return [row[0] for row in rows]
+
+
+def _shape_problem(embeddings: Tensor, labels: Tensor) -> Optional[ValueError]:
+    if embeddings.dim() != 2:
+        return ValueError(
+            f"embeddings: must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}"
+        )
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        return ValueError(
+            f"labels: must be 1-D with one entry per row of embeddings ({embeddings.shape[0]}), "
+            f"got shape {tuple(labels.shape)}"
+        )
+    return None
 
 
 def _gather_rows(x: Tensor, sizes: List[int], group: Optional[object]) -> Tensor:
@@ -227,9 +297,10 @@ class DistributedTripletLoss(nn.Module):
     runs in a single process.
 
     Every rank of the group must call ``forward`` (and ``backward``) together,
-    with embeddings of the same width and dtype and labels of the same dtype
-    (otherwise every rank raises a ``ValueError``); the group should be the
-    one DDP averages over. The batch sizes are gathered to the host (one small
+    with embeddings of the same width and dtype, labels of the same dtype,
+    the same settings of the wrapped loss and extra references of the same
+    shape and dtypes (otherwise every rank raises a ``ValueError`` saying
+    what differs); the group should be the one DDP averages over. The batch sizes are gathered to the host (one small
     synchronisation per call, needed to pad the gather); nothing else waits
     for the device. With nccl, pass embeddings on the current CUDA device.
 
@@ -281,6 +352,41 @@ class DistributedTripletLoss(nn.Module):
             raise ValueError("group: this process is not a member of the group")
         return rank, world
 
+    def _settings(self, embeddings: object, extra_embeddings: Optional[Tensor],
+                  extra_labels: Optional[Tensor]) -> List[Setting]:
+        """What every rank must share for the loss of the global batch to be
+        one loss: the wrapped loss's settings, and the extra references'
+        presence, shape and dtypes (not their values). Raises the
+        ``ValueError`` of a bad margin or of bad extra references."""
+        loss = self.loss
+        margin, learnable = margin_and_tensor(loss.margin)
+        settings: List[Setting] = [
+            ("loss.mining", _MININGS.index(self.mining), lambda v: _MININGS[v]),
+            ("loss.distance", DISTANCES.index(resolve_distance(False, loss.distance)),
+             lambda v: DISTANCES[v]),
+            ("loss.soft", int(bool(loss.soft)), bool),
+            ("loss.margin", _float_code(margin), _float_shown),
+            # Its gradient is all-reduced in backward: present, in one dtype.
+            ("loss.margin (learnable, its dtype)",
+             _dtype_code(None if learnable is None else learnable.dtype), _dtype_shown),
+        ]
+        if (extra_embeddings is None) != (extra_labels is None):
+            raise ValueError("extra_embeddings and extra_labels: must be given together")
+        if extra_embeddings is not None:
+            _check_extra(embeddings, extra_embeddings, extra_labels)
+            _check_label_dtype("extra_labels", extra_labels)
+        rows, width = (-1, -1) if extra_embeddings is None else tuple(extra_embeddings.shape)
+        settings += [
+            ("extra_embeddings (rows)", rows, lambda v: None if v < 0 else v),
+            ("extra_embeddings (columns)", width, lambda v: None if v < 0 else v),
+            ("extra_embeddings (dtype)",
+             _dtype_code(None if extra_embeddings is None else extra_embeddings.dtype),
+             _dtype_shown),
+            ("extra_labels (dtype)",
+             _dtype_code(None if extra_labels is None else extra_labels.dtype), _dtype_shown),
+        ]
+        return settings
+
     def _single_process(
         self, embeddings: Tensor, labels: Tensor, extra_embeddings: Tensor, extra_labels: Tensor
     ) -> Tensor:
@@ -318,26 +424,24 @@ class DistributedTripletLoss(nn.Module):
             :math:`(B)`, where rows ``offset:offset + B_r`` are this rank's;
             ``(embeddings, labels, 0)`` without a group of several ranks.
         """
+        return self._gather(embeddings, labels)
+
+    def _gather(self, embeddings: Tensor, labels: Tensor, problem: Optional[ValueError] = None,
+                settings: Sequence[Setting] = ()) -> Tuple[Tensor, Tensor, int]:
+        """:meth:`gather`, exchanging this rank's ``problem`` (raised on every
+        rank) and ``settings`` (that must be the same on every rank) with the
+        sizes."""
         check_tensor("embeddings", embeddings)
         check_tensor("labels", labels)
-        problem = None
-        if embeddings.dim() != 2:
-            problem = ValueError(
-                f"embeddings: must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}"
-            )
-        elif labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-            problem = ValueError(
-                "labels: must be 1-D with one entry per row of embeddings "
-                f"({embeddings.shape[0]}), "
-                f"got shape {tuple(labels.shape)}"
-            )
+        if problem is None:
+            problem = _shape_problem(embeddings, labels)
         rank, world = self._world()
         if world == 1:
             if problem is not None:
                 raise problem
             return embeddings, labels, 0
         labels = labels.to(embeddings.device)
-        sizes = _gather_sizes(embeddings, labels, self.group, problem)
+        sizes = _gather_sizes(embeddings, labels, self.group, problem, settings)
         offset = sum(sizes[:rank])
         carrier = _CARRIERS.get(labels.dtype, labels.dtype)
         all_labels = _gather_rows(labels.to(carrier), sizes, self.group).to(labels.dtype)
@@ -371,20 +475,23 @@ class DistributedTripletLoss(nn.Module):
             references: a scalar in the dtype of ``embeddings``, the same on
             every rank.
         """
-        if (extra_embeddings is None) != (extra_labels is None):
-            raise ValueError("extra_embeddings and extra_labels: must be given together")
         rank, world = self._world()
         if world == 1:
+            if (extra_embeddings is None) != (extra_labels is None):
+                raise ValueError("extra_embeddings and extra_labels: must be given together")
             if extra_embeddings is None:
                 return self.loss(embeddings, labels)
             _check_extra(embeddings, extra_embeddings, extra_labels)
             return self._single_process(embeddings, labels, extra_embeddings, extra_labels)
 
-        all_embeddings, all_labels, offset = self.gather(embeddings, labels)
-        # After the gather, which holds every rank to one width: the extra
-        # references, the same on every rank, then pass or fail on all.
-        if extra_embeddings is not None:
-            _check_extra(all_embeddings, extra_embeddings, extra_labels)
+        # What would fail on this rank alone fails on every rank, in the
+        # exchange of the sizes, before any rank waits in another collective.
+        problem, settings = None, []
+        try:
+            settings = self._settings(embeddings, extra_embeddings, extra_labels)
+        except ValueError as exc:
+            problem = exc
+        all_embeddings, all_labels, offset = self._gather(embeddings, labels, problem, settings)
         # The anchors are rows of the gathered tensor, not the input: all the
         # gradient of this rank's rows, as anchors here and as references on
         # every rank, then takes one path, the gather's all-reduce, and each

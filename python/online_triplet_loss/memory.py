@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .distributed import DistributedTripletLoss
+from .distributed import DistributedTripletLoss, _dtype_code, _dtype_shown
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, _TripletLoss, loss_of
 from ._validation import INT64_MAX, check_int, check_tensor, refuse_scripting
 
@@ -224,8 +224,25 @@ class CrossBatchMemory(nn.Module):
         # and dtype, so the memory's checks (the same memory on every rank)
         # then pass or fail on all of them, instead of one rank raising while
         # the others wait in a collective.
+        # The memory must be the same on every rank too: one loaded from a
+        # checkpoint on one rank alone would fail its checks there, or mine
+        # against references the others do not have.
+        check_tensor("embeddings", embeddings)
+        stored, stored_labels = self.memory_embeddings, self.memory_labels
+        settings = [
+            ("memory (memory_size)", self.memory_size, int),
+            ("memory (entries stored)", self._count, int),
+            ("memory (next place)", self._next, int),
+            ("memory (embedding width)", -1 if stored is None else stored.shape[1], int),
+            ("memory (embeddings dtype)", _dtype_code(None if stored is None else stored.dtype),
+             _dtype_shown),
+            ("memory (labels dtype)",
+             _dtype_code(None if stored_labels is None else stored_labels.dtype), _dtype_shown),
+        ]
         with torch.no_grad():
-            all_embeddings, all_labels, _ = self.loss.gather(embeddings.detach(), labels)
+            all_embeddings, all_labels, _ = self.loss._gather(
+                embeddings.detach(), labels, None, settings
+            )
         self._check_batch(all_embeddings, all_labels)
         extra_embeddings = extra_labels = None
         if self._count > 0:
