@@ -275,9 +275,14 @@ impl TripletConfig {
     /// The unnormalised loss of `embeddings` as anchors, mined against
     /// `references` or, when `None`, against the batch itself.
     ///
-    /// Non-finite values anywhere in the embeddings or references, or
-    /// Euclidean distances that overflow their dtype, make `sum` NaN and
-    /// every gradient it sends NaN, even where no triplet uses them.
+    /// Non-finite values anywhere in the embeddings or references, Euclidean
+    /// (or squared) distances whose squares may overflow the dtype (float32
+    /// embeddings of magnitude ≳ 1e19), cosine distances of rows whose norm
+    /// overflows, and Euclidean distances of embeddings so close together
+    /// that the squares of their differences underflow (every entry within
+    /// 1.1e-19 of the first embedding's in float32, 1.5e-154 in float64,
+    /// but not all equal) make `sum` NaN and every gradient it sends NaN,
+    /// even where no triplet uses them: never a quietly wrong number.
     ///
     /// # Shapes
     /// `labels`: `(B,)`, integer, bool or floating point; `embeddings`:
