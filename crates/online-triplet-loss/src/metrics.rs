@@ -16,8 +16,8 @@
 //! Both are exact: every query is ranked against every item, with no
 //! approximate search; distances are computed in the embeddings' dtype
 //! (float32 for half precision), from the Gram matrix of the embeddings
-//! centred on their mean and scaled by a power of two, so their digits are
-//! those of float arithmetic on the differences. Queries are processed in chunks against all items, so
+//! scaled by a power of two and then centred on their mean (Euclidean) or
+//! normalised (cosine). Queries are processed in chunks against all items, so
 //! memory stays O(B·chunk); the time is O(B²·D) for the distances plus
 //! O(B·(B + K log K)) for the selection, with K = max(k, R_q). Queries are
 //! sorted by R_q so that a chunk selects only as many neighbours as its own
