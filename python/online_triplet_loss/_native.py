@@ -37,8 +37,8 @@ class _Witness(TorchDispatchMode):
 
 @torch.compiler.disable(
     reason="online_triplet_loss: the triplet mining and the metrics run in native code, which "
-    "torch.compile cannot trace; compile the model alone (or without fullgraph=True, where the "
-    "loss runs eagerly, a graph break)"
+    "torch.compile and torch.export cannot trace; compile or export the model alone (under "
+    "torch.compile without fullgraph=True the loss runs eagerly, a graph break)"
 )
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``, a function of the core, raising what a pack

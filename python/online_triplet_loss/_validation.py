@@ -180,6 +180,15 @@ def refuse_tracing(name: str) -> None:
             "triplet mining runs in native code on plain tensors. Use torch.autograd instead."
         )
     if torch.compiler.is_exporting():
+        if torch.compiler.is_dynamo_compiling():
+            # torch.export's strict mode, and torch 2.11's torch.compile,
+            # which reports exporting while it compiles.
+            raise RuntimeError(
+                f"{name}: torch.export and torch.compile(fullgraph=True) cannot capture the "
+                "triplet mining, which runs in native code. Export or compile the model alone "
+                "and call the loss on its outputs in Python (torch.compile without "
+                "fullgraph=True runs the loss eagerly, a graph break)."
+            )
         raise RuntimeError(
             f"{name}: torch.export is not supported: the triplet mining runs in native code "
             "that export cannot capture. Export the model alone and call the loss on its "
