@@ -114,8 +114,11 @@ BAD_EMBEDDINGS = {
 def test_unusable_embeddings_are_value_errors(mining, name, capfd):
     bad = BAD_EMBEDDINGS[name]()
     good = _embeddings(2)
-    with pytest.raises(ValueError, match=r"^embeddings: "):
+    with pytest.raises(ValueError, match=r"^embeddings: ") as err:
         function_loss(mining, LABELS, bad, 0.2, "euclidean")
+    if name.startswith("torch."):
+        # torch's name of the dtype, not the Rust binding's (Int64).
+        assert str(err.value).endswith(f"got dtype {name[len('torch.'):]}"), str(err.value)
     with pytest.raises(ValueError, match=r"^ref_embeddings: "):
         function_loss(mining, LABELS, good, 0.2, "euclidean", ref_embeddings=bad,
                       ref_labels=LABELS)

@@ -1,5 +1,7 @@
 use std::fmt;
 
+use tch::Kind;
+
 /// Everything that can go wrong when computing a loss or a metric.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Error {
@@ -18,6 +20,33 @@ impl Error {
             argument,
             message: message.into(),
         }
+    }
+}
+
+/// torch's name of a dtype (`torch.int64` is `int64`), for messages that
+/// Python users read as well as Rust users.
+pub(crate) fn dtype_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Uint8 => "uint8",
+        Kind::Int8 => "int8",
+        Kind::Int16 => "int16",
+        Kind::Int => "int32",
+        Kind::Int64 => "int64",
+        Kind::Half => "float16",
+        Kind::Float => "float32",
+        Kind::Double => "float64",
+        Kind::BFloat16 => "bfloat16",
+        Kind::ComplexHalf => "complex32",
+        Kind::ComplexFloat => "complex64",
+        Kind::ComplexDouble => "complex128",
+        Kind::Bool => "bool",
+        Kind::QInt8 => "qint8",
+        Kind::QUInt8 => "quint8",
+        Kind::QInt32 => "qint32",
+        Kind::Float8e5m2 => "float8_e5m2",
+        Kind::Float8e4m3fn => "float8_e4m3fn",
+        Kind::Float8e5m2fnuz => "float8_e5m2fnuz",
+        Kind::Float8e4m3fnuz => "float8_e4m3fnuz",
     }
 }
 

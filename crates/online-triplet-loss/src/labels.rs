@@ -2,6 +2,7 @@
 
 use tch::{Kind, Tensor};
 
+use crate::error::dtype_name;
 use crate::losses::check_placement;
 use crate::Error;
 
@@ -55,7 +56,10 @@ pub(crate) fn domain(labels: &Tensor, argument: &'static str) -> Result<Domain, 
         | Kind::Float8e5m2fnuz
         | Kind::Float8e4m3fnuz => Err(Error::invalid(
             argument,
-            format!("must hold integer class ids or real numbers, got dtype {kind:?}"),
+            format!(
+                "must hold integer class ids or real numbers, got dtype {}",
+                dtype_name(kind)
+            ),
         )),
     }
 }

@@ -3,6 +3,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::distance::{Distance, Side};
+use crate::error::dtype_name;
 use crate::grad;
 use crate::labels::{common, domain, keys, ANCHOR_NAN_KEYS, REFERENCE_NAN_KEYS};
 use crate::mining::{self, Chunk, Columns, Gram, Hardest, Kernel, Selection};
@@ -154,7 +155,7 @@ impl Terms {
             if kind != Kind::Int64 {
                 return Err(Error::invalid(
                     name,
-                    format!("must be an int64 tensor, got dtype {kind:?}"),
+                    format!("must be an int64 tensor, got dtype {}", dtype_name(kind)),
                 ));
             }
         }
@@ -989,7 +990,10 @@ pub(crate) fn check_embeddings(name: &'static str, embeddings: &Tensor) -> Resul
         | Kind::Float8e4m3fnuz => {
             return Err(Error::invalid(
                 name,
-                format!("must be floating point (float16, bfloat16, float32 or float64), got dtype {kind:?}"),
+                format!(
+                    "must be floating point (float16, bfloat16, float32 or float64), got dtype {}",
+                    dtype_name(kind)
+                ),
             ))
         }
     }
