@@ -94,6 +94,20 @@ def test_cosine_matches_brute_force(seed):
     )
 
 
+@pytest.mark.parametrize("offset", [1e4, 1e20, 1e30, -3e38])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_offset_shared_by_all_items(offset, dtype):
+    # Euclidean rankings ignore an offset every item shares: a constant
+    # column of 1e30 took the other entries below float32's normal range
+    # when the items were scaled by it (recall@1 1/6 instead of 1).
+    seed = 11
+    embeddings, labels = random_data(seed, n=40, dim=3, classes=4, dtype=dtype)
+    recall, map_at_r = brute_force(embeddings, labels, KS)
+    shifted = torch.cat([torch.full((40, 1), offset, dtype=dtype), embeddings], dim=1)
+    assert recall_at_k(shifted, labels, KS) == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(shifted, labels) == pytest.approx(map_at_r, abs=1e-12)
+
+
 def copies_and_near_neighbours(seed: int = 3):
     """float32 unit vectors in D = 128, each with an exact copy and a neighbour
     of another label 3e-4 away: float32 Gram distances are off by about that

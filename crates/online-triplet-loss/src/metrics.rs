@@ -16,8 +16,8 @@
 //! Both are exact: every query is ranked against every item, with no
 //! approximate search; distances are computed in the embeddings' dtype
 //! (float32 for half precision), from the Gram matrix of the embeddings
-//! scaled by a power of two and then centred on their mean (Euclidean) or
-//! normalised (cosine). Queries are processed in chunks against all items, so
+//! centred on their mean (Euclidean, the mean taken and subtracted in
+//! float64) and scaled by a power of two, or normalised (cosine). Queries are processed in chunks against all items, so
 //! memory stays O(B·chunk); the time is O(B²·D) for the distances plus
 //! O(B·(B + K log K)) for the selection, with K = max(k, R_q). Queries are
 //! sorted by R_q so that a chunk selects only as many neighbours as its own
@@ -256,23 +256,7 @@ impl RetrievalConfig {
             .chunk_size
             .unwrap_or_else(|| (CHUNK_ELEMENTS / n).max(1));
 
-        // Rankings do not change under scaling by a positive number: a power
-        // of two that brings the largest magnitude near 1 keeps squared
-        // distances from overflowing or underflowing, and changes no digit
-        // (but of entries it takes below the normal range). It is applied in
-        // two halves, each a number of the dtype: 2^149 is not a float32.
-        let largest = if x.numel() > 0 {
-            f64::try_from(x.f_abs()?.f_max()?)?
-        } else {
-            0.0
-        };
-        let x = if largest > 0.0 {
-            let exponent = -(largest.log2().floor() as i32);
-            x.f_mul_scalar(2f64.powi(exponent / 2))?
-                .f_mul_scalar(2f64.powi(exponent - exponent / 2))?
-        } else {
-            x
-        };
+        let x = normalised_frame(&x, ranking == Distance::Squared)?.f_to_kind(kind)?;
         grad::no_grad(|| {
             let (side, _) = Side::pair(ranking, &x, None)?;
             let rows = side.tie_rows(&x)?;
@@ -368,6 +352,38 @@ pub fn mean_average_precision_at_r(
     distance: Distance,
 ) -> Result<f64, Error> {
     RetrievalConfig::new(distance).mean_average_precision_at_r(embeddings, labels)
+}
+
+/// `x` in float64, scaled by a power of two that brings its largest
+/// magnitude near 1, which changes no ranking: squared distances then
+/// neither overflow nor underflow, and no digit changes (but of entries it
+/// takes below the normal range). With `centre`, for the translation-
+/// invariant Euclidean distances, also centred on the mean between two such
+/// scalings (the first keeps the mean from overflowing), so that an offset
+/// every item shares (a constant column of 1e30 beside entries near 1, say)
+/// leaves their differences, which scaling by the offset alone would take
+/// below the normal range. The powers of two are applied in two halves,
+/// each a number of the dtype: 2^1074 is not a float64.
+fn normalised_frame(x: &Tensor, centre: bool) -> Result<Tensor, Error> {
+    let scaled = |t: Tensor| -> Result<Tensor, Error> {
+        let largest = if t.numel() > 0 {
+            f64::try_from(t.f_abs()?.f_max()?)?
+        } else {
+            0.0
+        };
+        if largest == 0.0 {
+            return Ok(t);
+        }
+        let exponent = -(largest.log2().floor() as i32);
+        Ok(t.f_mul_scalar(2f64.powi(exponent / 2))?
+            .f_mul_scalar(2f64.powi(exponent - exponent / 2))?)
+    };
+    let x = scaled(x.f_to_kind(Kind::Double)?)?;
+    if !centre || x.size()[0] == 0 {
+        return Ok(x);
+    }
+    let mean = x.f_mean_dim([0i64].as_slice(), true, None::<Kind>)?;
+    scaled(x.f_sub(&mean)?)
 }
 
 #[cfg(test)]
