@@ -230,6 +230,9 @@ def _worker_settings(rank, world, init_file):
             ("extra_embeddings", lambda: loss()(
                 x, y, extra_embeddings=extra[0][:, : 2 if mine else 3], extra_labels=extra[1])),
             ("margin", lambda: _with_margin(loss(), -1.0 if mine else 0.5)(x, y)),
+            ("soft", lambda: _with(loss(BatchHardTripletLoss), soft="yes" if mine else False)(x, y)),
+            ("distance", lambda: _with(loss(), distance="manhattan" if mine else "euclidean")(x, y)),
+            ("labels", lambda: loss()(x, y.tolist() if mine else y)),
             ("memory (entries stored)", lambda: stored()(x, y)),
             ("memory (memory_size)", lambda: CrossBatchMemory(
                 loss(), memory_size=4 if mine else 16)(x, y)),
@@ -240,11 +243,16 @@ def _worker_settings(rank, world, init_file):
             text = str(err.value)
             assert text.startswith(what), (rank, what, text)
             assert "rank" in text or what in ("margin", "extra_embeddings and extra_labels",
-                                              "extra_embeddings"), text
+                                              "extra_embeddings", "soft", "distance",
+                                              "labels"), text
             # The group still works: a matching call goes through on both ranks.
             value = loss()(x, y)
             value.backward()
             assert torch.isfinite(value)
+        # The same margin written differently on the ranks is one margin.
+        for margin in ((0.0, -0.0), (0.25, torch.tensor(0.25)), (1, 1.0)):
+            torch.testing.assert_close(_with_margin(loss(), margin[rank])(x, y),
+                                       _with_margin(loss(), margin[0])(x, y))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -252,6 +260,14 @@ def _worker_settings(rank, world, init_file):
 
 def _with_margin(criterion, margin):
     criterion.loss.margin = margin
+    return criterion
+
+
+def _with(criterion, **settings):
+    """The wrapped loss's settings changed after construction, which checks
+    them: the distributed loss reads them at every call."""
+    for name, value in settings.items():
+        object.__setattr__(criterion.loss, name, value)
     return criterion
 
 

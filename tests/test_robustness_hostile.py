@@ -826,18 +826,37 @@ def test_torch_compile_eager_backend_matches_eager(mining):
         torch.testing.assert_close(gg, gw)
 
 
+@pytest.mark.parametrize("learnable", [False, True], ids=["float-margin", "parameter-margin"])
 @pytest.mark.parametrize("mining", LOSSES)
-def test_torch_compile_fullgraph_says_why_and_second_derivative_refused(mining):
+def test_torch_compile_fullgraph_says_why_and_second_derivative_refused(mining, learnable):
     torch._dynamo.reset()
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     x = _x(32, n=6, d=3).double().requires_grad_()
-    loss = lambda e: function_loss(mining, y, e, 0.3, "euclidean")  # noqa: E731
-    with pytest.raises(Exception, match="the triplet mining"):
+    layer = torch.nn.Linear(3, 3).double()
+    margin = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64)) if learnable else 0.3
+
+    def loss(e):
+        return function_loss(mining, y, torch.tanh(layer(e)), margin, "euclidean") * 2
+
+    # Dynamo stops at the loss with the package's reason (a margin tensor's
+    # value stopped it first, with dynamo's own message).
+    with pytest.raises(Exception, match="online_triplet_loss: the triplet mining"):
         torch.compile(loss, backend="eager", fullgraph=True)(x)
+    # Without fullgraph the graph breaks at the loss, and the model before it
+    # is still compiled (torch 2.11 reported exporting while compiling, and
+    # the refusal that raised skipped the whole frame).
     torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append([n.target for n in gm.graph.nodes])
+        return gm.forward
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        value = torch.compile(loss, backend="eager")(x)
+        value = torch.compile(loss, backend=backend)(x)
+    assert any(torch.tanh in targets for targets in graphs), graphs
+    torch.testing.assert_close(value, loss(x))
     (g,) = torch.autograd.grad(value, x, create_graph=True)
     if mining == "hard":
         torch.testing.assert_close(

@@ -12,12 +12,12 @@ an exception, and selective checkpointing and user modes raise their own.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, List
+from typing import Any, Callable, List, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 
-__all__ = ["call"]
+__all__ = ["boundary", "call"]
 
 
 class _Witness(TorchDispatchMode):
@@ -35,11 +35,25 @@ class _Witness(TorchDispatchMode):
             raise
 
 
-@torch.compiler.disable(
-    reason="online_triplet_loss: the triplet mining and the metrics run in native code, which "
+_REASON = (
+    "online_triplet_loss: the triplet mining and the metrics run in native code, which "
     "torch.compile and torch.export cannot trace; compile or export the model alone (under "
     "torch.compile without fullgraph=True the loss runs eagerly, a graph break)"
 )
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def boundary(fn: F) -> F:
+    """``fn``, which dynamo (torch.compile, torch.export's strict mode) does
+    not trace: without fullgraph=True the graph breaks before it and ``fn``
+    runs eagerly; with it, dynamo stops saying why. Applied where the
+    arguments are first read, so that dynamo meets this reason before a
+    margin tensor's value or the core."""
+    return torch.compiler.disable(fn, reason=_REASON)
+
+
+@boundary
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``, a function of the core, raising what a pack
     hook or a dispatch mode raised inside it, as it was raised."""

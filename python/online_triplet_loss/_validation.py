@@ -179,16 +179,9 @@ def refuse_tracing(name: str) -> None:
             f"{name}: torch.func transforms (vmap, grad, jacrev, ...) are not supported: the "
             "triplet mining runs in native code on plain tensors. Use torch.autograd instead."
         )
+    # Dynamo (torch.compile, torch.export's strict mode) never traces the
+    # losses and metrics: they are compiler-disabled (_native.boundary).
     if torch.compiler.is_exporting():
-        if torch.compiler.is_dynamo_compiling():
-            # torch.export's strict mode, and torch 2.11's torch.compile,
-            # which reports exporting while it compiles.
-            raise RuntimeError(
-                f"{name}: torch.export and torch.compile(fullgraph=True) cannot capture the "
-                "triplet mining, which runs in native code. Export or compile the model alone "
-                "and call the loss on its outputs in Python (torch.compile without "
-                "fullgraph=True runs the loss eagerly, a graph break)."
-            )
         raise RuntimeError(
             f"{name}: torch.export is not supported: the triplet mining runs in native code "
             "that export cannot capture. Export the model alone and call the loss on its "

@@ -19,7 +19,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._validation import DISTANCES, check_tensor, margin_and_tensor, refuse_scripting, resolve_distance
+from ._validation import (
+    DISTANCES,
+    check_flag,
+    check_tensor,
+    margin_and_tensor,
+    refuse_scripting,
+    resolve_distance,
+)
 from .losses import _TripletLoss, loss_and_fraction, terms
 
 __all__ = ["DistributedTripletLoss"]
@@ -63,8 +70,7 @@ def _float_shown(code: int) -> float:
 
 # What a rank's own problem is about, told to the other ranks as a code.
 _PROBLEMS = ("embeddings", "labels", "extra_embeddings", "extra_labels",
-             "extra_embeddings and extra_labels", "margin",
-             "loss.distance", "loss.soft")
+             "extra_embeddings and extra_labels", "margin", "distance", "soft")
 
 
 def _problem_code(problem: Optional[ValueError]) -> int:
@@ -364,8 +370,9 @@ class DistributedTripletLoss(nn.Module):
             ("loss.mining", _MININGS.index(self.mining), lambda v: _MININGS[v]),
             ("loss.distance", DISTANCES.index(resolve_distance(False, loss.distance)),
              lambda v: DISTANCES[v]),
-            ("loss.soft", int(bool(loss.soft)), bool),
-            ("loss.margin", _float_code(margin), _float_shown),
+            ("loss.soft", int(check_flag("soft", loss.soft)), bool),
+            # + 0.0: -0.0 is the margin 0.0.
+            ("loss.margin", _float_code(margin + 0.0), _float_shown),
             # Its gradient is all-reduced in backward: present, in one dtype.
             ("loss.margin (learnable, its dtype)",
              _dtype_code(None if learnable is None else learnable.dtype), _dtype_shown),
@@ -431,8 +438,15 @@ class DistributedTripletLoss(nn.Module):
         """:meth:`gather`, exchanging this rank's ``problem`` (raised on every
         rank) and ``settings`` (that must be the same on every rank) with the
         sizes."""
+        # Embeddings that are no dense tensor fail on this rank alone: the
+        # exchange itself is a tensor on their device.
         check_tensor("embeddings", embeddings)
-        check_tensor("labels", labels)
+        if problem is None:
+            try:
+                check_tensor("labels", labels)
+            except ValueError as exc:
+                problem = exc
+                labels = torch.zeros(0, dtype=torch.int64, device=embeddings.device)
         if problem is None:
             problem = _shape_problem(embeddings, labels)
         rank, world = self._world()

@@ -148,6 +148,7 @@ class _NoSecondDerivative(torch.autograd.Function):
         )
 
 
+@native.boundary
 def terms(
     mining: str,
     labels: Tensor,

@@ -51,6 +51,7 @@ def _check_chunk_size(chunk_size: object) -> Optional[int]:
     return check_int("chunk_size", chunk_size, 1)
 
 
+@native.boundary
 def recall_at_k(
     embeddings: Tensor,
     labels: Tensor,
@@ -110,6 +111,7 @@ def recall_at_k(
     return dict(zip(values, recalls))
 
 
+@native.boundary
 def mean_average_precision_at_r(
     embeddings: Tensor,
     labels: Tensor,

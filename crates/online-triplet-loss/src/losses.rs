@@ -416,6 +416,13 @@ impl TripletConfig {
             let other = m.detach().f_ne(self.margin)?;
             let _ = poison.f_masked_fill_(&other, f64::NAN)?;
         }
+        let guard = match mining {
+            Mining::Hard => None,
+            Mining::All | Mining::SemiHard => {
+                let y_apart = references.map(|_| &y);
+                first_order_guard(&[Some(&x), y_apart, margin.as_ref()])?
+            }
+        };
         let sides = Sides {
             x: &x,
             x_labels: &x_labels,
@@ -427,15 +434,18 @@ impl TripletConfig {
             sx,
             sy,
             poison,
+            guard,
         };
         let mut terms = match mining {
             Mining::Hard => self.hard_terms(&sides, margin.as_ref())?,
             Mining::All | Mining::SemiHard => self.weighted_terms(mining, &sides)?,
         };
         if let (Some(m), Mining::All | Mining::SemiHard) = (&margin, mining) {
-            terms.sum = terms
-                .sum
-                .f_add(&first_order_surrogate(m, &terms.margin_grad)?)?;
+            terms.sum = terms.sum.f_add(&first_order_surrogate(
+                m,
+                &terms.margin_grad,
+                sides.guard.as_ref(),
+            )?)?;
         }
         // The weighted losses carry the poison in their gradients already.
         if mining == Mining::Hard {
@@ -836,6 +846,10 @@ struct Sides<'a> {
     /// 0, or NaN when an input is not finite or a distance overflows
     /// ([`Side::poison`]).
     poison: Tensor,
+    /// For batch-all and semi-hard, whose gradients are exact to first order
+    /// only: [`first_order_guard`] of the embeddings, the references and the
+    /// margin tensor.
+    guard: Option<Tensor>,
 }
 
 impl Sides<'_> {
@@ -852,9 +866,9 @@ impl Sides<'_> {
         gx: Option<&Tensor>,
         gy: Option<&Tensor>,
     ) -> Result<Tensor, Error> {
-        let weighted = match gx {
-            Some(_) => first_order_surrogate,
-            None => surrogate,
+        let weighted = |t: &Tensor, g: &Tensor| match gx {
+            Some(_) => first_order_surrogate(t, g, self.guard.as_ref()),
+            None => surrogate(t, g),
         };
         let p = &self.poison;
         let gx = match gx {
@@ -936,30 +950,49 @@ fn surrogate(x: &Tensor, grad: &Tensor) -> Result<Tensor, Error> {
     Ok(x.f_sub(&x.detach())?.f_mul(grad)?.f_sum(x.f_kind()?)?)
 }
 
-/// [`surrogate`] for a gradient that is exact to first order only: `grad`
-/// is a constant, so a second derivative through it would come out 0,
-/// silently. The term is multiplied by a guard that is 1, with a first
-/// derivative of 0 (both exact), taken through libtorch's `cdist` of one
-/// element of `x` with itself: the derivative of `cdist`'s backward is not
-/// implemented, so differentiating the gradient fails with libtorch's
-/// "the derivative for '_cdist_backward' is not implemented".
-fn first_order_surrogate(x: &Tensor, grad: &Tensor) -> Result<Tensor, Error> {
+/// [`surrogate`] times `guard` ([`first_order_guard`]), for a gradient that
+/// is exact to first order only: `grad` is a constant, so a second
+/// derivative through it would come out 0, silently.
+fn first_order_surrogate(
+    x: &Tensor,
+    grad: &Tensor,
+    guard: Option<&Tensor>,
+) -> Result<Tensor, Error> {
     let term = surrogate(x, grad)?;
-    if !x.requires_grad() || x.numel() == 0 {
-        return Ok(term);
+    match guard {
+        Some(guard) => Ok(term.f_mul(&guard.f_to_kind(term.f_kind()?)?)?),
+        None => Ok(term),
     }
-    // One element, in float64: cdist takes no half precision on the CPU.
-    let point = x
-        .f_flatten(0, -1)?
-        .f_narrow(0, 0, 1)?
-        .f_to_kind(Kind::Double)?
-        .f_view([1, 1])?;
-    let guard = Tensor::f_cdist(&point, &point, 2.0, None::<i64>)?
-        .f_mul_scalar(0.0)?
-        .f_add_scalar(1.0)?
-        .f_view([])?
-        .f_to_kind(term.f_kind()?)?;
-    Ok(term.f_mul(&guard)?)
+}
+
+/// 1, with a first derivative of 0 (both exact), through libtorch's `cdist`
+/// of one element of each source that requires grad with itself, whose
+/// backward has no derivative: a gradient carrying it fails when it is
+/// differentiated with respect to any source, with libtorch's "the
+/// derivative for '_cdist_backward' is not implemented". `None` when no
+/// source requires grad. In float64, where cdist takes every dtype; each
+/// element against itself only, a distance of 0 that cannot overflow.
+fn first_order_guard(sources: &[Option<&Tensor>]) -> Result<Option<Tensor>, Error> {
+    let mut points = Vec::new();
+    for t in sources.iter().flatten() {
+        if t.requires_grad() && t.numel() > 0 {
+            points.push(
+                t.f_flatten(0, -1)?
+                    .f_narrow(0, 0, 1)?
+                    .f_to_kind(Kind::Double)?,
+            );
+        }
+    }
+    if points.is_empty() {
+        return Ok(None);
+    }
+    let points = Tensor::f_cat(&points, 0)?.f_view([-1, 1, 1])?;
+    Ok(Some(
+        Tensor::f_cdist(&points, &points, 2.0, None::<i64>)?
+            .f_sum(Kind::Double)?
+            .f_mul_scalar(0.0)?
+            .f_add_scalar(1.0)?,
+    ))
 }
 
 /// The dtype, layout and device of embeddings the losses compute on.

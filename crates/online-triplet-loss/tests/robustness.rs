@@ -293,39 +293,62 @@ fn metrics_of_embeddings_below_the_normal_range() {
 #[test]
 fn second_derivatives_through_first_order_losses_fail() {
     // Batch-all's and semi-hard's gradients are constants given to autograd:
-    // differentiating them again must fail, not give 0. Batch-hard's are
-    // exact. (Mixed derivatives, of the margin's gradient with respect to the
-    // embeddings and the reverse, are 0 almost everywhere, as autograd says.)
+    // differentiating them again, with respect to anything, must fail, not
+    // give 0. Batch-hard's are exact.
     let y = Tensor::from_slice(&[0i64, 0, 1, 1, 2, 2]);
+    let ref_labels = Tensor::from_slice(&[0i64, 1, 2, 0]);
     for distance in [Distance::Euclidean, Distance::Squared, Distance::Cosine] {
         let config = TripletConfig::new(1.0).distance(distance);
         for mining in MININGS {
             for kind in [Kind::Float, Kind::Double, Kind::Half] {
                 let x = Tensor::randn([6, 3], (kind, Device::Cpu)).set_requires_grad(true);
+                let r = Tensor::randn([4, 3], (kind, Device::Cpu)).set_requires_grad(true);
                 let m = Tensor::from_slice(&[1.0f64])
                     .reshape([])
                     .set_requires_grad(true);
-                let loss = config
-                    .terms_with_margin(mining, &y, &x, None, &m)
-                    .unwrap()
-                    .mean()
-                    .unwrap();
-                for wrt in [&x, &m] {
-                    let case = format!("{mining:?} {distance:?} {kind:?} {:?}", wrt.size());
-                    let g = Tensor::f_run_backward(&[&loss], &[wrt], true, true).unwrap();
-                    let finite = g[0].f_isfinite().unwrap().f_all().unwrap();
-                    assert!(bool::try_from(&finite).unwrap(), "{case}: finite");
-                    let second = g[0].requires_grad().then(|| {
-                        let total = g[0].f_sum(Kind::Double).unwrap();
-                        Tensor::f_run_backward(&[&total], &[wrt], true, false)
-                    });
-                    match (mining, second) {
-                        (Mining::Hard, None | Some(Ok(_))) => {}
-                        (Mining::Hard, Some(Err(e))) => panic!("{case}: {e}"),
-                        (_, Some(Err(e))) => {
-                            assert!(e.to_string().contains("_cdist_backward"), "{case}: {e}")
+                let references = References {
+                    embeddings: &r,
+                    labels: &ref_labels,
+                    anchor_offset: None,
+                };
+                for with_references in [false, true] {
+                    let refs = with_references.then_some(&references);
+                    let loss = config
+                        .terms_with_margin(mining, &y, &x, refs, &m)
+                        .unwrap()
+                        .mean()
+                        .unwrap();
+                    let sources: Vec<&Tensor> = if with_references {
+                        vec![&x, &r, &m]
+                    } else {
+                        vec![&x, &m]
+                    };
+                    for wrt in &sources {
+                        let g = Tensor::f_run_backward(&[&loss], &[*wrt], true, true).unwrap();
+                        let finite = g[0].f_isfinite().unwrap().f_all().unwrap();
+                        for of in &sources {
+                            let case = format!(
+                                "{mining:?} {distance:?} {kind:?} {with_references}: d/d{:?} of d/d{:?}",
+                                of.size(),
+                                wrt.size()
+                            );
+                            assert!(bool::try_from(&finite).unwrap(), "{case}: finite");
+                            let second = g[0].requires_grad().then(|| {
+                                let total = g[0].f_sum(Kind::Double).unwrap();
+                                Tensor::f_run_backward(&[&total], &[*of], true, false)
+                            });
+                            match (mining, second) {
+                                (Mining::Hard, None | Some(Ok(_))) => {}
+                                (Mining::Hard, Some(Err(e))) => panic!("{case}: {e}"),
+                                (_, Some(Err(e))) => {
+                                    assert!(
+                                        e.to_string().contains("_cdist_backward"),
+                                        "{case}: {e}"
+                                    )
+                                }
+                                (_, _) => panic!("{case}: a second derivative, silently"),
+                            }
                         }
-                        (_, _) => panic!("{case}: a second derivative, silently"),
                     }
                 }
             }
