@@ -233,6 +233,14 @@ def _worker_settings(rank, world, init_file):
             ("soft", lambda: _with(loss(BatchHardTripletLoss), soft="yes" if mine else False)(x, y)),
             ("distance", lambda: _with(loss(), distance="manhattan" if mine else "euclidean")(x, y)),
             ("labels", lambda: loss()(x, y.tolist() if mine else y)),
+            # Two problems on one rank: the first is relayed, whatever the labels.
+            ("soft", lambda: _with(loss(BatchHardTripletLoss), soft="yes" if mine else False)(
+                x, y.tolist() if mine else y)),
+            # A check of one rank's values (integers beyond 2**53 meeting float
+            # labels), made before the exchange.
+            ("extra_labels", lambda: loss()(
+                x, y.double(), extra_embeddings=extra[0],
+                extra_labels=torch.tensor([2**60 if mine else 0, 1, 2]))),
             ("memory (entries stored)", lambda: stored()(x, y)),
             ("memory (memory_size)", lambda: CrossBatchMemory(
                 loss(), memory_size=4 if mine else 16)(x, y)),
@@ -244,7 +252,7 @@ def _worker_settings(rank, world, init_file):
             assert text.startswith(what), (rank, what, text)
             assert "rank" in text or what in ("margin", "extra_embeddings and extra_labels",
                                               "extra_embeddings", "soft", "distance",
-                                              "labels"), text
+                                              "labels", "extra_labels"), text
             # The group still works: a matching call goes through on both ranks.
             value = loss()(x, y)
             value.backward()

@@ -867,6 +867,24 @@ def test_torch_compile_fullgraph_says_why_and_second_derivative_refused(mining, 
             torch.autograd.grad(g.sum(), x, allow_unused=True)
 
 
+@pytest.mark.parametrize("wrapper", ["memory", "distributed"])
+def test_torch_compile_fullgraph_of_wrappers_says_why(wrapper):
+    # The single-process distributed loss compared float labels with integer
+    # extra labels (a data-dependent check) before reaching the loss.
+    torch._dynamo.reset()
+    y = torch.tensor([0.0, 0, 1, 1, 2, 2], dtype=torch.float64)
+    x = _x(33, n=6, d=3).double().requires_grad_()
+    extra = (_x(34, n=3, d=3).double(), torch.tensor([0, 1, 2]))
+    if wrapper == "memory":
+        module = CrossBatchMemory(BatchHardTripletLoss(margin=0.3), memory_size=8)
+        call = lambda e: module(e, y)  # noqa: E731
+    else:
+        module = DistributedTripletLoss(BatchHardTripletLoss(margin=0.3))
+        call = lambda e: module(e, y, extra_embeddings=extra[0], extra_labels=extra[1])  # noqa: E731
+    with pytest.raises(Exception, match="online_triplet_loss: the triplet mining"):
+        torch.compile(call, backend="eager", fullgraph=True)(x)
+
+
 def test_vmap_over_memory_and_metrics_refused_state_kept():
     memory = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
     xs = torch.stack([_x(1), _x(2)])

@@ -169,9 +169,9 @@ def refuse_tracing(name: str) -> None:
     loss would be a constant. Refuse it plainly."""
     if torch.jit.is_tracing():
         raise RuntimeError(
-            f"{name}: torch.jit.trace is not supported: the triplet mining runs in native "
-            "code outside the traced graph, so the traced loss would be a constant. Trace "
-            "the model alone and call the loss on its outputs in Python."
+            f"{name}: torch.jit.trace is not supported: the triplet mining and the metrics run "
+            "in native code outside the traced graph, so the traced result would be a constant. "
+            "Trace the model alone and call the loss or metric on its outputs in Python."
         )
     transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
     if transforms_active is not None and transforms_active():
@@ -183,9 +183,9 @@ def refuse_tracing(name: str) -> None:
     # losses and metrics: they are compiler-disabled (_native.boundary).
     if torch.compiler.is_exporting():
         raise RuntimeError(
-            f"{name}: torch.export is not supported: the triplet mining runs in native code "
-            "that export cannot capture. Export the model alone and call the loss on its "
-            "outputs in Python."
+            f"{name}: torch.export is not supported: the triplet mining and the metrics run in "
+            "native code that export cannot capture. Export the model alone and call the loss "
+            "or metric on its outputs in Python."
         )
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _native as native
 from ._validation import (
     DISTANCES,
     check_flag,
@@ -135,6 +136,17 @@ def _gather_sizes(embeddings: Tensor, labels: Tensor, group: Optional[object],
             raise ValueError(f"{what}: must be the same on every rank of the group; got {per_rank}")
     _check_label_dtype("labels", labels)  # the same dtype on every rank
     return [row[0] for row in rows]
+
+
+def _labels_problem(labels: object) -> Optional[ValueError]:
+    """Why ``labels`` cannot take part in the exchange, if they cannot."""
+    try:
+        check_tensor("labels", labels)
+    except ValueError as exc:
+        return exc
+    if labels.device.type not in ("cpu", "cuda"):
+        return ValueError(f"labels: must be on the CPU or a CUDA device, got {labels.device}")
+    return None
 
 
 def _shape_problem(embeddings: Tensor, labels: Tensor) -> Optional[ValueError]:
@@ -358,12 +370,15 @@ class DistributedTripletLoss(nn.Module):
             raise ValueError("group: this process is not a member of the group")
         return rank, world
 
-    def _settings(self, embeddings: object, extra_embeddings: Optional[Tensor],
+    def _settings(self, embeddings: object, labels: object, extra_embeddings: Optional[Tensor],
                   extra_labels: Optional[Tensor]) -> List[Setting]:
         """What every rank must share for the loss of the global batch to be
         one loss: the wrapped loss's settings, and the extra references'
         presence, shape and dtypes (not their values). Raises the
-        ``ValueError`` of a bad margin or of bad extra references."""
+        ``ValueError`` of a bad margin or of bad extra references, also of
+        labels that cannot meet the extra labels (integers beyond 2**53 with
+        float labels: a check of this rank's values, made before the
+        exchange so that the other ranks raise too)."""
         loss = self.loss
         margin, learnable = margin_and_tensor(loss.margin)
         settings: List[Setting] = [
@@ -382,6 +397,8 @@ class DistributedTripletLoss(nn.Module):
         if extra_embeddings is not None:
             _check_extra(embeddings, extra_embeddings, extra_labels)
             _check_label_dtype("extra_labels", extra_labels)
+            if _labels_problem(labels) is None:
+                _common_labels(labels, extra_labels)
         rows, width = (-1, -1) if extra_embeddings is None else tuple(extra_embeddings.shape)
         settings += [
             ("extra_embeddings (rows)", rows, lambda v: None if v < 0 else v),
@@ -442,19 +459,17 @@ class DistributedTripletLoss(nn.Module):
         # exchange itself is a tensor on their device.
         check_tensor("embeddings", embeddings)
         if problem is None:
-            try:
-                check_tensor("labels", labels)
-            except ValueError as exc:
-                problem = exc
-                labels = torch.zeros(0, dtype=torch.int64, device=embeddings.device)
-        if problem is None:
-            problem = _shape_problem(embeddings, labels)
+            problem = _labels_problem(labels) or _shape_problem(embeddings, labels)
         rank, world = self._world()
         if world == 1:
             if problem is not None:
                 raise problem
             return embeddings, labels, 0
-        labels = labels.to(embeddings.device)
+        if problem is None:
+            labels = labels.to(embeddings.device)
+        else:
+            # Raised after the exchange; the labels may be unusable for it.
+            labels = torch.zeros(0, dtype=torch.int64, device=embeddings.device)
         sizes = _gather_sizes(embeddings, labels, self.group, problem, settings)
         offset = sum(sizes[:rank])
         carrier = _CARRIERS.get(labels.dtype, labels.dtype)
@@ -462,6 +477,7 @@ class DistributedTripletLoss(nn.Module):
         all_embeddings = _GatherRows.apply(embeddings, sizes, offset, self.group)
         return all_embeddings, all_labels, offset
 
+    @native.boundary
     def forward(
         self,
         embeddings: Tensor,
@@ -502,7 +518,7 @@ class DistributedTripletLoss(nn.Module):
         # exchange of the sizes, before any rank waits in another collective.
         problem, settings = None, []
         try:
-            settings = self._settings(embeddings, extra_embeddings, extra_labels)
+            settings = self._settings(embeddings, labels, extra_embeddings, extra_labels)
         except ValueError as exc:
             problem = exc
         all_embeddings, all_labels, offset = self._gather(embeddings, labels, problem, settings)

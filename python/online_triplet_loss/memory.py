@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from .distributed import DistributedTripletLoss, _dtype_code, _dtype_shown
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, _TripletLoss, loss_of
-from ._validation import INT64_MAX, check_int, check_tensor, refuse_scripting
+from . import _native as native
+from ._validation import INT64_MAX, check_int, check_tensor, refuse_scripting, refuse_tracing
 
 __all__ = ["CrossBatchMemory"]
 
@@ -181,6 +182,7 @@ class CrossBatchMemory(nn.Module):
         self._next = 0
         self._count = 0
 
+    @native.boundary
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The loss of the batch against itself and the memory; then enqueues
         the batch (with a distributed loss, the global batch).
@@ -193,6 +195,7 @@ class CrossBatchMemory(nn.Module):
         Returns:
             The loss, a scalar in the dtype of ``embeddings``.
         """
+        refuse_tracing(type(self).__name__)
         if isinstance(self.loss, DistributedTripletLoss):
             return self._forward_distributed(embeddings, labels)
         self._check_batch(embeddings, labels)

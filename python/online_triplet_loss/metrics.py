@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Optional, Union
 from torch import Tensor
 
 from . import _core, _native as native
-from ._validation import INT64_MAX, check_int, check_tensor, resolve_distance
+from ._validation import INT64_MAX, check_int, check_tensor, refuse_tracing, resolve_distance
 
 __all__ = ["recall_at_k", "mean_average_precision_at_r"]
 
@@ -100,6 +100,7 @@ def recall_at_k(
         >>> recall_at_k(embeddings, labels, ks=(1, 4))
         {1: 0.8, 4: 1.0}
     """
+    refuse_tracing("recall_at_k")
     check_tensor("embeddings", embeddings)
     check_tensor("labels", labels)
     values = _check_ks(ks)
@@ -159,6 +160,7 @@ def mean_average_precision_at_r(
         >>> round(mean_average_precision_at_r(embeddings, labels), 4)
         0.8
     """
+    refuse_tracing("mean_average_precision_at_r")
     check_tensor("embeddings", embeddings)
     check_tensor("labels", labels)
     return native.call(
