@@ -35,7 +35,6 @@ __all__ = ["DistributedTripletLoss"]
 _MININGS = ("all", "hard", "semihard")
 
 
-
 # Every dtype torch names, in a fixed order: its index is the dtype's code
 # in the exchange below (the same on every rank with the same torch).
 _DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
@@ -318,9 +317,9 @@ class DistributedTripletLoss(nn.Module):
     with embeddings of the same width and dtype, labels of the same dtype,
     the same settings of the wrapped loss and extra references of the same
     shape and dtypes (otherwise every rank raises a ``ValueError`` saying
-    what differs); the group should be the one DDP averages over. The batch sizes are gathered to the host (one small
-    synchronisation per call, needed to pad the gather); nothing else waits
-    for the device. With nccl, pass embeddings on the current CUDA device.
+    what differs); the group should be the one DDP averages over. The batch
+    sizes are gathered to the host (one small synchronisation per call,
+    needed to pad the gather); nothing else waits for the device. With nccl, pass embeddings on the current CUDA device.
 
     Args:
         loss: a :class:`~online_triplet_loss.BatchAllTripletLoss`,

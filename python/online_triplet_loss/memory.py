@@ -9,9 +9,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import _native as native
 from .distributed import DistributedTripletLoss, _dtype_code, _dtype_shown
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, _TripletLoss, loss_of
-from . import _native as native
 from ._validation import INT64_MAX, check_int, check_tensor, refuse_scripting, refuse_tracing
 
 __all__ = ["CrossBatchMemory"]

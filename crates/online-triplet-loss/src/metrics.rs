@@ -17,15 +17,15 @@
 //! approximate search; distances are computed in the embeddings' dtype
 //! (float32 for half precision), from the Gram matrix of the embeddings
 //! centred on their mean (Euclidean, the mean taken and subtracted in
-//! float64) and scaled by a power of two, or normalised (cosine). Queries are processed in chunks against all items, so
-//! memory stays O(B·chunk); the time is O(B²·D) for the distances plus
-//! O(B·(B + K log K)) for the selection, with K = max(k, R_q). Queries are
-//! sorted by R_q so that a chunk selects only as many neighbours as its own
-//! queries need. Identical items are at distance exactly 0 from each other
-//! (but for the cosine distance zero rows, and rows of norm below 1e-12,
-//! which are at 1), ahead of every distinct item, and at equal distances
-//! from every other item; other ties between distances are broken in an
-//! unspecified order.
+//! float64) and scaled by a power of two, or normalised (cosine). Queries
+//! are processed in chunks against all items, so memory stays O(B·chunk);
+//! the time is O(B²·D) for the distances plus O(B·(B + K log K)) for the
+//! selection, with K = max(k, R_q). Queries are sorted by R_q so that a
+//! chunk selects only as many neighbours as its own queries need. Identical
+//! items are at distance exactly 0 from each other (but for the cosine
+//! distance zero rows, and rows of norm below 1e-12, which are at 1), ahead
+//! of every distinct item, and at equal distances from every other item;
+//! other ties between distances are broken in an unspecified order.
 //!
 //! ```
 //! use online_triplet_loss::metrics::{mean_average_precision_at_r, recall_at_k};
