@@ -313,6 +313,26 @@ def test_float32_keeps_float64_precision_on_clustered_data(mining, distance, dat
     assert want.item() == pytest.approx(_ref_loss(mining, labels, x, margin, distance), rel=1e-9)
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("dtype, offset", [(torch.float32, 1e20), (torch.float32, -3e35),
+                                           (torch.float64, 1e30)])
+def test_an_offset_every_embedding_shares_changes_nothing(mining, dtype, offset, portable):
+    # Centred on a mean taken in the embeddings' dtype, a shared column of
+    # 1e20 (float32) left a residual of about 9e12, whose Gram products lost
+    # every digit of the differences: 0.73 instead of 2.54, silently.
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.arange(12) % 3
+    shifted = leaf(torch.cat([torch.full((12, 1), offset, dtype=dtype), x], dim=1))
+    plain = leaf(torch.cat([torch.zeros(12, 1, dtype=dtype), x], dim=1))
+    got, want = (_core.triplet_terms(mining, labels, e, 0.5, "euclidean", False, None, None,
+                                     None, None, portable=portable)[0] for e in (shifted, plain))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, shifted)[0],
+                               torch.autograd.grad(want, plain)[0])
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_metrics_keep_float64_rankings_far_from_origin(seed):
     x = _far_from_origin(seed).float().double()

@@ -171,6 +171,43 @@ fn normalize(x: &Tensor) -> Result<Tensor, Error> {
     Ok(x.f_div(&row_norms(x)?.f_clamp_min(COSINE_EPS)?)?)
 }
 
+/// The mean of a set of embeddings, that Euclidean distances are taken
+/// from, in float64 and in two parts: the mean, and the mean of what
+/// subtracting it leaves. One mean in the embeddings' dtype leaves a
+/// residual of about its ulp in an offset every row shares (9e12 for a
+/// column of 1e20 in float32), and the Gram products of such points lose
+/// every digit of their differences, silently; the second part takes the
+/// residual of the first out.
+pub(crate) struct Centre {
+    mean: Tensor,
+    rest: Tensor,
+}
+
+impl Centre {
+    pub(crate) fn of(y: &Tensor) -> Result<Centre, Error> {
+        let wide = y.f_to_kind(Kind::Double)?;
+        if y.size()[0] == 0 {
+            let zero = || Tensor::f_zeros([1, y.size()[1]], (Kind::Double, y.device()));
+            return Ok(Centre {
+                mean: zero()?,
+                rest: zero()?,
+            });
+        }
+        let mean = wide.f_mean_dim([0i64].as_slice(), true, None::<Kind>)?;
+        let rest = wide
+            .f_sub(&mean)?
+            .f_mean_dim([0i64].as_slice(), true, None::<Kind>)?;
+        Ok(Centre { mean, rest })
+    }
+
+    /// `x` less the centre, in float64: one part after the other.
+    pub(crate) fn subtracted_from(&self, x: &Tensor) -> Result<Tensor, Error> {
+        Ok(x.f_to_kind(Kind::Double)?
+            .f_sub(&self.mean)?
+            .f_sub(&self.rest)?)
+    }
+}
+
 /// One set of embeddings, detached, with what the distance needs precomputed.
 pub(crate) struct Side {
     distance: Distance,
@@ -197,14 +234,7 @@ impl Side {
         let y = y.map(Tensor::detach);
         let center = match distance {
             Distance::Cosine => None,
-            Distance::Euclidean | Distance::Squared => {
-                let y = y.as_ref().unwrap_or(&x);
-                Some(if y.size()[0] > 0 {
-                    y.f_mean_dim([0i64].as_slice(), true, None::<Kind>)?
-                } else {
-                    Tensor::f_zeros([1, y.size()[1]], (y.kind(), y.device()))?
-                })
-            }
+            Distance::Euclidean | Distance::Squared => Some(Centre::of(y.as_ref().unwrap_or(&x))?),
         };
         let side = |t: &Tensor| match &center {
             Some(center) => Side::centred(distance, t, center),
@@ -222,8 +252,8 @@ impl Side {
         Ok((sx, sy))
     }
 
-    fn centred(distance: Distance, x: &Tensor, center: &Tensor) -> Result<Side, Error> {
-        let points = x.f_sub(center)?;
+    fn centred(distance: Distance, x: &Tensor, center: &Centre) -> Result<Side, Error> {
+        let points = center.subtracted_from(x)?.f_to_kind(x.f_kind()?)?;
         let norms = points
             .f_square()?
             .f_sum_dim_intlist(-1, false, None::<Kind>)?;

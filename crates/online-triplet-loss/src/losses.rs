@@ -278,7 +278,7 @@ impl TripletConfig {
     ///
     /// Non-finite values anywhere in the embeddings or references, Euclidean
     /// (or squared) distances whose squares may overflow the dtype (float32
-    /// embeddings of magnitude ≳ 1e19), cosine distances of rows whose norm
+    /// embeddings ≳ 1e19 apart), cosine distances of rows whose norm
     /// overflows, and Euclidean distances of embeddings so close together
     /// that the squares of their differences underflow (every entry within
     /// 1.1e-19 of the first embedding's in float32, 1.5e-154 in float64,

@@ -16,8 +16,8 @@
 //! Both are exact: every query is ranked against every item, with no
 //! approximate search; distances are computed in the embeddings' dtype
 //! (float32 for half precision), from the Gram matrix of the embeddings
-//! centred on their mean (Euclidean, the mean taken and subtracted in
-//! float64) and scaled by a power of two, or normalised (cosine). Queries
+//! centred on their mean (Euclidean, taken and subtracted in float64) and
+//! scaled by a power of two, or normalised (cosine). Queries
 //! are processed in chunks against all items, so memory stays O(B·chunk);
 //! the time is O(B²·D) for the distances plus O(B·(B + K log K)) for the
 //! selection, with K = max(k, R_q). Queries are sorted by R_q so that a
@@ -45,7 +45,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::distance::{Distance, Side};
+use crate::distance::{Centre, Distance, Side};
 use crate::grad;
 use crate::labels::{domain, keys, REFERENCE_NAN_KEYS};
 use crate::losses::check_embeddings;
@@ -379,11 +379,10 @@ fn normalised_frame(x: &Tensor, centre: bool) -> Result<Tensor, Error> {
             .f_mul_scalar(2f64.powi(exponent - exponent / 2))?)
     };
     let x = scaled(x.f_to_kind(Kind::Double)?)?;
-    if !centre || x.size()[0] == 0 {
+    if !centre {
         return Ok(x);
     }
-    let mean = x.f_mean_dim([0i64].as_slice(), true, None::<Kind>)?;
-    scaled(x.f_sub(&mean)?)
+    scaled(Centre::of(&x)?.subtracted_from(&x)?)
 }
 
 #[cfg(test)]
