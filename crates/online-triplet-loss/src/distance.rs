@@ -59,8 +59,9 @@ impl Distance {
     }
 
     /// Distances between the rows of `x` and the rows of `y`, differentiable
-    /// (twice, too). Used where only a few pairs are needed; the gradient is
-    /// 0 at zero distance.
+    /// (twice, too), in their dtype (computed in float32 for float16 and
+    /// bfloat16). Used where only a few pairs are needed; the gradient is 0
+    /// at zero distance.
     ///
     /// # Shapes
     /// `x` and `y`: `(N, D)`; the result: `(N,)`.
@@ -95,6 +96,21 @@ impl Distance {
                 ),
             ));
         }
+        // float16 and bfloat16 are computed in float32, as in the losses (a
+        // zero row's cosine floor, 1e-12, is 0 in float16), and returned in
+        // their dtype when both sides have it.
+        let narrow = |t: &Tensor| matches!(t.kind(), Kind::Half | Kind::BFloat16);
+        if narrow(x) || narrow(y) {
+            let wide = |t: &Tensor| match narrow(t) {
+                true => t.f_to_kind(Kind::Float),
+                false => Ok(t.shallow_clone()),
+            };
+            let d = self.paired(&wide(x)?, &wide(y)?)?;
+            return Ok(match x.kind() == y.kind() {
+                true => d.f_to_kind(x.kind())?,
+                false => d,
+            });
+        }
         Ok(match self {
             Distance::Squared => {
                 x.f_sub(y)?
@@ -102,15 +118,27 @@ impl Distance {
                     .f_sum_dim_intlist(-1, false, None::<Kind>)?
             }
             Distance::Euclidean => {
-                let sq = x
-                    .f_sub(y)?
+                // Scaled by the largest difference (a constant for autograd):
+                // squares of differences below 1e-19 (float32) would
+                // underflow, and give 0 with a gradient of 0 for a pair whose
+                // distance and unit gradient are representable.
+                let diff = x.f_sub(y)?;
+                if x.size()[1] == 0 {
+                    // Zeros that stay in the graph.
+                    return Ok(diff.f_sum_dim_intlist(-1, false, None::<Kind>)?);
+                }
+                let scale = row_scales(&diff)?.f_squeeze_dim(-1)?;
+                let sq = diff
+                    .f_div(&scale.f_unsqueeze(-1)?)?
                     .f_square()?
                     .f_sum_dim_intlist(-1, false, None::<Kind>)?;
                 let positive = sq.f_gt(0.0)?;
-                // sqrt is evaluated on 1 where sq is 0 so that its gradient is finite.
+                // sqrt is evaluated on 1 where sq is 0 so that its gradients
+                // (the second one too) are finite.
                 sq.f_where_scalarother(&positive, 1.0)?
                     .f_sqrt()?
                     .f_where_scalarother(&positive, 0.0)?
+                    .f_mul(&scale)?
             }
             Distance::Cosine => {
                 let xn = normalize(x)?;
@@ -146,24 +174,33 @@ impl FromStr for Distance {
     }
 }
 
-/// ‖x‖ of every row, `(N, 1)`, without the overflow of a plain sum of
-/// squares: rows are scaled by their largest magnitude first (a constant for
-/// autograd, so the gradient is that of the norm).
+/// ‖x‖ of every row, `(N, 1)`, without the overflow or underflow of a plain
+/// sum of squares: rows are scaled by their largest magnitude first (a
+/// constant for autograd, so the gradient is that of the norm), or by the
+/// dtype's smallest normal number for rows of zeros, which stay 0.
 fn row_norms(x: &Tensor) -> Result<Tensor, Error> {
     if x.size().last() == Some(&0) {
-        return Ok(Tensor::f_zeros(
-            [x.size()[0], 1],
-            (x.f_kind()?, x.device()),
-        )?);
+        // Zeros that stay in the graph, so that a loss of them backpropagates.
+        return Ok(x.f_sum_dim_intlist(-1, true, None::<Kind>)?);
     }
-    let scale = x
-        .detach()
-        .f_abs()?
-        .f_amax([-1i64].as_slice(), true)?
-        .f_clamp_min(1e-30)?;
+    let scale = row_scales(x)?;
     Ok(x.f_div(&scale)?
         .f_linalg_norm(2.0, [-1i64].as_slice(), true, None::<Kind>)?
         .f_mul(&scale)?)
+}
+
+/// The largest magnitude of every row of `x`, `(N, 1)`, detached, or the
+/// dtype's smallest normal number for rows of zeros; `x` has columns.
+fn row_scales(x: &Tensor) -> Result<Tensor, Error> {
+    let smallest_normal = match x.f_kind()? {
+        Kind::Double => f64::MIN_POSITIVE,
+        Kind::Half => 6.103_515_625e-5,
+        _ => f64::from(f32::MIN_POSITIVE),
+    };
+    Ok(x.detach()
+        .f_abs()?
+        .f_amax([-1i64].as_slice(), true)?
+        .f_clamp_min(smallest_normal)?)
 }
 
 /// `x / max(‖x‖, ε)` row by row, as `torch.nn.functional.normalize`.

@@ -315,7 +315,9 @@ impl TripletConfig {
     /// tensor's value; for batch-all and semi-hard, which mine with
     /// [`TripletConfig::margin`], a tensor holding another value (in the
     /// dtype the loss computes in: float32 for float16, bfloat16 and float32
-    /// embeddings) makes `sum` and its gradients NaN.
+    /// embeddings) makes `sum` and its gradients NaN; for batch-hard, a
+    /// negative, infinite or NaN value does (checked on the tensor's device,
+    /// without synchronising).
     ///
     /// # Errors
     /// As [`TripletConfig::terms`], and [`Error::InvalidArgument`] when
@@ -411,10 +413,20 @@ impl TripletConfig {
         // Batch-all and semi-hard mine with the config's margin and take the
         // tensor's gradient: a tensor that does not hold the config's margin
         // (NaN, say) poisons the loss rather than mixing the two (read on the
-        // host, it would synchronise). Batch-hard's mining has no margin.
-        if let (Some(m), Mining::All | Mining::SemiHard) = (&margin, mining) {
-            let other = m.detach().f_ne(self.margin)?;
-            let _ = poison.f_masked_fill_(&other, f64::NAN)?;
+        // host, it would synchronise). Batch-hard's mining has no margin: it
+        // takes the tensor's value, which must be finite and >= 0 like the
+        // config's (a NaN reaches its value by itself, but not its gradients:
+        // relu's slope at NaN is 0).
+        if let Some(m) = &margin {
+            let m = m.detach();
+            let refused = match mining {
+                Mining::All | Mining::SemiHard => m.f_ne(self.margin)?,
+                Mining::Hard => m
+                    .f_isfinite()?
+                    .f_logical_not_()?
+                    .f_logical_or_(&m.f_lt(0.0)?)?,
+            };
+            let _ = poison.f_masked_fill_(&refused, f64::NAN)?;
         }
         let guard = match mining {
             Mining::Hard => None,

@@ -139,6 +139,8 @@ impl RetrievalConfig {
     }
 
     /// recall@k for each of `ks` and MAP@R, in one pass over the distances.
+    /// `ks` may be empty (MAP@R alone), unlike for
+    /// [`RetrievalConfig::recall_at_k`], whose result would be empty.
     pub fn evaluate(
         &self,
         embeddings: &Tensor,

@@ -270,6 +270,113 @@ fn a_margin_tensor_that_is_not_the_margin_poisons_the_mined_losses() {
             assert_eq!(sum.is_nan(), poisoned, "{mining:?} {value}: {sum}");
         }
     }
+    // Batch-hard takes the tensor's value, which must be a margin: finite
+    // and >= 0, as the config's.
+    for (value, poisoned) in [
+        (0.5, false),
+        (0.0, false),
+        (-0.0, false),
+        (-1e-30, true),
+        (f64::INFINITY, true),
+        (f64::NAN, true),
+    ] {
+        let m = Tensor::from_slice(&[value as f32])
+            .reshape([])
+            .set_requires_grad(true);
+        let terms = config
+            .terms_with_margin(Mining::Hard, &y, &x, None, &m)
+            .unwrap();
+        let sum = f64::try_from(&terms.sum).unwrap();
+        assert_eq!(sum.is_nan(), poisoned, "hard {value}: {sum}");
+        let grads = Tensor::run_backward(&[&terms.sum], &[&x, &m], false, false);
+        for g in &grads {
+            let nan = g.isnan().any().int64_value(&[]) != 0;
+            assert_eq!(nan, poisoned, "hard {value}: gradient {g:?}");
+        }
+        if !poisoned {
+            let plain = TripletConfig::new(value.abs())
+                .terms(Mining::Hard, &y, &x, None)
+                .unwrap();
+            assert_eq!(sum, f64::try_from(&plain.sum).unwrap(), "hard {value}");
+        }
+    }
+}
+
+#[test]
+fn paired_euclidean_distances_neither_underflow_nor_overflow() {
+    // Pairs whose squared differences leave the dtype's range: the distance
+    // and its gradient, (x - y)/d, are representable and must come out.
+    for (kind, scales) in [
+        (Kind::Float, [1e-30, 1e-42, 1e20, 1.0]),
+        (Kind::Double, [1e-160, 1e-310, 1e160, 1.0]),
+    ] {
+        for scale in scales {
+            let x = Tensor::from_slice(&[0.25 * scale, -1.5 * scale])
+                .view([1, 2])
+                .to_kind(kind)
+                .set_requires_grad(true);
+            let y = Tensor::from_slice(&[-2.75 * scale, 2.5 * scale])
+                .view([1, 2])
+                .to_kind(kind);
+            // The differences as the dtype holds them: float32 rounds them.
+            let held =
+                Vec::<f64>::try_from((&x - &y).detach().to_kind(Kind::Double).view([-1])).unwrap();
+            let want = held[0].hypot(held[1]);
+            assert!(want > 0.0, "{kind:?} {scale}: {held:?}");
+            let d = Distance::Euclidean.paired(&x, &y).unwrap();
+            let got = f64::try_from(&d.to_kind(Kind::Double)).unwrap();
+            // Relative, and the spacing of subnormal results.
+            let (tolerance, spacing) = if kind == Kind::Float {
+                (1e-6, 1.5e-45)
+            } else {
+                (1e-14, 5e-324)
+            };
+            assert!(
+                (got - want).abs() <= tolerance * want + spacing,
+                "{kind:?} {scale}: {got} vs {want}"
+            );
+            let g = Tensor::run_backward(&[&d.sum(kind)], &[&x], false, false);
+            let g = Vec::<f64>::try_from(g[0].to_kind(Kind::Double).view([-1])).unwrap();
+            for (gi, hi) in g.iter().zip(&held) {
+                assert!(
+                    (gi - hi / want).abs() <= tolerance,
+                    "{kind:?} {scale}: {g:?}"
+                );
+            }
+        }
+    }
+    // Identical rows: 0, with the subgradient 0, in every dtype.
+    for kind in [Kind::Half, Kind::BFloat16, Kind::Float, Kind::Double] {
+        let x = Tensor::from_slice(&[0.5f64, -2.0, 0.0, 0.0])
+            .view([2, 2])
+            .to_kind(kind)
+            .set_requires_grad(true);
+        for distance in [Distance::Euclidean, Distance::Squared, Distance::Cosine] {
+            let d = distance.paired(&x, &x.detach()).unwrap();
+            let values = Vec::<f64>::try_from(d.to_kind(Kind::Double)).unwrap();
+            let want = if distance == Distance::Cosine {
+                [0.0, 1.0]
+            } else {
+                [0.0, 0.0]
+            };
+            for (v, w) in values.iter().zip(want) {
+                assert!((v - w).abs() < 1e-3, "{kind:?} {distance}: {values:?}");
+            }
+            let g = Tensor::run_backward(&[&d.sum(kind)], &[&x], false, false);
+            let finite = g[0].isfinite().all().int64_value(&[]) != 0;
+            assert!(finite, "{kind:?} {distance}: {:?}", g[0]);
+        }
+    }
+    // No columns, or no rows.
+    for shape in [[3i64, 0], [0, 3]] {
+        let x = Tensor::zeros(shape, (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        for distance in [Distance::Euclidean, Distance::Squared, Distance::Cosine] {
+            let d = distance.paired(&x, &x.detach()).unwrap();
+            assert_eq!(d.size(), [shape[0]], "{distance} {shape:?}");
+            let g = Tensor::run_backward(&[&d.sum(Kind::Float)], &[&x], false, false);
+            assert_eq!(g[0].size(), shape, "{distance} {shape:?}");
+        }
+    }
 }
 
 #[test]
