@@ -1,7 +1,8 @@
 """Parity with pytorch-metric-learning (PML), an independent implementation
 of the same losses: its ``TripletMarginLoss`` on all triplets (batch-all) or
 on ``BatchHardMiner``'s (batch-hard), with its distances, against reference
-sets, and its ``CrossBatchMemory`` over steps that wrap the memory around.
+sets, and its ``CrossBatchMemory`` over steps that wrap the memory around;
+the metrics against its ``AccuracyCalculator``.
 
 What PML defines differently is left out: its semi-hard miner keeps every
 triplet with d_ap < d_an < d_ap + m, not one negative per positive pair; its
@@ -152,3 +153,27 @@ def test_cross_batch_memory_equals_pml(mining, soft, distance):
         got = ours(x, labels)
         got = got[0] if isinstance(got, tuple) else got
         torch.testing.assert_close(got, theirs(x, labels), **CLOSE, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("distance", ("euclidean", "cosine"))
+def test_metrics_equal_pml_accuracy_calculator(distance):
+    """recall@1 is PML's precision_at_1 and MAP@R its mean_average_precision_at_r,
+    with items whose label no other item has among the references only."""
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
+
+    knn = CustomKNN(pml_distances.CosineSimilarity() if distance == "cosine"
+                    else pml_distances.LpDistance(normalize_embeddings=False))
+    calculator = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
+                                    knn_func=knn, k="max_bin_count", device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        labels = torch.cat([torch.randint(0, 6, (70,), generator=g), torch.tensor([50, 51])])
+        x = torch.randn(len(labels), 4, generator=g, dtype=torch.float64)
+        want = calculator.get_accuracy(x, labels)
+        assert recall_at_k(x, labels, ks=(1,), distance=distance)[1] == pytest.approx(
+            want["precision_at_1"], rel=1e-12)
+        assert mean_average_precision_at_r(x, labels, distance=distance) == pytest.approx(
+            want["mean_average_precision_at_r"], rel=1e-12)
