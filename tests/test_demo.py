@@ -61,6 +61,17 @@ def test_deterministic_for_a_seed(tmp_path):
     assert runs[0].losses != runs[2].losses
 
 
+def test_leaves_torch_global_state_as_it_was(tmp_path):
+    import torch
+
+    torch.manual_seed(1234)
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
+    demo.run(demo.parse_args(["--epochs", "1", "--threads", "1", "--out", str(tmp_path),
+                              "--no-progress"]))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.get_num_threads() == threads
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -262,3 +262,89 @@ def test_module_casts_leave_float_labels_alone(cast):
     assert torch.equal(memory.memory[1], torch.cat([labels, labels]))
     state = memory.state_dict()
     assert state["memory_labels"].dtype == torch.float32
+
+
+# ------------------------------------------------------- object lifecycle
+
+
+def _used(size=50, width=8, steps=3):
+    g = torch.Generator().manual_seed(0)
+    memory = CrossBatchMemory(BatchHardTripletLoss(margin=0.3), memory_size=size)
+    for _ in range(steps):
+        memory(torch.randn(20, width, generator=g), torch.randint(0, 5, (20,), generator=g))
+    return memory
+
+
+def test_a_strict_load_that_fails_changes_nothing():
+    """The state of a memory that never stored anything has no buffers: in a
+    used memory they are missing keys, so a strict load fails with torch's
+    "Missing key(s)" before changing anything, and a lenient one leaves the
+    memory, whose count and position go with its buffers, as it was."""
+    fresh = CrossBatchMemory(BatchHardTripletLoss(margin=0.3), memory_size=50).state_dict()
+    memory = _used()
+    before = [t.clone() for t in memory.memory]
+    x, y = torch.randn(6, 8), torch.tensor([0, 0, 1, 1, 2, 2])
+    want = copy.deepcopy(memory)(x, y)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        memory.load_state_dict(fresh)
+    result = memory.load_state_dict(fresh, strict=False)
+    assert set(result.missing_keys) == {"memory_embeddings", "memory_labels"}
+    assert memory.num_stored == 50 and memory.embedding_dim == 8
+    assert all(torch.equal(a, b) for a, b in zip(memory.memory, before))
+    with pytest.raises(ValueError, match="embeddings: must have 8 columns"):
+        memory(torch.randn(4, 16), torch.tensor([0, 0, 1, 1]))
+    assert torch.equal(memory(x, y), want)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_memory_returns_copies(full):
+    memory = _used(size=40 if full else 50, steps=2)
+    assert (memory.num_stored == memory.memory_size) == full
+    embeddings, labels = memory.memory
+    kept = embeddings.clone(), labels.clone()
+    memory.enqueue(torch.full((30, 8), 7.0), torch.full((30,), 9))  # wraps around
+    assert torch.equal(embeddings, kept[0]) and torch.equal(labels, kept[1])
+    embeddings.fill_(float("nan"))
+    assert torch.isfinite(memory.memory[0]).all()
+
+
+def test_replaced_buffers_are_refused_not_mined():
+    """The ring's position and count are the module's: buffers put in place
+    of its own (functional_call, DataParallel's replicas) would be mined and
+    filled as if they held what it stored."""
+    from torch.func import functional_call
+
+    memory = _used(steps=1)
+    x, y = torch.randn(8, 8), torch.arange(8) % 2
+    buffers = {name: t.clone() for name, t in memory.named_buffers()}
+    with pytest.raises(RuntimeError, match="buffers were replaced"):
+        functional_call(memory, buffers, (x, y))
+    assert memory.num_stored == 20
+    # Parameters alone may be replaced (the inner loss has none here).
+    assert torch.equal(functional_call(memory, {}, (x, y)), _used(steps=1)(x, y))
+    replica = copy.copy(memory)
+    replica._buffers = dict(memory._buffers)
+    replica.memory_embeddings = memory.memory_embeddings.clone()
+    for call in (lambda: replica(x, y), lambda: replica.enqueue(x, y), lambda: replica.memory):
+        with pytest.raises(RuntimeError, match="buffers were replaced"):
+            call()
+
+
+def test_moved_copied_and_loaded_memories_keep_working():
+    import io
+    import pickle
+
+    memory = _used(steps=2)
+    x, y = torch.randn(8, 8), torch.arange(8) % 2
+    want = copy.deepcopy(memory)(x, y)
+    copies = [copy.deepcopy(memory), pickle.loads(pickle.dumps(memory)),
+              copy.deepcopy(memory).double().float()]
+    buffer = io.BytesIO()
+    torch.save(memory, buffer)
+    buffer.seek(0)
+    copies.append(torch.load(buffer, weights_only=False))
+    target = CrossBatchMemory(BatchHardTripletLoss(margin=0.3), memory_size=50)
+    target.load_state_dict(memory.state_dict(), assign=True)
+    copies.append(target)
+    for other in copies:
+        assert torch.equal(other(x, y), want)

@@ -203,13 +203,15 @@ def _scores(embeddings: Tensor, y: Tensor) -> Dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> Result:
-    """Trains, evaluates and plots as ``args`` say; prints the metrics."""
+    """Trains, evaluates and plots as ``args`` say; prints the metrics. torch's
+    thread count and random generator are as they were afterwards."""
     _require_extras()
     _check_writable(args.out)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args)
+        with torch.random.fork_rng(devices=[]):
+            return _run(args)
     finally:
         torch.set_num_threads(threads)
 

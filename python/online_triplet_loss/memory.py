@@ -68,7 +68,11 @@ class CrossBatchMemory(nn.Module):
     The memory's dtype and device are those of the first batch (or of the
     module after ``.to()`` when ``embedding_dim`` is given); later batches are
     stored in that dtype and must be on that device. Labels must keep the
-    dtype of the first batch's. The memory is saved in ``state_dict``.
+    dtype of the first batch's. The memory is saved in ``state_dict``. Its
+    position and count are the module's own, so buffers that replace its
+    buffers (:func:`torch.func.functional_call` given them, or the replicas of
+    :class:`~torch.nn.DataParallel`, which would fill copies that are then
+    dropped) make ``forward`` raise; use DDP.
 
     XBM works once the embeddings drift slowly; the paper starts it after a
     warm-up. To delay it, call the wrapped loss directly for the first steps,
@@ -130,6 +134,24 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("memory_labels", None)
         if embedding_dim is not None:
             self.memory_embeddings = torch.zeros(self.memory_size, embedding_dim)
+        self._own_buffers()
+
+    def _own_buffers(self) -> None:
+        """Records the buffers that ``_next`` and ``_count`` describe."""
+        self._ring = (self._buffers["memory_embeddings"], self._buffers["memory_labels"])
+
+    def _check_buffers(self) -> None:
+        """Refuses buffers that another hand put in place of the module's:
+        the ring's position and count describe the module's own, so others
+        would be mined, and written to, as if they held what it stored."""
+        ring = (self._buffers["memory_embeddings"], self._buffers["memory_labels"])
+        if any(now is not own for now, own in zip(ring, self._ring)):
+            raise RuntimeError(
+                f"{type(self).__name__}: its buffers were replaced by other tensors "
+                "(torch.func.functional_call with buffers, nn.DataParallel's replicas, or an "
+                "assignment), but the ring's position and count are the module's own and "
+                "describe its buffers; to set the memory, use load_state_dict"
+            )
 
     def __prepare_scriptable__(self) -> "CrossBatchMemory":
         refuse_scripting(type(self).__name__)
@@ -145,13 +167,16 @@ class CrossBatchMemory(nn.Module):
         # follow the module to its device only.
         labels = self._buffers.get("memory_labels")
         if labels is None:
-            return super()._apply(fn, recurse)
+            super()._apply(fn, recurse)
+            self._own_buffers()
+            return self
         self._buffers["memory_labels"] = None
         try:
             super()._apply(fn, recurse)
         finally:
             self._buffers["memory_labels"] = labels
         self._buffers["memory_labels"] = labels.to(fn(labels).device)
+        self._own_buffers()
         return self
 
     @property
@@ -161,7 +186,9 @@ class CrossBatchMemory(nn.Module):
 
     @property
     def memory(self) -> Tuple[Tensor, Tensor]:
-        """The stored ``(embeddings, labels)``, oldest first."""
+        """The stored ``(embeddings, labels)``, oldest first: copies, which
+        later batches leave alone."""
+        self._check_buffers()
         if self._count == 0 or self.memory_labels is None:
             dim = 0 if self.embedding_dim is None else self.embedding_dim
             empty = torch.empty(0, dim)
@@ -169,9 +196,9 @@ class CrossBatchMemory(nn.Module):
         order = self._order()
         return self.memory_embeddings[order], self.memory_labels[order]
 
-    def _order(self) -> Union[slice, Tensor]:
+    def _order(self) -> Tensor:
         if self._count < self.memory_size:
-            return slice(0, self._count)
+            return torch.arange(self._count, device=self.memory_embeddings.device)
         return torch.cat([
             torch.arange(self._next, self.memory_size),
             torch.arange(0, self._next),
@@ -196,6 +223,7 @@ class CrossBatchMemory(nn.Module):
             The loss, a scalar in the dtype of ``embeddings``.
         """
         refuse_tracing(type(self).__name__)
+        self._check_buffers()
         if isinstance(self.loss, DistributedTripletLoss):
             return self._forward_distributed(embeddings, labels)
         self._check_batch(embeddings, labels)
@@ -272,6 +300,7 @@ class CrossBatchMemory(nn.Module):
             embeddings: :math:`(B, D)`.
             labels: :math:`(B)`.
         """
+        self._check_buffers()
         self._check_batch(embeddings, labels)
         # The buffers must stay ordinary tensors whatever the caller's mode:
         # an inference tensor could not be updated in place by a later
@@ -310,6 +339,7 @@ class CrossBatchMemory(nn.Module):
             self.embedding_dim = embeddings.shape[1]
             self.memory_embeddings = embeddings.new_zeros(self.memory_size, self.embedding_dim)
         self.memory_labels = labels.new_zeros(self.memory_size, device=self.memory_embeddings.device)
+        self._own_buffers()
 
     def _check_batch(self, embeddings: Tensor, labels: Tensor) -> None:
         check_tensor("embeddings", embeddings)
@@ -340,12 +370,24 @@ class CrossBatchMemory(nn.Module):
                 f"got {labels.dtype}"
             )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
+                              missing_keys, unexpected_keys, error_msgs):
+        extra = state_dict.get(prefix + "_extra_state")
         self._check_saved(
             state_dict.get(prefix + "memory_embeddings"),
             state_dict.get(prefix + "memory_labels"),
-            state_dict.get(prefix + "_extra_state"),
+            extra,
         )
+        # Buffers this memory has and the state lacks (the state of a memory
+        # that never stored anything has none): they are missing keys, which
+        # a strict load reports, and the ring position and count that go
+        # with them are not loaded either, so the memory stays as it was
+        # (torch passes strict=True here whatever the caller's setting).
+        kept = [name for name in ("memory_embeddings", "memory_labels")
+                if getattr(self, name) is not None and prefix + name not in state_dict]
+        if kept:
+            missing_keys.extend(prefix + name for name in kept)
+            return
         # The buffers are allocated lazily; take their shape from the saved
         # state. Loading copies into existing buffers: the embeddings keep
         # the dtype the module was cast to (``.double()``), as a Module's
@@ -361,7 +403,9 @@ class CrossBatchMemory(nn.Module):
                 setattr(self, name, torch.empty_like(saved))
             elif name == "memory_labels" and current.dtype != saved.dtype:
                 setattr(self, name, torch.empty(saved.shape, dtype=saved.dtype, device=current.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._own_buffers()  # ``assign=True`` puts the saved tensors in place
 
     def _check_saved(self, embeddings: object, labels: object, extra: object) -> None:
         """Refuses the state of another memory, or one whose ring position and
@@ -380,6 +424,8 @@ class CrossBatchMemory(nn.Module):
                 refuse(f"memory_embeddings has {embeddings.shape[1]} columns")
         if labels is not None and (not isinstance(labels, Tensor) or tuple(labels.shape) != (size,)):
             refuse(f"memory_labels has shape {tuple(getattr(labels, 'shape', ()))}, expected ({size},)")
+        if labels is not None and embeddings is None:
+            refuse("it has memory_labels without memory_embeddings")
         if extra is None:
             return
         if not isinstance(extra, dict) or not {"next", "count", "embedding_dim"} <= set(extra):
