@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -262,3 +264,63 @@ def test_input_errors(metric):
             metric(e, l)
     with pytest.raises(ValueError, match="distance: expected one of"):
         mean_average_precision_at_r(embeddings, labels, distance="l1")
+
+
+_INTERRUPTED_CHILD = """
+import os, signal, sys, threading, time
+import torch
+from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
+
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(20_000, 16, generator=g), torch.randint(0, 200, (20_000,), generator=g)
+small = x[:500], y[:500]
+
+def signal_in(seconds):
+    threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+class Stop(Exception):
+    pass
+
+for metric in (lambda: recall_at_k(x, y, (1,)), lambda: mean_average_precision_at_r(x, y)):
+    start = time.perf_counter()
+    want = metric()
+    whole = time.perf_counter() - start
+    # Ctrl-C: a KeyboardInterrupt within a chunk, not at the end.
+    signal_in(0.1)
+    start = time.perf_counter()
+    try:
+        metric()
+        sys.exit("not interrupted")
+    except KeyboardInterrupt:
+        interrupted = time.perf_counter() - start
+    assert interrupted < 0.1 + whole / 3, (interrupted, whole)
+    # A handler's own exception comes out unchanged; one that returns lets the
+    # evaluation finish, with the same result.
+    def stop(*_):
+        raise Stop("from the handler")
+    signal.signal(signal.SIGINT, stop)
+    signal_in(0.1)
+    try:
+        metric()
+        sys.exit("not interrupted")
+    except Stop as err:
+        assert str(err) == "from the handler"
+    calls = []
+    signal.signal(signal.SIGINT, lambda *_: calls.append(1))
+    signal_in(0.1)
+    assert metric() == want and calls == [1]
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert recall_at_k(*small, (1,)) == recall_at_k(*small, (1,))  # still usable
+print("ok")
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_stops_a_long_evaluation_between_chunks():
+    """The metrics run in native code without the GIL; between chunks they
+    run Python's signal handlers, so Ctrl-C stops a long evaluation (20k
+    items, about a second here) within a chunk instead of at its end."""
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_CHILD], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr

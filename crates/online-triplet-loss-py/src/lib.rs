@@ -2,9 +2,9 @@
 //! and errors; validation messages, the math and the gradients come from the
 //! Rust crate.
 
-use online_triplet_loss::metrics::RetrievalConfig;
+use online_triplet_loss::metrics::{Interrupt, RetrievalConfig};
 use online_triplet_loss::{Distance, Error, Kernel, Mining, References, Terms, TripletConfig};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 use tch::{Kind, Tensor};
@@ -13,6 +13,7 @@ fn to_py(err: Error) -> PyErr {
     match err {
         Error::InvalidArgument { .. } => PyValueError::new_err(err.to_string()),
         Error::Torch(_) => PyRuntimeError::new_err(err.to_string()),
+        Error::Interrupted => PyKeyboardInterrupt::new_err(err.to_string()),
     }
 }
 
@@ -41,6 +42,10 @@ fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> 
     match py.allow_threads(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err @ Error::Torch(_))) => Err(torch_failure(py, err.to_string())),
+        // What the signal handler raised, which `python_signals` put back.
+        Ok(Err(Error::Interrupted)) => {
+            Err(PyErr::take(py).unwrap_or_else(|| to_py(Error::Interrupted)))
+        }
         Ok(Err(err)) => Err(to_py(err)),
         Err(panic) => {
             let message = panic
@@ -205,9 +210,23 @@ fn mean(py: Python<'_>, sum: PyTensor, count: PyTensor, like: PyTensor) -> PyRes
 }
 
 fn retrieval(distance: &str, chunk_size: Option<i64>) -> PyResult<RetrievalConfig> {
-    let mut config = RetrievalConfig::new(distance.parse::<Distance>().map_err(to_py)?);
+    let mut config = RetrievalConfig::new(distance.parse::<Distance>().map_err(to_py)?)
+        .interrupt(Interrupt(python_signals));
     config.chunk_size = chunk_size;
     Ok(config)
+}
+
+/// Runs Python's signal handlers (on the main thread; elsewhere nothing),
+/// and whether one raised: its exception (KeyboardInterrupt for Ctrl-C) is
+/// put back, for [`run`] to raise when the computation has stopped.
+fn python_signals() -> bool {
+    Python::with_gil(|py| match py.check_signals() {
+        Ok(()) => false,
+        Err(err) => {
+            err.restore(py);
+            true
+        }
+    })
 }
 
 /// recall@k for each of `ks`, in that order.

@@ -12,6 +12,8 @@ pub enum Error {
     },
     /// libtorch itself reported an error.
     Torch(String),
+    /// The caller's [`crate::metrics::Interrupt`] asked to stop.
+    Interrupted,
 }
 
 impl Error {
@@ -55,6 +57,7 @@ impl fmt::Display for Error {
         match self {
             Error::InvalidArgument { argument, message } => write!(f, "{argument}: {message}"),
             Error::Torch(message) => write!(f, "libtorch error: {message}"),
+            Error::Interrupted => f.write_str("interrupted at the caller's request"),
         }
     }
 }

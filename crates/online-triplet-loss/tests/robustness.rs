@@ -462,3 +462,33 @@ fn second_derivatives_through_first_order_losses_fail() {
         }
     }
 }
+
+#[test]
+fn an_interrupt_is_asked_before_each_chunk_and_stops_the_metrics() {
+    use online_triplet_loss::metrics::Interrupt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static ASKED: AtomicUsize = AtomicUsize::new(0);
+    fn third() -> bool {
+        ASKED.fetch_add(1, Ordering::SeqCst) == 2
+    }
+    fn never() -> bool {
+        false
+    }
+    let x = Tensor::randn([40, 3], (Kind::Float, Device::Cpu));
+    let labels = Tensor::arange(40, (Kind::Int64, Device::Cpu)).remainder(4);
+    let plain = RetrievalConfig::new(Distance::Euclidean).chunk_size(10);
+    let want = plain.evaluate(&x, &labels, &[1, 3]).unwrap();
+    let got = plain
+        .interrupt(Interrupt(never))
+        .evaluate(&x, &labels, &[1, 3])
+        .unwrap();
+    assert_eq!(got, want);
+    // Four chunks of ten queries: stopped before the third.
+    let stopped = plain.interrupt(Interrupt(third));
+    assert_eq!(stopped.evaluate(&x, &labels, &[1]), Err(Error::Interrupted));
+    assert_eq!(ASKED.load(Ordering::SeqCst), 3);
+    assert!(grad_enabled());
+    assert_ne!(stopped, plain);
+    assert_eq!(stopped, plain.interrupt(Interrupt(third)));
+}
