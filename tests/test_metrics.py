@@ -273,7 +273,7 @@ from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
 
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
-x, y = torch.randn(20_000, 16, generator=g), torch.randint(0, 200, (20_000,), generator=g)
+x, y = torch.randn(30_000, 16, generator=g), torch.randint(0, 300, (30_000,), generator=g)
 small = x[:500], y[:500]
 
 def signal_in(seconds):
@@ -286,7 +286,7 @@ for metric in (lambda: recall_at_k(x, y, (1,)), lambda: mean_average_precision_a
     start = time.perf_counter()
     want = metric()
     whole = time.perf_counter() - start
-    # Ctrl-C: a KeyboardInterrupt within a chunk, not at the end.
+    # Ctrl-C: a KeyboardInterrupt early, not at the end.
     signal_in(0.1)
     start = time.perf_counter()
     try:
@@ -294,7 +294,7 @@ for metric in (lambda: recall_at_k(x, y, (1,)), lambda: mean_average_precision_a
         sys.exit("not interrupted")
     except KeyboardInterrupt:
         interrupted = time.perf_counter() - start
-    assert interrupted < 0.1 + whole / 3, (interrupted, whole)
+    assert interrupted < 0.1 + whole / 2, (interrupted, whole)
     # A handler's own exception comes out unchanged; one that returns lets the
     # evaluation finish, with the same result.
     def stop(*_):
@@ -318,9 +318,10 @@ print("ok")
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_ctrl_c_stops_a_long_evaluation_between_chunks():
-    """The metrics run in native code without the GIL; between chunks they
-    run Python's signal handlers, so Ctrl-C stops a long evaluation (20k
-    items, about a second here) within a chunk instead of at its end."""
+    """The metrics run in native code without the GIL; between chunks (at
+    most every 100 ms) they run Python's signal handlers, so Ctrl-C stops a
+    long evaluation (30k items, about a second here) early instead of at
+    its end."""
     proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_CHILD], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr

@@ -218,8 +218,29 @@ fn retrieval(distance: &str, chunk_size: Option<i64>) -> PyResult<RetrievalConfi
 
 /// Runs Python's signal handlers (on the main thread; elsewhere nothing),
 /// and whether one raised: its exception (KeyboardInterrupt for Ctrl-C) is
-/// put back, for [`run`] to raise when the computation has stopped.
+/// put back, for [`run`] to raise when the computation has stopped. At most
+/// every 100 ms: taking the GIL from a thread of Python code that is busy
+/// waits for its switch interval (5 ms), which every chunk would pay.
 fn python_signals() -> bool {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+
+    thread_local! {
+        static ASKED: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    let now = Instant::now();
+    let due = ASKED.with(|asked| {
+        let due = asked
+            .get()
+            .is_none_or(|then| now.duration_since(then) >= Duration::from_millis(100));
+        if due {
+            asked.set(Some(now));
+        }
+        due
+    });
+    if !due {
+        return false;
+    }
     Python::with_gil(|py| match py.check_signals() {
         Ok(()) => false,
         Err(err) => {
