@@ -204,6 +204,59 @@ def test_batch_hard_hessian_matches_reference(distance, soft):
     assert expected.abs().sum() > 0
 
 
+def _hard_with_zero_subgradients(labels, x, margin):
+    """Batch-hard whose Euclidean distance has first and second derivatives 0
+    at distance 0 (sqrt taken on 1 there), from the float64 brute force."""
+    diff = x[:, None] - x[None]
+    sq = (diff * diff).sum(-1)
+    apart = sq > 0
+    d = torch.where(apart, torch.where(apart, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    terms = []
+    for a in range(len(labels)):
+        pos = [j for j in range(len(labels)) if j != a and labels[j] == labels[a]]
+        neg = [j for j in range(len(labels)) if labels[j] != labels[a]]
+        p = max(pos, key=lambda j: (d[a, j].item(), -j))
+        n = min(neg, key=lambda j: (d[a, j].item(), j))
+        terms.append(torch.relu(d[a, p] - d[a, n] + margin))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batch_hard_second_derivatives_at_zero_distance(dtype):
+    """Two identical embeddings of different labels (d_an = 0 for both): a
+    Hessian-vector product with a large vector and a gradient penalty are
+    finite, and equal the brute force's (the subgradient 0 at 0)."""
+    x0 = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.5, 0.5]],
+                      dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    v = torch.tensor([[5.0, 0.0], [-5.0, 3.0], [0.0, 0.0], [1.0, 0.0], [0.0, -2.0]]) * 1e3
+    results = []
+    for f in (lambda e: function_loss("hard", labels, e, 1.0, "euclidean"),
+              lambda e: _hard_with_zero_subgradients(labels, e, 1.0)):
+        x = x0.to(dtype).requires_grad_()
+        loss = f(x)
+        g, = torch.autograd.grad(loss, x, create_graph=True)
+        hv, = torch.autograd.grad((g * v.to(dtype)).sum(), x, retain_graph=True)
+        penalty, = torch.autograd.grad(loss + 10.0 * g.pow(2).sum(), x)
+        results.append((hv, penalty))
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all(), got
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_float64_margin_beyond_the_dtype_overflows_as_a_number_does(dtype):
+    """Batch-hard takes a margin tensor's value: a float64 1e39 is finite and
+    >= 0, so a margin, whose hinges overflow to inf in float32 exactly as
+    with the number 1e39; not a NaN."""
+    labels, x = _batch(3)
+    x = x.to(dtype)
+    margin = torch.tensor(1e39, dtype=torch.float64, requires_grad=True)
+    got = function_loss("hard", labels, leaf(x), margin, "euclidean")
+    want = function_loss("hard", labels, x, 1e39, "euclidean")
+    assert got.item() == want.item() == float("inf")
+
+
 @pytest.mark.parametrize("distance", DISTANCES)
 def test_batch_hard_gradgradcheck(distance):
     for seed in SEEDS[:3]:

@@ -275,25 +275,49 @@ def _used(size=50, width=8, steps=3):
     return memory
 
 
-def test_a_strict_load_that_fails_changes_nothing():
-    """The state of a memory that never stored anything has no buffers: in a
-    used memory they are missing keys, so a strict load fails with torch's
-    "Missing key(s)" before changing anything, and a lenient one leaves the
-    memory, whose count and position go with its buffers, as it was."""
-    fresh = CrossBatchMemory(BatchHardTripletLoss(margin=0.3), memory_size=50).state_dict()
-    memory = _used()
-    before = [t.clone() for t in memory.memory]
+def _states_without_labels():
+    """States with no labels buffer: of a memory that never stored anything
+    (no buffers at all), and of one preallocated with embedding_dim but
+    never used (its embeddings and no labels)."""
+    yield CrossBatchMemory(BatchHardTripletLoss(margin=0.3), memory_size=50).state_dict()
+    yield CrossBatchMemory(BatchHardTripletLoss(margin=0.3), memory_size=50,
+                           embedding_dim=8).state_dict()
+
+
+@pytest.mark.parametrize("which", ["no buffers", "preallocated"])
+def test_loading_an_unused_memory_empties_a_used_one_consistently(which):
+    """The buffers such a state lacks are missing keys: a strict load reports
+    them (torch's "Missing key(s)"), a lenient one keeps them; either way the
+    state's count, 0, is loaded, and the memory stays consistent: its
+    embedding_dim is its buffers' width, and it goes on as an empty memory."""
+    state = list(_states_without_labels())[["no buffers", "preallocated"].index(which)]
     x, y = torch.randn(6, 8), torch.tensor([0, 0, 1, 1, 2, 2])
-    want = copy.deepcopy(memory)(x, y)
-    with pytest.raises(RuntimeError, match="Missing key"):
-        memory.load_state_dict(fresh)
-    result = memory.load_state_dict(fresh, strict=False)
-    assert set(result.missing_keys) == {"memory_embeddings", "memory_labels"}
-    assert memory.num_stored == 50 and memory.embedding_dim == 8
-    assert all(torch.equal(a, b) for a, b in zip(memory.memory, before))
-    with pytest.raises(ValueError, match="embeddings: must have 8 columns"):
-        memory(torch.randn(4, 16), torch.tensor([0, 0, 1, 1]))
-    assert torch.equal(memory(x, y), want)
+    for strict in (True, False):
+        memory = _used()
+        if strict:
+            with pytest.raises(RuntimeError, match="Missing key"):
+                memory.load_state_dict(state)
+        else:
+            result = memory.load_state_dict(state, strict=False)
+            assert "memory_labels" in result.missing_keys
+        assert memory.num_stored == 0 and memory.embedding_dim == 8
+        assert memory.memory[0].shape == (0, 8)
+        with pytest.raises(ValueError, match="embeddings: must have 8 columns"):
+            memory(torch.randn(4, 16), torch.tensor([0, 0, 1, 1]))
+        assert torch.equal(memory(x, y), BatchHardTripletLoss(margin=0.3)(x, y))
+
+
+def test_a_load_reports_unexpected_keys_beside_missing_ones():
+    """A misspelt key of an unused memory's state is reported beside the one
+    it should have been, and the rest is loaded."""
+    state = CrossBatchMemory(BatchHardTripletLoss(margin=0.3), memory_size=50,
+                             embedding_dim=8).state_dict()
+    state["memory_label"] = torch.zeros(50, dtype=torch.long)
+    memory = _used(steps=2)
+    result = memory.load_state_dict(state, strict=False)
+    assert result.unexpected_keys == ["memory_label"]
+    assert result.missing_keys == ["memory_labels"]
+    assert memory.num_stored == 0 and torch.equal(memory.memory_embeddings, state["memory_embeddings"])
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -348,3 +372,17 @@ def test_moved_copied_and_loaded_memories_keep_working():
     copies.append(target)
     for other in copies:
         assert torch.equal(other(x, y), want)
+
+
+def test_memories_pickled_by_earlier_versions_load():
+    """Modules saved whole (torch.save(model)) before the buffers' owner was
+    recorded come back without it: it is recorded on unpickling."""
+    import pickle
+
+    memory = _used(steps=2)
+    x, y = torch.randn(8, 8), torch.arange(8) % 2
+    want = copy.deepcopy(memory)(x, y)
+    del memory.__dict__["_ring"]  # as 0.1.0 before it
+    loaded = pickle.loads(pickle.dumps(memory))
+    assert loaded.num_stored == 40
+    assert torch.equal(loaded(x, y), want)

@@ -221,7 +221,9 @@ def _run(args: argparse.Namespace) -> Result:
     from tqdm import tqdm
 
     x_train, y_train, x_test, y_test = _load(args.seed)
-    torch.manual_seed(args.seed)
+    # The CPU generator alone (run() restores it): torch.manual_seed would
+    # seed CUDA's too.
+    torch.random.default_generator.manual_seed(args.seed)
     model = Embedder(x_train.shape[1], args.dim)
     criterion = _LOSSES[args.loss](margin=args.margin)
     sampler = PKSampler(y_train, p=args.p, k=args.k, seed=args.seed)

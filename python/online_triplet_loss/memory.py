@@ -136,6 +136,11 @@ class CrossBatchMemory(nn.Module):
             self.memory_embeddings = torch.zeros(self.memory_size, embedding_dim)
         self._own_buffers()
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_ring" not in self.__dict__:  # pickled by an earlier version
+            self._own_buffers()
+
     def _own_buffers(self) -> None:
         """Records the buffers that ``_next`` and ``_count`` describe."""
         self._ring = (self._buffers["memory_embeddings"], self._buffers["memory_labels"])
@@ -378,16 +383,11 @@ class CrossBatchMemory(nn.Module):
             state_dict.get(prefix + "memory_labels"),
             extra,
         )
-        # Buffers this memory has and the state lacks (the state of a memory
-        # that never stored anything has none): they are missing keys, which
-        # a strict load reports, and the ring position and count that go
-        # with them are not loaded either, so the memory stays as it was
-        # (torch passes strict=True here whatever the caller's setting).
-        kept = [name for name in ("memory_embeddings", "memory_labels")
-                if getattr(self, name) is not None and prefix + name not in state_dict]
-        if kept:
-            missing_keys.extend(prefix + name for name in kept)
-            return
+        # An embeddings buffer this memory has and the state lacks (the state
+        # of a memory that never stored anything, and had no embedding_dim,
+        # has none) is a missing key, which torch reports and a lenient load
+        # keeps; embedding_dim then stays its width.
+        kept = self.memory_embeddings is not None and prefix + "memory_embeddings" not in state_dict
         # The buffers are allocated lazily; take their shape from the saved
         # state. Loading copies into existing buffers: the embeddings keep
         # the dtype the module was cast to (``.double()``), as a Module's
@@ -405,6 +405,8 @@ class CrossBatchMemory(nn.Module):
                 setattr(self, name, torch.empty(saved.shape, dtype=saved.dtype, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if kept:
+            self.embedding_dim = self.memory_embeddings.shape[1]
         self._own_buffers()  # ``assign=True`` puts the saved tensors in place
 
     def _check_saved(self, embeddings: object, labels: object, extra: object) -> None:

@@ -189,18 +189,25 @@ fn row_norms(x: &Tensor) -> Result<Tensor, Error> {
         .f_mul(&scale)?)
 }
 
-/// The largest magnitude of every row of `x`, `(N, 1)`, detached, or the
-/// dtype's smallest normal number for rows of zeros; `x` has columns.
+/// The largest magnitude of every row of `x`, `(N, 1)`, detached, raised to
+/// the dtype's smallest normal number (a subnormal scale would cost the
+/// gradients their digits), or 1 for rows of zeros and rows with an infinite
+/// entry (whose norms are then 0 and inf, as unscaled): dividing by a tiny
+/// scale would send a second derivative, 0 at zero distance, through inf·0.
+/// `x` has columns.
 fn row_scales(x: &Tensor) -> Result<Tensor, Error> {
     let smallest_normal = match x.f_kind()? {
         Kind::Double => f64::MIN_POSITIVE,
         Kind::Half => 6.103_515_625e-5,
         _ => f64::from(f32::MIN_POSITIVE),
     };
-    Ok(x.detach()
-        .f_abs()?
-        .f_amax([-1i64].as_slice(), true)?
-        .f_clamp_min(smallest_normal)?)
+    let largest = x.detach().f_abs()?.f_amax([-1i64].as_slice(), true)?;
+    let usable = largest
+        .f_gt(0.0)?
+        .f_logical_and_(&largest.f_lt(f64::INFINITY)?)?;
+    Ok(largest
+        .f_clamp_min(smallest_normal)?
+        .f_where_scalarother(&usable, 1.0)?)
 }
 
 /// `x / max(‖x‖, ε)` row by row, as `torch.nn.functional.normalize`.

@@ -406,33 +406,42 @@ impl TripletConfig {
             let poison = sx.poison(y_apart.map(|_| &sy))?;
             Ok((ties, (sx, sy), poison))
         })?;
-        let margin = match margin {
-            Some(m) => Some(m.f_reshape([])?.f_to_kind(kind)?.f_to_device(device)?),
-            None => None,
-        };
         // Batch-all and semi-hard mine with the config's margin and take the
         // tensor's gradient: a tensor that does not hold the config's margin
-        // (NaN, say) poisons the loss rather than mixing the two (read on the
-        // host, it would synchronise). Batch-hard's mining has no margin: it
-        // takes the tensor's value, which must be finite and >= 0 like the
-        // config's (a NaN reaches its value by itself, but not its gradients:
-        // relu's slope at NaN is 0).
-        if let Some(m) = &margin {
-            let m = m.detach();
-            let refused = match mining {
-                Mining::All | Mining::SemiHard => m.f_ne(self.margin)?,
-                Mining::Hard => m
-                    .f_isfinite()?
-                    .f_logical_not_()?
-                    .f_logical_or_(&m.f_lt(0.0)?)?,
-            };
-            let _ = poison.f_masked_fill_(&refused, f64::NAN)?;
-        }
+        // (in the dtype the loss computes in; NaN, say) poisons the loss
+        // rather than mixing the two (read on the host, it would
+        // synchronise). Batch-hard's mining has no margin: it takes the
+        // tensor's value, which must be finite and >= 0 like the config's, as
+        // given (a float64 1e39 is a margin, whose hinges overflow to inf in
+        // float32); a NaN reaches its value by itself, but not its gradients
+        // (relu's slope at NaN is 0).
+        // The margin in the loss's dtype, for the hinges, and as given, for
+        // the surrogates that carry its gradient (m − m is NaN where the
+        // cast overflowed).
+        let (margin, given_margin) = match margin {
+            Some(m) => {
+                let given = m.f_reshape([])?.f_to_device(device)?;
+                let m = given.f_to_kind(kind)?;
+                let refused = match mining {
+                    Mining::All | Mining::SemiHard => m.detach().f_ne(self.margin)?,
+                    Mining::Hard => {
+                        let given = given.detach();
+                        given
+                            .f_isfinite()?
+                            .f_logical_not_()?
+                            .f_logical_or_(&given.f_lt(0.0)?)?
+                    }
+                };
+                let _ = poison.f_masked_fill_(&refused, f64::NAN)?;
+                (Some(m), Some(given))
+            }
+            None => (None, None),
+        };
         let guard = match mining {
             Mining::Hard => None,
             Mining::All | Mining::SemiHard => {
                 let y_apart = references.map(|_| &y);
-                first_order_guard(&[Some(&x), y_apart, margin.as_ref()])?
+                first_order_guard(&[Some(&x), y_apart, given_margin.as_ref()])?
             }
         };
         let sides = Sides {
@@ -452,19 +461,17 @@ impl TripletConfig {
             Mining::Hard => self.hard_terms(&sides, margin.as_ref())?,
             Mining::All | Mining::SemiHard => self.weighted_terms(mining, &sides)?,
         };
-        if let (Some(m), Mining::All | Mining::SemiHard) = (&margin, mining) {
-            terms.sum = terms.sum.f_add(&first_order_surrogate(
-                m,
-                &terms.margin_grad,
-                sides.guard.as_ref(),
-            )?)?;
+        if let (Some(m), Mining::All | Mining::SemiHard) = (&given_margin, mining) {
+            let term = first_order_surrogate(m, &terms.margin_grad, sides.guard.as_ref())?;
+            terms.sum = terms.sum.f_add(&term.f_to_kind(kind)?)?;
         }
         // The weighted losses carry the poison in their gradients already.
         if mining == Mining::Hard {
             terms.sum = sides.poisoned(terms.sum, None, None)?;
         }
-        if let Some(m) = &margin {
-            terms.sum = terms.sum.f_add(&surrogate(m, &sides.poison)?)?;
+        if let Some(m) = &given_margin {
+            let term = surrogate(m, &sides.poison)?;
+            terms.sum = terms.sum.f_add(&term.f_to_kind(kind)?)?;
         }
         Ok(terms)
     }
