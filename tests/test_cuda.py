@@ -470,3 +470,32 @@ def test_deterministic_algorithms_mode(device, mining, distance):
     assert recall == pytest.approx(recall_at_k(b.embeddings, b.labels, ks=(1, 2), distance=distance))
     assert map_r == pytest.approx(mean_average_precision_at_r(b.embeddings, b.labels, distance=distance),
                                   rel=1e-9)
+
+
+# ------------------------------------------------------------------ autocast
+
+
+@pytest.mark.parametrize("distance", ("euclidean", "cosine"))
+@pytest.mark.parametrize("mining", LOSSES)
+def test_autocast_reaches_neither_the_loss_nor_its_products(device, mining, distance):
+    """Under autocast on the device (float16, as mixed-precision training
+    runs), float32 embeddings give what they give without it, bit for bit,
+    and float16 ones a float32 loss, that of the embeddings cast to float32
+    (as torch's triplet_margin_loss, which autocast runs in float32); the
+    metrics rank as without it."""
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 6, (256,), generator=g).to(device)
+    x = torch.randn(256, 64, generator=g).to(device)
+    for emb in (x, x.half()):
+        want = function_loss(mining, labels, a := leaf(emb.float()), 0.5, distance)
+        with torch.autocast(device.type, dtype=torch.float16):
+            got = function_loss(mining, labels, b := leaf(emb), 0.5, distance)
+        assert got.dtype == torch.float32 and torch.equal(got, want), emb.dtype
+        assert_close(grad_of(got, b)[0], grad_of(want, a)[0].to(emb.dtype), f"{emb.dtype} grad",
+                     rtol=0, atol=0)
+    want = (recall_at_k(x, labels, (1, 5), distance=distance),
+            mean_average_precision_at_r(x, labels, distance=distance))
+    with torch.autocast(device.type, dtype=torch.float16):
+        got = (recall_at_k(x, labels, (1, 5), distance=distance),
+               mean_average_precision_at_r(x, labels, distance=distance))
+    assert got == want

@@ -17,7 +17,30 @@ from typing import Any, Callable, List, TypeVar
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 
-__all__ = ["boundary", "call"]
+__all__ = ["autocast_inputs", "boundary", "call"]
+
+# The device types whose autocast could reach the core's operations.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocasting() -> List[str]:
+    return [device for device in _AUTOCAST_DEVICES if torch.is_autocast_enabled(device)]
+
+
+def autocast_inputs(*tensors: Any) -> tuple:
+    """``tensors``, with those that autocast would cast for an operation of its
+    float32 list (``triplet_margin_loss``, ``cdist``) cast to float32, as
+    :func:`torch.amp.custom_fwd` with ``cast_inputs=torch.float32`` does: float16
+    and bfloat16 tensors on a device whose autocast is on. The losses then
+    compute and return float32 there, like torch's own."""
+    on = _autocasting()
+    if not on:
+        return tensors
+    return tuple(
+        t.float() if isinstance(t, torch.Tensor) and t.device.type in on
+        and t.dtype in (torch.float16, torch.bfloat16) else t
+        for t in tensors
+    )
 
 
 class _Witness(TorchDispatchMode):
@@ -55,15 +78,20 @@ def boundary(fn: F) -> F:
 
 @boundary
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, a function of the core, raising what a pack
-    hook or a dispatch mode raised inside it, as it was raised."""
+    """``fn(*args, **kwargs)``, a function of the core, with autocast off (its
+    products, distances and gradients, are computed in the dtypes it chose,
+    not autocast's), raising what a pack hook or a dispatch mode raised
+    inside it, as it was raised."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     hooks = None if top is None else top(False)
     mode = _get_current_dispatch_mode()
-    if hooks is None and mode is None:
+    autocasting = _autocasting()
+    if hooks is None and mode is None and not autocasting:
         return fn(*args, **kwargs)
     raised: List[BaseException] = []
     with contextlib.ExitStack() as stack:
+        for device in autocasting:
+            stack.enter_context(torch.autocast(device, enabled=False))
         if hooks is not None:
             pack, unpack = hooks
 

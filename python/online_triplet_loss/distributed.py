@@ -500,8 +500,8 @@ class DistributedTripletLoss(nn.Module):
 
         Returns:
             The loss of the global batch mined against itself and the extra
-            references: a scalar in the dtype of ``embeddings``, the same on
-            every rank.
+            references: a scalar in the dtype of ``embeddings`` (float32 for
+            float16 and bfloat16 ones under autocast), the same on every rank.
         """
         rank, world = self._world()
         if world == 1:
@@ -512,6 +512,7 @@ class DistributedTripletLoss(nn.Module):
             _check_extra(embeddings, extra_embeddings, extra_labels)
             return self._single_process(embeddings, labels, extra_embeddings, extra_labels)
 
+        embeddings, extra_embeddings = native.autocast_inputs(embeddings, extra_embeddings)
         # What would fail on this rank alone fails on every rank, in the
         # exchange of the sizes, before any rank waits in another collective.
         problem, settings = None, []

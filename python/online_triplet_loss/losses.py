@@ -190,7 +190,10 @@ def terms(
 def loss_and_fraction(mining: str, labels: Tensor, embeddings: Tensor, margin: object,
                       squared: object = False, **options) -> Tuple[Tensor, Tensor]:
     """The loss and the fraction of positive terms of :func:`terms` (same
-    arguments), in the embeddings' dtype."""
+    arguments), in the embeddings' dtype (float32 for float16 and bfloat16
+    ones under autocast)."""
+    embeddings, options["ref_embeddings"] = native.autocast_inputs(
+        embeddings, options.get("ref_embeddings"))
     sum_, count, valid = terms(mining, labels, embeddings, margin, squared, **options)
     return native.call(_core.mean_and_fraction, sum_, count, valid, embeddings)
 
@@ -198,6 +201,8 @@ def loss_and_fraction(mining: str, labels: Tensor, embeddings: Tensor, margin: o
 def loss_of(mining: str, labels: Tensor, embeddings: Tensor, margin: object,
             squared: object = False, **options) -> Tensor:
     """The loss of :func:`loss_and_fraction`, without the fraction's operations."""
+    embeddings, options["ref_embeddings"] = native.autocast_inputs(
+        embeddings, options.get("ref_embeddings"))
     sum_, count, _ = terms(mining, labels, embeddings, margin, squared, **options)
     return native.call(_core.mean, sum_, count, embeddings)
 
@@ -250,7 +255,8 @@ def batch_all_triplet_loss(
     Shape:
         - labels: :math:`(B)`, integer class ids (or floats holding class ids).
         - embeddings: :math:`(B, D)`, floating point; float16 and bfloat16 are
-          computed in float32 and the loss is returned in their dtype.
+          computed in float32 and the loss is returned in their dtype (in
+          float32 under autocast, as torch's ``triplet_margin_loss``).
         - ref_embeddings, ref_labels: :math:`(M, D)` and :math:`(M)`. When given,
           anchors are mined against this reference set instead of their own batch,
           and gradients flow into both.
@@ -315,7 +321,8 @@ def batch_hard_triplet_loss(
     Shape:
         - labels: :math:`(B)`, integer class ids (or floats holding class ids).
         - embeddings: :math:`(B, D)`, floating point; float16 and bfloat16 are
-          computed in float32 and the loss is returned in their dtype.
+          computed in float32 and the loss is returned in their dtype (in
+          float32 under autocast, as torch's ``triplet_margin_loss``).
         - ref_embeddings, ref_labels: :math:`(M, D)` and :math:`(M)`. When given,
           anchors are mined against this reference set instead of their own batch,
           and gradients flow into both.
@@ -378,7 +385,8 @@ def batch_semihard_triplet_loss(
     Shape:
         - labels: :math:`(B)`, integer class ids (or floats holding class ids).
         - embeddings: :math:`(B, D)`, floating point; float16 and bfloat16 are
-          computed in float32 and the loss is returned in their dtype.
+          computed in float32 and the loss is returned in their dtype (in
+          float32 under autocast, as torch's ``triplet_margin_loss``).
         - ref_embeddings, ref_labels: :math:`(M, D)` and :math:`(M)`. When given,
           anchors are mined against this reference set instead of their own batch,
           and gradients flow into both.
@@ -468,7 +476,7 @@ class BatchAllTripletLoss(_TripletLoss):
     Shape:
         - embeddings: :math:`(B, D)`; labels: :math:`(B)`.
         - ref_embeddings: :math:`(M, D)`; ref_labels: :math:`(M)`.
-        - output: scalar, in the embeddings' dtype.
+        - output: scalar, in the embeddings' dtype (float32 under autocast).
 
     Example::
 
@@ -495,7 +503,7 @@ class BatchHardTripletLoss(_TripletLoss):
     Shape:
         - embeddings: :math:`(B, D)`; labels: :math:`(B)`.
         - ref_embeddings: :math:`(M, D)`; ref_labels: :math:`(M)`.
-        - output: scalar, in the embeddings' dtype.
+        - output: scalar, in the embeddings' dtype (float32 under autocast).
 
     Example::
 
@@ -526,7 +534,7 @@ class BatchSemiHardTripletLoss(_TripletLoss):
     Shape:
         - embeddings: :math:`(B, D)`; labels: :math:`(B)`.
         - ref_embeddings: :math:`(M, D)`; ref_labels: :math:`(M)`.
-        - output: scalar, in the embeddings' dtype.
+        - output: scalar, in the embeddings' dtype (float32 under autocast).
 
     Example::
 
