@@ -77,18 +77,48 @@ def test_modules_reference_sets_and_margins_under_autocast(mining):
 
 
 def test_memory_and_distributed_loss_under_autocast():
+    """bfloat16 batches against a float32 memory (filled before, say by a
+    float32 warm-up) or float32 extra references: the references keep their
+    float32 values, as on several ranks, where the batch is cast first."""
     labels, x = _batch(5, n=64)
-    plain = [CrossBatchMemory(BatchHardTripletLoss(margin=0.3), memory_size=128),
-             DistributedTripletLoss(BatchHardTripletLoss(margin=0.3))]
-    cast = [CrossBatchMemory(BatchHardTripletLoss(margin=0.3), memory_size=128),
-            DistributedTripletLoss(BatchHardTripletLoss(margin=0.3))]
+    warm_up = torch.randn(64, x.shape[1], generator=torch.Generator().manual_seed(8))
+    memories = [CrossBatchMemory(BatchHardTripletLoss(margin=0.3), memory_size=128)
+                for _ in range(2)]
+    for memory in memories:
+        memory.enqueue(warm_up, labels.flip(0))
+    distributed = DistributedTripletLoss(BatchHardTripletLoss(margin=0.3))
     for step in range(3):
         batch = x.roll(step, 0).bfloat16()
-        for p, c in zip(plain, cast):
-            want = p(batch.float(), labels)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                got = c(batch, labels)
-            assert got.dtype == torch.float32 and torch.equal(got, want), type(p).__name__
+        want = memories[0](batch.float(), labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = memories[1](batch, labels)
+        assert got.dtype == torch.float32 and torch.equal(got, want), step
+        extra = dict(extra_embeddings=warm_up, extra_labels=labels.flip(0))
+        want = distributed(batch.float(), labels, **extra)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = distributed(batch, labels, **extra)
+        assert got.dtype == torch.float32 and torch.equal(got, want), step
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=str)
+def test_a_margin_of_any_dtype_gets_its_gradient_rounded_once(mining, dtype):
+    """A learnable margin cast with its model (``.half()``): its gradient, a
+    ratio of counts (1 for batch-all), is computed in float32 or wider and
+    rounded to its dtype once; in float16 it was rounded on the way (1.27 at
+    B = 1024) or lost (0 at B = 2048)."""
+    g = torch.Generator().manual_seed(0)
+    for batch, classes in ((1024, 16), (2048, 64)):
+        x = torch.randn(batch, 16, generator=g)
+        y = torch.randint(0, classes, (batch,), generator=g)
+        wide = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        margin = torch.tensor(0.5, dtype=dtype, requires_grad=True)
+        want = grad_of(function_loss(mining, y, x, wide, "euclidean"), wide)[0]
+        got = grad_of(function_loss(mining, y, x, margin, "euclidean"), margin)[0]
+        assert got.dtype == dtype and want > 0
+        expected = want if dtype == torch.float64 else want.to(torch.float32).to(dtype)
+        assert got == expected, (batch, got, want)
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])

@@ -505,6 +505,28 @@ def test_dispatch_mode_exception_raised_as_is(target):
     assert torch.is_grad_enabled()
 
 
+def test_a_keyboard_interrupt_the_witness_missed_is_a_keyboard_interrupt():
+    """Ctrl-C can land in torch's own Python dispatch code, between the
+    modes, where no mode's try sees it: the core then fails with its text
+    alone, which must still come out as a KeyboardInterrupt."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from online_triplet_loss import _native
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def core():
+        raise RuntimeError("libtorch error: KeyboardInterrupt: <EMPTY MESSAGE>")
+
+    with Passing():
+        with pytest.raises(KeyboardInterrupt):
+            _native.call(core)
+        with pytest.raises(RuntimeError, match="other"):
+            _native.call(lambda: (_ for _ in ()).throw(RuntimeError("libtorch error: other")))
+
+
 @pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
 def test_compiled_autograd(mining):
     compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd",

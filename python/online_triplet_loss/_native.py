@@ -112,4 +112,8 @@ def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             # bad layout, say), the exception raised inside is the cause.
             if raised:
                 raise raised[0] from err
+            # Ctrl-C can land in torch's own Python dispatch code, outside
+            # the witness, and reach the core as its text alone.
+            if mode is not None and "KeyboardInterrupt" in str(err):
+                raise KeyboardInterrupt() from err
             raise

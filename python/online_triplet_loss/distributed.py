@@ -416,6 +416,9 @@ class DistributedTripletLoss(nn.Module):
         anchor ``i`` is reference ``i``, as on several ranks with offset 0."""
         check_tensor("embeddings", embeddings)
         check_tensor("labels", labels)
+        # Cast for autocast before the extras take the embeddings' dtype, as
+        # on several ranks.
+        embeddings, extra_embeddings = native.autocast_inputs(embeddings, extra_embeddings)
         ref_embeddings = torch.cat([embeddings, extra_embeddings.detach().to(embeddings)])
         labels, extra_labels = _common_labels(labels, extra_labels)
         ref_labels = torch.cat([labels, extra_labels])

@@ -232,19 +232,23 @@ class CrossBatchMemory(nn.Module):
         if isinstance(self.loss, DistributedTripletLoss):
             return self._forward_distributed(embeddings, labels)
         self._check_batch(embeddings, labels)
+        # In the dtype the loss computes in (float32 under autocast), before
+        # the memory is cast to it: a float32 memory is not rounded to a
+        # bfloat16 batch's dtype there, as on several ranks.
+        anchors, = native.autocast_inputs(embeddings)
         if self._count == 0:
             # An empty memory: the batch against itself, exactly the wrapped loss.
             ref_embeddings = ref_labels = None
         else:
             stored = slice(0, self._count)
             ref_embeddings = torch.cat(
-                [embeddings, self.memory_embeddings[stored].to(embeddings.dtype)]
+                [anchors, self.memory_embeddings[stored].to(anchors.dtype)]
             )
             ref_labels = torch.cat([labels, self.memory_labels[stored].to(labels.device)])
         loss = loss_of(
             self.loss.mining,
             labels,
-            embeddings,
+            anchors,
             self.loss.margin,
             distance=self.loss.distance,
             soft=self.loss.soft,

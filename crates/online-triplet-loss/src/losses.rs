@@ -415,9 +415,12 @@ impl TripletConfig {
         // given (a float64 1e39 is a margin, whose hinges overflow to inf in
         // float32); a NaN reaches its value by itself, but not its gradients
         // (relu's slope at NaN is 0).
-        // The margin in the loss's dtype, for the hinges, and as given, for
-        // the surrogates that carry its gradient (m − m is NaN where the
-        // cast overflowed).
+        // The margin in the loss's dtype, for the hinges, and in the wider of
+        // that and its own, for the surrogates that carry its gradient: a
+        // float64 margin stays float64 (m − m is NaN where the cast to
+        // float32 overflowed), a float16 one is widened (its gradient,
+        // counts over counts, would be rounded, or lost below float16's
+        // range, before the cast back).
         let (margin, given_margin) = match margin {
             Some(m) => {
                 let given = m.f_reshape([])?.f_to_device(device)?;
@@ -433,7 +436,11 @@ impl TripletConfig {
                     }
                 };
                 let _ = poison.f_masked_fill_(&refused, f64::NAN)?;
-                (Some(m), Some(given))
+                let wide = match given.f_kind()? {
+                    Kind::Double => given,
+                    _ => m.shallow_clone(),
+                };
+                (Some(m), Some(wide))
             }
             None => (None, None),
         };
