@@ -24,16 +24,20 @@ PYTHON312 ?= $(firstword $(shell command -v python3.12 >/dev/null 2>&1 && python
 
 .PHONY: demo test develop rust-test python-test smoke lint bench bench-kernels example doc wheel gpu-bundle
 
+# pip, patient with a connection that drops in the middle of torch's 4 GB of
+# wheels (a CI run failed on one interrupted six times).
+PIP_INSTALL = $(PY) -m pip install --retries 10 --resume-retries 30
+
 # torch and what building a wheel and the smoke tests need.
 $(VENV)/.build-installed: requirements-build.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install torch==$(TORCH) -r requirements-build.txt
+	$(PY) -m pip install -q --retries 10 --upgrade pip
+	$(PIP_INSTALL) torch==$(TORCH) -r requirements-build.txt
 	touch $@
 
 # ... and everything the tests, the demo and the benchmarks need.
 $(VENV)/.installed: $(VENV)/.build-installed requirements-dev.txt
-	$(PY) -m pip install torch==$(TORCH) -r requirements-dev.txt
+	$(PIP_INSTALL) torch==$(TORCH) -r requirements-dev.txt
 	touch $@
 
 develop: $(VENV)/.build-installed
