@@ -318,7 +318,8 @@ class DistributedTripletLoss(nn.Module):
     shape and dtypes (otherwise every rank raises a ``ValueError`` saying
     what differs); the group should be the one DDP averages over. The batch
     sizes are gathered to the host (one small synchronisation per call,
-    needed to pad the gather); nothing else waits for the device. With nccl, pass embeddings on the current CUDA device.
+    needed to pad the gather); nothing else waits for the device. With nccl,
+    pass embeddings on the current CUDA device.
 
     Args:
         loss: a :class:`~online_triplet_loss.BatchAllTripletLoss`,
@@ -416,9 +417,6 @@ class DistributedTripletLoss(nn.Module):
         anchor ``i`` is reference ``i``, as on several ranks with offset 0."""
         check_tensor("embeddings", embeddings)
         check_tensor("labels", labels)
-        # Cast for autocast before the extras take the embeddings' dtype, as
-        # on several ranks.
-        embeddings, extra_embeddings = native.autocast_inputs(embeddings, extra_embeddings)
         ref_embeddings = torch.cat([embeddings, extra_embeddings.detach().to(embeddings)])
         labels, extra_labels = _common_labels(labels, extra_labels)
         ref_labels = torch.cat([labels, extra_labels])
@@ -506,6 +504,8 @@ class DistributedTripletLoss(nn.Module):
             references: a scalar in the dtype of ``embeddings`` (float32 for
             float16 and bfloat16 ones under autocast), the same on every rank.
         """
+        # Cast for autocast before the extras take the embeddings' dtype.
+        embeddings, extra_embeddings = native.autocast_inputs(embeddings, extra_embeddings)
         rank, world = self._world()
         if world == 1:
             if (extra_embeddings is None) != (extra_labels is None):
@@ -515,7 +515,6 @@ class DistributedTripletLoss(nn.Module):
             _check_extra(embeddings, extra_embeddings, extra_labels)
             return self._single_process(embeddings, labels, extra_embeddings, extra_labels)
 
-        embeddings, extra_embeddings = native.autocast_inputs(embeddings, extra_embeddings)
         # What would fail on this rank alone fails on every rank, in the
         # exchange of the sizes, before any rank waits in another collective.
         problem, settings = None, []

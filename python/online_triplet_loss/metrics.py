@@ -11,9 +11,8 @@ distinct item, as in the losses (for the cosine distance, not rows of norm
 below 1e-12: zero rows are at 1); other ties between distances are broken in
 an unspecified order. Both functions synchronise with the device (they return
 Python numbers) and never build a graph; autocast does not reach their
-products. They run without the GIL, and run
-Python's signal handlers between chunks: Ctrl-C stops a long evaluation there
-with ``KeyboardInterrupt``.
+products. They run without the GIL, and run Python's signal handlers between
+chunks: Ctrl-C stops a long evaluation there with ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations

@@ -117,29 +117,7 @@ impl Distance {
                     .f_square()?
                     .f_sum_dim_intlist(-1, false, None::<Kind>)?
             }
-            Distance::Euclidean => {
-                // Scaled by the largest difference (a constant for autograd):
-                // squares of differences below 1e-19 (float32) would
-                // underflow, and give 0 with a gradient of 0 for a pair whose
-                // distance and unit gradient are representable.
-                let diff = x.f_sub(y)?;
-                if x.size()[1] == 0 {
-                    // Zeros that stay in the graph.
-                    return Ok(diff.f_sum_dim_intlist(-1, false, None::<Kind>)?);
-                }
-                let scale = row_scales(&diff)?.f_squeeze_dim(-1)?;
-                let sq = diff
-                    .f_div(&scale.f_unsqueeze(-1)?)?
-                    .f_square()?
-                    .f_sum_dim_intlist(-1, false, None::<Kind>)?;
-                let positive = sq.f_gt(0.0)?;
-                // sqrt is evaluated on 1 where sq is 0 so that its gradients
-                // (the second one too) are finite.
-                sq.f_where_scalarother(&positive, 1.0)?
-                    .f_sqrt()?
-                    .f_where_scalarother(&positive, 0.0)?
-                    .f_mul(&scale)?
-            }
+            Distance::Euclidean => row_norms(&x.f_sub(y)?)?.f_squeeze_dim(-1)?,
             Distance::Cosine => {
                 let xn = normalize(x)?;
                 let yn = normalize(y)?;
@@ -175,17 +153,27 @@ impl FromStr for Distance {
 }
 
 /// ‖x‖ of every row, `(N, 1)`, without the overflow or underflow of a plain
-/// sum of squares: rows are scaled by their largest magnitude first (a
-/// constant for autograd, so the gradient is that of the norm), or by the
-/// dtype's smallest normal number for rows of zeros, which stay 0.
+/// sum of squares: rows are scaled by [`row_scales`] first (a constant for
+/// autograd, so the gradient is that of the norm). Differentiable twice,
+/// with first and second derivatives 0 at a row of zeros (the square root is
+/// taken of 1 there), where the norm's own are NaN. Small differences give
+/// the Euclidean distance of a pair ([`Distance::paired`]).
 fn row_norms(x: &Tensor) -> Result<Tensor, Error> {
     if x.size().last() == Some(&0) {
         // Zeros that stay in the graph, so that a loss of them backpropagates.
         return Ok(x.f_sum_dim_intlist(-1, true, None::<Kind>)?);
     }
     let scale = row_scales(x)?;
-    Ok(x.f_div(&scale)?
-        .f_linalg_norm(2.0, [-1i64].as_slice(), true, None::<Kind>)?
+    let sq = x
+        .f_div(&scale)?
+        .f_square()?
+        .f_sum_dim_intlist(-1, true, None::<Kind>)?;
+    // Not "> 0": a NaN row keeps its NaN norm.
+    let nonzero = sq.f_ne(0.0)?;
+    Ok(sq
+        .f_where_scalarother(&nonzero, 1.0)?
+        .f_sqrt()?
+        .f_where_scalarother(&nonzero, 0.0)?
         .f_mul(&scale)?)
 }
 

@@ -415,13 +415,14 @@ impl TripletConfig {
         // given (a float64 1e39 is a margin, whose hinges overflow to inf in
         // float32); a NaN reaches its value by itself, but not its gradients
         // (relu's slope at NaN is 0).
+        //
         // The margin in the loss's dtype, for the hinges, and in the wider of
         // that and its own, for the surrogates that carry its gradient: a
         // float64 margin stays float64 (m − m is NaN where the cast to
         // float32 overflowed), a float16 one is widened (its gradient,
         // counts over counts, would be rounded, or lost below float16's
         // range, before the cast back).
-        let (margin, given_margin) = match margin {
+        let (margin, surrogate_margin) = match margin {
             Some(m) => {
                 let given = m.f_reshape([])?.f_to_device(device)?;
                 let m = given.f_to_kind(kind)?;
@@ -448,7 +449,7 @@ impl TripletConfig {
             Mining::Hard => None,
             Mining::All | Mining::SemiHard => {
                 let y_apart = references.map(|_| &y);
-                first_order_guard(&[Some(&x), y_apart, given_margin.as_ref()])?
+                first_order_guard(&[Some(&x), y_apart, surrogate_margin.as_ref()])?
             }
         };
         let sides = Sides {
@@ -468,7 +469,7 @@ impl TripletConfig {
             Mining::Hard => self.hard_terms(&sides, margin.as_ref())?,
             Mining::All | Mining::SemiHard => self.weighted_terms(mining, &sides)?,
         };
-        if let (Some(m), Mining::All | Mining::SemiHard) = (&given_margin, mining) {
+        if let (Some(m), Mining::All | Mining::SemiHard) = (&surrogate_margin, mining) {
             let term = first_order_surrogate(m, &terms.margin_grad, sides.guard.as_ref())?;
             terms.sum = terms.sum.f_add(&term.f_to_kind(kind)?)?;
         }
@@ -476,7 +477,7 @@ impl TripletConfig {
         if mining == Mining::Hard {
             terms.sum = sides.poisoned(terms.sum, None, None)?;
         }
-        if let Some(m) = &given_margin {
+        if let Some(m) = &surrogate_margin {
             let term = surrogate(m, &sides.poison)?;
             terms.sum = terms.sum.f_add(&term.f_to_kind(kind)?)?;
         }
