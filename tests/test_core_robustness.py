@@ -9,6 +9,8 @@ argument)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -506,3 +508,39 @@ def test_cosine_copies_do_not_depend_on_the_layout(portable):
             s, c, v = _core.triplet_terms("all", labels, x, 1.0, "cosine", False, refs, ref_labels, None,
                                           None, portable=portable)
             assert (float(s), int(c), int(v)) == (0.0, 0, 1), (seed, x.stride())
+
+
+_EXIT_DURING_A_CALL = """
+import sys, threading, time
+import torch
+from online_triplet_loss import batch_all_triplet_loss
+from online_triplet_loss.metrics import recall_at_k
+
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(30_000, 16, generator=g), torch.randint(0, 300, (30_000,), generator=g)
+calls = {"metric": lambda: recall_at_k(x, y, (1,)),
+         "loss": lambda: batch_all_triplet_loss(y, x.requires_grad_(), 0.2).backward()}
+entered = threading.Event()
+def work():
+    entered.set()
+    calls[sys.argv[1]]()
+thread = threading.Thread(target=work, daemon=True)
+thread.start()
+entered.wait()
+time.sleep(0.3)
+print("exiting" if thread.is_alive() else "the call ended before the exit")
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX threads")
+@pytest.mark.parametrize("call", ["metric", "loss"])
+def test_interpreter_exit_while_a_daemon_thread_is_in_the_core(call):
+    """Before Python 3.14 a thread that takes the GIL back while the
+    interpreter shuts down is ended by pthread_exit, whose unwinding through
+    the extension's Rust frames aborted the process ("FATAL: exception not
+    rethrown", SIGABRT) when the program exited during a loss or a metric
+    on a daemon thread. It exits normally, as with torch's own operations."""
+    proc = subprocess.run([sys.executable, "-c", _EXIT_DURING_A_CALL, call], capture_output=True,
+                          text=True, timeout=300)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "exiting"), proc.stdout + proc.stderr

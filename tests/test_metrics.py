@@ -319,6 +319,11 @@ for metric in (lambda: recall_at_k(x, y, (1,)), lambda: mean_average_precision_a
     # One that returns lets the evaluation finish, with the same result.
     got, _, signals = interrupted(metric, None)
     assert got == want and signals > 0, (got, want, signals)
+    # On another thread, where Python runs no handler, the same result.
+    box = []
+    worker = threading.Thread(target=lambda: box.append(metric()))
+    got, _, signals = interrupted(lambda: (worker.start(), worker.join(), box)[2], None)
+    assert got == [want] and signals > 0, (got, want, signals)
     assert recall_at_k(*small, (1,)) == recall_at_k(*small, (1,))  # still usable
 print("ok")
 """

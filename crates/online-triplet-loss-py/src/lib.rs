@@ -35,14 +35,51 @@ fn torch_failure(py: Python<'_>, message: String) -> PyErr {
     PyRuntimeError::new_err(message)
 }
 
+/// `py.allow_threads(f)`, for a thread that may still be in `f` when the
+/// interpreter shuts down (a daemon thread at exit). Before Python 3.14,
+/// taking the GIL back then ends the thread with `pthread_exit`, whose forced
+/// unwinding through Rust frames aborts the process ("FATAL: exception not
+/// rethrown"). Here the unwinding stops in a guard that parks the thread
+/// until the process exits, as Python 3.14 does itself (and as PyO3 does for
+/// `PyGILState_Ensure`, not for `allow_threads`).
+fn without_gil<T>(_py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    extern "C-unwind" {
+        fn PyEval_RestoreThread(state: *mut pyo3::ffi::PyThreadState);
+    }
+    struct ParkForever;
+    impl Drop for ParkForever {
+        fn drop(&mut self) {
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+    // SAFETY: the thread holds the GIL (`_py`) and `f` touches no Python
+    // object (it is `Send`, and `Python` is not); the GIL is taken back
+    // before any returns, panics included (`f` is run in `catch_unwind`).
+    // PyO3's count of the GIL is left as it was, so that code in `f` must
+    // take the GIL with `PyGILState_Ensure`, as `python_signals` does, not
+    // with `Python::with_gil`, which would believe it held.
+    unsafe {
+        let state = pyo3::ffi::PyEval_SaveThread();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let park = ParkForever;
+        PyEval_RestoreThread(state);
+        std::mem::forget(park);
+        result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
 /// Runs `f` without the GIL; a panic inside libtorch's bindings becomes an
 /// exception as an `Err` does (see [`libtorch_panic`]), instead of a
 /// PanicException, which `except Exception` would not catch.
 fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
-    match py.allow_threads(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))) {
+    match without_gil(py, || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+    }) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err @ Error::Torch(_))) => Err(torch_failure(py, err.to_string())),
-        // What the signal handler raised, which `python_signals` put back.
+        // What the signal handler raised, which `python_signals` left set.
         Ok(Err(Error::Interrupted)) => {
             Err(PyErr::take(py).unwrap_or_else(|| to_py(Error::Interrupted)))
         }
@@ -209,16 +246,25 @@ fn mean(py: Python<'_>, sum: PyTensor, count: PyTensor, like: PyTensor) -> PyRes
     })
 }
 
-fn retrieval(distance: &str, chunk_size: Option<i64>) -> PyResult<RetrievalConfig> {
-    let mut config = RetrievalConfig::new(distance.parse::<Distance>().map_err(to_py)?)
-        .interrupt(Interrupt(python_signals));
+/// The metrics' settings. Python runs signal handlers on its main thread
+/// only, so elsewhere the computation is not asked to look for them, which
+/// would take the GIL every 100 ms for nothing.
+fn retrieval(py: Python<'_>, distance: &str, chunk_size: Option<i64>) -> PyResult<RetrievalConfig> {
+    let mut config = RetrievalConfig::new(distance.parse::<Distance>().map_err(to_py)?);
+    let threading = py.import("threading")?;
+    if threading
+        .call_method0("current_thread")?
+        .is(&threading.call_method0("main_thread")?)
+    {
+        config = config.interrupt(Interrupt(python_signals));
+    }
     config.chunk_size = chunk_size;
     Ok(config)
 }
 
-/// Runs Python's signal handlers (on the main thread; elsewhere nothing),
-/// and whether one raised: its exception (KeyboardInterrupt for Ctrl-C) is
-/// put back, for [`run`] to raise when the computation has stopped. At most
+/// Runs Python's signal handlers, and whether one raised: its exception
+/// (KeyboardInterrupt for Ctrl-C) stays set, for [`run`] to raise when the
+/// computation has stopped. At most
 /// every 100 ms: taking the GIL from a thread of Python code that is busy
 /// waits for its switch interval (5 ms), which every chunk would pay.
 fn python_signals() -> bool {
@@ -241,13 +287,14 @@ fn python_signals() -> bool {
     if !due {
         return false;
     }
-    Python::with_gil(|py| match py.check_signals() {
-        Ok(()) => false,
-        Err(err) => {
-            err.restore(py);
-            true
-        }
-    })
+    // SAFETY: this thread does not hold the GIL (see `without_gil`). What a
+    // handler raised stays set in the thread's state, where `run` finds it.
+    unsafe {
+        let gil = pyo3::ffi::PyGILState_Ensure();
+        let raised = pyo3::ffi::PyErr_CheckSignals() != 0;
+        pyo3::ffi::PyGILState_Release(gil);
+        raised
+    }
 }
 
 /// recall@k for each of `ks`, in that order.
@@ -261,7 +308,7 @@ fn recall_at_k(
     distance: &str,
     chunk_size: Option<i64>,
 ) -> PyResult<Vec<f64>> {
-    let config = retrieval(distance, chunk_size)?;
+    let config = retrieval(py, distance, chunk_size)?;
     let (embeddings, labels) = (embeddings.0, labels.0);
     run(py, move || config.recall_at_k(&embeddings, &labels, &ks))
 }
@@ -276,7 +323,7 @@ fn mean_average_precision_at_r(
     distance: &str,
     chunk_size: Option<i64>,
 ) -> PyResult<f64> {
-    let config = retrieval(distance, chunk_size)?;
+    let config = retrieval(py, distance, chunk_size)?;
     let (embeddings, labels) = (embeddings.0, labels.0);
     run(py, move || {
         config.mean_average_precision_at_r(&embeddings, &labels)

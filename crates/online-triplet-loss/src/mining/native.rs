@@ -256,6 +256,12 @@ impl<T: Real> Transform<'_, T> {
     }
 }
 
+/// A 0-d CPU tensor holding `value`: an `Err` where libtorch fails, where
+/// `Tensor::from` would panic.
+fn scalar(value: impl Into<tch::Scalar>, kind: Kind) -> Result<Tensor, Error> {
+    Ok(Tensor::f_scalar_tensor(value, (kind, Device::Cpu))?)
+}
+
 /// Per-row sums, added up over rows.
 #[derive(Clone, Copy, Default)]
 struct Totals {
@@ -978,9 +984,9 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Erro
         }
     }
     Ok(Weighted {
-        value: Tensor::from(totals.value).f_to_kind(weights.kind())?,
-        count: Tensor::from(totals.count),
-        valid: Tensor::from(totals.valid),
+        value: scalar(totals.value, Kind::Double)?.f_to_kind(weights.kind())?,
+        count: scalar(totals.count, Kind::Int64)?,
+        valid: scalar(totals.valid, Kind::Int64)?,
         selection: Selection::PairWeights {
             weights,
             row_sum: Tensor::f_from_slice(&row_sum)?,
@@ -1018,9 +1024,9 @@ fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error
         }
     }
     Ok(Weighted {
-        value: Tensor::from(totals.value).f_to_kind(d.kind())?,
-        count: Tensor::from(totals.count),
-        valid: Tensor::from(totals.valid),
+        value: scalar(totals.value, Kind::Double)?.f_to_kind(d.kind())?,
+        count: scalar(totals.count, Kind::Int64)?,
+        valid: scalar(totals.valid, Kind::Int64)?,
         selection: Selection::Triplets {
             anchor,
             positive,

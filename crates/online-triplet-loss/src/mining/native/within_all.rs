@@ -28,12 +28,12 @@
 //! their own instead of the gemm, so they may differ from the chunked
 //! path's in the last bits.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::within::{lanes_of, Frame, Half};
 use super::{
-    batch_all_few, in_blocks, negative_pair_weight, real_kind, simd, view, view_mut, Groups,
-    NativeReal, Real, Totals, FEW_KEYS, LANES,
+    batch_all_few, in_blocks, negative_pair_weight, real_kind, scalar, simd, view, view_mut,
+    Groups, NativeReal, Real, Totals, FEW_KEYS, LANES,
 };
 use crate::{Distance, Error};
 
@@ -392,9 +392,9 @@ fn typed<T: Real>(
         .map(|a| of(a).len() as i64 * (n - groups.of(label[a]).len()) as i64)
         .sum();
     Ok(AllWithin {
-        value: Tensor::from(value).f_to_kind(kind)?,
-        count: Tensor::from(count),
-        valid: Tensor::from(valid),
+        value: scalar(value, Kind::Double)?.f_to_kind(kind)?,
+        count: scalar(count, Kind::Int64)?,
+        valid: scalar(valid, Kind::Int64)?,
         grad,
     })
 }

@@ -20,12 +20,12 @@
 //! ([`super::within::Positives`]), since the column passes need their
 //! distances before the anchor's own chunk comes.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::within::{lanes_of, Frame, Half};
 use super::{
-    first_negative, in_blocks, real_kind, semihard_few, simd, view, view_mut, Groups, NativeReal,
-    Real, FEW_KEYS, LANES,
+    first_negative, in_blocks, real_kind, scalar, semihard_few, simd, view, view_mut, Groups,
+    NativeReal, Real, FEW_KEYS, LANES,
 };
 use crate::mining::{Selection, Weighted};
 use crate::{Distance, Error};
@@ -278,9 +278,9 @@ fn typed<T: Real>(
         }
     }
     Ok(Weighted {
-        value: Tensor::from(value).f_to_kind(kind)?,
-        count: Tensor::from(count),
-        valid: Tensor::from(count),
+        value: scalar(value, Kind::Double)?.f_to_kind(kind)?,
+        count: scalar(count, Kind::Int64)?,
+        valid: scalar(count, Kind::Int64)?,
         selection: Selection::Triplets {
             anchor,
             positive,
