@@ -315,6 +315,40 @@ def test_float32_keeps_float64_precision_on_clustered_data(mining, distance, dat
     assert want.item() == pytest.approx(_ref_loss(mining, labels, x, margin, distance), rel=1e-9)
 
 
+def _pairs_on_an_arc(seed: int, theta: float = 3e-3, delta: float = 3e-4) -> torch.Tensor:
+    """Four classes of two rows each, in a plane of random orientation, at
+    angles c·theta and c·theta + delta for class c, with random lengths:
+    every anchor's positive is delta away and its nearest negative
+    theta − delta (the next ones at least delta farther), so that float32
+    selects as float64 does, while every cosine distance is below 2e-5."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0][:2]
+    angles = torch.tensor([c * theta + k * delta for c in range(4) for k in range(2)],
+                          dtype=torch.float64)
+    lengths = torch.rand(8, 1, generator=g, dtype=torch.float64) * 3 + 0.5
+    return torch.stack([angles.cos(), angles.sin()], dim=1) @ basis * lengths
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("seed", range(3))
+def test_float32_batch_hard_cosine_keeps_the_digits_of_close_pairs(seed, portable):
+    """Batch-hard's loss is computed from its selected pairs' distances,
+    which for the cosine distance were 1 − x̂·ŷ: a dot product of about 1
+    rounded to 6e-8 in float32, on distances of 5e-8 (positives) to 4e-6
+    (negatives), a loss 1e-2 off. As ½‖x̂ − ŷ‖² it keeps float64's digits."""
+    x = _pairs_on_an_arc(seed).float().double()
+    labels = torch.arange(8) // 2
+    margin = 1e-5  # every hinge active: about 6e-6 each
+
+    def loss(x):
+        return _core.triplet_terms("hard", labels, x, margin, "cosine", False, None, None, None,
+                                   None, portable=portable)[0] / 8
+
+    want = _ref_loss("hard", labels, x, margin, "cosine")
+    assert loss(x).item() == pytest.approx(want, rel=1e-9)
+    assert loss(x.float()).item() == pytest.approx(want, rel=1e-4)
+
+
 @pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
 @pytest.mark.parametrize("mining", LOSSES)
 @pytest.mark.parametrize("dtype, offset", [(torch.float32, 1e20), (torch.float32, -3e35),
