@@ -54,12 +54,13 @@ fn without_gil<T>(_py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
             }
         }
     }
-    // SAFETY: the thread holds the GIL (`_py`) and `f` touches no Python
-    // object (it is `Send`, and `Python` is not); the GIL is taken back
-    // before any returns, panics included (`f` is run in `catch_unwind`).
-    // PyO3's count of the GIL is left as it was, so that code in `f` must
-    // take the GIL with `PyGILState_Ensure`, as `python_signals` does, not
-    // with `Python::with_gil`, which would believe it held.
+    // SAFETY: the thread holds the GIL (`_py`); the GIL is taken back before
+    // any return, panics included (`f` is run in `catch_unwind`). PyO3's
+    // count of the GIL is left as it was, so `f` must capture no Python
+    // object (`Py`, `PyErr`, `Bound`: the callers' closures capture tensors,
+    // settings and a `fn`) and must take the GIL with `PyGILState_Ensure`,
+    // as `python_signals` does, not with `Python::with_gil`, which would
+    // believe it held.
     unsafe {
         let state = pyo3::ffi::PyEval_SaveThread();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
@@ -246,18 +247,13 @@ fn mean(py: Python<'_>, sum: PyTensor, count: PyTensor, like: PyTensor) -> PyRes
     })
 }
 
-/// The metrics' settings. Python runs signal handlers on its main thread
-/// only, so elsewhere the computation is not asked to look for them, which
-/// would take the GIL every 100 ms for nothing.
-fn retrieval(py: Python<'_>, distance: &str, chunk_size: Option<i64>) -> PyResult<RetrievalConfig> {
-    let mut config = RetrievalConfig::new(distance.parse::<Distance>().map_err(to_py)?);
-    let threading = py.import("threading")?;
-    if threading
-        .call_method0("current_thread")?
-        .is(&threading.call_method0("main_thread")?)
-    {
-        config = config.interrupt(Interrupt(python_signals));
-    }
+/// The metrics' settings, with the check for signals (Ctrl-C), which does
+/// nothing off Python's main thread. That thread is not asked for here:
+/// before Python 3.13 `threading.main_thread()` is whichever thread first
+/// imported `threading`.
+fn retrieval(distance: &str, chunk_size: Option<i64>) -> PyResult<RetrievalConfig> {
+    let mut config = RetrievalConfig::new(distance.parse::<Distance>().map_err(to_py)?)
+        .interrupt(Interrupt(python_signals));
     config.chunk_size = chunk_size;
     Ok(config)
 }
@@ -308,7 +304,7 @@ fn recall_at_k(
     distance: &str,
     chunk_size: Option<i64>,
 ) -> PyResult<Vec<f64>> {
-    let config = retrieval(py, distance, chunk_size)?;
+    let config = retrieval(distance, chunk_size)?;
     let (embeddings, labels) = (embeddings.0, labels.0);
     run(py, move || config.recall_at_k(&embeddings, &labels, &ks))
 }
@@ -323,7 +319,7 @@ fn mean_average_precision_at_r(
     distance: &str,
     chunk_size: Option<i64>,
 ) -> PyResult<f64> {
-    let config = retrieval(py, distance, chunk_size)?;
+    let config = retrieval(distance, chunk_size)?;
     let (embeddings, labels) = (embeddings.0, labels.0);
     run(py, move || {
         config.mean_average_precision_at_r(&embeddings, &labels)
