@@ -464,6 +464,7 @@ impl TripletConfig {
             sy,
             poison,
             guard,
+            wants_grad: grad::enabled() && (x.requires_grad() || y.requires_grad()),
         };
         let mut terms = match mining {
             Mining::Hard => self.hard_terms(&sides, margin.as_ref())?,
@@ -632,6 +633,9 @@ impl TripletConfig {
                                 // +1 at the positive of each active pair, −1s at its negative.
                                 add_to(&mut active, w.f_relu()?.f_sum(kind)?)?;
                             }
+                            if !s.wants_grad {
+                                continue;
+                            }
                             let mut gx_rows = gx.f_narrow(0, start, len)?;
                             let p = rows.pair_weights(&w, &d)?;
                             rows.accumulate_grad(
@@ -653,6 +657,9 @@ impl TripletConfig {
                                     "internal error: semi-hard mining returned pair weights".into(),
                                 ));
                             }
+                            if !s.wants_grad {
+                                continue;
+                            }
                             let mut gx_rows = gx.f_narrow(0, start, len)?;
                             rows.accumulate_grad(
                                 &s.sy,
@@ -670,6 +677,9 @@ impl TripletConfig {
                         } => {
                             let len = anchor.len() as f64;
                             add_to(&mut active, Tensor::f_full([], len, (kind, device))?)?;
+                            if !s.wants_grad {
+                                continue;
+                            }
                             triplets.0.extend(anchor.iter().map(|a| a + start));
                             triplets.1.extend(positive);
                             triplets.2.extend(negative);
@@ -677,7 +687,7 @@ impl TripletConfig {
                     }
                 }
             }
-            if !triplets.0.is_empty() {
+            if s.wants_grad && !triplets.0.is_empty() {
                 mining::add_triplet_grad(
                     self.distance,
                     (s.sx.points(), s.sy.points()),
@@ -704,8 +714,12 @@ impl TripletConfig {
         // through autograd without changing the value. They stay two when
         // the references are the anchors: c·gx + c·gy, not c·(gx + gy), is
         // what autograd gives the same loss with references passed apart.
+        let sum = match s.wants_grad {
+            true => s.poisoned(value, Some(&gx), Some(&gy))?,
+            false => s.poisoned(value, None, None)?,
+        };
         Ok(Terms {
-            sum: s.poisoned(value, Some(&gx), Some(&gy))?,
+            sum,
             count,
             valid,
             margin_grad: active,
@@ -736,6 +750,7 @@ impl TripletConfig {
                 columns,
                 (self.distance, self.margin),
                 step,
+                s.wants_grad,
             )?
             else {
                 return Ok(None);
@@ -751,7 +766,7 @@ impl TripletConfig {
             return Ok(None);
         };
         Ok(Some(Terms {
-            sum: s.poisoned(value, Some(&gx), None)?,
+            sum: s.poisoned(value, s.wants_grad.then_some(&gx), None)?,
             margin_grad: count.f_to_kind(kind)?,
             count,
             valid,
@@ -877,6 +892,10 @@ struct Sides<'a> {
     /// only: [`first_order_guard`] of the embeddings, the references and the
     /// margin tensor.
     guard: Option<Tensor>,
+    /// Whether autograd records this call and the anchors or the references
+    /// require grad: otherwise batch-all and semi-hard compute no gradient
+    /// for them (under `torch.no_grad`, a validation loss), only the value.
+    wants_grad: bool,
 }
 
 impl Sides<'_> {

@@ -222,6 +222,7 @@ pub(crate) use native::AllWithin;
 /// half of its Gram matrix, in chunks of `step` anchors: `points` and `norms`
 /// as in [`Gram`], `columns` the batch's labels. `None` when a label has more
 /// samples than these kernels take; [`batch_all`] over chunks then applies.
+/// Without `grad`, the gradient it returns is zeros, not computed.
 ///
 /// # Errors
 /// As [`hardest_within`].
@@ -231,6 +232,7 @@ pub(crate) fn batch_all_within(
     columns: &Columns,
     (distance, margin): (Distance, f64),
     step: i64,
+    grad: bool,
 ) -> Result<Option<AllWithin>, Error> {
     native::batch_all_within(
         points,
@@ -239,6 +241,7 @@ pub(crate) fn batch_all_within(
         columns.native_groups()?,
         (distance, margin),
         step,
+        grad,
     )
 }
 

@@ -481,7 +481,7 @@ fn every_vector_width_gives_the_same_bits() {
                         ("within negative".to_string(), h.negative),
                         ("within valid".to_string(), h.valid),
                     ];
-                    let all = super::batch_all_within(p, n, &columns, (distance, 0.3), 7);
+                    let all = super::batch_all_within(p, n, &columns, (distance, 0.3), 7, true);
                     if let Some(a) = all.expect("half-matrix batch-all") {
                         out.extend([
                             ("within batch-all value".to_string(), a.value),

@@ -175,7 +175,8 @@ fn column_pass<T: Real>(
 /// Euclidean distances; normalised points for the cosine one) against
 /// themselves, with labels `labels` indexed by `groups`, in chunks of
 /// `step` anchors. `None` when a label has more than [`FEW_KEYS`] + 1
-/// samples, which the chunked path handles.
+/// samples, which the chunked path handles. Without `grad`, the gradient
+/// is zeros: the products that make it are skipped.
 ///
 /// # Errors
 /// `Error::Torch` when libtorch fails or the tensors are not float32 or
@@ -187,14 +188,15 @@ pub(crate) fn batch_all_within(
     groups: &Groups,
     (distance, margin): (Distance, f64),
     step: i64,
+    grad: bool,
 ) -> Result<Option<AllWithin>, Error> {
     if groups.largest() > FEW_KEYS + 1 {
         return Ok(None);
     }
     let loss = (distance, margin);
     Ok(Some(match real_kind(points.kind())? {
-        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, loss, step)?,
-        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, loss, step)?,
+        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, loss, step, grad)?,
+        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, loss, step, grad)?,
     }))
 }
 
@@ -205,6 +207,7 @@ fn typed<T: Real>(
     groups: &Groups,
     (distance, margin): (Distance, f64),
     step: i64,
+    want_grad: bool,
 ) -> Result<AllWithin, Error> {
     let kind = points.kind();
     let half = Half::<T>::new(
@@ -340,6 +343,9 @@ fn typed<T: Real>(
             }
         }
 
+        if !want_grad {
+            continue;
+        }
         // The gradient of Σ Wᵢⱼ dᵢⱼ: −W·x_cols for the rows, −Wᵀ·x_rows for
         // the columns ([`crate::distance::Side::accumulate_grad`]).
         let _ = grad
@@ -368,7 +374,7 @@ fn typed<T: Real>(
         distance.pair_weight(k_total[at] as f64, of(a)[q].d.get())
     };
     let mut grad = grad.f_narrow(0, 0, n as i64)?.f_contiguous()?;
-    {
+    if want_grad {
         let g = view_mut::<T>(&mut grad)?;
         for a in 0..n {
             for (q, p) in of(a).iter().enumerate() {
@@ -382,7 +388,7 @@ fn typed<T: Real>(
             }
         }
     }
-    if distance != Distance::Cosine {
+    if want_grad && distance != Distance::Cosine {
         let coef = Tensor::f_from_slice(&coef[..n])?.f_to_kind(kind)?;
         let points = half.points.f_narrow(0, 0, n as i64)?;
         let _ = grad.f_add_(&coef.f_unsqueeze(1)?.f_mul(&points)?)?;

@@ -1,0 +1,123 @@
+"""Under torch.no_grad (a validation loss) or torch.inference_mode the losses
+compute their value only: batch-all and semi-hard skip the gradient they
+otherwise compute while mining (for batch-all, two matrix products per
+chunk), and the value is bit for bit the one computed with gradients.
+
+Layout: values on every path (the half-matrix kernels, chunks, reference
+sets, the portable kernels) -> the products skipped, counted by a dispatch
+mode -> gradients still computed when only the references require grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import DISTANCES, LOSSES, grad_of, leaf
+from online_triplet_loss import _core
+
+MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+def _batch(seed=0, n=256, classes=32, dim=24):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, classes, (n,), generator=g), torch.randn(n, dim, generator=g)
+
+
+def _terms(mining, labels, x, distance, chunk=None, portable=False, refs=None):
+    y, y_labels = refs if refs is not None else (None, None)
+    return _core.triplet_terms(mining, labels, x, 0.2, distance, False, y, y_labels, None, chunk,
+                               portable=portable)
+
+
+# Chunks of 16 rows make 16 chunks of the 256-row batch: the half-matrix
+# kernels take it (with classes of at most 17); 4 classes of 64 rows go
+# through the chunked kernels.
+PATHS = {
+    "half-matrix": dict(classes=32, chunk=16),
+    "chunks": dict(classes=4, chunk=16),
+    "one-chunk": dict(classes=32, chunk=None),
+    "portable": dict(classes=32, chunk=16, portable=True),
+    "references": dict(classes=32, chunk=16, refs=True),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_value_is_the_one_computed_with_gradients(mining, distance, path, mode):
+    cfg = PATHS[path]
+    labels, x = _batch(classes=cfg["classes"])
+    refs = None
+    if cfg.get("refs"):
+        ref_labels, y = _batch(seed=1, n=96, classes=cfg["classes"])
+        refs = (leaf(y), ref_labels)
+    kw = dict(chunk=cfg["chunk"], portable=cfg.get("portable", False))
+    want = _terms(mining, labels, leaf(x), distance, refs=refs, **kw)
+    with MODES[mode]():
+        got = _terms(mining, labels, leaf(x), distance, refs=refs, **kw)
+    assert not got[0].requires_grad
+    for w, g in zip(want, got):
+        assert torch.equal(w.detach(), g), (w, g)
+
+
+class _Products(TorchDispatchMode):
+    """Counts the matrix products that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _products(mining, path, grad_mode):
+    cfg = PATHS[path]
+    labels, x = _batch(classes=cfg["classes"])
+    with contextlib.ExitStack() as stack:
+        if not grad_mode:
+            stack.enter_context(torch.no_grad())
+        counter = stack.enter_context(_Products())
+        _terms(mining, labels, leaf(x), "euclidean", chunk=cfg["chunk"],
+               portable=cfg.get("portable", False))
+    return counter.count
+
+
+@pytest.mark.parametrize("path", ["half-matrix", "chunks", "portable"])
+def test_batch_all_skips_its_gradient_products(path):
+    with_grad, without = _products("all", path, True), _products("all", path, False)
+    # The distances' products remain; the gradient's two per chunk are gone.
+    assert 0 < without < with_grad, (without, with_grad)
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+def test_detached_anchors_still_give_the_references_their_gradient(mining):
+    labels, x = _batch()
+    ref_labels, y = _batch(seed=1, n=96)
+    both = leaf(y)
+    s, c, _ = _terms(mining, labels, leaf(x), "euclidean", chunk=16, refs=(both, ref_labels))
+    want = grad_of(s, both)[0]
+    only = leaf(y)
+    s, c, _ = _terms(mining, labels, x, "euclidean", chunk=16, refs=(only, ref_labels))
+    got = grad_of(s, only)[0]
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["half-matrix", "chunks", "portable"])
+@pytest.mark.parametrize("mining", LOSSES)
+def test_a_non_finite_embedding_still_gives_nan(mining, path):
+    cfg = PATHS[path]
+    labels, x = _batch(classes=cfg["classes"])
+    x[7, 3] = float("inf")
+    with torch.no_grad():
+        s, _, _ = _terms(mining, labels, x, "euclidean", chunk=cfg["chunk"],
+                         portable=cfg.get("portable", False))
+    assert s.isnan(), s
