@@ -15,9 +15,8 @@
 //!   those pairs, 0 when there are none. Ties go to the lowest index.
 //!
 //! Batch-all and semi-hard run in O(B² log B) time and O(B·chunk) memory
-//! (semi-hard also holds its selected triplets while it computes the
-//! gradient: one per positive pair, about B²/2 with two classes):
-//! mining runs without autograd, and the gradient reaches the embeddings as
+//! (semi-hard's selected triplets are turned into its gradient a chunk of
+//! anchors at a time): mining runs without autograd, and the gradient reaches the embeddings as
 //! a weighted sum over the distance matrix. First-order gradients are exact.
 //! Second derivatives are exact through batch-hard; through batch-all and
 //! semi-hard they are not supported, and differentiating their gradient

@@ -569,7 +569,8 @@ impl TripletConfig {
         let device = s.x.device();
         let (n, m) = (s.x.size()[0], s.y.size()[0]);
         let (value, count, valid, active, gx, gy) = grad::no_grad(|| -> Result<_, Error> {
-            // Semi-hard's selected triplets (anchor, positive, negative), on the CPU.
+            // Semi-hard's selected triplets (anchor, positive, negative) from
+            // the half-matrix kernels, on the CPU (at most 16 an anchor).
             let mut triplets: (Vec<i64>, Vec<i64>, Vec<i64>) = (vec![], vec![], vec![]);
             // Totals over the chunks, from the first chunk's.
             let (mut value, mut count, mut valid) = (None, None, None);
@@ -671,18 +672,27 @@ impl TripletConfig {
                             )?;
                         }
                         Selection::Triplets {
-                            anchor,
+                            mut anchor,
                             positive,
                             negative,
                         } => {
                             let len = anchor.len() as f64;
                             add_to(&mut active, Tensor::f_full([], len, (kind, device))?)?;
-                            if !s.wants_grad {
+                            if !s.wants_grad || anchor.is_empty() {
                                 continue;
                             }
-                            triplets.0.extend(anchor.iter().map(|a| a + start));
-                            triplets.1.extend(positive);
-                            triplets.2.extend(negative);
+                            // Chunk by chunk: with few classes a batch has
+                            // about B²/2 positive pairs, each a triplet.
+                            for a in &mut anchor {
+                                *a += start;
+                            }
+                            mining::add_triplet_grad(
+                                self.distance,
+                                (s.sx.points(), s.sy.points()),
+                                (&anchor, &positive, &negative),
+                                &mut gx,
+                                &mut gy,
+                            )?;
                         }
                     }
                 }
