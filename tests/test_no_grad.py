@@ -5,7 +5,8 @@ chunk), and the value is bit for bit the one computed with gradients.
 
 Layout: values on every path (the half-matrix kernels, chunks, reference
 sets, the portable kernels) -> the products skipped, counted by a dispatch
-mode -> gradients still computed when only the references require grad.
+mode -> gradients still computed when only the references require grad ->
+non-finite input -> forward-mode AD, refused by batch-all and semi-hard.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import contextlib
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import DISTANCES, LOSSES, grad_of, leaf
-from online_triplet_loss import _core
+from online_triplet_loss import (_core, batch_all_triplet_loss, batch_hard_triplet_loss,
+                                 batch_semihard_triplet_loss)
 
 MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
@@ -121,3 +124,28 @@ def test_a_non_finite_embedding_still_gives_nan(mining, path):
         s, _, _ = _terms(mining, labels, x, "euclidean", chunk=cfg["chunk"],
                          portable=cfg.get("portable", False))
     assert s.isnan(), s
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("mining", LOSSES)
+def test_forward_mode_ad(mining, requires_grad):
+    """Batch-all and semi-hard compute their gradient for reverse mode only
+    (and none when nothing requires grad), so forward-mode AD through them
+    raises instead of giving a tangent of 0; batch-hard's is its gradient
+    times the tangent."""
+    labels, x = _batch(n=40, classes=4)
+    tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    fn = {"all": lambda e: batch_all_triplet_loss(labels, e, 0.2)[0],
+          "hard": lambda e: batch_hard_triplet_loss(labels, e, 0.2),
+          "semihard": lambda e: batch_semihard_triplet_loss(labels, e, 0.2)}[mining]
+    primal = leaf(x) if requires_grad else x
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(primal, tangent)
+        if mining != "hard":
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                fn(dual)
+            return
+        jvp = forward_ad.unpack_dual(fn(dual)).tangent
+    x_ = leaf(x)
+    want = (grad_of(fn(x_), x_)[0] * tangent).sum()
+    torch.testing.assert_close(jvp, want)

@@ -24,6 +24,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from . import _core, _native as native
 from ._validation import (
@@ -177,6 +178,12 @@ def terms(
     distance = resolve_distance(squared, distance)
     soft = check_flag("soft", soft)
     anchor_offset = check_anchor_offset(anchor_offset, embeddings, ref_embeddings)
+    if mining != "hard" and _has_tangent(embeddings, ref_embeddings, margin_tensor):
+        raise NotImplementedError(
+            f"{_NAMES[mining]}: forward-mode AD (torch.autograd.forward_ad) is not supported "
+            "through batch-all and semi-hard mining, which compute their gradient for reverse "
+            "mode only; use backward(), or batch_hard_triplet_loss, which supports both."
+        )
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (embeddings, ref_embeddings, margin_tensor)
     )
@@ -185,6 +192,11 @@ def terms(
                            ref_labels, anchor_offset, margin_tensor)
     return native.call(_first_order_terms, mining, labels, embeddings, value, distance, soft,
                        ref_embeddings, ref_labels, anchor_offset, margin_tensor)
+
+
+def _has_tangent(*tensors: Optional[Tensor]) -> bool:
+    """Whether a tensor is a dual tensor of forward-mode AD's current level."""
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def loss_and_fraction(mining: str, labels: Tensor, embeddings: Tensor, margin: object,

@@ -2,6 +2,8 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::Error;
+
 /// Runs `f` with gradients off. The mode that was set before comes back on
 /// every exit, a panic unwinding through `f` included (`tch::no_grad` only
 /// restores it when `f` returns).
@@ -12,13 +14,9 @@ pub(crate) fn no_grad<T>(f: impl FnOnce() -> T) -> T {
 
 /// Whether autograd records operations on this thread
 /// (`torch.is_grad_enabled()`), for which tch has no getter: an operation
-/// on a tensor that requires grad requires grad only then. Where the probe
-/// fails, true, so that the caller computes what it would need.
-pub(crate) fn enabled() -> bool {
-    let probe = || -> Result<bool, tch::TchError> {
-        let mut leaf = Tensor::f_zeros([1], (Kind::Float, Device::Cpu))?;
-        let leaf = leaf.f_requires_grad_(true)?;
-        Ok(leaf.f_mul_scalar(1.0)?.requires_grad())
-    };
-    probe().unwrap_or(true)
+/// on a tensor that requires grad requires grad only then.
+pub(crate) fn enabled() -> Result<bool, Error> {
+    let mut leaf = Tensor::f_zeros([1], (Kind::Float, Device::Cpu))?;
+    let leaf = leaf.f_requires_grad_(true)?;
+    Ok(leaf.f_mul_scalar(1.0)?.requires_grad())
 }

@@ -464,7 +464,7 @@ impl TripletConfig {
             sy,
             poison,
             guard,
-            wants_grad: grad::enabled() && (x.requires_grad() || y.requires_grad()),
+            wants_grad: (x.requires_grad() || y.requires_grad()) && grad::enabled()?,
         };
         let mut terms = match mining {
             Mining::Hard => self.hard_terms(&sides, margin.as_ref())?,
