@@ -5,11 +5,12 @@ panic text on stderr, grad mode kept, and the process alive to retry.
 
 Each case runs in a child process whose address space is capped
 (``RLIMIT_AS``, its soft limit) a little above what it has mapped, so allocations fail for
-certain whatever the machine's memory and overcommit policy. Only tensor
-allocations are made to fail: the native CPU kernels' own buffers are Rust
-vectors, whose allocation failure aborts the process (Rust's rule), so the
-sweep of caps runs the portable kernels, which allocate nothing but tensors,
-and the native kernels only meet the cap at the embeddings' first copy.
+certain whatever the machine's memory and overcommit policy. The sweep of
+caps runs the portable kernels, which allocate nothing but tensors, and the
+native kernels meet the cap at the embeddings' first copy. The native CPU
+kernels' own buffers (Rust vectors, whose failed allocation would abort the
+process) are reserved fallibly: a malloc shim fails each of their large
+allocations in turn, and every one gives a MemoryError.
 """
 
 from __future__ import annotations
@@ -126,3 +127,139 @@ def test_portable_kernels_fail_cleanly_at_every_cap():
             _check_failure(f"{name} at +{extra_mib} MiB", kind, message, grad_enabled)
     # The sweep must reach the failures it is for.
     assert failed >= 6, failed
+
+
+# ------------------------------------------------- host buffers of the native kernels
+
+_FAIL_MALLOC = r"""
+#include <errno.h>
+#include <stddef.h>
+
+extern void *__libc_malloc(size_t);
+extern void *__libc_calloc(size_t, size_t);
+extern void *__libc_realloc(void *, size_t);
+
+/* Fails the `nth` allocation of at least `threshold` bytes after arming;
+   0 disarms. */
+static size_t threshold, nth, seen;
+
+void failmalloc_arm(size_t t, size_t n) { threshold = t; nth = n; seen = 0; }
+
+static int fails(size_t size) {
+    return threshold && size >= threshold && ++seen == nth;
+}
+
+void *malloc(size_t size) {
+    if (fails(size)) { errno = ENOMEM; return NULL; }
+    return __libc_malloc(size);
+}
+
+void *calloc(size_t count, size_t size) {
+    if (size && count <= (size_t)-1 / size && fails(count * size)) { errno = ENOMEM; return NULL; }
+    return __libc_calloc(count, size);
+}
+
+void *realloc(void *ptr, size_t size) {
+    if (fails(size)) { errno = ENOMEM; return NULL; }
+    return __libc_realloc(ptr, size);
+}
+"""
+
+_NTH_ALLOCATION_CHILD = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    import torch
+    from online_triplet_loss import _core
+    from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
+
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 16, generator=g)
+    refs = torch.randn(3000, 16, generator=g)
+    # Classes of 8 take the half-matrix kernels; of 32, the chunked ones.
+    big, pk = torch.arange(4096) % 128, torch.arange(4096) // 8
+
+    def terms(mining, labels, chunk, y=None):
+        def call():
+            leaf = x.clone().requires_grad_()
+            ref = None if y is None else (y.clone().requires_grad_(), torch.arange(len(y)) % 128)
+            s, c, v = _core.triplet_terms(mining, labels, leaf, 0.2, "euclidean", False,
+                                          *(ref or (None, None)), None, chunk)
+            s.backward()
+            grads = [leaf.grad] + ([] if ref is None else [ref[0].grad])
+            return [float(s.detach()), int(c), int(v)] + [float(t.abs().sum()) for t in grads]
+        return call
+
+    # Two threads: a fixed number of parallel blocks, whose buffers grow.
+    cases = {
+        "recall_at_k": lambda: recall_at_k(x, pk, ks=(1, 5)),
+        "map_at_r": lambda: [mean_average_precision_at_r(x, pk)],
+    }
+    for mining in ["all", "hard", "semihard"]:
+        cases[f"{mining}/half-matrix"] = terms(mining, pk, 128)
+        cases[f"{mining}/chunks"] = terms(mining, big, 512)
+        cases[f"{mining}/references"] = terms(mining, big, 512, refs)
+    arm = ctypes.CDLL(None).failmalloc_arm
+    arm.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+    report = {}
+    for name, call in cases.items():
+        want = call()
+        failures, got = [], None
+        for nth in range(1, 2000):
+            arm(64 << 10, nth)
+            try:
+                got = call()
+            except BaseException as err:
+                arm(0, 0)
+                failures.append([type(err).__name__, str(err)[:200], torch.is_grad_enabled()])
+                continue
+            arm(0, 0)
+            break
+        # After every failure the same call gives the same result.
+        report[name] = {"failures": failures, "last": got, "want": want, "again": call()}
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def fail_malloc(tmp_path_factory):
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the malloc shim")
+    d = tmp_path_factory.mktemp("failmalloc")
+    (d / "failmalloc.c").write_text(_FAIL_MALLOC)
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(d / "failmalloc.so"),
+                    str(d / "failmalloc.c")], check=True, capture_output=True)
+    return d / "failmalloc.so"
+
+
+def test_every_large_host_allocation_can_fail_cleanly(fail_malloc):
+    """The native kernels keep their buffers in Rust vectors, and a vector
+    that cannot be allocated aborts the process (SIGABRT, "memory allocation
+    of N bytes failed") unless it is reserved fallibly. A malloc shim fails
+    the first, then the second, ... allocation of at least 64 KiB that each
+    call makes (the core's buffers, libtorch's and Python's own; tensors'
+    storage comes from posix_memalign and is not touched), until a call
+    gets through: every failure is a MemoryError (the core's,
+    `Error::OutOfMemory`) or torch's RuntimeError, grad mode is kept, and
+    the same call then gives the same result."""
+    import os
+
+    env = dict(os.environ, LD_PRELOAD=str(fail_malloc))
+    proc = subprocess.run([sys.executable, "-c", _NTH_ALLOCATION_CHILD], capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert "panicked" not in proc.stderr, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    core_failures = 0
+    for name, r in report.items():
+        assert r["last"] == r["want"] == r["again"], (name, r)
+        for kind, message, grad_enabled in r["failures"]:
+            assert grad_enabled, (name, kind, message)
+            assert kind in ("MemoryError", "RuntimeError"), (name, kind, message)
+            core_failures += message.startswith("out of host memory")
+    # The sweep reaches the core's own buffers, not only torch's.
+    assert core_failures >= len(report), report

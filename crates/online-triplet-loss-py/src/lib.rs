@@ -4,7 +4,7 @@
 
 use online_triplet_loss::metrics::{Interrupt, RetrievalConfig};
 use online_triplet_loss::{Distance, Error, Kernel, Mining, References, Terms, TripletConfig};
-use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 use tch::{Kind, Tensor};
@@ -14,6 +14,7 @@ fn to_py(err: Error) -> PyErr {
         Error::InvalidArgument { .. } => PyValueError::new_err(err.to_string()),
         Error::Torch(_) => PyRuntimeError::new_err(err.to_string()),
         Error::Interrupted => PyKeyboardInterrupt::new_err(err.to_string()),
+        Error::OutOfMemory { .. } => PyMemoryError::new_err(err.to_string()),
     }
 }
 

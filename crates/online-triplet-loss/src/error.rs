@@ -14,6 +14,12 @@ pub enum Error {
     Torch(String),
     /// The caller's [`crate::metrics::Interrupt`] asked to stop.
     Interrupted,
+    /// A buffer of the native CPU kernels (not a tensor: libtorch reports
+    /// those as [`Error::Torch`]) could not be allocated.
+    OutOfMemory {
+        /// The size that was asked for.
+        bytes: usize,
+    },
 }
 
 impl Error {
@@ -58,6 +64,10 @@ impl fmt::Display for Error {
             Error::InvalidArgument { argument, message } => write!(f, "{argument}: {message}"),
             Error::Torch(message) => write!(f, "libtorch error: {message}"),
             Error::Interrupted => f.write_str("interrupted at the caller's request"),
+            Error::OutOfMemory { bytes } => write!(
+                f,
+                "out of host memory: a buffer of {bytes} bytes could not be allocated"
+            ),
         }
     }
 }

@@ -37,6 +37,7 @@
 //! # Ok::<(), online_triplet_loss::Error>(())
 //! ```
 
+mod alloc;
 mod distance;
 mod error;
 mod grad;

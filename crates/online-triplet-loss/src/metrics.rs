@@ -274,7 +274,7 @@ impl RetrievalConfig {
         // Queries sorted by R_q: the skipped ones first, then chunks whose
         // last query needs the most neighbours.
         let (sorted_r, order) = others.f_sort_stable(true, 0, false)?;
-        let sorted_r = Vec::<i64>::try_from(sorted_r.f_to_device(tch::Device::Cpu)?)?;
+        let sorted_r = crate::alloc::to_vec::<i64>(&sorted_r)?;
         let first = sorted_r.partition_point(|&r| r == 0) as i64;
         let queries = n - first;
         if queries == 0 {

@@ -8,6 +8,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::alloc;
 use crate::hash::FastMap;
 use crate::mining::Kernel;
 use crate::Error;
@@ -23,11 +24,11 @@ fn first_copies(x: &Tensor, kernel: Kernel) -> Result<(Tensor, bool), Error> {
     // The slices of `hashed` are made here, from the dtype matched exactly.
     match (kernel, x.device(), x.f_kind()?) {
         (Kernel::Auto, Device::Cpu, kind @ (Kind::Float | Kind::Double)) => {
-            let nan = Vec::<bool>::try_from(x.f_isnan()?.f_any_dim(1, false)?)?;
-            Ok(match kind {
+            let nan = alloc::to_vec::<bool>(&x.f_isnan()?.f_any_dim(1, false)?)?;
+            match kind {
                 Kind::Float => hashed::<u32>(&x, n, &nan),
                 _ => hashed::<u64>(&x, n, &nan),
-            })
+            }
         }
         _ => Ok((sorted(&x, n)?, true)),
     }
@@ -35,7 +36,11 @@ fn first_copies(x: &Tensor, kernel: Kernel) -> Result<(Tensor, bool), Error> {
 
 /// [`first_copies`] by hashing the rows' bit patterns; `nan` marks the rows
 /// that hold NaN, which equal nothing.
-fn hashed<T: Copy + Eq + std::hash::Hash>(x: &Tensor, n: i64, nan: &[bool]) -> (Tensor, bool) {
+fn hashed<T: Copy + Eq + std::hash::Hash>(
+    x: &Tensor,
+    n: i64,
+    nan: &[bool],
+) -> Result<(Tensor, bool), Error> {
     let numel = x.numel();
     let data: &[T] = if numel == 0 {
         &[]
@@ -45,21 +50,19 @@ fn hashed<T: Copy + Eq + std::hash::Hash>(x: &Tensor, n: i64, nan: &[bool]) -> (
         unsafe { std::slice::from_raw_parts(x.data_ptr() as *const T, numel) }
     };
     let width = if n == 0 { 0 } else { numel / n as usize };
-    let mut seen: FastMap<&[T], i64> =
-        FastMap::with_capacity_and_hasher(n as usize, Default::default());
+    let mut seen: FastMap<&[T], i64> = alloc::map_with_capacity(n as usize)?;
     let mut copies = false;
-    let first: Vec<i64> = (0..n as usize)
-        .map(|i| {
-            if nan[i] {
-                return i as i64;
-            }
-            let row = &data[i * width..(i + 1) * width];
-            let f = *seen.entry(row).or_insert(i as i64);
-            copies |= f != i as i64;
-            f
-        })
-        .collect();
-    (Tensor::from_slice(&first), copies)
+    let mut first = alloc::with_capacity(n as usize)?;
+    first.extend((0..n as usize).map(|i| {
+        if nan[i] {
+            return i as i64;
+        }
+        let row = &data[i * width..(i + 1) * width];
+        let f = *seen.entry(row).or_insert(i as i64);
+        copies |= f != i as i64;
+        f
+    }));
+    Ok((Tensor::f_from_slice(&first)?, copies))
 }
 
 /// Odd multipliers: of a row's columns (the golden ratio's), and of the

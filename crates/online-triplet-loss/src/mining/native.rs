@@ -20,6 +20,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::parallel::{in_blocks, in_weighted_blocks};
 use super::{Chunk, Hardest, Selection, Weighted};
+use crate::alloc;
 use crate::hash::FastMap;
 use crate::{Distance, Error};
 
@@ -125,7 +126,12 @@ impl Groups {
         let labels = labels.f_contiguous()?;
         let mut columns = FastMap::<i64, Vec<usize>>::default();
         for (j, &label) in view::<i64>(&labels)?.iter().enumerate() {
-            columns.entry(label).or_default().push(j);
+            if !columns.contains_key(&label) {
+                columns
+                    .try_reserve(1)
+                    .map_err(|_| Error::OutOfMemory { bytes: 64 })?;
+            }
+            alloc::push(columns.entry(label).or_default(), j)?;
         }
         Ok(Groups { columns })
     }
@@ -546,16 +552,19 @@ struct Scratch<T> {
     above: Vec<(f64, usize)>,
 }
 
-impl<T> Default for Scratch<T> {
-    fn default() -> Self {
-        Scratch {
-            positives: vec![],
-            keys: vec![],
-            counts: vec![],
-            sums: vec![],
-            nearest: vec![],
-            above: vec![],
-        }
+impl<T> Scratch<T> {
+    /// Room for the rows of labels of up to `largest` columns, which then
+    /// never grow it.
+    fn with_room(largest: usize) -> Result<Self, Error> {
+        let room = largest + 1;
+        Ok(Scratch {
+            positives: alloc::with_capacity(room)?,
+            keys: alloc::with_capacity(room)?,
+            counts: alloc::with_capacity(room)?,
+            sums: alloc::with_capacity(room)?,
+            nearest: alloc::with_capacity(room)?,
+            above: alloc::with_capacity(room)?,
+        })
     }
 }
 
@@ -953,15 +962,16 @@ fn mine_rows<T: Real, R: Send>(
 
 fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let distance = chunk.distance;
+    let largest = groups(chunk)?.0.largest();
     let (weights, blocks) = mine_rows::<T, _>(
         chunk,
         false,
         #[inline(always)]
         |rows, range, d| {
-            let mut s = Scratch::default();
+            let mut s = Scratch::with_room(largest)?;
             let mut totals = Totals::default();
-            let mut sums = Vec::with_capacity(range.len());
-            let mut col_sum = vec![T::REAL_ZERO; rows.n];
+            let mut sums = alloc::with_capacity(range.len())?;
+            let mut col_sum = alloc::filled(rows.n, T::REAL_ZERO)?;
             // Plain loops: an iterator adapter's closure would be compiled
             // apart, without the vector instructions.
             for (r, d) in range.zip(d.chunks_exact_mut(rows.n.max(1))) {
@@ -969,14 +979,15 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Erro
                 totals = totals.add(out.totals);
                 sums.push(T::put(out.weight_sum));
             }
-            (totals, sums, col_sum)
+            Ok::<_, Error>((totals, sums, col_sum))
         },
     )?;
     let n = weights.size()[1] as usize;
     let mut totals = Totals::default();
-    let mut row_sum = Vec::with_capacity(weights.size()[0] as usize);
-    let mut col_sum = vec![T::REAL_ZERO; n];
-    for (t, sums, cols) in blocks {
+    let mut row_sum = alloc::with_capacity(weights.size()[0] as usize)?;
+    let mut col_sum = alloc::filled(n, T::REAL_ZERO)?;
+    for block in blocks {
+        let (t, sums, cols) = block?;
         totals = totals.add(t);
         row_sum.extend(sums);
         for (c, v) in col_sum.iter_mut().zip(cols) {
@@ -996,25 +1007,32 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Erro
 }
 
 fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
+    let largest = groups(chunk)?.0.largest();
     let (d, blocks) = mine_rows::<T, _>(
         chunk,
         false,
         #[inline(always)]
         |rows, range, d| {
-            let mut s = Scratch::default();
+            let mut s = Scratch::with_room(largest)?;
             let mut totals = Totals::default();
-            let mut triplets = vec![];
-            let mut picks = vec![];
+            let mut triplets = Vec::new();
+            let mut picks = alloc::with_capacity(largest)?;
             for (r, d) in range.zip(d.chunks_exact_mut(rows.n.max(1))) {
                 picks.clear();
                 totals = totals.add(semihard_row(rows.row(r, d), &mut s, margin, &mut picks));
-                triplets.extend(picks.iter().map(|&(p, q)| (r as i64, p, q)));
+                alloc::extend(&mut triplets, picks.iter().map(|&(p, q)| (r as i64, p, q)))?;
             }
-            (totals, triplets)
+            Ok::<_, Error>((totals, triplets))
         },
     )?;
+    let blocks = blocks.into_iter().collect::<Result<Vec<_>, Error>>()?;
+    let selected = blocks.iter().map(|(_, triplets)| triplets.len()).sum();
     let mut totals = Totals::default();
-    let (mut anchor, mut positive, mut negative) = (vec![], vec![], vec![]);
+    let (mut anchor, mut positive, mut negative) = (
+        alloc::with_capacity(selected)?,
+        alloc::with_capacity(selected)?,
+        alloc::with_capacity(selected)?,
+    );
     for (t, triplets) in blocks {
         totals = totals.add(t);
         for (a, p, q) in triplets {
@@ -1041,17 +1059,25 @@ fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
         true,
         #[inline(always)]
         |rows, range, d| {
-            let mut picks = Vec::with_capacity(range.len());
+            let mut picks = alloc::with_capacity(range.len())?;
             for (r, d) in range.zip(d.chunks_exact_mut(rows.n.max(1))) {
                 picks.push(hardest_row(rows.row(r, d)));
             }
-            picks
+            Ok::<_, Error>(picks)
         },
     )?;
-    let picks: Vec<Option<(i64, i64)>> = blocks.into_iter().flatten().collect();
-    let positive: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.0)).collect();
-    let negative: Vec<i64> = picks.iter().map(|p| p.map_or(0, |p| p.1)).collect();
-    let valid: Vec<bool> = picks.iter().map(Option::is_some).collect();
+    let blocks = blocks.into_iter().collect::<Result<Vec<_>, Error>>()?;
+    let rows = blocks.iter().map(Vec::len).sum();
+    let (mut positive, mut negative, mut valid) = (
+        alloc::with_capacity(rows)?,
+        alloc::with_capacity(rows)?,
+        alloc::with_capacity(rows)?,
+    );
+    for pick in blocks.into_iter().flatten() {
+        positive.push(pick.map_or(0, |p: (i64, i64)| p.0));
+        negative.push(pick.map_or(0, |p| p.1));
+        valid.push(pick.is_some());
+    }
     Ok(Hardest {
         positive: Tensor::f_from_slice(&positive)?,
         negative: Tensor::f_from_slice(&negative)?,
@@ -1122,7 +1148,6 @@ pub(crate) fn add_triplet_grad(
             (view_mut(gx)?, view_mut(gy)?),
         ),
     }
-    Ok(())
 }
 
 /// Triplets as row indices, ascending by anchor, into `anchors` anchors and
@@ -1185,7 +1210,7 @@ fn triplet_grad<T: Real>(
     width: usize,
     triplets: &Triplets,
     (gx, gy): (&mut [T], &mut [T]),
-) {
+) -> Result<(), Error> {
     let pairs = 2 * triplets.anchor.len();
     // The factor of each pair's term: the gradient of its distance with
     // respect to x is factor × (x − y), or −factor × y for the cosine one.
@@ -1217,7 +1242,7 @@ fn triplet_grad<T: Real>(
                 let last = 2 * triplets
                     .anchor
                     .partition_point(|&a| (a as usize) < range.end);
-                let mut factors = Vec::with_capacity(last - first);
+                let mut factors = alloc::with_capacity(last - first)?;
                 for k in first..last {
                     let (a, j, sign) = triplets.pair::<T>(k);
                     let f = factor(a, j, sign);
@@ -1234,22 +1259,26 @@ fn triplet_grad<T: Real>(
                         }
                     }
                 }
-                factors
+                Ok::<_, Error>(factors)
             },
         )
     });
-    let factors: Vec<T> = blocks.into_iter().flatten().collect();
+    let mut factors = alloc::with_capacity(pairs)?;
+    for block in blocks {
+        factors.extend(block?);
+    }
     // Pass 2: references, through the pairs sorted by reference.
     let references = triplets.references;
-    let mut start = vec![0usize; references + 1];
+    let mut start = alloc::filled(references + 1, 0usize)?;
     for k in 0..pairs {
         start[triplets.pair::<T>(k).1 + 1] += 1;
     }
     for j in 0..references {
         start[j + 1] += start[j];
     }
-    let mut next = start.clone();
-    let mut order = vec![0usize; pairs];
+    let mut next = alloc::with_capacity(start.len())?;
+    next.extend_from_slice(&start);
+    let mut order = alloc::filled(pairs, 0usize)?;
     for k in 0..pairs {
         let j = triplets.pair::<T>(k).1;
         order[next[j]] = k;
@@ -1279,6 +1308,7 @@ fn triplet_grad<T: Real>(
             },
         )
     });
+    Ok(())
 }
 
 pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {

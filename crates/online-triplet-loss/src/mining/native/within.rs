@@ -21,7 +21,7 @@ use super::{
     Extremes, Groups, NativeReal, Positive, Real, Row, Transform, LANES,
 };
 use crate::mining::Hardest;
-use crate::{Distance, Error};
+use crate::{alloc, Distance, Error};
 
 /// No column chosen yet.
 const NONE: usize = usize::MAX;
@@ -183,7 +183,8 @@ impl<T: Real> Half<T> {
         let dim = points.size()[1].max(0) as usize;
         let padded = n.div_ceil(LANES) * LANES;
         let labels = labels.f_contiguous()?;
-        let mut label = view::<i64>(&labels)?.to_vec();
+        let mut label = alloc::with_capacity(padded)?;
+        label.extend_from_slice(view::<i64>(&labels)?);
         label.resize(padded, i64::MIN);
         let step = step.clamp(1, (n as i64).max(1));
         let points = pad_rows(points, padded)?;
@@ -195,7 +196,7 @@ impl<T: Real> Half<T> {
             groups,
             distance,
             key,
-        );
+        )?;
         let buffer = Tensor::f_empty([step * padded as i64], (points.kind(), points.device()))?;
         Ok(Half {
             points,
@@ -294,8 +295,8 @@ impl<'a, T: Real> Frame<'a, T> {
     pub(super) fn over_columns<G: Send>(
         &self,
         groups: &mut [G],
-        pass: impl Fn(usize, &mut [G]) + Sync,
-    ) {
+        pass: impl Fn(usize, &mut [G]) -> Result<(), Error> + Sync,
+    ) -> Result<(), Error> {
         let first = self.s0 / LANES;
         let work = |g: usize| {
             (self.s0 + (g + 1) * LANES)
@@ -314,7 +315,9 @@ impl<'a, T: Real> Frame<'a, T> {
                     || pass(first + range.start, part),
                 )
             },
-        );
+        )
+        .into_iter()
+        .collect()
     }
 }
 
@@ -357,14 +360,18 @@ impl<T: Real> Positives<T> {
         groups: &Groups,
         distance: Distance,
         key: impl Fn(f64) -> f64,
-    ) -> Self {
+    ) -> Result<Self, Error> {
         let (euclidean, root) = (
             distance != Distance::Cosine,
             distance == Distance::Euclidean,
         );
         let row = |i: usize| &points[i * width..(i + 1) * width];
-        let mut start = Vec::with_capacity(label.len() + 1);
-        let mut all: Vec<Positive<T>> = Vec::new();
+        let mut start = alloc::with_capacity(label.len() + 1)?;
+        let pairs = label
+            .iter()
+            .map(|&l| groups.of(l).len().saturating_sub(1))
+            .sum();
+        let mut all: Vec<Positive<T>> = alloc::with_capacity(pairs)?;
         for (a, &l) in label.iter().enumerate() {
             start.push(all.len());
             let first = all.len();
@@ -380,7 +387,7 @@ impl<T: Real> Positives<T> {
             all[first..].sort_unstable_by(|a, b| a.key.total_cmp(&b.key).then(a.j.cmp(&b.j)));
         }
         start.push(all.len());
-        Positives { start, all }
+        Ok(Positives { start, all })
     }
 
     /// Where the positives of sample `a` are among all of them.
@@ -478,7 +485,7 @@ fn typed<T: Real>(
     let (norm, label) = (view::<T>(&norms)?, view::<i64>(&labels)?);
     let euclidean = distance != Distance::Cosine;
     let squared = distance == Distance::Euclidean;
-    let mut state = vec![Lanes::<T>::new(); n.div_ceil(LANES)];
+    let mut state = alloc::filled(n.div_ceil(LANES), Lanes::<T>::new())?;
     let scratch = Tensor::f_empty([step * b], (points.kind(), points.device()))?;
     for s in (0..b).step_by(step as usize) {
         let len = step.min(b - s);
@@ -551,44 +558,49 @@ fn typed<T: Real>(
         } else {
             Transform::Cosine
         };
-        let found: Vec<Vec<(usize, Extremes<T>)>> =
-            in_blocks(len as usize, width, g_view, width, |range, rows| {
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        let mut same = Vec::new();
-                        let mut out = Vec::with_capacity(range.len());
-                        for (r, d) in range.zip(rows.chunks_exact_mut(width)) {
-                            transform.apply(r, d);
-                            let a = su + r;
-                            same.clear();
-                            same.extend(
-                                groups
-                                    .of(label[a])
-                                    .iter()
-                                    .filter(|&&j| j >= su)
-                                    .map(|&j| j - su),
-                            );
-                            let row = Row {
-                                d,
-                                label: label[a],
-                                labels: &label[su..],
-                                same: &same,
-                                skip: r,
-                                squared,
-                            };
-                            // The positives below s, from the column passes, come
-                            // first (a NaN one among them stays, as in one scan).
-                            let lanes = &state[a / LANES];
-                            let before = (lanes.pos_col[a % LANES] != NONE)
-                                .then_some((lanes.pos_d[a % LANES], NONE));
-                            out.push((a, extremes(row, before)));
-                        }
-                        out
-                    },
-                )
-            });
-        for (a, (pos, neg)) in found.into_iter().flatten() {
+        type Found<T> = Result<Vec<(usize, Extremes<T>)>, Error>;
+        let found: Vec<Found<T>> = in_blocks(len as usize, width, g_view, width, |range, rows| {
+            simd::run(
+                #[inline(always)]
+                || {
+                    let mut same = alloc::with_capacity(groups.largest())?;
+                    let mut out = alloc::with_capacity(range.len())?;
+                    for (r, d) in range.zip(rows.chunks_exact_mut(width)) {
+                        transform.apply(r, d);
+                        let a = su + r;
+                        same.clear();
+                        same.extend(
+                            groups
+                                .of(label[a])
+                                .iter()
+                                .filter(|&&j| j >= su)
+                                .map(|&j| j - su),
+                        );
+                        let row = Row {
+                            d,
+                            label: label[a],
+                            labels: &label[su..],
+                            same: &same,
+                            skip: r,
+                            squared,
+                        };
+                        // The positives below s, from the column passes, come
+                        // first (a NaN one among them stays, as in one scan).
+                        let lanes = &state[a / LANES];
+                        let before = (lanes.pos_col[a % LANES] != NONE)
+                            .then_some((lanes.pos_d[a % LANES], NONE));
+                        out.push((a, extremes(row, before)));
+                    }
+                    Ok(out)
+                },
+            )
+        });
+        for (a, (pos, neg)) in found
+            .into_iter()
+            .collect::<Result<Vec<_>, Error>>()?
+            .into_iter()
+            .flatten()
+        {
             let (lanes, l) = (&mut state[a / LANES], a % LANES);
             if let Some((d, j)) = pos.filter(|&(_, j)| j != NONE) {
                 lanes.pos_d[l] = d;
@@ -603,9 +615,9 @@ fn typed<T: Real>(
         }
     }
 
-    let mut positive = Vec::with_capacity(n);
-    let mut negative = Vec::with_capacity(n);
-    let mut valid = Vec::with_capacity(n);
+    let mut positive = alloc::with_capacity(n)?;
+    let mut negative = alloc::with_capacity(n)?;
+    let mut valid = alloc::with_capacity(n)?;
     for a in 0..n {
         let (lanes, l) = (&state[a / LANES], a % LANES);
         let has_negative = groups.of(label[a]).len() < n;

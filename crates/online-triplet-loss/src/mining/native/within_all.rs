@@ -35,7 +35,7 @@ use super::{
     batch_all_few, in_blocks, negative_pair_weight, real_kind, scalar, simd, view, view_mut,
     Groups, NativeReal, Real, Totals, FEW_KEYS, LANES,
 };
-use crate::{Distance, Error};
+use crate::{alloc, Distance, Error};
 
 /// The loss terms of a batch mined against itself, and their gradient.
 pub(crate) struct AllWithin {
@@ -103,11 +103,10 @@ fn column_pass<T: Real>(
     frame: Frame<T>,
     first: usize,
     part: &mut [LaneGroup<T>],
-) {
+) -> Result<(), Error> {
     let rows = g.len() / frame.width.max(1);
     // On the heap: up to 128 KiB, more than the threads' stacks should hold.
-    #[allow(clippy::useless_vec)]
-    let mut k = vec![[[T::REAL_ZERO; LANES]; FEW_KEYS]; TILE];
+    let mut k = alloc::filled(TILE, [[T::REAL_ZERO; LANES]; FEW_KEYS])?;
     let mut hinge = [[T::REAL_ZERO; LANES]; TILE];
     for (tile_at, tile) in (0..).step_by(TILE).zip(part.chunks_mut(TILE)) {
         for (k, h) in k.iter_mut().zip(hinge.iter_mut()) {
@@ -169,6 +168,7 @@ fn column_pass<T: Real>(
             }
         }
     }
+    Ok(())
 }
 
 /// Batch-all of the samples `points` (their squared norms `norms` for the
@@ -222,9 +222,9 @@ fn typed<T: Real>(
     let (x, norm) = half.views()?;
     let row_of = |i: usize| &x[i * dim..(i + 1) * dim];
     let of = |a: usize| positives.of(a);
-    let mut k_total = vec![0i64; positives.len()];
+    let mut k_total = alloc::filled(positives.len(), 0i64)?;
 
-    let mut lanes = Vec::with_capacity(padded / LANES);
+    let mut lanes = alloc::with_capacity(padded / LANES)?;
     for g in 0..padded / LANES {
         let mut keys = LaneKeys {
             below: [[-T::INFINITY; LANES]; FEW_KEYS],
@@ -252,9 +252,10 @@ fn typed<T: Real>(
     let grad = Tensor::f_zeros([padded as i64, dim as i64], (kind, half.points.device()))?;
     // Σⱼ Wᵢⱼ for each sample, as anchor and as reference, for the term
     // (Σⱼ Wᵢⱼ) xᵢ of the gradient of Euclidean distances.
-    let mut coef = vec![0.0f64; padded];
+    let mut coef = alloc::filled(padded, 0.0f64)?;
     let mut value = 0.0f64;
-    let mut counts = vec![0u8; half.chunks().map(|(_, len)| len).max().unwrap_or(0) * padded];
+    let most = half.chunks().map(|(_, len)| len).max().unwrap_or(0);
+    let mut counts = alloc::filled(most * padded, 0u8)?;
     for (s, len) in half.chunks() {
         let block = half.block(s, len)?;
         let frame = Frame::new(&block, norm, label, distance);
@@ -271,7 +272,7 @@ fn typed<T: Real>(
             &mut lanes,
             #[inline(always)]
             |first, part| column_pass(products, shared, frame, first, part),
-        );
+        )?;
 
         // Rows: row i is mined over its distances d_ij, whose weights then
         // overwrite the products, and each entry gets column j's weight of
@@ -279,13 +280,14 @@ fn typed<T: Real>(
         let counts = &counts[..len * width];
         let data = view_mut::<T>(&mut w)?;
         type RowOut = (usize, [i64; FEW_KEYS], f64, f64);
-        let done: Vec<(Vec<RowOut>, Vec<T>)> = in_blocks(len, width, data, width, |range, data| {
+        type Done<T> = Result<(Vec<RowOut>, Vec<T>), Error>;
+        let done: Vec<Done<T>> = in_blocks(len, width, data, width, |range, data| {
             simd::run(
                 #[inline(always)]
                 || {
-                    let mut out = Vec::with_capacity(range.len());
-                    let mut col_sum = vec![T::REAL_ZERO; width];
-                    let mut dt = vec![T::REAL_ZERO; width];
+                    let mut out = alloc::with_capacity(range.len())?;
+                    let mut col_sum = alloc::filled(width, T::REAL_ZERO)?;
+                    let mut dt = alloc::filled(width, T::REAL_ZERO)?;
                     for (r, w) in range.zip(data.chunks_exact_mut(width)) {
                         let i = s + r;
                         let n_i = norm[i];
@@ -326,11 +328,12 @@ fn typed<T: Real>(
                         }
                         out.push((i, k, totals.value, row_sum.get()));
                     }
-                    (out, col_sum)
+                    Ok((out, col_sum))
                 },
             )
         });
-        for (rows_out, col_sum) in done {
+        for done in done {
+            let (rows_out, col_sum) = done?;
             for (i, k, v, row_sum) in rows_out {
                 value += v;
                 coef[i] += row_sum;

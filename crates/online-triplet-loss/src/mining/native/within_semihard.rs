@@ -28,7 +28,7 @@ use super::{
     NativeReal, Real, FEW_KEYS, LANES,
 };
 use crate::mining::{Selection, Weighted};
-use crate::{Distance, Error};
+use crate::{alloc, Distance, Error};
 
 /// No column yet.
 const NONE: u32 = u32::MAX;
@@ -160,7 +160,7 @@ fn typed<T: Real>(
     let (n, padded, label, positives) = (half.n, half.padded, &half.label, &half.positives);
     let (_, norm) = half.views()?;
 
-    let mut state = Vec::with_capacity(padded / LANES);
+    let mut state = alloc::with_capacity(padded / LANES)?;
     for g in 0..padded / LANES {
         let mut lanes = Lanes {
             positive: [[T::INFINITY; LANES]; FEW_KEYS],
@@ -192,11 +192,12 @@ fn typed<T: Real>(
         // in the buffer, NaN but for the pairs i < j of other labels, for
         // the columns; their picks wait for the columns' candidates.
         let data = view_mut::<T>(&mut g)?;
-        let found: Vec<Vec<RowPicks<T>>> = in_blocks(len, width, data, width, |range, data| {
+        type Found<T> = Result<Vec<RowPicks<T>>, Error>;
+        let found: Vec<Found<T>> = in_blocks(len, width, data, width, |range, data| {
             simd::run(
                 #[inline(always)]
                 || {
-                    let mut out = Vec::with_capacity(range.len());
+                    let mut out = alloc::with_capacity(range.len())?;
                     for (r, d) in range.zip(data.chunks_exact_mut(width)) {
                         let i = s + r;
                         let n_i = norm[i];
@@ -215,7 +216,7 @@ fn typed<T: Real>(
                         let far = semihard_few(d, positives.of(i), &mut picks);
                         out.push((i, picks, far));
                     }
-                    out
+                    Ok(out)
                 },
             )
         });
@@ -226,9 +227,17 @@ fn typed<T: Real>(
         frame.over_columns(
             &mut state,
             #[inline(always)]
-            |first, part| column_pass(distances, frame, first, part),
-        );
-        for (i, picks, far) in found.into_iter().flatten() {
+            |first, part| {
+                column_pass(distances, frame, first, part);
+                Ok(())
+            },
+        )?;
+        for (i, picks, far) in found
+            .into_iter()
+            .collect::<Result<Vec<_>, Error>>()?
+            .into_iter()
+            .flatten()
+        {
             let (lanes, l) = (&mut state[i / LANES], i % LANES);
             for (q, pick) in picks.iter().enumerate().take(lanes.width) {
                 if let Some((d, j)) = *pick {
@@ -248,7 +257,13 @@ fn typed<T: Real>(
     }
 
     // Each positive pair's triplet, where its hinge is positive.
-    let (mut anchor, mut positive, mut negative) = (vec![], vec![], vec![]);
+    // At most one triplet a positive pair.
+    let most = positives.len();
+    let (mut anchor, mut positive, mut negative) = (
+        alloc::with_capacity(most)?,
+        alloc::with_capacity(most)?,
+        alloc::with_capacity(most)?,
+    );
     let (mut value, mut count) = (0.0f64, 0i64);
     let label = &label[..n];
     for a in 0..n {
