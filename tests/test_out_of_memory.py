@@ -243,9 +243,10 @@ def test_every_large_host_allocation_can_fail_cleanly(fail_malloc):
     the first, then the second, ... allocation of at least 64 KiB that each
     call makes (the core's buffers, libtorch's and Python's own; tensors'
     storage comes from posix_memalign and is not touched), until a call
-    gets through: every failure is a MemoryError (the core's,
-    `Error::OutOfMemory`) or torch's RuntimeError, grad mode is kept, and
-    the same call then gives the same result."""
+    gets through: every failure is a MemoryError or a RuntimeError, grad
+    mode is kept, and
+    the same call then gives the same result. The core's own failures are
+    HostOutOfMemoryError, a MemoryError and a RuntimeError."""
     import os
 
     env = dict(os.environ, LD_PRELOAD=str(fail_malloc))
@@ -254,12 +255,22 @@ def test_every_large_host_allocation_can_fail_cleanly(fail_malloc):
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     assert "panicked" not in proc.stderr, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    core_failures = 0
     for name, r in report.items():
         assert r["last"] == r["want"] == r["again"], (name, r)
+        core = 0
         for kind, message, grad_enabled in r["failures"]:
             assert grad_enabled, (name, kind, message)
-            assert kind in ("MemoryError", "RuntimeError"), (name, kind, message)
-            core_failures += message.startswith("out of host memory")
-    # The sweep reaches the core's own buffers, not only torch's.
-    assert core_failures >= len(report), report
+            if message.startswith("out of host memory"):
+                assert kind == "HostOutOfMemoryError", (name, kind, message)
+                core += 1
+            else:  # libtorch's C++ buffers (std::bad_alloc), Python's
+                assert kind in ("MemoryError", "RuntimeError"), (name, kind, message)
+        # The sweep reaches each call's own buffers, not only torch's.
+        assert core > 0, (name, r["failures"])
+
+
+def test_host_out_of_memory_error_is_a_memory_and_a_runtime_error():
+    from online_triplet_loss import HostOutOfMemoryError
+
+    assert issubclass(HostOutOfMemoryError, MemoryError)
+    assert issubclass(HostOutOfMemoryError, RuntimeError)

@@ -19,6 +19,7 @@ from .losses import (
     batch_hard_triplet_loss,
     batch_semihard_triplet_loss,
 )
+from ._core import HostOutOfMemoryError
 from .memory import CrossBatchMemory
 from .samplers import PKSampler
 from . import metrics, samplers
@@ -33,6 +34,7 @@ __all__ = [
     "BatchHardTripletLoss",
     "BatchSemiHardTripletLoss",
     "CrossBatchMemory",
+    "HostOutOfMemoryError",
     "PKSampler",
     "metrics",
     "samplers",

@@ -18,6 +18,27 @@ fn to_py(err: Error) -> PyErr {
     }
 }
 
+/// The class of a native host buffer that could not be allocated, made in
+/// [`_core`]: a `MemoryError`, as Python's own allocations raise, and a
+/// `RuntimeError`, as torch's CPU tensors raise, so that code catching
+/// either catches it.
+const HOST_OUT_OF_MEMORY: &std::ffi::CStr = c"
+class HostOutOfMemoryError(MemoryError, RuntimeError):
+    'A buffer of the native CPU kernels could not be allocated.'
+    __module__ = 'online_triplet_loss'
+";
+
+fn host_out_of_memory(py: Python<'_>, message: String) -> PyErr {
+    match py
+        .import("online_triplet_loss._core")
+        .and_then(|core| core.getattr("HostOutOfMemoryError"))
+        .and_then(|class| class.call1((message.as_str(),)))
+    {
+        Ok(err) => PyErr::from_value(err),
+        Err(_) => PyMemoryError::new_err(message),
+    }
+}
+
 /// A libtorch failure as Python sees torch's own: an allocator that ran out
 /// of device memory ("CUDA out of memory", "MPS backend out of memory")
 /// raises `torch.OutOfMemoryError`, which code that shrinks the batch and
@@ -85,6 +106,7 @@ fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> 
         Ok(Err(Error::Interrupted)) => {
             Err(PyErr::take(py).unwrap_or_else(|| to_py(Error::Interrupted)))
         }
+        Ok(Err(err @ Error::OutOfMemory { .. })) => Err(host_out_of_memory(py, err.to_string())),
         Ok(Err(err)) => Err(to_py(err)),
         Err(panic) => {
             let message = panic
@@ -341,6 +363,16 @@ static TORCH_RECORD: &str = concat!(torch_record_prefix!(), env!("OTL_TORCH_VERS
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quiet_libtorch_panics();
+    let errors = PyModule::from_code(
+        m.py(),
+        HOST_OUT_OF_MEMORY,
+        c"online_triplet_loss/_core_errors.py",
+        c"online_triplet_loss._core_errors",
+    )?;
+    m.add(
+        "HostOutOfMemoryError",
+        errors.getattr("HostOutOfMemoryError")?,
+    )?;
     m.add_function(wrap_pyfunction!(triplet_terms, m)?)?;
     m.add_function(wrap_pyfunction!(mean_and_fraction, m)?)?;
     m.add_function(wrap_pyfunction!(mean, m)?)?;

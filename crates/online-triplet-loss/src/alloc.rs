@@ -53,6 +53,15 @@ pub(crate) fn extend<T>(
     Ok(())
 }
 
+/// Room for `additional` more entries in `m`.
+pub(crate) fn reserve_map<K: Eq + Hash, V, S: BuildHasher>(
+    m: &mut HashMap<K, V, S>,
+    additional: usize,
+) -> Result<(), Error> {
+    m.try_reserve(additional)
+        .map_err(|_| out_of_memory::<(K, V)>(m.len().saturating_add(additional)))
+}
+
 /// An empty map with room for `len` entries.
 pub(crate) fn map_with_capacity<K: Eq + Hash, V, S: BuildHasher + Default>(
     len: usize,
@@ -99,7 +108,7 @@ mod tests {
         assert_eq!(
             want.to_string(),
             format!(
-                "out of host memory: a buffer of {} bytes could not be allocated",
+                "out of host memory: a buffer of at least {} bytes could not be allocated",
                 usize::MAX
             )
         );

@@ -66,7 +66,7 @@ impl fmt::Display for Error {
             Error::Interrupted => f.write_str("interrupted at the caller's request"),
             Error::OutOfMemory { bytes } => write!(
                 f,
-                "out of host memory: a buffer of {bytes} bytes could not be allocated"
+                "out of host memory: a buffer of at least {bytes} bytes could not be allocated"
             ),
         }
     }

@@ -127,9 +127,7 @@ impl Groups {
         let mut columns = FastMap::<i64, Vec<usize>>::default();
         for (j, &label) in view::<i64>(&labels)?.iter().enumerate() {
             if !columns.contains_key(&label) {
-                columns
-                    .try_reserve(1)
-                    .map_err(|_| Error::OutOfMemory { bytes: 64 })?;
+                alloc::reserve_map(&mut columns, 1)?;
             }
             alloc::push(columns.entry(label).or_default(), j)?;
         }
