@@ -283,9 +283,9 @@ fn retrieval(distance: &str, chunk_size: Option<i64>) -> PyResult<RetrievalConfi
 
 /// Runs Python's signal handlers, and whether one raised: its exception
 /// (KeyboardInterrupt for Ctrl-C) stays set, for [`run`] to raise when the
-/// computation has stopped. At most
-/// every 100 ms: taking the GIL from a thread of Python code that is busy
-/// waits for its switch interval (5 ms), which every chunk would pay.
+/// computation has stopped. At most every 100 ms: taking the GIL from a
+/// thread of Python code that is busy waits for its switch interval (5 ms),
+/// which every chunk would pay.
 fn python_signals() -> bool {
     use std::cell::Cell;
     use std::time::{Duration, Instant};
