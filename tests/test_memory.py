@@ -200,6 +200,12 @@ def test_errors():
             CrossBatchMemory(BatchHardTripletLoss(), memory_size=bad)
     with pytest.raises(ValueError, match="embedding_dim: must be an int >= 1, got 0"):
         CrossBatchMemory(BatchHardTripletLoss(), memory_size=4, embedding_dim=0)
+    with pytest.raises(ValueError, match="memory_size: 4611686018427387904 rows of 128 elements"):
+        CrossBatchMemory(BatchHardTripletLoss(), memory_size=2**62, embedding_dim=128)
+    # Known only at the first batch: its width.
+    wide = CrossBatchMemory(BatchHardTripletLoss(), memory_size=2**56)
+    with pytest.raises(ValueError, match="memory_size: 72057594037927936 rows of 256 elements"):
+        wide(torch.randn(3, 256), torch.tensor([0, 0, 1]))
     xbm = CrossBatchMemory(BatchHardTripletLoss(), memory_size=4)
     xbm(torch.randn(3, 2), torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match=r"embeddings: must have 2 columns like the memory, got shape \(3, 5\)"):

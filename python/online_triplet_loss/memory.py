@@ -125,6 +125,7 @@ class CrossBatchMemory(nn.Module):
         self.memory_size = _positive_int("memory_size", memory_size)
         if embedding_dim is not None:
             embedding_dim = _positive_int("embedding_dim", embedding_dim)
+        _check_capacity(self.memory_size, embedding_dim or 1, 4)
         self.embedding_dim = embedding_dim
         # A ring buffer: `_next` is where the next entry goes, `_count` how many
         # are stored. Both live on the host, so bookkeeping never syncs.
@@ -345,6 +346,7 @@ class CrossBatchMemory(nn.Module):
 
     def _allocate(self, embeddings: Tensor, labels: Tensor) -> None:
         if self.memory_embeddings is None:
+            _check_capacity(self.memory_size, embeddings.shape[1], embeddings.element_size())
             self.embedding_dim = embeddings.shape[1]
             self.memory_embeddings = embeddings.new_zeros(self.memory_size, self.embedding_dim)
         self.memory_labels = labels.new_zeros(self.memory_size, device=self.memory_embeddings.device)
@@ -466,3 +468,14 @@ class CrossBatchMemory(nn.Module):
 
 def _positive_int(name: str, value: object) -> int:
     return check_int(name, value, 1)
+
+
+def _check_capacity(memory_size: int, width: int, item_size: int) -> None:
+    """A memory whose size in bytes torch can count (int64), and whose labels'
+    too; beyond, torch's error ("Storage size calculation overflowed") would
+    not name the argument."""
+    if memory_size * max(width, 1) * max(item_size, 8) > 2**63 - 1:
+        raise ValueError(
+            f"memory_size: {memory_size} rows of {width} elements of {item_size} bytes are more "
+            "than a tensor can hold"
+        )
