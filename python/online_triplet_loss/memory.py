@@ -474,7 +474,7 @@ def _check_capacity(memory_size: int, width: int, item_size: int) -> None:
     """A memory whose size in bytes torch can count (int64), and whose labels'
     too; beyond, torch's error ("Storage size calculation overflowed") would
     not name the argument."""
-    if memory_size * max(width, 1) * max(item_size, 8) > 2**63 - 1:
+    if max(memory_size * width * item_size, memory_size * 8) > 2**63 - 1:
         raise ValueError(
             f"memory_size: {memory_size} rows of {width} elements of {item_size} bytes are more "
             "than a tensor can hold"

@@ -14,7 +14,7 @@ fn to_py(err: Error) -> PyErr {
         Error::InvalidArgument { .. } => PyValueError::new_err(err.to_string()),
         Error::Torch(_) => PyRuntimeError::new_err(err.to_string()),
         Error::Interrupted => PyKeyboardInterrupt::new_err(err.to_string()),
-        Error::OutOfMemory { .. } => PyMemoryError::new_err(err.to_string()),
+        Error::OutOfMemory { .. } => Python::with_gil(|py| host_out_of_memory(py, err.to_string())),
     }
 }
 
@@ -106,7 +106,6 @@ fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> 
         Ok(Err(Error::Interrupted)) => {
             Err(PyErr::take(py).unwrap_or_else(|| to_py(Error::Interrupted)))
         }
-        Ok(Err(err @ Error::OutOfMemory { .. })) => Err(host_out_of_memory(py, err.to_string())),
         Ok(Err(err)) => Err(to_py(err)),
         Err(panic) => {
             let message = panic

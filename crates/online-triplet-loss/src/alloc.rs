@@ -1,7 +1,7 @@
 //! Host buffers whose allocation can fail. A `Vec` or map that cannot grow
 //! aborts the process (`handle_alloc_error`); these give
-//! [`Error::OutOfMemory`] instead, which reaches Python as a `MemoryError`,
-//! as a tensor that cannot be allocated reaches it as libtorch's error.
+//! [`Error::OutOfMemory`] instead, which reaches Python as an exception, as
+//! a tensor that cannot be allocated reaches it as libtorch's error.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};

@@ -16,8 +16,8 @@
 //!
 //! Batch-all and semi-hard run in O(B² log B) time and O(B·chunk) memory
 //! (semi-hard's selected triplets are turned into its gradient a chunk of
-//! anchors at a time): mining runs without autograd, and the gradient reaches the embeddings as
-//! a weighted sum over the distance matrix. First-order gradients are exact.
+//! anchors at a time): mining runs without autograd, and the gradient
+//! reaches the embeddings as a weighted sum over the distance matrix. First-order gradients are exact.
 //! Second derivatives are exact through batch-hard; through batch-all and
 //! semi-hard they are not supported, and differentiating their gradient
 //! (after a backward pass with `create_graph`) fails with libtorch's "the
