@@ -15,7 +15,9 @@ first-order only). The mining runs in native code, so the losses cannot be
 captured: ``torch.jit.trace`` and ``torch.export`` of code that calls them,
 and ``torch.jit.script`` of the modules, raise a ``RuntimeError``, as do
 ``torch.func`` transforms (``vmap``, ``grad``). Trace, script or export the
-model alone and call the loss in Python.
+model alone and call the loss in Python. Between chunks of anchors (a batch of
+more than a few thousand has several) the losses run Python's signal handlers,
+so Ctrl-C stops a long loss there with ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 //! and errors; validation messages, the math and the gradients come from the
 //! Rust crate.
 
-use online_triplet_loss::metrics::{Interrupt, RetrievalConfig};
-use online_triplet_loss::{Distance, Error, Kernel, Mining, References, Terms, TripletConfig};
+use online_triplet_loss::metrics::RetrievalConfig;
+use online_triplet_loss::{
+    Distance, Error, Interrupt, Kernel, Mining, References, Terms, TripletConfig,
+};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
@@ -154,7 +156,8 @@ fn mining(name: &str) -> PyResult<Mining> {
 
 /// Unnormalised terms of a triplet loss: (sum, count, valid). `portable`
 /// mines with libtorch operations, CUDA's path, also on the CPU (for tests
-/// and profiles).
+/// and profiles). Signals (Ctrl-C) are checked between chunks of anchors,
+/// as in [`retrieval`].
 #[pyfunction]
 #[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None, margin_tensor=None, portable=false))]
 #[allow(clippy::too_many_arguments)]
@@ -182,7 +185,8 @@ fn triplet_terms(
     let mut config = TripletConfig::new(margin)
         .distance(distance.parse::<Distance>().map_err(to_py)?)
         .soft(soft)
-        .kernel(kernel);
+        .kernel(kernel)
+        .interrupt(Interrupt(python_signals));
     config.chunk_size = chunk_size;
     let (labels, embeddings) = (labels.0, embeddings.0);
     let margin_tensor = margin_tensor.map(|t| t.0);

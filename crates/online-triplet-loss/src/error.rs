@@ -12,7 +12,7 @@ pub enum Error {
     },
     /// libtorch itself reported an error.
     Torch(String),
-    /// The caller's [`crate::metrics::Interrupt`] asked to stop.
+    /// The caller's [`crate::Interrupt`] asked to stop.
     Interrupted,
     /// A buffer of the native CPU kernels (not a tensor: libtorch reports
     /// those as [`Error::Torch`]) could not be allocated.

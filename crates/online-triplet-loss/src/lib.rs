@@ -42,6 +42,7 @@ mod distance;
 mod error;
 mod grad;
 mod hash;
+mod interrupt;
 mod labels;
 mod losses;
 pub mod metrics;
@@ -50,6 +51,7 @@ mod ties;
 
 pub use distance::Distance;
 pub use error::Error;
+pub use interrupt::Interrupt;
 pub use losses::{
     batch_all_triplet_loss, batch_hard_triplet_loss, batch_semihard_triplet_loss, Mining,
     References, Terms, TripletConfig,

@@ -53,6 +53,9 @@ use crate::mining::Kernel;
 use crate::ties::Ties;
 use crate::Error;
 
+/// Also at the crate's root, where the losses take it too.
+pub use crate::Interrupt;
+
 /// Queries are ranked against this many distances at a time, unless set.
 const CHUNK_ELEMENTS: i64 = 1 << 22;
 
@@ -83,23 +86,6 @@ pub struct RetrievalConfig {
     /// Asked before each chunk of queries whether to stop; see
     /// [`RetrievalConfig::interrupt`].
     pub interrupt: Option<Interrupt>,
-}
-
-/// A function asked, between chunks, whether a long evaluation should stop
-/// (a user pressed Ctrl-C, say): it returns `true` to stop.
-#[derive(Clone, Copy)]
-pub struct Interrupt(pub fn() -> bool);
-
-impl PartialEq for Interrupt {
-    fn eq(&self, other: &Self) -> bool {
-        std::ptr::fn_addr_eq(self.0, other.0)
-    }
-}
-
-impl std::fmt::Debug for Interrupt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Interrupt({:p})", self.0 as *const ())
-    }
 }
 
 /// The result of [`RetrievalConfig::evaluate`].
@@ -313,9 +299,7 @@ impl RetrievalConfig {
             let mut average_precision = Tensor::f_zeros([], (Kind::Double, device))?;
             let mut start = first;
             while start < n {
-                if self.interrupt.is_some_and(|stop| (stop.0)()) {
-                    return Err(Error::Interrupted);
-                }
+                Interrupt::check(self.interrupt)?;
                 let len = step.min(n - start);
                 let mut d = side.rows(start, len)?.pairwise(&side)?;
                 if let Some(ties) = &ties {

@@ -492,3 +492,49 @@ fn an_interrupt_is_asked_before_each_chunk_and_stops_the_metrics() {
     assert_ne!(stopped, plain);
     assert_eq!(stopped, plain.interrupt(Interrupt(third)));
 }
+
+#[test]
+fn an_interrupt_is_asked_between_chunks_and_stops_the_losses() {
+    use online_triplet_loss::{Interrupt, Kernel};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static ASKED: AtomicUsize = AtomicUsize::new(0);
+    fn count() -> bool {
+        ASKED.fetch_add(1, Ordering::SeqCst);
+        false
+    }
+    fn second() -> bool {
+        ASKED.fetch_add(1, Ordering::SeqCst) == 1
+    }
+    let distinct = Tensor::randn([40, 3], (Kind::Float, Device::Cpu));
+    // An identical pair: the chunked path instead of the half matrix.
+    let tied = distinct.copy();
+    tied.get(1).copy_(&distinct.get(0));
+    let labels = Tensor::arange(40, (Kind::Int64, Device::Cpu)).remainder(8);
+    for mining in [Mining::All, Mining::Hard, Mining::SemiHard] {
+        for kernel in [Kernel::Auto, Kernel::Portable] {
+            for x in [&distinct, &tied] {
+                // Twenty chunks of two anchors: the half-matrix kernels of
+                // every mining take the distinct batch.
+                let plain = TripletConfig::new(0.5).kernel(kernel).chunk_size(2);
+                let want = plain.terms(mining, &labels, x, None).unwrap();
+                ASKED.store(0, Ordering::SeqCst);
+                let got = plain
+                    .interrupt(Interrupt(count))
+                    .terms(mining, &labels, x, None)
+                    .unwrap();
+                let case = (mining, kernel, x.equal(&tied));
+                assert_eq!(ASKED.load(Ordering::SeqCst), 19, "{case:?}");
+                assert!(got.sum.equal(&want.sum), "{case:?}");
+                assert!(got.count.equal(&want.count), "{case:?}");
+                ASKED.store(0, Ordering::SeqCst);
+                let stopped = plain
+                    .interrupt(Interrupt(second))
+                    .terms(mining, &labels, x, None);
+                assert_eq!(stopped.err(), Some(Error::Interrupted), "{case:?}");
+                assert_eq!(ASKED.load(Ordering::SeqCst), 2, "{case:?}");
+                assert!(grad_enabled());
+            }
+        }
+    }
+}

@@ -15,7 +15,7 @@ pub(crate) mod portable;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::{Distance, Error};
+use crate::{Distance, Error, Interrupt};
 
 /// Which implementation of the mining runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -191,10 +191,11 @@ pub(crate) fn hardest(kernel: Kernel, chunk: &Chunk) -> Result<Hardest, Error> {
     }
 }
 
-/// The hardest positive and negative of every sample of a batch mined
-/// against itself, by the native kernels from half of its Gram matrix, in
-/// chunks of `step` anchors: `points` and `norms` as in [`Gram`], `columns`
-/// the batch's labels. The same picks as [`hardest`] over the whole matrix.
+/// The hardest positive and negative of every sample of a batch mined against
+/// itself, by the native kernels from half of its Gram matrix, in `chunks` of
+/// `step` anchors, `stop` asked between them: `points` and `norms` as in
+/// [`Gram`], `columns` the batch's labels. The same picks as [`hardest`] over
+/// the whole matrix.
 ///
 /// # Errors
 /// `Error::Torch` when libtorch fails or the points are not float32 or
@@ -204,7 +205,7 @@ pub(crate) fn hardest_within(
     norms: &Tensor,
     columns: &Columns,
     distance: Distance,
-    step: i64,
+    chunks: (i64, Option<Interrupt>),
 ) -> Result<Hardest, Error> {
     native::hardest_within(
         points,
@@ -212,17 +213,18 @@ pub(crate) fn hardest_within(
         &columns.labels,
         columns.native_groups()?,
         distance,
-        step,
+        chunks,
     )
 }
 
 pub(crate) use native::AllWithin;
 
-/// Batch-all of a batch mined against itself, by the native kernels from
-/// half of its Gram matrix, in chunks of `step` anchors: `points` and `norms`
-/// as in [`Gram`], `columns` the batch's labels. `None` when a label has more
-/// samples than these kernels take; [`batch_all`] over chunks then applies.
-/// Without `grad`, the gradient it returns is zeros, not computed.
+/// Batch-all of a batch mined against itself, by the native kernels from half
+/// of its Gram matrix, in `chunks` of `step` anchors, `stop` asked between
+/// them: `points` and `norms` as in [`Gram`], `columns` the batch's labels.
+/// `None` when a label has more samples than these kernels take;
+/// [`batch_all`] over chunks then applies. Without `grad`, the gradient it
+/// returns is zeros, not computed.
 ///
 /// # Errors
 /// As [`hardest_within`].
@@ -231,7 +233,7 @@ pub(crate) fn batch_all_within(
     norms: &Tensor,
     columns: &Columns,
     (distance, margin): (Distance, f64),
-    step: i64,
+    chunks: (i64, Option<Interrupt>),
     grad: bool,
 ) -> Result<Option<AllWithin>, Error> {
     native::batch_all_within(
@@ -240,7 +242,7 @@ pub(crate) fn batch_all_within(
         &columns.labels,
         columns.native_groups()?,
         (distance, margin),
-        step,
+        chunks,
         grad,
     )
 }
@@ -257,7 +259,7 @@ pub(crate) fn semihard_within(
     norms: &Tensor,
     columns: &Columns,
     loss: (Distance, f64),
-    step: i64,
+    chunks: (i64, Option<Interrupt>),
 ) -> Result<Option<Weighted>, Error> {
     native::semihard_within(
         points,
@@ -265,7 +267,7 @@ pub(crate) fn semihard_within(
         &columns.labels,
         columns.native_groups()?,
         loss,
-        step,
+        chunks,
     )
 }
 

@@ -474,14 +474,15 @@ fn every_vector_width_gives_the_same_bits() {
                 let (sw, _) = Side::pair(distance, &y, None).expect("sides");
                 let within = || {
                     let (p, n) = (sw.points(), sw.norms());
-                    let h =
-                        super::hardest_within(p, n, &columns, distance, 7).expect("half matrix");
+                    let h = super::hardest_within(p, n, &columns, distance, (7, None))
+                        .expect("half matrix");
                     let mut out = vec![
                         ("within positive".to_string(), h.positive),
                         ("within negative".to_string(), h.negative),
                         ("within valid".to_string(), h.valid),
                     ];
-                    let all = super::batch_all_within(p, n, &columns, (distance, 0.3), 7, true);
+                    let all =
+                        super::batch_all_within(p, n, &columns, (distance, 0.3), (7, None), true);
                     if let Some(a) = all.expect("half-matrix batch-all") {
                         out.extend([
                             ("within batch-all value".to_string(), a.value),
@@ -489,7 +490,8 @@ fn every_vector_width_gives_the_same_bits() {
                             ("within batch-all gradient".to_string(), a.grad),
                         ]);
                     }
-                    let semihard = super::semihard_within(p, n, &columns, (distance, 0.3), 7);
+                    let semihard =
+                        super::semihard_within(p, n, &columns, (distance, 0.3), (7, None));
                     if let Some(w) = semihard.expect("half-matrix semi-hard") {
                         out.push(("within semi-hard value".to_string(), w.value));
                         if let Selection::Triplets { negative, .. } = w.selection {
@@ -574,7 +576,7 @@ fn hardest_within_picks_what_the_whole_matrix_gives() {
                     })
                     .expect("whole matrix");
                     let what = format!("seed {seed} {kind:?} {distance:?} step {step}");
-                    let got = hardest_within(p, sx.norms(), &columns, distance, step)
+                    let got = hardest_within(p, sx.norms(), &columns, distance, (step, None))
                         .expect("half matrix");
                     assert!(got.valid.equal(&want.valid), "{what}: valid");
                     for (a, b, name) in [
@@ -620,8 +622,14 @@ fn hardest_within_keeps_the_scan_order_past_a_nan_positive() {
     })
     .expect("whole matrix");
     for step in [1, 2, 5] {
-        let got = hardest_within(sx.points(), sx.norms(), &columns, Distance::Cosine, step)
-            .expect("half matrix");
+        let got = hardest_within(
+            sx.points(),
+            sx.norms(),
+            &columns,
+            Distance::Cosine,
+            (step, None),
+        )
+        .expect("half matrix");
         assert!(got.valid.equal(&want.valid), "step {step}: valid");
         for (a, b, name) in [
             (&got.positive, &want.positive, "positive"),

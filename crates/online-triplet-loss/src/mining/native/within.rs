@@ -21,7 +21,7 @@ use super::{
     Extremes, Groups, NativeReal, Positive, Real, Row, Transform, LANES,
 };
 use crate::mining::Hardest;
-use crate::{alloc, Distance, Error};
+use crate::{alloc, Distance, Error, Interrupt};
 
 /// No column chosen yet.
 const NONE: usize = usize::MAX;
@@ -148,6 +148,8 @@ pub(super) struct Half<T> {
     pub(super) dim: usize,
     pub(super) positives: Positives<T>,
     step: usize,
+    /// Asked before every chunk but the first.
+    stop: Option<Interrupt>,
     buffer: Tensor,
 }
 
@@ -177,7 +179,7 @@ impl<T: Real> Half<T> {
         groups: &Groups,
         distance: Distance,
         key: impl Fn(f64) -> f64,
-        step: i64,
+        (step, stop): (i64, Option<Interrupt>),
     ) -> Result<Self, Error> {
         let n = points.size()[0].max(0) as usize;
         let dim = points.size()[1].max(0) as usize;
@@ -207,6 +209,7 @@ impl<T: Real> Half<T> {
             dim,
             positives,
             step: step as usize,
+            stop,
             buffer,
         })
     }
@@ -227,7 +230,14 @@ impl<T: Real> Half<T> {
     }
 
     /// The products of the chunk of `len` anchors from `s` on, in the buffer.
+    ///
+    /// # Errors
+    /// [`Error::Interrupted`] when the interrupt asks to stop (not before
+    /// the first chunk); `Error::Torch` when libtorch fails.
     pub(super) fn block(&self, s: usize, len: usize) -> Result<Block, Error> {
+        if s > 0 {
+            Interrupt::check(self.stop)?;
+        }
         let s0 = s - s % LANES;
         let width = self.padded - s0;
         let products = self
@@ -449,23 +459,23 @@ fn column_pass<T: Real>(
 
 /// Batch-hard of the samples `points` (their squared norms `norms` for the
 /// Euclidean distances; the points normalised for the cosine one) against
-/// themselves, with labels `labels` indexed by `groups`, in chunks of `step`
-/// anchors.
+/// themselves, with labels `labels` indexed by `groups`, in `chunks` of
+/// `step` anchors, `stop` asked between them.
 ///
 /// # Errors
-/// `Error::Torch` when libtorch fails or the tensors are not float32 or
-/// float64 CPU tensors.
+/// [`Error::Interrupted`] when `stop` asks; `Error::Torch` when libtorch
+/// fails or the tensors are not float32 or float64 CPU tensors.
 pub(crate) fn hardest_within(
     points: &Tensor,
     norms: &Tensor,
     labels: &Tensor,
     groups: &Groups,
     distance: Distance,
-    step: i64,
+    chunks: (i64, Option<Interrupt>),
 ) -> Result<Hardest, Error> {
     match real_kind(points.kind())? {
-        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, distance, step),
-        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, distance, step),
+        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, distance, chunks),
+        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, distance, chunks),
     }
 }
 
@@ -475,7 +485,7 @@ fn typed<T: Real>(
     labels: &Tensor,
     groups: &Groups,
     distance: Distance,
-    step: i64,
+    (step, stop): (i64, Option<Interrupt>),
 ) -> Result<Hardest, Error> {
     let b = points.size()[0];
     let n = b as usize;
@@ -488,6 +498,9 @@ fn typed<T: Real>(
     let mut state = alloc::filled(n.div_ceil(LANES), Lanes::<T>::new())?;
     let scratch = Tensor::f_empty([step * b], (points.kind(), points.device()))?;
     for s in (0..b).step_by(step as usize) {
+        if s > 0 {
+            Interrupt::check(stop)?;
+        }
         let len = step.min(b - s);
         let (su, e) = (s as usize, (s + len) as usize);
         let width = n - su;

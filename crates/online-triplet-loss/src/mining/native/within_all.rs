@@ -35,7 +35,7 @@ use super::{
     batch_all_few, in_blocks, negative_pair_weight, real_kind, scalar, simd, view, view_mut,
     Groups, NativeReal, Real, Totals, FEW_KEYS, LANES,
 };
-use crate::{alloc, Distance, Error};
+use crate::{alloc, Distance, Error, Interrupt};
 
 /// The loss terms of a batch mined against itself, and their gradient.
 pub(crate) struct AllWithin {
@@ -173,21 +173,21 @@ fn column_pass<T: Real>(
 
 /// Batch-all of the samples `points` (their squared norms `norms` for the
 /// Euclidean distances; normalised points for the cosine one) against
-/// themselves, with labels `labels` indexed by `groups`, in chunks of
-/// `step` anchors. `None` when a label has more than [`FEW_KEYS`] + 1
-/// samples, which the chunked path handles. Without `grad`, the gradient
-/// is zeros: the products that make it are skipped.
+/// themselves, with labels `labels` indexed by `groups`, in `chunks` of
+/// `step` anchors, `stop` asked between them. `None` when a label has more
+/// than [`FEW_KEYS`] + 1 samples, which the chunked path handles. Without
+/// `grad`, the gradient is zeros: the products that make it are skipped.
 ///
 /// # Errors
-/// `Error::Torch` when libtorch fails or the tensors are not float32 or
-/// float64 CPU tensors.
+/// [`Error::Interrupted`] when `stop` asks; `Error::Torch` when libtorch
+/// fails or the tensors are not float32 or float64 CPU tensors.
 pub(crate) fn batch_all_within(
     points: &Tensor,
     norms: &Tensor,
     labels: &Tensor,
     groups: &Groups,
     (distance, margin): (Distance, f64),
-    step: i64,
+    chunks: (i64, Option<Interrupt>),
     grad: bool,
 ) -> Result<Option<AllWithin>, Error> {
     if groups.largest() > FEW_KEYS + 1 {
@@ -195,8 +195,8 @@ pub(crate) fn batch_all_within(
     }
     let loss = (distance, margin);
     Ok(Some(match real_kind(points.kind())? {
-        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, loss, step, grad)?,
-        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, loss, step, grad)?,
+        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, loss, chunks, grad)?,
+        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, loss, chunks, grad)?,
     }))
 }
 
@@ -206,7 +206,7 @@ fn typed<T: Real>(
     labels: &Tensor,
     groups: &Groups,
     (distance, margin): (Distance, f64),
-    step: i64,
+    chunks: (i64, Option<Interrupt>),
     want_grad: bool,
 ) -> Result<AllWithin, Error> {
     let kind = points.kind();
@@ -215,7 +215,7 @@ fn typed<T: Real>(
         groups,
         distance,
         |d| d + margin,
-        step,
+        chunks,
     )?;
     let (n, padded, dim, label, positives) =
         (half.n, half.padded, half.dim, &half.label, &half.positives);

@@ -28,7 +28,7 @@ use super::{
     NativeReal, Real, FEW_KEYS, LANES,
 };
 use crate::mining::{Selection, Weighted};
-use crate::{alloc, Distance, Error};
+use crate::{alloc, Distance, Error, Interrupt};
 
 /// No column yet.
 const NONE: u32 = u32::MAX;
@@ -93,30 +93,30 @@ impl<T: Real> Lanes<T> {
 
 /// Semi-hard of the samples `points` (their squared norms `norms` for the
 /// Euclidean distances; normalised points for the cosine one) against
-/// themselves, with labels `labels` indexed by `groups`, in chunks of
-/// `step` anchors: the loss terms and the selected triplets, as
-/// [`super::semihard`] gives them over the whole matrix. `None` when a label
-/// has more than [`FEW_KEYS`] + 1 samples, or there are 2³² or more, which
-/// the chunked path handles.
+/// themselves, with labels `labels` indexed by `groups`, in `chunks` of
+/// `step` anchors, `stop` asked between them: the loss terms and the selected
+/// triplets, as [`super::semihard`] gives them over the whole matrix. `None`
+/// when a label has more than [`FEW_KEYS`] + 1 samples, or there are 2³² or
+/// more, which the chunked path handles.
 ///
 /// # Errors
-/// `Error::Torch` when libtorch fails or the tensors are not float32 or
-/// float64 CPU tensors.
+/// [`Error::Interrupted`] when `stop` asks; `Error::Torch` when libtorch
+/// fails or the tensors are not float32 or float64 CPU tensors.
 pub(crate) fn semihard_within(
     points: &Tensor,
     norms: &Tensor,
     labels: &Tensor,
     groups: &Groups,
     (distance, margin): (Distance, f64),
-    step: i64,
+    chunks: (i64, Option<Interrupt>),
 ) -> Result<Option<Weighted>, Error> {
     if groups.largest() > FEW_KEYS + 1 || points.size()[0] >= i64::from(NONE) {
         return Ok(None);
     }
     let loss = (distance, margin);
     Ok(Some(match real_kind(points.kind())? {
-        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, loss, step)?,
-        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, loss, step)?,
+        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, loss, chunks)?,
+        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, loss, chunks)?,
     }))
 }
 
@@ -153,10 +153,10 @@ fn typed<T: Real>(
     labels: &Tensor,
     groups: &Groups,
     (distance, margin): (Distance, f64),
-    step: i64,
+    chunks: (i64, Option<Interrupt>),
 ) -> Result<Weighted, Error> {
     let kind = points.kind();
-    let half = Half::<T>::new((points, norms, labels), groups, distance, |d| d, step)?;
+    let half = Half::<T>::new((points, norms, labels), groups, distance, |d| d, chunks)?;
     let (n, padded, label, positives) = (half.n, half.padded, &half.label, &half.positives);
     let (_, norm) = half.views()?;
 
