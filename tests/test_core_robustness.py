@@ -578,3 +578,35 @@ def test_interpreter_exit_while_a_daemon_thread_is_in_the_core(call):
     proc = subprocess.run([sys.executable, "-c", _EXIT_DURING_A_CALL, call], capture_output=True,
                           text=True, timeout=300)
     assert (proc.returncode, proc.stdout.strip()) == (0, "exiting"), proc.stdout + proc.stderr
+
+
+def _misaligned(values: torch.Tensor) -> torch.Tensor:
+    """int64 `values` in storage one byte off int64's alignment, as
+    ``torch.frombuffer`` with an offset gives (torch accepts it)."""
+    out = torch.frombuffer(bytearray(8 * len(values) + 1), dtype=torch.int64, offset=1,
+                           count=len(values))
+    out.copy_(values)
+    assert out.data_ptr() % 8 != 0
+    return out
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("portable", [False, True])
+def test_misaligned_labels_give_what_aligned_ones_give(mining, portable):
+    """The native kernels read the labels as a slice of int64, which must be
+    aligned; the core keeps its own copy of the keys, never the caller's
+    storage (reading that would be undefined behaviour)."""
+    labels = torch.arange(600) % 7
+    x = _embeddings(3, n=600)
+    refs = _embeddings(4, n=300)
+    for kw in ({}, {"ref_embeddings": refs, "ref_labels": labels[:300]}):
+        want = _core.triplet_terms(mining, labels, x, 0.2, "euclidean", False, portable=portable,
+                                   chunk_size=64, **kw)
+        odd = {k: _misaligned(v) if k == "ref_labels" else v for k, v in kw.items()}
+        got = _core.triplet_terms(mining, _misaligned(labels), x, 0.2, "euclidean", False,
+                                  portable=portable, chunk_size=64, **odd)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    assert metrics.recall_at_k(x, _misaligned(labels), (1, 5)) == metrics.recall_at_k(x, labels, (1, 5))
+    assert (metrics.mean_average_precision_at_r(x, _misaligned(labels))
+            == metrics.mean_average_precision_at_r(x, labels))

@@ -116,10 +116,13 @@ pub(crate) const REFERENCE_NAN_KEYS: i64 = 0x7FF0_0000_0000_0001;
 /// Returns the labels as int64 keys that are equal exactly when the labels
 /// are, in `domain`. In the float domain, labels are compared by value
 /// through their float64 bits; the NaN labels at positions i get the
-/// distinct keys `nan_keys + i`.
+/// distinct keys `nan_keys + i`. Always a tensor of its own, which the
+/// native kernels read as a slice without the GIL: not the caller's, which
+/// may be misaligned for int64 (`torch.frombuffer` with an offset) or
+/// written by another thread meanwhile.
 pub(crate) fn keys(labels: &Tensor, domain: Domain, nan_keys: i64) -> Result<Tensor, Error> {
     match domain {
-        Domain::Integer => Ok(labels.f_to_kind(Kind::Int64)?),
+        Domain::Integer => Ok(labels.f_to_dtype(Kind::Int64, false, true)?),
         Domain::Float => {
             let values = labels.f_to_kind(Kind::Double)?;
             // Adding 0 turns -0.0 into 0.0, the one pair of equal floats whose bits differ.

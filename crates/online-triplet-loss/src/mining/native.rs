@@ -145,7 +145,8 @@ impl Groups {
 }
 
 /// Checks that `t` can be read as a slice of `T`: a contiguous CPU tensor
-/// whose element type is `T`.
+/// whose element type is `T`, aligned for `T` (the kernels read tensors
+/// libtorch allocated; a caller's may be misaligned).
 fn check_viewable<T: tch::kind::Element>(t: &Tensor) -> Result<usize, Error> {
     if t.device() != Device::Cpu || !t.is_contiguous() || t.kind() != T::KIND {
         return Err(Error::Torch(format!(
@@ -153,6 +154,12 @@ fn check_viewable<T: tch::kind::Element>(t: &Tensor) -> Result<usize, Error> {
             T::KIND,
             t.kind(),
             t.device()
+        )));
+    }
+    if !(t.data_ptr() as *const T).is_aligned() {
+        return Err(Error::Torch(format!(
+            "internal error: native mining needs a tensor aligned for {:?}",
+            T::KIND
         )));
     }
     Ok(t.numel())
