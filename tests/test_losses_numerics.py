@@ -370,3 +370,31 @@ def test_large_batch_all_has_no_cubic_memory(tmp_path):
     assert out["valid"] == valid
     assert out["count"] == count
     assert math.isclose(out["sum"], total, rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1], ids=["chunked", "half-matrix"])
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("distance", ["euclidean", "squared"])
+@pytest.mark.parametrize("mining", LOSSES)
+def test_embeddings_on_a_grid_keep_their_exact_ties(mining, distance, dtype, portable, chunk_size):
+    """Small-integer embeddings (quantised, binary, toy data) have exactly tied
+    distances, and whether a triplet's hinge is 0 decides batch-all's count.
+    The centre Euclidean distances are taken from keeps such data on a grid,
+    so the distances, the ties and the counts are exact: equal to the float64
+    reference by differences (the mean as centre rounded them: 4.000000000000002
+    instead of 8 on sentence-transformers' own example, which gets 8)."""
+    from online_triplet_loss import _core
+
+    g = torch.Generator().manual_seed(5)
+    for _ in range(25):
+        labels = (torch.arange(18) % 6)[torch.randperm(18, generator=g)]
+        x = torch.randint(-3, 4, (18, 3), generator=g).to(dtype)
+        for margin in (0.0, 1.0):
+            total, count, valid = _core.triplet_terms(mining, labels, x, margin, distance, False,
+                                                      chunk_size=chunk_size, portable=portable)
+            ref = R.reference_terms(mining, labels, x.double(), margin, distance)
+            assert (count.item(), valid.item()) == (ref.count, ref.valid)
+            # float32 rounds the square roots; the hinges then cancel.
+            tol = 1e-5 if dtype == torch.float32 else 1e-13
+            torch.testing.assert_close(total.double(), ref.sum, rtol=tol, atol=tol)

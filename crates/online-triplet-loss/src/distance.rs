@@ -216,40 +216,68 @@ fn row_scales(x: &Tensor) -> Result<Tensor, Error> {
         .f_where_scalarother(&usable, 1.0)?)
 }
 
-/// The mean of a set of embeddings, that Euclidean distances are taken
-/// from, in float64 and in two parts: the mean, and the mean of what
-/// subtracting it leaves. One mean in the embeddings' dtype leaves a
-/// residual of about its ulp in an offset every row shares (9e12 for a
-/// column of 1e20 in float32), and the Gram products of such points lose
-/// every digit of their differences, silently; the second part takes the
-/// residual of the first out.
+/// The point Euclidean distances are taken from, so that ‖x‖² + ‖y‖² − 2x·y
+/// does not cancel when the data sit far from the origin: in each column,
+/// the mean of a set of embeddings rounded to a multiple of a power of two,
+/// the largest at most 1/8 of the column's spread (its largest distance from
+/// the mean) and at least the ulp of its largest magnitude in the
+/// embeddings' dtype. So it is within 1/16 of the spread of the mean, and
+/// subtracting it is exact for the embeddings of the set, in float64 and
+/// mostly in their dtype: data on a grid (integers, quantised or binary
+/// embeddings) stay on a grid as coarse, whose distances, and their ties,
+/// come out exact, as without centring. One mean in the embeddings' dtype
+/// would leave a residual of about its ulp in an offset every row shares
+/// (9e12 for a column of 1e20 in float32), and the Gram products of such
+/// points lose every digit of their differences, silently: the mean is
+/// taken in float64, in two parts.
 pub(crate) struct Centre {
-    mean: Tensor,
-    rest: Tensor,
+    /// `(1, D)`, float64.
+    point: Tensor,
 }
 
 impl Centre {
     pub(crate) fn of(y: &Tensor) -> Result<Centre, Error> {
         let wide = y.f_to_kind(Kind::Double)?;
         if y.size()[0] == 0 {
-            let zero = || Tensor::f_zeros([1, y.size()[1]], (Kind::Double, y.device()));
-            return Ok(Centre {
-                mean: zero()?,
-                rest: zero()?,
-            });
+            let point = Tensor::f_zeros([1, y.size()[1]], (Kind::Double, y.device()))?;
+            return Ok(Centre { point });
         }
-        let mean = wide.f_mean_dim([0i64].as_slice(), true, None::<Kind>)?;
-        let rest = wide
-            .f_sub(&mean)?
-            .f_mean_dim([0i64].as_slice(), true, None::<Kind>)?;
-        Ok(Centre { mean, rest })
+        let digits = match y.f_kind()? {
+            Kind::Half => 11,
+            Kind::BFloat16 => 8,
+            Kind::Float => 24,
+            _ => 53,
+        };
+        let columns = [0i64];
+        // In two parts: the second takes out what the first's rounding left
+        // (a few ulps of a column of 1e30: 1e14), so that a constant column
+        // has its value as mean.
+        let first = wide.f_mean_dim(columns.as_slice(), true, None::<Kind>)?;
+        let mean = wide
+            .f_sub(&first)?
+            .f_mean_dim(columns.as_slice(), true, None::<Kind>)?
+            .f_add(&first)?;
+        let spread = wide.f_sub(&mean)?.f_abs()?.f_amax(columns.as_slice(), true)?;
+        let largest = wide.f_abs()?.f_amax(columns.as_slice(), true)?;
+        // v = f·2^e with 0.5 ≤ f < 1: 2^(e − 4) is the largest power of two
+        // at most v/8, and 2^(e − digits) the ulp of v.
+        let power = |v: &Tensor, less: i64| -> Result<Tensor, Error> {
+            let (_, e) = v.f_frexp()?;
+            Ok(e.f_to_kind(Kind::Double)?.f_sub_scalar(less)?.f_exp2()?)
+        };
+        // A constant column (frexp(0) = (0, 0)) has the finest step.
+        let coarse = power(&spread, 4)?.f_where_scalarother(&spread.f_gt(0.0)?, 0.0)?;
+        let step = coarse.f_maximum(&power(&largest, digits)?)?;
+        // Multiplying and dividing by a power of two is exact. A column with
+        // inf or NaN, or whose step underflows to 0, keeps its mean.
+        let rounded = mean.f_div(&step)?.f_round()?.f_mul(&step)?;
+        let point = rounded.f_where_self(&rounded.f_isfinite()?, &mean)?;
+        Ok(Centre { point })
     }
 
-    /// `x` less the centre, in float64: one part after the other.
+    /// `x` less the centre, in float64.
     pub(crate) fn subtracted_from(&self, x: &Tensor) -> Result<Tensor, Error> {
-        Ok(x.f_to_kind(Kind::Double)?
-            .f_sub(&self.mean)?
-            .f_sub(&self.rest)?)
+        Ok(x.f_to_kind(Kind::Double)?.f_sub(&self.point)?)
     }
 }
 
