@@ -224,7 +224,11 @@ def test_attributes_set_after_construction_act_as_on_st(st, ours, loss_name):
         with pytest.raises(ValueError, match="^distance_metric: expected"):
             getattr(ours, loss_name)(_Linear(seed=3), distance_metric=bad)
     assert loss.get_config_dict()["distance_metric"] == "euclidean_distance"
-    assert [name for name, _ in loss.named_children()] == ["model"]
+    assert [name for name, _ in loss.named_children()] == ["sentence_embedder"]
+    replacement = _Linear(seed=5)
+    loss.model = replacement
+    assert loss.sentence_embedder is replacement and loss.model is replacement
+    assert [name for name, _ in loss.named_children()] == ["sentence_embedder"]
 
 
 # ---------------------------------------------------------------------------
@@ -400,9 +404,57 @@ def test_interface_matches_st(st, ours, loss_name, metric_name):
     assert our_loss.model is model and our_loss.sentence_embedder is model
     assert "@" in our_loss.citation
     assert isinstance(our_loss, torch.nn.Module)
-    assert set(dict(our_loss.named_parameters())) == {"model." + n for n, _ in model.named_parameters()}
+    # ST's state dict keys: a loss's state loads into the other.
+    assert list(our_loss.state_dict()) == list(st_loss.state_dict())
+    our_loss.load_state_dict(st_loss.state_dict())
+    st_loss.load_state_dict(our_loss.state_dict())
+    # ST's attributes and methods (its hooks, its static masks).
+    for name in ("triplet_margin", "margin"):
+        assert getattr(our_loss, name, None) == getattr(st_loss, name, None), name
+    public = {n for n in dir(st_loss) if not n.startswith("_") and not hasattr(torch.nn.Module, n)}
+    assert public <= set(dir(our_loss)), public - set(dir(our_loss))
     if loss_name == "BatchHardSoftMarginTripletLoss":
         assert isinstance(our_loss, ours.BatchHardTripletLoss)
+
+
+_HOOKS = {
+    "BatchAllTripletLoss": "batch_all_triplet_loss",
+    "BatchHardTripletLoss": "batch_hard_triplet_loss",
+    "BatchHardSoftMarginTripletLoss": "batch_hard_triplet_soft_margin_loss",
+    "BatchSemiHardTripletLoss": "batch_semi_hard_triplet_loss",
+}
+
+
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_a_subclass_that_overrides_st_s_method_changes_the_loss(st, ours, loss_name):
+    # ST's compute_loss_from_embeddings goes through the loss's method, a hook
+    # subclasses override; so does ours, with ST's values.
+    hook = _HOOKS[loss_name]
+    labels, emb = _pk_batch(3, 3, 4, seed=1)
+    values = []
+    for impl in (st, ours):
+        tenfold = type("Tenfold", (getattr(impl, loss_name),),
+                       {hook: lambda self, l, e, _h=hook, _c=getattr(impl, loss_name): 10 * getattr(_c, _h)(self, l, e)})
+        plain, scaled = getattr(impl, loss_name)(None), tenfold(None)
+        direct = getattr(plain, hook)(labels, emb)
+        torch.testing.assert_close(plain.compute_loss_from_embeddings([emb], labels), direct)
+        torch.testing.assert_close(scaled.compute_loss_from_embeddings([emb], labels), 10 * direct)
+        values.append(direct)
+    torch.testing.assert_close(values[1], values[0], rtol=1e-9, atol=1e-12)
+
+
+def test_the_soft_margin_ignores_triplet_margin_as_st_does(st, ours):
+    labels, emb = _pk_batch(3, 3, 4, seed=2)
+    values = []
+    for impl in (st, ours):
+        loss = impl.BatchHardSoftMarginTripletLoss(None)
+        before = loss.compute_loss_from_embeddings([emb], labels)
+        loss.triplet_margin = 2.0
+        torch.testing.assert_close(loss.compute_loss_from_embeddings([emb], labels), before)
+        # Its batch-hard method, inherited, is batch-hard with that margin.
+        values.append((before, loss.batch_hard_triplet_loss(labels, emb)))
+    for got, want in zip(values[1], values[0]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------

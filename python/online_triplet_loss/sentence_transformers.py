@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 try:
     from sentence_transformers.sentence_transformer.losses import (
+        BatchHardTripletLoss as _STBatchHardTripletLoss,
         BatchHardTripletLossDistanceFunction,
     )
 except ImportError as err:  # pragma: no cover - exercised in a subprocess by the tests
@@ -114,14 +115,22 @@ def _distance_name(distance_metric: object) -> str:
     raise ValueError(f"distance_metric: expected {_ACCEPTED_METRICS}; got {distance_metric!r}")
 
 
+def _flat(labels: Tensor) -> Tensor:
+    """Labels of any shape, as ST takes them, as one dimension."""
+    check_tensor("labels", labels)
+    return labels.reshape(-1)
+
+
 class _SentenceTransformerTripletLoss(nn.Module):
-    """Embeds the first input column with ``model`` and applies the loss."""
+    """Embeds the first input column with ``model`` and applies the loss
+    through ST's method for it, which a subclass may override, as on ST's."""
 
     citation = _HERMANS_2017
 
     def __init__(self, model: nn.Module, distance_metric: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
-        self.model = model
+        # ST's attribute, so that state dicts have ST's keys.
+        self.sentence_embedder = model
         self.distance_metric = distance_metric
 
     @property
@@ -136,31 +145,28 @@ class _SentenceTransformerTripletLoss(nn.Module):
         self._distance_metric = value
 
     @property
-    def sentence_embedder(self) -> nn.Module:
-        """The model, under the attribute name ST's triplet losses use."""
-        return self.model
+    def model(self) -> nn.Module:
+        """The model, ``sentence_embedder`` on ST's triplet losses."""
+        return self.sentence_embedder
 
     def __setattr__(self, name: str, value: Any) -> None:
         # nn.Module stores a module set as an attribute without asking the
-        # class's properties: ``loss.sentence_embedder = other`` would add a
-        # second child and leave the model in use unchanged, and a module as
+        # class's properties: ``loss.model = other`` would add a second child
+        # and leave the model in use unchanged, and a module as
         # ``distance_metric`` would skip its check.
         if name == "distance_metric":
             object.__setattr__(self, name, value)
         else:
-            super().__setattr__("model" if name == "sentence_embedder" else name, value)
+            super().__setattr__("sentence_embedder" if name == "model" else name, value)
 
     def forward(self, sentence_features: Sequence[Dict[str, Tensor]], labels: Tensor) -> Tensor:
-        embeddings = self.model(sentence_features[0])["sentence_embedding"]
+        embeddings = self.sentence_embedder(sentence_features[0])["sentence_embedding"]
         return self.compute_loss_from_embeddings([embeddings], labels)
 
     def compute_loss_from_embeddings(self, embeddings: List[Tensor], labels: Tensor) -> Tensor:
         """The loss of ``embeddings[0]``, :math:`(B, D)`, with ``labels`` of
-        :math:`B` elements (any shape, as in ST)."""
-        check_tensor("labels", labels)
-        return self._loss(labels.reshape(-1), embeddings[0])
-
-    def _loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
+        :math:`B` elements (any shape, as in ST), from ST's method of the
+        loss (``batch_all_triplet_loss``, say)."""
         raise NotImplementedError
 
     def get_config_dict(self) -> Dict[str, Any]:
@@ -209,8 +215,14 @@ class BatchAllTripletLoss(_SentenceTransformerTripletLoss):
         check_margin(margin)
         self.triplet_margin = margin
 
-    def _loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
-        return batch_all_triplet_loss(labels, embeddings, self.triplet_margin, distance=self.distance)[0]
+    def compute_loss_from_embeddings(self, embeddings: List[Tensor], labels: Tensor) -> Tensor:
+        return self.batch_all_triplet_loss(labels, embeddings[0])
+
+    def batch_all_triplet_loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
+        """The loss of ``embeddings``, :math:`(B, D)`, with ``labels`` of :math:`B` elements."""
+        return batch_all_triplet_loss(
+            _flat(labels), embeddings, self.triplet_margin, distance=self.distance
+        )[0]
 
     def get_config_dict(self) -> Dict[str, Any]:
         return {**super().get_config_dict(), "margin": self.triplet_margin}
@@ -248,7 +260,14 @@ class BatchHardTripletLoss(_SentenceTransformerTripletLoss):
         >>> value = loss.compute_loss_from_embeddings([torch.randn(6, 8)], labels)
     """
 
-    soft = False
+    # ST's static helpers (its O(B³) masks), for code that calls them.
+    get_triplet_mask = staticmethod(_STBatchHardTripletLoss.get_triplet_mask)
+    get_anchor_positive_triplet_mask = staticmethod(
+        _STBatchHardTripletLoss.get_anchor_positive_triplet_mask
+    )
+    get_anchor_negative_triplet_mask = staticmethod(
+        _STBatchHardTripletLoss.get_anchor_negative_triplet_mask
+    )
 
     def __init__(
         self,
@@ -260,9 +279,13 @@ class BatchHardTripletLoss(_SentenceTransformerTripletLoss):
         check_margin(margin)
         self.triplet_margin = margin
 
-    def _loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
+    def compute_loss_from_embeddings(self, embeddings: List[Tensor], labels: Tensor) -> Tensor:
+        return self.batch_hard_triplet_loss(labels, embeddings[0])
+
+    def batch_hard_triplet_loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
+        """The loss of ``embeddings``, :math:`(B, D)`, with ``labels`` of :math:`B` elements."""
         return batch_hard_triplet_loss(
-            labels, embeddings, self.triplet_margin, distance=self.distance, soft=self.soft
+            _flat(labels), embeddings, self.triplet_margin, distance=self.distance
         )
 
     def get_config_dict(self) -> Dict[str, Any]:
@@ -297,14 +320,20 @@ class BatchHardSoftMarginTripletLoss(BatchHardTripletLoss):
         >>> value = loss.compute_loss_from_embeddings([torch.randn(6, 8)], labels)
     """
 
-    soft = True
-
     def __init__(
         self,
         model: nn.Module,
         distance_metric: Callable[[Tensor], Tensor] = BatchHardTripletLossDistanceFunction.euclidean_distance,
     ) -> None:
-        super().__init__(model, distance_metric, margin=0.0)
+        # ST's ``triplet_margin`` (5, from batch-hard), which the soft margin does not use.
+        super().__init__(model, distance_metric)
+
+    def compute_loss_from_embeddings(self, embeddings: List[Tensor], labels: Tensor) -> Tensor:
+        return self.batch_hard_triplet_soft_margin_loss(labels, embeddings[0])
+
+    def batch_hard_triplet_soft_margin_loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
+        """The loss of ``embeddings``, :math:`(B, D)`, with ``labels`` of :math:`B` elements."""
+        return batch_hard_triplet_loss(_flat(labels), embeddings, 0.0, distance=self.distance, soft=True)
 
     def get_config_dict(self) -> Dict[str, Any]:
         config = super().get_config_dict()
@@ -356,8 +385,12 @@ class BatchSemiHardTripletLoss(_SentenceTransformerTripletLoss):
         check_margin(margin)
         self.margin = margin
 
-    def _loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
-        return batch_semihard_triplet_loss(labels, embeddings, self.margin, distance=self.distance)
+    def compute_loss_from_embeddings(self, embeddings: List[Tensor], labels: Tensor) -> Tensor:
+        return self.batch_semi_hard_triplet_loss(labels, embeddings[0])
+
+    def batch_semi_hard_triplet_loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
+        """The loss of ``embeddings``, :math:`(B, D)`, with ``labels`` of :math:`B` elements."""
+        return batch_semihard_triplet_loss(_flat(labels), embeddings, self.margin, distance=self.distance)
 
     def get_config_dict(self) -> Dict[str, Any]:
         return {**super().get_config_dict(), "margin": self.margin}
