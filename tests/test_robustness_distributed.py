@@ -282,3 +282,63 @@ def _with(criterion, **settings):
 def test_ranks_with_different_settings_all_raise(tmp_path):
     assert dist.is_available(), "torch.distributed is required"
     _start(_worker_settings, (2, os.path.join(str(tmp_path), "init")), 2)
+
+
+def _worker_second_review(rank, world, init_file):
+    """Found by the second review: embeddings of a dtype gloo cannot gather
+    raised gloo's 'Invalid scalar type', and a loss put in place of
+    ``criterion.loss`` was mined with the old one's mining on several ranks."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        g = torch.Generator().manual_seed(3)
+        full_x = torch.randn(9, 3, generator=g, dtype=torch.float64)
+        full_y = torch.tensor([0, 1, 0, 2, 1, 2, 0, 1, 2])
+        rows = [slice(0, 4), slice(4, 9)][rank]
+        x, y = full_x[rows], full_y[rows]
+        for bad in (torch.float8_e4m3fn, torch.uint16, torch.int64):
+            for both in (True, False):
+                criterion = DistributedTripletLoss(BatchHardTripletLoss(margin=0.5))
+                odd = x.to(bad) if both or rank == 1 else x
+                if rank == 1 or both:
+                    match = f"embeddings: must be floating point .* got dtype {str(bad)[6:]}"
+                else:
+                    match = "embeddings: rank 1 of the group raised a ValueError"
+                with pytest.raises(ValueError, match=match):
+                    criterion(odd, y)
+                # The group still works.
+                torch.testing.assert_close(criterion(x, y), BatchHardTripletLoss(margin=0.5)(full_x, full_y))
+        for make in MAKERS:
+            criterion = DistributedTripletLoss(BatchAllTripletLoss(margin=0.5))
+            criterion.loss = make()
+            assert criterion.mining == criterion.loss.mining
+            assert f"mining={criterion.loss.mining!r}" in repr(criterion)
+            torch.testing.assert_close(criterion(x, y), make()(full_x, full_y))
+            # What is not one of the three losses is refused on every rank.
+            criterion.loss = torch.nn.Identity()
+            with pytest.raises(ValueError, match="loss: expected one of"):
+                criterion(x, y)
+            criterion.loss = make()
+            torch.testing.assert_close(criterion(x, y), make()(full_x, full_y))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_second_review_findings_on_two_ranks(tmp_path):
+    assert dist.is_available(), "torch.distributed is required"
+    _start(_worker_second_review, (2, os.path.join(str(tmp_path), "init")), 2)
+
+
+def test_a_replaced_loss_is_the_one_mined_in_one_process():
+    criterion = DistributedTripletLoss(BatchAllTripletLoss(margin=0.5))
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for make in MAKERS:
+        criterion.loss = make()
+        for extras in ({}, {"extra_embeddings": x[:3] + 1, "extra_labels": y[:3]}):
+            want = DistributedTripletLoss(make())(x, y, **extras)
+            torch.testing.assert_close(criterion(x, y, **extras), want, rtol=0, atol=0)
+    criterion.loss = torch.nn.Identity()
+    with pytest.raises(ValueError, match="loss: expected one of"):
+        criterion(x, y)

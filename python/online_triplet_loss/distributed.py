@@ -147,7 +147,17 @@ def _labels_problem(labels: object) -> Optional[ValueError]:
     return None
 
 
+_EMBEDDING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _shape_problem(embeddings: Tensor, labels: Tensor) -> Optional[ValueError]:
+    # The core's own check, made before the exchange, whose gather of a dtype
+    # gloo cannot carry (float8, uint16) would fail on its own.
+    if embeddings.dtype not in _EMBEDDING_DTYPES:
+        return ValueError(
+            "embeddings: must be floating point (float16, bfloat16, float32 or float64), "
+            f"got dtype {str(embeddings.dtype).removeprefix('torch.')}"
+        )
     if embeddings.dim() != 2:
         return ValueError(
             f"embeddings: must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}"
@@ -158,6 +168,13 @@ def _shape_problem(embeddings: Tensor, labels: Tensor) -> Optional[ValueError]:
             f"got shape {tuple(labels.shape)}"
         )
     return None
+
+
+def _check_loss(loss: object) -> "_TripletLoss":
+    if not isinstance(loss, _TripletLoss):
+        names = "BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss"
+        raise ValueError(f"loss: expected one of {names}, got {type(loss).__name__}")
+    return loss
 
 
 def _gather_rows(x: Tensor, sizes: List[int], group: Optional[object]) -> Tensor:
@@ -344,13 +361,16 @@ class DistributedTripletLoss(nn.Module):
 
     def __init__(self, loss: nn.Module, *, group: Optional[object] = None) -> None:
         super().__init__()
-        if not isinstance(loss, _TripletLoss):
-            names = "BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss"
-            raise ValueError(f"loss: expected one of {names}, got {type(loss).__name__}")
-        self.mining = loss.mining
+        _check_loss(loss)
         self.loss = loss
         self.group = group
         self.last_fraction: Optional[Tensor] = None
+
+    @property
+    def mining(self) -> str:
+        """The wrapped loss's mining: ``"all"``, ``"hard"`` or ``"semihard"``.
+        A loss put in place of ``loss`` is checked at the next call."""
+        return _check_loss(self.loss).mining
 
     def extra_repr(self) -> str:
         return f"mining={self.mining!r}"
@@ -378,7 +398,7 @@ class DistributedTripletLoss(nn.Module):
         labels that cannot meet the extra labels (integers beyond 2**53 with
         float labels: a check of this rank's values, made before the
         exchange so that the other ranks raise too)."""
-        loss = self.loss
+        loss = _check_loss(self.loss)
         margin, learnable = margin_and_tensor(loss.margin)
         settings: List[Setting] = [
             ("loss.mining", _MININGS.index(self.mining), lambda v: _MININGS[v]),
@@ -420,7 +440,7 @@ class DistributedTripletLoss(nn.Module):
         ref_embeddings = torch.cat([embeddings, extra_embeddings.detach().to(embeddings)])
         labels, extra_labels = _common_labels(labels, extra_labels)
         ref_labels = torch.cat([labels, extra_labels])
-        loss = self.loss
+        loss = _check_loss(self.loss)
         value, fraction = loss_and_fraction(
             self.mining, labels, embeddings, loss.margin,
             distance=loss.distance, soft=loss.soft,
@@ -511,7 +531,7 @@ class DistributedTripletLoss(nn.Module):
             if (extra_embeddings is None) != (extra_labels is None):
                 raise ValueError("extra_embeddings and extra_labels: must be given together")
             if extra_embeddings is None:
-                return self.loss(embeddings, labels)
+                return _check_loss(self.loss)(embeddings, labels)
             _check_extra(embeddings, extra_embeddings, extra_labels)
             return self._single_process(embeddings, labels, extra_embeddings, extra_labels)
 
@@ -537,7 +557,7 @@ class DistributedTripletLoss(nn.Module):
         anchors = all_embeddings[offset:offset + embeddings.shape[0]]
         anchor_labels = all_labels[offset:offset + embeddings.shape[0]]
 
-        loss = self.loss
+        loss = _check_loss(self.loss)
         margin = loss.margin
         if isinstance(margin, Tensor) and margin.requires_grad:
             margin = _SharedGradient.apply(margin, world, self.group)
