@@ -78,3 +78,23 @@ def test_nan_labels_are_distinct_classes():
         assert sampler.num_classes == len(form) - 1
         assert all(len({form[i] if form[i] == form[i] else i for i in batch}) == 1
                    for batch in sampler)
+
+
+def test_settings_are_read_only_and_the_epoch_is_checked():
+    # The number of batches is counted from p, k and world_size at
+    # construction: changing one afterwards gave batches of other sizes, or
+    # len() out of step with the iteration (found by review).
+    sampler = PKSampler([i % 4 for i in range(64)], 2, 4, rank=1, world_size=2, seed=3)
+    before = list(sampler)
+    for name in ("p", "k", "seed", "rank", "world_size"):
+        with pytest.raises(AttributeError):
+            setattr(sampler, name, 1)
+    assert (sampler.p, sampler.k, sampler.seed, sampler.rank, sampler.world_size) == (2, 4, 3, 1, 2)
+    assert list(sampler) == before and len(sampler) == len(before)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="^epoch: "):
+            sampler.epoch = bad
+    sampler.epoch = 2
+    again = PKSampler([i % 4 for i in range(64)], 2, 4, rank=1, world_size=2, seed=3)
+    again.set_epoch(2)
+    assert list(sampler) == list(again)

@@ -152,13 +152,14 @@ class PKSampler(Sampler[List[int]]):
         values = _label_list(labels)
         if not values:
             raise ValueError("labels: must hold at least one sample, got an empty sequence")
-        self.p = _check_int("p", p, 1)
-        self.k = _check_int("k", k, 1)
+        # Read-only: the number of batches is counted from them here.
+        self._p = _check_int("p", p, 1)
+        self._k = _check_int("k", k, 1)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed: must be an int, got {seed!r}")
-        self.seed = int(seed)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
+        self._seed = int(seed)
+        self._world_size = _check_int("world_size", world_size, 1)
+        self._rank = _check_int("rank", rank, 0)
         if self.rank >= self.world_size:
             raise ValueError(
                 f"rank: must be < world_size ({self.world_size}), got {rank!r}"
@@ -172,10 +173,41 @@ class PKSampler(Sampler[List[int]]):
             )
         # In order of first appearance, so that the epoch depends only on the labels.
         self._classes: List[List[int]] = list(by_class.values())
-        self.epoch = 0
+        self._epoch = 0
         groups = [math.ceil(len(indices) / self.k) for indices in self._classes]
         batches = max(math.ceil(sum(groups) / self.p), max(groups))
         self._batches = math.ceil(batches / self.world_size) * self.world_size
+
+    @property
+    def p(self) -> int:
+        """Classes per batch."""
+        return self._p
+
+    @property
+    def k(self) -> int:
+        """Samples per class in a batch."""
+        return self._k
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration draws; setting it is :meth:`set_epoch`."""
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self._epoch = _check_int("epoch", epoch, 0)
 
     @property
     def num_classes(self) -> int:
@@ -189,7 +221,7 @@ class PKSampler(Sampler[List[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch that the next iteration draws; call it before each epoch."""
-        self.epoch = _check_int("epoch", epoch, 0)
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self._batches // self.world_size
