@@ -393,6 +393,38 @@ def test_loss_does_not_synchronise_with_the_host(device, mining, distance, refs)
         assert torch.isfinite(loss).item(), (chunk, loss)
 
 
+@pytest.mark.parametrize("mining", LOSSES)
+def test_a_learnable_cpu_margin_does_not_synchronise_the_forward_pass(device, mining):
+    """A learnable margin stays on the CPU (an ``nn.Parameter`` of the loss);
+    with CUDA embeddings it enters the forward pass as a number, not by a
+    copy to the device, which waits for it. Its gradient comes back to the
+    CPU in the backward pass (a copy that waits, as for any CPU parameter);
+    value and gradients equal the CPU's."""
+    if device.type != "cuda":
+        pytest.skip(f"the host-synchronisation check needs CUDA (torch.cuda.set_sync_debug_mode); "
+                    f"the device is {device}")
+    g = torch.Generator().manual_seed(9)
+    labels = torch.randint(0, 8, (128,), generator=g)
+    emb = torch.randn(128, 16, generator=g)
+    make = {"all": BatchAllTripletLoss, "hard": BatchHardTripletLoss,
+            "semihard": BatchSemiHardTripletLoss}[mining]
+    results = []
+    for dev in (device, torch.device("cpu")):
+        margin = torch.nn.Parameter(torch.tensor(0.3))
+        loss_fn, x = make(margin=margin), leaf(emb.to(dev))
+        loss_fn(x, labels.to(dev))  # warm-up
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = loss_fn(x, labels.to(dev))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        loss.backward()
+        results.append((loss.detach().cpu(), x.grad.cpu(), margin.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------- out of device memory
 
 

@@ -318,9 +318,15 @@ impl TripletConfig {
     /// # Errors
     /// [`Error::InvalidArgument`] naming the argument for a margin that is
     /// negative or not finite, a chunk size below 1, shapes that do not
-    /// match, unsupported dtypes, layouts or devices, or an `anchor_offset`
-    /// outside the references; [`Error::Torch`] when libtorch fails (out of
-    /// memory, say).
+    /// match, unsupported dtypes, layouts or devices, an `anchor_offset`
+    /// outside the references, or integer labels beyond ±2⁵³ that meet
+    /// floating-point labels (the anchors' and the references' of different
+    /// kinds: checked by reading one flag from the device, the one
+    /// synchronisation with a CUDA device, in this mixed case only);
+    /// [`Error::Torch`] when libtorch fails (out of memory, say);
+    /// [`Error::OutOfMemory`] when a buffer of the native CPU kernels cannot
+    /// be allocated; [`Error::Interrupted`] when the
+    /// [`TripletConfig::interrupt`] asks to stop.
     pub fn terms(
         &self,
         mining: Mining,
@@ -341,7 +347,11 @@ impl TripletConfig {
     /// dtype the loss computes in: float32 for float16, bfloat16 and float32
     /// embeddings) makes `sum` and its gradients NaN; for batch-hard, a
     /// negative, infinite or NaN value does (checked on the tensor's device,
-    /// without synchronising).
+    /// without synchronising). A CPU margin with CUDA embeddings is read as
+    /// a number in the forward pass, without waiting for the device; its
+    /// gradient is copied back to the CPU in the backward pass, which waits,
+    /// as for any CPU tensor in a CUDA graph. A CUDA margin with CPU
+    /// embeddings is copied to the CPU, which waits.
     ///
     /// # Errors
     /// As [`TripletConfig::terms`], and [`Error::InvalidArgument`] when
@@ -448,7 +458,18 @@ impl TripletConfig {
         // range, before the cast back).
         let (margin, surrogate_margin) = match margin {
             Some(m) => {
-                let given = m.f_reshape([])?.f_to_device(device)?;
+                let given = m.f_reshape([])?;
+                // A 0-d CPU tensor takes part in another device's operations
+                // as a number, read on the host; copying it there would wait
+                // for the device. (Its gradient comes back with a copy from
+                // the device, in the backward pass, as for any CPU tensor.)
+                let given = match given.device() {
+                    d if d == device => given,
+                    Device::Cpu => {
+                        Tensor::f_zeros([], (given.f_kind()?, device))?.f_add(&given)?
+                    }
+                    _ => given.f_to_device(device)?,
+                };
                 let m = given.f_to_kind(kind)?;
                 let refused = match mining {
                     Mining::All | Mining::SemiHard => m.detach().f_ne(self.margin)?,
