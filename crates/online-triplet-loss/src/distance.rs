@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use tch::{Kind, Tensor};
 
+use crate::error::caught;
 use crate::losses::check_embeddings;
 use crate::Error;
 
@@ -84,6 +85,12 @@ impl Distance {
     /// # Ok::<(), online_triplet_loss::Error>(())
     /// ```
     pub fn paired(self, x: &Tensor, y: &Tensor) -> Result<Tensor, Error> {
+        caught(|| self.paired_unguarded(x, y))
+    }
+
+    /// [`Distance::paired`], whose failures in tch's operations that take a
+    /// number panic ([`caught`]).
+    fn paired_unguarded(self, x: &Tensor, y: &Tensor) -> Result<Tensor, Error> {
         check_embeddings("x", x)?;
         check_embeddings("y", y)?;
         if x.dim() != 2 || x.size() != y.size() {
@@ -257,7 +264,10 @@ impl Centre {
             .f_sub(&first)?
             .f_mean_dim(columns.as_slice(), true, None::<Kind>)?
             .f_add(&first)?;
-        let spread = wide.f_sub(&mean)?.f_abs()?.f_amax(columns.as_slice(), true)?;
+        let spread = wide
+            .f_sub(&mean)?
+            .f_abs()?
+            .f_amax(columns.as_slice(), true)?;
         let largest = wide.f_abs()?.f_amax(columns.as_slice(), true)?;
         // v = f·2^e with 0.5 ≤ f < 1: 2^(e − 4) is the largest power of two
         // at most v/8, and 2^(e − digits) the ulp of v.

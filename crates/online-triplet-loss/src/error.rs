@@ -122,6 +122,30 @@ impl Error {
     }
 }
 
+/// Runs `f`, turning a panic of tch's on a libtorch failure into the `Err`
+/// it carries ([`Error::from_tch_panic`]); any other panic goes on. tch's
+/// operations that take a number (`f_add_scalar`, `f_where_scalarother`,
+/// `f_full`, …) free it after the call and before they read libtorch's
+/// error, and the free reads it first and panics (tch 0.24 to 0.26), so an
+/// out-of-memory error there would reach the caller as a panic. Used at the
+/// crate's public functions. The panic hook still runs (the default prints
+/// the message).
+pub(crate) fn caught<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied());
+            match message.and_then(Error::from_tch_panic) {
+                Some(err) => Err(err),
+                None => std::panic::resume_unwind(panic),
+            }
+        }
+    }
+}
+
 /// libtorch's message without the C++ stack that its errors carry after it,
 /// as torch's Python errors show it.
 pub(crate) fn without_backtrace(message: &str) -> &str {
@@ -156,6 +180,29 @@ mod tests {
             "a"
         );
         assert_eq!(without_backtrace("no stack"), "no stack");
+    }
+
+    #[test]
+    fn a_failure_of_a_tch_operation_that_takes_a_number_is_an_err() {
+        let full = || {
+            Ok(tch::Tensor::f_full(
+                [-1],
+                0.5,
+                (tch::Kind::Float, tch::Device::Cpu),
+            )?)
+        };
+        let Err(Error::Torch(message)) = caught(full) else {
+            panic!("expected Error::Torch")
+        };
+        assert!(message.contains("-1"), "{message}");
+        assert_eq!(caught(|| Ok(3)), Ok(3));
+        assert_eq!(
+            caught::<()>(|| Err(Error::Interrupted)),
+            Err(Error::Interrupted)
+        );
+        // Any other panic goes on.
+        let other = std::panic::catch_unwind(|| caught::<()>(|| panic!("not tch's")));
+        assert!(other.is_err());
     }
 
     #[test]

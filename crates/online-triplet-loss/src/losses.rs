@@ -3,7 +3,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::distance::{Distance, Side};
-use crate::error::dtype_name;
+use crate::error::{caught, dtype_name};
 use crate::grad;
 use crate::labels::{common, domain, keys, ANCHOR_NAN_KEYS, REFERENCE_NAN_KEYS};
 use crate::mining::{self, Chunk, Columns, Gram, Hardest, Kernel, Selection};
@@ -173,7 +173,7 @@ impl Terms {
     pub fn mean(&self) -> Result<Tensor, Error> {
         self.check()?;
         // Dividing by an int64 tensor casts it to the dtype of `sum`.
-        Ok(self.sum.f_div(&self.count.f_clamp_min(1)?)?)
+        caught(|| Ok(self.sum.f_div(&self.count.f_clamp_min(1)?)?))
     }
 
     /// `count / max(valid, 1)`: the fraction of positive triplets for batch-all;
@@ -185,11 +185,13 @@ impl Terms {
     pub fn fraction(&self) -> Result<Tensor, Error> {
         self.check()?;
         let kind = self.sum.f_kind()?;
-        Ok(self
-            .count
-            .f_to_kind(kind)?
-            .f_div(&self.valid.f_clamp_min(1)?)?
-            .f_add(&self.sum.detach().f_mul_scalar(0.0)?)?)
+        caught(|| {
+            Ok(self
+                .count
+                .f_to_kind(kind)?
+                .f_div(&self.valid.f_clamp_min(1)?)?
+                .f_add(&self.sum.detach().f_mul_scalar(0.0)?)?)
+        })
     }
 }
 
@@ -334,7 +336,7 @@ impl TripletConfig {
         embeddings: &Tensor,
         references: Option<&References>,
     ) -> Result<Terms, Error> {
-        self.terms_with(mining, labels, embeddings, references, None)
+        caught(|| self.terms_with(mining, labels, embeddings, references, None))
     }
 
     /// [`TripletConfig::terms`] with a learnable margin: `margin`, a
@@ -364,7 +366,7 @@ impl TripletConfig {
         references: Option<&References>,
         margin: &Tensor,
     ) -> Result<Terms, Error> {
-        self.terms_with(mining, labels, embeddings, references, Some(margin))
+        caught(|| self.terms_with(mining, labels, embeddings, references, Some(margin)))
     }
 
     fn terms_with(
@@ -465,9 +467,7 @@ impl TripletConfig {
                 // the device, in the backward pass, as for any CPU tensor.)
                 let given = match given.device() {
                     d if d == device => given,
-                    Device::Cpu => {
-                        Tensor::f_zeros([], (given.f_kind()?, device))?.f_add(&given)?
-                    }
+                    Device::Cpu => Tensor::f_zeros([], (given.f_kind()?, device))?.f_add(&given)?,
                     _ => given.f_to_device(device)?,
                 };
                 let m = given.f_to_kind(kind)?;

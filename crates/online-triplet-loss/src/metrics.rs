@@ -46,6 +46,7 @@
 use tch::{Kind, Tensor};
 
 use crate::distance::{Centre, Distance, Side};
+use crate::error::caught;
 use crate::grad;
 use crate::labels::{domain, keys, REFERENCE_NAN_KEYS};
 use crate::losses::check_embeddings;
@@ -151,7 +152,7 @@ impl RetrievalConfig {
         if ks.is_empty() {
             return Err(Error::invalid("ks", "must hold at least one k"));
         }
-        let sums = self.scan(embeddings, labels, ks, false)?;
+        let sums = caught(|| self.scan(embeddings, labels, ks, false))?;
         let queries = sums.queries as f64;
         Ok(sums.hits.iter().map(|h| h / queries).collect())
     }
@@ -162,7 +163,7 @@ impl RetrievalConfig {
         embeddings: &Tensor,
         labels: &Tensor,
     ) -> Result<f64, Error> {
-        let sums = self.scan(embeddings, labels, &[], true)?;
+        let sums = caught(|| self.scan(embeddings, labels, &[], true))?;
         Ok(sums.average_precision / sums.queries as f64)
     }
 
@@ -175,7 +176,7 @@ impl RetrievalConfig {
         labels: &Tensor,
         ks: &[i64],
     ) -> Result<Retrieval, Error> {
-        let sums = self.scan(embeddings, labels, ks, true)?;
+        let sums = caught(|| self.scan(embeddings, labels, ks, true))?;
         let queries = sums.queries as f64;
         Ok(Retrieval {
             recall: sums.hits.iter().map(|h| h / queries).collect(),
@@ -256,7 +257,7 @@ impl RetrievalConfig {
             keys(labels, domain(labels, "labels")?, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
         // R_q: the other items that share q's label.
         let (_, inverse, counts) = keys.f_internal_unique2(false, true, true)?;
-        let others = counts.f_index_select(0, &inverse)? - 1;
+        let others = counts.f_index_select(0, &inverse)?.f_sub_scalar(1)?;
         // Queries sorted by R_q: the skipped ones first, then chunks whose
         // last query needs the most neighbours.
         let (sorted_r, order) = others.f_sort_stable(true, 0, false)?;
