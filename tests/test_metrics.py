@@ -338,3 +338,4 @@ def test_ctrl_c_stops_a_long_evaluation_between_chunks():
     proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_CHILD], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+

@@ -9,7 +9,11 @@ Queries are ranked in chunks against all items, so memory stays
 Identical items are at distance exactly 0 from each other, ahead of every
 distinct item, as in the losses (for the cosine distance, not rows of norm
 below 1e-12: zero rows are at 1); other ties between distances are broken in
-an unspecified order. Both functions synchronise with the device (they return
+an unspecified order. Distances are computed in the embeddings' dtype from
+their Gram products: in float32 they lose their digits for classes far
+tighter than their distance from the centre of the data (groups at ±1000
+with spreads of 0.1, say), or, for the cosine distance, within about 1e-4
+radians of each other; pass float64 embeddings for such data. Both functions synchronise with the device (they return
 Python numbers) and never build a graph; autocast does not reach their
 products. They run without the GIL, and run Python's signal handlers between
 chunks: Ctrl-C stops a long evaluation there with ``KeyboardInterrupt``.
