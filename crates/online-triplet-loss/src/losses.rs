@@ -48,7 +48,10 @@ pub struct References<'a> {
     /// Their labels, `(M,)`.
     pub labels: &'a Tensor,
     /// `Some(k)` when the anchors are also references: anchor `i` is
-    /// reference `k + i` and is never its own positive.
+    /// reference `k + i` and is never its own positive. Taken as given: only
+    /// its range is checked, and rows that are not the same give a loss
+    /// that is not the batch's (an anchor is then at distance 0 from every
+    /// copy of reference `k + i`).
     pub anchor_offset: Option<i64>,
 }
 
