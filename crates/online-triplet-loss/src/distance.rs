@@ -264,11 +264,10 @@ impl Centre {
             .f_sub(&first)?
             .f_mean_dim(columns.as_slice(), true, None::<Kind>)?
             .f_add(&first)?;
-        let spread = wide
-            .f_sub(&mean)?
-            .f_abs()?
-            .f_amax(columns.as_slice(), true)?;
-        let largest = wide.f_abs()?.f_amax(columns.as_slice(), true)?;
+        let high = wide.f_amax(columns.as_slice(), true)?;
+        let low = wide.f_amin(columns.as_slice(), true)?;
+        let spread = high.f_sub(&mean)?.f_maximum(&mean.f_sub(&low)?)?;
+        let largest = high.f_abs()?.f_maximum(&low.f_abs()?)?;
         // v = f·2^e with 0.5 ≤ f < 1: 2^(e − 4) is the largest power of two
         // at most v/8, and 2^(e − digits) the ulp of v.
         let power = |v: &Tensor, less: i64| -> Result<Tensor, Error> {
