@@ -99,3 +99,40 @@ def assert_overflow_is_nan_else_right(got: float, want: float, dtype: torch.dtyp
         assert got == pytest.approx(expected, rel=rel), (got, expected)
     else:
         assert math.isnan(got) or got == pytest.approx(expected, rel=rel), (got, expected)
+
+
+# The start of a child script that calls something long under repeated
+# SIGINTs (the metrics' and the losses' Ctrl-C tests): `interrupted(call,
+# raises)` returns (result or exception, seconds, number of signals).
+SIGINT_CHILD = """
+import os, signal, threading, time
+
+class Stop(Exception):
+    pass
+
+def interrupted(call, raises):
+    # SIGINT every 50 ms until the call returns (one late signal, on a
+    # loaded machine, could otherwise come after it); the handler raises
+    # `raises` at the first and counts the others.
+    count, done = [0], threading.Event()
+    def handler(*_):
+        count[0] += 1
+        if count[0] == 1 and raises is not None:
+            raise raises("from the handler")
+    def send():
+        while not done.wait(0.05):
+            os.kill(os.getpid(), signal.SIGINT)
+    signal.signal(signal.SIGINT, handler)
+    sender = threading.Thread(target=send)
+    start = time.perf_counter()
+    sender.start()
+    try:
+        result = call()
+    except BaseException as err:
+        result = err
+    finally:
+        done.set()
+        sender.join()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return result, time.perf_counter() - start, count[0]
+"""

@@ -12,8 +12,10 @@ import sys
 
 import pytest
 
-_CHILD = """
-import os, signal, threading, time
+from helpers import SIGINT_CHILD
+
+_CHILD = SIGINT_CHILD + """
+import threading, time
 import torch
 from online_triplet_loss.losses import (
     batch_all_triplet_loss, batch_hard_triplet_loss, batch_semihard_triplet_loss)
@@ -37,34 +39,6 @@ CASES = [
     (batch_hard_triplet_loss, batch(32768, False)),
     (batch_hard_triplet_loss, batch(16384, True)),
 ]
-
-class Stop(Exception):
-    pass
-
-def interrupted(call, raises):
-    # SIGINT every 50 ms until the call returns; the handler raises `raises`
-    # at the first and counts the others.
-    count, done = [0], threading.Event()
-    def handler(*_):
-        count[0] += 1
-        if count[0] == 1 and raises is not None:
-            raise raises("from the handler")
-    def send():
-        while not done.wait(0.05):
-            os.kill(os.getpid(), signal.SIGINT)
-    signal.signal(signal.SIGINT, handler)
-    sender = threading.Thread(target=send)
-    start = time.perf_counter()
-    sender.start()
-    try:
-        result = call()
-    except BaseException as err:
-        result = err
-    finally:
-        done.set()
-        sender.join()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    return result, time.perf_counter() - start, count[0]
 
 def run(loss, labels, x):
     leaf = x.clone().requires_grad_()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
+from helpers import SIGINT_CHILD
 
 
 def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="euclidean"):
@@ -266,8 +267,8 @@ def test_input_errors(metric):
         mean_average_precision_at_r(embeddings, labels, distance="l1")
 
 
-_INTERRUPTED_CHILD = """
-import os, signal, sys, threading, time
+_INTERRUPTED_CHILD = SIGINT_CHILD + """
+import sys
 import torch
 from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
 
@@ -275,35 +276,6 @@ torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 x, y = torch.randn(30_000, 16, generator=g), torch.randint(0, 300, (30_000,), generator=g)
 small = x[:500], y[:500]
-
-class Stop(Exception):
-    pass
-
-def interrupted(metric, raises):
-    # SIGINT every 50 ms until the call returns (one late signal, on a
-    # loaded machine, could otherwise come after it); the handler raises
-    # `raises` at the first and counts the others.
-    count, done = [0], threading.Event()
-    def handler(*_):
-        count[0] += 1
-        if count[0] == 1 and raises is not None:
-            raise raises("from the handler")
-    def send():
-        while not done.wait(0.05):
-            os.kill(os.getpid(), signal.SIGINT)
-    signal.signal(signal.SIGINT, handler)
-    sender = threading.Thread(target=send)
-    start = time.perf_counter()
-    sender.start()
-    try:
-        result = metric()
-    except BaseException as err:
-        result = err
-    finally:
-        done.set()
-        sender.join()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    return result, time.perf_counter() - start, count[0]
 
 for metric in (lambda: recall_at_k(x, y, (1,)), lambda: mean_average_precision_at_r(x, y)):
     start = time.perf_counter()

@@ -106,6 +106,15 @@ def test_extra_labels_keep_their_values(label_dtype, extra_dtype):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def _global_batch(rank, seed):
+    """Nine float64 rows and their labels, and this rank's rows of them
+    (four on rank 0, five on rank 1)."""
+    g = torch.Generator().manual_seed(seed)
+    full_x = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    full_y = torch.tensor([0, 1, 0, 2, 1, 2, 0, 1, 2])
+    return full_x, full_y, [slice(0, 4), slice(4, 9)][rank]
+
+
 def _worker_after_review(rank, world, init_file):
     """Found by review: a learnable margin's gradient, ranks whose embeddings
     do not all require grad, a memory whose checks one rank fails after the
@@ -114,10 +123,7 @@ def _worker_after_review(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        g = torch.Generator().manual_seed(7)
-        full_x = torch.randn(9, 3, generator=g, dtype=torch.float64)
-        full_y = torch.tensor([0, 1, 0, 2, 1, 2, 0, 1, 2])
-        rows = [slice(0, 4), slice(4, 9)][rank]
+        full_x, full_y, rows = _global_batch(rank, seed=7)
         for make in MAKERS:
             # The margin's gradient is the single-process one, on every rank.
             loss = make()
@@ -292,10 +298,7 @@ def _worker_second_review(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        g = torch.Generator().manual_seed(3)
-        full_x = torch.randn(9, 3, generator=g, dtype=torch.float64)
-        full_y = torch.tensor([0, 1, 0, 2, 1, 2, 0, 1, 2])
-        rows = [slice(0, 4), slice(4, 9)][rank]
+        full_x, full_y, rows = _global_batch(rank, seed=3)
         x, y = full_x[rows], full_y[rows]
         for bad in (torch.float8_e4m3fn, torch.uint16, torch.int64):
             for both in (True, False):
