@@ -224,11 +224,7 @@ def test_attributes_set_after_construction_act_as_on_st(st, ours, loss_name):
         with pytest.raises(ValueError, match="^distance_metric: expected"):
             getattr(ours, loss_name)(_Linear(seed=3), distance_metric=bad)
     assert loss.get_config_dict()["distance_metric"] == "euclidean_distance"
-    assert [name for name, _ in loss.named_children()] == ["sentence_embedder"]
-    replacement = _Linear(seed=5)
-    loss.model = replacement
-    assert loss.sentence_embedder is replacement and loss.model is replacement
-    assert [name for name, _ in loss.named_children()] == ["sentence_embedder"]
+    assert [name for name, _ in loss.named_children()] == ["model"]
 
 
 # ---------------------------------------------------------------------------
@@ -404,10 +400,9 @@ def test_interface_matches_st(st, ours, loss_name, metric_name):
     assert our_loss.model is model and our_loss.sentence_embedder is model
     assert "@" in our_loss.citation
     assert isinstance(our_loss, torch.nn.Module)
-    # ST's state dict keys: a loss's state loads into the other.
-    assert list(our_loss.state_dict()) == list(st_loss.state_dict())
-    our_loss.load_state_dict(st_loss.state_dict())
-    st_loss.load_state_dict(our_loss.state_dict())
+    # The model is the child `model`, which ST's trainer replaces (ST's
+    # triplet losses name it `sentence_embedder`, which it does not).
+    assert set(dict(our_loss.named_parameters())) == {"model." + n for n, _ in model.named_parameters()}
     # ST's attributes and methods (its hooks, its static masks).
     for name in ("triplet_margin", "margin"):
         assert getattr(our_loss, name, None) == getattr(st_loss, name, None), name
@@ -569,6 +564,40 @@ def test_model_card_names_our_loss(ours, tiny_model_dir, sentences, tmp_path):
     assert "online_triplet_loss.sentence_transformers.BatchSemiHardTripletLoss" in card
     assert '"margin": 0.5' in card and '"distance_metric": "euclidean_distance"' in card
     assert "schroff2015facenet" in card
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands in for the trainer's DDP or compile wrapper of the model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+        self.calls = 0
+
+    def forward(self, features):
+        self.calls += 1
+        return self.module(features)
+
+
+@needs_st
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_the_trainer_puts_its_wrapped_model_in_the_loss(st, ours, tiny_model_dir, sentences,
+                                                        loss_name):
+    # ST's trainer replaces a loss's child named `model` by its wrapped model
+    # (override_model_in_loss, for DDP and model_init); the loss must then
+    # embed with the wrapper, or DDP would not synchronise its gradients.
+    from sentence_transformers import SentenceTransformerTrainer
+
+    model = _tiny_model(tiny_model_dir)
+    loss = getattr(ours, loss_name)(model)
+    wrapped = _Wrapper(model)
+    trainer = object.__new__(SentenceTransformerTrainer)
+    assert trainer.override_model_in_loss(loss, wrapped) is loss
+    assert loss.model is wrapped and loss.sentence_embedder is wrapped
+    texts, labels = sentences
+    features = model.tokenize(texts[:8])
+    loss([features], torch.tensor(labels[:8]))
+    assert wrapped.calls == 1
 
 
 @needs_st

@@ -129,8 +129,10 @@ class _SentenceTransformerTripletLoss(nn.Module):
 
     def __init__(self, model: nn.Module, distance_metric: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
-        # ST's attribute, so that state dicts have ST's keys.
-        self.sentence_embedder = model
+        # A child named `model`, which ST's trainer replaces by its wrapped
+        # model (DDP, torch.compile): ST's triplet losses keep theirs as
+        # `sentence_embedder`, which it does not replace.
+        self.model = model
         self.distance_metric = distance_metric
 
     @property
@@ -145,22 +147,22 @@ class _SentenceTransformerTripletLoss(nn.Module):
         self._distance_metric = value
 
     @property
-    def model(self) -> nn.Module:
-        """The model, ``sentence_embedder`` on ST's triplet losses."""
-        return self.sentence_embedder
+    def sentence_embedder(self) -> nn.Module:
+        """The model, under the attribute name ST's triplet losses use."""
+        return self.model
 
     def __setattr__(self, name: str, value: Any) -> None:
         # nn.Module stores a module set as an attribute without asking the
-        # class's properties: ``loss.model = other`` would add a second child
-        # and leave the model in use unchanged, and a module as
+        # class's properties: ``loss.sentence_embedder = other`` would add a
+        # second child and leave the model in use unchanged, and a module as
         # ``distance_metric`` would skip its check.
         if name == "distance_metric":
             object.__setattr__(self, name, value)
         else:
-            super().__setattr__("sentence_embedder" if name == "model" else name, value)
+            super().__setattr__("model" if name == "sentence_embedder" else name, value)
 
     def forward(self, sentence_features: Sequence[Dict[str, Tensor]], labels: Tensor) -> Tensor:
-        embeddings = self.sentence_embedder(sentence_features[0])["sentence_embedding"]
+        embeddings = self.model(sentence_features[0])["sentence_embedding"]
         return self.compute_loss_from_embeddings([embeddings], labels)
 
     def compute_loss_from_embeddings(self, embeddings: List[Tensor], labels: Tensor) -> Tensor:
