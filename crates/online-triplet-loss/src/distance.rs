@@ -224,18 +224,18 @@ fn row_scales(x: &Tensor) -> Result<Tensor, Error> {
 }
 
 /// The point Euclidean distances are taken from, so that ‖x‖² + ‖y‖² − 2x·y
-/// does not cancel when the data sit far from the origin: in each column,
-/// the mean of a set of embeddings rounded to a multiple of a power of two,
-/// the largest at most 1/8 of the column's spread (its largest distance from
-/// the mean) and at least the ulp of its largest magnitude in the
-/// embeddings' dtype. So it is within 1/16 of the spread of the mean, and
-/// subtracting it is exact for the embeddings of the set, in float64 and
-/// mostly in their dtype: data on a grid (integers, quantised or binary
-/// embeddings) stay on a grid as coarse, whose distances, and their ties,
-/// come out exact, as without centring. One mean in the embeddings' dtype
-/// would leave a residual of about its ulp in an offset every row shares
-/// (9e12 for a column of 1e20 in float32), and the Gram products of such
-/// points lose every digit of their differences, silently: the mean is
+/// does not cancel when the data sit far from the origin: in each column, the
+/// mean of a set of embeddings rounded to a multiple of a power of two, the
+/// largest at most 1/16 of the column's range (at most 1/8 of its spread, its
+/// largest distance from the mean) and at least the ulp of its largest
+/// magnitude in the embeddings' dtype. So it is within 1/16 of the spread of
+/// the mean, and subtracting it is exact for the embeddings of the set, in
+/// float64 and mostly in their dtype: data on a grid (integers, quantised or
+/// binary embeddings) stay on a grid as coarse, whose distances, and their
+/// ties, come out exact, as without centring. One mean in the embeddings'
+/// dtype would leave a residual of about its ulp in an offset every row
+/// shares (9e12 for a column of 1e20 in float32), and the Gram products of
+/// such points lose every digit of their differences, silently: the mean is
 /// taken in float64, in two parts.
 pub(crate) struct Centre {
     /// `(1, D)`, float64.
@@ -266,17 +266,20 @@ impl Centre {
             .f_add(&first)?;
         let high = wide.f_amax(columns.as_slice(), true)?;
         let low = wide.f_amin(columns.as_slice(), true)?;
-        let spread = high.f_sub(&mean)?.f_maximum(&mean.f_sub(&low)?)?;
-        let largest = high.f_abs()?.f_maximum(&low.f_abs()?)?;
-        // v = f·2^e with 0.5 ≤ f < 1: 2^(e − 4) is the largest power of two
-        // at most v/8, and 2^(e − digits) the ulp of v.
-        let power = |v: &Tensor, less: i64| -> Result<Tensor, Error> {
-            let (_, e) = v.f_frexp()?;
-            Ok(e.f_to_kind(Kind::Double)?.f_sub_scalar(less)?.f_exp2()?)
+        // v = f·2^e with 0.5 ≤ f < 1 (frexp) and v/f = 2^e exactly. For the
+        // range (at most twice the spread), 2^(e − 5) is the largest power
+        // of two at most range/16; for the largest magnitude, 2^(e − digits)
+        // is its ulp. A constant column's 0/0 is NaN, which `fmax` skips:
+        // its step is the ulp.
+        let power = |v: &Tensor| -> Result<Tensor, Error> {
+            let (fraction, _) = v.f_frexp()?;
+            Ok(v.f_div(&fraction)?)
         };
-        // A constant column (frexp(0) = (0, 0)) has the finest step.
-        let coarse = power(&spread, 4)?.f_where_scalarother(&spread.f_gt(0.0)?, 0.0)?;
-        let step = coarse.f_maximum(&power(&largest, digits)?)?;
+        let range = high.f_sub(&low)?;
+        let largest = high.f_maximum(&low.f_neg()?)?;
+        let step = power(&range)?
+            .f_mul_scalar(2f64.powi(-5))?
+            .f_fmax(&power(&largest)?.f_mul_scalar(2f64.powi(-digits))?)?;
         // Multiplying and dividing by a power of two is exact. A column with
         // inf or NaN, or whose step underflows to 0, keeps its mean.
         let rounded = mean.f_div(&step)?.f_round()?.f_mul(&step)?;
