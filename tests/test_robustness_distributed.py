@@ -343,5 +343,6 @@ def test_a_replaced_loss_is_the_one_mined_in_one_process():
             want = DistributedTripletLoss(make())(x, y, **extras)
             torch.testing.assert_close(criterion(x, y, **extras), want, rtol=0, atol=0)
     criterion.loss = torch.nn.Identity()
+    assert "mining=None" in repr(criterion)
     with pytest.raises(ValueError, match="loss: expected one of"):
         criterion(x, y)

@@ -98,3 +98,15 @@ def test_settings_are_read_only_and_the_epoch_is_checked():
     again = PKSampler([i % 4 for i in range(64)], 2, 4, rank=1, world_size=2, seed=3)
     again.set_epoch(2)
     assert list(sampler) == list(again)
+
+
+def test_a_sampler_pickled_with_plain_attributes_loads():
+    sampler = PKSampler([i % 4 for i in range(64)], 2, 4, rank=1, world_size=2, seed=3)
+    sampler.set_epoch(2)
+    old = dict(sampler.__dict__)
+    for name in ("p", "k", "seed", "rank", "world_size", "epoch"):
+        old[name] = old.pop("_" + name)
+    loaded = PKSampler.__new__(PKSampler)
+    loaded.__setstate__(old)
+    assert len(loaded) == len(sampler) and list(loaded) == list(sampler)
+    assert (loaded.p, loaded.k, loaded.seed, loaded.rank, loaded.world_size, loaded.epoch) == (2, 4, 3, 1, 2, 2)

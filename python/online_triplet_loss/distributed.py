@@ -373,7 +373,7 @@ class DistributedTripletLoss(nn.Module):
         return _check_loss(self.loss).mining
 
     def extra_repr(self) -> str:
-        return f"mining={self.mining!r}"
+        return f"mining={getattr(self.loss, 'mining', None)!r}"
 
     def __prepare_scriptable__(self) -> "DistributedTripletLoss":
         refuse_scripting(type(self).__name__)

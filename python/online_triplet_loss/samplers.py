@@ -178,6 +178,13 @@ class PKSampler(Sampler[List[int]]):
         batches = max(math.ceil(sum(groups) / self.p), max(groups))
         self._batches = math.ceil(batches / self.world_size) * self.world_size
 
+    def __setstate__(self, state: Dict[str, object]) -> None:
+        # Samplers pickled when these settings were plain attributes.
+        for name in ("p", "k", "seed", "rank", "world_size", "epoch"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        self.__dict__.update(state)
+
     @property
     def p(self) -> int:
         """Classes per batch."""
