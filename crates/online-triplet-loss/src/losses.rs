@@ -1153,9 +1153,14 @@ pub(crate) fn check_embeddings(name: &'static str, embeddings: &Tensor) -> Resul
 /// `contiguous` copy of an expanded tensor may not fit in memory) and
 /// without a libtorch error on strided tensors (its message takes
 /// milliseconds to build): a view of a strided tensor as its own shape
-/// always exists; the compressed layouts (CSR, CSC, BSR, BSC) have none.
+/// always exists; the compressed layouts (CSR, CSC, BSR, BSC) have none. A
+/// nested tensor has no sizes: libtorch throws, which tch's `size` turns
+/// into a panic, caught here (the panic hook still runs).
 fn is_strided(t: &Tensor) -> bool {
-    !(t.is_sparse() || t.is_mkldnn()) && t.f_view(t.size().as_slice()).is_ok()
+    let Ok(size) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.size())) else {
+        return false;
+    };
+    !(t.is_sparse() || t.is_mkldnn()) && t.f_view(size.as_slice()).is_ok()
 }
 
 /// That a defined tensor `t` is dense (strided) and on the CPU or a CUDA

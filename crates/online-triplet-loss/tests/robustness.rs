@@ -538,3 +538,38 @@ fn an_interrupt_is_asked_between_chunks_and_stops_the_losses() {
         }
     }
 }
+
+fn not_dense(argument: &'static str, message: &str) -> Error {
+    Error::InvalidArgument {
+        argument,
+        message: message.into(),
+    }
+}
+
+#[test]
+fn a_nested_tensor_is_an_invalid_argument_not_a_panic() {
+    // libtorch's sizes() throws on a nested tensor, which tch's size()
+    // turns into a panic (found by the static review).
+    let padded = Tensor::randn([2, 3, 4], (Kind::Float, Device::Cpu));
+    let shapes = Tensor::from_slice(&[3i64, 4, 2, 4]).view([2, 2]);
+    let nested = Tensor::f_internal_nested_from_padded(&padded, &shapes, false).unwrap();
+    let labels = Tensor::from_slice(&[0i64, 0, 1]);
+    let plain = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+    for mining in [Mining::All, Mining::Hard, Mining::SemiHard] {
+        let err = TripletConfig::new(0.2).terms(mining, &labels, &nested, None);
+        assert_eq!(
+            err.unwrap_err(),
+            not_dense("embeddings", "must be a dense (strided) tensor")
+        );
+    }
+    assert_eq!(
+        Distance::Euclidean.paired(&nested, &plain).unwrap_err(),
+        not_dense("x", "must be a dense (strided) tensor")
+    );
+    let metric = RetrievalConfig::new(Distance::Euclidean).recall_at_k(&nested, &labels, &[1]);
+    assert_eq!(
+        metric.unwrap_err(),
+        not_dense("embeddings", "must be a dense (strided) tensor")
+    );
+    assert!(grad_enabled());
+}
