@@ -260,8 +260,8 @@ def batch_all_triplet_loss(
             row: anchor :math:`i` is then reference ``anchor_offset + i`` and
             never its own positive, as in
             :class:`~online_triplet_loss.CrossBatchMemory`. ``None`` (the
-            default) excludes nothing. An int in ``[0, M - B]``; needs
-            ``ref_embeddings``.
+            default) excludes nothing. An int in ``[0, M - B]``; without
+            ``ref_embeddings`` only 0, the batch's own offset.
 
     Returns:
         ``(loss, fraction_positive_triplets)``, two scalars.
@@ -329,8 +329,8 @@ def batch_hard_triplet_loss(
             row: anchor :math:`i` is then reference ``anchor_offset + i`` and
             never its own positive, as in
             :class:`~online_triplet_loss.CrossBatchMemory`. ``None`` (the
-            default) excludes nothing. An int in ``[0, M - B]``; needs
-            ``ref_embeddings``.
+            default) excludes nothing. An int in ``[0, M - B]``; without
+            ``ref_embeddings`` only 0, the batch's own offset.
     
     Shape:
         - labels: :math:`(B)`, integer class ids (or floats holding class ids).
@@ -393,8 +393,8 @@ def batch_semihard_triplet_loss(
             row: anchor :math:`i` is then reference ``anchor_offset + i`` and
             never its own positive, as in
             :class:`~online_triplet_loss.CrossBatchMemory`. ``None`` (the
-            default) excludes nothing. An int in ``[0, M - B]``; needs
-            ``ref_embeddings``.
+            default) excludes nothing. An int in ``[0, M - B]``; without
+            ``ref_embeddings`` only 0, the batch's own offset.
     
     Shape:
         - labels: :math:`(B)`, integer class ids (or floats holding class ids).

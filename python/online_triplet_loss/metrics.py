@@ -8,7 +8,9 @@ Queries are ranked in chunks against all items, so memory stays
 :math:`O(B \cdot \text{chunk})` and 100k embeddings need well under 1 GB.
 Identical items are at distance exactly 0 from each other, ahead of every
 distinct item, as in the losses (for the cosine distance, not rows of norm
-below 1e-12: zero rows are at 1); other ties between distances are broken in
+below 1e-12 times the largest entry of all the items, which are first scaled
+by a power of two to about 1: zero rows are at 1); other ties between
+distances are broken in
 an unspecified order. Distances are computed in the embeddings' dtype from
 their Gram products: in float32 they lose their digits for classes far
 tighter than their distance from the centre of the data (groups at ±1000

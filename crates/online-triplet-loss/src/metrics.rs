@@ -23,7 +23,9 @@
 //! selection, with K = max(k, R_q). Queries are sorted by R_q so that a
 //! chunk selects only as many neighbours as its own queries need. Identical
 //! items are at distance exactly 0 from each other (but for the cosine
-//! distance zero rows, and rows of norm below 1e-12, which are at 1), ahead
+//! distance zero rows, and rows of norm below 1e-12 times the largest entry
+//! of all the items, which are first scaled by a power of two to about 1:
+//! they are at 1), ahead
 //! of every distinct item, and at equal distances from every other item;
 //! other ties between distances are broken in an unspecified order.
 //!
