@@ -84,7 +84,7 @@ pub struct TripletConfig {
     /// Anchors mined at a time; `None` picks a size that keeps each chunk's
     /// distance matrix near 4M elements, with at least 512 anchors.
     pub chunk_size: Option<i64>,
-    /// Asked before each chunk of anchors whether to stop; see
+    /// Asked between chunks of anchors whether to stop; see
     /// [`TripletConfig::interrupt`].
     pub interrupt: Option<Interrupt>,
 }
@@ -235,10 +235,10 @@ impl TripletConfig {
         self
     }
 
-    /// Asks `stop` before each chunk of anchors is mined, and ends the loss
-    /// with [`Error::Interrupted`] when it returns `true`. A batch of 65536
-    /// takes 5 to 14 seconds on two cores; the Python package checks for
-    /// Ctrl-C here. A batch of one chunk is never asked.
+    /// Asks `stop` before each chunk of anchors but the first is mined, and
+    /// ends the loss with [`Error::Interrupted`] when it returns `true`. A
+    /// batch of 65536 takes 5 to 14 seconds on two cores; the Python package
+    /// checks for Ctrl-C here. A batch of one chunk is never asked.
     ///
     /// ```
     /// use online_triplet_loss::{Error, Interrupt, TripletConfig};
