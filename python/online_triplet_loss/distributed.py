@@ -401,7 +401,7 @@ class DistributedTripletLoss(nn.Module):
         loss = _check_loss(self.loss)
         margin, learnable = margin_and_tensor(loss.margin)
         settings: List[Setting] = [
-            ("loss.mining", _MININGS.index(self.mining), lambda v: _MININGS[v]),
+            ("loss.mining", _MININGS.index(loss.mining), lambda v: _MININGS[v]),
             ("loss.distance", DISTANCES.index(resolve_distance(False, loss.distance)),
              lambda v: DISTANCES[v]),
             ("loss.soft", int(check_flag("soft", loss.soft)), bool),
@@ -442,11 +442,11 @@ class DistributedTripletLoss(nn.Module):
         ref_labels = torch.cat([labels, extra_labels])
         loss = _check_loss(self.loss)
         value, fraction = loss_and_fraction(
-            self.mining, labels, embeddings, loss.margin,
+            loss.mining, labels, embeddings, loss.margin,
             distance=loss.distance, soft=loss.soft,
             ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=0,
         )
-        if self.mining == "all":
+        if loss.mining == "all":
             self.last_fraction = fraction.detach()
         return value
 
@@ -562,7 +562,7 @@ class DistributedTripletLoss(nn.Module):
         if isinstance(margin, Tensor) and margin.requires_grad:
             margin = _SharedGradient.apply(margin, world, self.group)
         sum_, count, valid = terms(
-            self.mining, anchor_labels, anchors, margin,
+            loss.mining, anchor_labels, anchors, margin,
             distance=loss.distance, soft=loss.soft,
             ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=offset,
         )
@@ -571,7 +571,7 @@ class DistributedTripletLoss(nn.Module):
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.group)
         total_count = totals[1].clamp_min(1).to(sum_.dtype)
         value = totals[0].to(sum_.dtype) / total_count
-        if self.mining == "all":
+        if loss.mining == "all":
             self.last_fraction = (totals[1] / totals[2].clamp_min(1)).to(embeddings.dtype)
         # DDP divides the summed gradients by the world size; scaling by it here
         # makes the average the gradient of sum_over_ranks(sum_) / total_count.
