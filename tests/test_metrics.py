@@ -23,9 +23,13 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="eu
 
     def dist(a, b):
         if distance == "cosine":
-            dot = sum(x * y for x, y in zip(a, b))
             na = math.sqrt(sum(x * x for x in a))
             nb = math.sqrt(sum(y * y for y in b))
+            if na > 1e-12 and nb > 1e-12:
+                # 1 - cos as half the squared distance of the unit vectors,
+                # which keeps the digits of close pairs.
+                return 0.5 * sum((x / na - y / nb) ** 2 for x, y in zip(a, b))
+            dot = sum(x * y for x, y in zip(a, b))
             return 1.0 - dot / (max(na, 1e-12) * max(nb, 1e-12))
         return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
 
@@ -133,6 +137,48 @@ def test_identical_items_are_nearest_in_float32(distance, chunk_size):
     kw = dict(distance=distance, chunk_size=chunk_size)
     assert recall_at_k(embeddings, labels, (1, 2), **kw) == pytest.approx(want_recall)
     assert mean_average_precision_at_r(embeddings, labels, **kw) == pytest.approx(want_map)
+
+
+def tight_classes_far_apart(distance: str, dtype=torch.float32, seed: int = 0):
+    """Classes far tighter than their distance from the data's centre: for
+    Euclidean distances, groups at +-1000 in every entry with spreads of
+    about 0.1, each group holding interleaved classes 0.05 apart; for the
+    cosine distance, classes within 1e-5 radians around a few directions.
+    Gram distances in float32 are off by more than the distances within a
+    group, so a ranking by them is noise (recall@1 about 1/2 at 820fee1).
+    In float64, the spreads are 1e-6 of those (the groups at +-1e5, and
+    classes 1e-11 radians apart), beyond float64's Gram distances too."""
+    tight = 1.0 if dtype == torch.float32 else 1e-6
+    g = torch.Generator().manual_seed(seed)
+    n, dim, groups, per_group = 96, 16, 4, 3
+    labels = torch.randint(0, groups * per_group, (n,), generator=g)
+    group = labels // per_group
+    if distance == "cosine":
+        directions = torch.nn.functional.normalize(torch.randn(groups, dim, generator=g, dtype=torch.float64), dim=1)
+        offsets = tight * 1e-5 * torch.randn(groups * per_group, dim, generator=g, dtype=torch.float64)
+        embeddings = directions[group] + offsets[labels] + tight * 1e-5 * torch.randn(n, dim, generator=g, dtype=torch.float64)
+        embeddings = embeddings * (1 + torch.rand(n, 1, generator=g, dtype=torch.float64))
+    else:
+        sign = torch.where(torch.rand(groups, dim, generator=g) < 0.5, -1.0, 1.0).double()
+        offsets = 0.05 * torch.randn(groups * per_group, dim, generator=g, dtype=torch.float64)
+        noise = 0.05 * torch.randn(n, dim, generator=g, dtype=torch.float64)
+        embeddings = 1000 * sign[group] / tight ** (1 / 3) + tight * (offsets[labels] + noise)
+    # Copies of a few items, which stay at distance 0 from them, ahead of the rest.
+    return torch.cat([embeddings, embeddings[:8]]).to(dtype), torch.cat([labels, labels[:8]])
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared", "cosine"])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tight_classes_far_from_the_centre_are_ranked_exactly(distance, chunk_size, dtype):
+    embeddings, labels = tight_classes_far_apart(distance, dtype)
+    ks = (1, 2, 5)
+    # The float32 values, ranked by float64 distances from their differences.
+    recall, map_at_r = brute_force(embeddings, labels, ks, "cosine" if distance == "cosine" else "euclidean")
+    assert 0.3 < recall[1] and 0.1 < map_at_r < 0.99
+    kw = dict(distance=distance, chunk_size=chunk_size)
+    assert recall_at_k(embeddings, labels, ks, **kw) == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(embeddings, labels, **kw) == pytest.approx(map_at_r, abs=1e-12)
 
 
 def test_float32_and_other_label_types():

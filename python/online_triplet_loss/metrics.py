@@ -12,10 +12,14 @@ below 1e-12 times the largest entry of all the items, which are first scaled
 by a power of two to about 1: zero rows are at 1); other ties between
 distances are broken in
 an unspecified order. Distances are computed in the embeddings' dtype from
-their Gram products: in float32 they lose their digits for classes far
-tighter than their distance from the centre of the data (groups at ±1000
-with spreads of 0.1, say), or, for the cosine distance, within about 1e-4
-radians of each other; pass float64 embeddings for such data. Both functions synchronise with the device (they return
+their Gram products, whose rounding error grows with the items' distance
+from the centre of the data; where it could change which of a query's
+neighbours share its label (classes far tighter than their distance from the
+centre, such as groups at ±1000 with spreads of 0.1 in float32, or cosine
+distances within about 1e-4 radians), that query is ranked again in
+float64, from the embeddings' differences where Gram products in float64
+are not enough either. Both functions
+synchronise with the device (they return
 Python numbers) and never build a graph; autocast does not reach their
 products. They run without the GIL, and run Python's signal handlers between
 chunks: Ctrl-C stops a long evaluation there with ``KeyboardInterrupt``.

@@ -381,6 +381,15 @@ impl Side {
         })
     }
 
+    /// The rows at `index`, `(m,)`.
+    pub(crate) fn select(&self, index: &Tensor) -> Result<Side, Error> {
+        Ok(Side {
+            distance: self.distance,
+            points: self.points.f_index_select(0, index)?,
+            norms: self.norms.f_index_select(0, index)?,
+        })
+    }
+
     /// A 0-d tensor of the points' dtype, NaN when the distances between the
     /// sides cannot be trusted and 0 otherwise: when an embedding is not
     /// finite, or a distance may overflow the dtype (Euclidean distances are

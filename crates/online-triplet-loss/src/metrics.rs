@@ -14,10 +14,15 @@
 //!   the i nearest with it.
 //!
 //! Both are exact: every query is ranked against every item, with no
-//! approximate search; distances are computed in the embeddings' dtype
+//! approximate search. Distances are computed in the embeddings' dtype
 //! (float32 for half precision), from the Gram matrix of the embeddings
 //! centred on their mean (Euclidean, taken and subtracted in float64) and
-//! scaled by a power of two, or normalised (cosine). Queries
+//! scaled by a power of two, or normalised (cosine); where their rounding
+//! could change which of a query's neighbours share its label (classes far
+//! tighter than their distance from the centre of the data, or than the
+//! dtype's digits), that query is ranked again in float64, from the
+//! embeddings' differences where Gram products in float64 are not enough
+//! either (`certify`). Queries
 //! are processed in chunks against all items, so memory stays O(B·chunk);
 //! the time is O(B²·D) for the distances plus O(B·(B + K log K)) for the
 //! selection, with K = max(k, R_q). Queries are sorted by R_q so that a
@@ -45,6 +50,8 @@
 //! # Ok::<(), online_triplet_loss::Error>(())
 //! ```
 
+mod certify;
+
 use tch::{Kind, Tensor};
 
 use crate::distance::{Centre, Distance, Side};
@@ -55,6 +62,7 @@ use crate::losses::check_embeddings;
 use crate::mining::Kernel;
 use crate::ties::Ties;
 use crate::Error;
+use certify::Certify;
 
 /// Also at the crate's root, where the losses take it too.
 pub use crate::Interrupt;
@@ -289,11 +297,14 @@ impl RetrievalConfig {
             .chunk_size
             .unwrap_or_else(|| (CHUNK_ELEMENTS / n).max(1));
 
-        let x = normalised_frame(&x, ranking == Distance::Squared)?.f_to_kind(kind)?;
+        let (scaled, frame) = normalised_frame(&x, ranking == Distance::Squared)?;
+        let x = frame.f_to_kind(kind)?;
         grad::no_grad(|| {
             let (side, _) = Side::pair(ranking, &x, None)?;
             let rows = side.tie_rows(&x)?;
             let ties = Ties::find(&rows, &rows, Some(0), true, Kernel::Auto)?;
+            let certify = Certify::new(ranking, (scaled, &frame), &keys, &side, kind)?;
+            drop(frame);
             let opts = (Kind::Int64, device);
             let mut hits = ks
                 .iter()
@@ -323,17 +334,22 @@ impl RetrievalConfig {
                 let _ = d.f_scatter_value_(1, &own, f64::INFINITY)?;
                 let r_last = sorted_r[(start + len - 1) as usize];
                 let depth = k_max.max(if map { r_last } else { 0 }).min(n - 1);
-                let (_, nearest) = d.f_topk(depth, 1, false, true)?;
+                // rel(i): the i-th nearest shares the query's label.
+                let queries = own.f_squeeze_dim(1)?;
+                // One more than `depth`, to see whether the next is close.
+                let (values, nearest) = d.f_topk((depth + 1).min(n), 1, false, true)?;
+                let nearest = nearest.f_narrow(1, 0, depth)?;
+                let relevant = certify.relevance(&nearest, &queries)?;
+                let relevant = match certify.ranked(
+                    &d,
+                    start,
+                    (&values, &nearest, &relevant),
+                    ties.as_ref(),
+                )? {
+                    Some(nearest) => certify.relevance(&nearest, &queries)?,
+                    None => relevant,
+                };
                 drop(d);
-                let query_keys = keys.f_narrow(0, start, len)?.f_unsqueeze(1)?;
-                // rel(i): the i-th nearest shares the query's label and is
-                // not the query itself (which could only be ranked when
-                // distances overflow to infinity).
-                let relevant = keys
-                    .f_index_select(0, &nearest.f_view([-1])?)?
-                    .f_view([len, depth])?
-                    .f_eq_tensor(&query_keys)?
-                    .f_logical_and(&nearest.f_ne_tensor(&own)?)?;
                 for (sum, &k) in hits.iter_mut().zip(ks) {
                     let top = relevant.f_narrow(1, 0, k.min(depth))?;
                     let _ = sum.f_add_(&top.f_any_dim(1, false)?.f_sum(Kind::Int64)?)?;
@@ -388,35 +404,40 @@ pub fn mean_average_precision_at_r(
     RetrievalConfig::new(distance).mean_average_precision_at_r(embeddings, labels)
 }
 
-/// `x` in float64, scaled by a power of two that brings its largest
+/// `x` in float64 scaled by a power of two that brings its largest
 /// magnitude near 1, which changes no ranking: squared distances then
 /// neither overflow nor underflow, and no digit changes (but of entries it
-/// takes below the normal range). With `centre`, for the translation-
-/// invariant Euclidean distances, also centred on the mean between two such
-/// scalings (the first keeps the mean from overflowing), so that an offset
-/// every item shares (a constant column of 1e30 beside entries near 1, say)
-/// leaves their differences, which scaling by the offset alone would take
-/// below the normal range. The powers of two are applied in two halves,
-/// each a number of the dtype: 2^1074 is not a float64.
-fn normalised_frame(x: &Tensor, centre: bool) -> Result<Tensor, Error> {
-    let scaled = |t: Tensor| -> Result<Tensor, Error> {
-        let largest = if t.numel() > 0 {
-            f64::try_from(t.f_abs()?.f_max()?)?
-        } else {
-            0.0
-        };
-        if largest == 0.0 {
-            return Ok(t);
-        }
-        let exponent = -(largest.log2().floor() as i32);
-        Ok(t.f_mul_scalar(2f64.powi(exponent / 2))?
-            .f_mul_scalar(2f64.powi(exponent - exponent / 2))?)
+/// takes below the normal range). Returned with the frame the Gram products
+/// are taken in: with `centre`, for the translation-invariant Euclidean
+/// distances, the scaled `x` centred on its mean and scaled again (the first
+/// scaling keeps the mean from overflowing), so that an offset every item
+/// shares (a constant column of 1e30 beside entries near 1, say) leaves
+/// their differences, which scaling by the offset alone would take below
+/// the normal range; else the scaled `x` again.
+fn normalised_frame(x: &Tensor, centre: bool) -> Result<(Tensor, Tensor), Error> {
+    let scaled = scaled_to_one(&x.f_to_kind(Kind::Double)?)?;
+    let frame = match centre {
+        true => scaled_to_one(&Centre::of(&scaled)?.subtracted_from(&scaled)?)?,
+        false => scaled.shallow_clone(),
     };
-    let x = scaled(x.f_to_kind(Kind::Double)?)?;
-    if !centre {
-        return Ok(x);
+    Ok((scaled, frame))
+}
+
+/// `t` times the power of two that brings its largest magnitude into
+/// [1, 2), applied in two halves, each a number of the dtype: 2^1074 is not
+/// a float64.
+fn scaled_to_one(t: &Tensor) -> Result<Tensor, Error> {
+    let largest = if t.numel() > 0 {
+        f64::try_from(t.f_abs()?.f_max()?)?
+    } else {
+        0.0
+    };
+    if largest == 0.0 {
+        return Ok(t.shallow_clone());
     }
-    scaled(Centre::of(&x)?.subtracted_from(&x)?)
+    let exponent = -(largest.log2().floor() as i32);
+    Ok(t.f_mul_scalar(2f64.powi(exponent / 2))?
+        .f_mul_scalar(2f64.powi(exponent - exponent / 2))?)
 }
 
 #[cfg(test)]
@@ -478,6 +499,45 @@ mod tests {
         let (recall, map) = brute(&points, &labels, &ks);
         let label_tensor = Tensor::from_slice(&labels);
         for chunk in [1, 4, 56, 1000] {
+            let got = RetrievalConfig::new(Distance::Euclidean)
+                .chunk_size(chunk)
+                .evaluate(&x, &label_tensor, &ks)
+                .unwrap();
+            for (a, b) in got.recall.iter().zip(&recall) {
+                assert!((a - b).abs() < 1e-12, "chunk {chunk}: {a} vs {b}");
+            }
+            assert!((got.map_at_r - map).abs() < 1e-12, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn tight_classes_far_from_the_centre_match_brute_force_in_float32() {
+        // Groups at ±1000 in every entry, spreads of 0.05: float32 Gram
+        // distances are off by more than the distances within a group.
+        tch::manual_seed(5);
+        let (n, dim) = (80, 8);
+        let labels: Vec<i64> = (0..n).map(|i| (i * 7) % 10).collect();
+        let label_tensor = Tensor::from_slice(&labels);
+        let sign = Tensor::from_slice(&labels)
+            .remainder(2)
+            .to_kind(Kind::Double)
+            .f_mul_scalar(2000.0)
+            .unwrap()
+            .f_sub_scalar(1000.0)
+            .unwrap()
+            .unsqueeze(1);
+        let offsets = Tensor::randn([10, dim], (Kind::Double, Device::Cpu)) * 0.05;
+        let x = (sign
+            + offsets.index_select(0, &label_tensor)
+            + Tensor::randn([n, dim], (Kind::Double, Device::Cpu)) * 0.05)
+            .to_kind(Kind::Float);
+        let points: Vec<Vec<f64>> = (0..n)
+            .map(|i| Vec::<f64>::try_from(x.get(i).to_kind(Kind::Double)).unwrap())
+            .collect();
+        let ks = [1, 3];
+        let (recall, map) = brute(&points, &labels, &ks);
+        assert!(recall[0] > 0.3 && map < 0.99, "{recall:?} {map}");
+        for chunk in [3, 80] {
             let got = RetrievalConfig::new(Distance::Euclidean)
                 .chunk_size(chunk)
                 .evaluate(&x, &label_tensor, &ks)

@@ -209,6 +209,41 @@ impl Ties {
         Ok(d)
     }
 
+    /// [`Ties::apply`] to the distances `d` of anchors `anchors`, `(m,)`, to
+    /// every reference; also returns which pairs are identical.
+    pub(crate) fn applied_to_rows(
+        &self,
+        d: &Tensor,
+        anchors: &Tensor,
+    ) -> Result<(Tensor, Tensor), Error> {
+        let mut d = d.f_index_select(1, &self.columns)?;
+        let identical = self
+            .rows
+            .f_index_select(0, anchors)?
+            .f_unsqueeze(1)?
+            .f_eq_tensor(&self.columns.f_unsqueeze(0)?)?;
+        let _ = d.f_masked_fill_(&identical, 0.0)?;
+        Ok((d, identical))
+    }
+
+    /// Whether anchor `anchors[i]` and reference `references[i][j]` are
+    /// identical, in the shape of `references`.
+    pub(crate) fn identical_pairs(
+        &self,
+        anchors: &Tensor,
+        references: &Tensor,
+    ) -> Result<Tensor, Error> {
+        let columns = self
+            .columns
+            .f_index_select(0, &references.f_reshape([-1])?)?
+            .f_view_as(references)?;
+        Ok(self
+            .rows
+            .f_index_select(0, anchors)?
+            .f_unsqueeze(1)?
+            .f_eq_tensor(&columns)?)
+    }
+
     /// Whether anchor `start + i` and reference j are identical, `(len, m)`.
     pub(crate) fn identical(&self, start: i64, len: i64) -> Result<Tensor, Error> {
         Ok(self

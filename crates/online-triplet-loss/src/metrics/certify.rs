@@ -1,0 +1,309 @@
+//! Rankings that the rounding of the Gram products does not change.
+//!
+//! The metrics rank by distances ‖x‖² + ‖y‖² − 2x·y computed in the
+//! embeddings' dtype, whose rounding error grows with the squared norms of
+//! the points, not with their distance: for classes far tighter than their
+//! distance from the centre of the data (groups at ±1000 with spreads of
+//! 0.1 in float32, say) it is larger than the distances within a class,
+//! and the order of a query's neighbours is noise.
+//!
+//! Take each computed distance d̃ of query q to be within
+//! E_q = κ·(s_q + max_j s_j) of the distance d of the points, with s the
+//! points' squared norms (taken as 1 for the cosine distance, whose points
+//! have norm at most 1) and κ = (16 + 2√D)·u, u the unit roundoff. The largest errors
+//! measured, over 16M pairs of Gaussian data in 64 to 1024 dimensions
+//! (float32, centred, and normalised for the cosine distance), were
+//! 9u·(s_q + max s), and 10u for the cosine distance: a quarter of E_q or
+//! less. The worst case of a dot product's rounding, D·u, is tens of times
+//! larger, and taken as E_q it would rank again most queries of ordinary
+//! data, whose neighbours are that close together, for no change.
+//!
+//! Then with τ_q the depth-th smallest d̃, every true neighbour among the
+//! `depth` nearest has d̃ ≤ τ_q + 2E_q (one with a larger d̃ has `depth`
+//! items closer than itself), and two items whose d̃ differ by more than
+//! 2E_q are in the right order. So what the metrics see of a query's
+//! ranking (which of its neighbours share its label) can differ from the
+//! true one only when an item beyond the `depth` nearest has
+//! d̃ ≤ τ_q + 2E_q, or when two of the nearest that are consecutive in the
+//! computed order, one of the query's label and one not, are within 2E_q of
+//! each other. Those queries alone are ranked again: first, for embeddings
+//! of a narrower dtype, by Gram distances in float64, with the same test
+//! and float64's u; the queries that still fail it (data whose classes are
+//! tighter still, or float64 embeddings) among the items with
+//! d̃ ≤ τ_q + 2E_q, by distances computed from the differences of the
+//! float64 embeddings ([`Distance::paired`]), exact to float64's rounding.
+//! So each query costs at most what a float64 ranking would, plus the
+//! differences to its candidates. Identical items stay at 0, ahead of
+//! distinct ones, as in the Gram ranking.
+
+use tch::{Kind, Tensor};
+
+use crate::distance::{Distance, Side};
+use crate::ties::Ties;
+use crate::Error;
+
+/// Entries of the float64 differences taken at a time.
+const EXACT_ELEMENTS: i64 = 1 << 22;
+
+pub(super) struct Certify {
+    /// `Squared` or `Cosine`: the distance that ranks.
+    distance: Distance,
+    /// The embeddings in float64, scaled by a power of two, `(N, D)`, in the
+    /// order of the queries, for the distances from differences.
+    rows: Tensor,
+    /// The items' label keys, in the same order.
+    keys: Tensor,
+    /// E_q of the distances the metrics computed, float64, `(N, 1)`.
+    bound: Tensor,
+    /// The float64 Gram ranking, for embeddings of a narrower dtype.
+    wide: Option<(Side, Tensor)>,
+}
+
+/// E_q for every item of `side`, whose Gram products are taken in `kind`.
+fn bound(distance: Distance, side: &Side, kind: Kind) -> Result<Tensor, Error> {
+    let points = side.points();
+    let (n, width) = (points.size()[0], points.size()[1]);
+    let unit_roundoff = match kind {
+        Kind::Double => f64::EPSILON / 2.0,
+        _ => f64::from(f32::EPSILON) / 2.0,
+    };
+    let kappa = (16.0 + 2.0 * (width as f64).sqrt()) * unit_roundoff;
+    let squared_norms = match distance {
+        Distance::Cosine => Tensor::f_ones([n], (Kind::Double, points.device()))?,
+        _ => side.norms().f_to_kind(Kind::Double)?,
+    };
+    Ok(squared_norms
+        .f_add(&squared_norms.f_max()?)?
+        .f_mul_scalar(kappa)?
+        .f_unsqueeze(1)?)
+}
+
+impl Certify {
+    /// `side` holds the points whose Gram products rank, in `kind`, made
+    /// from `frame`, the float64 points before rounding to `kind`; `rows`
+    /// are the same embeddings in float64 before centring, `keys` their
+    /// labels' keys.
+    pub(super) fn new(
+        distance: Distance,
+        (rows, frame): (Tensor, &Tensor),
+        keys: &Tensor,
+        side: &Side,
+        kind: Kind,
+    ) -> Result<Certify, Error> {
+        let wide = match kind {
+            Kind::Double => None,
+            _ => {
+                let (wide, _) = Side::pair(distance, frame, None)?;
+                let bound = bound(distance, &wide, Kind::Double)?;
+                Some((wide, bound))
+            }
+        };
+        Ok(Certify {
+            distance,
+            rows,
+            keys: keys.shallow_clone(),
+            bound: bound(distance, side, kind)?,
+            wide,
+        })
+    }
+
+    /// Whether each of `nearest`, `(m, depth)`, shares the label of the query
+    /// it is a neighbour of, `queries`, `(m,)`, and is not that query (which
+    /// could only be ranked when distances overflow to infinity).
+    pub(super) fn relevance(&self, nearest: &Tensor, queries: &Tensor) -> Result<Tensor, Error> {
+        let queries = queries.f_unsqueeze(1)?;
+        Ok(self
+            .keys
+            .f_index_select(0, &nearest.f_reshape([-1])?)?
+            .f_view_as(nearest)?
+            .f_eq_tensor(
+                &self
+                    .keys
+                    .f_index_select(0, &queries.f_squeeze_dim(1)?)?
+                    .f_unsqueeze(1)?,
+            )?
+            .f_logical_and(&nearest.f_ne_tensor(&queries)?)?)
+    }
+
+    /// The chunk of queries from `start` has computed distances `d` to
+    /// every item (+inf to itself); `values` are its `depth + 1` smallest
+    /// (or all of them if fewer), in order, `nearest` the columns of the
+    /// first `depth`, and `relevant` marks those of the query's label.
+    /// Returns the columns of the `depth` nearest items, ranked again where
+    /// the rounding could have changed what the metrics see, or `None` when
+    /// it could not for any query of the chunk.
+    pub(super) fn ranked(
+        &self,
+        d: &Tensor,
+        start: i64,
+        (values, nearest, relevant): (&Tensor, &Tensor, &Tensor),
+        ties: Option<&Ties>,
+    ) -> Result<Option<Tensor>, Error> {
+        let (len, depth) = (relevant.size()[0], relevant.size()[1]);
+        let slack = self.bound.f_narrow(0, start, len)?.f_mul_scalar(2.0)?;
+        let values = values.f_to_kind(Kind::Double)?;
+        let rows = unsure(&values, relevant, &slack)?;
+        if rows.size()[0] == 0 {
+            return Ok(None);
+        }
+        let mut ranked = nearest.f_contiguous()?.f_detach_copy()?;
+        let global = rows.f_add_scalar(start)?;
+        let pick = |t: &Tensor, at: &Tensor| t.f_index_select(0, at);
+        let (mut d, mut values, mut slack) =
+            (pick(d, &rows)?, pick(&values, &rows)?, pick(&slack, &rows)?);
+        let (mut rows, mut global) = (rows, global);
+        let n = d.size()[1];
+        let mut width = candidates(&d, &values, &slack, depth)?;
+        // Differences to many candidates cost more than a float64 Gram
+        // ranking (one matrix product per row, against every item).
+        if let Some((wide, bound)) = self.wide.as_ref().filter(|_| width * 8 > n) {
+            d = finish(wide.select(&global)?.pairwise(wide)?, &global, ties)?;
+            let (near, nearest) = d.f_topk((depth + 1).min(n), 1, false, true)?;
+            let nearest = nearest.f_narrow(1, 0, depth)?;
+            let _ = ranked.f_index_copy_(0, &rows, &nearest)?;
+            let relevant = self.relevance(&nearest, &global)?;
+            slack = pick(bound, &global)?.f_mul_scalar(2.0)?;
+            let still = unsure(&near, &relevant, &slack)?;
+            if still.size()[0] == 0 {
+                return Ok(Some(ranked));
+            }
+            d = pick(&d, &still)?;
+            values = pick(&near, &still)?;
+            slack = pick(&slack, &still)?;
+            rows = pick(&rows, &still)?;
+            global = pick(&global, &still)?;
+            width = candidates(&d, &values, &slack, depth)?;
+        }
+        let (_, candidates) = d.f_topk(width, 1, false, true)?;
+        drop(d);
+        let count = rows.size()[0];
+        let dims = self.rows.size()[1].max(1);
+        let step = (EXACT_ELEMENTS / (width * dims)).max(1);
+        let mut first = 0;
+        while first < count {
+            let m = step.min(count - first);
+            let columns = candidates.f_narrow(0, first, m)?;
+            let exact = self.exact(&global.f_narrow(0, first, m)?, &columns, ties)?;
+            let (_, order) = exact.f_sort_stable(true, 1, false)?;
+            let best = columns.f_gather(1, &order, false)?.f_narrow(1, 0, depth)?;
+            let _ = ranked.f_index_copy_(0, &rows.f_narrow(0, first, m)?, &best)?;
+            first += m;
+        }
+        Ok(Some(ranked))
+    }
+
+    /// The distances from queries `query`, `(m,)`, to items `columns`,
+    /// `(m, c)`, from the differences of their float64 embeddings: 0 between
+    /// identical items, at least the smallest positive float64 between
+    /// distinct ones, +inf from a query to itself.
+    fn exact(
+        &self,
+        query: &Tensor,
+        columns: &Tensor,
+        ties: Option<&Ties>,
+    ) -> Result<Tensor, Error> {
+        let (m, c) = (columns.size()[0], columns.size()[1]);
+        let dims = self.rows.size()[1];
+        let from = self
+            .rows
+            .f_index_select(0, query)?
+            .f_unsqueeze(1)?
+            .f_expand([m, c, dims], false)?
+            .f_reshape([m * c, dims])?;
+        let to = self.rows.f_index_select(0, &columns.f_reshape([-1])?)?;
+        let exact = self.distance.paired(&from, &to)?.f_view([m, c])?;
+        let identical = match ties {
+            Some(ties) => Some(ties.identical_pairs(query, columns)?),
+            None => None,
+        };
+        apart(exact, identical.as_ref(), query, columns)
+    }
+}
+
+/// The most items within `slack`, `(m, 1)`, of the `depth`-th nearest in
+/// any row of `d`, `(m, n)`, whose nearest are `values` (float64): the
+/// candidates for the `depth` nearest. The threshold is raised by a few
+/// ulps of the distances' dtype so that rounding it does not lower it.
+fn candidates(d: &Tensor, values: &Tensor, slack: &Tensor, depth: i64) -> Result<i64, Error> {
+    let threshold = values
+        .f_narrow(1, depth - 1, 1)?
+        .f_add(slack)?
+        .f_mul_scalar(1.0 + f64::powi(2.0, -20))?
+        .f_to_kind(d.f_kind()?)?;
+    let width = d
+        .f_le_tensor(&threshold)?
+        .f_sum_dim_intlist(1, false, Kind::Int64)?
+        .f_max()?;
+    Ok(i64::try_from(width)?.max(depth))
+}
+
+/// The rows of `values`, `(m, k)`, the distances of m queries to their
+/// nearest items in order (`depth` of them, or one more), whose ranking as
+/// the metrics see it (`relevant`, `(m, depth)`) the rounding within
+/// `slack`, `(m, 1)`, could have changed.
+fn unsure(values: &Tensor, relevant: &Tensor, slack: &Tensor) -> Result<Tensor, Error> {
+    let (m, depth) = (relevant.size()[0], relevant.size()[1]);
+    // An item beyond the `depth` nearest within the slack of the last.
+    let mut unsure = match values.size()[1] > depth {
+        true => values
+            .f_narrow(1, depth, 1)?
+            .f_sub(&values.f_narrow(1, depth - 1, 1)?)?
+            .f_le_tensor(slack)?
+            .f_squeeze_dim(1)?,
+        false => Tensor::f_zeros([m], (Kind::Bool, values.device()))?,
+    };
+    // Consecutive neighbours, one of the query's label and one not, within
+    // the slack of each other.
+    if depth > 1 {
+        let next = |t: &Tensor| t.f_narrow(1, 1, depth - 1);
+        let previous = |t: &Tensor| t.f_narrow(1, 0, depth - 1);
+        let mut close = next(values)?
+            .f_sub(&previous(values)?)?
+            .f_le_tensor(slack)?;
+        let flips = next(relevant)?.f_ne_tensor(&previous(relevant)?)?;
+        let flipped = close.f_logical_and_(&flips)?.f_any_dim(1, false)?;
+        let _ = unsure.f_logical_or_(&flipped)?;
+    }
+    Ok(unsure.f_nonzero()?.f_squeeze_dim(1)?)
+}
+
+/// The float64 Gram distances `d` of queries `query` to every item, with
+/// the ties' rules of the metrics: identical items at 0, distinct ones at
+/// least the smallest positive float64, a query at +inf from itself.
+fn finish(d: Tensor, query: &Tensor, ties: Option<&Ties>) -> Result<Tensor, Error> {
+    let (d, identical) = match ties {
+        Some(ties) => {
+            let (d, identical) = ties.applied_to_rows(&d, query)?;
+            (d, Some(identical))
+        }
+        None => (d, None),
+    };
+    let (m, n) = (d.size()[0], d.size()[1]);
+    let columns = Tensor::f_arange(n, (Kind::Int64, d.device()))?
+        .f_unsqueeze(0)?
+        .f_expand([m, n], false)?;
+    apart(d, identical.as_ref(), query, &columns)
+}
+
+/// `d`, `(m, c)`, the distances of queries `query` to items `columns`, with
+/// those of distinct items at or below 0 raised to the smallest positive
+/// float64, those of `identical` pairs 0 and those of a query to itself
+/// +inf.
+fn apart(
+    mut d: Tensor,
+    identical: Option<&Tensor>,
+    query: &Tensor,
+    columns: &Tensor,
+) -> Result<Tensor, Error> {
+    let mut apart = d.f_le(0.0)?;
+    if let Some(identical) = identical {
+        let _ = apart.f_logical_and_(&identical.f_logical_not()?)?;
+    }
+    let _ = d.f_masked_fill_(&apart, f64::MIN_POSITIVE)?;
+    if let Some(identical) = identical {
+        let _ = d.f_masked_fill_(identical, 0.0)?;
+    }
+    let own = columns.f_eq_tensor(&query.f_unsqueeze(1)?)?;
+    let _ = d.f_masked_fill_(&own, f64::INFINITY)?;
+    Ok(d)
+}
