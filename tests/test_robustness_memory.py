@@ -386,3 +386,74 @@ def test_memories_pickled_by_earlier_versions_load():
     loaded = pickle.loads(pickle.dumps(memory))
     assert loaded.num_stored == 40
     assert torch.equal(loaded(x, y), want)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "distributed"])
+@pytest.mark.parametrize("mining", LOSSES)
+def test_eval_mode_mines_against_the_memory_and_enqueues_nothing(mining, wrap):
+    """As batch norm updates no statistics in eval mode, a validation loss
+    leaves the memory as training left it: no held-out embeddings in it."""
+    memory = _memory(mining, wrap)
+    batches = _batches(4)
+    for x, y in batches[:2]:
+        memory(x, y)
+    training_twin = copy.deepcopy(memory)
+    x, y = batches[2]
+    memory.eval()
+    loss = memory(x, y)
+    # The loss a training step would take, against the same memory.
+    torch.testing.assert_close(loss, training_twin(x, y), rtol=0, atol=0)
+    _same_memory(memory, _fed(mining, wrap, batches[:2]))
+    memory.enqueue(x, y)  # explicitly, in either mode
+    memory.train()
+    x, y = batches[3]
+    memory(x, y)
+    _same_memory(memory, _fed(mining, wrap, batches[:4]))
+
+
+def _fed(mining, wrap, batches):
+    memory = _memory(mining, wrap)
+    for x, y in batches:
+        memory.enqueue(x, y)
+    return memory
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["used", "first-call"])
+def test_threads_sharing_a_memory_store_every_batch_once(fresh):
+    """Four threads calling one memory at once: each batch is mined against
+    and enqueued whole, once; nothing is counted that was not written, and
+    no row is stored with another's label. Unlocked, the ring's place was
+    read before and moved after the writes, with the GIL let go between."""
+    import threading
+
+    threads, calls, rows = 4, 12, 16
+    for trial in range(3):
+        memory = CrossBatchMemory(BatchHardTripletLoss(margin=0.2),
+                                  memory_size=threads * calls * rows + (0 if fresh else rows))
+        if not fresh:
+            memory(torch.full((rows, 8), -1.0), torch.full((rows,), -1))
+        start, errors = threading.Barrier(threads), []
+
+        def work(t):
+            try:
+                start.wait()
+                for c in range(calls):
+                    batch = t * calls + c
+                    # Column 0 holds each row's label, which is its batch's id.
+                    x = torch.randn(rows, 8)
+                    x[:, 0] = batch
+                    memory(x, torch.full((rows,), batch))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert errors == []
+        embeddings, labels = memory.memory
+        assert memory.num_stored == memory.memory_size == len(labels)
+        assert torch.equal(embeddings[:, 0], labels.float())
+        counts = torch.bincount(labels[labels >= 0])
+        assert counts.tolist() == [rows] * (threads * calls)

@@ -4,6 +4,7 @@ too."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -33,8 +34,12 @@ class CrossBatchMemory(nn.Module):
        :math:`\text{cat}(\text{batch}, \text{memory})` as the reference set that
        positives and negatives are drawn from; an anchor is never its own
        positive, and the memory never holds the current batch;
-    2. then enqueues the batch, dropping the oldest entries beyond
-       ``memory_size``.
+    2. then, in training mode (the default), enqueues the batch, dropping
+       the oldest entries beyond ``memory_size``. In eval mode
+       (``module.eval()``) it enqueues nothing, as batch norm updates no
+       statistics there: a validation loss is mined against the memory and
+       leaves it as training left it, without held-out embeddings in it.
+       :meth:`enqueue` adds a batch in either mode.
 
     Wrapping a :class:`~online_triplet_loss.distributed.DistributedTripletLoss`
     makes the memory global: under a process group of several ranks, each
@@ -61,8 +66,9 @@ class CrossBatchMemory(nn.Module):
     that holds them is NaN, as for the wrapped loss, but they do not poison
     the losses of later batches. The memory is filled under
     :func:`torch.no_grad` and outside :func:`torch.inference_mode`, so a
-    validation pass under either leaves a memory that training can go on
-    with. :meth:`load_state_dict` accepts only the state of a memory of the
+    batch enqueued under either leaves a memory that training can go on
+    with. One module may be shared by threads: each call mines against the
+    memory and enqueues its batch while holding the module's lock. :meth:`load_state_dict` accepts only the state of a memory of the
     same ``memory_size`` (and ``embedding_dim``, when set).
 
     The memory's dtype and device are those of the first batch (or of the
@@ -131,14 +137,23 @@ class CrossBatchMemory(nn.Module):
         # are stored. Both live on the host, so bookkeeping never syncs.
         self._next = 0
         self._count = 0
+        # Held from reading the memory to updating the ring, so that threads
+        # sharing the module each mine against and enqueue whole batches.
+        self._lock = threading.RLock()
         self.register_buffer("memory_embeddings", None)
         self.register_buffer("memory_labels", None)
         if embedding_dim is not None:
             self.memory_embeddings = torch.zeros(self.memory_size, embedding_dim)
         self._own_buffers()
 
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]  # a lock cannot be pickled or copied
+        return state
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._lock = threading.RLock()
         if "_ring" not in self.__dict__:  # pickled by an earlier version
             self._own_buffers()
 
@@ -194,6 +209,10 @@ class CrossBatchMemory(nn.Module):
     def memory(self) -> Tuple[Tensor, Tensor]:
         """The stored ``(embeddings, labels)``, oldest first: copies, which
         later batches leave alone."""
+        with self._lock:
+            return self._stored()
+
+    def _stored(self) -> Tuple[Tensor, Tensor]:
         self._check_buffers()
         if self._count == 0 or self.memory_labels is None:
             dim = 0 if self.embedding_dim is None else self.embedding_dim
@@ -212,13 +231,15 @@ class CrossBatchMemory(nn.Module):
 
     def reset(self) -> None:
         """Empties the memory, keeping its buffers."""
-        self._next = 0
-        self._count = 0
+        with self._lock:
+            self._next = 0
+            self._count = 0
 
     @native.boundary
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The loss of the batch against itself and the memory; then enqueues
-        the batch (with a distributed loss, the global batch).
+        """The loss of the batch against itself and the memory; then, in
+        training mode, enqueues the batch (with a distributed loss, the global
+        batch).
 
         Args:
             embeddings: the batch, :math:`(B, D)`; with a distributed loss,
@@ -229,6 +250,10 @@ class CrossBatchMemory(nn.Module):
             The loss, a scalar in the dtype of ``embeddings``.
         """
         refuse_tracing(type(self).__name__)
+        with self._lock:
+            return self._forward(embeddings, labels)
+
+    def _forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         self._check_buffers()
         if isinstance(self.loss, DistributedTripletLoss):
             return self._forward_distributed(embeddings, labels)
@@ -257,7 +282,8 @@ class CrossBatchMemory(nn.Module):
             ref_labels=ref_labels,
             anchor_offset=0,
         )
-        self.enqueue(embeddings, labels)
+        if self.training:
+            self.enqueue(embeddings, labels)
         return loss
 
     def _forward_distributed(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -295,7 +321,8 @@ class CrossBatchMemory(nn.Module):
         loss = self.loss(
             embeddings, labels, extra_embeddings=extra_embeddings, extra_labels=extra_labels
         )
-        self.enqueue(all_embeddings, all_labels)
+        if self.training:
+            self.enqueue(all_embeddings, all_labels)
         return loss
 
     def enqueue(self, embeddings: Tensor, labels: Tensor) -> None:
@@ -310,13 +337,14 @@ class CrossBatchMemory(nn.Module):
             embeddings: :math:`(B, D)`.
             labels: :math:`(B)`.
         """
-        self._check_buffers()
-        self._check_batch(embeddings, labels)
-        # The buffers must stay ordinary tensors whatever the caller's mode:
-        # an inference tensor could not be updated in place by a later
-        # training step.
-        with torch.inference_mode(False), torch.no_grad():
-            self._store(embeddings.detach(), labels)
+        with self._lock:
+            self._check_buffers()
+            self._check_batch(embeddings, labels)
+            # The buffers must stay ordinary tensors whatever the caller's
+            # mode: an inference tensor could not be updated in place by a
+            # later training step.
+            with torch.inference_mode(False), torch.no_grad():
+                self._store(embeddings.detach(), labels)
 
     def _store(self, embeddings: Tensor, labels: Tensor) -> None:
         if self.memory_embeddings is not None:
