@@ -395,7 +395,8 @@ def test_loss_does_not_synchronise_with_the_host(device, mining, distance, refs)
 
 @pytest.mark.parametrize("mining", LOSSES)
 def test_a_learnable_cpu_margin_does_not_synchronise_the_forward_pass(device, mining):
-    """A learnable margin stays on the CPU (an ``nn.Parameter`` of the loss);
+    """A learnable margin stays on the CPU (an ``nn.Parameter`` of the loss,
+    which moving the module to the device leaves there, the same parameter);
     with CUDA embeddings it enters the forward pass as a number, not by a
     copy to the device, which waits for it. Its gradient comes back to the
     CPU in the backward pass (a copy that waits, as for any CPU parameter);
@@ -411,8 +412,10 @@ def test_a_learnable_cpu_margin_does_not_synchronise_the_forward_pass(device, mi
     results = []
     for dev in (device, torch.device("cpu")):
         margin = torch.nn.Parameter(torch.tensor(0.3))
-        loss_fn, x = make(margin=margin), leaf(emb.to(dev))
+        loss_fn, x = make(margin=margin).to(dev), leaf(emb.to(dev))
+        assert loss_fn.margin is margin and margin.device.type == "cpu"
         loss_fn(x, labels.to(dev))  # warm-up
+        margin.grad = None
         torch.cuda.synchronize(device)
         torch.cuda.set_sync_debug_mode("error")
         try:

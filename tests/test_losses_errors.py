@@ -115,7 +115,8 @@ def test_unsupported_label_dtype(mining):
 
 
 BAD_MARGINS = [-1.0, -1e-12, float("nan"), float("inf"), -float("inf"), "1.0", None, True,
-               torch.tensor([1.0, 2.0]), torch.tensor(-0.5), torch.tensor(float("nan"))]
+               torch.tensor([1.0, 2.0]), torch.tensor(-0.5), torch.tensor(float("nan")),
+               np.array(-1.0), np.array(True), np.array([0.5])]
 
 
 @pytest.mark.parametrize("mining", LOSSES)

@@ -335,6 +335,27 @@ def test_margin_tensor_off_the_cpu_is_refused(mining):
             assert torch.is_grad_enabled() == grad_mode
 
 
+@pytest.mark.parametrize("mining", LOSSES)
+def test_a_learned_margin_follows_casts_and_says_how_to_stay_at_zero(mining):
+    """A Module's learned margin is cast with it and stays the same parameter
+    on the CPU (what the optimiser holds); taken below 0 by the optimiser (the
+    loss never decreases as the margin grows), it is refused with the remedy."""
+    labels, x = _batch(13)
+    margin = torch.nn.Parameter(torch.tensor(0.05))
+    loss_fn = make_module(mining, margin, "euclidean")
+    optimiser = torch.optim.SGD([margin], lr=10.0)
+    loss_fn.double()
+    assert loss_fn.margin is margin and margin.dtype == torch.float64 and margin.device.type == "cpu"
+    loss_fn(leaf(x), labels).backward()
+    assert margin.grad >= 0
+    optimiser.step()
+    assert margin < 0
+    with pytest.raises(ValueError, match=r"(?s)margin: must be finite and >= 0, .*margin\.data\.clamp_\(min=0\)"):
+        loss_fn(leaf(x), labels)
+    margin.data.clamp_(min=0)
+    loss_fn(leaf(x), labels).backward()
+
+
 # ------------------------------------------------------------ anchor_offset
 
 

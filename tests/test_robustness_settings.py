@@ -98,9 +98,10 @@ def test_learned_margin_repr_is_one_line_on_any_device(module_class):
 
 @pytest.mark.parametrize("mining", LOSSES)
 @pytest.mark.parametrize("good", [0, 2, 0.5, np.float32(0.5), np.int64(2), fractions.Fraction(1, 2),
-                                  10**20, torch.tensor(0.5), torch.tensor([2])], ids=repr)
+                                  10**20, torch.tensor(0.5), torch.tensor([2]), np.array(0.5),
+                                  np.array(2, dtype=np.int32)], ids=repr)
 def test_margins_that_are_numbers(mining, good):
-    value = float(good.item() if isinstance(good, torch.Tensor) else good)
+    value = float(good.item() if hasattr(good, "item") else good)
     expected = function_loss(mining, LABELS, EMB, value, "euclidean")
     assert torch.equal(function_loss(mining, LABELS, EMB, good, "euclidean"), expected)
 

@@ -78,8 +78,8 @@ def refuse_python_dispatch(name: str, value: torch.Tensor) -> None:
 
 
 def check_margin(margin: object) -> float:
-    """The margin's value as a float: a real number or a one-element CPU
-    tensor, finite and >= 0."""
+    """The margin's value as a float: a real number, a 0-d NumPy array or a
+    one-element CPU tensor, finite and >= 0."""
     value = margin
     if isinstance(margin, torch.Tensor):
         refuse_python_dispatch("margin", margin)
@@ -91,6 +91,8 @@ def check_margin(margin: object) -> float:
         if margin.dtype == torch.bool or margin.is_complex():
             raise ValueError(f"margin: must be a real number, got a tensor of dtype {margin.dtype}")
         value = margin.detach().item()  # a CPU tensor: no device synchronisation
+    elif getattr(margin, "shape", None) == () and hasattr(margin, "item"):
+        value = margin.item()  # a 0-d NumPy array, as 0.0.6 and sentence-transformers take
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"margin: must be a number, got {_shown(margin)}")
     try:
@@ -98,7 +100,15 @@ def check_margin(margin: object) -> float:
     except OverflowError:
         raise ValueError(f"margin: must be finite and >= 0, got {_shown(margin)}") from None
     if not math.isfinite(result) or result < 0:
-        raise ValueError(f"margin: must be finite and >= 0, got {_shown(margin)}")
+        hint = ""
+        if isinstance(margin, torch.Tensor) and margin.requires_grad and result < 0:
+            # The loss never decreases as the margin grows, so gradient
+            # descent alone takes a learned margin below 0.
+            hint = (
+                "; a learned margin that the optimiser took below 0 can be kept at 0 with "
+                "margin.data.clamp_(min=0) after each step"
+            )
+        raise ValueError(f"margin: must be finite and >= 0, got {_shown(margin)}{hint}")
     return result
 
 

@@ -17,7 +17,8 @@ and ``torch.jit.script`` of the modules, raise a ``RuntimeError``, as do
 ``torch.func`` transforms (``vmap``, ``grad``). Trace, script or export the
 model alone and call the loss in Python. Between chunks of anchors (a batch of
 more than a few thousand has several) the losses run Python's signal handlers,
-so Ctrl-C stops a long loss there with ``KeyboardInterrupt``.
+so Ctrl-C stops a long loss there with ``KeyboardInterrupt``; a handler runs
+there as inside any ``torch.no_grad()`` block, with autocast off too.
 """
 
 from __future__ import annotations
@@ -433,6 +434,18 @@ class _TripletLoss(nn.Module):
         else:
             self.margin = check_margin(margin)
         self.distance = resolve_distance(False, distance)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # A learned margin follows the module's dtype casts but stays on the
+        # CPU, where the core reads its value without waiting for a device
+        # (its gradient comes back with one copy in each backward pass).
+        super()._apply(fn, recurse)
+        margin = self._parameters.get("margin")
+        if margin is not None and margin.device.type not in ("cpu", "meta"):
+            margin.data = margin.data.cpu()
+            if margin.grad is not None:
+                margin.grad = margin.grad.cpu()
+        return self
 
     def extra_repr(self) -> str:
         margin = self.margin
