@@ -347,6 +347,22 @@ def test_sentence_transformers_losses_match_st_on_the_device(device, loss_name, 
             assert_close(g, g_expected, what + " gradient vs sentence-transformers", **grad_tol(dtype))
 
 
+def test_a_learned_margin_stays_on_the_cpu_when_an_st_loss_moves(device):
+    """ST's trainer moves the loss to the model's device: the adapter's learned
+    margin stays the same CPU parameter, and the loss runs on the device."""
+    if not HAVE_ST:
+        pytest.skip("sentence-transformers is not installed")
+    import online_triplet_loss.sentence_transformers as ours
+
+    margin = torch.nn.Parameter(torch.tensor(0.5))
+    loss = ours.BatchHardTripletLoss(torch.nn.Identity(), margin=margin).to(device)
+    assert loss.triplet_margin is margin and margin.device.type == "cpu"
+    labels, emb = st_pk_batch(3, 4, 8, 1, dtype=torch.float32)
+    value = loss.compute_loss_from_embeddings([emb.to(device)], labels.to(device))
+    value.backward()
+    assert value.device == device and margin.grad is not None and margin.grad.device.type == "cpu"
+
+
 # -------------------------------------------------------------- host synchronisation
 
 

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
 from helpers import SIGINT_CHILD
@@ -179,6 +180,66 @@ def test_tight_classes_far_from_the_centre_are_ranked_exactly(distance, chunk_si
     kw = dict(distance=distance, chunk_size=chunk_size)
     assert recall_at_k(embeddings, labels, ks, **kw) == pytest.approx(recall, abs=1e-12)
     assert mean_average_precision_at_r(embeddings, labels, **kw) == pytest.approx(map_at_r, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_distinct_rows_that_centring_would_merge_stay_distinct(dtype):
+    """Found by review: copies were found among the centred points rounded back
+    to the dtype, where a tight group near the origin, beside items far away,
+    became one point; its distinct rows then ranked as copies, at 0, even when
+    ranked again in float64 (recall@1 0.8 for 1.0)."""
+    g = torch.Generator().manual_seed(0)
+    tiny = 1e-6 if dtype == torch.float32 else 1e-15
+    near = torch.cat([torch.full((5, 4), tiny, dtype=torch.float64),
+                      torch.full((5, 4), -tiny, dtype=torch.float64)])
+    near = near * (1 + 0.01 * torch.rand(10, 4, generator=g, dtype=torch.float64))
+    far = 1e4 + torch.randn(10, 4, generator=g, dtype=torch.float64)
+    embeddings = torch.cat([near, far]).to(dtype)
+    labels = torch.tensor([0] * 5 + [1] * 5 + [2] * 10)
+    assert len(torch.unique(embeddings, dim=0)) == 20
+    recall, map_at_r = brute_force(embeddings, labels, (1, 3))
+    assert recall[1] == 1.0
+    assert recall_at_k(embeddings, labels, (1, 3)) == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(embeddings, labels) == pytest.approx(map_at_r, abs=1e-12)
+
+
+class _Float64Ranking(TorchDispatchMode):
+    """Records the float64 matrix products and sorts, the work of ranking
+    queries again (the metrics' own work is in the embeddings' dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packets = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.sort)
+        if func.overloadpacket in packets and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args
+        ):
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("data", ["binary codes", "integers", "all equal", "tight classes"])
+def test_exact_gram_products_rank_nothing_again(data):
+    """Integer, binary or identical float32 embeddings have exact Gram
+    distances, whose ties are real: no query is ranked again in float64
+    (each was, a tie group at a time, 25 to 38 times slower, found by
+    review). Tight classes far from the centre are."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 10, (300,), generator=g)
+    if data == "binary codes":
+        embeddings = torch.sign(torch.randn(10, 32, generator=g)[labels] + torch.randn(300, 32, generator=g))
+    elif data == "integers":
+        embeddings = torch.randint(0, 3, (300, 16), generator=g).float()
+    elif data == "all equal":
+        embeddings = torch.randn(1, 16, generator=g).repeat(300, 1)
+    else:
+        embeddings, labels = tight_classes_far_apart("euclidean")
+    with _Float64Ranking() as ranking:
+        recall_at_k(embeddings, labels, (1, 5))
+        mean_average_precision_at_r(embeddings, labels)
+    assert (ranking.seen != []) == (data == "tight classes"), ranking.seen[:5]
 
 
 def test_float32_and_other_label_types():

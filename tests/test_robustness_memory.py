@@ -457,3 +457,15 @@ def test_threads_sharing_a_memory_store_every_batch_once(fresh):
         assert torch.equal(embeddings[:, 0], labels.float())
         counts = torch.bincount(labels[labels >= 0])
         assert counts.tolist() == [rows] * (threads * calls)
+
+
+def test_a_compiled_memory_pickles():
+    """Module.compile stores a compiled call in the module, which nn.Module's
+    own __getstate__ leaves out: the lock's removal must keep doing so."""
+    import pickle
+
+    memory = _used(steps=2)
+    memory.compile(backend="eager")
+    x, y = torch.randn(8, 8), torch.arange(8) % 2
+    want = copy.deepcopy(memory)(x, y)
+    assert torch.equal(pickle.loads(pickle.dumps(memory))(x, y), want)

@@ -632,3 +632,21 @@ def test_benchmark_st_cell_agrees_with_ours(mining):
     values = [run._build_step({"impl": impl, "mining": mining, "margin": 0.2}, torch)(labels, emb)
               for impl in ("st", "ours")]
     torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_name", ["BatchAllTripletLoss", "BatchHardTripletLoss",
+                                       "BatchSemiHardTripletLoss"])
+def test_a_learned_margin_stays_the_same_cpu_parameter_when_the_loss_moves(ours, loss_name):
+    """ST's trainer moves the loss to the model's device (``loss.to(device)``):
+    a learned margin stays on the CPU, where the core reads it, as the same
+    parameter the optimiser holds; dtype casts apply to it."""
+    margin = torch.nn.Parameter(torch.tensor(0.5))
+    loss = getattr(ours, loss_name)(torch.nn.Identity(), margin=margin)
+    optimiser = torch.optim.SGD(loss.parameters(), lr=0.1)
+    loss.to(torch.float64)
+    name = "margin" if loss_name == "BatchSemiHardTripletLoss" else "triplet_margin"  # as in ST
+    assert getattr(loss, name) is margin and margin.dtype == torch.float64
+    labels, emb = _pk_batch(3, 4, 8, 1)
+    loss.compute_loss_from_embeddings([emb], labels).backward()
+    optimiser.step()
+    assert margin.grad is not None and margin.device.type == "cpu"

@@ -295,18 +295,21 @@ class _SharedGradient(torch.autograd.Function):
     same on every rank."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, world: int, group: Optional[object]) -> Tensor:  # type: ignore[override]
-        ctx.world, ctx.group = world, group
+    def forward(ctx, x: Tensor, world: int, group: Optional[object],  # type: ignore[override]
+                device: torch.device) -> Tensor:
+        ctx.world, ctx.group, ctx.device = world, group, device
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        summed = grad.detach().contiguous().clone()
+        # Reduced on the embeddings' device, which the group's backend
+        # serves (NCCL has no CPU tensors), and brought back to the margin's.
+        summed = grad.detach().to(ctx.device).contiguous().clone()
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
-        mean = summed / ctx.world
+        mean = (summed / ctx.world).to(grad.device)
         if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
             mean = _NoSecondDerivative.apply(mean, grad)
-        return mean, None, None
+        return mean, None, None, None
 
 
 class DistributedTripletLoss(nn.Module):
@@ -560,7 +563,7 @@ class DistributedTripletLoss(nn.Module):
         loss = _check_loss(self.loss)
         margin = loss.margin
         if isinstance(margin, Tensor) and margin.requires_grad:
-            margin = _SharedGradient.apply(margin, world, self.group)
+            margin = _SharedGradient.apply(margin, world, self.group, embeddings.device)
         sum_, count, valid = terms(
             loss.mining, anchor_labels, anchors, margin,
             distance=loss.distance, soft=loss.soft,

@@ -419,6 +419,19 @@ def batch_semihard_triplet_loss(
     )
 
 
+def _keep_margin_on_cpu(module: nn.Module, name: str) -> None:
+    """Brings a module's learned margin, the parameter ``name``, back to the
+    CPU after the module moved (``_apply``), as the same parameter (the one an
+    optimiser holds), with the dtype the move gave it: the core reads its
+    value there without waiting for a device, and its gradient comes back
+    with one copy in each backward pass."""
+    margin = module._parameters.get(name)
+    if margin is not None and margin.device.type not in ("cpu", "meta"):
+        margin.data = margin.data.cpu()
+        if margin.grad is not None:
+            margin.grad = margin.grad.cpu()
+
+
 class _TripletLoss(nn.Module):
     #: The mining this module stands for, as :func:`terms` names it.
     mining: str
@@ -436,15 +449,8 @@ class _TripletLoss(nn.Module):
         self.distance = resolve_distance(False, distance)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # A learned margin follows the module's dtype casts but stays on the
-        # CPU, where the core reads its value without waiting for a device
-        # (its gradient comes back with one copy in each backward pass).
         super()._apply(fn, recurse)
-        margin = self._parameters.get("margin")
-        if margin is not None and margin.device.type not in ("cpu", "meta"):
-            margin.data = margin.data.cpu()
-            if margin.grad is not None:
-                margin.grad = margin.grad.cpu()
+        _keep_margin_on_cpu(self, "margin")
         return self
 
     def extra_repr(self) -> str:

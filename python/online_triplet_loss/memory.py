@@ -147,8 +147,8 @@ class CrossBatchMemory(nn.Module):
         self._own_buffers()
 
     def __getstate__(self) -> Dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["_lock"]  # a lock cannot be pickled or copied
+        state = super().__getstate__()  # a copy, without what torch.compile added
+        state.pop("_lock", None)  # a lock cannot be pickled or copied
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:

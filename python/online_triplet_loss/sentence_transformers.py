@@ -59,7 +59,9 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
     ) from err
 
 from ._validation import check_margin, check_tensor
-from .losses import batch_all_triplet_loss, batch_hard_triplet_loss, batch_semihard_triplet_loss
+from .losses import (
+    batch_all_triplet_loss, batch_hard_triplet_loss, batch_semihard_triplet_loss, _keep_margin_on_cpu,
+)
 
 __all__ = [
     "BatchAllTripletLoss",
@@ -160,6 +162,14 @@ class _SentenceTransformerTripletLoss(nn.Module):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__("model" if name == "sentence_embedder" else name, value)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # ST's trainer moves the loss to the model's device. ST's semi-hard
+        # loss names its margin `margin`, the others `triplet_margin`.
+        super()._apply(fn, recurse)
+        for name in ("triplet_margin", "margin"):
+            _keep_margin_on_cpu(self, name)
+        return self
 
     def forward(self, sentence_features: Sequence[Dict[str, Tensor]], labels: Tensor) -> Tensor:
         embeddings = self.model(sentence_features[0])["sentence_embedding"]

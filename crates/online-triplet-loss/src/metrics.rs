@@ -298,10 +298,13 @@ impl RetrievalConfig {
             .unwrap_or_else(|| (CHUNK_ELEMENTS / n).max(1));
 
         let (scaled, frame) = normalised_frame(&x, ranking == Distance::Squared)?;
-        let x = frame.f_to_kind(kind)?;
+        let points = frame.f_to_kind(kind)?;
         grad::no_grad(|| {
-            let (side, _) = Side::pair(ranking, &x, None)?;
+            let (side, _) = Side::pair(ranking, &points, None)?;
+            // Copies among the embeddings as given: rounding the centred
+            // frame back to the dtype can merge rows that differ.
             let rows = side.tie_rows(&x)?;
+            drop(x);
             let ties = Ties::find(&rows, &rows, Some(0), true, Kernel::Auto)?;
             let certify = Certify::new(ranking, (scaled, &frame), &keys, &side, kind)?;
             drop(frame);
@@ -315,7 +318,12 @@ impl RetrievalConfig {
             while start < n {
                 Interrupt::check(self.interrupt)?;
                 let len = step.min(n - start);
-                let mut d = side.rows(start, len)?.pairwise(&side)?;
+                // In float64 from the start once most queries have needed it.
+                let (ranking_side, kind) = match certify.wide_side(start - first) {
+                    Some(wide) => (wide, Kind::Double),
+                    None => (&side, kind),
+                };
+                let mut d = ranking_side.rows(start, len)?.pairwise(ranking_side)?;
                 if let Some(ties) = &ties {
                     d = ties.apply(&d, start)?;
                     // Distinct items whose distance rounds to 0 or below (a

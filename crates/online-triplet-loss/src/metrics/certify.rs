@@ -20,21 +20,28 @@
 //!
 //! Then with τ_q the depth-th smallest d̃, every true neighbour among the
 //! `depth` nearest has d̃ ≤ τ_q + 2E_q (one with a larger d̃ has `depth`
-//! items closer than itself), and two items whose d̃ differ by more than
-//! 2E_q are in the right order. So what the metrics see of a query's
+//! items closer than itself), and two items whose d̃ differ by 2E_q or more
+//! are in the right order (or tied). So what the metrics see of a query's
 //! ranking (which of its neighbours share its label) can differ from the
-//! true one only when an item beyond the `depth` nearest has
-//! d̃ ≤ τ_q + 2E_q, or when two of the nearest that are consecutive in the
-//! computed order, one of the query's label and one not, are within 2E_q of
-//! each other. Those queries alone are ranked again: first, for embeddings
-//! of a narrower dtype, by Gram distances in float64, with the same test
-//! and float64's u; the queries that still fail it (data whose classes are
-//! tighter still, or float64 embeddings) among the items with
-//! d̃ ≤ τ_q + 2E_q, by distances computed from the differences of the
-//! float64 embeddings ([`Distance::paired`]), exact to float64's rounding.
-//! So each query costs at most what a float64 ranking would, plus the
-//! differences to its candidates. Identical items stay at 0, ahead of
-//! distinct ones, as in the Gram ranking.
+//! true one only when the item after the `depth` nearest is within 2E_q of
+//! the last of them, or when two of the nearest that are consecutive in
+//! the computed order, one of the query's label and one not, are within
+//! 2E_q of each other. Those queries alone are ranked again among the
+//! items with d̃ ≤ τ_q + 2E_q, by distances computed from the differences
+//! of the float64 embeddings ([`Distance::paired`]), exact to float64's
+//! rounding; or, when they have more candidates than a thirty-second of
+//! the items (differences cost tens of times what a matrix product does
+//! per entry), first by Gram distances in float64 against every item, with
+//! the same test and float64's u, so that each costs what a float64
+//! ranking would. Identical items stay at 0, ahead of distinct ones, as in
+//! the Gram ranking.
+//!
+//! E_q is 0 where the Gram products are exact: integer, binary or quantised
+//! embeddings (points on a grid coarse enough that no product or sum
+//! rounds), and identical ones. Their ties are real, and no ranking again
+//! could break them.
+
+use std::cell::Cell;
 
 use tch::{Kind, Tensor};
 
@@ -55,19 +62,27 @@ pub(super) struct Certify {
     keys: Tensor,
     /// E_q of the distances the metrics computed, float64, `(N, 1)`.
     bound: Tensor,
-    /// The float64 Gram ranking, for embeddings of a narrower dtype.
+    /// The float64 Gram ranking, for embeddings of a narrower dtype, with
+    /// its E_q.
     wide: Option<(Side, Tensor)>,
+    /// The queries ranked again by it so far.
+    widened: Cell<i64>,
 }
 
-/// E_q for every item of `side`, whose Gram products are taken in `kind`.
-fn bound(distance: Distance, side: &Side, kind: Kind) -> Result<Tensor, Error> {
+/// E_q for every item of `side`, whose Gram products are taken in `kind`,
+/// made from `frame`, the exact points in float64 (translated and scaled):
+/// 0 where those products are exact (see [`exact_gram`]).
+fn bound(distance: Distance, side: &Side, frame: &Tensor, kind: Kind) -> Result<Tensor, Error> {
     let points = side.points();
     let (n, width) = (points.size()[0], points.size()[1]);
-    let unit_roundoff = match kind {
-        Kind::Double => f64::EPSILON / 2.0,
-        _ => f64::from(f32::EPSILON) / 2.0,
+    let (unit_roundoff, digits) = match kind {
+        Kind::Double => (f64::EPSILON / 2.0, 53),
+        _ => (f64::from(f32::EPSILON) / 2.0, 24),
     };
-    let kappa = (16.0 + 2.0 * (width as f64).sqrt()) * unit_roundoff;
+    let kappa = match distance != Distance::Cosine && exact_gram(points, frame, digits)? {
+        true => 0.0,
+        false => (16.0 + 2.0 * (width as f64).sqrt()) * unit_roundoff,
+    };
     let squared_norms = match distance {
         Distance::Cosine => Tensor::f_ones([n], (Kind::Double, points.device()))?,
         _ => side.norms().f_to_kind(Kind::Double)?,
@@ -76,6 +91,37 @@ fn bound(distance: Distance, side: &Side, kind: Kind) -> Result<Tensor, Error> {
         .f_add(&squared_norms.f_max()?)?
         .f_mul_scalar(kappa)?
         .f_unsqueeze(1)?)
+}
+
+/// Whether the Euclidean distances of `points` computed from their Gram
+/// products are exact, and are those of `frame`: the points are `frame`
+/// translated (each column by one constant), with no rounding, and are all
+/// multiples of a power of two g at most 2^(digits/2)/√(4D) times the
+/// largest magnitude A. Every product, sum and distance is then a multiple
+/// of g² below 2^digits·g², exact in a dtype of `digits` digits: so for
+/// integer, binary or quantised embeddings, and for identical ones (A = 0),
+/// whose ties are real and no ranking again can break.
+fn exact_gram(points: &Tensor, frame: &Tensor, digits: i32) -> Result<bool, Error> {
+    let (n, width) = (points.size()[0], points.size()[1]);
+    if n == 0 || width == 0 {
+        return Ok(true);
+    }
+    let points = points.f_to_kind(Kind::Double)?;
+    let shift = points.f_sub(frame)?;
+    let translated = shift.f_eq_tensor(&shift.f_narrow(0, 0, 1)?)?.f_all()?;
+    if !bool::try_from(translated)? {
+        return Ok(false);
+    }
+    let largest = f64::try_from(points.f_abs()?.f_max()?)?;
+    if largest == 0.0 {
+        return Ok(true);
+    }
+    let smallest = largest * (4.0 * width as f64).sqrt() / 2f64.powi(digits / 2);
+    let grid = 2f64.powi(smallest.log2().ceil() as i32);
+    let units = points.f_div_scalar(grid)?;
+    Ok(bool::try_from(
+        units.f_eq_tensor(&units.f_round()?)?.f_all()?,
+    )?)
 }
 
 impl Certify {
@@ -94,7 +140,7 @@ impl Certify {
             Kind::Double => None,
             _ => {
                 let (wide, _) = Side::pair(distance, frame, None)?;
-                let bound = bound(distance, &wide, Kind::Double)?;
+                let bound = bound(distance, &wide, frame, Kind::Double)?;
                 Some((wide, bound))
             }
         };
@@ -102,9 +148,22 @@ impl Certify {
             distance,
             rows,
             keys: keys.shallow_clone(),
-            bound: bound(distance, side, kind)?,
+            bound: bound(distance, side, frame, kind)?,
             wide,
+            widened: Cell::new(0),
         })
+    }
+
+    /// The float64 side to rank the next chunk with from the start, once
+    /// more than half the `done` queries have been ranked again by it: for
+    /// data whose neighbours are mostly closer together than the dtype's
+    /// rounding (MAP@R looking deep into overlapping classes, say), ranking
+    /// twice would cost more than ranking in float64 alone.
+    pub(super) fn wide_side(&self, done: i64) -> Option<&Side> {
+        match &self.wide {
+            Some((side, _)) if done > 0 && 2 * self.widened.get() > done => Some(side),
+            _ => None,
+        }
     }
 
     /// Whether each of `nearest`, `(m, depth)`, shares the label of the query
@@ -140,7 +199,17 @@ impl Certify {
         ties: Option<&Ties>,
     ) -> Result<Option<Tensor>, Error> {
         let (len, depth) = (relevant.size()[0], relevant.size()[1]);
-        let slack = self.bound.f_narrow(0, start, len)?.f_mul_scalar(2.0)?;
+        // `d` in float64 for embeddings of a narrower dtype: ranked by the
+        // float64 side already.
+        let (bound, wide) = match (&self.wide, d.f_kind()?) {
+            (Some((_, bound)), Kind::Double) => {
+                // Counted as ranked by it, so that the next chunks are too.
+                self.widened.set(self.widened.get() + len);
+                (bound, None)
+            }
+            (wide, _) => (&self.bound, wide.as_ref()),
+        };
+        let slack = bound.f_narrow(0, start, len)?.f_mul_scalar(2.0)?;
         let values = values.f_to_kind(Kind::Double)?;
         let rows = unsure(&values, relevant, &slack)?;
         if rows.size()[0] == 0 {
@@ -155,8 +224,9 @@ impl Certify {
         let n = d.size()[1];
         let mut width = candidates(&d, &values, &slack, depth)?;
         // Differences to many candidates cost more than a float64 Gram
-        // ranking (one matrix product per row, against every item).
-        if let Some((wide, bound)) = self.wide.as_ref().filter(|_| width * 8 > n) {
+        // ranking (a matrix product, against every item).
+        if let Some((wide, bound)) = wide.filter(|_| width * 32 > n) {
+            self.widened.set(self.widened.get() + rows.size()[0]);
             d = finish(wide.select(&global)?.pairwise(wide)?, &global, ties)?;
             let (near, nearest) = d.f_topk((depth + 1).min(n), 1, false, true)?;
             let nearest = nearest.f_narrow(1, 0, depth)?;
@@ -204,14 +274,24 @@ impl Certify {
     ) -> Result<Tensor, Error> {
         let (m, c) = (columns.size()[0], columns.size()[1]);
         let dims = self.rows.size()[1];
-        let from = self
-            .rows
-            .f_index_select(0, query)?
-            .f_unsqueeze(1)?
-            .f_expand([m, c, dims], false)?
-            .f_reshape([m * c, dims])?;
-        let to = self.rows.f_index_select(0, &columns.f_reshape([-1])?)?;
-        let exact = self.distance.paired(&from, &to)?.f_view([m, c])?;
+        let from = self.rows.f_index_select(0, query)?.f_unsqueeze(1)?;
+        // In blocks of columns, so that a row of many candidates stays
+        // within the pieces' size too.
+        let block = (EXACT_ELEMENTS / (m * dims).max(1)).max(1);
+        let mut parts = Vec::new();
+        let mut first = 0;
+        while first < c {
+            let b = block.min(c - first);
+            let to = self
+                .rows
+                .f_index_select(0, &columns.f_narrow(1, first, b)?.f_reshape([-1])?)?;
+            let from = from
+                .f_expand([m, b, dims], false)?
+                .f_reshape([m * b, dims])?;
+            parts.push(self.distance.paired(&from, &to)?.f_view([m, b])?);
+            first += b;
+        }
+        let exact = Tensor::f_cat(&parts, 1)?;
         let identical = match ties {
             Some(ties) => Some(ties.identical_pairs(query, columns)?),
             None => None,
@@ -248,7 +328,7 @@ fn unsure(values: &Tensor, relevant: &Tensor, slack: &Tensor) -> Result<Tensor, 
         true => values
             .f_narrow(1, depth, 1)?
             .f_sub(&values.f_narrow(1, depth - 1, 1)?)?
-            .f_le_tensor(slack)?
+            .f_lt_tensor(slack)?
             .f_squeeze_dim(1)?,
         false => Tensor::f_zeros([m], (Kind::Bool, values.device()))?,
     };
@@ -259,7 +339,7 @@ fn unsure(values: &Tensor, relevant: &Tensor, slack: &Tensor) -> Result<Tensor, 
         let previous = |t: &Tensor| t.f_narrow(1, 0, depth - 1);
         let mut close = next(values)?
             .f_sub(&previous(values)?)?
-            .f_le_tensor(slack)?;
+            .f_lt_tensor(slack)?;
         let flips = next(relevant)?.f_ne_tensor(&previous(relevant)?)?;
         let flipped = close.f_logical_and_(&flips)?.f_any_dim(1, false)?;
         let _ = unsure.f_logical_or_(&flipped)?;
