@@ -506,12 +506,23 @@ mod tests {
         let ks = [1, 2, 5, 100];
         let (recall, map) = brute(&points, &labels, &ks);
         let label_tensor = Tensor::from_slice(&labels);
-        for chunk in [1, 4, 56, 1000] {
+        assert_evaluates_to(&x, &label_tensor, &ks, &[1, 4, 56, 1000], (&recall, map));
+    }
+
+    /// `evaluate` gives `recall` and `map` for every chunk size of `chunks`.
+    fn assert_evaluates_to(
+        x: &Tensor,
+        labels: &Tensor,
+        ks: &[i64],
+        chunks: &[i64],
+        (recall, map): (&[f64], f64),
+    ) {
+        for &chunk in chunks {
             let got = RetrievalConfig::new(Distance::Euclidean)
                 .chunk_size(chunk)
-                .evaluate(&x, &label_tensor, &ks)
+                .evaluate(x, labels, ks)
                 .unwrap();
-            for (a, b) in got.recall.iter().zip(&recall) {
+            for (a, b) in got.recall.iter().zip(recall) {
                 assert!((a - b).abs() < 1e-12, "chunk {chunk}: {a} vs {b}");
             }
             assert!((got.map_at_r - map).abs() < 1e-12, "chunk {chunk}");
@@ -545,16 +556,7 @@ mod tests {
         let ks = [1, 3];
         let (recall, map) = brute(&points, &labels, &ks);
         assert!(recall[0] > 0.3 && map < 0.99, "{recall:?} {map}");
-        for chunk in [3, 80] {
-            let got = RetrievalConfig::new(Distance::Euclidean)
-                .chunk_size(chunk)
-                .evaluate(&x, &label_tensor, &ks)
-                .unwrap();
-            for (a, b) in got.recall.iter().zip(&recall) {
-                assert!((a - b).abs() < 1e-12, "chunk {chunk}: {a} vs {b}");
-            }
-            assert!((got.map_at_r - map).abs() < 1e-12, "chunk {chunk}");
-        }
+        assert_evaluates_to(&x, &label_tensor, &ks, &[3, 80], (&recall, map));
     }
 
     #[test]
