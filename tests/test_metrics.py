@@ -203,6 +203,25 @@ def test_distinct_rows_that_centring_would_merge_stay_distinct(dtype):
     assert mean_average_precision_at_r(embeddings, labels) == pytest.approx(map_at_r, abs=1e-12)
 
 
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 0, 2)])
+def test_rounding_in_the_centring_is_not_taken_for_an_exact_grid(order):
+    """Found by review: 2^-20 + 2^-60 less the centre (0.375) rounds to a
+    point on a coarse grid, whose Gram products are exact, and the ranking
+    was taken as exact too; but the true distance from 0 of that item (label
+    1) is 2^-60 beyond that of -2^-20 (label 0), so recall@1 of 0 is a hit."""
+    step = 2.0 ** -20
+    values = [0.0, step + 2.0 ** -60, -step]
+    labels = [0, 1, 0]
+    index = list(order) + [3, 4]
+    embeddings = torch.tensor([[(values + [1.0, 1.0])[i]] for i in index], dtype=torch.float64)
+    ids = torch.tensor([(labels + [2, 2])[i] for i in index])
+    recall, map_at_r = brute_force(embeddings, ids, (1,))
+    for chunk_size in (None, 1):
+        assert recall_at_k(embeddings, ids, (1,), chunk_size=chunk_size) == pytest.approx(recall, abs=1e-12)
+        assert mean_average_precision_at_r(embeddings, ids, chunk_size=chunk_size) == pytest.approx(
+            map_at_r, abs=1e-12)
+
+
 class _Float64Ranking(TorchDispatchMode):
     """Records the float64 matrix products and sorts, the work of ranking
     queries again (the metrics' own work is in the embeddings' dtype)."""

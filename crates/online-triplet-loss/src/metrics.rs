@@ -297,7 +297,7 @@ impl RetrievalConfig {
             .chunk_size
             .unwrap_or_else(|| (CHUNK_ELEMENTS / n).max(1));
 
-        let (scaled, frame) = normalised_frame(&x, ranking == Distance::Squared)?;
+        let (scaled, (frame, exponent)) = normalised_frame(&x, ranking == Distance::Squared)?;
         let points = frame.f_to_kind(kind)?;
         grad::no_grad(|| {
             let (side, _) = Side::pair(ranking, &points, None)?;
@@ -306,7 +306,7 @@ impl RetrievalConfig {
             let rows = side.tie_rows(&x)?;
             drop(x);
             let ties = Ties::find(&rows, &rows, Some(0), true, Kernel::Auto)?;
-            let certify = Certify::new(ranking, (scaled, &frame), &keys, &side, kind)?;
+            let certify = Certify::new(ranking, (scaled, &frame, exponent), &keys, &side, kind)?;
             drop(frame);
             let opts = (Kind::Int64, device);
             let mut hits = ks
@@ -422,30 +422,32 @@ pub fn mean_average_precision_at_r(
 /// shares (a constant column of 1e30 beside entries near 1, say) leaves
 /// their differences, which scaling by the offset alone would take below
 /// the normal range; else the scaled `x` again.
-fn normalised_frame(x: &Tensor, centre: bool) -> Result<(Tensor, Tensor), Error> {
-    let scaled = scaled_to_one(&x.f_to_kind(Kind::Double)?)?;
+fn normalised_frame(x: &Tensor, centre: bool) -> Result<(Tensor, (Tensor, i32)), Error> {
+    let (scaled, _) = scaled_to_one(&x.f_to_kind(Kind::Double)?)?;
     let frame = match centre {
         true => scaled_to_one(&Centre::of(&scaled)?.subtracted_from(&scaled)?)?,
-        false => scaled.shallow_clone(),
+        false => (scaled.shallow_clone(), 0),
     };
     Ok((scaled, frame))
 }
 
-/// `t` times the power of two that brings its largest magnitude into
-/// [1, 2), applied in two halves, each a number of the dtype: 2^1074 is not
-/// a float64.
-fn scaled_to_one(t: &Tensor) -> Result<Tensor, Error> {
+/// `t` times the power of two 2^e that brings its largest magnitude into
+/// [1, 2), and e. Applied in two halves, each a number of the dtype: 2^1074
+/// is not a float64.
+fn scaled_to_one(t: &Tensor) -> Result<(Tensor, i32), Error> {
     let largest = if t.numel() > 0 {
         f64::try_from(t.f_abs()?.f_max()?)?
     } else {
         0.0
     };
     if largest == 0.0 {
-        return Ok(t.shallow_clone());
+        return Ok((t.shallow_clone(), 0));
     }
     let exponent = -(largest.log2().floor() as i32);
-    Ok(t.f_mul_scalar(2f64.powi(exponent / 2))?
-        .f_mul_scalar(2f64.powi(exponent - exponent / 2))?)
+    let scaled = t
+        .f_mul_scalar(2f64.powi(exponent / 2))?
+        .f_mul_scalar(2f64.powi(exponent - exponent / 2))?;
+    Ok((scaled, exponent))
 }
 
 #[cfg(test)]

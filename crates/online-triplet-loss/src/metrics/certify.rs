@@ -33,8 +33,9 @@
 //! the items (differences cost tens of times what a matrix product does
 //! per entry), first by Gram distances in float64 against every item, with
 //! the same test and float64's u, so that each costs what a float64
-//! ranking would. Identical items stay at 0, ahead of distinct ones, as in
-//! the Gram ranking.
+//! ranking would; once an eighth of the queries have been ranked again,
+//! the rest are ranked in float64 from the start. Identical items stay at
+//! 0, ahead of distinct ones, as in the Gram ranking.
 //!
 //! E_q is 0 where the Gram products are exact: integer, binary or quantised
 //! embeddings (points on a grid coarse enough that no product or sum
@@ -65,21 +66,26 @@ pub(super) struct Certify {
     /// The float64 Gram ranking, for embeddings of a narrower dtype, with
     /// its E_q.
     wide: Option<(Side, Tensor)>,
-    /// The queries ranked again by it so far.
+    /// The queries ranked again so far, or ranked by it from the start.
     widened: Cell<i64>,
 }
 
-/// E_q for every item of `side`, whose Gram products are taken in `kind`,
-/// made from `frame`, the exact points in float64 (translated and scaled):
-/// 0 where those products are exact (see [`exact_gram`]).
-fn bound(distance: Distance, side: &Side, frame: &Tensor, kind: Kind) -> Result<Tensor, Error> {
+/// E_q for every item of `side`, whose Gram products are taken in `kind`:
+/// 0 where those products are exact and give the distances of `rows`
+/// (see [`exact_gram`]).
+fn bound(
+    distance: Distance,
+    side: &Side,
+    rows: (&Tensor, i32),
+    kind: Kind,
+) -> Result<Tensor, Error> {
     let points = side.points();
     let (n, width) = (points.size()[0], points.size()[1]);
     let (unit_roundoff, digits) = match kind {
         Kind::Double => (f64::EPSILON / 2.0, 53),
         _ => (f64::from(f32::EPSILON) / 2.0, 24),
     };
-    let kappa = match distance != Distance::Cosine && exact_gram(points, frame, digits)? {
+    let kappa = match distance != Distance::Cosine && exact_gram(points, rows, digits)? {
         true => 0.0,
         false => (16.0 + 2.0 * (width as f64).sqrt()) * unit_roundoff,
     };
@@ -93,45 +99,81 @@ fn bound(distance: Distance, side: &Side, frame: &Tensor, kind: Kind) -> Result<
         .f_unsqueeze(1)?)
 }
 
+/// Entries of the float64 checks of [`exact_gram`] taken at a time.
+const CHECK_ELEMENTS: i64 = 1 << 20;
+
 /// Whether the Euclidean distances of `points` computed from their Gram
-/// products are exact, and are those of `frame`: the points are `frame`
-/// translated (each column by one constant), with no rounding, and are all
-/// multiples of a power of two g at most 2^(digits/2)/√(4D) times the
-/// largest magnitude A. Every product, sum and distance is then a multiple
-/// of g² below 2^digits·g², exact in a dtype of `digits` digits: so for
-/// integer, binary or quantised embeddings, and for identical ones (A = 0),
-/// whose ties are real and no ranking again can break.
-fn exact_gram(points: &Tensor, frame: &Tensor, digits: i32) -> Result<bool, Error> {
+/// products are exact, and are those of `rows` (the embeddings in float64,
+/// scaled by a power of two), the points being `rows` less a centre, times
+/// 2^`exponent`:
+/// - the points, scaled back, less `rows` is one constant in each column,
+///   and that subtraction is exact (its rounding error, found by Knuth's
+///   two-sum, is 0): the centring and the rounding to the dtype rounded
+///   nothing;
+/// - the points are all multiples of a power of two g at least
+///   √(4D)·A/2^(digits/2), A the largest magnitude: every product, sum and
+///   distance is then a multiple of g² below 2^digits·g², exact in a dtype
+///   of `digits` digits.
+///
+/// So for integer, binary or quantised embeddings, and identical ones
+/// (A = 0), whose ties are real and no ranking again can break.
+fn exact_gram(
+    points: &Tensor,
+    (rows, exponent): (&Tensor, i32),
+    digits: i32,
+) -> Result<bool, Error> {
     let (n, width) = (points.size()[0], points.size()[1]);
     if n == 0 || width == 0 {
         return Ok(true);
     }
-    let points = points.f_to_kind(Kind::Double)?;
-    let shift = points.f_sub(frame)?;
-    let translated = shift.f_eq_tensor(&shift.f_narrow(0, 0, 1)?)?.f_all()?;
-    if !bool::try_from(translated)? {
-        return Ok(false);
-    }
     let largest = f64::try_from(points.f_abs()?.f_max()?)?;
-    if largest == 0.0 {
-        return Ok(true);
+    let grid = match largest {
+        0.0 => 1.0,
+        _ => {
+            let smallest = largest * (4.0 * width as f64).sqrt() / 2f64.powi(digits / 2);
+            2f64.powi(smallest.log2().ceil() as i32)
+        }
+    };
+    let step = (CHECK_ELEMENTS / width).max(1);
+    let mut shift: Option<Tensor> = None;
+    let mut first = 0;
+    while first < n {
+        let m = step.min(n - first);
+        let block = points.f_narrow(0, first, m)?.f_to_kind(Kind::Double)?;
+        let units = block.f_div_scalar(grid)?;
+        if !bool::try_from(units.f_eq_tensor(&units.f_round()?)?.f_all()?)? {
+            return Ok(false);
+        }
+        // Two-sum of a + b, a the point scaled back and b = −row.
+        let a = block
+            .f_mul_scalar(2f64.powi(-(exponent / 2)))?
+            .f_mul_scalar(2f64.powi(-(exponent - exponent / 2)))?;
+        let b = rows.f_narrow(0, first, m)?.f_neg()?;
+        let sum = a.f_add(&b)?;
+        let b_part = sum.f_sub(&a)?;
+        let a_part = sum.f_sub(&b_part)?;
+        let error = a.f_sub(&a_part)?.f_add(&b.f_sub(&b_part)?)?;
+        if !bool::try_from(error.f_eq(0.0)?.f_all()?)? {
+            return Ok(false);
+        }
+        let shift = shift.get_or_insert(sum.f_narrow(0, 0, 1)?);
+        if !bool::try_from(sum.f_eq_tensor(shift)?.f_all()?)? {
+            return Ok(false);
+        }
+        first += m;
     }
-    let smallest = largest * (4.0 * width as f64).sqrt() / 2f64.powi(digits / 2);
-    let grid = 2f64.powi(smallest.log2().ceil() as i32);
-    let units = points.f_div_scalar(grid)?;
-    Ok(bool::try_from(
-        units.f_eq_tensor(&units.f_round()?)?.f_all()?,
-    )?)
+    Ok(true)
 }
 
 impl Certify {
     /// `side` holds the points whose Gram products rank, in `kind`, made
-    /// from `frame`, the float64 points before rounding to `kind`; `rows`
-    /// are the same embeddings in float64 before centring, `keys` their
+    /// from `frame`, the float64 points before rounding to `kind`: `rows`,
+    /// the embeddings in float64 scaled by a power of two, less a centre
+    /// (for Euclidean distances), times 2^`exponent`; `keys` are the
     /// labels' keys.
     pub(super) fn new(
         distance: Distance,
-        (rows, frame): (Tensor, &Tensor),
+        (rows, frame, exponent): (Tensor, &Tensor, i32),
         keys: &Tensor,
         side: &Side,
         kind: Kind,
@@ -140,28 +182,30 @@ impl Certify {
             Kind::Double => None,
             _ => {
                 let (wide, _) = Side::pair(distance, frame, None)?;
-                let bound = bound(distance, &wide, frame, Kind::Double)?;
+                let bound = bound(distance, &wide, (&rows, exponent), Kind::Double)?;
                 Some((wide, bound))
             }
         };
         Ok(Certify {
             distance,
-            rows,
             keys: keys.shallow_clone(),
-            bound: bound(distance, side, frame, kind)?,
+            bound: bound(distance, side, (&rows, exponent), kind)?,
+            rows,
             wide,
             widened: Cell::new(0),
         })
     }
 
     /// The float64 side to rank the next chunk with from the start, once
-    /// more than half the `done` queries have been ranked again by it: for
-    /// data whose neighbours are mostly closer together than the dtype's
-    /// rounding (MAP@R looking deep into overlapping classes, say), ranking
-    /// twice would cost more than ranking in float64 alone.
+    /// more than an eighth of the `done` queries have been ranked again:
+    /// for data whose neighbours are often closer together than the
+    /// dtype's rounding (MAP@R looking deep into overlapping classes, say),
+    /// ranking again would cost more than ranking in float64 alone (on the
+    /// CPU, a query ranked again from differences cost about twice what
+    /// its float64 ranking does, and that about 1.4 times its float32 one).
     pub(super) fn wide_side(&self, done: i64) -> Option<&Side> {
         match &self.wide {
-            Some((side, _)) if done > 0 && 2 * self.widened.get() > done => Some(side),
+            Some((side, _)) if done > 0 && 8 * self.widened.get() > done => Some(side),
             _ => None,
         }
     }
@@ -215,6 +259,9 @@ impl Certify {
         if rows.size()[0] == 0 {
             return Ok(None);
         }
+        if wide.is_some() {
+            self.widened.set(self.widened.get() + rows.size()[0]);
+        }
         let mut ranked = nearest.f_contiguous()?.f_detach_copy()?;
         let global = rows.f_add_scalar(start)?;
         let pick = |t: &Tensor, at: &Tensor| t.f_index_select(0, at);
@@ -226,7 +273,6 @@ impl Certify {
         // Differences to many candidates cost more than a float64 Gram
         // ranking (a matrix product, against every item).
         if let Some((wide, bound)) = wide.filter(|_| width * 32 > n) {
-            self.widened.set(self.widened.get() + rows.size()[0]);
             d = finish(wide.select(&global)?.pairwise(wide)?, &global, ties)?;
             let (near, nearest) = d.f_topk((depth + 1).min(n), 1, false, true)?;
             let nearest = nearest.f_narrow(1, 0, depth)?;
