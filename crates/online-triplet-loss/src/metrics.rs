@@ -318,32 +318,14 @@ impl RetrievalConfig {
             while start < n {
                 Interrupt::check(self.interrupt)?;
                 let len = step.min(n - start);
-                // In float64 from the start once most queries have needed it.
-                let (ranking_side, kind) = match certify.wide_side(start - first) {
-                    Some(wide) => (wide, Kind::Double),
-                    None => (&side, kind),
-                };
-                let mut d = ranking_side.rows(start, len)?.pairwise(ranking_side)?;
-                if let Some(ties) = &ties {
-                    d = ties.apply(&d, start)?;
-                    // Distinct items whose distance rounds to 0 or below (a
-                    // cosine distance can) rank after the copies, at the
-                    // smallest positive normal number.
-                    let apart = d
-                        .f_le(0.0)?
-                        .f_logical_and_(&ties.identical(start, len)?.f_logical_not()?)?;
-                    let tiny = match kind {
-                        Kind::Double => f64::MIN_POSITIVE,
-                        _ => f64::from(f32::MIN_POSITIVE),
-                    };
-                    let _ = d.f_masked_fill_(&apart, tiny)?;
-                }
-                let own = Tensor::f_arange_start(start, start + len, opts)?.f_unsqueeze(1)?;
-                let _ = d.f_scatter_value_(1, &own, f64::INFINITY)?;
+                // In float64 from the start once enough queries have needed it.
+                let ranking_side = certify.wide_side(start - first).unwrap_or(&side);
+                let queries = Tensor::f_arange_start(start, start + len, opts)?;
+                let d = ranking_side.rows(start, len)?.pairwise(ranking_side)?;
+                let d = certify::finish(d, &queries, ties.as_ref())?;
                 let r_last = sorted_r[(start + len - 1) as usize];
                 let depth = k_max.max(if map { r_last } else { 0 }).min(n - 1);
                 // rel(i): the i-th nearest shares the query's label.
-                let queries = own.f_squeeze_dim(1)?;
                 // One more than `depth`, to see whether the next is close.
                 let (values, nearest) = d.f_topk((depth + 1).min(n), 1, false, true)?;
                 let nearest = nearest.f_narrow(1, 0, depth)?;

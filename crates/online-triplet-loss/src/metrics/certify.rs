@@ -342,7 +342,10 @@ impl Certify {
             Some(ties) => Some(ties.identical_pairs(query, columns)?),
             None => None,
         };
-        apart(exact, identical.as_ref(), query, columns)
+        let mut exact = apart(exact, identical.as_ref())?;
+        let own = columns.f_eq_tensor(&query.f_unsqueeze(1)?)?;
+        let _ = exact.f_masked_fill_(&own, f64::INFINITY)?;
+        Ok(exact)
     }
 }
 
@@ -393,43 +396,37 @@ fn unsure(values: &Tensor, relevant: &Tensor, slack: &Tensor) -> Result<Tensor, 
     Ok(unsure.f_nonzero()?.f_squeeze_dim(1)?)
 }
 
-/// The float64 Gram distances `d` of queries `query` to every item, with
-/// the ties' rules of the metrics: identical items at 0, distinct ones at
-/// least the smallest positive float64, a query at +inf from itself.
-fn finish(d: Tensor, query: &Tensor, ties: Option<&Ties>) -> Result<Tensor, Error> {
-    let (d, identical) = match ties {
+/// The distances `d` of queries `query`, `(m,)`, to every item, with the
+/// ties' rules of the metrics: identical items at 0, distinct ones at least
+/// the dtype's smallest positive normal number (a cosine distance can round
+/// to 0 or below), a query at +inf from itself.
+pub(super) fn finish(d: Tensor, query: &Tensor, ties: Option<&Ties>) -> Result<Tensor, Error> {
+    let mut d = match ties {
         Some(ties) => {
             let (d, identical) = ties.applied_to_rows(&d, query)?;
-            (d, Some(identical))
+            apart(d, Some(&identical))?
         }
-        None => (d, None),
+        None => apart(d, None)?,
     };
-    let (m, n) = (d.size()[0], d.size()[1]);
-    let columns = Tensor::f_arange(n, (Kind::Int64, d.device()))?
-        .f_unsqueeze(0)?
-        .f_expand([m, n], false)?;
-    apart(d, identical.as_ref(), query, &columns)
+    let _ = d.f_scatter_value_(1, &query.f_unsqueeze(1)?, f64::INFINITY)?;
+    Ok(d)
 }
 
-/// `d`, `(m, c)`, the distances of queries `query` to items `columns`, with
-/// those of distinct items at or below 0 raised to the smallest positive
-/// float64, those of `identical` pairs 0 and those of a query to itself
-/// +inf.
-fn apart(
-    mut d: Tensor,
-    identical: Option<&Tensor>,
-    query: &Tensor,
-    columns: &Tensor,
-) -> Result<Tensor, Error> {
+/// `d` with the distances of distinct items at or below 0 raised to the
+/// smallest positive normal number of its dtype and those of `identical`
+/// pairs 0.
+fn apart(mut d: Tensor, identical: Option<&Tensor>) -> Result<Tensor, Error> {
     let mut apart = d.f_le(0.0)?;
     if let Some(identical) = identical {
         let _ = apart.f_logical_and_(&identical.f_logical_not()?)?;
     }
-    let _ = d.f_masked_fill_(&apart, f64::MIN_POSITIVE)?;
+    let tiny = match d.f_kind()? {
+        Kind::Double => f64::MIN_POSITIVE,
+        _ => f64::from(f32::MIN_POSITIVE),
+    };
+    let _ = d.f_masked_fill_(&apart, tiny)?;
     if let Some(identical) = identical {
         let _ = d.f_masked_fill_(identical, 0.0)?;
     }
-    let own = columns.f_eq_tensor(&query.f_unsqueeze(1)?)?;
-    let _ = d.f_masked_fill_(&own, f64::INFINITY)?;
     Ok(d)
 }
