@@ -16,11 +16,17 @@ from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
 from helpers import SIGINT_CHILD
 
 
-def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="euclidean"):
-    """Python loops over float64 distances: every query against every other item,
-    sorted; queries with no other item of their label skipped."""
+def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="euclidean",
+                references=None):
+    """Python loops over float64 distances: every query against every other item
+    (or every item of ``references``, a pair of embeddings and labels), sorted;
+    queries with no other item of their label skipped."""
     points = embeddings.double().tolist()
     ids = labels.tolist()
+    if references is None:
+        gallery, gallery_ids, own = points, ids, True
+    else:
+        gallery, gallery_ids, own = references[0].double().tolist(), references[1].tolist(), False
 
     def dist(a, b):
         if distance == "cosine":
@@ -37,7 +43,8 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="eu
     hits = {k: 0 for k in ks}
     ap_sum, queries = 0.0, 0
     for q in range(len(points)):
-        others = sorted((dist(points[q], points[j]), ids[j]) for j in range(len(points)) if j != q)
+        others = sorted((dist(points[q], gallery[j]), gallery_ids[j])
+                        for j in range(len(gallery)) if not (own and j == q))
         relevant = [label == ids[q] for _, label in others]
         r = sum(relevant)
         if r == 0:
@@ -437,3 +444,130 @@ def test_ctrl_c_stops_a_long_evaluation_between_chunks():
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
 
+
+
+# With a reference set (a gallery): queries ranked against it alone.
+
+
+def query_and_gallery(seed: int, dtype=torch.float64):
+    """Queries and a gallery of other sizes, drawn from the same classes; some
+    query classes have no gallery item (skipped queries), some gallery classes
+    no query, and a few queries are exact copies of gallery items."""
+    rnd = random.Random(seed)
+    embeddings, labels = random_data(seed, n=rnd.randint(40, 90), dim=rnd.randint(2, 6),
+                                     classes=rnd.randint(3, 9), singletons=3, dtype=dtype)
+    q = rnd.randint(5, len(labels) - 10)
+    queries, query_labels = embeddings[:q].clone(), labels[:q]
+    gallery, gallery_labels = embeddings[q:], labels[q:]
+    queries[:2] = gallery[:2]
+    query_labels = torch.cat([query_labels[:-1], torch.tensor([777])])  # in no gallery
+    return (queries, query_labels), (gallery, gallery_labels)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+@pytest.mark.parametrize("distance", ["euclidean", "squared", "cosine"])
+def test_reference_set_matches_brute_force(seed, chunk_size, distance):
+    (x, y), (gx, gy) = query_and_gallery(seed)
+    brute = "cosine" if distance == "cosine" else "euclidean"
+    recall, map_at_r = brute_force(x, y, KS, brute, references=(gx, gy))
+    kw = dict(distance=distance, chunk_size=chunk_size, ref_embeddings=gx, ref_labels=gy)
+    assert recall_at_k(x, y, KS, **kw) == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(x, y, **kw) == pytest.approx(map_at_r, abs=1e-12)
+    assert 0 < recall[1] < 1 and 0 < map_at_r < 1
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_set_of_tight_classes_far_from_the_centre_is_ranked_exactly(distance, chunk_size, dtype):
+    embeddings, labels = tight_classes_far_apart(distance, dtype)
+    # The last 8 rows are copies of the first 8: queries with a copy in the gallery.
+    x, y, gx, gy = embeddings[60:], labels[60:], embeddings[:60], labels[:60]
+    ks = (1, 2, 5)
+    recall, map_at_r = brute_force(x, y, ks, "cosine" if distance == "cosine" else "euclidean",
+                                   references=(gx, gy))
+    assert 0.3 < recall[1] and 0.1 < map_at_r < 0.99
+    kw = dict(distance=distance, chunk_size=chunk_size, ref_embeddings=gx, ref_labels=gy)
+    assert recall_at_k(x, y, ks, **kw) == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(x, y, **kw) == pytest.approx(map_at_r, abs=1e-12)
+
+
+def test_reference_set_hand_computed_example():
+    gallery = torch.tensor([[0.1], [5.0], [5.1], [9.0], [0.0]])
+    gallery_labels = torch.tensor([0, 1, 1, 2, 3])
+    # 0.0 (label 0): nearest is its copy of label 3, then 0.1 -> miss at 1, AP@1 = 0.
+    # 5.2 (label 1): 5.1, 5.0 -> hit, AP@2 = 1. 0.2 (label 1): 0.1, 0.0, then 5.0 at
+    # rank 3 -> miss at 1 and 2, AP@2 = 0. 3.0 (label 4): no reference, skipped.
+    queries = torch.tensor([[0.0], [5.2], [0.2], [3.0]])
+    labels = torch.tensor([0, 1, 1, 4])
+    kw = dict(ref_embeddings=gallery, ref_labels=gallery_labels)
+    assert recall_at_k(queries, labels, ks=(1, 2, 3, 5, 10), **kw) == {
+        1: 1 / 3, 2: 2 / 3, 3: 1.0, 5: 1.0, 10: 1.0}
+    assert mean_average_precision_at_r(queries, labels, **kw) == pytest.approx(1 / 3)
+
+
+def test_reference_set_mixes_dtypes_and_label_types():
+    (x, y), (gx, gy) = query_and_gallery(1)
+    recall, map_at_r = brute_force(x, y, (1, 3), references=(gx, gy))
+    # float32 queries against a float64 gallery are ranked in float64.
+    kw = dict(ref_embeddings=gx, ref_labels=gy.double())
+    assert recall_at_k(x.float().double(), y.int(), (1, 3), **kw) == pytest.approx(
+        brute_force(x.float().double(), y, (1, 3), references=(gx, gy))[0], abs=1e-12)
+    assert recall_at_k(x, y, (1, 3), **kw) == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(x, y.int(), **kw) == pytest.approx(map_at_r, abs=1e-12)
+    # A NaN reference label matches no query.
+    nan_labels = gy.double().clone()
+    nan_labels[gy == y[5]] = math.nan
+    want = brute_force(x, torch.where(y == y[5], -1, y), (1, 3),
+                       references=(gx, torch.where(gy == y[5], -2, gy)))
+    assert recall_at_k(x, y.double(), (1, 3), ref_embeddings=gx, ref_labels=nan_labels) == \
+        pytest.approx(want[0], abs=1e-12)
+
+
+def test_reference_set_equals_pml_accuracy_calculator():
+    """PML's AccuracyCalculator with a reference set that excludes the queries."""
+    pml = pytest.importorskip("pytorch_metric_learning", reason="pytorch-metric-learning is a dev dependency")
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    del pml
+    calculator = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
+                                    knn_func=CustomKNN(LpDistance(normalize_embeddings=False)),
+                                    k="max_bin_count", device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        gy, y = torch.randint(0, 6, (60,), generator=g), torch.randint(0, 6, (25,), generator=g)
+        gx = torch.randn(60, 4, generator=g, dtype=torch.float64)
+        x = torch.randn(25, 4, generator=g, dtype=torch.float64)
+        want = calculator.get_accuracy(x, y, gx, gy, ref_includes_query=False)
+        kw = dict(ref_embeddings=gx, ref_labels=gy)
+        assert recall_at_k(x, y, ks=(1,), **kw)[1] == pytest.approx(want["precision_at_1"], rel=1e-12)
+        assert mean_average_precision_at_r(x, y, **kw) == pytest.approx(
+            want["mean_average_precision_at_r"], rel=1e-12)
+
+
+@pytest.mark.parametrize("metric", [lambda *a, **k: recall_at_k(*a, **k), mean_average_precision_at_r])
+def test_reference_set_errors(metric):
+    (x, y), (gx, gy) = query_and_gallery(0)
+    cases = [
+        (dict(ref_embeddings=gx), "ref_embeddings and ref_labels: must be given together"),
+        (dict(ref_labels=gy), "ref_embeddings and ref_labels: must be given together"),
+        (dict(ref_embeddings=gx[:, :1], ref_labels=gy), r"ref_embeddings: must have the embedding size"),
+        (dict(ref_embeddings=gx, ref_labels=gy[:3]), "ref_labels: has 3 entries but ref_embeddings has"),
+        (dict(ref_embeddings=gx[:0], ref_labels=gy[:0]), "ref_embeddings: must hold at least one item"),
+        (dict(ref_embeddings=gx.long(), ref_labels=gy), "ref_embeddings: must be floating point"),
+        (dict(ref_embeddings=gx / 0, ref_labels=gy), "ref_embeddings: must be finite"),
+        (dict(ref_embeddings=gx, ref_labels=gy[:, None]), "ref_labels: must be 1-D"),
+        (dict(ref_embeddings=gx, ref_labels=gy + 10**6), "labels: no query's label is among ref_labels"),
+        (dict(ref_embeddings=x, ref_labels=y), "ref_embeddings: is embeddings itself"),
+        (dict(ref_embeddings=gx.tolist(), ref_labels=gy), "ref_embeddings: must be a torch.Tensor"),
+        (dict(ref_embeddings=gx, ref_labels=gy.tolist()), "ref_labels: must be a torch.Tensor"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            metric(x, y, **kw)
+    # A copy of the queries is a gallery like any other: each finds its copy.
+    assert metric(x, y, ref_embeddings=x.clone(), ref_labels=y) == (
+        {1: 1.0} if metric is not mean_average_precision_at_r else metric(x, y, ref_embeddings=x.clone(), ref_labels=y))

@@ -2,7 +2,11 @@ r"""Retrieval metrics for embeddings, computed exactly in the Rust core.
 
 Every item is a query against all the *other* items. For a query :math:`q`,
 :math:`R_q` is the number of other items with :math:`q`'s label; queries with
-:math:`R_q = 0` have nothing to retrieve and are skipped.
+:math:`R_q = 0` have nothing to retrieve and are skipped. With a reference
+set (``ref_embeddings`` and ``ref_labels``: a gallery, as in person
+re-identification or retrieval benchmarks), the items are the queries and
+each is ranked against the reference set alone, :math:`R_q` the number of
+references with its label.
 
 Queries are ranked in chunks against all items, so memory stays
 :math:`O(B \cdot \text{chunk})`, plus two float64 copies of the embeddings:
@@ -34,7 +38,14 @@ from typing import Dict, Iterable, List, Optional, Union
 from torch import Tensor
 
 from . import _core, _native as native
-from ._validation import INT64_MAX, check_int, check_tensor, refuse_tracing, resolve_distance
+from ._validation import (
+    INT64_MAX,
+    check_int,
+    check_references,
+    check_tensor,
+    refuse_tracing,
+    resolve_distance,
+)
 
 __all__ = ["recall_at_k", "mean_average_precision_at_r"]
 
@@ -64,6 +75,12 @@ def _check_chunk_size(chunk_size: object) -> Optional[int]:
     return check_int("chunk_size", chunk_size, 1)
 
 
+def _reference_set(ref_embeddings: Optional[Tensor], ref_labels: Optional[Tensor]) -> tuple:
+    if ref_embeddings is None:
+        return ()
+    return (ref_embeddings.detach(), ref_labels)
+
+
 @native.boundary
 def recall_at_k(
     embeddings: Tensor,
@@ -72,6 +89,8 @@ def recall_at_k(
     *,
     distance: str = "euclidean",
     chunk_size: Optional[int] = None,
+    ref_embeddings: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
 ) -> Dict[int, float]:
     r"""Recall@k: how often an item of the query's class is among its k nearest.
 
@@ -80,8 +99,9 @@ def recall_at_k(
             \mathbb{1}\big[\exists\, j \in N_k(q):\ y_j = y_q\big]
 
     where :math:`N_k(q)` are the :math:`k` nearest items other than :math:`q`
-    and :math:`Q` the queries with :math:`R_q > 0`. A :math:`k` above the
-    number of other items counts all of them.
+    (the :math:`k` nearest references, with a reference set) and :math:`Q` the
+    queries with :math:`R_q > 0`. A :math:`k` above the number of items that
+    can be retrieved counts all of them.
 
     Args:
         embeddings: the items, :math:`(B, D)`.
@@ -91,19 +111,27 @@ def recall_at_k(
             ``"cosine"``.
         chunk_size: queries ranked at a time; by default enough to keep each
             chunk's distance matrix near 4M entries.
+        ref_embeddings: a reference set (gallery) to rank the queries
+            ``embeddings`` against instead of each other; not ``embeddings``
+            itself. A query identical to a reference finds it at distance 0.
+        ref_labels: the reference set's class ids, given with it.
 
     Returns:
         ``{k: recall}`` for every :math:`k` asked for.
 
     Raises:
         ValueError: on a bad argument, non-finite embeddings, or when no item
-            shares its label with another (there is no query).
+            shares its label with another (with a reference set: no query's
+            label is among ``ref_labels``), so there is no query.
 
     Shape:
         - embeddings: :math:`(B, D)`, floating point, finite; float16 and
           bfloat16 are ranked in float32.
         - labels: :math:`(B)`, integer class ids (or floats holding class ids),
           on any device.
+        - ref_embeddings: :math:`(M, D)`, on the device of ``embeddings``; both
+          are ranked in the wider of their dtypes.
+        - ref_labels: :math:`(M)`, as ``labels``.
 
     Example::
 
@@ -112,15 +140,23 @@ def recall_at_k(
         >>> labels = torch.tensor([0, 0, 1, 1, 1])
         >>> recall_at_k(embeddings, labels, ks=(1, 4))
         {1: 0.8, 4: 1.0}
+        >>> gallery = torch.tensor([[0.1], [5.0], [5.1], [9.0]])
+        >>> gallery_labels = torch.tensor([0, 1, 1, 2])
+        >>> queries, query_labels = torch.tensor([[0.0], [5.2], [0.2]]), torch.tensor([0, 1, 1])
+        >>> recall_at_k(queries, query_labels, ks=(1, 2),
+        ...             ref_embeddings=gallery, ref_labels=gallery_labels)
+        {1: 0.6666666666666666, 2: 1.0}
     """
     refuse_tracing("recall_at_k")
     check_tensor("embeddings", embeddings)
     check_tensor("labels", labels)
+    check_references(ref_embeddings, ref_labels)
     values = _check_ks(ks)
     recalls = native.call(
         _core.recall_at_k,
         embeddings.detach(), labels, values,
         resolve_distance(False, distance), _check_chunk_size(chunk_size),
+        *_reference_set(ref_embeddings, ref_labels),
     )
     return dict(zip(values, recalls))
 
@@ -132,6 +168,8 @@ def mean_average_precision_at_r(
     *,
     distance: str = "euclidean",
     chunk_size: Optional[int] = None,
+    ref_embeddings: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
 ) -> float:
     r"""MAP@R (Musgrave et al., "A Metric Learning Reality Check", 2020).
 
@@ -151,19 +189,27 @@ def mean_average_precision_at_r(
             ``"cosine"``.
         chunk_size: queries ranked at a time; by default enough to keep each
             chunk's distance matrix near 4M entries.
+        ref_embeddings: a reference set (gallery) to rank the queries
+            ``embeddings`` against instead of each other; not ``embeddings``
+            itself. A query identical to a reference finds it at distance 0.
+        ref_labels: the reference set's class ids, given with it.
 
     Returns:
         MAP@R, a float in :math:`[0, 1]`.
 
     Raises:
         ValueError: on a bad argument, non-finite embeddings, or when no item
-            shares its label with another (there is no query).
+            shares its label with another (with a reference set: no query's
+            label is among ``ref_labels``), so there is no query.
 
     Shape:
         - embeddings: :math:`(B, D)`, floating point, finite; float16 and
           bfloat16 are ranked in float32.
         - labels: :math:`(B)`, integer class ids (or floats holding class ids),
           on any device.
+        - ref_embeddings: :math:`(M, D)`, on the device of ``embeddings``; both
+          are ranked in the wider of their dtypes.
+        - ref_labels: :math:`(M)`, as ``labels``.
 
     Example::
 
@@ -176,8 +222,10 @@ def mean_average_precision_at_r(
     refuse_tracing("mean_average_precision_at_r")
     check_tensor("embeddings", embeddings)
     check_tensor("labels", labels)
+    check_references(ref_embeddings, ref_labels)
     return native.call(
         _core.mean_average_precision_at_r,
         embeddings.detach(), labels,
         resolve_distance(False, distance), _check_chunk_size(chunk_size),
+        *_reference_set(ref_embeddings, ref_labels),
     )

@@ -319,9 +319,11 @@ fn python_signals() -> bool {
     }
 }
 
-/// recall@k for each of `ks`, in that order.
+/// recall@k for each of `ks`, in that order, of every item against the
+/// others or, with a reference set, of the queries against it.
 #[pyfunction]
-#[pyo3(signature = (embeddings, labels, ks, distance, chunk_size=None))]
+#[pyo3(signature = (embeddings, labels, ks, distance, chunk_size=None, ref_embeddings=None, ref_labels=None))]
+#[allow(clippy::too_many_arguments)]
 fn recall_at_k(
     py: Python<'_>,
     embeddings: PyTensor,
@@ -329,27 +331,54 @@ fn recall_at_k(
     ks: Vec<i64>,
     distance: &str,
     chunk_size: Option<i64>,
+    ref_embeddings: Option<PyTensor>,
+    ref_labels: Option<PyTensor>,
 ) -> PyResult<Vec<f64>> {
     let config = retrieval(distance, chunk_size)?;
     let (embeddings, labels) = (embeddings.0, labels.0);
-    run(py, move || config.recall_at_k(&embeddings, &labels, &ks))
+    let references = reference_set(ref_embeddings, ref_labels)?;
+    run(py, move || match &references {
+        Some((y, y_labels)) => config.recall_at_k_against(&embeddings, &labels, y, y_labels, &ks),
+        None => config.recall_at_k(&embeddings, &labels, &ks),
+    })
 }
 
-/// MAP@R.
+/// MAP@R of every item against the others or, with a reference set, of
+/// the queries against it.
 #[pyfunction]
-#[pyo3(signature = (embeddings, labels, distance, chunk_size=None))]
+#[pyo3(signature = (embeddings, labels, distance, chunk_size=None, ref_embeddings=None, ref_labels=None))]
 fn mean_average_precision_at_r(
     py: Python<'_>,
     embeddings: PyTensor,
     labels: PyTensor,
     distance: &str,
     chunk_size: Option<i64>,
+    ref_embeddings: Option<PyTensor>,
+    ref_labels: Option<PyTensor>,
 ) -> PyResult<f64> {
     let config = retrieval(distance, chunk_size)?;
     let (embeddings, labels) = (embeddings.0, labels.0);
-    run(py, move || {
-        config.mean_average_precision_at_r(&embeddings, &labels)
+    let references = reference_set(ref_embeddings, ref_labels)?;
+    run(py, move || match &references {
+        Some((y, y_labels)) => {
+            config.mean_average_precision_at_r_against(&embeddings, &labels, y, y_labels)
+        }
+        None => config.mean_average_precision_at_r(&embeddings, &labels),
     })
+}
+
+/// The reference set of the metrics: both tensors or neither.
+fn reference_set(
+    embeddings: Option<PyTensor>,
+    labels: Option<PyTensor>,
+) -> PyResult<Option<(Tensor, Tensor)>> {
+    match (embeddings, labels) {
+        (Some(y), Some(y_labels)) => Ok(Some((y.0, y_labels.0))),
+        (None, None) => Ok(None),
+        _ => Err(PyValueError::new_err(
+            "ref_embeddings and ref_labels: must be given together",
+        )),
+    }
 }
 
 macro_rules! torch_record_prefix {

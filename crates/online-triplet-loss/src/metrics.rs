@@ -3,7 +3,10 @@
 //!
 //! Every item is a query against all the *other* items. For a query q, R_q
 //! is the number of other items with q's label; queries with R_q = 0 have
-//! nothing to retrieve and are skipped by both metrics.
+//! nothing to retrieve and are skipped by both metrics. With a reference set
+//! (a gallery: [`RetrievalConfig::evaluate_against`] and its siblings), the
+//! items are queries ranked against the references alone, and R_q is the
+//! number of references with q's label.
 //!
 //! - **recall@k**: the fraction of queries that have an item of their label
 //!   among their k nearest other items. A k above the number of other items
@@ -57,7 +60,7 @@ use tch::{Kind, Tensor};
 use crate::distance::{Centre, Distance, Side};
 use crate::error::caught;
 use crate::grad;
-use crate::labels::{domain, keys, REFERENCE_NAN_KEYS};
+use crate::labels::{common, domain, keys, ANCHOR_NAN_KEYS, REFERENCE_NAN_KEYS};
 use crate::losses::check_embeddings;
 use crate::mining::Kernel;
 use crate::ties::Ties;
@@ -117,7 +120,19 @@ struct Sums {
     queries: i64,
 }
 
+impl Sums {
+    fn retrieval(self) -> Retrieval {
+        let queries = self.queries as f64;
+        Retrieval {
+            recall: self.hits.iter().map(|h| h / queries).collect(),
+            map_at_r: self.average_precision / queries,
+            queries: self.queries,
+        }
+    }
+}
+
 impl RetrievalConfig {
+    #[must_use]
     pub fn new(distance: Distance) -> Self {
         RetrievalConfig {
             distance,
@@ -126,6 +141,9 @@ impl RetrievalConfig {
         }
     }
 
+    /// Ranks `rows` queries at a time; a value below 1 is refused when the
+    /// metrics are computed.
+    #[must_use]
     pub fn chunk_size(mut self, rows: i64) -> Self {
         self.chunk_size = Some(rows);
         self
@@ -153,6 +171,19 @@ impl RetrievalConfig {
     }
 
     /// recall@k for each of `ks`, in that order.
+    ///
+    /// # Shapes
+    /// `embeddings` `(N, D)`, floating point (ranked in float32 for half
+    /// precision), `labels` `(N,)` on any device.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the argument for empty or
+    /// non-positive `ks`, a `chunk_size` below 1, embeddings that are not
+    /// 2-D, floating point and finite or hold no item, labels that are not
+    /// 1-D class ids of the embeddings' length, and labels no two items
+    /// share (no query); [`Error::Torch`] when libtorch fails (out of
+    /// memory, say); [`Error::Interrupted`] when the
+    /// [`RetrievalConfig::interrupt`] asks to stop.
     pub fn recall_at_k(
         &self,
         embeddings: &Tensor,
@@ -162,40 +193,138 @@ impl RetrievalConfig {
         if ks.is_empty() {
             return Err(Error::invalid("ks", "must hold at least one k"));
         }
-        let sums = caught(|| self.scan(embeddings, labels, ks, false))?;
-        let queries = sums.queries as f64;
-        Ok(sums.hits.iter().map(|h| h / queries).collect())
+        let sums = caught(|| self.scan((embeddings, labels), None, ks, false))?;
+        Ok(sums.retrieval().recall)
     }
 
     /// MAP@R.
+    ///
+    /// # Shapes
+    /// As [`RetrievalConfig::recall_at_k`].
+    ///
+    /// # Errors
+    /// As [`RetrievalConfig::recall_at_k`] (which has `ks`).
     pub fn mean_average_precision_at_r(
         &self,
         embeddings: &Tensor,
         labels: &Tensor,
     ) -> Result<f64, Error> {
-        let sums = caught(|| self.scan(embeddings, labels, &[], true))?;
-        Ok(sums.average_precision / sums.queries as f64)
+        let sums = caught(|| self.scan((embeddings, labels), None, &[], true))?;
+        Ok(sums.retrieval().map_at_r)
     }
 
     /// recall@k for each of `ks` and MAP@R, in one pass over the distances.
     /// `ks` may be empty (MAP@R alone), unlike for
     /// [`RetrievalConfig::recall_at_k`], whose result would be empty.
+    ///
+    /// # Shapes
+    /// As [`RetrievalConfig::recall_at_k`].
+    ///
+    /// # Errors
+    /// As [`RetrievalConfig::recall_at_k`], but `ks` may be empty.
     pub fn evaluate(
         &self,
         embeddings: &Tensor,
         labels: &Tensor,
         ks: &[i64],
     ) -> Result<Retrieval, Error> {
-        let sums = caught(|| self.scan(embeddings, labels, ks, true))?;
-        let queries = sums.queries as f64;
-        Ok(Retrieval {
-            recall: sums.hits.iter().map(|h| h / queries).collect(),
-            map_at_r: sums.average_precision / queries,
-            queries: sums.queries,
-        })
+        caught(|| self.scan((embeddings, labels), None, ks, true)).map(Sums::retrieval)
     }
 
-    fn validate(&self, embeddings: &Tensor, labels: &Tensor, ks: &[i64]) -> Result<(), Error> {
+    /// [`RetrievalConfig::recall_at_k`] of the queries `embeddings` against
+    /// the reference set (gallery) `ref_embeddings` alone: R_q counts the
+    /// references of q's label, and a query identical to a reference finds
+    /// it at distance 0.
+    ///
+    /// # Shapes
+    /// `embeddings` `(Q, D)` and `labels` `(Q,)`; `ref_embeddings` `(G, D)`
+    /// on the same device and `ref_labels` `(G,)`. The embeddings are ranked
+    /// in the wider of their two dtypes (float32 for half precision).
+    ///
+    /// # Errors
+    /// As [`RetrievalConfig::recall_at_k`], and [`Error::InvalidArgument`]
+    /// naming `ref_embeddings` or `ref_labels` for a reference set that
+    /// does not fit the queries (another width or device), or that is
+    /// `embeddings` itself; naming `labels` when no query's label is among
+    /// the references'.
+    ///
+    /// ```
+    /// use online_triplet_loss::metrics::RetrievalConfig;
+    /// use online_triplet_loss::Distance;
+    /// use tch::Tensor;
+    ///
+    /// let queries = Tensor::from_slice(&[0.0f32, 5.2, 0.2]).view([3, 1]);
+    /// let labels = Tensor::from_slice(&[0i64, 1, 1]);
+    /// let gallery = Tensor::from_slice(&[0.1f32, 5.0, 5.1, 9.0]).view([4, 1]);
+    /// let gallery_labels = Tensor::from_slice(&[0i64, 1, 1, 2]);
+    /// let recall = RetrievalConfig::new(Distance::Euclidean)
+    ///     .recall_at_k_against(&queries, &labels, &gallery, &gallery_labels, &[1, 2])?;
+    /// assert_eq!(recall, vec![2.0 / 3.0, 1.0]);
+    /// # Ok::<(), online_triplet_loss::Error>(())
+    /// ```
+    pub fn recall_at_k_against(
+        &self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+        ref_embeddings: &Tensor,
+        ref_labels: &Tensor,
+        ks: &[i64],
+    ) -> Result<Vec<f64>, Error> {
+        if ks.is_empty() {
+            return Err(Error::invalid("ks", "must hold at least one k"));
+        }
+        let references = Some((ref_embeddings, ref_labels));
+        let sums = caught(|| self.scan((embeddings, labels), references, ks, false))?;
+        Ok(sums.retrieval().recall)
+    }
+
+    /// MAP@R of the queries `embeddings` against the reference set
+    /// `ref_embeddings` alone, R_q the number of references of q's label;
+    /// see [`RetrievalConfig::recall_at_k_against`].
+    ///
+    /// # Shapes
+    /// As [`RetrievalConfig::recall_at_k_against`].
+    ///
+    /// # Errors
+    /// As [`RetrievalConfig::recall_at_k_against`].
+    pub fn mean_average_precision_at_r_against(
+        &self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+        ref_embeddings: &Tensor,
+        ref_labels: &Tensor,
+    ) -> Result<f64, Error> {
+        let references = Some((ref_embeddings, ref_labels));
+        let sums = caught(|| self.scan((embeddings, labels), references, &[], true))?;
+        Ok(sums.retrieval().map_at_r)
+    }
+
+    /// recall@k and MAP@R of the queries against the reference set, in one
+    /// pass; see [`RetrievalConfig::recall_at_k_against`].
+    ///
+    /// # Shapes
+    /// As [`RetrievalConfig::recall_at_k_against`].
+    ///
+    /// # Errors
+    /// As [`RetrievalConfig::recall_at_k_against`], but `ks` may be empty.
+    pub fn evaluate_against(
+        &self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+        ref_embeddings: &Tensor,
+        ref_labels: &Tensor,
+        ks: &[i64],
+    ) -> Result<Retrieval, Error> {
+        let references = Some((ref_embeddings, ref_labels));
+        caught(|| self.scan((embeddings, labels), references, ks, true)).map(Sums::retrieval)
+    }
+
+    fn validate(
+        &self,
+        (embeddings, labels): Items,
+        references: Option<Items>,
+        ks: &[i64],
+    ) -> Result<(), Error> {
         if let Some(rows) = self.chunk_size {
             if rows < 1 {
                 return Err(Error::invalid(
@@ -210,103 +339,119 @@ impl RetrievalConfig {
                 format!("every k must be >= 1, got {k}"),
             ));
         }
-        check_embeddings("embeddings", embeddings)?;
-        if embeddings.dim() != 2 {
-            return Err(Error::invalid(
-                "embeddings",
-                format!(
-                    "must be 2-D (items, dim), got shape {:?}",
-                    embeddings.size()
-                ),
-            ));
-        }
-        domain(labels, "labels")?;
-        if labels.dim() != 1 {
-            return Err(Error::invalid(
-                "labels",
-                format!("must be 1-D (items,), got shape {:?}", labels.size()),
-            ));
-        }
-        let (n, l) = (embeddings.size()[0], labels.size()[0]);
-        if n != l {
-            return Err(Error::invalid(
-                "labels",
-                format!("has {l} entries but embeddings has {n} rows"),
-            ));
-        }
-        if n == 0 {
-            return Err(Error::invalid("embeddings", "must hold at least one item"));
-        }
-        let finite = bool::try_from(embeddings.f_isfinite()?.f_all()?)?;
-        if !finite {
-            return Err(Error::invalid(
-                "embeddings",
-                "must be finite, got NaN or infinite values",
-            ));
+        check_items(("embeddings", embeddings), ("labels", labels))?;
+        if let Some((y, y_labels)) = references {
+            check_items(("ref_embeddings", y), ("ref_labels", y_labels))?;
+            let (d, rd) = (embeddings.size()[1], y.size()[1]);
+            if d != rd {
+                return Err(Error::invalid(
+                    "ref_embeddings",
+                    format!("must have the embedding size of embeddings ({d}), got {rd}"),
+                ));
+            }
+            if y.device() != embeddings.device() {
+                return Err(Error::invalid(
+                    "ref_embeddings",
+                    format!(
+                        "must be on the device of embeddings ({:?}), got {:?}",
+                        embeddings.device(),
+                        y.device()
+                    ),
+                ));
+            }
+            let same_storage = y.data_ptr() == embeddings.data_ptr()
+                && y.size() == embeddings.size()
+                && y.stride() == embeddings.stride();
+            if same_storage {
+                return Err(Error::invalid(
+                    "ref_embeddings",
+                    "is embeddings itself, so every query would find itself at distance 0; \
+                     to rank each item against the others, give no ref_embeddings",
+                ));
+            }
         }
         Ok(())
     }
 
-    /// Ranks every query with R_q > 0 against all other items and sums its
-    /// hits for each of `ks` and, when `map`, its AP@R.
+    /// Ranks every query with R_q > 0 against the references (all other
+    /// items without them) and sums its hits for each of `ks` and, when
+    /// `map`, its AP@R.
     fn scan(
         &self,
-        embeddings: &Tensor,
-        labels: &Tensor,
+        queries: Items,
+        references: Option<Items>,
         ks: &[i64],
         map: bool,
     ) -> Result<Sums, Error> {
-        self.validate(embeddings, labels, ks)?;
+        self.validate(queries, references, ks)?;
+        let (embeddings, _) = queries;
         let device = embeddings.device();
-        let kind = match embeddings.kind() {
-            Kind::Half | Kind::BFloat16 => Kind::Float,
-            k => k,
+        // float32 for half precision; float64 if either set is.
+        let widest = |t: &Tensor| -> Result<Kind, Error> {
+            Ok(match t.f_kind()? {
+                Kind::Double => Kind::Double,
+                _ => Kind::Float,
+            })
         };
-        let n = embeddings.size()[0];
-        let keys =
-            keys(labels, domain(labels, "labels")?, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
-        // R_q: the other items that share q's label.
-        let (_, inverse, counts) = keys.f_internal_unique2(false, true, true)?;
-        let others = counts.f_index_select(0, &inverse)?.f_sub_scalar(1)?;
-        // Queries sorted by R_q: the skipped ones first, then chunks whose
-        // last query needs the most neighbours.
-        let (sorted_r, order) = others.f_sort_stable(true, 0, false)?;
-        let sorted_r = crate::alloc::to_vec::<i64>(&sorted_r)?;
+        let kind = match references {
+            Some((y, _)) if widest(y)? == Kind::Double => Kind::Double,
+            _ => widest(embeddings)?,
+        };
+        let items = Ordered::new(queries, references, kind)?;
+        let (q0, g) = (items.first_query, items.references);
+        let sorted_r = &items.sorted_r;
         let first = sorted_r.partition_point(|&r| r == 0) as i64;
-        let queries = n - first;
+        let queries = sorted_r.len() as i64 - first;
         if queries == 0 {
             return Err(Error::invalid(
                 "labels",
-                "no item shares its label with another item, so there is no query to evaluate",
+                match references {
+                    None => {
+                        "no item shares its label with another item, so there is no query \
+                             to evaluate"
+                    }
+                    Some(_) => {
+                        "no query's label is among ref_labels, so there is no query to \
+                                evaluate"
+                    }
+                },
             ));
         }
-        let x = embeddings
-            .detach()
-            .f_to_kind(kind)?
-            .f_index_select(0, &order)?;
-        let keys = keys.f_index_select(0, &order)?;
-        let others = others.f_index_select(0, &order)?;
+        let x = items.embeddings;
+        let (keys, others) = (items.keys, items.others);
         let ranking = match self.distance {
             // The square root does not change the order.
             Distance::Euclidean | Distance::Squared => Distance::Squared,
             Distance::Cosine => Distance::Cosine,
         };
-        // n ≥ 2 here, since some query has another item of its label.
-        let k_max = ks.iter().copied().max().unwrap_or(0).min(n - 1);
+        // The items a query can retrieve: the references but itself. At
+        // least one, since some query has a reference of its label.
+        let retrievable = if references.is_some() { g } else { g - 1 };
+        let k_max = ks.iter().copied().max().unwrap_or(0).min(retrievable);
         let step = self
             .chunk_size
-            .unwrap_or_else(|| (CHUNK_ELEMENTS / n).max(1));
+            .unwrap_or_else(|| (CHUNK_ELEMENTS / g).max(1));
 
         let (scaled, (frame, exponent)) = normalised_frame(&x, ranking == Distance::Squared)?;
         let points = frame.f_to_kind(kind)?;
         grad::no_grad(|| {
             let (side, _) = Side::pair(ranking, &points, None)?;
             // Copies among the embeddings as given: rounding the centred
-            // frame back to the dtype can merge rows that differ.
+            // frame back to the dtype can merge rows that differ. The
+            // references come first, so a reference's first copy is one.
             let rows = side.tie_rows(&x)?;
             drop(x);
-            let ties = Ties::find(&rows, &rows, Some(0), true, Kernel::Auto)?;
-            let certify = Certify::new(ranking, (scaled, &frame, exponent), &keys, &side, kind)?;
+            let ties = match Ties::find(&rows, &rows, Some(0), true, Kernel::Auto)? {
+                Some(ties) => Some(ties.leading_columns(g)?),
+                None => None,
+            };
+            let certify = Certify::new(
+                ranking,
+                (scaled, &frame, exponent),
+                (&keys, g, references.is_none()),
+                &side,
+                kind,
+            )?;
             drop(frame);
             let opts = (Kind::Int64, device);
             let mut hits = ks
@@ -315,28 +460,31 @@ impl RetrievalConfig {
                 .collect::<Result<Vec<_>, _>>()?;
             let mut average_precision = Tensor::f_zeros([], (Kind::Double, device))?;
             let mut start = first;
-            while start < n {
+            while start < first + queries {
                 Interrupt::check(self.interrupt)?;
-                let len = step.min(n - start);
+                let len = step.min(first + queries - start);
                 // In float64 from the start once enough queries have needed it.
                 let ranking_side = certify.wide_side(start - first).unwrap_or(&side);
-                let queries = Tensor::f_arange_start(start, start + len, opts)?;
-                let d = ranking_side.rows(start, len)?.pairwise(ranking_side)?;
-                let d = certify::finish(d, &queries, ties.as_ref())?;
+                let item = q0 + start;
+                let query_items = Tensor::f_arange_start(item, item + len, opts)?;
+                let d = ranking_side
+                    .rows(item, len)?
+                    .pairwise(&ranking_side.rows(0, g)?)?;
+                let d = certify.finish(d, &query_items, ties.as_ref())?;
                 let r_last = sorted_r[(start + len - 1) as usize];
-                let depth = k_max.max(if map { r_last } else { 0 }).min(n - 1);
+                let depth = k_max.max(if map { r_last } else { 0 }).min(retrievable);
                 // rel(i): the i-th nearest shares the query's label.
                 // One more than `depth`, to see whether the next is close.
-                let (values, nearest) = d.f_topk((depth + 1).min(n), 1, false, true)?;
+                let (values, nearest) = d.f_topk((depth + 1).min(g), 1, false, true)?;
                 let nearest = nearest.f_narrow(1, 0, depth)?;
-                let relevant = certify.relevance(&nearest, &queries)?;
+                let relevant = certify.relevance(&nearest, &query_items)?;
                 let relevant = match certify.ranked(
                     &d,
-                    start,
+                    item,
                     (&values, &nearest, &relevant),
                     ties.as_ref(),
                 )? {
-                    Some(nearest) => certify.relevance(&nearest, &queries)?,
+                    Some(nearest) => certify.relevance(&nearest, &query_items)?,
                     None => relevant,
                 };
                 drop(d);
@@ -375,7 +523,135 @@ impl RetrievalConfig {
     }
 }
 
+/// Embeddings and their labels.
+type Items<'a> = (&'a Tensor, &'a Tensor);
+
+/// The items of an evaluation in the order it ranks them: the references
+/// first, columns `0..references` of every distance matrix, then the
+/// queries sorted by R_q (the skipped ones first, then chunks whose last
+/// query needs the most neighbours), from `first_query`. Without a
+/// reference set the items are both: `first_query` is 0 and `references`
+/// all of them.
+struct Ordered {
+    /// `(N, D)`, detached.
+    embeddings: Tensor,
+    /// int64 label keys, `(N,)`, on the embeddings' device.
+    keys: Tensor,
+    /// R_q of the queries in their order, `(Q,)`.
+    others: Tensor,
+    /// The same on the host.
+    sorted_r: Vec<i64>,
+    first_query: i64,
+    references: i64,
+}
+
+impl Ordered {
+    /// The queries `(x, labels)` and `references`, in `kind`.
+    fn new((x, labels): Items, references: Option<Items>, kind: Kind) -> Result<Ordered, Error> {
+        let device = x.device();
+        let x = x.detach().f_to_kind(kind)?;
+        let (x_keys, others, references) = match references {
+            None => {
+                let keys = keys(labels, domain(labels, "labels")?, REFERENCE_NAN_KEYS)?
+                    .f_to_device(device)?;
+                // R_q: the other items that share q's label.
+                let (_, inverse, counts) = keys.f_internal_unique2(false, true, true)?;
+                let others = counts.f_index_select(0, &inverse)?.f_sub_scalar(1)?;
+                (keys, others, None)
+            }
+            Some((y, y_labels)) => {
+                let d = common(
+                    (domain(labels, "labels")?, labels, "labels"),
+                    (domain(y_labels, "ref_labels")?, y_labels, "ref_labels"),
+                )?;
+                let x_keys = keys(labels, d, ANCHOR_NAN_KEYS)?.f_to_device(device)?;
+                let y_keys = keys(y_labels, d, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
+                // R_q: the references that share q's label, by a binary
+                // search among their distinct labels.
+                let (values, _, counts) = y_keys.f_internal_unique2(true, false, true)?;
+                let last = values.size()[0] - 1;
+                let at = x_keys
+                    .f_searchsorted(&values, false, false, "left", None::<Tensor>)?
+                    .f_clamp_max_(last)?;
+                let found = values.f_index_select(0, &at)?.f_eq_tensor(&x_keys)?;
+                let others = counts
+                    .f_index_select(0, &at)?
+                    .f_where_scalarother(&found, 0)?;
+                let y = y.detach().f_to_kind(kind)?;
+                (x_keys, others, Some((y, y_keys)))
+            }
+        };
+        let (sorted_r, order) = others.f_sort_stable(true, 0, false)?;
+        let x = x.f_index_select(0, &order)?;
+        let x_keys = x_keys.f_index_select(0, &order)?;
+        let (embeddings, keys, first_query) = match references {
+            Some((y, y_keys)) => (
+                Tensor::f_cat(&[&y, &x], 0)?,
+                Tensor::f_cat(&[&y_keys, &x_keys], 0)?,
+                y.size()[0],
+            ),
+            None => (x, x_keys, 0),
+        };
+        Ok(Ordered {
+            references: match first_query {
+                0 => embeddings.size()[0],
+                g => g,
+            },
+            embeddings,
+            keys,
+            sorted_r: crate::alloc::to_vec::<i64>(&sorted_r)?,
+            others: sorted_r,
+            first_query,
+        })
+    }
+}
+
+/// Checks one set of items and their labels.
+fn check_items(
+    (emb_name, embeddings): (&'static str, &Tensor),
+    (label_name, labels): (&'static str, &Tensor),
+) -> Result<(), Error> {
+    check_embeddings(emb_name, embeddings)?;
+    if embeddings.dim() != 2 {
+        return Err(Error::invalid(
+            emb_name,
+            format!(
+                "must be 2-D (items, dim), got shape {:?}",
+                embeddings.size()
+            ),
+        ));
+    }
+    domain(labels, label_name)?;
+    if labels.dim() != 1 {
+        return Err(Error::invalid(
+            label_name,
+            format!("must be 1-D (items,), got shape {:?}", labels.size()),
+        ));
+    }
+    let (n, l) = (embeddings.size()[0], labels.size()[0]);
+    if n != l {
+        return Err(Error::invalid(
+            label_name,
+            format!("has {l} entries but {emb_name} has {n} rows"),
+        ));
+    }
+    if n == 0 {
+        return Err(Error::invalid(emb_name, "must hold at least one item"));
+    }
+    let finite = bool::try_from(embeddings.f_isfinite()?.f_all()?)?;
+    if !finite {
+        return Err(Error::invalid(
+            emb_name,
+            "must be finite, got NaN or infinite values",
+        ));
+    }
+    Ok(())
+}
+
 /// recall@k for each of `ks`, in that order; see the [module](self) docs.
+///
+/// # Errors
+/// As [`RetrievalConfig::recall_at_k`].
 pub fn recall_at_k(
     embeddings: &Tensor,
     labels: &Tensor,
@@ -386,6 +662,9 @@ pub fn recall_at_k(
 }
 
 /// MAP@R; see the [module](self) docs.
+///
+/// # Errors
+/// As [`RetrievalConfig::mean_average_precision_at_r`].
 pub fn mean_average_precision_at_r(
     embeddings: &Tensor,
     labels: &Tensor,

@@ -202,6 +202,16 @@ impl Ties {
         }
     }
 
+    /// The same ties with the references narrowed to the first `count`
+    /// rows, for anchors found among all of them ([`Ties::find`] with
+    /// `same`): the first copy of one of those rows is one of them too.
+    pub(crate) fn leading_columns(self, count: i64) -> Result<Ties, Error> {
+        Ok(Ties {
+            columns: self.columns.f_narrow(0, 0, count)?,
+            rows: self.rows,
+        })
+    }
+
     /// Rewrites the distances of anchors `start..start + d.size()[0]`.
     pub(crate) fn apply(&self, d: &Tensor, start: i64) -> Result<Tensor, Error> {
         let mut d = d.f_index_select(1, &self.columns)?;

@@ -68,6 +68,11 @@ pub(super) struct Certify {
     wide: Option<(Side, Tensor)>,
     /// The queries ranked again so far, or ranked by it from the start.
     widened: Cell<i64>,
+    /// The items that are ranked, the first ones: the columns of every
+    /// distance matrix.
+    references: i64,
+    /// Whether the queries are among them (each at +inf from itself).
+    own: bool,
 }
 
 /// E_q for every item of `side`, whose Gram products are taken in `kind`:
@@ -170,11 +175,12 @@ impl Certify {
     /// from `frame`, the float64 points before rounding to `kind`: `rows`,
     /// the embeddings in float64 scaled by a power of two, less a centre
     /// (for Euclidean distances), times 2^`exponent`; `keys` are the
-    /// labels' keys.
+    /// labels' keys, the first `references` items are ranked, and `own`
+    /// says whether the queries are among them.
     pub(super) fn new(
         distance: Distance,
         (rows, frame, exponent): (Tensor, &Tensor, i32),
-        keys: &Tensor,
+        (keys, references, own): (&Tensor, i64, bool),
         side: &Side,
         kind: Kind,
     ) -> Result<Certify, Error> {
@@ -193,7 +199,19 @@ impl Certify {
             rows,
             wide,
             widened: Cell::new(0),
+            references,
+            own,
         })
+    }
+
+    /// [`finish`] of the distances `d` of queries `query` to the references.
+    pub(super) fn finish(
+        &self,
+        d: Tensor,
+        query: &Tensor,
+        ties: Option<&Ties>,
+    ) -> Result<Tensor, Error> {
+        finish(d, query, ties, self.own)
     }
 
     /// The float64 side to rank the next chunk with from the start, once
@@ -228,8 +246,9 @@ impl Certify {
             .f_logical_and(&nearest.f_ne_tensor(&queries)?)?)
     }
 
-    /// The chunk of queries from `start` has computed distances `d` to
-    /// every item (+inf to itself); `values` are its `depth + 1` smallest
+    /// The chunk of queries from item `start` has computed distances `d` to
+    /// the references (+inf to itself, when it is one, as [`finish`]
+    /// makes them); `values` are its `depth + 1` smallest
     /// (or all of them if fewer), in order, `nearest` the columns of the
     /// first `depth`, and `relevant` marks those of the query's label.
     /// Returns the columns of the `depth` nearest items, ranked again where
@@ -273,7 +292,10 @@ impl Certify {
         // Differences to many candidates cost more than a float64 Gram
         // ranking (a matrix product, against every item).
         if let Some((wide, bound)) = wide.filter(|_| width * 32 > n) {
-            d = finish(wide.select(&global)?.pairwise(wide)?, &global, ties)?;
+            let d_wide = wide
+                .select(&global)?
+                .pairwise(&wide.rows(0, self.references)?)?;
+            d = self.finish(d_wide, &global, ties)?;
             let (near, nearest) = d.f_topk((depth + 1).min(n), 1, false, true)?;
             let nearest = nearest.f_narrow(1, 0, depth)?;
             let _ = ranked.f_index_copy_(0, &rows, &nearest)?;
@@ -396,11 +418,12 @@ fn unsure(values: &Tensor, relevant: &Tensor, slack: &Tensor) -> Result<Tensor, 
     Ok(unsure.f_nonzero()?.f_squeeze_dim(1)?)
 }
 
-/// The distances `d` of queries `query`, `(m,)`, to every item, with the
-/// ties' rules of the metrics: identical items at 0, distinct ones at least
-/// the dtype's smallest positive normal number (a cosine distance can round
-/// to 0 or below), a query at +inf from itself.
-pub(super) fn finish(d: Tensor, query: &Tensor, ties: Option<&Ties>) -> Result<Tensor, Error> {
+/// The distances `d` of queries `query`, `(m,)`, to the references, with
+/// the ties' rules of the metrics: identical items at 0, distinct ones at
+/// least the dtype's smallest positive normal number (a cosine distance can
+/// round to 0 or below), and, when the queries are among the references
+/// (`own`), a query at +inf from itself.
+fn finish(d: Tensor, query: &Tensor, ties: Option<&Ties>, own: bool) -> Result<Tensor, Error> {
     let mut d = match ties {
         Some(ties) => {
             let (d, identical) = ties.applied_to_rows(&d, query)?;
@@ -408,7 +431,9 @@ pub(super) fn finish(d: Tensor, query: &Tensor, ties: Option<&Ties>) -> Result<T
         }
         None => apart(d, None)?,
     };
-    let _ = d.f_scatter_value_(1, &query.f_unsqueeze(1)?, f64::INFINITY)?;
+    if own {
+        let _ = d.f_scatter_value_(1, &query.f_unsqueeze(1)?, f64::INFINITY)?;
+    }
     Ok(d)
 }
 
