@@ -318,6 +318,17 @@ def test_metrics_rank_identical_items_first(device, distance):
         assert mean_average_precision_at_r(embeddings.to(device), labels.to(device), **kw) == pytest.approx(map_r)
 
 
+@pytest.mark.parametrize("distance", ("euclidean", "cosine"))
+def test_metrics_against_a_reference_set_match_brute_force(device, distance):
+    emb, labels = metrics_random_data(4, n=150, dim=5, classes=6, singletons=2)
+    x, y, gx, gy = emb[:50], labels[:50], emb[50:], labels[50:]
+    recall, map_r = metrics_brute_force(x, y, KS, distance, references=(gx, gy))
+    for chunk in (None, 7):
+        kw = dict(distance=distance, chunk_size=chunk, ref_embeddings=gx.to(device), ref_labels=gy.to(device))
+        assert recall_at_k(x.to(device), y.to(device), KS, **kw) == pytest.approx(recall, abs=1e-12)
+        assert mean_average_precision_at_r(x.to(device), y.to(device), **kw) == pytest.approx(map_r, abs=1e-12)
+
+
 # ---------------------------------------------------------- sentence-transformers
 
 
@@ -407,6 +418,40 @@ def test_loss_does_not_synchronise_with_the_host(device, mining, distance, refs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert torch.isfinite(loss).item(), (chunk, loss)
+
+
+@pytest.mark.parametrize("refs", [False, True], ids=["batch", "ref-set"])
+@pytest.mark.parametrize("mining", LOSSES)
+def test_cpu_labels_do_not_synchronise_the_loss(device, mining, refs):
+    """Labels left on the CPU with CUDA embeddings (common in training loops)
+    are copied to the device without waiting for it: forward and backward
+    under ``set_sync_debug_mode("error")``, with the value and gradient of
+    device labels."""
+    if device.type != "cuda":
+        pytest.skip(f"the host-synchronisation check needs CUDA (torch.cuda.set_sync_debug_mode); "
+                    f"the device is {device}")
+    g = torch.Generator().manual_seed(5)
+    labels, emb = torch.randint(0, 8, (128,), generator=g), torch.randn(128, 16, generator=g).to(device)
+    ref_labels = torch.randint(0, 8, (60,), generator=g)
+    ref_emb = torch.randn(60, 16, generator=g).to(device)
+    results = []
+    for on_device in (True, False):
+        x = leaf(emb)
+        y, yl = (leaf(ref_emb), ref_labels.to(device) if on_device else ref_labels) if refs else (None, None)
+        kw = dict(ref_embeddings=y, ref_labels=yl) if refs else {}
+        lab = labels.to(device) if on_device else labels
+        function_loss(mining, lab, x, 0.2, "euclidean", False, **kw)  # warm-up
+        torch.cuda.synchronize(device)
+        if not on_device:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = function_loss(mining, lab, x, 0.2, "euclidean", False, **kw)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results.append((loss.detach(), x.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("mining", LOSSES)

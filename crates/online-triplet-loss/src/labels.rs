@@ -1,6 +1,6 @@
 //! Class labels: validation and the masks that define valid triplets.
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::dtype_name;
 use crate::losses::check_placement;
@@ -133,6 +133,20 @@ pub(crate) fn keys(labels: &Tensor, domain: Domain, nan_keys: i64) -> Result<Ten
             Ok(unique.f_where_self(&values.f_isnan()?, &bits)?)
         }
     }
+}
+
+/// Label keys on `device`. Labels on the CPU are copied to a CUDA device
+/// without waiting for it (the keys are a tensor of their own, in pageable
+/// memory, staged by the copy before it returns), so that CPU labels with
+/// CUDA embeddings do not synchronise a loss with its device.
+///
+/// # Errors
+/// `Error::Torch` when libtorch fails.
+pub(crate) fn keys_on(keys: Tensor, device: Device) -> Result<Tensor, Error> {
+    if keys.device() == device {
+        return Ok(keys);
+    }
+    Ok(keys.f_to_device_(device, Kind::Int64, true, false)?)
 }
 
 /// Masks of one chunk of anchors against the reference set: `same[i][j]`

@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 use crate::distance::{Distance, Side};
 use crate::error::{caught, dtype_name};
 use crate::grad;
-use crate::labels::{common, domain, keys, ANCHOR_NAN_KEYS, REFERENCE_NAN_KEYS};
+use crate::labels::{common, domain, keys, keys_on, ANCHOR_NAN_KEYS, REFERENCE_NAN_KEYS};
 use crate::mining::{self, Chunk, Columns, Gram, Hardest, Kernel, Selection};
 use crate::ties::Ties;
 use crate::{Error, Interrupt};
@@ -317,8 +317,9 @@ impl TripletConfig {
     /// # Shapes
     /// `labels`: `(B,)`, integer, bool or floating point; `embeddings`:
     /// `(B, D)`, float16, bfloat16 (computed in float32), float32 or
-    /// float64, on the CPU or a CUDA device; references: `(M, D)` and
-    /// `(M,)` on the device of `embeddings`.
+    /// float64, on the CPU or a CUDA device; references: `(M, D)` on the
+    /// device of `embeddings`, and `(M,)`. Labels on the CPU with CUDA
+    /// embeddings are copied to the device without waiting for it.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] naming the argument for a margin that is
@@ -415,14 +416,14 @@ impl TripletConfig {
                     (x_domain, labels, "labels"),
                     (domain(r.labels, "ref_labels")?, r.labels, "ref_labels"),
                 )?;
-                let y_labels = keys(r.labels, d, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
+                let y_labels = keys_on(keys(r.labels, d, REFERENCE_NAN_KEYS)?, device)?;
                 // An anchor that is reference k + i gets that reference's
                 // NaN key, so it is neither its own positive nor negative.
                 let nan_keys = match r.anchor_offset {
                     Some(k) => REFERENCE_NAN_KEYS + k,
                     None => ANCHOR_NAN_KEYS,
                 };
-                let x_labels = keys(labels, d, nan_keys)?.f_to_device(device)?;
+                let x_labels = keys_on(keys(labels, d, nan_keys)?, device)?;
                 (
                     r.embeddings.f_to_kind(kind)?,
                     (x_labels, y_labels),
@@ -430,7 +431,7 @@ impl TripletConfig {
                 )
             }
             None => {
-                let k = keys(labels, x_domain, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
+                let k = keys_on(keys(labels, x_domain, REFERENCE_NAN_KEYS)?, device)?;
                 (x.shallow_clone(), (k.shallow_clone(), k), Some(0))
             }
         };

@@ -22,14 +22,10 @@ fn first_copies(x: &Tensor, kernel: Kernel) -> Result<(Tensor, bool), Error> {
     let x = x.detach().f_add_scalar(0.0)?.f_contiguous()?;
     let n = x.size()[0];
     // The slices of `hashed` are made here, from the dtype matched exactly.
+    let nan = || alloc::to_vec::<bool>(&x.f_isnan()?.f_any_dim(1, false)?);
     match (kernel, x.device(), x.f_kind()?) {
-        (Kernel::Auto, Device::Cpu, kind @ (Kind::Float | Kind::Double)) => {
-            let nan = alloc::to_vec::<bool>(&x.f_isnan()?.f_any_dim(1, false)?)?;
-            match kind {
-                Kind::Float => hashed::<u32>(&x, n, &nan),
-                _ => hashed::<u64>(&x, n, &nan),
-            }
-        }
+        (Kernel::Auto, Device::Cpu, Kind::Float) => hashed::<u32>(&x, n, &nan()?),
+        (Kernel::Auto, Device::Cpu, Kind::Double) => hashed::<u64>(&x, n, &nan()?),
         _ => Ok((sorted(&x, n)?, true)),
     }
 }
