@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from online_triplet_loss import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss
-from online_triplet_loss import CrossBatchMemory
+from online_triplet_loss import CrossBatchMemory, batch_all_triplet_loss
 from online_triplet_loss.distributed import DistributedTripletLoss
 from test_distributed import _start
 
@@ -324,9 +324,33 @@ def _worker_second_review(rank, world, init_file):
                 criterion(x, y)
             criterion.loss = make()
             torch.testing.assert_close(criterion(x, y), make()(full_x, full_y))
+        _check_fraction_of_non_finite_batches(rank, full_x, full_y, rows)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _check_fraction_of_non_finite_batches(rank, full_x, full_y, rows):
+    """Found by a later review: on several ranks, batch-all's fraction came
+    from the all-reduced counts alone and stayed finite when the loss was NaN
+    (0.0 for a NaN on one rank); it is NaN whenever the loss is, as in one
+    process."""
+    for bad_rank in (0, 1):
+        for value in (float("nan"), float("inf")):
+            for distance in ("euclidean", "cosine"):
+                broken = full_x.clone()
+                broken[(1, 6)[bad_rank]] = value  # a row of rank bad_rank
+                criterion = DistributedTripletLoss(BatchAllTripletLoss(margin=0.5, distance=distance))
+                loss = criterion(broken[rows], full_y[rows])
+                want_loss, want_fraction = batch_all_triplet_loss(full_y, broken, 0.5, distance=distance)
+                assert torch.isnan(want_loss) and torch.isnan(want_fraction), (value, distance)
+                assert torch.isnan(loss), (rank, bad_rank, value, distance)
+                assert torch.isnan(criterion.last_fraction), (rank, bad_rank, value, distance)
+    # Finite batches keep the exact fraction.
+    criterion = DistributedTripletLoss(BatchAllTripletLoss(margin=0.5))
+    criterion(full_x[rows], full_y[rows])
+    torch.testing.assert_close(criterion.last_fraction,
+                               batch_all_triplet_loss(full_y, full_x, 0.5)[1], rtol=1e-12, atol=0)
 
 
 def test_second_review_findings_on_two_ranks(tmp_path):

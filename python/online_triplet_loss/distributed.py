@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _native as native
+from . import _core, _native as native
 from ._validation import (
     DISTANCES,
     check_flag,
@@ -575,7 +575,10 @@ class DistributedTripletLoss(nn.Module):
         total_count = totals[1].clamp_min(1).to(sum_.dtype)
         value = totals[0].to(sum_.dtype) / total_count
         if loss.mining == "all":
-            self.last_fraction = (totals[1] / totals[2].clamp_min(1)).to(embeddings.dtype)
+            # The core's fraction of the global terms: NaN whenever the loss is.
+            _, fraction = native.call(_core.mean_and_fraction, totals[0], totals[1].long(),
+                                      totals[2].long(), embeddings)
+            self.last_fraction = fraction.detach()
         # DDP divides the summed gradients by the world size; scaling by it here
         # makes the average the gradient of sum_over_ranks(sum_) / total_count.
         part = sum_ * world / total_count
