@@ -650,3 +650,18 @@ def test_a_learned_margin_stays_the_same_cpu_parameter_when_the_loss_moves(ours,
     loss.compute_loss_from_embeddings([emb], labels).backward()
     optimiser.step()
     assert margin.grad is not None and margin.device.type == "cpu"
+
+
+@pytest.mark.parametrize("loss_name", ["BatchAllTripletLoss", "BatchHardTripletLoss", "BatchSemiHardTripletLoss"])
+def test_config_of_tensor_and_array_margins_is_json(ours, loss_name):
+    """The model card writes ``get_config_dict()`` as JSON: a margin given as
+    a tensor, a 0-d array or a learned parameter appears as its number (found
+    by a review: the card showed ``tensor(0.5000)``)."""
+    import json
+
+    import numpy as np
+
+    for margin in (np.array(0.5), np.float32(0.5), torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64),
+                   torch.nn.Parameter(torch.tensor(0.5))):
+        config = getattr(ours, loss_name)(None, margin=margin).get_config_dict()
+        assert json.loads(json.dumps(config))["margin"] == 0.5, (margin, config)

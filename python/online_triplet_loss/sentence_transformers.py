@@ -188,6 +188,16 @@ class _SentenceTransformerTripletLoss(nn.Module):
         return ", ".join(f"{key}={value!r}" for key, value in self.get_config_dict().items())
 
 
+def _number(margin: Any) -> Any:
+    """A tensor or NumPy margin as the number it holds (its value now, for a
+    learned one): the model card writes the configuration as JSON."""
+    if isinstance(margin, Tensor):
+        return float(margin.detach())
+    if hasattr(margin, "dtype") and hasattr(margin, "item"):
+        return float(margin)
+    return margin
+
+
 class BatchAllTripletLoss(_SentenceTransformerTripletLoss):
     r"""sentence-transformers' ``BatchAllTripletLoss`` on
     :func:`~online_triplet_loss.losses.batch_all_triplet_loss`: the mean of
@@ -237,7 +247,7 @@ class BatchAllTripletLoss(_SentenceTransformerTripletLoss):
         )[0]
 
     def get_config_dict(self) -> Dict[str, Any]:
-        return {**super().get_config_dict(), "margin": self.triplet_margin}
+        return {**super().get_config_dict(), "margin": _number(self.triplet_margin)}
 
 
 class BatchHardTripletLoss(_SentenceTransformerTripletLoss):
@@ -301,7 +311,7 @@ class BatchHardTripletLoss(_SentenceTransformerTripletLoss):
         )
 
     def get_config_dict(self) -> Dict[str, Any]:
-        return {**super().get_config_dict(), "margin": self.triplet_margin}
+        return {**super().get_config_dict(), "margin": _number(self.triplet_margin)}
 
 
 class BatchHardSoftMarginTripletLoss(BatchHardTripletLoss):
@@ -405,4 +415,4 @@ class BatchSemiHardTripletLoss(_SentenceTransformerTripletLoss):
         return batch_semihard_triplet_loss(_flat(labels), embeddings, self.margin, distance=self.distance)
 
     def get_config_dict(self) -> Dict[str, Any]:
-        return {**super().get_config_dict(), "margin": self.margin}
+        return {**super().get_config_dict(), "margin": _number(self.margin)}
