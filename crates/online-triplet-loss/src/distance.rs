@@ -29,6 +29,7 @@ pub enum Distance {
 
 impl Distance {
     /// The distance that 0.0.6's `squared` flag selects.
+    #[must_use]
     pub fn from_squared(squared: bool) -> Self {
         if squared {
             Distance::Squared
@@ -51,6 +52,7 @@ impl Distance {
     }
 
     /// The name used by [`FromStr`] and the Python API.
+    #[must_use]
     pub fn name(self) -> &'static str {
         match self {
             Distance::Euclidean => "euclidean",

@@ -199,7 +199,10 @@ impl Terms {
 }
 
 impl TripletConfig {
-    /// Euclidean distance, relu hinge, automatic kernel and chunking.
+    /// Euclidean distance, relu hinge, automatic kernel and chunking. A
+    /// margin that is negative or not finite is refused when a loss is
+    /// computed.
+    #[must_use]
     pub fn new(margin: f64) -> Self {
         TripletConfig {
             margin,
@@ -211,24 +214,32 @@ impl TripletConfig {
         }
     }
 
+    /// The distance that mines and enters the hinge.
     #[must_use]
     pub fn distance(mut self, distance: Distance) -> Self {
         self.distance = distance;
         self
     }
 
+    /// Batch-hard's soft margin, log(1 + exp(d_ap − d_an)), in place of the
+    /// relu hinge; batch-all and semi-hard ignore it.
     #[must_use]
     pub fn soft(mut self, soft: bool) -> Self {
         self.soft = soft;
         self
     }
 
+    /// Which implementation mines; see [`Kernel`].
     #[must_use]
     pub fn kernel(mut self, kernel: Kernel) -> Self {
         self.kernel = kernel;
         self
     }
 
+    /// Mines `rows` anchors at a time, which bounds the memory to
+    /// O(rows · references); by default about 4M distances a chunk, and at
+    /// least 512 anchors. A value below 1 is refused when a loss is
+    /// computed.
     #[must_use]
     pub fn chunk_size(mut self, rows: i64) -> Self {
         self.chunk_size = Some(rows);
