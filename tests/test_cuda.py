@@ -53,6 +53,7 @@ from test_memory import reference_loss as memory_reference_loss
 from test_metrics import brute_force as metrics_brute_force
 from test_metrics import copies_and_near_neighbours
 from test_metrics import random_data as metrics_random_data
+from test_metrics import tight_classes_far_apart as metrics_tight_classes
 from test_sentence_transformers import HAVE_ST
 from test_sentence_transformers import LOSS_NAMES as ST_LOSS_NAMES
 from test_sentence_transformers import _pair as st_pair
@@ -316,6 +317,28 @@ def test_metrics_rank_identical_items_first(device, distance):
         kw = dict(distance=distance, chunk_size=chunk)
         assert recall_at_k(embeddings.to(device), labels.to(device), (1, 2), **kw) == pytest.approx(recall)
         assert mean_average_precision_at_r(embeddings.to(device), labels.to(device), **kw) == pytest.approx(map_r)
+
+
+@pytest.mark.parametrize("distance", ("euclidean", "cosine"))
+def test_metrics_stay_exact_with_tf32_matmuls_allowed(device, distance):
+    """TF32 products keep about 10 bits, which the certified float32 ranking
+    does not bound: with TF32 allowed, float32 embeddings on a GPU are ranked
+    in float64. Tight classes far from the centre, whose float32 ranking
+    needs the certificate, equal the float64 brute force."""
+    embeddings, labels = metrics_tight_classes(distance, torch.float32)
+    recall, map_r = metrics_brute_force(embeddings, labels, (1, 2, 5), distance)
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        kw = dict(distance=distance)
+        got = recall_at_k(embeddings.to(device), labels.to(device), (1, 2, 5), **kw)
+        got_map = mean_average_precision_at_r(embeddings.to(device), labels.to(device), **kw)
+        half = recall_at_k(embeddings[:8].half().to(device), labels[:8].to(device), (1,), **kw)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+    assert got == pytest.approx(recall, abs=1e-12)
+    assert got_map == pytest.approx(map_r, abs=1e-12)
+    assert set(half) == {1}
 
 
 @pytest.mark.parametrize("distance", ("euclidean", "cosine"))

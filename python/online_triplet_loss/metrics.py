@@ -23,7 +23,8 @@ neighbours share its label (classes far tighter than their distance from the
 centre, such as groups at ±1000 with spreads of 0.1 in float32, or cosine
 distances within about 1e-4 radians), that query is ranked again in
 float64, from the embeddings' differences where Gram products in float64
-are not enough either. Both functions
+are not enough either. On a GPU that allows TF32 for float32 matrix
+products, embeddings of narrower dtypes are ranked in float64. Both functions
 synchronise with the device (they return
 Python numbers) and never build a graph; autocast does not reach their
 products. They run without the GIL, and run Python's signal handlers between
@@ -35,6 +36,7 @@ from __future__ import annotations
 import numbers
 from typing import Dict, Iterable, List, Optional, Union
 
+import torch
 from torch import Tensor
 
 from . import _core, _native as native
@@ -75,10 +77,24 @@ def _check_chunk_size(chunk_size: object) -> Optional[int]:
     return check_int("chunk_size", chunk_size, 1)
 
 
+def _ranked(embeddings: Tensor) -> Tensor:
+    """The embeddings as the core ranks them. On a GPU whose float32 matrix
+    products may use TF32 (``torch.backends.cuda.matmul.fp32_precision =
+    "tf32"``, or ``torch.set_float32_matmul_precision("high")``), the products
+    keep about 10 bits, far beyond the rounding the certified ranking bounds:
+    there, embeddings of a narrower dtype are ranked in float64, which TF32
+    never reaches (and which the ranking would fall back to where float32
+    could not decide)."""
+    reduced = torch.backends.cuda.matmul.fp32_precision not in ("none", "ieee")
+    if reduced and embeddings.is_cuda and embeddings.dtype != torch.float64:
+        return embeddings.detach().double()
+    return embeddings.detach()
+
+
 def _reference_set(ref_embeddings: Optional[Tensor], ref_labels: Optional[Tensor]) -> tuple:
     if ref_embeddings is None:
         return ()
-    return (ref_embeddings.detach(), ref_labels)
+    return (_ranked(ref_embeddings), ref_labels)
 
 
 @native.boundary
@@ -126,7 +142,7 @@ def recall_at_k(
 
     Shape:
         - embeddings: :math:`(B, D)`, floating point, finite; float16 and
-          bfloat16 are ranked in float32.
+          bfloat16 are ranked in float32 (float64 on a GPU that allows TF32).
         - labels: :math:`(B)`, integer class ids (or floats holding class ids),
           on any device.
         - ref_embeddings: :math:`(M, D)`, on the device of ``embeddings``; both
@@ -154,7 +170,7 @@ def recall_at_k(
     values = _check_ks(ks)
     recalls = native.call(
         _core.recall_at_k,
-        embeddings.detach(), labels, values,
+        _ranked(embeddings), labels, values,
         resolve_distance(False, distance), _check_chunk_size(chunk_size),
         *_reference_set(ref_embeddings, ref_labels),
     )
@@ -204,7 +220,7 @@ def mean_average_precision_at_r(
 
     Shape:
         - embeddings: :math:`(B, D)`, floating point, finite; float16 and
-          bfloat16 are ranked in float32.
+          bfloat16 are ranked in float32 (float64 on a GPU that allows TF32).
         - labels: :math:`(B)`, integer class ids (or floats holding class ids),
           on any device.
         - ref_embeddings: :math:`(M, D)`, on the device of ``embeddings``; both
@@ -225,7 +241,7 @@ def mean_average_precision_at_r(
     check_references(ref_embeddings, ref_labels)
     return native.call(
         _core.mean_average_precision_at_r,
-        embeddings.detach(), labels,
+        _ranked(embeddings), labels,
         resolve_distance(False, distance), _check_chunk_size(chunk_size),
         *_reference_set(ref_embeddings, ref_labels),
     )

@@ -25,7 +25,9 @@
 //! tighter than their distance from the centre of the data, or than the
 //! dtype's digits), that query is ranked again in float64, from the
 //! embeddings' differences where Gram products in float64 are not enough
-//! either (`certify`). Queries
+//! either (`certify`). That bound assumes IEEE products: on a GPU that
+//! allows TF32 for float32 matrix products, pass float64 embeddings (the
+//! Python package does). Queries
 //! are processed in chunks against all items, so memory stays O(B·chunk);
 //! the time is O(B²·D) for the distances plus O(B·(B + K log K)) for the
 //! selection, with K = max(k, R_q). Queries are sorted by R_q so that a
