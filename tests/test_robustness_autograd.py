@@ -311,6 +311,26 @@ def test_margin_parameter_of_a_module_is_learned(mining):
 
 
 @pytest.mark.parametrize("mining", LOSSES)
+def test_a_frozen_margin_parameter_stays_the_modules_and_learns_once_unfrozen(mining):
+    """Found by a review: a margin Parameter frozen at first (a warm-up, say)
+    became a float, so unfreezing it later trained nothing. It stays the
+    module's parameter (in ``state_dict``), read by value while frozen."""
+    labels, x = _batch(11, size=(8, 12))
+    margin = torch.nn.Parameter(torch.tensor(0.4, dtype=torch.float64), requires_grad=False)
+    module = make_module(mining, margin, "euclidean")
+    assert module.margin is margin and "margin" in module.state_dict()
+    assert torch.equal(module(leaf(x), labels), make_module(mining, 0.4, "euclidean")(leaf(x), labels))
+    module(leaf(x), labels).backward()
+    assert margin.grad is None
+    margin.requires_grad_(True)
+    module(leaf(x), labels).backward()
+    ref_margin = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    (expected,) = grad_of(_ref_loss(mining, labels, x, ref_margin, "euclidean"), ref_margin)
+    assert expected != 0
+    torch.testing.assert_close(margin.grad, expected, **TIGHT)
+
+
+@pytest.mark.parametrize("mining", LOSSES)
 def test_margin_tensor_without_grad_needs_no_graph(mining):
     """A margin tensor that needs no gradient, or any margin under no_grad,
     is read by value."""

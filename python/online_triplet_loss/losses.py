@@ -440,9 +440,10 @@ class _TripletLoss(nn.Module):
     def __init__(self, *, margin: Union[float, Tensor] = 1.0, distance: str = "euclidean") -> None:
         super().__init__()
         check_margin(margin)
-        # A tensor that requires grad (e.g. an nn.Parameter, which this
-        # registers) stays a tensor and is learned; anything else is a float.
-        if isinstance(margin, Tensor) and margin.requires_grad:
+        # An nn.Parameter (registered, and learned whenever it requires grad,
+        # also if frozen at first) or another tensor that requires grad stays
+        # a tensor; anything else is a float.
+        if isinstance(margin, nn.Parameter) or (isinstance(margin, Tensor) and margin.requires_grad):
             self.margin = margin
         else:
             self.margin = check_margin(margin)
