@@ -48,7 +48,7 @@ from online_triplet_loss import (
     CrossBatchMemory,
     _core,
 )
-from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
+from online_triplet_loss.metrics import mean_average_precision, mean_average_precision_at_r, recall_at_k
 from test_memory import reference_loss as memory_reference_loss
 from test_metrics import brute_force as metrics_brute_force
 from test_metrics import copies_and_near_neighbours
@@ -346,10 +346,12 @@ def test_metrics_against_a_reference_set_match_brute_force(device, distance):
     emb, labels = metrics_random_data(4, n=150, dim=5, classes=6, singletons=2)
     x, y, gx, gy = emb[:50], labels[:50], emb[50:], labels[50:]
     recall, map_r = metrics_brute_force(x, y, KS, distance, references=(gx, gy))
+    _, full = metrics_brute_force(x, y, KS, distance, references=(gx, gy), full=True)
     for chunk in (None, 7):
         kw = dict(distance=distance, chunk_size=chunk, ref_embeddings=gx.to(device), ref_labels=gy.to(device))
         assert recall_at_k(x.to(device), y.to(device), KS, **kw) == pytest.approx(recall, abs=1e-12)
         assert mean_average_precision_at_r(x.to(device), y.to(device), **kw) == pytest.approx(map_r, abs=1e-12)
+        assert mean_average_precision(x.to(device), y.to(device), **kw) == pytest.approx(full, abs=1e-12)
 
 
 # ---------------------------------------------------------- sentence-transformers

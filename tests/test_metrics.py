@@ -12,15 +12,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from online_triplet_loss.metrics import mean_average_precision_at_r, recall_at_k
+from online_triplet_loss.metrics import mean_average_precision, mean_average_precision_at_r, recall_at_k
 from helpers import SIGINT_CHILD
 
 
 def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="euclidean",
-                references=None):
+                references=None, full=False):
     """Python loops over float64 distances: every query against every other item
     (or every item of ``references``, a pair of embeddings and labels), sorted;
-    queries with no other item of their label skipped."""
+    queries with no other item of their label skipped. Returns recall@k and
+    MAP@R, or with ``full`` the average precision over the whole ranking."""
     points = embeddings.double().tolist()
     ids = labels.tolist()
     if references is None:
@@ -53,7 +54,7 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="eu
         for k in ks:
             hits[k] += any(relevant[:k])
         found, ap = 0, 0.0
-        for i in range(r):
+        for i in range(len(relevant) if full else r):
             if relevant[i]:
                 found += 1
                 ap += found / (i + 1)
@@ -571,3 +572,97 @@ def test_reference_set_errors(metric):
     # A copy of the queries is a gallery like any other: each finds its copy.
     assert metric(x, y, ref_embeddings=x.clone(), ref_labels=y) == (
         {1: 1.0} if metric is not mean_average_precision_at_r else metric(x, y, ref_embeddings=x.clone(), ref_labels=y))
+
+
+# The mean average precision over the whole ranking (re-identification's mAP).
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+@pytest.mark.parametrize("distance", ["euclidean", "squared", "cosine"])
+@pytest.mark.parametrize("gallery", [False, True])
+def test_full_mean_average_precision_matches_brute_force(seed, chunk_size, distance, gallery):
+    brute = "cosine" if distance == "cosine" else "euclidean"
+    kw = dict(distance=distance, chunk_size=chunk_size)
+    if gallery:
+        (x, y), (gx, gy) = query_and_gallery(seed)
+        kw.update(ref_embeddings=gx, ref_labels=gy)
+        references = (gx, gy)
+    else:
+        rnd = random.Random(seed)
+        x, y = random_data(seed, n=rnd.randint(20, 70), dim=rnd.randint(2, 6),
+                           classes=rnd.randint(2, 9), singletons=rnd.randint(0, 4))
+        references = None
+    _, want = brute_force(x, y, (1,), brute, references=references, full=True)
+    _, at_r = brute_force(x, y, (1,), brute, references=references)
+    assert mean_average_precision(x, y, **kw) == pytest.approx(want, abs=1e-12)
+    assert 0 < want < 1 and want != pytest.approx(at_r, abs=1e-6), "mAP and MAP@R should differ here"
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gallery", [False, True])
+def test_full_mean_average_precision_of_tight_classes_is_exact(distance, dtype, gallery):
+    embeddings, labels = tight_classes_far_apart(distance, dtype)
+    brute = "cosine" if distance == "cosine" else "euclidean"
+    if gallery:
+        x, y, references = embeddings[60:], labels[60:], (embeddings[:60], labels[:60])
+        kw = dict(ref_embeddings=references[0], ref_labels=references[1])
+    else:
+        x, y, references, kw = embeddings, labels, None, {}
+    _, want = brute_force(x, y, (1,), brute, references=references, full=True)
+    assert 0.1 < want < 0.99
+    for chunk_size in (None, 5):
+        assert mean_average_precision(x, y, distance=distance, chunk_size=chunk_size, **kw) == \
+            pytest.approx(want, abs=1e-12)
+
+
+def test_full_mean_average_precision_hand_computed():
+    # Against the gallery of test_reference_set_hand_computed_example: 0.0 finds
+    # its class 2nd (AP 1/2); 5.2 finds 5.1 and 5.0 first (AP 1); 0.2 finds
+    # its class 3rd and 4th (AP (1/3 + 2/4) / 2); 3.0 has no reference.
+    gallery = torch.tensor([[0.1], [5.0], [5.1], [9.0], [0.0]])
+    gallery_labels = torch.tensor([0, 1, 1, 2, 3])
+    queries = torch.tensor([[0.0], [5.2], [0.2], [3.0]])
+    labels = torch.tensor([0, 1, 1, 4])
+    got = mean_average_precision(queries, labels, ref_embeddings=gallery, ref_labels=gallery_labels)
+    assert got == pytest.approx((1 / 2 + 1 + (1 / 3 + 2 / 4) / 2) / 3)
+
+
+def test_full_mean_average_precision_equals_pml_with_every_neighbour():
+    """PML's mean_average_precision over as many neighbours as there are
+    items to rank is the AP over the whole ranking."""
+    pytest.importorskip("pytorch_metric_learning", reason="pytorch-metric-learning is a dev dependency")
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    def calculator(k):
+        return AccuracyCalculator(include=("mean_average_precision",),
+                                  knn_func=CustomKNN(LpDistance(normalize_embeddings=False)),
+                                  k=k, device=torch.device("cpu"))
+
+    g = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        gy, y = torch.randint(0, 6, (60,), generator=g), torch.randint(0, 6, (25,), generator=g)
+        gx = torch.randn(60, 4, generator=g, dtype=torch.float64)
+        x = torch.randn(25, 4, generator=g, dtype=torch.float64)
+        want = calculator(60).get_accuracy(x, y, gx, gy, ref_includes_query=False)
+        got = mean_average_precision(x, y, ref_embeddings=gx, ref_labels=gy)
+        assert got == pytest.approx(want["mean_average_precision"], rel=1e-12)
+        want = calculator(59).get_accuracy(gx, gy)
+        assert mean_average_precision(gx, gy) == pytest.approx(want["mean_average_precision"], rel=1e-12)
+
+
+def test_full_mean_average_precision_errors():
+    (x, y), (gx, gy) = query_and_gallery(0)
+    with pytest.raises(ValueError, match="labels: no item shares its label"):
+        mean_average_precision(x, torch.arange(len(y)))
+    with pytest.raises(ValueError, match="ref_embeddings and ref_labels: must be given together"):
+        mean_average_precision(x, y, ref_embeddings=gx)
+    with pytest.raises(ValueError, match="ref_embeddings: must have the embedding size"):
+        mean_average_precision(x, y, ref_embeddings=gx[:, :1], ref_labels=gy)
+    with pytest.raises(ValueError, match="distance: expected one of"):
+        mean_average_precision(x, y, distance="l1")
+    with pytest.raises(ValueError, match="chunk_size: must be None or an int >= 1"):
+        mean_average_precision(x, y, chunk_size=0)

@@ -24,7 +24,7 @@ centre, such as groups at ±1000 with spreads of 0.1 in float32, or cosine
 distances within about 1e-4 radians), that query is ranked again in
 float64, from the embeddings' differences where Gram products in float64
 are not enough either. On a GPU that allows TF32 for float32 matrix
-products, embeddings of narrower dtypes are ranked in float64. Both functions
+products, embeddings of narrower dtypes are ranked in float64. The functions
 synchronise with the device (they return
 Python numbers) and never build a graph; autocast does not reach their
 products. They run without the GIL, and run Python's signal handlers between
@@ -49,7 +49,7 @@ from ._validation import (
     resolve_distance,
 )
 
-__all__ = ["recall_at_k", "mean_average_precision_at_r"]
+__all__ = ["recall_at_k", "mean_average_precision_at_r", "mean_average_precision"]
 
 def _check_ks(ks: object) -> List[int]:
     if hasattr(ks, "ndim") and hasattr(ks, "tolist"):
@@ -241,6 +241,71 @@ def mean_average_precision_at_r(
     check_references(ref_embeddings, ref_labels)
     return native.call(
         _core.mean_average_precision_at_r,
+        _ranked(embeddings), labels,
+        resolve_distance(False, distance), _check_chunk_size(chunk_size),
+        *_reference_set(ref_embeddings, ref_labels),
+    )
+
+
+@native.boundary
+def mean_average_precision(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    distance: str = "euclidean",
+    chunk_size: Optional[int] = None,
+    ref_embeddings: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+) -> float:
+    r"""The mean average precision over the whole ranking: the mAP that
+    person re-identification benchmarks report (beside recall@1, their rank-1),
+    here without their exclusion of gallery items from the query's camera.
+
+    .. math::
+        \text{mAP} = \frac{1}{|Q|} \sum_{q \in Q} \frac{1}{R_q}
+            \sum_{i=1}^{N_q} P_q(i)\, \text{rel}_q(i)
+
+    with the terms of :func:`mean_average_precision_at_r`, summed over all
+    :math:`N_q` items ranked for :math:`q` rather than its :math:`R_q` nearest.
+    Every query is ranked in full, :math:`O(N \log N)` time each: for large
+    evaluations without a gallery, MAP@R is the cheaper measure.
+
+    Args:
+        embeddings: the items, :math:`(B, D)`, or the queries, with a reference
+            set.
+        labels: their class ids, :math:`(B)`.
+        distance: ``"euclidean"`` (default), ``"squared"`` (ranks alike) or
+            ``"cosine"``.
+        chunk_size: queries ranked at a time; by default enough to keep each
+            chunk's distance matrix near 4M entries.
+        ref_embeddings: a reference set (gallery) to rank the queries
+            ``embeddings`` against instead of each other; not ``embeddings``
+            itself. A query identical to a reference finds it at distance 0.
+        ref_labels: the reference set's class ids, given with it.
+
+    Returns:
+        mAP, a float in :math:`[0, 1]`.
+
+    Raises:
+        ValueError: as :func:`mean_average_precision_at_r`.
+
+    Shape:
+        As :func:`mean_average_precision_at_r`.
+
+    Example::
+
+        >>> import torch
+        >>> embeddings = torch.tensor([[0.0], [0.1], [5.0], [5.1], [0.25]])
+        >>> labels = torch.tensor([0, 0, 1, 1, 1])
+        >>> round(mean_average_precision(embeddings, labels), 4)  # 0.25 finds its class 3rd and 4th
+        0.8833
+    """
+    refuse_tracing("mean_average_precision")
+    check_tensor("embeddings", embeddings)
+    check_tensor("labels", labels)
+    check_references(ref_embeddings, ref_labels)
+    return native.call(
+        _core.mean_average_precision,
         _ranked(embeddings), labels,
         resolve_distance(False, distance), _check_chunk_size(chunk_size),
         *_reference_set(ref_embeddings, ref_labels),

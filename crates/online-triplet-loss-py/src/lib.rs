@@ -367,6 +367,30 @@ fn mean_average_precision_at_r(
     })
 }
 
+/// The mean average precision over the whole ranking, of every item against
+/// the others or, with a reference set, of the queries against it.
+#[pyfunction]
+#[pyo3(signature = (embeddings, labels, distance, chunk_size=None, ref_embeddings=None, ref_labels=None))]
+fn mean_average_precision(
+    py: Python<'_>,
+    embeddings: PyTensor,
+    labels: PyTensor,
+    distance: &str,
+    chunk_size: Option<i64>,
+    ref_embeddings: Option<PyTensor>,
+    ref_labels: Option<PyTensor>,
+) -> PyResult<f64> {
+    let config = retrieval(distance, chunk_size)?;
+    let (embeddings, labels) = (embeddings.0, labels.0);
+    let references = reference_set(ref_embeddings, ref_labels)?;
+    run(py, move || match &references {
+        Some((y, y_labels)) => {
+            config.mean_average_precision_against(&embeddings, &labels, y, y_labels)
+        }
+        None => config.mean_average_precision(&embeddings, &labels),
+    })
+}
+
 /// The reference set of the metrics: both tensors or neither.
 fn reference_set(
     embeddings: Option<PyTensor>,
@@ -410,6 +434,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(mean, m)?)?;
     m.add_function(wrap_pyfunction!(recall_at_k, m)?)?;
     m.add_function(wrap_pyfunction!(mean_average_precision_at_r, m)?)?;
+    m.add_function(wrap_pyfunction!(mean_average_precision, m)?)?;
     // black_box keeps the whole record in the library, unfolded.
     let record = std::hint::black_box(TORCH_RECORD);
     m.add(

@@ -15,8 +15,11 @@
 //!   AP@R = (1/R) Σ_{i ≤ R} P(i)·rel(i), where rel(i) is 1 when the i-th
 //!   nearest other item has the query's label and P(i) is the fraction of
 //!   the i nearest with it.
+//! - **mAP**, the mean average precision over the whole ranking, as
+//!   re-identification benchmarks report it: the same sum over every item
+//!   ranked, not only the R nearest.
 //!
-//! Both are exact: every query is ranked against every item, with no
+//! All are exact: every query is ranked against every item, with no
 //! approximate search. Distances are computed in the embeddings' dtype
 //! (float32 for half precision), from the Gram matrix of the embeddings
 //! centred on their mean (Euclidean, taken and subtracted in float64) and
@@ -195,7 +198,7 @@ impl RetrievalConfig {
         if ks.is_empty() {
             return Err(Error::invalid("ks", "must hold at least one k"));
         }
-        let sums = caught(|| self.scan((embeddings, labels), None, ks, false))?;
+        let sums = caught(|| self.scan((embeddings, labels), None, ks, None))?;
         Ok(sums.retrieval().recall)
     }
 
@@ -211,8 +214,27 @@ impl RetrievalConfig {
         embeddings: &Tensor,
         labels: &Tensor,
     ) -> Result<f64, Error> {
-        let sums = caught(|| self.scan((embeddings, labels), None, &[], true))?;
+        let sums = caught(|| self.scan((embeddings, labels), None, &[], Some(Precision::AtR)))?;
         Ok(sums.retrieval().map_at_r)
+    }
+
+    /// The mean average precision over the whole ranking, re-identification's
+    /// mAP: the mean over queries of AP = (1/R_q) Σ_i P(i)·rel(i), i over
+    /// every item ranked. Every query is ranked in full, O(N log N) time
+    /// each.
+    ///
+    /// # Shapes
+    /// As [`RetrievalConfig::recall_at_k`].
+    ///
+    /// # Errors
+    /// As [`RetrievalConfig::recall_at_k`] (which has `ks`).
+    pub fn mean_average_precision(
+        &self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+    ) -> Result<f64, Error> {
+        let sums = caught(|| self.scan((embeddings, labels), None, &[], Some(Precision::Full)))?;
+        Ok(sums.average_precision / sums.queries as f64)
     }
 
     /// recall@k for each of `ks` and MAP@R, in one pass over the distances.
@@ -230,7 +252,8 @@ impl RetrievalConfig {
         labels: &Tensor,
         ks: &[i64],
     ) -> Result<Retrieval, Error> {
-        caught(|| self.scan((embeddings, labels), None, ks, true)).map(Sums::retrieval)
+        caught(|| self.scan((embeddings, labels), None, ks, Some(Precision::AtR)))
+            .map(Sums::retrieval)
     }
 
     /// [`RetrievalConfig::recall_at_k`] of the queries `embeddings` against
@@ -276,7 +299,7 @@ impl RetrievalConfig {
             return Err(Error::invalid("ks", "must hold at least one k"));
         }
         let references = Some((ref_embeddings, ref_labels));
-        let sums = caught(|| self.scan((embeddings, labels), references, ks, false))?;
+        let sums = caught(|| self.scan((embeddings, labels), references, ks, None))?;
         Ok(sums.retrieval().recall)
     }
 
@@ -297,8 +320,33 @@ impl RetrievalConfig {
         ref_labels: &Tensor,
     ) -> Result<f64, Error> {
         let references = Some((ref_embeddings, ref_labels));
-        let sums = caught(|| self.scan((embeddings, labels), references, &[], true))?;
+        let sums =
+            caught(|| self.scan((embeddings, labels), references, &[], Some(Precision::AtR)))?;
         Ok(sums.retrieval().map_at_r)
+    }
+
+    /// The mean average precision over the whole ranking
+    /// ([`RetrievalConfig::mean_average_precision`]) of the queries
+    /// `embeddings` against the reference set `ref_embeddings` alone, as
+    /// re-identification benchmarks report it (without their exclusion of
+    /// a query's own camera); see [`RetrievalConfig::recall_at_k_against`].
+    ///
+    /// # Shapes
+    /// As [`RetrievalConfig::recall_at_k_against`].
+    ///
+    /// # Errors
+    /// As [`RetrievalConfig::recall_at_k_against`].
+    pub fn mean_average_precision_against(
+        &self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+        ref_embeddings: &Tensor,
+        ref_labels: &Tensor,
+    ) -> Result<f64, Error> {
+        let references = Some((ref_embeddings, ref_labels));
+        let sums =
+            caught(|| self.scan((embeddings, labels), references, &[], Some(Precision::Full)))?;
+        Ok(sums.average_precision / sums.queries as f64)
     }
 
     /// recall@k and MAP@R of the queries against the reference set, in one
@@ -318,7 +366,8 @@ impl RetrievalConfig {
         ks: &[i64],
     ) -> Result<Retrieval, Error> {
         let references = Some((ref_embeddings, ref_labels));
-        caught(|| self.scan((embeddings, labels), references, ks, true)).map(Sums::retrieval)
+        caught(|| self.scan((embeddings, labels), references, ks, Some(Precision::AtR)))
+            .map(Sums::retrieval)
     }
 
     fn validate(
@@ -376,14 +425,14 @@ impl RetrievalConfig {
     }
 
     /// Ranks every query with R_q > 0 against the references (all other
-    /// items without them) and sums its hits for each of `ks` and, when
-    /// `map`, its AP@R.
+    /// items without them) and sums its hits for each of `ks` and, with a
+    /// `precision`, its average precision.
     fn scan(
         &self,
         queries: Items,
         references: Option<Items>,
         ks: &[i64],
-        map: bool,
+        precision: Option<Precision>,
     ) -> Result<Sums, Error> {
         self.validate(queries, references, ks)?;
         let (embeddings, _) = queries;
@@ -465,8 +514,15 @@ impl RetrievalConfig {
             while start < first + queries {
                 Interrupt::check(self.interrupt)?;
                 let len = step.min(first + queries - start);
-                // In float64 from the start once enough queries have needed it.
-                let ranking_side = certify.wide_side(start - first).unwrap_or(&side);
+                // In float64 from the start once enough queries have needed
+                // it, and for whole rankings, where some two neighbours of
+                // different relevance almost always lie within float32's
+                // rounding of each other: every query would be ranked again.
+                let ranking_side = match precision {
+                    Some(Precision::Full) => certify.wide(),
+                    _ => certify.wide_side(start - first),
+                }
+                .unwrap_or(&side);
                 let item = q0 + start;
                 let query_items = Tensor::f_arange_start(item, item + len, opts)?;
                 let d = ranking_side
@@ -474,7 +530,12 @@ impl RetrievalConfig {
                     .pairwise(&ranking_side.rows(0, g)?)?;
                 let d = certify.finish(d, &query_items, ties.as_ref())?;
                 let r_last = sorted_r[(start + len - 1) as usize];
-                let depth = k_max.max(if map { r_last } else { 0 }).min(retrievable);
+                let depth = match precision {
+                    Some(Precision::AtR) => k_max.max(r_last),
+                    Some(Precision::Full) => retrievable,
+                    None => k_max,
+                }
+                .min(retrievable);
                 // rel(i): the i-th nearest shares the query's label.
                 // One more than `depth`, to see whether the next is close.
                 let (values, nearest) = d.f_topk((depth + 1).min(g), 1, false, true)?;
@@ -494,11 +555,15 @@ impl RetrievalConfig {
                     let top = relevant.f_narrow(1, 0, k.min(depth))?;
                     let _ = sum.f_add_(&top.f_any_dim(1, false)?.f_sum(Kind::Int64)?)?;
                 }
-                if map {
+                if let Some(precision) = precision {
                     let r = others.f_narrow(0, start, len)?.f_to_kind(Kind::Double)?;
                     let rank = Tensor::f_arange_start(1, depth + 1, (Kind::Double, device))?;
-                    let within = rank.f_unsqueeze(0)?.f_le_tensor(&r.f_unsqueeze(1)?)?;
-                    let rel = relevant.f_logical_and(&within)?;
+                    let rel = match precision {
+                        Precision::AtR => relevant.f_logical_and(
+                            &rank.f_unsqueeze(0)?.f_le_tensor(&r.f_unsqueeze(1)?)?,
+                        )?,
+                        Precision::Full => relevant,
+                    };
                     // Hits so far counted in integers: a floating running sum
                     // has no deterministic CUDA kernel.
                     let precision = rel
@@ -527,6 +592,15 @@ impl RetrievalConfig {
 
 /// Embeddings and their labels.
 type Items<'a> = (&'a Tensor, &'a Tensor);
+
+/// Which average precision a scan sums.
+#[derive(Clone, Copy)]
+enum Precision {
+    /// AP@R: over the R_q nearest.
+    AtR,
+    /// Over the whole ranking, as re-identification's mAP.
+    Full,
+}
 
 /// The items of an evaluation in the order it ranks them: the references
 /// first, columns `0..references` of every distance matrix, then the
@@ -661,6 +735,19 @@ pub fn recall_at_k(
     distance: Distance,
 ) -> Result<Vec<f64>, Error> {
     RetrievalConfig::new(distance).recall_at_k(embeddings, labels, ks)
+}
+
+/// The mean average precision over the whole ranking; see
+/// [`RetrievalConfig::mean_average_precision`].
+///
+/// # Errors
+/// As [`RetrievalConfig::mean_average_precision`].
+pub fn mean_average_precision(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    distance: Distance,
+) -> Result<f64, Error> {
+    RetrievalConfig::new(distance).mean_average_precision(embeddings, labels)
 }
 
 /// MAP@R; see the [module](self) docs.

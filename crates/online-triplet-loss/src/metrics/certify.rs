@@ -228,6 +228,11 @@ impl Certify {
         }
     }
 
+    /// The float64 side, for embeddings of a narrower dtype.
+    pub(super) fn wide(&self) -> Option<&Side> {
+        self.wide.as_ref().map(|(side, _)| side)
+    }
+
     /// Whether each of `nearest`, `(m, depth)`, shares the label of the query
     /// it is a neighbour of, `queries`, `(m,)`, and is not that query (which
     /// could only be ranked when distances overflow to infinity).
