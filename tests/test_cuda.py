@@ -334,6 +334,12 @@ def test_metrics_stay_exact_with_tf32_matmuls_allowed(device, distance):
         got = recall_at_k(embeddings.to(device), labels.to(device), (1, 2, 5), **kw)
         got_map = mean_average_precision_at_r(embeddings.to(device), labels.to(device), **kw)
         half = recall_at_k(embeddings[:8].half().to(device), labels[:8].to(device), (1,), **kw)
+        # Found by a review: ranked in float64, the queries and the gallery
+        # were copies, and the core no longer saw the queries as their own
+        # gallery.
+        with pytest.raises(ValueError, match="ref_embeddings: is embeddings itself"):
+            x = embeddings.to(device)
+            recall_at_k(x, labels.to(device), (1,), ref_embeddings=x, ref_labels=labels.to(device))
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
     assert got == pytest.approx(recall, abs=1e-12)
@@ -477,6 +483,30 @@ def test_cpu_labels_do_not_synchronise_the_loss(device, mining, refs):
         results.append((loss.detach(), x.grad))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+def test_device_labels_with_cpu_embeddings(device, mining):
+    """Found by a review: labels on the device with CPU embeddings were copied
+    to the CPU without waiting, and the native kernels could read them before
+    they arrived. Equal to CPU labels, with references too."""
+    if device.type != "cuda":
+        pytest.skip(f"device labels with CPU embeddings need a CUDA device; the device is {device}")
+    g = torch.Generator().manual_seed(6)
+    labels, emb = torch.randint(0, 8, (512,), generator=g), torch.randn(512, 16, generator=g)
+    ref_labels, ref_emb = torch.randint(0, 8, (300,), generator=g), torch.randn(300, 16, generator=g)
+    for refs in (False, True):
+        got, want = [], []
+        for out, on in ((got, device), (want, torch.device("cpu"))):
+            x = leaf(emb)
+            kw = dict(ref_embeddings=ref_emb, ref_labels=ref_labels.to(on)) if refs else {}
+            # Work queued on the device first, so that a copy not waited for would be late.
+            torch.randn(4096, 4096, device=device).matmul(torch.randn(4096, 4096, device=device))
+            loss = function_loss(mining, labels.to(on), x, 0.2, "euclidean", False, **kw)
+            loss.backward()
+            out += [loss.detach(), x.grad]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("mining", LOSSES)

@@ -569,6 +569,11 @@ def test_reference_set_errors(metric):
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
             metric(x, y, **kw)
+    # Found by a review: the refusal compared storage alone, so it also refused
+    # the same bytes read as another dtype, and empty rows (data_ptr 0).
+    half = x[:6].half()
+    recall_at_k(half, y[:6], (1,), ref_embeddings=half.view(torch.bfloat16), ref_labels=y[:6])
+    recall_at_k(torch.zeros(6, 0), y[:6], (1,), ref_embeddings=torch.zeros(6, 0), ref_labels=y[:6])
     # A copy of the queries is a gallery like any other: each finds its copy.
     assert metric(x, y, ref_embeddings=x.clone(), ref_labels=y) == (
         {1: 1.0} if metric is not mean_average_precision_at_r else metric(x, y, ref_embeddings=x.clone(), ref_labels=y))

@@ -94,6 +94,8 @@ def test_learned_margin_repr_is_one_line_on_any_device(module_class):
     module = module_class(margin=nn.Parameter(torch.tensor(0.25)))
     assert "margin=0.25 (learned)" in repr(module) and "\n" not in repr(module)
     assert "margin=(learned, on meta)" in repr(module.to("meta"))
+    frozen = module_class(margin=torch.nn.Parameter(torch.tensor(0.25), requires_grad=False))
+    assert "margin=0.25 (frozen)" in repr(frozen)
 
 
 @pytest.mark.parametrize("mining", LOSSES)

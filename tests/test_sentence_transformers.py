@@ -665,3 +665,10 @@ def test_config_of_tensor_and_array_margins_is_json(ours, loss_name):
                    torch.nn.Parameter(torch.tensor(0.5))):
         config = getattr(ours, loss_name)(None, margin=margin).get_config_dict()
         assert json.loads(json.dumps(config))["margin"] == 0.5, (margin, config)
+
+
+def test_repr_of_a_learned_margin_on_meta(ours):
+    """Found by a review: the model card's numbers made ``repr`` of a loss
+    moved to meta raise (a meta tensor has no value)."""
+    loss = ours.BatchHardTripletLoss(None, margin=torch.nn.Parameter(torch.tensor(0.5))).to("meta")
+    assert "margin=" in repr(loss)

@@ -457,7 +457,8 @@ class _TripletLoss(nn.Module):
     def extra_repr(self) -> str:
         margin = self.margin
         if isinstance(margin, Tensor):  # a learned margin, on one line
-            margin = "(learned, on meta)" if margin.is_meta else f"{float(margin.detach()):.6g} (learned)"
+            kind = "learned" if margin.requires_grad else "frozen"
+            margin = f"({kind}, on meta)" if margin.is_meta else f"{float(margin.detach()):.6g} ({kind})"
         return f"margin={margin}, distance={self.distance!r}"
 
     def __prepare_scriptable__(self) -> "_TripletLoss":

@@ -91,9 +91,26 @@ def _ranked(embeddings: Tensor) -> Tensor:
     return embeddings.detach()
 
 
-def _reference_set(ref_embeddings: Optional[Tensor], ref_labels: Optional[Tensor]) -> tuple:
+def _reference_set(
+    embeddings: Tensor, ref_embeddings: Optional[Tensor], ref_labels: Optional[Tensor]
+) -> tuple:
+    """The core's arguments for the reference set. The core refuses the
+    queries themselves as their gallery, which it would no longer see once
+    :func:`_ranked` had made copies of both: refused here first."""
     if ref_embeddings is None:
         return ()
+    itself = (
+        ref_embeddings.numel() > 0
+        and ref_embeddings.data_ptr() == embeddings.data_ptr()
+        and ref_embeddings.dtype == embeddings.dtype
+        and ref_embeddings.shape == embeddings.shape
+        and ref_embeddings.stride() == embeddings.stride()
+    )
+    if itself:
+        raise ValueError(
+            "ref_embeddings: is embeddings itself, so every query would find itself at "
+            "distance 0; to rank each item against the others, give no ref_embeddings"
+        )
     return (_ranked(ref_embeddings), ref_labels)
 
 
@@ -172,7 +189,7 @@ def recall_at_k(
         _core.recall_at_k,
         _ranked(embeddings), labels, values,
         resolve_distance(False, distance), _check_chunk_size(chunk_size),
-        *_reference_set(ref_embeddings, ref_labels),
+        *_reference_set(embeddings, ref_embeddings, ref_labels),
     )
     return dict(zip(values, recalls))
 
@@ -243,7 +260,7 @@ def mean_average_precision_at_r(
         _core.mean_average_precision_at_r,
         _ranked(embeddings), labels,
         resolve_distance(False, distance), _check_chunk_size(chunk_size),
-        *_reference_set(ref_embeddings, ref_labels),
+        *_reference_set(embeddings, ref_embeddings, ref_labels),
     )
 
 
@@ -308,5 +325,5 @@ def mean_average_precision(
         _core.mean_average_precision,
         _ranked(embeddings), labels,
         resolve_distance(False, distance), _check_chunk_size(chunk_size),
-        *_reference_set(ref_embeddings, ref_labels),
+        *_reference_set(embeddings, ref_embeddings, ref_labels),
     )

@@ -192,7 +192,8 @@ def _number(margin: Any) -> Any:
     """A tensor or NumPy margin as the number it holds (its value now, for a
     learned one): the model card writes the configuration as JSON."""
     if isinstance(margin, Tensor):
-        return float(margin.detach())
+        # On meta there is no value to give.
+        return margin if margin.is_meta else float(margin.detach())
     if hasattr(margin, "dtype") and hasattr(margin, "item"):
         return float(margin)
     return margin

@@ -135,10 +135,12 @@ pub(crate) fn keys(labels: &Tensor, domain: Domain, nan_keys: i64) -> Result<Ten
     }
 }
 
-/// Label keys on `device`. Labels on the CPU are copied to a CUDA device
-/// without waiting for it (the keys are a tensor of their own, in pageable
-/// memory, staged by the copy before it returns), so that CPU labels with
-/// CUDA embeddings do not synchronise a loss with its device.
+/// Label keys on `device`. Copies to a CUDA device are queued, not made to
+/// wait for the device (the keys are a tensor of their own, in pageable
+/// memory, which the copy stages before it returns), so that CPU labels
+/// with CUDA embeddings do not synchronise the loss as a blocking copy
+/// would; copies to the CPU wait, since the native kernels read the keys at
+/// once.
 ///
 /// # Errors
 /// `Error::Torch` when libtorch fails.
@@ -146,7 +148,8 @@ pub(crate) fn keys_on(keys: Tensor, device: Device) -> Result<Tensor, Error> {
     if keys.device() == device {
         return Ok(keys);
     }
-    Ok(keys.f_to_device_(device, Kind::Int64, true, false)?)
+    let queued = device != Device::Cpu;
+    Ok(keys.f_to_device_(device, Kind::Int64, queued, false)?)
 }
 
 /// Masks of one chunk of anchors against the reference set: `same[i][j]`

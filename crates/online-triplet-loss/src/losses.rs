@@ -330,7 +330,9 @@ impl TripletConfig {
     /// `(B, D)`, float16, bfloat16 (computed in float32), float32 or
     /// float64, on the CPU or a CUDA device; references: `(M, D)` on the
     /// device of `embeddings`, and `(M,)`. Labels on the CPU with CUDA
-    /// embeddings are copied to the device without waiting for it.
+    /// embeddings are copied to the device as a queued copy, not one that
+    /// waits for the device (CUDA may still stage a copy from pageable
+    /// memory in step with the stream; pinned labels avoid that).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] naming the argument for a margin that is

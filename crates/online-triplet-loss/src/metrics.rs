@@ -410,7 +410,9 @@ impl RetrievalConfig {
                     ),
                 ));
             }
-            let same_storage = y.data_ptr() == embeddings.data_ptr()
+            let same_storage = y.numel() > 0
+                && y.data_ptr() == embeddings.data_ptr()
+                && y.f_kind()? == embeddings.f_kind()?
                 && y.size() == embeddings.size()
                 && y.stride() == embeddings.stride();
             if same_storage {
