@@ -358,6 +358,13 @@ def test_metrics_against_a_reference_set_match_brute_force(device, distance):
         assert recall_at_k(x.to(device), y.to(device), KS, **kw) == pytest.approx(recall, abs=1e-12)
         assert mean_average_precision_at_r(x.to(device), y.to(device), **kw) == pytest.approx(map_r, abs=1e-12)
         assert mean_average_precision(x.to(device), y.to(device), **kw) == pytest.approx(full, abs=1e-12)
+        cams, ref_cams = torch.arange(len(y)) % 3, torch.arange(len(gy)) % 3
+        cameras = dict(references=(gx, gy), cameras=(cams, ref_cams))
+        camera_recall, _ = metrics_brute_force(x, y, KS, distance, **cameras)
+        _, camera_full = metrics_brute_force(x, y, KS, distance, full=True, **cameras)
+        kw.update(cameras=cams.to(device), ref_cameras=ref_cams.to(device))
+        assert recall_at_k(x.to(device), y.to(device), KS, **kw) == pytest.approx(camera_recall, abs=1e-12)
+        assert mean_average_precision(x.to(device), y.to(device), **kw) == pytest.approx(camera_full, abs=1e-12)
 
 
 # ---------------------------------------------------------- sentence-transformers

@@ -17,17 +17,26 @@ from helpers import SIGINT_CHILD
 
 
 def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="euclidean",
-                references=None, full=False):
+                references=None, full=False, cameras=None):
     """Python loops over float64 distances: every query against every other item
     (or every item of ``references``, a pair of embeddings and labels), sorted;
     queries with no other item of their label skipped. Returns recall@k and
-    MAP@R, or with ``full`` the average precision over the whole ranking."""
+    MAP@R, or with ``full`` the average precision over the whole ranking.
+    ``cameras``, the queries' and the references' camera ids (one tensor
+    without references): an item of the query's label and camera is dropped
+    from its ranking."""
     points = embeddings.double().tolist()
     ids = labels.tolist()
     if references is None:
         gallery, gallery_ids, own = points, ids, True
     else:
         gallery, gallery_ids, own = references[0].double().tolist(), references[1].tolist(), False
+    if cameras is None:
+        query_cams = gallery_cams = [None] * max(len(points), len(gallery))
+    elif references is None:
+        query_cams = gallery_cams = cameras.tolist()
+    else:
+        query_cams, gallery_cams = cameras[0].tolist(), cameras[1].tolist()
 
     def dist(a, b):
         if distance == "cosine":
@@ -45,7 +54,9 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="eu
     ap_sum, queries = 0.0, 0
     for q in range(len(points)):
         others = sorted((dist(points[q], gallery[j]), gallery_ids[j])
-                        for j in range(len(gallery)) if not (own and j == q))
+                        for j in range(len(gallery)) if not (own and j == q)
+                        and not (cameras is not None and gallery_ids[j] == ids[q]
+                                 and gallery_cams[j] == query_cams[q]))
         relevant = [label == ids[q] for _, label in others]
         r = sum(relevant)
         if r == 0:
@@ -671,3 +682,118 @@ def test_full_mean_average_precision_errors():
         mean_average_precision(x, y, distance="l1")
     with pytest.raises(ValueError, match="chunk_size: must be None or an int >= 1"):
         mean_average_precision(x, y, chunk_size=0)
+
+
+
+# Cameras: a query retrieves no item of its own label from its own camera
+# (the re-identification protocol of Market-1501 and its successors).
+
+
+def with_cameras(seed, n):
+    return torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(100 + seed))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("gallery", [False, True])
+def test_cameras_match_brute_force(seed, chunk_size, distance, gallery):
+    brute = "cosine" if distance == "cosine" else "euclidean"
+    kw = dict(distance=distance, chunk_size=chunk_size)
+    if gallery:
+        (x, y), (gx, gy) = query_and_gallery(seed)
+        cams, ref_cams = with_cameras(seed, len(y)), with_cameras(seed + 50, len(gy))
+        # The copies of gallery items among the queries: one in its own camera.
+        cams[0] = ref_cams[0]
+        kw.update(ref_embeddings=gx, ref_labels=gy, cameras=cams, ref_cameras=ref_cams)
+        references, cameras = (gx, gy), (cams, ref_cams)
+    else:
+        rnd = random.Random(seed)
+        x, y = random_data(seed, n=rnd.randint(30, 70), dim=rnd.randint(2, 6),
+                           classes=rnd.randint(2, 6), singletons=2)
+        cams = with_cameras(seed, len(y))
+        kw.update(cameras=cams)
+        references, cameras = None, cams
+    recall, at_r = brute_force(x, y, KS, brute, references=references, cameras=cameras)
+    _, full = brute_force(x, y, KS, brute, references=references, cameras=cameras, full=True)
+    plain = brute_force(x, y, KS, brute, references=references)
+    assert abs(at_r - plain[1]) > 1e-6, "the cameras should change the scores"
+    assert recall_at_k(x, y, KS, **kw) == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(x, y, **kw) == pytest.approx(at_r, abs=1e-12)
+    assert mean_average_precision(x, y, **kw) == pytest.approx(full, abs=1e-12)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cameras_with_tight_classes_far_from_the_centre(distance, dtype):
+    """The float64 re-ranking leaves out a query's own camera too."""
+    embeddings, labels = tight_classes_far_apart(distance, dtype)
+    cams = with_cameras(0, len(labels))
+    brute = "cosine" if distance == "cosine" else "euclidean"
+    for gallery in (False, True):
+        if gallery:
+            x, y, references = embeddings[60:], labels[60:], (embeddings[:60], labels[:60])
+            cameras = (cams[60:], cams[:60])
+            kw = dict(ref_embeddings=references[0], ref_labels=references[1], cameras=cameras[0],
+                      ref_cameras=cameras[1])
+        else:
+            x, y, references, cameras, kw = embeddings, labels, None, cams, dict(cameras=cams)
+        for chunk_size in (None, 5):
+            recall, at_r = brute_force(x, y, (1, 2, 5), brute, references=references, cameras=cameras)
+            _, full = brute_force(x, y, (1,), brute, references=references, cameras=cameras, full=True)
+            assert recall_at_k(x, y, (1, 2, 5), chunk_size=chunk_size, distance=distance, **kw) == \
+                pytest.approx(recall, abs=1e-12)
+            assert mean_average_precision_at_r(x, y, chunk_size=chunk_size, distance=distance, **kw) == \
+                pytest.approx(at_r, abs=1e-12)
+            assert mean_average_precision(x, y, chunk_size=chunk_size, distance=distance, **kw) == \
+                pytest.approx(full, abs=1e-12)
+
+
+def test_cameras_hand_computed():
+    # Query 5.2 (camera 0) may not retrieve 5.1 (label 1, camera 0), nor 0.2
+    # (camera 1) 5.0; 0.0 (camera 1) may not retrieve its copy at 0.0, of its
+    # label and camera, and finds 0.1 first. 3.0 has no reference.
+    gallery = torch.tensor([[0.1], [5.0], [5.1], [9.0], [0.0]])
+    gallery_labels = torch.tensor([0, 1, 1, 2, 0])
+    gallery_cams = torch.tensor([0, 1, 0, 0, 1])
+    queries = torch.tensor([[0.0], [5.2], [0.2], [3.0]])
+    labels, cams = torch.tensor([0, 1, 1, 4]), torch.tensor([1, 0, 1, 0])
+    kw = dict(ref_embeddings=gallery, ref_labels=gallery_labels, cameras=cams, ref_cameras=gallery_cams)
+    # 0.0: R = 1, 0.1 first; 5.2: R = 1 (5.0), first; 0.2: R = 1 (5.1), after 0.1 and 0.0.
+    assert recall_at_k(queries, labels, ks=(1, 2, 3), **kw) == {1: 2 / 3, 2: 2 / 3, 3: 1.0}
+    assert mean_average_precision(queries, labels, **kw) == pytest.approx((1 + 1 + 1 / 3) / 3)
+    assert mean_average_precision_at_r(queries, labels, **kw) == pytest.approx(2 / 3)
+    # Without a gallery: each item's own-camera items of its label are dropped.
+    x = torch.tensor([[0.0], [0.1], [0.2], [0.05]])
+    y, c = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 1, 0])
+    # 0.0 and 0.1 (camera 0) each retrieve only 0.2 (R = 1), after 0.05
+    # (label 1); 0.2 retrieves 0.1, then 0.05, then 0.0 (R = 2).
+    assert recall_at_k(x, y, ks=1, cameras=c) == {1: 1 / 3}
+    assert mean_average_precision(x, y, cameras=c) == pytest.approx((1 / 2 + 1 / 2 + (1 + 2 / 3) / 2) / 3)
+
+
+def test_camera_errors():
+    (x, y), (gx, gy) = query_and_gallery(0)
+    cams, ref_cams = with_cameras(0, len(y)), with_cameras(1, len(gy))
+    g = dict(ref_embeddings=gx, ref_labels=gy)
+    for metric in (lambda *a, **k: recall_at_k(*a, **k), mean_average_precision_at_r, mean_average_precision):
+        cases = [
+            (dict(cameras=cams[:3]), "cameras: has 3 entries but embeddings has"),
+            (dict(cameras=cams[:, None]), "cameras: must be 1-D"),
+            (dict(cameras=cams.tolist()), "cameras: must be a torch.Tensor"),
+            (dict(cameras=cams.to(torch.complex64)), "cameras: must hold integer class ids or real"),
+            (dict(ref_cameras=ref_cams), "ref_cameras: are the cameras of ref_embeddings, which is not"),
+            (dict(cameras=cams, **g), "cameras and ref_cameras: must be given together"),
+            (dict(ref_cameras=ref_cams, **g), "cameras and ref_cameras: must be given together"),
+            (dict(cameras=cams, ref_cameras=ref_cams[:4], **g), "ref_cameras: has 4 entries but ref_embeddings"),
+            (dict(cameras=torch.zeros_like(y)), None),
+        ]
+        for kw, match in cases:
+            if match is None:
+                # Every class in one camera: no query has an item to retrieve.
+                with pytest.raises(ValueError, match="labels: no item shares its label with another "
+                                                     "item from another camera"):
+                    metric(x, y, **kw)
+                continue
+            with pytest.raises(ValueError, match=match):
+                metric(x, y, **kw)

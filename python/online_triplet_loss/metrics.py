@@ -91,16 +91,29 @@ def _ranked(embeddings: Tensor) -> Tensor:
     return embeddings.detach()
 
 
-def _reference_set(
-    embeddings: Tensor, ref_embeddings: Optional[Tensor], ref_labels: Optional[Tensor]
+def _scores(
+    name: str, embeddings: Tensor, labels: Tensor, ks: List[int], full: Optional[bool],
+    distance: str, chunk_size: object, cameras: Optional[Tensor],
+    ref_embeddings: Optional[Tensor], ref_labels: Optional[Tensor], ref_cameras: Optional[Tensor],
 ) -> tuple:
-    """The core's arguments for the reference set. The core refuses the
+    """(recalls, average precision) from the core. The core refuses the
     queries themselves as their gallery, which it would no longer see once
     :func:`_ranked` had made copies of both: refused here first."""
-    if ref_embeddings is None:
-        return ()
+    refuse_tracing(name)
+    check_tensor("embeddings", embeddings)
+    check_tensor("labels", labels)
+    check_references(ref_embeddings, ref_labels)
+    if cameras is not None:
+        check_tensor("cameras", cameras)
+    if ref_cameras is not None:
+        check_tensor("ref_cameras", ref_cameras)
+        if ref_embeddings is None:
+            raise ValueError("ref_cameras: are the cameras of ref_embeddings, which is not given")
+    if ref_embeddings is not None and (cameras is None) != (ref_cameras is None):
+        raise ValueError("cameras and ref_cameras: must be given together")
     itself = (
-        ref_embeddings.numel() > 0
+        ref_embeddings is not None
+        and ref_embeddings.numel() > 0
         and ref_embeddings.data_ptr() == embeddings.data_ptr()
         and ref_embeddings.dtype == embeddings.dtype
         and ref_embeddings.shape == embeddings.shape
@@ -111,7 +124,12 @@ def _reference_set(
             "ref_embeddings: is embeddings itself, so every query would find itself at "
             "distance 0; to rank each item against the others, give no ref_embeddings"
         )
-    return (_ranked(ref_embeddings), ref_labels)
+    return native.call(
+        _core.retrieval_scores,
+        _ranked(embeddings), labels, ks, full,
+        resolve_distance(False, distance), _check_chunk_size(chunk_size), cameras,
+        None if ref_embeddings is None else _ranked(ref_embeddings), ref_labels, ref_cameras,
+    )
 
 
 @native.boundary
@@ -122,8 +140,10 @@ def recall_at_k(
     *,
     distance: str = "euclidean",
     chunk_size: Optional[int] = None,
+    cameras: Optional[Tensor] = None,
     ref_embeddings: Optional[Tensor] = None,
     ref_labels: Optional[Tensor] = None,
+    ref_cameras: Optional[Tensor] = None,
 ) -> Dict[int, float]:
     r"""Recall@k: how often an item of the query's class is among its k nearest.
 
@@ -144,10 +164,15 @@ def recall_at_k(
             ``"cosine"``.
         chunk_size: queries ranked at a time; by default enough to keep each
             chunk's distance matrix near 4M entries.
+        cameras: camera ids of the items, :math:`(B)`, for person
+            re-identification: a query retrieves no item of its own label from
+            its own camera (Market-1501, DukeMTMC-reID and MSMT17 evaluate so);
+            those items count neither in :math:`R_q` nor in the ranking.
         ref_embeddings: a reference set (gallery) to rank the queries
             ``embeddings`` against instead of each other; not ``embeddings``
             itself. A query identical to a reference finds it at distance 0.
         ref_labels: the reference set's class ids, given with it.
+        ref_cameras: the reference set's camera ids, given with ``cameras``.
 
     Returns:
         ``{k: recall}`` for every :math:`k` asked for.
@@ -165,6 +190,8 @@ def recall_at_k(
         - ref_embeddings: :math:`(M, D)`, on the device of ``embeddings``; both
           are ranked in the wider of their dtypes.
         - ref_labels: :math:`(M)`, as ``labels``.
+        - cameras, ref_cameras: :math:`(B)` and :math:`(M)`, integer ids, on
+          any device.
 
     Example::
 
@@ -180,17 +207,9 @@ def recall_at_k(
         ...             ref_embeddings=gallery, ref_labels=gallery_labels)
         {1: 0.6666666666666666, 2: 1.0}
     """
-    refuse_tracing("recall_at_k")
-    check_tensor("embeddings", embeddings)
-    check_tensor("labels", labels)
-    check_references(ref_embeddings, ref_labels)
     values = _check_ks(ks)
-    recalls = native.call(
-        _core.recall_at_k,
-        _ranked(embeddings), labels, values,
-        resolve_distance(False, distance), _check_chunk_size(chunk_size),
-        *_reference_set(embeddings, ref_embeddings, ref_labels),
-    )
+    recalls, _ = _scores("recall_at_k", embeddings, labels, values, None, distance, chunk_size,
+                         cameras, ref_embeddings, ref_labels, ref_cameras)
     return dict(zip(values, recalls))
 
 
@@ -201,8 +220,10 @@ def mean_average_precision_at_r(
     *,
     distance: str = "euclidean",
     chunk_size: Optional[int] = None,
+    cameras: Optional[Tensor] = None,
     ref_embeddings: Optional[Tensor] = None,
     ref_labels: Optional[Tensor] = None,
+    ref_cameras: Optional[Tensor] = None,
 ) -> float:
     r"""MAP@R (Musgrave et al., "A Metric Learning Reality Check", 2020).
 
@@ -222,10 +243,15 @@ def mean_average_precision_at_r(
             ``"cosine"``.
         chunk_size: queries ranked at a time; by default enough to keep each
             chunk's distance matrix near 4M entries.
+        cameras: camera ids of the items, :math:`(B)`, for person
+            re-identification: a query retrieves no item of its own label from
+            its own camera (Market-1501, DukeMTMC-reID and MSMT17 evaluate so);
+            those items count neither in :math:`R_q` nor in the ranking.
         ref_embeddings: a reference set (gallery) to rank the queries
             ``embeddings`` against instead of each other; not ``embeddings``
             itself. A query identical to a reference finds it at distance 0.
         ref_labels: the reference set's class ids, given with it.
+        ref_cameras: the reference set's camera ids, given with ``cameras``.
 
     Returns:
         MAP@R, a float in :math:`[0, 1]`.
@@ -243,6 +269,8 @@ def mean_average_precision_at_r(
         - ref_embeddings: :math:`(M, D)`, on the device of ``embeddings``; both
           are ranked in the wider of their dtypes.
         - ref_labels: :math:`(M)`, as ``labels``.
+        - cameras, ref_cameras: :math:`(B)` and :math:`(M)`, integer ids, on
+          any device.
 
     Example::
 
@@ -252,16 +280,9 @@ def mean_average_precision_at_r(
         >>> round(mean_average_precision_at_r(embeddings, labels), 4)
         0.8
     """
-    refuse_tracing("mean_average_precision_at_r")
-    check_tensor("embeddings", embeddings)
-    check_tensor("labels", labels)
-    check_references(ref_embeddings, ref_labels)
-    return native.call(
-        _core.mean_average_precision_at_r,
-        _ranked(embeddings), labels,
-        resolve_distance(False, distance), _check_chunk_size(chunk_size),
-        *_reference_set(embeddings, ref_embeddings, ref_labels),
-    )
+    _, value = _scores("mean_average_precision_at_r", embeddings, labels, [], False, distance,
+                       chunk_size, cameras, ref_embeddings, ref_labels, ref_cameras)
+    return value
 
 
 @native.boundary
@@ -271,12 +292,15 @@ def mean_average_precision(
     *,
     distance: str = "euclidean",
     chunk_size: Optional[int] = None,
+    cameras: Optional[Tensor] = None,
     ref_embeddings: Optional[Tensor] = None,
     ref_labels: Optional[Tensor] = None,
+    ref_cameras: Optional[Tensor] = None,
 ) -> float:
     r"""The mean average precision over the whole ranking: the mAP that
-    person re-identification benchmarks report (beside recall@1, their rank-1),
-    here without their exclusion of gallery items from the query's camera.
+    person re-identification benchmarks report (beside recall@1, their rank-1;
+    with ``cameras``, under their rule that a query retrieves no item of its
+    own identity from its own camera).
 
     .. math::
         \text{mAP} = \frac{1}{|Q|} \sum_{q \in Q} \frac{1}{R_q}
@@ -295,10 +319,15 @@ def mean_average_precision(
             ``"cosine"``.
         chunk_size: queries ranked at a time; by default enough to keep each
             chunk's distance matrix near 4M entries.
+        cameras: camera ids of the items, :math:`(B)`, for person
+            re-identification: a query retrieves no item of its own label from
+            its own camera (Market-1501, DukeMTMC-reID and MSMT17 evaluate so);
+            those items count neither in :math:`R_q` nor in the ranking.
         ref_embeddings: a reference set (gallery) to rank the queries
             ``embeddings`` against instead of each other; not ``embeddings``
             itself. A query identical to a reference finds it at distance 0.
         ref_labels: the reference set's class ids, given with it.
+        ref_cameras: the reference set's camera ids, given with ``cameras``.
 
     Returns:
         mAP, a float in :math:`[0, 1]`.
@@ -317,13 +346,6 @@ def mean_average_precision(
         >>> round(mean_average_precision(embeddings, labels), 4)  # 0.25 finds its class 3rd and 4th
         0.8833
     """
-    refuse_tracing("mean_average_precision")
-    check_tensor("embeddings", embeddings)
-    check_tensor("labels", labels)
-    check_references(ref_embeddings, ref_labels)
-    return native.call(
-        _core.mean_average_precision,
-        _ranked(embeddings), labels,
-        resolve_distance(False, distance), _check_chunk_size(chunk_size),
-        *_reference_set(embeddings, ref_embeddings, ref_labels),
-    )
+    _, value = _scores("mean_average_precision", embeddings, labels, [], True, distance,
+                       chunk_size, cameras, ref_embeddings, ref_labels, ref_cameras)
+    return value

@@ -2,7 +2,7 @@
 //! and errors; validation messages, the math and the gradients come from the
 //! Rust crate.
 
-use online_triplet_loss::metrics::RetrievalConfig;
+use online_triplet_loss::metrics::{AveragePrecision, Items, RetrievalConfig};
 use online_triplet_loss::{
     Distance, Error, Interrupt, Kernel, Mining, References, Terms, TripletConfig,
 };
@@ -319,89 +319,55 @@ fn python_signals() -> bool {
     }
 }
 
-/// recall@k for each of `ks`, in that order, of every item against the
-/// others or, with a reference set, of the queries against it.
+/// recall@k for each of `ks` and, with `full` (`Some(false)`: MAP@R,
+/// `Some(true)`: over the whole ranking), the mean average precision, of
+/// every item against the others or, with a reference set, of the queries
+/// against it; with cameras, a query retrieves no item of its own label
+/// from its own camera.
 #[pyfunction]
-#[pyo3(signature = (embeddings, labels, ks, distance, chunk_size=None, ref_embeddings=None, ref_labels=None))]
+#[pyo3(signature = (embeddings, labels, ks, full, distance, chunk_size=None, cameras=None, ref_embeddings=None, ref_labels=None, ref_cameras=None))]
 #[allow(clippy::too_many_arguments)]
-fn recall_at_k(
+fn retrieval_scores(
     py: Python<'_>,
     embeddings: PyTensor,
     labels: PyTensor,
     ks: Vec<i64>,
+    full: Option<bool>,
     distance: &str,
     chunk_size: Option<i64>,
+    cameras: Option<PyTensor>,
     ref_embeddings: Option<PyTensor>,
     ref_labels: Option<PyTensor>,
-) -> PyResult<Vec<f64>> {
+    ref_cameras: Option<PyTensor>,
+) -> PyResult<(Vec<f64>, Option<f64>)> {
     let config = retrieval(distance, chunk_size)?;
-    let (embeddings, labels) = (embeddings.0, labels.0);
-    let references = reference_set(ref_embeddings, ref_labels)?;
-    run(py, move || match &references {
-        Some((y, y_labels)) => config.recall_at_k_against(&embeddings, &labels, y, y_labels, &ks),
-        None => config.recall_at_k(&embeddings, &labels, &ks),
-    })
-}
-
-/// MAP@R of every item against the others or, with a reference set, of
-/// the queries against it.
-#[pyfunction]
-#[pyo3(signature = (embeddings, labels, distance, chunk_size=None, ref_embeddings=None, ref_labels=None))]
-fn mean_average_precision_at_r(
-    py: Python<'_>,
-    embeddings: PyTensor,
-    labels: PyTensor,
-    distance: &str,
-    chunk_size: Option<i64>,
-    ref_embeddings: Option<PyTensor>,
-    ref_labels: Option<PyTensor>,
-) -> PyResult<f64> {
-    let config = retrieval(distance, chunk_size)?;
-    let (embeddings, labels) = (embeddings.0, labels.0);
-    let references = reference_set(ref_embeddings, ref_labels)?;
-    run(py, move || match &references {
-        Some((y, y_labels)) => {
-            config.mean_average_precision_at_r_against(&embeddings, &labels, y, y_labels)
+    let precision = full.map(|full| match full {
+        true => AveragePrecision::Full,
+        false => AveragePrecision::AtR,
+    });
+    let queries = (embeddings.0, labels.0, cameras.map(|c| c.0));
+    let gallery = match (ref_embeddings, ref_labels) {
+        (Some(y), Some(y_labels)) => Some((y.0, y_labels.0, ref_cameras.map(|c| c.0))),
+        (None, None) if ref_cameras.is_none() => None,
+        _ => {
+            return Err(PyValueError::new_err(
+                "ref_embeddings and ref_labels: must be given together, and with ref_cameras",
+            ))
         }
-        None => config.mean_average_precision_at_r(&embeddings, &labels),
+    };
+    run(py, move || {
+        let gallery = gallery.as_ref().map(items);
+        let scores = config.scores(items(&queries), gallery, &ks, precision)?;
+        Ok((scores.recall, scores.average_precision))
     })
 }
 
-/// The mean average precision over the whole ranking, of every item against
-/// the others or, with a reference set, of the queries against it.
-#[pyfunction]
-#[pyo3(signature = (embeddings, labels, distance, chunk_size=None, ref_embeddings=None, ref_labels=None))]
-fn mean_average_precision(
-    py: Python<'_>,
-    embeddings: PyTensor,
-    labels: PyTensor,
-    distance: &str,
-    chunk_size: Option<i64>,
-    ref_embeddings: Option<PyTensor>,
-    ref_labels: Option<PyTensor>,
-) -> PyResult<f64> {
-    let config = retrieval(distance, chunk_size)?;
-    let (embeddings, labels) = (embeddings.0, labels.0);
-    let references = reference_set(ref_embeddings, ref_labels)?;
-    run(py, move || match &references {
-        Some((y, y_labels)) => {
-            config.mean_average_precision_against(&embeddings, &labels, y, y_labels)
-        }
-        None => config.mean_average_precision(&embeddings, &labels),
-    })
-}
-
-/// The reference set of the metrics: both tensors or neither.
-fn reference_set(
-    embeddings: Option<PyTensor>,
-    labels: Option<PyTensor>,
-) -> PyResult<Option<(Tensor, Tensor)>> {
-    match (embeddings, labels) {
-        (Some(y), Some(y_labels)) => Ok(Some((y.0, y_labels.0))),
-        (None, None) => Ok(None),
-        _ => Err(PyValueError::new_err(
-            "ref_embeddings and ref_labels: must be given together",
-        )),
+/// The metrics' view of embeddings, labels and cameras.
+fn items((embeddings, labels, cameras): &(Tensor, Tensor, Option<Tensor>)) -> Items<'_> {
+    let items = Items::new(embeddings, labels);
+    match cameras {
+        Some(cameras) => items.cameras(cameras),
+        None => items,
     }
 }
 
@@ -432,9 +398,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(triplet_terms, m)?)?;
     m.add_function(wrap_pyfunction!(mean_and_fraction, m)?)?;
     m.add_function(wrap_pyfunction!(mean, m)?)?;
-    m.add_function(wrap_pyfunction!(recall_at_k, m)?)?;
-    m.add_function(wrap_pyfunction!(mean_average_precision_at_r, m)?)?;
-    m.add_function(wrap_pyfunction!(mean_average_precision, m)?)?;
+    m.add_function(wrap_pyfunction!(retrieval_scores, m)?)?;
     // black_box keeps the whole record in the library, unfolded.
     let record = std::hint::black_box(TORCH_RECORD);
     m.add(

@@ -118,6 +118,58 @@ pub struct Retrieval {
     pub queries: i64,
 }
 
+/// A set of items to rank: embeddings, their class labels and, for person
+/// re-identification, their cameras.
+#[derive(Clone, Copy, Debug)]
+pub struct Items<'a> {
+    /// `(N, D)`, floating point.
+    pub embeddings: &'a Tensor,
+    /// `(N,)`, class ids.
+    pub labels: &'a Tensor,
+    /// `(N,)`, camera ids: a query retrieves no item of its own label from
+    /// its own camera. `None` for no such rule.
+    pub cameras: Option<&'a Tensor>,
+}
+
+impl<'a> Items<'a> {
+    #[must_use]
+    pub fn new(embeddings: &'a Tensor, labels: &'a Tensor) -> Self {
+        Items {
+            embeddings,
+            labels,
+            cameras: None,
+        }
+    }
+
+    /// The items' cameras, `(N,)`, integer ids (or floats holding them).
+    #[must_use]
+    pub fn cameras(mut self, cameras: &'a Tensor) -> Self {
+        self.cameras = Some(cameras);
+        self
+    }
+}
+
+/// Which mean average precision [`RetrievalConfig::scores`] gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AveragePrecision {
+    /// MAP@R: each query's average precision over its R_q nearest.
+    AtR,
+    /// mAP: over the whole ranking, as re-identification benchmarks report
+    /// it. Every query is ranked in full, O(N log N) time each.
+    Full,
+}
+
+/// The result of [`RetrievalConfig::scores`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scores {
+    /// recall@k for each k asked for, in the order asked.
+    pub recall: Vec<f64>,
+    /// The mean average precision asked for.
+    pub average_precision: Option<f64>,
+    /// The number of queries averaged over: those with R_q > 0.
+    pub queries: i64,
+}
+
 /// What one pass over the queries accumulates.
 struct Sums {
     hits: Vec<f64>,
@@ -198,7 +250,7 @@ impl RetrievalConfig {
         if ks.is_empty() {
             return Err(Error::invalid("ks", "must hold at least one k"));
         }
-        let sums = caught(|| self.scan((embeddings, labels), None, ks, None))?;
+        let sums = caught(|| self.scan(Items::new(embeddings, labels), None, ks, None))?;
         Ok(sums.retrieval().recall)
     }
 
@@ -214,7 +266,14 @@ impl RetrievalConfig {
         embeddings: &Tensor,
         labels: &Tensor,
     ) -> Result<f64, Error> {
-        let sums = caught(|| self.scan((embeddings, labels), None, &[], Some(Precision::AtR)))?;
+        let sums = caught(|| {
+            self.scan(
+                Items::new(embeddings, labels),
+                None,
+                &[],
+                Some(AveragePrecision::AtR),
+            )
+        })?;
         Ok(sums.retrieval().map_at_r)
     }
 
@@ -233,7 +292,14 @@ impl RetrievalConfig {
         embeddings: &Tensor,
         labels: &Tensor,
     ) -> Result<f64, Error> {
-        let sums = caught(|| self.scan((embeddings, labels), None, &[], Some(Precision::Full)))?;
+        let sums = caught(|| {
+            self.scan(
+                Items::new(embeddings, labels),
+                None,
+                &[],
+                Some(AveragePrecision::Full),
+            )
+        })?;
         Ok(sums.average_precision / sums.queries as f64)
     }
 
@@ -252,29 +318,43 @@ impl RetrievalConfig {
         labels: &Tensor,
         ks: &[i64],
     ) -> Result<Retrieval, Error> {
-        caught(|| self.scan((embeddings, labels), None, ks, Some(Precision::AtR)))
-            .map(Sums::retrieval)
+        caught(|| {
+            self.scan(
+                Items::new(embeddings, labels),
+                None,
+                ks,
+                Some(AveragePrecision::AtR),
+            )
+        })
+        .map(Sums::retrieval)
     }
 
-    /// [`RetrievalConfig::recall_at_k`] of the queries `embeddings` against
-    /// the reference set (gallery) `ref_embeddings` alone: R_q counts the
-    /// references of q's label, and a query identical to a reference finds
-    /// it at distance 0.
+    /// recall@k for each of `ks` and, with `precision`, the mean average
+    /// precision of the `queries` against the `gallery` alone, or without
+    /// one of each item against the others: the general form of the other
+    /// methods. With a gallery, R_q counts the gallery items of q's label,
+    /// and a query identical to a gallery item finds it at distance 0.
+    /// With cameras ([`Items::cameras`], on both sets or neither), a query
+    /// retrieves no item of its own label from its own camera, as person
+    /// re-identification benchmarks (Market-1501, DukeMTMC-reID, MSMT17)
+    /// evaluate: those items are not counted in R_q, nor ranked.
     ///
     /// # Shapes
-    /// `embeddings` `(Q, D)` and `labels` `(Q,)`; `ref_embeddings` `(G, D)`
-    /// on the same device and `ref_labels` `(G,)`. The embeddings are ranked
-    /// in the wider of their two dtypes (float32 for half precision).
+    /// `queries` `(Q, D)` embeddings and `(Q,)` labels and cameras;
+    /// `gallery` `(G, D)` embeddings on the queries' device, `(G,)` labels
+    /// and cameras. The embeddings are ranked in the wider of their two
+    /// dtypes (float32 for half precision).
     ///
     /// # Errors
-    /// As [`RetrievalConfig::recall_at_k`], and [`Error::InvalidArgument`]
-    /// naming `ref_embeddings` or `ref_labels` for a reference set that
-    /// does not fit the queries (another width or device), or that is
-    /// `embeddings` itself; naming `labels` when no query's label is among
-    /// the references'.
+    /// As [`RetrievalConfig::recall_at_k`] (`ks` may be empty), and
+    /// [`Error::InvalidArgument`] naming the argument (`ref_embeddings`,
+    /// `ref_labels`, `cameras`, `ref_cameras`) for a gallery that does not
+    /// fit the queries (another width or device), that is the queries'
+    /// embeddings themselves, or cameras on one set only or not of its
+    /// length; naming `labels` when no query has an item to retrieve.
     ///
     /// ```
-    /// use online_triplet_loss::metrics::RetrievalConfig;
+    /// use online_triplet_loss::metrics::{AveragePrecision, Items, RetrievalConfig};
     /// use online_triplet_loss::Distance;
     /// use tch::Tensor;
     ///
@@ -282,100 +362,38 @@ impl RetrievalConfig {
     /// let labels = Tensor::from_slice(&[0i64, 1, 1]);
     /// let gallery = Tensor::from_slice(&[0.1f32, 5.0, 5.1, 9.0]).view([4, 1]);
     /// let gallery_labels = Tensor::from_slice(&[0i64, 1, 1, 2]);
-    /// let recall = RetrievalConfig::new(Distance::Euclidean)
-    ///     .recall_at_k_against(&queries, &labels, &gallery, &gallery_labels, &[1, 2])?;
-    /// assert_eq!(recall, vec![2.0 / 3.0, 1.0]);
+    /// let config = RetrievalConfig::new(Distance::Euclidean);
+    /// let (q, g) = (Items::new(&queries, &labels), Items::new(&gallery, &gallery_labels));
+    /// let scores = config.scores(q, Some(g), &[1, 2], None)?;
+    /// assert_eq!(scores.recall, vec![2.0 / 3.0, 1.0]);
+    /// // 5.2 (camera 0) may not retrieve 5.1 (label 1, camera 0), nor 0.2
+    /// // (camera 1) 5.0, and finds 5.1 second, after 0.1.
+    /// let cameras = Tensor::from_slice(&[0i64, 0, 1]);
+    /// let gallery_cameras = Tensor::from_slice(&[1i64, 1, 0, 0]);
+    /// let q = q.cameras(&cameras);
+    /// let g = g.cameras(&gallery_cameras);
+    /// let scores = config.scores(q, Some(g), &[1], Some(AveragePrecision::Full))?;
+    /// assert_eq!(scores.recall, vec![2.0 / 3.0]);
+    /// assert_eq!(scores.average_precision, Some((1.0 + 1.0 + 0.5) / 3.0));
     /// # Ok::<(), online_triplet_loss::Error>(())
     /// ```
-    pub fn recall_at_k_against(
+    pub fn scores(
         &self,
-        embeddings: &Tensor,
-        labels: &Tensor,
-        ref_embeddings: &Tensor,
-        ref_labels: &Tensor,
+        queries: Items,
+        gallery: Option<Items>,
         ks: &[i64],
-    ) -> Result<Vec<f64>, Error> {
-        if ks.is_empty() {
-            return Err(Error::invalid("ks", "must hold at least one k"));
-        }
-        let references = Some((ref_embeddings, ref_labels));
-        let sums = caught(|| self.scan((embeddings, labels), references, ks, None))?;
-        Ok(sums.retrieval().recall)
+        precision: Option<AveragePrecision>,
+    ) -> Result<Scores, Error> {
+        let sums = caught(|| self.scan(queries, gallery, ks, precision))?;
+        let count = sums.queries as f64;
+        Ok(Scores {
+            recall: sums.hits.iter().map(|h| h / count).collect(),
+            average_precision: precision.map(|_| sums.average_precision / count),
+            queries: sums.queries,
+        })
     }
 
-    /// MAP@R of the queries `embeddings` against the reference set
-    /// `ref_embeddings` alone, R_q the number of references of q's label;
-    /// see [`RetrievalConfig::recall_at_k_against`].
-    ///
-    /// # Shapes
-    /// As [`RetrievalConfig::recall_at_k_against`].
-    ///
-    /// # Errors
-    /// As [`RetrievalConfig::recall_at_k_against`].
-    pub fn mean_average_precision_at_r_against(
-        &self,
-        embeddings: &Tensor,
-        labels: &Tensor,
-        ref_embeddings: &Tensor,
-        ref_labels: &Tensor,
-    ) -> Result<f64, Error> {
-        let references = Some((ref_embeddings, ref_labels));
-        let sums =
-            caught(|| self.scan((embeddings, labels), references, &[], Some(Precision::AtR)))?;
-        Ok(sums.retrieval().map_at_r)
-    }
-
-    /// The mean average precision over the whole ranking
-    /// ([`RetrievalConfig::mean_average_precision`]) of the queries
-    /// `embeddings` against the reference set `ref_embeddings` alone, as
-    /// re-identification benchmarks report it (without their exclusion of
-    /// a query's own camera); see [`RetrievalConfig::recall_at_k_against`].
-    ///
-    /// # Shapes
-    /// As [`RetrievalConfig::recall_at_k_against`].
-    ///
-    /// # Errors
-    /// As [`RetrievalConfig::recall_at_k_against`].
-    pub fn mean_average_precision_against(
-        &self,
-        embeddings: &Tensor,
-        labels: &Tensor,
-        ref_embeddings: &Tensor,
-        ref_labels: &Tensor,
-    ) -> Result<f64, Error> {
-        let references = Some((ref_embeddings, ref_labels));
-        let sums =
-            caught(|| self.scan((embeddings, labels), references, &[], Some(Precision::Full)))?;
-        Ok(sums.average_precision / sums.queries as f64)
-    }
-
-    /// recall@k and MAP@R of the queries against the reference set, in one
-    /// pass; see [`RetrievalConfig::recall_at_k_against`].
-    ///
-    /// # Shapes
-    /// As [`RetrievalConfig::recall_at_k_against`].
-    ///
-    /// # Errors
-    /// As [`RetrievalConfig::recall_at_k_against`], but `ks` may be empty.
-    pub fn evaluate_against(
-        &self,
-        embeddings: &Tensor,
-        labels: &Tensor,
-        ref_embeddings: &Tensor,
-        ref_labels: &Tensor,
-        ks: &[i64],
-    ) -> Result<Retrieval, Error> {
-        let references = Some((ref_embeddings, ref_labels));
-        caught(|| self.scan((embeddings, labels), references, ks, Some(Precision::AtR)))
-            .map(Sums::retrieval)
-    }
-
-    fn validate(
-        &self,
-        (embeddings, labels): Items,
-        references: Option<Items>,
-        ks: &[i64],
-    ) -> Result<(), Error> {
+    fn validate(&self, queries: Items, references: Option<Items>, ks: &[i64]) -> Result<(), Error> {
         if let Some(rows) = self.chunk_size {
             if rows < 1 {
                 return Err(Error::invalid(
@@ -390,9 +408,20 @@ impl RetrievalConfig {
                 format!("every k must be >= 1, got {k}"),
             ));
         }
-        check_items(("embeddings", embeddings), ("labels", labels))?;
-        if let Some((y, y_labels)) = references {
-            check_items(("ref_embeddings", y), ("ref_labels", y_labels))?;
+        let embeddings = queries.embeddings;
+        check_items(queries, ["embeddings", "labels", "cameras"])?;
+        if let Some(references) = references {
+            check_items(references, ["ref_embeddings", "ref_labels", "ref_cameras"])?;
+            if queries.cameras.is_some() != references.cameras.is_some() {
+                return Err(Error::invalid(
+                    match queries.cameras {
+                        Some(_) => "ref_cameras",
+                        None => "cameras",
+                    },
+                    "cameras and ref_cameras: must be given together",
+                ));
+            }
+            let y = references.embeddings;
             let (d, rd) = (embeddings.size()[1], y.size()[1]);
             if d != rd {
                 return Err(Error::invalid(
@@ -434,10 +463,10 @@ impl RetrievalConfig {
         queries: Items,
         references: Option<Items>,
         ks: &[i64],
-        precision: Option<Precision>,
+        precision: Option<AveragePrecision>,
     ) -> Result<Sums, Error> {
         self.validate(queries, references, ks)?;
-        let (embeddings, _) = queries;
+        let embeddings = queries.embeddings;
         let device = embeddings.device();
         // float32 for half precision; float64 if either set is.
         let widest = |t: &Tensor| -> Result<Kind, Error> {
@@ -447,7 +476,7 @@ impl RetrievalConfig {
             })
         };
         let kind = match references {
-            Some((y, _)) if widest(y)? == Kind::Double => Kind::Double,
+            Some(y) if widest(y.embeddings)? == Kind::Double => Kind::Double,
             _ => widest(embeddings)?,
         };
         let items = Ordered::new(queries, references, kind)?;
@@ -456,22 +485,26 @@ impl RetrievalConfig {
         let first = sorted_r.partition_point(|&r| r == 0) as i64;
         let queries = sorted_r.len() as i64 - first;
         if queries == 0 {
+            let cameras = match items.pairs {
+                Some(_) => " from another camera",
+                None => "",
+            };
             return Err(Error::invalid(
                 "labels",
                 match references {
-                    None => {
-                        "no item shares its label with another item, so there is no query \
-                             to evaluate"
-                    }
-                    Some(_) => {
-                        "no query's label is among ref_labels, so there is no query to \
-                                evaluate"
-                    }
+                    None => format!(
+                        "no item shares its label with another item{cameras}, so there is no \
+                         query to evaluate"
+                    ),
+                    Some(_) => format!(
+                        "no query's label is among ref_labels{cameras}, so there is no query to \
+                         evaluate"
+                    ),
                 },
             ));
         }
         let x = items.embeddings;
-        let (keys, others) = (items.keys, items.others);
+        let (keys, pairs, others) = (items.keys, items.pairs, items.others);
         let ranking = match self.distance {
             // The square root does not change the order.
             Distance::Euclidean | Distance::Squared => Distance::Squared,
@@ -501,7 +534,7 @@ impl RetrievalConfig {
             let certify = Certify::new(
                 ranking,
                 (scaled, &frame, exponent),
-                (&keys, g, references.is_none()),
+                (&keys, pairs, g, references.is_none()),
                 &side,
                 kind,
             )?;
@@ -521,7 +554,7 @@ impl RetrievalConfig {
                 // different relevance almost always lie within float32's
                 // rounding of each other: every query would be ranked again.
                 let ranking_side = match precision {
-                    Some(Precision::Full) => certify.wide(),
+                    Some(AveragePrecision::Full) => certify.wide(),
                     _ => certify.wide_side(start - first),
                 }
                 .unwrap_or(&side);
@@ -533,8 +566,8 @@ impl RetrievalConfig {
                 let d = certify.finish(d, &query_items, ties.as_ref())?;
                 let r_last = sorted_r[(start + len - 1) as usize];
                 let depth = match precision {
-                    Some(Precision::AtR) => k_max.max(r_last),
-                    Some(Precision::Full) => retrievable,
+                    Some(AveragePrecision::AtR) => k_max.max(r_last),
+                    Some(AveragePrecision::Full) => retrievable,
                     None => k_max,
                 }
                 .min(retrievable);
@@ -561,10 +594,10 @@ impl RetrievalConfig {
                     let r = others.f_narrow(0, start, len)?.f_to_kind(Kind::Double)?;
                     let rank = Tensor::f_arange_start(1, depth + 1, (Kind::Double, device))?;
                     let rel = match precision {
-                        Precision::AtR => relevant.f_logical_and(
+                        AveragePrecision::AtR => relevant.f_logical_and(
                             &rank.f_unsqueeze(0)?.f_le_tensor(&r.f_unsqueeze(1)?)?,
                         )?,
-                        Precision::Full => relevant,
+                        AveragePrecision::Full => relevant,
                     };
                     // Hits so far counted in integers: a floating running sum
                     // has no deterministic CUDA kernel.
@@ -592,18 +625,6 @@ impl RetrievalConfig {
     }
 }
 
-/// Embeddings and their labels.
-type Items<'a> = (&'a Tensor, &'a Tensor);
-
-/// Which average precision a scan sums.
-#[derive(Clone, Copy)]
-enum Precision {
-    /// AP@R: over the R_q nearest.
-    AtR,
-    /// Over the whole ranking, as re-identification's mAP.
-    Full,
-}
-
 /// The items of an evaluation in the order it ranks them: the references
 /// first, columns `0..references` of every distance matrix, then the
 /// queries sorted by R_q (the skipped ones first, then chunks whose last
@@ -615,6 +636,9 @@ struct Ordered {
     embeddings: Tensor,
     /// int64 label keys, `(N,)`, on the embeddings' device.
     keys: Tensor,
+    /// With cameras, an int64 id of each item's (label, camera), `(N,)`: a
+    /// query retrieves no item of its own pair.
+    pairs: Option<Tensor>,
     /// R_q of the queries in their order, `(Q,)`.
     others: Tensor,
     /// The same on the host.
@@ -624,51 +648,93 @@ struct Ordered {
 }
 
 impl Ordered {
-    /// The queries `(x, labels)` and `references`, in `kind`.
-    fn new((x, labels): Items, references: Option<Items>, kind: Kind) -> Result<Ordered, Error> {
+    /// The `queries` and `references`, embeddings in `kind`.
+    fn new(queries: Items, references: Option<Items>, kind: Kind) -> Result<Ordered, Error> {
+        let x = queries.embeddings;
         let device = x.device();
         let x = x.detach().f_to_kind(kind)?;
-        let (x_keys, others, references) = match references {
+        let (x_keys, x_cams, y) = match references {
             None => {
-                let keys = keys(labels, domain(labels, "labels")?, REFERENCE_NAN_KEYS)?
-                    .f_to_device(device)?;
-                // R_q: the other items that share q's label.
-                let (_, inverse, counts) = keys.f_internal_unique2(false, true, true)?;
-                let others = counts.f_index_select(0, &inverse)?.f_sub_scalar(1)?;
-                (keys, others, None)
+                let d = domain(queries.labels, "labels")?;
+                let keys = keys(queries.labels, d, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
+                let cams = match queries.cameras {
+                    Some(c) => Some(keys_of(c, domain(c, "cameras")?)?.f_to_device(device)?),
+                    None => None,
+                };
+                (keys, cams, None)
             }
-            Some((y, y_labels)) => {
+            Some(r) => {
                 let d = common(
-                    (domain(labels, "labels")?, labels, "labels"),
-                    (domain(y_labels, "ref_labels")?, y_labels, "ref_labels"),
+                    (domain(queries.labels, "labels")?, queries.labels, "labels"),
+                    (domain(r.labels, "ref_labels")?, r.labels, "ref_labels"),
                 )?;
-                let x_keys = keys(labels, d, ANCHOR_NAN_KEYS)?.f_to_device(device)?;
-                let y_keys = keys(y_labels, d, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
-                // R_q: the references that share q's label, by a binary
-                // search among their distinct labels.
-                let (values, _, counts) = y_keys.f_internal_unique2(true, false, true)?;
-                let last = values.size()[0] - 1;
-                let at = x_keys
-                    .f_searchsorted(&values, false, false, "left", None::<Tensor>)?
-                    .f_clamp_max_(last)?;
-                let found = values.f_index_select(0, &at)?.f_eq_tensor(&x_keys)?;
-                let others = counts
-                    .f_index_select(0, &at)?
-                    .f_where_scalarother(&found, 0)?;
-                let y = y.detach().f_to_kind(kind)?;
-                (x_keys, others, Some((y, y_keys)))
+                let x_keys = keys(queries.labels, d, ANCHOR_NAN_KEYS)?.f_to_device(device)?;
+                let y_keys = keys(r.labels, d, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
+                let (x_cams, y_cams) = match (queries.cameras, r.cameras) {
+                    (Some(a), Some(b)) => {
+                        let d = common(
+                            (domain(a, "cameras")?, a, "cameras"),
+                            (domain(b, "ref_cameras")?, b, "ref_cameras"),
+                        )?;
+                        (
+                            Some(keys_of(a, d)?.f_to_device(device)?),
+                            Some(keys_of(b, d)?.f_to_device(device)?),
+                        )
+                    }
+                    _ => (None, None),
+                };
+                let y = r.embeddings.detach().f_to_kind(kind)?;
+                (x_keys, x_cams, Some((y, y_keys, y_cams)))
             }
         };
+        // Label keys and, with cameras, (label, camera) ids of the
+        // references, then of the queries.
+        let (y_keys, y_cams) = match &y {
+            Some((_, k, c)) => (k.shallow_clone(), c.as_ref().map(Tensor::shallow_clone)),
+            None => (
+                x_keys.shallow_clone(),
+                x_cams.as_ref().map(Tensor::shallow_clone),
+            ),
+        };
+        let g = y_keys.size()[0];
+        let pairs = match (&y_cams, &x_cams) {
+            (Some(y_cams), Some(x_cams)) => Some(pair_ids(
+                (
+                    &Tensor::f_cat(&[&y_keys, &x_keys], 0)?,
+                    &Tensor::f_cat(&[y_cams, x_cams], 0)?,
+                ),
+                g,
+            )?),
+            _ => None,
+        };
+        // R_q: the references of q's label (less those of its pair), less
+        // q itself when it is one.
+        let mut others = counts_in(&y_keys, &x_keys)?;
+        if let Some((y_pairs, x_pairs)) = &pairs {
+            others = others.f_sub(&counts_in(y_pairs, x_pairs)?)?;
+        } else if y.is_none() {
+            others = others.f_sub_scalar(1)?;
+        }
         let (sorted_r, order) = others.f_sort_stable(true, 0, false)?;
-        let x = x.f_index_select(0, &order)?;
-        let x_keys = x_keys.f_index_select(0, &order)?;
-        let (embeddings, keys, first_query) = match references {
-            Some((y, y_keys)) => (
+        let pick = |t: &Tensor| t.f_index_select(0, &order);
+        let (x, x_keys) = (pick(&x)?, pick(&x_keys)?);
+        let x_pairs = match &pairs {
+            Some((_, x_pairs)) => Some(pick(x_pairs)?),
+            None => None,
+        };
+        let (embeddings, keys, pairs, first_query) = match (y, pairs) {
+            (Some((y, y_keys, _)), pairs) => (
                 Tensor::f_cat(&[&y, &x], 0)?,
                 Tensor::f_cat(&[&y_keys, &x_keys], 0)?,
-                y.size()[0],
+                match (pairs, x_pairs) {
+                    (Some((y_pairs, _)), Some(x_pairs)) => {
+                        Some(Tensor::f_cat(&[&y_pairs, &x_pairs], 0)?)
+                    }
+                    _ => None,
+                },
+                g,
             ),
-            None => (x, x_keys, 0),
+            (None, _) => (x, x_keys, x_pairs, 0),
         };
         Ok(Ordered {
             references: match first_query {
@@ -677,6 +743,7 @@ impl Ordered {
             },
             embeddings,
             keys,
+            pairs,
             sorted_r: crate::alloc::to_vec::<i64>(&sorted_r)?,
             others: sorted_r,
             first_query,
@@ -684,11 +751,49 @@ impl Ordered {
     }
 }
 
-/// Checks one set of items and their labels.
+/// Camera ids as int64 keys, equal exactly when the ids are (NaN equals
+/// nothing).
+fn keys_of(cameras: &Tensor, domain: crate::labels::Domain) -> Result<Tensor, Error> {
+    keys(cameras, domain, REFERENCE_NAN_KEYS)
+}
+
+/// For each of `of`, the number of entries of `reference` equal to it: a
+/// binary search among the distinct entries.
+fn counts_in(reference: &Tensor, of: &Tensor) -> Result<Tensor, Error> {
+    if reference.numel() == 0 {
+        return Ok(of.f_zeros_like()?);
+    }
+    let (values, _, counts) = reference.f_internal_unique2(true, false, true)?;
+    let at = of
+        .f_searchsorted(&values, false, false, "left", None::<Tensor>)?
+        .f_clamp_max_(values.size()[0] - 1)?;
+    let found = values.f_index_select(0, &at)?.f_eq_tensor(of)?;
+    Ok(counts
+        .f_index_select(0, &at)?
+        .f_where_scalarother(&found, 0)?)
+}
+
+/// An int64 id for each (label key, camera key) of `keys` and `cameras`,
+/// equal exactly when both are, split into the first `g` (the references)
+/// and the rest: label and camera keys are each numbered densely, and the
+/// pair is their product index.
+fn pair_ids((keys, cameras): (&Tensor, &Tensor), g: i64) -> Result<(Tensor, Tensor), Error> {
+    let (_, label_ids, _) = keys.f_internal_unique2(true, true, false)?;
+    let (distinct, camera_ids, _) = cameras.f_internal_unique2(true, true, false)?;
+    let pairs = label_ids
+        .f_mul_scalar(distinct.size()[0])?
+        .f_add(&camera_ids)?;
+    let n = pairs.size()[0];
+    Ok((pairs.f_narrow(0, 0, g)?, pairs.f_narrow(0, g, n - g)?))
+}
+
+/// Checks one set of items, `names` those of its embeddings, labels and
+/// cameras.
 fn check_items(
-    (emb_name, embeddings): (&'static str, &Tensor),
-    (label_name, labels): (&'static str, &Tensor),
+    items: Items,
+    [emb_name, label_name, camera_name]: [&'static str; 3],
 ) -> Result<(), Error> {
+    let (embeddings, labels) = (items.embeddings, items.labels);
     check_embeddings(emb_name, embeddings)?;
     if embeddings.dim() != 2 {
         return Err(Error::invalid(
@@ -699,19 +804,23 @@ fn check_items(
             ),
         ));
     }
-    domain(labels, label_name)?;
-    if labels.dim() != 1 {
-        return Err(Error::invalid(
-            label_name,
-            format!("must be 1-D (items,), got shape {:?}", labels.size()),
-        ));
-    }
-    let (n, l) = (embeddings.size()[0], labels.size()[0]);
-    if n != l {
-        return Err(Error::invalid(
-            label_name,
-            format!("has {l} entries but {emb_name} has {n} rows"),
-        ));
+    let n = embeddings.size()[0];
+    for (name, ids) in [(label_name, Some(labels)), (camera_name, items.cameras)] {
+        let Some(ids) = ids else { continue };
+        domain(ids, name)?;
+        if ids.dim() != 1 {
+            return Err(Error::invalid(
+                name,
+                format!("must be 1-D (items,), got shape {:?}", ids.size()),
+            ));
+        }
+        let l = ids.size()[0];
+        if n != l {
+            return Err(Error::invalid(
+                name,
+                format!("has {l} entries but {emb_name} has {n} rows"),
+            ));
+        }
     }
     if n == 0 {
         return Err(Error::invalid(emb_name, "must hold at least one item"));

@@ -61,6 +61,9 @@ pub(super) struct Certify {
     rows: Tensor,
     /// The items' label keys, in the same order.
     keys: Tensor,
+    /// With cameras, the items' (label, camera) ids: a query retrieves no
+    /// item of its own pair.
+    pairs: Option<Tensor>,
     /// E_q of the distances the metrics computed, float64, `(N, 1)`.
     bound: Tensor,
     /// The float64 Gram ranking, for embeddings of a narrower dtype, with
@@ -175,12 +178,13 @@ impl Certify {
     /// from `frame`, the float64 points before rounding to `kind`: `rows`,
     /// the embeddings in float64 scaled by a power of two, less a centre
     /// (for Euclidean distances), times 2^`exponent`; `keys` are the
-    /// labels' keys, the first `references` items are ranked, and `own`
-    /// says whether the queries are among them.
+    /// labels' keys, `pairs` the (label, camera) ids with cameras, the
+    /// first `references` items are ranked, and `own` says whether the
+    /// queries are among them.
     pub(super) fn new(
         distance: Distance,
         (rows, frame, exponent): (Tensor, &Tensor, i32),
-        (keys, references, own): (&Tensor, i64, bool),
+        (keys, pairs, references, own): (&Tensor, Option<Tensor>, i64, bool),
         side: &Side,
         kind: Kind,
     ) -> Result<Certify, Error> {
@@ -195,6 +199,7 @@ impl Certify {
         Ok(Certify {
             distance,
             keys: keys.shallow_clone(),
+            pairs,
             bound: bound(distance, side, (&rows, exponent), kind)?,
             rows,
             wide,
@@ -204,14 +209,37 @@ impl Certify {
         })
     }
 
-    /// [`finish`] of the distances `d` of queries `query` to the references.
+    /// [`finish`] of the distances `d` of queries `query` to the references,
+    /// with the items of a query's own (label, camera) at +inf.
     pub(super) fn finish(
         &self,
         d: Tensor,
         query: &Tensor,
         ties: Option<&Ties>,
     ) -> Result<Tensor, Error> {
-        finish(d, query, ties, self.own)
+        let mut d = finish(d, query, ties, self.own)?;
+        if let Some(pairs) = &self.pairs {
+            let excluded = pairs
+                .f_index_select(0, query)?
+                .f_unsqueeze(1)?
+                .f_eq_tensor(&pairs.f_narrow(0, 0, self.references)?.f_unsqueeze(0)?)?;
+            let _ = d.f_masked_fill_(&excluded, f64::INFINITY)?;
+        }
+        Ok(d)
+    }
+
+    /// Whether the items `columns`, `(m, c)`, are of the own (label,
+    /// camera) of queries `query`, `(m,)`; `None` without cameras.
+    fn excluded(&self, query: &Tensor, columns: &Tensor) -> Result<Option<Tensor>, Error> {
+        let Some(pairs) = &self.pairs else {
+            return Ok(None);
+        };
+        Ok(Some(
+            pairs
+                .f_index_select(0, &columns.f_reshape([-1])?)?
+                .f_view_as(columns)?
+                .f_eq_tensor(&pairs.f_index_select(0, query)?.f_unsqueeze(1)?)?,
+        ))
     }
 
     /// The float64 side to rank the next chunk with from the start, once
@@ -234,9 +262,18 @@ impl Certify {
     }
 
     /// Whether each of `nearest`, `(m, depth)`, shares the label of the query
-    /// it is a neighbour of, `queries`, `(m,)`, and is not that query (which
-    /// could only be ranked when distances overflow to infinity).
+    /// it is a neighbour of, `queries`, `(m,)`, and is neither that query
+    /// nor of its camera (each of which only ranks at +inf, after every
+    /// item that counts).
     pub(super) fn relevance(&self, nearest: &Tensor, queries: &Tensor) -> Result<Tensor, Error> {
+        let relevant = self.same_label(nearest, queries)?;
+        match self.excluded(queries, nearest)? {
+            Some(excluded) => Ok(relevant.f_logical_and(&excluded.f_logical_not()?)?),
+            None => Ok(relevant),
+        }
+    }
+
+    fn same_label(&self, nearest: &Tensor, queries: &Tensor) -> Result<Tensor, Error> {
         let queries = queries.f_unsqueeze(1)?;
         Ok(self
             .keys
@@ -372,6 +409,9 @@ impl Certify {
         let mut exact = apart(exact, identical.as_ref())?;
         let own = columns.f_eq_tensor(&query.f_unsqueeze(1)?)?;
         let _ = exact.f_masked_fill_(&own, f64::INFINITY)?;
+        if let Some(excluded) = self.excluded(query, columns)? {
+            let _ = exact.f_masked_fill_(&excluded, f64::INFINITY)?;
+        }
         Ok(exact)
     }
 }
