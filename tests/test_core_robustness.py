@@ -47,7 +47,7 @@ def _metrics_allocation_failure():
     n = 200_000
     x = torch.randn(n, 1)
     y = torch.arange(n) % 2
-    return lambda: _core.recall_at_k(x, y, [1], "euclidean", n)
+    return lambda: _core.retrieval_scores(x, y, [1], None, "euclidean", n)
 
 
 FAILURES = {

@@ -1095,12 +1095,16 @@ def test_anchor_offset_rust_binding_out_of_range(mining, offset, capfd):
     ("margin", lambda: _core.triplet_terms("hard", LABELS, _x(), 0.2, "euclidean", False,
                                            margin_tensor=torch.tensor(2))),
     ("ref_labels", lambda: _core.triplet_terms("hard", LABELS, _x(), 0.2, "euclidean", False, _x(), None)),
-    ("ks", lambda: _core.recall_at_k(_x(), LABELS, [], "euclidean")),
-    ("ks", lambda: _core.recall_at_k(_x(), LABELS, [0], "euclidean")),
-    ("ks", lambda: _core.recall_at_k(_x(), LABELS, [-1], "euclidean")),
-    ("chunk_size", lambda: _core.recall_at_k(_x(), LABELS, [1], "euclidean", 0)),
-    ("chunk_size", lambda: _core.recall_at_k(_x(), LABELS, [1], "euclidean", -1)),
-    ("chunk_size", lambda: _core.mean_average_precision_at_r(_x(), LABELS, "euclidean", -3)),
+    ("ks", lambda: _core.retrieval_scores(_x(), LABELS, [], None, "euclidean")),
+    ("ks", lambda: _core.retrieval_scores(_x(), LABELS, [0], None, "euclidean")),
+    ("ks", lambda: _core.retrieval_scores(_x(), LABELS, [-1], True, "euclidean")),
+    ("chunk_size", lambda: _core.retrieval_scores(_x(), LABELS, [1], None, "euclidean", 0)),
+    ("chunk_size", lambda: _core.retrieval_scores(_x(), LABELS, [1], None, "euclidean", -1)),
+    ("chunk_size", lambda: _core.retrieval_scores(_x(), LABELS, [], False, "euclidean", -3)),
+    ("ref_labels", lambda: _core.retrieval_scores(_x(), LABELS, [1], None, "euclidean", None, None, _x())),
+    ("cameras", lambda: _core.retrieval_scores(_x(), LABELS, [1], None, "euclidean", None, LABELS[:3])),
+    ("ref_cameras", lambda: _core.retrieval_scores(_x(), LABELS, [1], None, "euclidean", None, LABELS,
+                                                   _x(), LABELS)),
 ])
 def test_binding_rejects_bad_arguments_without_panic(name, call, capfd):
     before = _state()

@@ -346,12 +346,22 @@ fn retrieval_scores(
         false => AveragePrecision::AtR,
     });
     let queries = (embeddings.0, labels.0, cameras.map(|c| c.0));
-    let gallery = match (ref_embeddings, ref_labels) {
-        (Some(y), Some(y_labels)) => Some((y.0, y_labels.0, ref_cameras.map(|c| c.0))),
-        (None, None) if ref_cameras.is_none() => None,
-        _ => {
+    let gallery = match (ref_embeddings, ref_labels, ref_cameras) {
+        (Some(y), Some(y_labels), cameras) => Some((y.0, y_labels.0, cameras.map(|c| c.0))),
+        (None, None, None) => None,
+        (Some(_), None, _) => {
             return Err(PyValueError::new_err(
-                "ref_embeddings and ref_labels: must be given together, and with ref_cameras",
+                "ref_labels: must be given with ref_embeddings",
+            ))
+        }
+        (None, Some(_), _) => {
+            return Err(PyValueError::new_err(
+                "ref_embeddings: must be given with ref_labels",
+            ))
+        }
+        (None, None, Some(_)) => {
+            return Err(PyValueError::new_err(
+                "ref_cameras: are the cameras of ref_embeddings, which is not given",
             ))
         }
     };

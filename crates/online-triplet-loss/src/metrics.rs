@@ -346,7 +346,8 @@ impl RetrievalConfig {
     /// dtypes (float32 for half precision).
     ///
     /// # Errors
-    /// As [`RetrievalConfig::recall_at_k`] (`ks` may be empty), and
+    /// As [`RetrievalConfig::recall_at_k`] (`ks` may be empty when an
+    /// average precision is asked for), and
     /// [`Error::InvalidArgument`] naming the argument (`ref_embeddings`,
     /// `ref_labels`, `cameras`, `ref_cameras`) for a gallery that does not
     /// fit the queries (another width or device), that is the queries'
@@ -384,6 +385,12 @@ impl RetrievalConfig {
         ks: &[i64],
         precision: Option<AveragePrecision>,
     ) -> Result<Scores, Error> {
+        if ks.is_empty() && precision.is_none() {
+            return Err(Error::invalid(
+                "ks",
+                "must hold at least one k when no average precision is asked for",
+            ));
+        }
         let sums = caught(|| self.scan(queries, gallery, ks, precision))?;
         let count = sums.queries as f64;
         Ok(Scores {
@@ -412,14 +419,14 @@ impl RetrievalConfig {
         check_items(queries, ["embeddings", "labels", "cameras"])?;
         if let Some(references) = references {
             check_items(references, ["ref_embeddings", "ref_labels", "ref_cameras"])?;
-            if queries.cameras.is_some() != references.cameras.is_some() {
-                return Err(Error::invalid(
-                    match queries.cameras {
-                        Some(_) => "ref_cameras",
-                        None => "cameras",
-                    },
-                    "cameras and ref_cameras: must be given together",
-                ));
+            match (queries.cameras, references.cameras) {
+                (Some(_), None) => {
+                    return Err(Error::invalid("ref_cameras", "must be given with cameras"))
+                }
+                (None, Some(_)) => {
+                    return Err(Error::invalid("cameras", "must be given with ref_cameras"))
+                }
+                _ => {}
             }
             let y = references.embeddings;
             let (d, rd) = (embeddings.size()[1], y.size()[1]);
@@ -1020,6 +1027,45 @@ mod tests {
         let (recall, map) = brute(&points, &labels, &ks);
         assert!(recall[0] > 0.3 && map < 0.99, "{recall:?} {map}");
         assert_evaluates_to(&x, &label_tensor, &ks, &[3, 80], (&recall, map));
+    }
+
+    #[test]
+    fn scores_name_what_does_not_fit() {
+        let x = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 3.0]).view([4, 1]);
+        let labels = Tensor::from_slice(&[0i64, 0, 1, 1]);
+        let cameras = Tensor::from_slice(&[0i64, 1, 0, 1]);
+        let gallery = x.f_add_scalar(0.5).unwrap();
+        let config = RetrievalConfig::new(Distance::Euclidean);
+        let named = |result: Result<Scores, Error>| match result {
+            Err(Error::InvalidArgument { argument, .. }) => argument,
+            other => panic!("{other:?}"),
+        };
+        let (q, g) = (Items::new(&x, &labels), Items::new(&gallery, &labels));
+        let q_cams = q.cameras(&cameras);
+        assert_eq!(
+            named(config.scores(q_cams, Some(g), &[1], None)),
+            "ref_cameras"
+        );
+        let g_cams = g.cameras(&cameras);
+        assert_eq!(named(config.scores(q, Some(g_cams), &[1], None)), "cameras");
+        let short = cameras.narrow(0, 0, 3);
+        assert_eq!(
+            named(config.scores(q.cameras(&short), None, &[1], None)),
+            "cameras"
+        );
+        assert_eq!(named(config.scores(q, Some(g), &[], None)), "ks");
+        assert_eq!(
+            named(config.scores(q, Some(q), &[1], None)),
+            "ref_embeddings"
+        );
+        // Each item's own camera holds no other item of its label: no query.
+        let same = Tensor::from_slice(&[0i64, 0, 1, 1]);
+        assert_eq!(
+            named(config.scores(q.cameras(&same), None, &[1], None)),
+            "labels"
+        );
+        let scores = config.scores(q_cams, Some(g_cams), &[1], Some(AveragePrecision::Full));
+        assert_eq!(scores.unwrap().queries, 4);
     }
 
     #[test]
