@@ -772,6 +772,24 @@ def test_cameras_hand_computed():
     assert mean_average_precision(x, y, cameras=c) == pytest.approx((1 / 2 + 1 / 2 + (1 + 2 / 3) / 2) / 3)
 
 
+def test_nan_cameras_equal_nothing():
+    """Found by a review: the queries' and the gallery's NaN camera ids took
+    keys from one range, so query i and gallery item i with NaN cameras were
+    one camera, and the item was left out of the query's ranking."""
+    queries, labels = torch.tensor([[0.0]]), torch.tensor([0])
+    gallery, gallery_labels = torch.tensor([[0.0], [1.0], [5.0]]), torch.tensor([0, 1, 0])
+    for nan_at in (0, 2):
+        gallery_cams = torch.tensor([3.0, 1.0, 1.0])
+        gallery_cams[nan_at] = math.nan
+        kw = dict(ref_embeddings=gallery, ref_labels=gallery_labels, cameras=torch.tensor([math.nan]),
+                  ref_cameras=gallery_cams)
+        assert recall_at_k(queries, labels, 1, **kw) == {1: 1.0}
+        assert mean_average_precision(queries, labels, **kw) == pytest.approx((1 + 2 / 3) / 2)
+    # Without a gallery, NaN cameras are distinct too: every other item counts.
+    x, y = torch.tensor([[0.0], [0.1], [3.0]]), torch.tensor([0, 0, 1])
+    assert recall_at_k(x, y, 1, cameras=torch.full((3,), math.nan)) == {1: 1.0}
+
+
 def test_camera_errors():
     (x, y), (gx, gy) = query_and_gallery(0)
     cams, ref_cams = with_cameras(0, len(y)), with_cameras(1, len(gy))

@@ -178,9 +178,10 @@ def recall_at_k(
         ``{k: recall}`` for every :math:`k` asked for.
 
     Raises:
-        ValueError: on a bad argument, non-finite embeddings, or when no item
-            shares its label with another (with a reference set: no query's
-            label is among ``ref_labels``), so there is no query.
+        ValueError: on a bad argument, non-finite embeddings, or when no query
+            has an item to retrieve: no item shares its label with another
+            (with a reference set: no query's label is among ``ref_labels``;
+            with cameras: in another camera).
 
     Shape:
         - embeddings: :math:`(B, D)`, floating point, finite; float16 and
@@ -257,9 +258,10 @@ def mean_average_precision_at_r(
         MAP@R, a float in :math:`[0, 1]`.
 
     Raises:
-        ValueError: on a bad argument, non-finite embeddings, or when no item
-            shares its label with another (with a reference set: no query's
-            label is among ``ref_labels``), so there is no query.
+        ValueError: on a bad argument, non-finite embeddings, or when no query
+            has an item to retrieve: no item shares its label with another
+            (with a reference set: no query's label is among ``ref_labels``;
+            with cameras: in another camera).
 
     Shape:
         - embeddings: :math:`(B, D)`, floating point, finite; float16 and

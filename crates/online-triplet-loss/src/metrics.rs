@@ -1,12 +1,15 @@
-//! Retrieval metrics: recall@k and MAP@R (Musgrave et al., "A Metric
-//! Learning Reality Check", 2020).
+//! Retrieval metrics: recall@k, MAP@R (Musgrave et al., "A Metric Learning
+//! Reality Check", 2020) and the mean average precision over the whole
+//! ranking.
 //!
 //! Every item is a query against all the *other* items. For a query q, R_q
 //! is the number of other items with q's label; queries with R_q = 0 have
-//! nothing to retrieve and are skipped by both metrics. With a reference set
-//! (a gallery: [`RetrievalConfig::evaluate_against`] and its siblings), the
-//! items are queries ranked against the references alone, and R_q is the
-//! number of references with q's label.
+//! nothing to retrieve and are skipped by every metric. With a reference set
+//! (a gallery, [`RetrievalConfig::scores`]), the items are queries ranked
+//! against the references alone, and R_q is the number of references with
+//! q's label. With cameras ([`Items::cameras`]), as person
+//! re-identification evaluates, a query retrieves no item of its own label
+//! from its own camera: those items count neither in R_q nor in the ranking.
 //!
 //! - **recall@k**: the fraction of queries that have an item of their label
 //!   among their k nearest other items. A k above the number of other items
@@ -663,14 +666,18 @@ impl Ordered {
         let (x_keys, x_cams, y) = match references {
             None => {
                 let d = domain(queries.labels, "labels")?;
-                let keys = keys(queries.labels, d, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
                 let cams = match queries.cameras {
-                    Some(c) => Some(keys_of(c, domain(c, "cameras")?)?.f_to_device(device)?),
+                    Some(c) => Some(
+                        keys(c, domain(c, "cameras")?, REFERENCE_NAN_KEYS)?.f_to_device(device)?,
+                    ),
                     None => None,
                 };
+                let keys = keys(queries.labels, d, REFERENCE_NAN_KEYS)?.f_to_device(device)?;
                 (keys, cams, None)
             }
             Some(r) => {
+                // NaN labels and cameras of the queries and of the
+                // references take keys from two ranges, so that none meet.
                 let d = common(
                     (domain(queries.labels, "labels")?, queries.labels, "labels"),
                     (domain(r.labels, "ref_labels")?, r.labels, "ref_labels"),
@@ -684,8 +691,8 @@ impl Ordered {
                             (domain(b, "ref_cameras")?, b, "ref_cameras"),
                         )?;
                         (
-                            Some(keys_of(a, d)?.f_to_device(device)?),
-                            Some(keys_of(b, d)?.f_to_device(device)?),
+                            Some(keys(a, d, ANCHOR_NAN_KEYS)?.f_to_device(device)?),
+                            Some(keys(b, d, REFERENCE_NAN_KEYS)?.f_to_device(device)?),
                         )
                     }
                     _ => (None, None),
@@ -756,12 +763,6 @@ impl Ordered {
             first_query,
         })
     }
-}
-
-/// Camera ids as int64 keys, equal exactly when the ids are (NaN equals
-/// nothing).
-fn keys_of(cameras: &Tensor, domain: crate::labels::Domain) -> Result<Tensor, Error> {
-    keys(cameras, domain, REFERENCE_NAN_KEYS)
 }
 
 /// For each of `of`, the number of entries of `reference` equal to it: a
