@@ -6,7 +6,9 @@ use crate::Error;
 /// should stop (a user pressed Ctrl-C, say): it returns `true` to stop, and
 /// the call then fails with [`Error::Interrupted`]. See
 /// [`crate::TripletConfig::interrupt`] and
-/// [`crate::metrics::RetrievalConfig::interrupt`].
+/// [`crate::metrics::RetrievalConfig::interrupt`]. A plain `fn`, so that
+/// configurations stay `Copy`: what it reads (a flag a signal handler set,
+/// say) lives in a static, such as an `AtomicBool`.
 #[derive(Clone, Copy)]
 pub struct Interrupt(pub fn() -> bool);
 

@@ -5,7 +5,9 @@
 //! the chunk with a [`Selection`] that gives its gradient with respect to
 //! `d`; batch-hard returns the selected pairs.
 //!
-//! Two implementations give identical results: [`native`] runs on CPU tensors
+//! Two implementations select the same triplets, but where a hinge is 0
+//! to within the dtype's rounding (native semi-hard computes it in float64,
+//! portable in the distances' dtype): [`native`] runs on CPU tensors
 //! in Rust over contiguous rows, [`portable`] uses libtorch operations and
 //! runs on any device.
 
@@ -20,8 +22,8 @@ use crate::{Distance, Error, Interrupt};
 /// Which implementation of the mining runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Kernel {
-    /// Native Rust kernels for float32 and float64 CPU tensors, libtorch
-    /// operations everywhere else.
+    /// Native Rust kernels for CPU tensors (float16 and bfloat16 ones are
+    /// computed in float32), libtorch operations everywhere else.
     #[default]
     Auto,
     /// libtorch operations on every device: the path CUDA takes, available
