@@ -253,8 +253,9 @@ impl RetrievalConfig {
         if ks.is_empty() {
             return Err(Error::invalid("ks", "must hold at least one k"));
         }
-        let sums = caught(|| self.scan(Items::new(embeddings, labels), None, ks, None))?;
-        Ok(sums.retrieval().recall)
+        Ok(self
+            .scores(Items::new(embeddings, labels), None, ks, None)?
+            .recall)
     }
 
     /// MAP@R.
@@ -269,15 +270,7 @@ impl RetrievalConfig {
         embeddings: &Tensor,
         labels: &Tensor,
     ) -> Result<f64, Error> {
-        let sums = caught(|| {
-            self.scan(
-                Items::new(embeddings, labels),
-                None,
-                &[],
-                Some(AveragePrecision::AtR),
-            )
-        })?;
-        Ok(sums.retrieval().map_at_r)
+        self.average_precision(Items::new(embeddings, labels), AveragePrecision::AtR)
     }
 
     /// The mean average precision over the whole ranking, re-identification's
@@ -295,14 +288,12 @@ impl RetrievalConfig {
         embeddings: &Tensor,
         labels: &Tensor,
     ) -> Result<f64, Error> {
-        let sums = caught(|| {
-            self.scan(
-                Items::new(embeddings, labels),
-                None,
-                &[],
-                Some(AveragePrecision::Full),
-            )
-        })?;
+        self.average_precision(Items::new(embeddings, labels), AveragePrecision::Full)
+    }
+
+    /// `precision` of `items`, each against the others.
+    fn average_precision(&self, items: Items, precision: AveragePrecision) -> Result<f64, Error> {
+        let sums = caught(|| self.scan(items, None, &[], Some(precision)))?;
         Ok(sums.average_precision / sums.queries as f64)
     }
 
