@@ -47,7 +47,7 @@ def _metrics_allocation_failure():
     n = 200_000
     x = torch.randn(n, 1)
     y = torch.arange(n) % 2
-    return lambda: _core.retrieval_scores(x, y, [1], None, "euclidean", n)
+    return lambda: _core.retrieval_scores(x, y, [1], full=None, distance="euclidean", chunk_size=n)
 
 
 FAILURES = {

@@ -258,6 +258,27 @@ class _Float64Ranking(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def test_float64_ranking_for_tf32_is_plumbed_to_the_core():
+    """With TF32 allowed on a GPU the package asks the core to rank in float64
+    (``float64=True``, tested on CUDA in test_cuda.py); here, on binary codes
+    that float32 ranks exactly, the flag alone makes the products float64,
+    the result unchanged, and wrong-typed embeddings are still refused."""
+    from online_triplet_loss import _core
+
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 10, (300,), generator=g)
+    embeddings = torch.sign(torch.randn(10, 32, generator=g)[labels] + torch.randn(300, 32, generator=g))
+    results = []
+    for float64 in (False, True):
+        with _Float64Ranking() as ranking:
+            results.append(_core.retrieval_scores(embeddings, labels, [1, 5], full=False, distance="euclidean",
+                                                  float64=float64))
+        assert (ranking.seen != []) == float64, ranking.seen[:5]
+    assert results[0] == results[1]
+    with pytest.raises(ValueError, match="embeddings: must be floating point"):
+        _core.retrieval_scores(embeddings.long(), labels, [1], full=None, distance="euclidean", float64=True)
+
+
 @pytest.mark.parametrize("data", ["binary codes", "integers", "all equal", "tight classes"])
 def test_exact_gram_products_rank_nothing_again(data):
     """Integer, binary or identical float32 embeddings have exact Gram
@@ -560,7 +581,7 @@ def test_reference_set_equals_pml_accuracy_calculator():
             want["mean_average_precision_at_r"], rel=1e-12)
 
 
-@pytest.mark.parametrize("metric", [lambda *a, **k: recall_at_k(*a, **k), mean_average_precision_at_r])
+@pytest.mark.parametrize("metric", [recall_at_k, mean_average_precision_at_r])
 def test_reference_set_errors(metric):
     (x, y), (gx, gy) = query_and_gallery(0)
     cases = [
@@ -580,14 +601,15 @@ def test_reference_set_errors(metric):
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
             metric(x, y, **kw)
-    # Found by a review: the refusal compared storage alone, so it also refused
-    # the same bytes read as another dtype, and empty rows (data_ptr 0).
+    # Only the tensor itself is refused: not the same bytes read as another
+    # dtype, nor empty rows (whose data pointers are all 0).
     half = x[:6].half()
     recall_at_k(half, y[:6], (1,), ref_embeddings=half.view(torch.bfloat16), ref_labels=y[:6])
     recall_at_k(torch.zeros(6, 0), y[:6], (1,), ref_embeddings=torch.zeros(6, 0), ref_labels=y[:6])
     # A copy of the queries is a gallery like any other: each finds its copy.
-    assert metric(x, y, ref_embeddings=x.clone(), ref_labels=y) == (
-        {1: 1.0} if metric is not mean_average_precision_at_r else metric(x, y, ref_embeddings=x.clone(), ref_labels=y))
+    recall, at_r = brute_force(x, y, (1,), references=(x.clone(), y))
+    got = metric(x, y, ref_embeddings=x.clone(), ref_labels=y)
+    assert got == pytest.approx(at_r if metric is mean_average_precision_at_r else recall, abs=1e-12)
 
 
 # The mean average precision over the whole ranking (re-identification's mAP).
@@ -773,9 +795,9 @@ def test_cameras_hand_computed():
 
 
 def test_nan_cameras_equal_nothing():
-    """Found by a review: the queries' and the gallery's NaN camera ids took
-    keys from one range, so query i and gallery item i with NaN cameras were
-    one camera, and the item was left out of the query's ranking."""
+    """A NaN camera id is no camera's, not even another NaN's: wherever the
+    NaNs stand in the queries and in the gallery (query i and gallery item i
+    with NaN cameras were once taken for one camera)."""
     queries, labels = torch.tensor([[0.0]]), torch.tensor([0])
     gallery, gallery_labels = torch.tensor([[0.0], [1.0], [5.0]]), torch.tensor([0, 1, 0])
     for nan_at in (0, 2):
@@ -794,15 +816,15 @@ def test_camera_errors():
     (x, y), (gx, gy) = query_and_gallery(0)
     cams, ref_cams = with_cameras(0, len(y)), with_cameras(1, len(gy))
     g = dict(ref_embeddings=gx, ref_labels=gy)
-    for metric in (lambda *a, **k: recall_at_k(*a, **k), mean_average_precision_at_r, mean_average_precision):
+    for metric in (recall_at_k, mean_average_precision_at_r, mean_average_precision):
         cases = [
             (dict(cameras=cams[:3]), "cameras: has 3 entries but embeddings has"),
             (dict(cameras=cams[:, None]), "cameras: must be 1-D"),
             (dict(cameras=cams.tolist()), "cameras: must be a torch.Tensor"),
             (dict(cameras=cams.to(torch.complex64)), "cameras: must hold integer class ids or real"),
             (dict(ref_cameras=ref_cams), "ref_cameras: are the cameras of ref_embeddings, which is not"),
-            (dict(cameras=cams, **g), "cameras and ref_cameras: must be given together"),
-            (dict(ref_cameras=ref_cams, **g), "cameras and ref_cameras: must be given together"),
+            (dict(cameras=cams, **g), "ref_cameras: must be given with cameras"),
+            (dict(ref_cameras=ref_cams, **g), "cameras: must be given with ref_cameras"),
             (dict(cameras=cams, ref_cameras=ref_cams[:4], **g), "ref_cameras: has 4 entries but ref_embeddings"),
             (dict(cameras=torch.zeros_like(y)), None),
         ]

@@ -312,9 +312,9 @@ def test_margin_parameter_of_a_module_is_learned(mining):
 
 @pytest.mark.parametrize("mining", LOSSES)
 def test_a_frozen_margin_parameter_stays_the_modules_and_learns_once_unfrozen(mining):
-    """Found by a review: a margin Parameter frozen at first (a warm-up, say)
-    became a float, so unfreezing it later trained nothing. It stays the
-    module's parameter (in ``state_dict``), read by value while frozen."""
+    """A margin Parameter frozen at first (a warm-up, say) stays the module's
+    parameter (in ``state_dict``), read by value while frozen, and gets the
+    reference gradient once unfrozen."""
     labels, x = _batch(11, size=(8, 12))
     margin = torch.nn.Parameter(torch.tensor(0.4, dtype=torch.float64), requires_grad=False)
     module = make_module(mining, margin, "euclidean")

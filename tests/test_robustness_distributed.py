@@ -331,10 +331,9 @@ def _worker_second_review(rank, world, init_file):
 
 
 def _check_fraction_of_non_finite_batches(rank, full_x, full_y, rows):
-    """Found by a later review: on several ranks, batch-all's fraction came
-    from the all-reduced counts alone and stayed finite when the loss was NaN
-    (0.0 for a NaN on one rank); it is NaN whenever the loss is, as in one
-    process."""
+    """On several ranks, batch-all's fraction is NaN whenever the loss is, as
+    in one process, with NaN or inf on either rank (the all-reduced counts
+    alone stay finite)."""
     for bad_rank in (0, 1):
         for value in (float("nan"), float("inf")):
             for distance in ("euclidean", "cosine"):

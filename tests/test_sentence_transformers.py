@@ -668,7 +668,7 @@ def test_config_of_tensor_and_array_margins_is_json(ours, loss_name):
 
 
 def test_repr_of_a_learned_margin_on_meta(ours):
-    """Found by a review: the model card's numbers made ``repr`` of a loss
-    moved to meta raise (a meta tensor has no value)."""
+    """A loss moved to meta, whose learned margin has no value, has a
+    one-line repr that says so."""
     loss = ours.BatchHardTripletLoss(None, margin=torch.nn.Parameter(torch.tensor(0.5))).to("meta")
-    assert "margin=" in repr(loss)
+    assert "margin='(learned, on meta)'" in repr(loss) and "\n" not in repr(loss)

@@ -456,7 +456,7 @@ class _TripletLoss(nn.Module):
 
     def extra_repr(self) -> str:
         margin = self.margin
-        if isinstance(margin, Tensor):  # a learned margin, on one line
+        if isinstance(margin, Tensor):  # a learned or frozen margin, on one line
             kind = "learned" if margin.requires_grad else "frozen"
             margin = f"({kind}, on meta)" if margin.is_meta else f"{float(margin.detach()):.6g} ({kind})"
         return f"margin={margin}, distance={self.distance!r}"
@@ -505,7 +505,8 @@ class BatchAllTripletLoss(_TripletLoss):
 
     Args:
         margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0. A tensor that
-            requires grad (e.g. an ``nn.Parameter``) is kept and learned.
+            requires grad, or an ``nn.Parameter`` (also a frozen one), is kept
+            and learned while it requires grad.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
 
     Shape:
@@ -531,7 +532,8 @@ class BatchHardTripletLoss(_TripletLoss):
 
     Args:
         margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0. A tensor that
-            requires grad (e.g. an ``nn.Parameter``) is kept and learned.
+            requires grad, or an ``nn.Parameter`` (also a frozen one), is kept
+            and learned while it requires grad.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
         soft: softplus instead of relu. Default: False.
 
@@ -563,7 +565,8 @@ class BatchSemiHardTripletLoss(_TripletLoss):
 
     Args:
         margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0. A tensor that
-            requires grad (e.g. an ``nn.Parameter``) is kept and learned.
+            requires grad, or an ``nn.Parameter`` (also a frozen one), is kept
+            and learned while it requires grad.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
 
     Shape:

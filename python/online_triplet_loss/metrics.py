@@ -1,12 +1,16 @@
 r"""Retrieval metrics for embeddings, computed exactly in the Rust core.
 
-Every item is a query against all the *other* items. For a query :math:`q`,
-:math:`R_q` is the number of other items with :math:`q`'s label; queries with
-:math:`R_q = 0` have nothing to retrieve and are skipped. With a reference
-set (``ref_embeddings`` and ``ref_labels``: a gallery, as in person
-re-identification or retrieval benchmarks), the items are the queries and
-each is ranked against the reference set alone, :math:`R_q` the number of
-references with its label.
+recall@k, MAP@R and the mean average precision over the whole ranking (the
+mAP of person re-identification). Every item is a query against all the
+*other* items. For a query :math:`q`, :math:`R_q` is the number of other
+items with :math:`q`'s label; queries with :math:`R_q = 0` have nothing to
+retrieve and are skipped. With a reference set (``ref_embeddings`` and
+``ref_labels``: a gallery, as in person re-identification or retrieval
+benchmarks), the items are the queries and each is ranked against the
+reference set alone, :math:`R_q` the number of references with its label.
+With cameras (``cameras``, and ``ref_cameras`` with a gallery), a query
+retrieves no item of its own label from its own camera, as re-identification
+benchmarks evaluate.
 
 Queries are ranked in chunks against all items, so memory stays
 :math:`O(B \cdot \text{chunk})`, plus two float64 copies of the embeddings:
@@ -77,18 +81,14 @@ def _check_chunk_size(chunk_size: object) -> Optional[int]:
     return check_int("chunk_size", chunk_size, 1)
 
 
-def _ranked(embeddings: Tensor) -> Tensor:
-    """The embeddings as the core ranks them. On a GPU whose float32 matrix
-    products may use TF32 (``torch.backends.cuda.matmul.fp32_precision =
-    "tf32"``, or ``torch.set_float32_matmul_precision("high")``), the products
-    keep about 10 bits, far beyond the rounding the certified ranking bounds:
-    there, embeddings of a narrower dtype are ranked in float64, which TF32
-    never reaches (and which the ranking would fall back to where float32
-    could not decide)."""
+def _float64(embeddings: Tensor) -> bool:
+    """Whether to rank in float64 whatever the dtype: on a GPU whose float32
+    matrix products may use TF32 (``torch.backends.cuda.matmul.fp32_precision
+    = "tf32"``, or ``torch.set_float32_matmul_precision("high")``), which keep
+    about 10 bits, far beyond the rounding the certified float32 ranking
+    bounds. float64 products never use TF32."""
     reduced = torch.backends.cuda.matmul.fp32_precision not in ("none", "ieee")
-    if reduced and embeddings.is_cuda and embeddings.dtype != torch.float64:
-        return embeddings.detach().double()
-    return embeddings.detach()
+    return reduced and embeddings.is_cuda
 
 
 def _scores(
@@ -96,39 +96,21 @@ def _scores(
     distance: str, chunk_size: object, cameras: Optional[Tensor],
     ref_embeddings: Optional[Tensor], ref_labels: Optional[Tensor], ref_cameras: Optional[Tensor],
 ) -> tuple:
-    """(recalls, average precision) from the core. The core refuses the
-    queries themselves as their gallery, which it would no longer see once
-    :func:`_ranked` had made copies of both: refused here first."""
+    """(recalls, average precision) from the core: ``full`` None for none,
+    False for MAP@R, True over the whole ranking."""
     refuse_tracing(name)
     check_tensor("embeddings", embeddings)
     check_tensor("labels", labels)
     check_references(ref_embeddings, ref_labels)
-    if cameras is not None:
-        check_tensor("cameras", cameras)
-    if ref_cameras is not None:
-        check_tensor("ref_cameras", ref_cameras)
-        if ref_embeddings is None:
-            raise ValueError("ref_cameras: are the cameras of ref_embeddings, which is not given")
-    if ref_embeddings is not None and (cameras is None) != (ref_cameras is None):
-        raise ValueError("cameras and ref_cameras: must be given together")
-    itself = (
-        ref_embeddings is not None
-        and ref_embeddings.numel() > 0
-        and ref_embeddings.data_ptr() == embeddings.data_ptr()
-        and ref_embeddings.dtype == embeddings.dtype
-        and ref_embeddings.shape == embeddings.shape
-        and ref_embeddings.stride() == embeddings.stride()
-    )
-    if itself:
-        raise ValueError(
-            "ref_embeddings: is embeddings itself, so every query would find itself at "
-            "distance 0; to rank each item against the others, give no ref_embeddings"
-        )
+    for argument, value in (("cameras", cameras), ("ref_cameras", ref_cameras)):
+        if value is not None:
+            check_tensor(argument, value)
     return native.call(
-        _core.retrieval_scores,
-        _ranked(embeddings), labels, ks, full,
-        resolve_distance(False, distance), _check_chunk_size(chunk_size), cameras,
-        None if ref_embeddings is None else _ranked(ref_embeddings), ref_labels, ref_cameras,
+        _core.retrieval_scores, embeddings.detach(), labels, ks,
+        full=full, distance=resolve_distance(False, distance),
+        chunk_size=_check_chunk_size(chunk_size), cameras=cameras,
+        ref_embeddings=None if ref_embeddings is None else ref_embeddings.detach(),
+        ref_labels=ref_labels, ref_cameras=ref_cameras, float64=_float64(embeddings),
     )
 
 
@@ -191,8 +173,8 @@ def recall_at_k(
         - ref_embeddings: :math:`(M, D)`, on the device of ``embeddings``; both
           are ranked in the wider of their dtypes.
         - ref_labels: :math:`(M)`, as ``labels``.
-        - cameras, ref_cameras: :math:`(B)` and :math:`(M)`, integer ids, on
-          any device.
+        - cameras, ref_cameras: :math:`(B)` and :math:`(M)`, integer ids (or
+          floats holding them; NaN equals nothing), on any device.
 
     Example::
 
@@ -271,8 +253,8 @@ def mean_average_precision_at_r(
         - ref_embeddings: :math:`(M, D)`, on the device of ``embeddings``; both
           are ranked in the wider of their dtypes.
         - ref_labels: :math:`(M)`, as ``labels``.
-        - cameras, ref_cameras: :math:`(B)` and :math:`(M)`, integer ids, on
-          any device.
+        - cameras, ref_cameras: :math:`(B)` and :math:`(M)`, integer ids (or
+          floats holding them; NaN equals nothing), on any device.
 
     Example::
 

@@ -192,8 +192,7 @@ def _number(margin: Any) -> Any:
     """A tensor or NumPy margin as the number it holds (its value now, for a
     learned one): the model card writes the configuration as JSON."""
     if isinstance(margin, Tensor):
-        # On meta there is no value to give.
-        return margin if margin.is_meta else float(margin.detach())
+        return "(learned, on meta)" if margin.is_meta else float(margin.detach())
     if hasattr(margin, "dtype") and hasattr(margin, "item"):
         return float(margin)
     return margin

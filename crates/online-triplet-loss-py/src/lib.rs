@@ -323,9 +323,9 @@ fn python_signals() -> bool {
 /// `Some(true)`: over the whole ranking), the mean average precision, of
 /// every item against the others or, with a reference set, of the queries
 /// against it; with cameras, a query retrieves no item of its own label
-/// from its own camera.
+/// from its own camera. `float64` ranks in float64 whatever the dtype.
 #[pyfunction]
-#[pyo3(signature = (embeddings, labels, ks, full, distance, chunk_size=None, cameras=None, ref_embeddings=None, ref_labels=None, ref_cameras=None))]
+#[pyo3(signature = (embeddings, labels, ks, *, full, distance, chunk_size=None, cameras=None, ref_embeddings=None, ref_labels=None, ref_cameras=None, float64=false))]
 #[allow(clippy::too_many_arguments)]
 fn retrieval_scores(
     py: Python<'_>,
@@ -339,8 +339,9 @@ fn retrieval_scores(
     ref_embeddings: Option<PyTensor>,
     ref_labels: Option<PyTensor>,
     ref_cameras: Option<PyTensor>,
+    float64: bool,
 ) -> PyResult<(Vec<f64>, Option<f64>)> {
-    let config = retrieval(distance, chunk_size)?;
+    let config = retrieval(distance, chunk_size)?.float64(float64);
     let precision = full.map(|full| match full {
         true => AveragePrecision::Full,
         false => AveragePrecision::AtR,

@@ -12,8 +12,8 @@
 //! from its own camera: those items count neither in R_q nor in the ranking.
 //!
 //! - **recall@k**: the fraction of queries that have an item of their label
-//!   among their k nearest other items. A k above the number of other items
-//!   counts all of them.
+//!   among their k nearest other items. A k above the number of items a
+//!   query can retrieve counts all of them.
 //! - **MAP@R**: the mean over queries of
 //!   AP@R = (1/R) Σ_{i ≤ R} P(i)·rel(i), where rel(i) is 1 when the i-th
 //!   nearest other item has the query's label and P(i) is the fraction of
@@ -22,8 +22,8 @@
 //!   re-identification benchmarks report it: the same sum over every item
 //!   ranked, not only the R nearest.
 //!
-//! All are exact: every query is ranked against every item, with no
-//! approximate search. Distances are computed in the embeddings' dtype
+//! All are exact: every query is ranked against every item it can retrieve,
+//! with no approximate search. Distances are computed in the embeddings' dtype
 //! (float32 for half precision), from the Gram matrix of the embeddings
 //! centred on their mean (Euclidean, taken and subtracted in float64) and
 //! scaled by a power of two, or normalised (cosine); where their rounding
@@ -32,11 +32,12 @@
 //! dtype's digits), that query is ranked again in float64, from the
 //! embeddings' differences where Gram products in float64 are not enough
 //! either (`certify`). That bound assumes IEEE products: on a GPU that
-//! allows TF32 for float32 matrix products, pass float64 embeddings (the
-//! Python package does). Queries
-//! are processed in chunks against all items, so memory stays O(B·chunk);
-//! the time is O(B²·D) for the distances plus O(B·(B + K log K)) for the
-//! selection, with K = max(k, R_q). Queries are sorted by R_q so that a
+//! allows TF32 for float32 matrix products, rank in float64
+//! ([`RetrievalConfig::float64`]; the Python package does). Queries
+//! are processed in chunks against all M items they can retrieve, so memory
+//! stays O(M·chunk); the time is O(Q·M·D) for the distances plus
+//! O(Q·(M + K log K)) for the selection of Q queries, with K = max(k, R_q),
+//! or K = M for the mean average precision over the whole ranking. Queries are sorted by R_q so that a
 //! chunk selects only as many neighbours as its own queries need. Identical
 //! items are at distance exactly 0 from each other (but for the cosine
 //! distance zero rows, and rows of norm below 1e-12 times the largest entry
@@ -108,6 +109,10 @@ pub struct RetrievalConfig {
     /// Asked before each chunk of queries whether to stop; see
     /// [`RetrievalConfig::interrupt`].
     pub interrupt: Option<Interrupt>,
+    /// Rank in float64 whatever the embeddings' dtype: on a GPU that allows
+    /// TF32 for float32 matrix products, whose rounding the certified
+    /// float32 ranking does not bound (the Python package sets it there).
+    pub float64: bool,
 }
 
 /// The result of [`RetrievalConfig::evaluate`].
@@ -135,6 +140,7 @@ pub struct Items<'a> {
 }
 
 impl<'a> Items<'a> {
+    /// `embeddings` `(N, D)` and their `labels` `(N,)`, without cameras.
     #[must_use]
     pub fn new(embeddings: &'a Tensor, labels: &'a Tensor) -> Self {
         Items {
@@ -181,13 +187,12 @@ struct Sums {
 }
 
 impl Sums {
-    fn retrieval(self) -> Retrieval {
-        let queries = self.queries as f64;
-        Retrieval {
-            recall: self.hits.iter().map(|h| h / queries).collect(),
-            map_at_r: self.average_precision / queries,
-            queries: self.queries,
-        }
+    fn recall(&self) -> Vec<f64> {
+        self.hits.iter().map(|h| h / self.queries as f64).collect()
+    }
+
+    fn mean_average_precision(&self) -> f64 {
+        self.average_precision / self.queries as f64
     }
 }
 
@@ -198,7 +203,16 @@ impl RetrievalConfig {
             distance,
             chunk_size: None,
             interrupt: None,
+            float64: false,
         }
+    }
+
+    /// Ranks in float64 whatever the embeddings' dtype; see the field
+    /// `float64`.
+    #[must_use]
+    pub fn float64(mut self, float64: bool) -> Self {
+        self.float64 = float64;
+        self
     }
 
     /// Ranks `rows` queries at a time; a value below 1 is refused when the
@@ -250,9 +264,6 @@ impl RetrievalConfig {
         labels: &Tensor,
         ks: &[i64],
     ) -> Result<Vec<f64>, Error> {
-        if ks.is_empty() {
-            return Err(Error::invalid("ks", "must hold at least one k"));
-        }
         Ok(self
             .scores(Items::new(embeddings, labels), None, ks, None)?
             .recall)
@@ -294,7 +305,7 @@ impl RetrievalConfig {
     /// `precision` of `items`, each against the others.
     fn average_precision(&self, items: Items, precision: AveragePrecision) -> Result<f64, Error> {
         let sums = caught(|| self.scan(items, None, &[], Some(precision)))?;
-        Ok(sums.average_precision / sums.queries as f64)
+        Ok(sums.mean_average_precision())
     }
 
     /// recall@k for each of `ks` and MAP@R, in one pass over the distances.
@@ -312,15 +323,19 @@ impl RetrievalConfig {
         labels: &Tensor,
         ks: &[i64],
     ) -> Result<Retrieval, Error> {
-        caught(|| {
+        let sums = caught(|| {
             self.scan(
                 Items::new(embeddings, labels),
                 None,
                 ks,
                 Some(AveragePrecision::AtR),
             )
+        })?;
+        Ok(Retrieval {
+            recall: sums.recall(),
+            map_at_r: sums.mean_average_precision(),
+            queries: sums.queries,
         })
-        .map(Sums::retrieval)
     }
 
     /// recall@k for each of `ks` and, with `precision`, the mean average
@@ -386,10 +401,9 @@ impl RetrievalConfig {
             ));
         }
         let sums = caught(|| self.scan(queries, gallery, ks, precision))?;
-        let count = sums.queries as f64;
         Ok(Scores {
-            recall: sums.hits.iter().map(|h| h / count).collect(),
-            average_precision: precision.map(|_| sums.average_precision / count),
+            recall: sums.recall(),
+            average_precision: precision.map(|_| sums.mean_average_precision()),
             queries: sums.queries,
         })
     }
@@ -477,6 +491,7 @@ impl RetrievalConfig {
             })
         };
         let kind = match references {
+            _ if self.float64 => Kind::Double,
             Some(y) if widest(y.embeddings)? == Kind::Double => Kind::Double,
             _ => widest(embeddings)?,
         };

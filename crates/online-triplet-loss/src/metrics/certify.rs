@@ -289,8 +289,8 @@ impl Certify {
     }
 
     /// The chunk of queries from item `start` has computed distances `d` to
-    /// the references (+inf to itself, when it is one, as [`finish`]
-    /// makes them); `values` are its `depth + 1` smallest
+    /// the references (+inf to itself when it is one, and to the items of
+    /// its own label and camera, as [`Certify::finish`] makes them); `values` are its `depth + 1` smallest
     /// (or all of them if fewer), in order, `nearest` the columns of the
     /// first `depth`, and `relevant` marks those of the query's label.
     /// Returns the columns of the `depth` nearest items, ranked again where
@@ -375,7 +375,8 @@ impl Certify {
     /// The distances from queries `query`, `(m,)`, to items `columns`,
     /// `(m, c)`, from the differences of their float64 embeddings: 0 between
     /// identical items, at least the smallest positive float64 between
-    /// distinct ones, +inf from a query to itself.
+    /// distinct ones, +inf from a query to itself and, with cameras, to the
+    /// items of its own label and camera.
     fn exact(
         &self,
         query: &Tensor,
