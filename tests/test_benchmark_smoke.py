@@ -114,3 +114,23 @@ def test_semihard_variants_agree_and_are_timed():
     assert p.returncode == 0, p.stdout + p.stderr
     rows = [line for line in p.stdout.splitlines() if line.startswith(("| 64 ", "| 200 "))]
     assert len(rows) == 2 and all(r.endswith("| yes |") for r in rows), p.stdout
+
+
+def test_metrics_benchmark_agrees_with_torch_and_records_the_machine(tmp_path):
+    """benchmarks/metrics.py at a small scale: every measure timed, our mAP
+    equal to a plain float64 torch computation (the script exits non-zero
+    otherwise), the load and threads recorded."""
+    out = tmp_path / "metrics.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "metrics.py"), "--queries", "150", "--gallery", "600",
+           "--ids", "40", "--dim", "16", "--repeats", "1", "--threads", "1", "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(out.read_text())
+    assert len(data["results"]) == 5 and data["meta"]["threads"] == 1
+    assert len(data["meta"]["load_before"]) == 3
+    results = data["results"]
+    recall = results["recall@{1,5,10}, cameras"]["value"]
+    assert 0 < recall["1"] <= recall["5"] <= recall["10"] <= 1
+    ours, theirs = results["mAP, cameras"]["value"], results["torch float64 cdist + argsort mAP, cameras"]["value"]
+    assert abs(ours - theirs) < 1e-9
+    assert "| mAP, cameras |" in p.stdout
