@@ -490,10 +490,13 @@ impl RetrievalConfig {
                 _ => Kind::Float,
             })
         };
-        let kind = match references {
-            _ if self.float64 => Kind::Double,
-            Some(y) if widest(y.embeddings)? == Kind::Double => Kind::Double,
-            _ => widest(embeddings)?,
+        let kind = if self.float64 {
+            Kind::Double
+        } else {
+            match references {
+                Some(y) if widest(y.embeddings)? == Kind::Double => Kind::Double,
+                _ => widest(embeddings)?,
+            }
         };
         let items = Ordered::new(queries, references, kind)?;
         let (q0, g) = (items.first_query, items.references);
