@@ -1192,7 +1192,9 @@ pub(crate) fn check_placement(name: &'static str, t: &Tensor) -> Result<(), Erro
     }
 }
 
-fn check_pair(
+/// Checks 2-D floating-point `embeddings` and their `labels`, the names
+/// those of the arguments.
+pub(crate) fn check_pair(
     emb_name: &'static str,
     embeddings: &Tensor,
     label_name: &'static str,
@@ -1208,23 +1210,32 @@ fn check_pair(
             ),
         ));
     }
-    domain(labels, label_name)?;
-    if !is_strided(labels) {
+    check_ids(label_name, labels, emb_name, embeddings.size()[0])
+}
+
+/// Checks `ids` (class labels, or the metrics' camera ids) of the `n` rows
+/// of the embeddings `emb_name`: a dense `(n,)` tensor of a dtype that
+/// holds ids.
+pub(crate) fn check_ids(
+    name: &'static str,
+    ids: &Tensor,
+    emb_name: &'static str,
+    n: i64,
+) -> Result<(), Error> {
+    domain(ids, name)?;
+    if !is_strided(ids) {
+        return Err(Error::invalid(name, "must be a dense (strided) tensor"));
+    }
+    if ids.dim() != 1 {
         return Err(Error::invalid(
-            label_name,
-            "must be a dense (strided) tensor",
+            name,
+            format!("must be 1-D (batch,), got shape {:?}", ids.size()),
         ));
     }
-    if labels.dim() != 1 {
-        return Err(Error::invalid(
-            label_name,
-            format!("must be 1-D (batch,), got shape {:?}", labels.size()),
-        ));
-    }
-    let (n, l) = (embeddings.size()[0], labels.size()[0]);
+    let l = ids.size()[0];
     if n != l {
         return Err(Error::invalid(
-            label_name,
+            name,
             format!("has {l} entries but {emb_name} has {n} rows"),
         ));
     }

@@ -70,7 +70,7 @@ use crate::distance::{Centre, Distance, Side};
 use crate::error::caught;
 use crate::grad;
 use crate::labels::{common, domain, keys, ANCHOR_NAN_KEYS, REFERENCE_NAN_KEYS};
-use crate::losses::check_embeddings;
+use crate::losses::{check_ids, check_pair};
 use crate::mining::Kernel;
 use crate::ties::Ties;
 use crate::Error;
@@ -805,39 +805,16 @@ fn pair_ids((keys, cameras): (&Tensor, &Tensor), g: i64) -> Result<(Tensor, Tens
 }
 
 /// Checks one set of items, `names` those of its embeddings, labels and
-/// cameras.
+/// cameras: as the losses check theirs, and non-empty and finite.
 fn check_items(
     items: Items,
     [emb_name, label_name, camera_name]: [&'static str; 3],
 ) -> Result<(), Error> {
-    let (embeddings, labels) = (items.embeddings, items.labels);
-    check_embeddings(emb_name, embeddings)?;
-    if embeddings.dim() != 2 {
-        return Err(Error::invalid(
-            emb_name,
-            format!(
-                "must be 2-D (items, dim), got shape {:?}",
-                embeddings.size()
-            ),
-        ));
-    }
+    let embeddings = items.embeddings;
+    check_pair(emb_name, embeddings, label_name, items.labels)?;
     let n = embeddings.size()[0];
-    for (name, ids) in [(label_name, Some(labels)), (camera_name, items.cameras)] {
-        let Some(ids) = ids else { continue };
-        domain(ids, name)?;
-        if ids.dim() != 1 {
-            return Err(Error::invalid(
-                name,
-                format!("must be 1-D (items,), got shape {:?}", ids.size()),
-            ));
-        }
-        let l = ids.size()[0];
-        if n != l {
-            return Err(Error::invalid(
-                name,
-                format!("has {l} entries but {emb_name} has {n} rows"),
-            ));
-        }
+    if let Some(cameras) = items.cameras {
+        check_ids(camera_name, cameras, emb_name, n)?;
     }
     if n == 0 {
         return Err(Error::invalid(emb_name, "must hold at least one item"));
