@@ -136,3 +136,28 @@ def interrupted(call, raises):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     return result, time.perf_counter() - start, count[0]
 """
+
+
+def save_tiny_bert(path, words) -> str:
+    """A randomly initialised one-layer BERT and a word-level tokenizer of
+    ``words``, saved in ``path`` where sentence-transformers' ``Transformer``
+    (or ``SentenceTransformer(path)``) loads them without the Hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: i for i, token in enumerate(specials + list(words))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=16,
+    ).save_pretrained(path)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    BertModel(config).save_pretrained(path)
+    return str(path)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import reference
+from helpers import save_tiny_bert
 
 HAVE_ST = importlib.util.find_spec("sentence_transformers") is not None
 needs_st = pytest.mark.skipif(
@@ -462,28 +463,7 @@ N_CLASSES, PER_CLASS = 4, 16
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(st, tmp_path_factory):
-    """A randomly initialised one-layer BERT and a word-level tokenizer, saved
-    where ``Transformer`` can load them without the Hub."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {token: i for i, token in enumerate(specials + WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=16,
-    ).save_pretrained(path)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    BertModel(config).save_pretrained(path)
-    return str(path)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), WORDS)
 
 
 def _tiny_model(model_dir):
