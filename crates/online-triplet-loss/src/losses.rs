@@ -1168,13 +1168,11 @@ pub(crate) fn check_embeddings(name: &'static str, embeddings: &Tensor) -> Resul
 /// without a libtorch error on strided tensors (its message takes
 /// milliseconds to build): a view of a strided tensor as its own shape
 /// always exists; the compressed layouts (CSR, CSC, BSR, BSC) have none. A
-/// nested tensor has no sizes: libtorch throws, which tch's `size` turns
-/// into a panic, caught here (the panic hook still runs).
+/// nested tensor has no sizes, so nothing here asks for them (tch's `size`
+/// would panic): `view_as` reads them inside libtorch, whose error is an
+/// `Err`.
 fn is_strided(t: &Tensor) -> bool {
-    let Ok(size) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.size())) else {
-        return false;
-    };
-    !(t.is_sparse() || t.is_mkldnn()) && t.f_view(size.as_slice()).is_ok()
+    !(t.is_sparse() || t.is_mkldnn()) && t.f_view_as(t).is_ok()
 }
 
 /// That a defined tensor `t` is dense (strided) and on the CPU or a CUDA
