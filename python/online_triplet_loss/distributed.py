@@ -572,13 +572,13 @@ class DistributedTripletLoss(nn.Module):
         # One all-reduce for the three terms; float64 holds counts up to 2**53 exactly.
         totals = torch.stack([sum_.detach().double(), count.double(), valid.double()])
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.group)
-        total_count = totals[1].clamp_min(1).to(sum_.dtype)
-        value = totals[0].to(sum_.dtype) / total_count
+        # The core's loss and fraction of the global terms (the fraction NaN
+        # whenever the loss is), in the dtype of this rank's terms.
+        value, fraction = native.call(_core.mean_and_fraction, totals[0], totals[1].long(),
+                                      totals[2].long(), sum_)
         if loss.mining == "all":
-            # The core's fraction of the global terms: NaN whenever the loss is.
-            _, fraction = native.call(_core.mean_and_fraction, totals[0], totals[1].long(),
-                                      totals[2].long(), embeddings)
             self.last_fraction = fraction.detach()
+        total_count = totals[1].clamp_min(1).to(sum_.dtype)
         # DDP divides the summed gradients by the world size; scaling by it here
         # makes the average the gradient of sum_over_ranks(sum_) / total_count.
         part = sum_ * world / total_count
