@@ -48,7 +48,12 @@ from online_triplet_loss import (
     CrossBatchMemory,
     _core,
 )
-from online_triplet_loss.metrics import mean_average_precision, mean_average_precision_at_r, recall_at_k
+from online_triplet_loss.metrics import (
+    mean_average_precision,
+    mean_average_precision_at_r,
+    mean_inverse_negative_penalty,
+    recall_at_k,
+)
 from test_memory import reference_loss as memory_reference_loss
 from test_metrics import brute_force as metrics_brute_force
 from test_metrics import copies_and_near_neighbours
@@ -369,6 +374,9 @@ def test_metrics_against_a_reference_set_match_brute_force(device, distance):
         kw.update(cameras=cams.to(device), ref_cameras=ref_cams.to(device))
         assert recall_at_k(x.to(device), y.to(device), KS, **kw) == pytest.approx(camera_recall, abs=1e-12)
         assert mean_average_precision(x.to(device), y.to(device), **kw) == pytest.approx(camera_full, abs=1e-12)
+        _, camera_minp = metrics_brute_force(x, y, KS, distance, penalty=True, **cameras)
+        assert mean_inverse_negative_penalty(x.to(device), y.to(device), **kw) == \
+            pytest.approx(camera_minp, abs=1e-12)
 
 
 # ---------------------------------------------------------- sentence-transformers

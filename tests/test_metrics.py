@@ -12,16 +12,22 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from online_triplet_loss.metrics import mean_average_precision, mean_average_precision_at_r, recall_at_k
+from online_triplet_loss.metrics import (
+    mean_average_precision,
+    mean_average_precision_at_r,
+    mean_inverse_negative_penalty,
+    recall_at_k,
+)
 from helpers import SIGINT_CHILD
 
 
 def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="euclidean",
-                references=None, full=False, cameras=None):
+                references=None, full=False, cameras=None, penalty=False):
     """Python loops over float64 distances: every query against every other item
     (or every item of ``references``, a pair of embeddings and labels), sorted;
     queries with no other item of their label skipped. Returns recall@k and
-    MAP@R, or with ``full`` the average precision over the whole ranking.
+    MAP@R, or with ``full`` the average precision over the whole ranking, or
+    with ``penalty`` mINP (the mean of R_q over the place of q's last match).
     ``cameras``, the queries' and the references' camera ids (one tensor
     without references): an item of the query's label and camera is dropped
     from its ranking."""
@@ -51,7 +57,7 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="eu
         return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
 
     hits = {k: 0 for k in ks}
-    ap_sum, queries = 0.0, 0
+    ap_sum, inp_sum, queries = 0.0, 0.0, 0
     for q in range(len(points)):
         others = sorted((dist(points[q], gallery[j]), gallery_ids[j])
                         for j in range(len(gallery)) if not (own and j == q)
@@ -70,7 +76,9 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="eu
                 found += 1
                 ap += found / (i + 1)
         ap_sum += ap / r
-    return {k: h / queries for k, h in hits.items()}, ap_sum / queries
+        inp_sum += r / (max(i for i, rel in enumerate(relevant) if rel) + 1)
+    recall = {k: h / queries for k, h in hits.items()}
+    return recall, (inp_sum if penalty else ap_sum) / queries
 
 
 def random_data(seed: int, n: int, dim: int, classes: int, singletons: int = 0, dtype=torch.float64):
@@ -635,6 +643,9 @@ def test_full_mean_average_precision_matches_brute_force(seed, chunk_size, dista
     _, at_r = brute_force(x, y, (1,), brute, references=references)
     assert mean_average_precision(x, y, **kw) == pytest.approx(want, abs=1e-12)
     assert 0 < want < 1 and want != pytest.approx(at_r, abs=1e-6), "mAP and MAP@R should differ here"
+    _, minp = brute_force(x, y, (1,), brute, references=references, penalty=True)
+    assert mean_inverse_negative_penalty(x, y, **kw) == pytest.approx(minp, abs=1e-12)
+    assert 0 < minp < 1 and minp != pytest.approx(want, abs=1e-6), "mINP and mAP should differ here"
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])
@@ -650,9 +661,12 @@ def test_full_mean_average_precision_of_tight_classes_is_exact(distance, dtype, 
         x, y, references, kw = embeddings, labels, None, {}
     _, want = brute_force(x, y, (1,), brute, references=references, full=True)
     assert 0.1 < want < 0.99
+    _, minp = brute_force(x, y, (1,), brute, references=references, penalty=True)
     for chunk_size in (None, 5):
         assert mean_average_precision(x, y, distance=distance, chunk_size=chunk_size, **kw) == \
             pytest.approx(want, abs=1e-12)
+        assert mean_inverse_negative_penalty(x, y, distance=distance, chunk_size=chunk_size,
+                                             **kw) == pytest.approx(minp, abs=1e-12)
 
 
 def test_full_mean_average_precision_hand_computed():
@@ -665,6 +679,10 @@ def test_full_mean_average_precision_hand_computed():
     labels = torch.tensor([0, 1, 1, 4])
     got = mean_average_precision(queries, labels, ref_embeddings=gallery, ref_labels=gallery_labels)
     assert got == pytest.approx((1 / 2 + 1 + (1 / 3 + 2 / 4) / 2) / 3)
+    # mINP: 0.0's one match is 2nd, 5.2's two are 1st and 2nd, 0.2's last is 4th.
+    got = mean_inverse_negative_penalty(queries, labels, ref_embeddings=gallery,
+                                        ref_labels=gallery_labels)
+    assert got == pytest.approx((1 / 2 + 2 / 2 + 2 / 4) / 3)
 
 
 def test_full_mean_average_precision_equals_pml_with_every_neighbour():
@@ -743,6 +761,8 @@ def test_cameras_match_brute_force(seed, chunk_size, distance, gallery):
     assert recall_at_k(x, y, KS, **kw) == pytest.approx(recall, abs=1e-12)
     assert mean_average_precision_at_r(x, y, **kw) == pytest.approx(at_r, abs=1e-12)
     assert mean_average_precision(x, y, **kw) == pytest.approx(full, abs=1e-12)
+    _, minp = brute_force(x, y, KS, brute, references=references, cameras=cameras, penalty=True)
+    assert mean_inverse_negative_penalty(x, y, **kw) == pytest.approx(minp, abs=1e-12)
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])
@@ -785,6 +805,8 @@ def test_cameras_hand_computed():
     assert recall_at_k(queries, labels, ks=(1, 2, 3), **kw) == {1: 2 / 3, 2: 2 / 3, 3: 1.0}
     assert mean_average_precision(queries, labels, **kw) == pytest.approx((1 + 1 + 1 / 3) / 3)
     assert mean_average_precision_at_r(queries, labels, **kw) == pytest.approx(2 / 3)
+    # One match each, so mINP is the mAP here.
+    assert mean_inverse_negative_penalty(queries, labels, **kw) == pytest.approx((1 + 1 + 1 / 3) / 3)
     # Without a gallery: each item's own-camera items of its label are dropped.
     x = torch.tensor([[0.0], [0.1], [0.2], [0.05]])
     y, c = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 1, 0])

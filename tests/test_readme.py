@@ -135,6 +135,7 @@ def test_the_training_and_evaluation_example():
                   gallery_embeddings, gallery_labels, gallery_cameras)
     assert float(ns["cmc"][1]) == pytest.approx(want, abs=1e-12)
     assert 0.0 <= float(ns["map_r"]) <= 1.0 and 0.0 <= float(ns["m_ap"]) <= 1.0
+    assert 0.0 < float(ns["m_inp"]) <= 1.0
 
 
 def _free_port() -> int:

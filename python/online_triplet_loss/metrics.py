@@ -53,7 +53,12 @@ from ._validation import (
     resolve_distance,
 )
 
-__all__ = ["recall_at_k", "mean_average_precision_at_r", "mean_average_precision"]
+__all__ = [
+    "recall_at_k",
+    "mean_average_precision_at_r",
+    "mean_average_precision",
+    "mean_inverse_negative_penalty",
+]
 
 def _check_ks(ks: object) -> List[int]:
     if hasattr(ks, "ndim") and hasattr(ks, "tolist"):
@@ -96,8 +101,8 @@ def _scores(
     distance: str, chunk_size: object, cameras: Optional[Tensor],
     ref_embeddings: Optional[Tensor], ref_labels: Optional[Tensor], ref_cameras: Optional[Tensor],
 ) -> tuple:
-    """(recalls, average precision) from the core: ``full`` None for none,
-    False for MAP@R, True over the whole ranking."""
+    """(recalls, average precision, mINP) from the core: ``full`` None for
+    neither, False for MAP@R, True over the whole ranking, with mINP."""
     refuse_tracing(name)
     check_tensor("embeddings", embeddings)
     check_tensor("labels", labels)
@@ -191,7 +196,7 @@ def recall_at_k(
         {1: 0.6666666666666666, 2: 1.0}
     """
     values = _check_ks(ks)
-    recalls, _ = _scores("recall_at_k", embeddings, labels, values, None, distance, chunk_size,
+    recalls, _, _ = _scores("recall_at_k", embeddings, labels, values, None, distance, chunk_size,
                          cameras, ref_embeddings, ref_labels, ref_cameras)
     return dict(zip(values, recalls))
 
@@ -264,7 +269,7 @@ def mean_average_precision_at_r(
         >>> round(mean_average_precision_at_r(embeddings, labels), 4)
         0.8
     """
-    _, value = _scores("mean_average_precision_at_r", embeddings, labels, [], False, distance,
+    _, value, _ = _scores("mean_average_precision_at_r", embeddings, labels, [], False, distance,
                        chunk_size, cameras, ref_embeddings, ref_labels, ref_cameras)
     return value
 
@@ -330,6 +335,63 @@ def mean_average_precision(
         >>> round(mean_average_precision(embeddings, labels), 4)  # 0.25 finds its class 3rd and 4th
         0.8833
     """
-    _, value = _scores("mean_average_precision", embeddings, labels, [], True, distance,
+    _, value, _ = _scores("mean_average_precision", embeddings, labels, [], True, distance,
                        chunk_size, cameras, ref_embeddings, ref_labels, ref_cameras)
+    return value
+
+
+@native.boundary
+def mean_inverse_negative_penalty(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    distance: str = "euclidean",
+    chunk_size: Optional[int] = None,
+    cameras: Optional[Tensor] = None,
+    ref_embeddings: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    ref_cameras: Optional[Tensor] = None,
+) -> float:
+    r"""mINP, the mean inverse negative penalty (Ye et al., "Deep Learning for
+    Person Re-identification: A Survey and Outlook", 2021), which person
+    re-identification reports beside rank-1 and mAP: how far down its ranking
+    a query's hardest match lies.
+
+    .. math::
+        \text{mINP} = \frac{1}{|Q|} \sum_{q \in Q} \frac{R_q}{\text{rank}_q}
+
+    where :math:`\text{rank}_q` is the place of the last item of :math:`q`'s
+    label in :math:`q`'s whole ranking: 1 when all :math:`R_q` of them come
+    first. Items, :math:`R_q`, skipped queries, cameras, the reference set and
+    the ranking are as in :func:`mean_average_precision`, and so is the cost.
+
+    Args:
+        embeddings: as in :func:`mean_average_precision`.
+        labels: as in :func:`mean_average_precision`.
+        distance: as in :func:`mean_average_precision`.
+        chunk_size: as in :func:`mean_average_precision`.
+        cameras: as in :func:`mean_average_precision`.
+        ref_embeddings: as in :func:`mean_average_precision`.
+        ref_labels: as in :func:`mean_average_precision`.
+        ref_cameras: as in :func:`mean_average_precision`.
+
+    Returns:
+        mINP, a float in :math:`(0, 1]`.
+
+    Raises:
+        ValueError: as :func:`mean_average_precision_at_r`.
+
+    Shape:
+        As :func:`mean_average_precision_at_r`.
+
+    Example::
+
+        >>> import torch
+        >>> embeddings = torch.tensor([[0.0], [0.1], [5.0], [5.1], [0.25]])
+        >>> labels = torch.tensor([0, 0, 1, 1, 1])
+        >>> mean_inverse_negative_penalty(embeddings, labels)  # 0.25's last match is 4th: 2/4
+        0.9
+    """
+    _, _, value = _scores("mean_inverse_negative_penalty", embeddings, labels, [], True,
+                          distance, chunk_size, cameras, ref_embeddings, ref_labels, ref_cameras)
     return value

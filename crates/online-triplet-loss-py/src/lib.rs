@@ -320,7 +320,7 @@ fn python_signals() -> bool {
 }
 
 /// recall@k for each of `ks` and, with `full` (`Some(false)`: MAP@R,
-/// `Some(true)`: over the whole ranking), the mean average precision, of
+/// `Some(true)`: over the whole ranking, with mINP), the mean average precision, of
 /// every item against the others or, with a reference set, of the queries
 /// against it; with cameras, a query retrieves no item of its own label
 /// from its own camera. `float64` ranks in float64 whatever the dtype.
@@ -340,7 +340,7 @@ fn retrieval_scores(
     ref_labels: Option<PyTensor>,
     ref_cameras: Option<PyTensor>,
     float64: bool,
-) -> PyResult<(Vec<f64>, Option<f64>)> {
+) -> PyResult<(Vec<f64>, Option<f64>, Option<f64>)> {
     let config = retrieval(distance, chunk_size)?.float64(float64);
     let precision = full.map(|full| match full {
         true => AveragePrecision::Full,
@@ -369,7 +369,11 @@ fn retrieval_scores(
     run(py, move || {
         let gallery = gallery.as_ref().map(items);
         let scores = config.scores(items(&queries), gallery, &ks, precision)?;
-        Ok((scores.recall, scores.average_precision))
+        Ok((
+            scores.recall,
+            scores.average_precision,
+            scores.inverse_negative_penalty,
+        ))
     })
 }
 

@@ -175,6 +175,11 @@ pub struct Scores {
     pub recall: Vec<f64>,
     /// The mean average precision asked for.
     pub average_precision: Option<f64>,
+    /// With [`AveragePrecision::Full`], mINP, the mean inverse negative
+    /// penalty (Ye et al., 2021): the mean over queries of R_q / the rank
+    /// of q's last relevant item, which tells how far down the ranking the
+    /// hardest match lies.
+    pub inverse_negative_penalty: Option<f64>,
     /// The number of queries averaged over: those with R_q > 0.
     pub queries: i64,
 }
@@ -183,6 +188,8 @@ pub struct Scores {
 struct Sums {
     hits: Vec<f64>,
     average_precision: f64,
+    /// Of whole rankings only.
+    inverse_negative_penalty: f64,
     queries: i64,
 }
 
@@ -193,6 +200,10 @@ impl Sums {
 
     fn mean_average_precision(&self) -> f64 {
         self.average_precision / self.queries as f64
+    }
+
+    fn mean_inverse_negative_penalty(&self) -> f64 {
+        self.inverse_negative_penalty / self.queries as f64
     }
 }
 
@@ -302,6 +313,28 @@ impl RetrievalConfig {
         self.average_precision(Items::new(embeddings, labels), AveragePrecision::Full)
     }
 
+    /// mINP, the mean inverse negative penalty of re-identification (Ye et
+    /// al., 2021): the mean over queries of R_q / rank_q, rank_q the place
+    /// of q's last relevant item in its whole ranking (1 when every relevant
+    /// item comes first). Every query is ranked in full, O(N log N) time
+    /// each; [`RetrievalConfig::scores`] with [`AveragePrecision::Full`]
+    /// gives it beside the mAP.
+    ///
+    /// # Shapes
+    /// As [`RetrievalConfig::recall_at_k`].
+    ///
+    /// # Errors
+    /// As [`RetrievalConfig::recall_at_k`] (which has `ks`).
+    pub fn mean_inverse_negative_penalty(
+        &self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+    ) -> Result<f64, Error> {
+        let items = Items::new(embeddings, labels);
+        let sums = caught(|| self.scan(items, None, &[], Some(AveragePrecision::Full)))?;
+        Ok(sums.mean_inverse_negative_penalty())
+    }
+
     /// `precision` of `items`, each against the others.
     fn average_precision(&self, items: Items, precision: AveragePrecision) -> Result<f64, Error> {
         let sums = caught(|| self.scan(items, None, &[], Some(precision)))?;
@@ -385,6 +418,8 @@ impl RetrievalConfig {
     /// let scores = config.scores(q, Some(g), &[1], Some(AveragePrecision::Full))?;
     /// assert_eq!(scores.recall, vec![2.0 / 3.0]);
     /// assert_eq!(scores.average_precision, Some((1.0 + 1.0 + 0.5) / 3.0));
+    /// // 0.2's one match is second: mINP (1 + 1 + 1/2) / 3 too.
+    /// assert_eq!(scores.inverse_negative_penalty, Some((1.0 + 1.0 + 0.5) / 3.0));
     /// # Ok::<(), online_triplet_loss::Error>(())
     /// ```
     pub fn scores(
@@ -404,6 +439,8 @@ impl RetrievalConfig {
         Ok(Scores {
             recall: sums.recall(),
             average_precision: precision.map(|_| sums.mean_average_precision()),
+            inverse_negative_penalty: (precision == Some(AveragePrecision::Full))
+                .then(|| sums.mean_inverse_negative_penalty()),
             queries: sums.queries,
         })
     }
@@ -564,6 +601,7 @@ impl RetrievalConfig {
                 .map(|_| Tensor::f_zeros([], opts))
                 .collect::<Result<Vec<_>, _>>()?;
             let mut average_precision = Tensor::f_zeros([], (Kind::Double, device))?;
+            let mut inverse_negative_penalty = Tensor::f_zeros([], (Kind::Double, device))?;
             let mut start = first;
             while start < first + queries {
                 Interrupt::check(self.interrupt)?;
@@ -616,7 +654,17 @@ impl RetrievalConfig {
                         AveragePrecision::AtR => relevant.f_logical_and(
                             &rank.f_unsqueeze(0)?.f_le_tensor(&r.f_unsqueeze(1)?)?,
                         )?,
-                        AveragePrecision::Full => relevant,
+                        AveragePrecision::Full => {
+                            // R_q / the rank of the last relevant item, found
+                            // in the whole ranking: R_q ≥ 1.
+                            let last = rank
+                                .f_unsqueeze(0)?
+                                .f_where_scalarother(&relevant, 0.0)?
+                                .f_amax(1, false)?;
+                            let _ = inverse_negative_penalty
+                                .f_add_(&r.f_div(&last)?.f_sum(Kind::Double)?)?;
+                            relevant
+                        }
                     };
                     // Hits so far counted in integers: a floating running sum
                     // has no deterministic CUDA kernel.
@@ -638,6 +686,7 @@ impl RetrievalConfig {
                     .map(|h| i64::try_from(h).map(|h| h as f64))
                     .collect::<Result<_, _>>()?,
                 average_precision: f64::try_from(&average_precision)?,
+                inverse_negative_penalty: f64::try_from(&inverse_negative_penalty)?,
                 queries,
             })
         })
@@ -853,6 +902,19 @@ pub fn mean_average_precision(
     distance: Distance,
 ) -> Result<f64, Error> {
     RetrievalConfig::new(distance).mean_average_precision(embeddings, labels)
+}
+
+/// mINP, the mean inverse negative penalty; see
+/// [`RetrievalConfig::mean_inverse_negative_penalty`].
+///
+/// # Errors
+/// As [`RetrievalConfig::mean_inverse_negative_penalty`].
+pub fn mean_inverse_negative_penalty(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    distance: Distance,
+) -> Result<f64, Error> {
+    RetrievalConfig::new(distance).mean_inverse_negative_penalty(embeddings, labels)
 }
 
 /// MAP@R; see the [module](self) docs.
