@@ -710,19 +710,21 @@ def test_full_mean_average_precision_equals_pml_with_every_neighbour():
         assert mean_average_precision(gx, gy) == pytest.approx(want["mean_average_precision"], rel=1e-12)
 
 
-def test_full_mean_average_precision_errors():
+@pytest.mark.parametrize("metric", [mean_average_precision, mean_inverse_negative_penalty])
+def test_full_ranking_errors(metric):
     (x, y), (gx, gy) = query_and_gallery(0)
     with pytest.raises(ValueError, match="labels: no item shares its label"):
-        mean_average_precision(x, torch.arange(len(y)))
+        metric(x, torch.arange(len(y)))
     with pytest.raises(ValueError, match="ref_embeddings and ref_labels: must be given together"):
-        mean_average_precision(x, y, ref_embeddings=gx)
+        metric(x, y, ref_embeddings=gx)
     with pytest.raises(ValueError, match="ref_embeddings: must have the embedding size"):
-        mean_average_precision(x, y, ref_embeddings=gx[:, :1], ref_labels=gy)
+        metric(x, y, ref_embeddings=gx[:, :1], ref_labels=gy)
     with pytest.raises(ValueError, match="distance: expected one of"):
-        mean_average_precision(x, y, distance="l1")
+        metric(x, y, distance="l1")
     with pytest.raises(ValueError, match="chunk_size: must be None or an int >= 1"):
-        mean_average_precision(x, y, chunk_size=0)
-
+        metric(x, y, chunk_size=0)
+    with pytest.raises(ValueError, match="ref_embeddings: is embeddings itself"):
+        metric(x, y, ref_embeddings=x, ref_labels=y)
 
 
 # Cameras: a query retrieves no item of its own label from its own camera
@@ -838,7 +840,8 @@ def test_camera_errors():
     (x, y), (gx, gy) = query_and_gallery(0)
     cams, ref_cams = with_cameras(0, len(y)), with_cameras(1, len(gy))
     g = dict(ref_embeddings=gx, ref_labels=gy)
-    for metric in (recall_at_k, mean_average_precision_at_r, mean_average_precision):
+    for metric in (recall_at_k, mean_average_precision_at_r, mean_average_precision,
+                   mean_inverse_negative_penalty):
         cases = [
             (dict(cameras=cams[:3]), "cameras: has 3 entries but embeddings has"),
             (dict(cameras=cams[:, None]), "cameras: must be 1-D"),
