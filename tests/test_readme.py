@@ -26,9 +26,10 @@ import torch
 
 import reference
 from helpers import save_tiny_bert
+from test_metrics import brute_force
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+BLOCKS = re.findall(r"```(?:python|py)\n(.*?)```", README.read_text(), flags=re.S)
 
 HAVE_ST = importlib.util.find_spec("sentence_transformers") is not None
 needs_st = pytest.mark.skipif(
@@ -67,12 +68,22 @@ def test_every_block_is_run():
 
 
 def test_the_006_example():
-    torch.manual_seed(0)
+    """Both losses of the block, through the gradient they leave on the
+    embedding table (nothing steps it): batch-hard's plus batch-all's, against
+    the float64 references. Seed 1 draws labels [0, 0, 8, 0, 2], so that the
+    anchors of class 0 have positives and both losses are positive."""
+    torch.manual_seed(1)
     ns = _run("006", {})
     labels, model = ns["labels"], ns["model"]
-    want = reference.batch_all(labels, model(labels).double(), 100.0).loss
-    torch.testing.assert_close(ns["loss"].double(), want, rtol=1e-5, atol=1e-4)
-    assert model.weight.grad is not None and torch.isfinite(model.weight.grad).all()
+    assert len(set(labels.tolist())) < len(labels), "no anchor would have a positive"
+    table = model.weight.detach().double().requires_grad_(True)
+    hard = reference.batch_hard(labels, table[labels], 100.0).loss
+    every = reference.batch_all(labels, table[labels], 100.0).loss
+    assert hard > 0 and every > 0
+    torch.testing.assert_close(ns["loss"].double(), every.detach(), rtol=1e-5, atol=1e-4)
+    (hard + every).backward()
+    assert table.grad.abs().sum() > 0
+    torch.testing.assert_close(model.weight.grad.double(), table.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_the_modules_and_functions_example():
@@ -129,13 +140,22 @@ def test_the_training_and_evaluation_example():
         "gallery_labels": gallery_labels, "gallery_cameras": gallery_cameras,
     })
     assert ns["loss"].requires_grad and torch.isfinite(ns["loss"])
-    assert set(ns["recall"]) == {1, 5, 10}
-    assert set(ns["cmc"]) == {1, 5}
+    recall, _ = brute_force(test_embeddings, test_labels, (1, 5, 10))
+    assert ns["recall"] == pytest.approx(recall, abs=1e-12)
+    _, map_r = brute_force(test_embeddings, test_labels, (1,), "cosine")
+    assert ns["map_r"] == pytest.approx(map_r, abs=1e-12)
+    gallery = dict(references=(gallery_embeddings, gallery_labels),
+                   cameras=(query_cameras, gallery_cameras))
+    cmc, m_ap = brute_force(query_embeddings, query_labels, (1, 5), full=True, **gallery)
+    _, m_inp = brute_force(query_embeddings, query_labels, (1,), penalty=True, **gallery)
+    assert ns["cmc"] == pytest.approx(cmc, abs=1e-12)
+    assert ns["m_ap"] == pytest.approx(m_ap, abs=1e-12)
+    assert ns["m_inp"] == pytest.approx(m_inp, abs=1e-12)
+    assert m_ap != pytest.approx(m_inp, abs=1e-6), "mAP and mINP should differ here"
+    # rank-1 once more, by hand, for the camera rule.
     want = _rank1(query_embeddings, query_labels, query_cameras,
                   gallery_embeddings, gallery_labels, gallery_cameras)
     assert float(ns["cmc"][1]) == pytest.approx(want, abs=1e-12)
-    assert 0.0 <= float(ns["map_r"]) <= 1.0 and 0.0 <= float(ns["m_ap"]) <= 1.0
-    assert 0.0 < float(ns["m_inp"]) <= 1.0
 
 
 def _free_port() -> int:
@@ -144,33 +164,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_distributed_example_on_one_gloo_rank():
-    """As ``torchrun --nproc_per_node=1`` would start it, on the CPU, with a
-    loader of one batch: the loss it leaves is that of the untrained net."""
+def test_the_distributed_example_on_two_gloo_ranks():
+    """As ``torchrun --nproc_per_node=2`` would start it, on the CPU: each rank
+    loads its half of one global batch of 12, and its loader has that one
+    batch, so the loss it leaves is the global batch's under the untrained
+    net, the same on both ranks."""
     prelude = textwrap.dedent("""
-        import copy
+        import copy, os
         import torch
         torch.manual_seed(0)
         net = torch.nn.Linear(6, 4)
         before = copy.deepcopy(net)
-        batch = (torch.randn(12, 6), torch.arange(4).repeat_interleave(3))
-        loader = [batch]
+        all_images, all_labels = torch.randn(12, 6), torch.arange(4).repeat(3)
+        half = slice(0, 7) if os.environ["RANK"] == "0" else slice(7, 12)
+        loader = [(all_images[half], all_labels[half])]
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     """)
     epilogue = textwrap.dedent("""
         from online_triplet_loss import batch_hard_triplet_loss
-        want = batch_hard_triplet_loss(batch[1], before(batch[0]), 0.2)
+        want = batch_hard_triplet_loss(all_labels, before(all_images), 0.2)
+        local = batch_hard_triplet_loss(labels, before(images), 0.2)  # this rank's half alone
+        assert abs(float(local) - float(want)) > 1e-3, "the halves should not say the global loss"
         print(repr(float(loss)), repr(float(want)))
         assert not torch.equal(net.weight, before.weight), "no step was taken"
         dist.destroy_process_group()
     """)
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", prelude + _block("ddp") + epilogue],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    got, want = map(float, proc.stdout.split()[-2:])
-    assert want > 0 and got == pytest.approx(want, rel=1e-6)
+    port = str(_free_port())
+    procs = []
+    for rank in ("0", "1"):
+        env = dict(os.environ, RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, CUDA_VISIBLE_DEVICES="",
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", prelude + _block("ddp") + epilogue],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+        got, want = map(float, out.split()[-2:])
+        assert want > 0 and got == pytest.approx(want, rel=1e-6)
 
 
 @needs_st

@@ -350,6 +350,15 @@ def _check_fraction_of_non_finite_batches(rank, full_x, full_y, rows):
     criterion(full_x[rows], full_y[rows])
     torch.testing.assert_close(criterion.last_fraction,
                                batch_all_triplet_loss(full_y, full_x, 0.5)[1], rtol=1e-12, atol=0)
+    # In half precision the loss and the fraction come back in the
+    # embeddings' dtype, equal to one process's.
+    for dtype in (torch.float16, torch.bfloat16):
+        criterion = DistributedTripletLoss(BatchAllTripletLoss(margin=0.5))
+        loss = criterion(full_x[rows].to(dtype), full_y[rows])
+        want_loss, want_fraction = batch_all_triplet_loss(full_y, full_x.to(dtype), 0.5)
+        assert loss.dtype == criterion.last_fraction.dtype == want_fraction.dtype == dtype
+        assert torch.equal(criterion.last_fraction, want_fraction), dtype
+        torch.testing.assert_close(loss, want_loss)
 
 
 def test_second_review_findings_on_two_ranks(tmp_path):

@@ -573,9 +573,9 @@ class DistributedTripletLoss(nn.Module):
         totals = torch.stack([sum_.detach().double(), count.double(), valid.double()])
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.group)
         # The core's loss and fraction of the global terms (the fraction NaN
-        # whenever the loss is), in the dtype of this rank's terms.
+        # whenever the loss is), in the embeddings' dtype, as in one process.
         value, fraction = native.call(_core.mean_and_fraction, totals[0], totals[1].long(),
-                                      totals[2].long(), sum_)
+                                      totals[2].long(), embeddings)
         if loss.mining == "all":
             self.last_fraction = fraction.detach()
         total_count = totals[1].clamp_min(1).to(sum_.dtype)

@@ -1,7 +1,8 @@
 r"""Retrieval metrics for embeddings, computed exactly in the Rust core.
 
-recall@k, MAP@R and the mean average precision over the whole ranking (the
-mAP of person re-identification). Every item is a query against all the
+recall@k, MAP@R, the mean average precision over the whole ranking (the
+mAP of person re-identification) and mINP (the mean inverse negative
+penalty, R_q over the place of the last match). Every item is a query against all the
 *other* items. For a query :math:`q`, :math:`R_q` is the number of other
 items with :math:`q`'s label; queries with :math:`R_q = 0` have nothing to
 retrieve and are skipped. With a reference set (``ref_embeddings`` and
@@ -361,8 +362,8 @@ def mean_inverse_negative_penalty(
         \text{mINP} = \frac{1}{|Q|} \sum_{q \in Q} \frac{R_q}{\text{rank}_q}
 
     where :math:`\text{rank}_q` is the place of the last item of :math:`q`'s
-    label in :math:`q`'s whole ranking: 1 when all :math:`R_q` of them come
-    first. Items, :math:`R_q`, skipped queries, cameras, the reference set and
+    label in :math:`q`'s whole ranking: the ratio is 1 when all :math:`R_q` of
+    them come first. Items, :math:`R_q`, skipped queries, cameras, the reference set and
     the ranking are as in :func:`mean_average_precision`, and so is the cost.
 
     Args:

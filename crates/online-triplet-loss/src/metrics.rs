@@ -1,6 +1,6 @@
 //! Retrieval metrics: recall@k, MAP@R (Musgrave et al., "A Metric Learning
-//! Reality Check", 2020) and the mean average precision over the whole
-//! ranking.
+//! Reality Check", 2020), the mean average precision over the whole
+//! ranking and mINP.
 //!
 //! Every item is a query against all the *other* items. For a query q, R_q
 //! is the number of other items with q's label; queries with R_q = 0 have
@@ -21,6 +21,9 @@
 //! - **mAP**, the mean average precision over the whole ranking, as
 //!   re-identification benchmarks report it: the same sum over every item
 //!   ranked, not only the R nearest.
+//! - **mINP**, the mean inverse negative penalty (Ye et al., 2021): the mean
+//!   over queries of R_q / rank_q, rank_q the place of q's last relevant
+//!   item in its whole ranking.
 //!
 //! All are exact: every query is ranked against every item it can retrieve,
 //! with no approximate search. Distances are computed in the embeddings' dtype
@@ -168,8 +171,9 @@ pub enum AveragePrecision {
     Full,
 }
 
-/// The result of [`RetrievalConfig::scores`].
+/// The result of [`RetrievalConfig::scores`]; more measures may be added.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Scores {
     /// recall@k for each k asked for, in the order asked.
     pub recall: Vec<f64>,
@@ -315,8 +319,8 @@ impl RetrievalConfig {
 
     /// mINP, the mean inverse negative penalty of re-identification (Ye et
     /// al., 2021): the mean over queries of R_q / rank_q, rank_q the place
-    /// of q's last relevant item in its whole ranking (1 when every relevant
-    /// item comes first). Every query is ranked in full, O(N log N) time
+    /// of q's last relevant item in its whole ranking (the ratio is 1 when
+    /// every relevant item comes first). Every query is ranked in full, O(N log N) time
     /// each; [`RetrievalConfig::scores`] with [`AveragePrecision::Full`]
     /// gives it beside the mAP.
     ///
