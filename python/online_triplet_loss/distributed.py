@@ -578,8 +578,8 @@ class DistributedTripletLoss(nn.Module):
                                       totals[2].long(), embeddings)
         if loss.mining == "all":
             self.last_fraction = fraction.detach()
-        total_count = totals[1].clamp_min(1).to(sum_.dtype)
         # DDP divides the summed gradients by the world size; scaling by it here
-        # makes the average the gradient of sum_over_ranks(sum_) / total_count.
-        part = sum_ * world / total_count
+        # makes the average the gradient of sum_over_ranks(sum_) / max(count, 1),
+        # the core's mean of this rank's terms over the global count.
+        part = native.call(_core.mean, sum_ * world, totals[1].long(), sum_)
         return (value + (part - part.detach())).to(embeddings.dtype)

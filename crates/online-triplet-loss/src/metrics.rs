@@ -296,7 +296,9 @@ impl RetrievalConfig {
         embeddings: &Tensor,
         labels: &Tensor,
     ) -> Result<f64, Error> {
-        self.average_precision(Items::new(embeddings, labels), AveragePrecision::AtR)
+        Ok(self
+            .pass_over(Items::new(embeddings, labels), &[], AveragePrecision::AtR)?
+            .mean_average_precision())
     }
 
     /// The mean average precision over the whole ranking, re-identification's
@@ -314,7 +316,9 @@ impl RetrievalConfig {
         embeddings: &Tensor,
         labels: &Tensor,
     ) -> Result<f64, Error> {
-        self.average_precision(Items::new(embeddings, labels), AveragePrecision::Full)
+        Ok(self
+            .pass_over(Items::new(embeddings, labels), &[], AveragePrecision::Full)?
+            .mean_average_precision())
     }
 
     /// mINP, the mean inverse negative penalty of re-identification (Ye et
@@ -334,15 +338,20 @@ impl RetrievalConfig {
         embeddings: &Tensor,
         labels: &Tensor,
     ) -> Result<f64, Error> {
-        let items = Items::new(embeddings, labels);
-        let sums = caught(|| self.scan(items, None, &[], Some(AveragePrecision::Full)))?;
-        Ok(sums.mean_inverse_negative_penalty())
+        Ok(self
+            .pass_over(Items::new(embeddings, labels), &[], AveragePrecision::Full)?
+            .mean_inverse_negative_penalty())
     }
 
-    /// `precision` of `items`, each against the others.
-    fn average_precision(&self, items: Items, precision: AveragePrecision) -> Result<f64, Error> {
-        let sums = caught(|| self.scan(items, None, &[], Some(precision)))?;
-        Ok(sums.mean_average_precision())
+    /// One pass over `items`, each against the others, for recall at `ks`
+    /// and `precision`.
+    fn pass_over(
+        &self,
+        items: Items,
+        ks: &[i64],
+        precision: AveragePrecision,
+    ) -> Result<Sums, Error> {
+        caught(|| self.scan(items, None, ks, Some(precision)))
     }
 
     /// recall@k for each of `ks` and MAP@R, in one pass over the distances.
@@ -360,14 +369,7 @@ impl RetrievalConfig {
         labels: &Tensor,
         ks: &[i64],
     ) -> Result<Retrieval, Error> {
-        let sums = caught(|| {
-            self.scan(
-                Items::new(embeddings, labels),
-                None,
-                ks,
-                Some(AveragePrecision::AtR),
-            )
-        })?;
+        let sums = self.pass_over(Items::new(embeddings, labels), ks, AveragePrecision::AtR)?;
         Ok(Retrieval {
             recall: sums.recall(),
             map_at_r: sums.mean_average_precision(),
