@@ -4,7 +4,8 @@
 Queries and a gallery drawn around shared identity centres, each item with a
 camera id, as in Market-1501 (3368 queries, 15913 gallery items, 751
 identities, 6 cameras: the defaults, with D = 512). Times recall@{1,5,10},
-MAP@R and mAP with cameras, mAP without them, and, as a yardstick, the same
+MAP@R and mAP with cameras, mAP without them, ``retrieval_scores`` (rank-1/5/10,
+mAP and mINP from one ranking, its mAP checked equal to the other) and, as a yardstick, the same
 mAP from a plain float64 ``cdist`` and ``argsort`` in torch (in chunks of
 queries), which must agree with ours. Median of ``--repeats`` runs after a
 warm-up; the machine's load and torch's threads are recorded with the
@@ -28,7 +29,9 @@ from typing import Callable, Dict, List
 
 import torch
 
-from online_triplet_loss.metrics import mean_average_precision, mean_average_precision_at_r, recall_at_k
+from online_triplet_loss.metrics import (
+    mean_average_precision, mean_average_precision_at_r, recall_at_k, retrieval_scores,
+)
 
 
 def data(args: argparse.Namespace) -> Dict[str, torch.Tensor]:
@@ -114,6 +117,8 @@ def main() -> None:
         "MAP@R, cameras": lambda: mean_average_precision_at_r(d["x"], d["y"], **cams),
         "mAP, cameras": lambda: mean_average_precision(d["x"], d["y"], **cams),
         "mAP, no cameras": lambda: mean_average_precision(d["x"], d["y"], **gallery),
+        "retrieval_scores (rank-1/5/10, mAP, mINP), cameras, its mAP":
+            lambda: retrieval_scores(d["x"], d["y"], (1, 5, 10), **cams).mean_average_precision,
         "torch float64 cdist + argsort mAP, cameras": lambda: torch_map(d),
     }
     results = {name: timed(f, args.repeats) for name, f in runs.items()}
@@ -121,6 +126,9 @@ def main() -> None:
     ours, theirs = results["mAP, cameras"]["value"], results["torch float64 cdist + argsort mAP, cameras"]["value"]
     if abs(ours - theirs) > 1e-9:
         raise SystemExit(f"mAP disagrees with the torch computation: {ours} against {theirs}")
+    together = results["retrieval_scores (rank-1/5/10, mAP, mINP), cameras, its mAP"]["value"]
+    if together != ours:
+        raise SystemExit(f"retrieval_scores' mAP {together} is not mean_average_precision's {ours}")
 
     loaded = max(meta["load_before"][0], meta["load_after"][0]) > (os.cpu_count() or 1)
     print(f"{args.queries} queries, {args.gallery} gallery items, D = {args.dim}, {args.ids} identities, "

@@ -126,11 +126,12 @@ def test_metrics_benchmark_agrees_with_torch_and_records_the_machine(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stdout + p.stderr
     data = json.loads(out.read_text())
-    assert len(data["results"]) == 5 and data["meta"]["threads"] == 1
+    assert len(data["results"]) == 6 and data["meta"]["threads"] == 1
     assert len(data["meta"]["load_before"]) == 3
     results = data["results"]
     recall = results["recall@{1,5,10}, cameras"]["value"]
     assert 0 < recall["1"] <= recall["5"] <= recall["10"] <= 1
     ours, theirs = results["mAP, cameras"]["value"], results["torch float64 cdist + argsort mAP, cameras"]["value"]
     assert abs(ours - theirs) < 1e-9
+    assert results["retrieval_scores (rank-1/5/10, mAP, mINP), cameras, its mAP"]["value"] == ours
     assert "| mAP, cameras |" in p.stdout

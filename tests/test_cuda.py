@@ -53,6 +53,7 @@ from online_triplet_loss.metrics import (
     mean_average_precision_at_r,
     mean_inverse_negative_penalty,
     recall_at_k,
+    retrieval_scores,
 )
 from test_memory import reference_loss as memory_reference_loss
 from test_metrics import brute_force as metrics_brute_force
@@ -377,6 +378,10 @@ def test_metrics_against_a_reference_set_match_brute_force(device, distance):
         _, camera_minp = metrics_brute_force(x, y, KS, distance, penalty=True, **cameras)
         assert mean_inverse_negative_penalty(x.to(device), y.to(device), **kw) == \
             pytest.approx(camera_minp, abs=1e-12)
+        together = retrieval_scores(x.to(device), y.to(device), KS, **kw)
+        assert together.recall == pytest.approx(camera_recall, abs=1e-12)
+        assert together.mean_average_precision == pytest.approx(camera_full, abs=1e-12)
+        assert together.mean_inverse_negative_penalty == pytest.approx(camera_minp, abs=1e-12)
 
 
 # ---------------------------------------------------------- sentence-transformers

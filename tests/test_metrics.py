@@ -17,6 +17,7 @@ from online_triplet_loss.metrics import (
     mean_average_precision_at_r,
     mean_inverse_negative_penalty,
     recall_at_k,
+    retrieval_scores,
 )
 from helpers import SIGINT_CHILD
 
@@ -862,3 +863,120 @@ def test_camera_errors():
                 continue
             with pytest.raises(ValueError, match=match):
                 metric(x, y, **kw)
+
+
+# retrieval_scores: recall@k, mAP and mINP from one ranking.
+
+
+def counted_queries(labels, ref_labels=None, cameras=None):
+    """The queries with an item of their label to retrieve (another item, or a
+    reference, not from their own camera)."""
+    ids = labels.tolist()
+    own = ref_labels is None
+    refs = ids if own else ref_labels.tolist()
+    if cameras is None:
+        query_cams = ref_cams = [None] * max(len(ids), len(refs))
+    elif own:
+        query_cams = ref_cams = cameras.tolist()
+    else:
+        query_cams, ref_cams = (c.tolist() for c in cameras)
+    return sum(any(refs[j] == ids[q] and not (own and j == q)
+                   and (cameras is None or ref_cams[j] != query_cams[q]) for j in range(len(refs)))
+               for q in range(len(ids)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+@pytest.mark.parametrize("distance", ["euclidean", "squared", "cosine"])
+@pytest.mark.parametrize("setting", ["items", "gallery", "cameras", "gallery and cameras"])
+def test_retrieval_scores_match_brute_force_and_the_single_measures(seed, chunk_size, distance, setting):
+    brute = "cosine" if distance == "cosine" else "euclidean"
+    kw = dict(distance=distance, chunk_size=chunk_size)
+    references = cameras = None
+    if "gallery" in setting:
+        (x, y), (gx, gy) = query_and_gallery(seed)
+        kw.update(ref_embeddings=gx, ref_labels=gy)
+        references = (gx, gy)
+        if "cameras" in setting:
+            cameras = (with_cameras(seed, len(y)), with_cameras(seed + 50, len(gy)))
+            cameras[0][0] = cameras[1][0]  # query 0 is a copy of gallery item 0, in its camera
+            kw.update(cameras=cameras[0], ref_cameras=cameras[1])
+    else:
+        rnd = random.Random(seed)
+        x, y = random_data(seed, n=rnd.randint(30, 70), dim=rnd.randint(2, 6),
+                           classes=rnd.randint(2, 6), singletons=2)
+        if "cameras" in setting:
+            cameras = with_cameras(seed, len(y))
+            kw.update(cameras=cameras)
+    recall, full = brute_force(x, y, KS, brute, references=references, cameras=cameras, full=True)
+    _, minp = brute_force(x, y, KS, brute, references=references, cameras=cameras, penalty=True)
+    queries = counted_queries(y, None if references is None else references[1], cameras)
+    assert 0 < queries < len(y), "some queries should be skipped here"
+
+    got = retrieval_scores(x, y, KS, **kw)
+    assert list(got.recall) == list(KS)
+    assert got.recall == pytest.approx(recall, abs=1e-12)
+    assert got.mean_average_precision == pytest.approx(full, abs=1e-12)
+    assert got.mean_inverse_negative_penalty == pytest.approx(minp, abs=1e-12)
+    assert got.queries == queries
+    # The same ranking as the single measures', to the last bit.
+    assert got.recall == recall_at_k(x, y, KS, **kw)
+    assert got.mean_average_precision == mean_average_precision(x, y, **kw)
+    assert got.mean_inverse_negative_penalty == mean_inverse_negative_penalty(x, y, **kw)
+
+
+def test_retrieval_scores_of_tight_classes_far_from_the_centre():
+    """Ranked as the single measures rank them: exactly, through the float64
+    re-ranking where float32's rounding could change the order."""
+    embeddings, labels = tight_classes_far_apart("euclidean", torch.float32)
+    x, y, references = embeddings[60:], labels[60:], (embeddings[:60], labels[:60])
+    kw = dict(ref_embeddings=references[0], ref_labels=references[1])
+    recall, full = brute_force(x, y, (1, 5), references=references, full=True)
+    _, minp = brute_force(x, y, (1, 5), references=references, penalty=True)
+    got = retrieval_scores(x, y, (1, 5), **kw)
+    assert got.recall == pytest.approx(recall, abs=1e-12)
+    assert got.mean_average_precision == pytest.approx(full, abs=1e-12)
+    assert got.mean_inverse_negative_penalty == pytest.approx(minp, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_retrieval_scores_in_half_precision(dtype):
+    """Half-precision items are ranked in float32, against a brute force over
+    their values in float64."""
+    x, y = random_data(2, n=80, dim=4, classes=5, singletons=2, dtype=dtype)
+    recall, full = brute_force(x, y, KS, full=True)
+    _, minp = brute_force(x, y, KS, penalty=True)
+    got = retrieval_scores(x, y, KS)
+    assert got.recall == pytest.approx(recall, abs=1e-12)
+    assert got.mean_average_precision == pytest.approx(full, abs=1e-12)
+    assert got.mean_inverse_negative_penalty == pytest.approx(minp, abs=1e-12)
+
+
+def test_retrieval_scores_defaults_and_result():
+    x, y = random_data(0, n=60, dim=3, classes=4)
+    got = retrieval_scores(x, y)
+    assert list(got.recall) == [1, 5, 10]
+    assert got == (got.recall, got.mean_average_precision, got.mean_inverse_negative_penalty, got.queries)
+    assert retrieval_scores(x, y, ks=3).recall == recall_at_k(x, y, ks=3)
+    assert retrieval_scores(x, y, ks=torch.tensor([2, 1])).recall == recall_at_k(x, y, ks=(2, 1))
+
+
+def test_retrieval_scores_errors():
+    (x, y), (gx, gy) = query_and_gallery(0)
+    cases = [
+        (dict(ks=()), "ks: must hold at least one k"),
+        (dict(ks=(1, 0)), "ks: every k must be an int >= 1"),
+        (dict(ks="1"), "ks: must be a sequence of positive ints"),
+        (dict(distance="l1"), "distance: expected one of"),
+        (dict(chunk_size=0), "chunk_size: must be None or an int >= 1"),
+        (dict(ref_embeddings=gx), "ref_embeddings and ref_labels: must be given together"),
+        (dict(ref_embeddings=x, ref_labels=y), "ref_embeddings: is embeddings itself"),
+        (dict(cameras=with_cameras(0, 3)), "cameras: has 3 entries but embeddings has"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            retrieval_scores(x, y, **kw)
+    with pytest.raises(ValueError, match="labels: no item shares its label"):
+        retrieval_scores(x, torch.arange(len(y)))
+    with pytest.raises(ValueError, match="embeddings: must be floating point"):
+        retrieval_scores(x.long(), y)

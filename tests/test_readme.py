@@ -148,14 +148,15 @@ def test_the_training_and_evaluation_example():
                    cameras=(query_cameras, gallery_cameras))
     cmc, m_ap = brute_force(query_embeddings, query_labels, (1, 5), full=True, **gallery)
     _, m_inp = brute_force(query_embeddings, query_labels, (1,), penalty=True, **gallery)
-    assert ns["cmc"] == pytest.approx(cmc, abs=1e-12)
-    assert ns["m_ap"] == pytest.approx(m_ap, abs=1e-12)
-    assert ns["m_inp"] == pytest.approx(m_inp, abs=1e-12)
+    reid = ns["reid"]
+    assert reid.recall == pytest.approx(cmc, abs=1e-12)
+    assert reid.mean_average_precision == pytest.approx(m_ap, abs=1e-12)
+    assert reid.mean_inverse_negative_penalty == pytest.approx(m_inp, abs=1e-12)
     assert m_ap != pytest.approx(m_inp, abs=1e-6), "mAP and mINP should differ here"
     # rank-1 once more, by hand, for the camera rule.
     want = _rank1(query_embeddings, query_labels, query_cameras,
                   gallery_embeddings, gallery_labels, gallery_cameras)
-    assert float(ns["cmc"][1]) == pytest.approx(want, abs=1e-12)
+    assert reid.recall[1] == pytest.approx(want, abs=1e-12)
 
 
 def _free_port() -> int:

@@ -319,11 +319,16 @@ fn python_signals() -> bool {
     }
 }
 
+/// recall@k per k, the mean average precision and mINP asked for, and the
+/// number of queries.
+type ScoresTuple = (Vec<f64>, Option<f64>, Option<f64>, i64);
+
 /// recall@k for each of `ks` and, with `full` (`Some(false)`: MAP@R,
 /// `Some(true)`: over the whole ranking, with mINP), the mean average precision, of
 /// every item against the others or, with a reference set, of the queries
 /// against it; with cameras, a query retrieves no item of its own label
 /// from its own camera. `float64` ranks in float64 whatever the dtype.
+/// Also returns the number of queries averaged over.
 #[pyfunction]
 #[pyo3(signature = (embeddings, labels, ks, *, full, distance, chunk_size=None, cameras=None, ref_embeddings=None, ref_labels=None, ref_cameras=None, float64=false))]
 #[allow(clippy::too_many_arguments)]
@@ -340,7 +345,7 @@ fn retrieval_scores(
     ref_labels: Option<PyTensor>,
     ref_cameras: Option<PyTensor>,
     float64: bool,
-) -> PyResult<(Vec<f64>, Option<f64>, Option<f64>)> {
+) -> PyResult<ScoresTuple> {
     let config = retrieval(distance, chunk_size)?.float64(float64);
     let precision = full.map(|full| match full {
         true => AveragePrecision::Full,
@@ -373,6 +378,7 @@ fn retrieval_scores(
             scores.recall,
             scores.average_precision,
             scores.inverse_negative_penalty,
+            scores.queries,
         ))
     })
 }
