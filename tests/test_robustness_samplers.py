@@ -67,6 +67,26 @@ def test_elements_that_are_not_scalars_are_refused(bad, shape):
         PKSampler(bad, 1, 1)
 
 
+def _unreadable_labels():
+    labels = torch.tensor([0, 0, 1, 1])
+    yield "meta", labels.to("meta"), "labels: must hold values, got a tensor on the meta device"
+    yield "sparse", labels.to_sparse(), "labels: must be a dense .strided. tensor, got layout torch.sparse_coo"
+    yield "nested", torch.nested.nested_tensor([labels[:2], labels[2:]]), \
+        "labels: must be a dense .strided. tensor, got a nested tensor"
+    yield "quantized", torch.quantize_per_tensor(labels.float(), 1.0, 0, torch.quint8), \
+        "labels: must hold integer, boolean or real class ids, got torch.quint8"
+    yield "complex", labels.to(torch.complex64), "labels: must hold integer, boolean or real class ids"
+    yield "meta elements", [torch.tensor(0, device="meta")] * 4, "labels: must hold values, got a tensor on"
+
+
+@pytest.mark.parametrize("name, labels, match", list(_unreadable_labels()), ids=lambda v: v if isinstance(v, str) else "")
+def test_tensors_without_readable_values_are_refused_by_name(name, labels, match):
+    """Found by review: these raised torch's own errors (a meta tensor's
+    "Cannot copy out of meta tensor", a sparse one's missing storage)."""
+    with pytest.raises(ValueError, match=match):
+        PKSampler(labels, 1, 2)
+
+
 def test_nan_labels_are_distinct_classes():
     labels = torch.tensor([0.0, float("nan"), 0.0, float("nan"), 1.0, 1.0])
     for form in (labels, list(labels), labels.numpy()):

@@ -15,7 +15,7 @@ from typing import Dict, Hashable, Iterator, List, Sequence, Union
 import torch
 from torch.utils.data import Sampler
 
-from ._validation import check_int
+from ._validation import check_int, refuse_python_dispatch
 
 __all__ = ["PKSampler"]
 
@@ -24,9 +24,23 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return check_int(name, value, minimum)
 
 
+def _check_readable(labels: torch.Tensor) -> None:
+    """A tensor whose values Python can read as class ids, on any device."""
+    if labels.is_nested or labels.layout != torch.strided:
+        kind = "a nested tensor" if labels.is_nested else f"layout {labels.layout}"
+        raise ValueError(f"labels: must be a dense (strided) tensor, got {kind}")
+    if labels.device.type == "meta":
+        raise ValueError("labels: must hold values, got a tensor on the meta device")
+    if labels.is_quantized or labels.is_complex():
+        raise ValueError(f"labels: must hold integer, boolean or real class ids, got {labels.dtype}")
+    refuse_python_dispatch("labels", labels)
+
+
 def _class_id(value: object) -> Hashable:
     """A label as a class id: 0-d tensors and arrays (and numpy scalars) by
     their value, so that ``tensor(3)``, ``np.int64(3)`` and ``3`` are one class."""
+    if isinstance(value, torch.Tensor):
+        _check_readable(value)
     if isinstance(value, torch.Tensor) or (hasattr(value, "ndim") and hasattr(value, "item")):
         if value.ndim != 0:
             raise ValueError(
@@ -41,9 +55,10 @@ def _class_id(value: object) -> Hashable:
 
 def _label_list(labels: object) -> List[Hashable]:
     if isinstance(labels, torch.Tensor):
+        _check_readable(labels)
         if labels.dim() != 1:
             raise ValueError(f"labels: must be 1-D, got a tensor of shape {tuple(labels.shape)}")
-        return labels.tolist()
+        return [_Unequal() if _is_nan(i) else i for i in labels.tolist()]
     if isinstance(labels, (str, bytes)):
         raise ValueError(f"labels: must be a sequence of class ids, got {labels!r}")
     if getattr(labels, "ndim", 1) != 1:  # numpy arrays
