@@ -137,6 +137,27 @@ def test_good_margin_types(margin):
         assert MODULES[mining](margin=margin).margin == float(margin)
 
 
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("dtype, largest", [(torch.float16, 65504.0), (torch.bfloat16, torch.finfo(torch.bfloat16).max),
+                                            (torch.float32, torch.finfo(torch.float32).max)], ids=str)
+def test_margin_beyond_the_loss_dtype(mining, dtype, largest):
+    """A finite margin that the loss's dtype (the embeddings') cannot hold
+    would make every hinge infinite: refused, naming the dtype (found by
+    review: 1e39 with float32 embeddings gave inf). The largest finite value
+    itself is taken."""
+    emb = EMB.to(dtype)
+    above = largest * (1 + 2 ** -20)
+    with pytest.raises(ValueError, match=rf"margin: must be at most .*the largest {str(dtype)[6:]}"):
+        FUNCTIONS[mining](LABELS, emb, above)
+    with pytest.raises(ValueError, match="margin: must be at most"):
+        MODULES[mining](margin=torch.nn.Parameter(torch.tensor(above, dtype=torch.float64)))(emb, LABELS)
+    FUNCTIONS[mining](LABELS, emb, largest)
+    # Under autocast the loss is float32 (the embeddings are cast to it).
+    if dtype is torch.float16:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert MODULES[mining](margin=above)(emb, LABELS).dtype == torch.float32
+
+
 def test_core_rejects_bad_margin_itself():
     """The Rust core checks the margin too (for callers of _core)."""
     for margin in (-1.0, float("nan"), float("inf")):

@@ -245,16 +245,18 @@ def test_batch_hard_second_derivatives_at_zero_distance(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_a_float64_margin_beyond_the_dtype_overflows_as_a_number_does(dtype):
-    """Batch-hard takes a margin tensor's value: a float64 1e39 is finite and
-    >= 0, so a margin, whose hinges overflow to inf in float32 exactly as
-    with the number 1e39; not a NaN."""
+def test_a_float64_margin_beyond_the_dtype_is_refused_as_a_number_is(dtype):
+    """A float64 margin tensor of 1e39 is finite and >= 0, but no float32 (or
+    narrower) loss holds it: refused, as the number 1e39 is, where both once
+    gave an infinite loss; grad mode is left as it was."""
     labels, x = _batch(3)
     x = x.to(dtype)
     margin = torch.tensor(1e39, dtype=torch.float64, requires_grad=True)
-    got = function_loss("hard", labels, leaf(x), margin, "euclidean")
-    want = function_loss("hard", labels, x, 1e39, "euclidean")
-    assert got.item() == want.item() == float("inf")
+    for m in (margin, 1e39):
+        with pytest.raises(ValueError, match="margin: must be at most"):
+            function_loss("hard", labels, leaf(x), m, "euclidean")
+        assert torch.is_grad_enabled()
+    assert margin.grad is None
 
 
 @pytest.mark.parametrize("distance", DISTANCES)

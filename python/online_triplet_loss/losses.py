@@ -247,7 +247,7 @@ def batch_all_triplet_loss(
     Args:
         labels: class ids, :math:`(B)`.
         embeddings: :math:`(B, D)`.
-        margin: :math:`m`, finite and :math:`\ge 0`: a number or a one-element
+        margin: :math:`m`, :math:`\ge 0` and finite in the loss's dtype: a number or a one-element
             CPU tensor; a floating tensor that requires grad receives its gradient.
         squared: 0.0.6's switch to squared Euclidean distances; same as
             ``distance="squared"``.
@@ -317,7 +317,7 @@ def batch_hard_triplet_loss(
     Args:
         labels: class ids, :math:`(B)`.
         embeddings: :math:`(B, D)`.
-        margin: :math:`m`, finite and :math:`\ge 0`: a number or a one-element
+        margin: :math:`m`, :math:`\ge 0` and finite in the loss's dtype: a number or a one-element
             CPU tensor; a floating tensor that requires grad receives its gradient.
         squared: 0.0.6's switch to squared Euclidean distances.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
@@ -382,7 +382,7 @@ def batch_semihard_triplet_loss(
     Args:
         labels: class ids, :math:`(B)`.
         embeddings: :math:`(B, D)`.
-        margin: :math:`m`, finite and :math:`\ge 0`: a number or a one-element
+        margin: :math:`m`, :math:`\ge 0` and finite in the loss's dtype: a number or a one-element
             CPU tensor; a floating tensor that requires grad receives its gradient.
         squared: 0.0.6-style switch to squared Euclidean distances.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
@@ -504,7 +504,7 @@ class BatchAllTripletLoss(_TripletLoss):
     positive triplets comes from the function).
 
     Args:
-        margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0. A tensor that
+        margin: :math:`m`, :math:`\ge 0` and finite in the loss's dtype. Default: 1.0. A tensor that
             requires grad, or an ``nn.Parameter`` (also a frozen one), is kept
             and learned while it requires grad.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
@@ -531,7 +531,7 @@ class BatchHardTripletLoss(_TripletLoss):
     *, ref_embeddings=None, ref_labels=None, anchor_offset=None)`` returns the loss.
 
     Args:
-        margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0. A tensor that
+        margin: :math:`m`, :math:`\ge 0` and finite in the loss's dtype. Default: 1.0. A tensor that
             requires grad, or an ``nn.Parameter`` (also a frozen one), is kept
             and learned while it requires grad.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
@@ -564,7 +564,7 @@ class BatchSemiHardTripletLoss(_TripletLoss):
     labels, *, ref_embeddings=None, ref_labels=None, anchor_offset=None)`` returns the loss.
 
     Args:
-        margin: :math:`m`, finite and :math:`\ge 0`. Default: 1.0. A tensor that
+        margin: :math:`m`, :math:`\ge 0` and finite in the loss's dtype. Default: 1.0. A tensor that
             requires grad, or an ``nn.Parameter`` (also a frozen one), is kept
             and learned while it requires grad.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.

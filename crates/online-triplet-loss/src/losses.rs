@@ -73,7 +73,7 @@ pub struct References<'a> {
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TripletConfig {
-    /// The margin m, finite and ≥ 0.
+    /// The margin m, ≥ 0 and finite in the loss's dtype (that of the embeddings).
     pub margin: f64,
     /// The distance between embeddings.
     pub distance: Distance,
@@ -200,8 +200,8 @@ impl Terms {
 
 impl TripletConfig {
     /// Euclidean distance, relu hinge, automatic kernel and chunking. A
-    /// margin that is negative or not finite is refused when a loss is
-    /// computed.
+    /// margin that is negative, not finite or beyond the embeddings' dtype
+    /// is refused when a loss is computed.
     #[must_use]
     pub fn new(margin: f64) -> Self {
         TripletConfig {
@@ -336,7 +336,8 @@ impl TripletConfig {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] naming the argument for a margin that is
-    /// negative or not finite, a chunk size below 1, shapes that do not
+    /// negative, not finite, or above the largest value of the embeddings'
+    /// dtype (the loss's), a chunk size below 1, shapes that do not
     /// match, unsupported dtypes, layouts or devices, an `anchor_offset`
     /// outside the references, or integer labels beyond ±2⁵³ that meet
     /// floating-point labels (the anchors' and the references' of different
@@ -579,6 +580,17 @@ impl TripletConfig {
             ));
         }
         check_pair("embeddings", embeddings, "labels", labels)?;
+        let (largest, dtype) = largest_finite(embeddings.kind());
+        if self.margin > largest {
+            return Err(Error::invalid(
+                "margin",
+                format!(
+                    "must be at most {largest:e}, the largest {dtype} (the loss's dtype: that \
+                     of embeddings), got {:e}",
+                    self.margin
+                ),
+            ));
+        }
         if let Some(r) = references {
             check_pair("ref_embeddings", r.embeddings, "ref_labels", r.labels)?;
             let (d, rd) = (embeddings.size()[1], r.embeddings.size()[1]);
@@ -1161,6 +1173,19 @@ pub(crate) fn check_embeddings(name: &'static str, embeddings: &Tensor) -> Resul
         }
     }
     check_placement(name, embeddings)
+}
+
+/// The largest finite value of the loss's dtype for floating-point
+/// embeddings of dtype `kind`, whose loss comes back in their dtype, and the
+/// dtype's name: a margin above it makes every hinge infinite.
+fn largest_finite(kind: Kind) -> (f64, &'static str) {
+    match kind {
+        // (2 − 2^−10)·2^15 and (2 − 2^−7)·2^127.
+        Kind::Half => (65504.0, "float16"),
+        Kind::BFloat16 => (3.389_531_389_251_535_5e38, "bfloat16"),
+        Kind::Float => (f64::from(f32::MAX), "float32"),
+        _ => (f64::MAX, "float64"),
+    }
 }
 
 /// Whether `t` has the strided layout, asked without copying it (a

@@ -37,6 +37,12 @@ fn bad_input_is_an_error_naming_the_argument() {
             TripletConfig::new(f64::INFINITY).batch_hard(&y, &x),
         ),
         ("chunk_size", cfg.chunk_size(0).batch_hard(&y, &x)),
+        // Beyond float32, the loss's dtype for these embeddings.
+        ("margin", TripletConfig::new(1e39).batch_hard(&y, &x)),
+        (
+            "margin",
+            TripletConfig::new(65505.0).batch_hard(&y, &x.to_kind(Kind::Half)),
+        ),
         (
             "labels",
             cfg.batch_hard(
@@ -59,6 +65,13 @@ fn bad_input_is_an_error_naming_the_argument() {
         "manhattan".parse::<Distance>().map_err(argument),
         Err("distance")
     );
+    // The largest value of the dtype is a margin.
+    assert!(TripletConfig::new(65504.0)
+        .batch_hard(&y, &x.to_kind(Kind::Half))
+        .is_ok());
+    assert!(TripletConfig::new(1e39)
+        .batch_hard(&y, &x.to_kind(Kind::Double))
+        .is_ok());
     let message = cfg.batch_hard(&x, &y).unwrap_err().to_string();
     assert!(message.contains("swapped"), "{message}");
 }
