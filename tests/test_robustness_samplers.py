@@ -74,17 +74,27 @@ def _unreadable_labels():
     yield "nested", torch.nested.nested_tensor([labels[:2], labels[2:]]), \
         "labels: must be a dense .strided. tensor, got a nested tensor"
     yield "quantized", torch.quantize_per_tensor(labels.float(), 1.0, 0, torch.quint8), \
-        "labels: must hold integer, boolean or real class ids, got torch.quint8"
-    yield "complex", labels.to(torch.complex64), "labels: must hold integer, boolean or real class ids"
+        r"labels: must hold class ids, got a quantized tensor \(torch.quint8\)"
     yield "meta elements", [torch.tensor(0, device="meta")] * 4, "labels: must hold values, got a tensor on"
 
 
 @pytest.mark.parametrize("name, labels, match", list(_unreadable_labels()), ids=lambda v: v if isinstance(v, str) else "")
 def test_tensors_without_readable_values_are_refused_by_name(name, labels, match):
     """Found by review: these raised torch's own errors (a meta tensor's
-    "Cannot copy out of meta tensor", a sparse one's missing storage)."""
+    "Cannot copy out of meta tensor", a sparse one's missing storage, a
+    quantized one's "load_scalar: invalid type")."""
     with pytest.raises(ValueError, match=match):
         PKSampler(labels, 1, 2)
+
+
+def test_tensors_whose_values_can_be_read_are_still_class_ids():
+    """What the refusals above must not catch: complex tensors (as complex
+    lists and arrays are), and 0-d quantized elements, which ``item`` reads."""
+    labels = [0, 0, 1, 1, 2, 2]
+    want = list(PKSampler(labels, 2, 2, seed=3))
+    assert list(PKSampler(torch.tensor(labels).to(torch.complex64), 2, 2, seed=3)) == want
+    quantized = [torch.quantize_per_tensor(torch.tensor(float(v)), 1.0, 0, torch.quint8) for v in labels]
+    assert list(PKSampler(quantized, 2, 2, seed=3)) == want
 
 
 def test_nan_labels_are_distinct_classes():

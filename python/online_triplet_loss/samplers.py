@@ -24,23 +24,26 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return check_int(name, value, minimum)
 
 
-def _check_readable(labels: torch.Tensor) -> None:
-    """A tensor whose values Python can read as class ids, on any device."""
+def _check_readable(labels: torch.Tensor, whole: bool) -> None:
+    """A tensor whose values Python can read, on any device: all of them at
+    once (``tolist``, ``whole``) or a 0-d one's (``item``)."""
     if labels.is_nested or labels.layout != torch.strided:
         kind = "a nested tensor" if labels.is_nested else f"layout {labels.layout}"
         raise ValueError(f"labels: must be a dense (strided) tensor, got {kind}")
     if labels.device.type == "meta":
         raise ValueError("labels: must hold values, got a tensor on the meta device")
-    if labels.is_quantized or labels.is_complex():
-        raise ValueError(f"labels: must hold integer, boolean or real class ids, got {labels.dtype}")
-    refuse_python_dispatch("labels", labels)
+    if whole:
+        if labels.is_quantized:
+            raise ValueError(f"labels: must hold class ids, got a quantized tensor ({labels.dtype}); "
+                             "pass its int_repr() or dequantize() it")
+        refuse_python_dispatch("labels", labels)
 
 
 def _class_id(value: object) -> Hashable:
     """A label as a class id: 0-d tensors and arrays (and numpy scalars) by
     their value, so that ``tensor(3)``, ``np.int64(3)`` and ``3`` are one class."""
     if isinstance(value, torch.Tensor):
-        _check_readable(value)
+        _check_readable(value, whole=False)
     if isinstance(value, torch.Tensor) or (hasattr(value, "ndim") and hasattr(value, "item")):
         if value.ndim != 0:
             raise ValueError(
@@ -55,7 +58,7 @@ def _class_id(value: object) -> Hashable:
 
 def _label_list(labels: object) -> List[Hashable]:
     if isinstance(labels, torch.Tensor):
-        _check_readable(labels)
+        _check_readable(labels, whole=True)
         if labels.dim() != 1:
             raise ValueError(f"labels: must be 1-D, got a tensor of shape {tuple(labels.shape)}")
         return [_Unequal() if _is_nan(i) else i for i in labels.tolist()]
