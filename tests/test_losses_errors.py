@@ -143,11 +143,11 @@ def test_good_margin_types(margin):
 def test_margin_beyond_the_loss_dtype(mining, dtype, largest):
     """A finite margin that the loss's dtype (the embeddings') cannot hold
     would make every hinge infinite: refused, naming the dtype (found by
-    review: 1e39 with float32 embeddings gave inf). The largest finite value
-    itself is taken."""
+    review: 1e39 with float32 embeddings gave a loss of inf, with no
+    error). The largest finite value itself is taken."""
     emb = EMB.to(dtype)
     above = largest * (1 + 2 ** -20)
-    with pytest.raises(ValueError, match=rf"margin: must be at most .*the largest {str(dtype)[6:]}"):
+    with pytest.raises(ValueError, match=rf"margin: must be at most .*the largest {str(dtype)[6:]}, the loss's dtype"):
         FUNCTIONS[mining](LABELS, emb, above)
     with pytest.raises(ValueError, match="margin: must be at most"):
         MODULES[mining](margin=torch.nn.Parameter(torch.tensor(above, dtype=torch.float64)))(emb, LABELS)
@@ -156,6 +156,8 @@ def test_margin_beyond_the_loss_dtype(mining, dtype, largest):
     if dtype is torch.float16:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert MODULES[mining](margin=above)(emb, LABELS).dtype == torch.float32
+            with pytest.raises(ValueError, match="the largest float32, the loss's dtype"):
+                MODULES[mining](margin=1e39)(emb, LABELS)
 
 
 def test_core_rejects_bad_margin_itself():

@@ -952,6 +952,30 @@ def test_retrieval_scores_in_half_precision(dtype):
     assert got.mean_inverse_negative_penalty == pytest.approx(minp, abs=1e-12)
 
 
+def test_retrieval_scores_on_tied_distances():
+    """Integer embeddings tie: mAP and mINP are still the single functions'
+    (one whole ranking), and each recall@k lies between its values for the
+    best and the worst order of the ties (the order is unspecified; the
+    review found recall_at_k's and this differ there)."""
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        x = torch.randint(0, 3, (30, 2), generator=g).double()
+        y = torch.randint(0, 4, (30,), generator=g)
+        got = retrieval_scores(x, y, (1, 3))
+        assert got.mean_average_precision == mean_average_precision(x, y)
+        assert got.mean_inverse_negative_penalty == mean_inverse_negative_penalty(x, y)
+        d = torch.cdist(x, x).fill_diagonal_(math.inf)
+        same = (y[:, None] == y[None]).fill_diagonal_(False)
+        nearest = d.where(same, math.inf).min(1).values
+        closer = (d < nearest[:, None]).sum(1)
+        tied_others = ((d == nearest[:, None]) & ~same).sum(1)
+        has = same.any(1)
+        for k in (1, 3):
+            best = ((closer + 1 <= k) & has).sum().item() / has.sum().item()
+            worst = ((closer + tied_others + 1 <= k) & has).sum().item() / has.sum().item()
+            assert worst - 1e-12 <= got.recall[k] <= best + 1e-12, (k, worst, got.recall[k], best)
+
+
 def test_retrieval_scores_defaults_and_result():
     x, y = random_data(0, n=60, dim=3, classes=4)
     got = retrieval_scores(x, y)

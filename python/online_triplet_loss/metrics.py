@@ -433,10 +433,16 @@ def retrieval_scores(
     re-identification benchmarks report (rank-1, rank-5, rank-10, mAP, mINP),
     at the cost of one :func:`mean_average_precision` instead of three calls'.
 
-    Each value equals that of its own function: :func:`recall_at_k`,
-    :func:`mean_average_precision` and :func:`mean_inverse_negative_penalty`,
-    whose definitions, items, skipped queries, cameras, reference set and
-    ranking these share.
+    The definitions, items, skipped queries, cameras, reference set and
+    ranking are those of :func:`recall_at_k`, :func:`mean_average_precision`
+    and :func:`mean_inverse_negative_penalty`, and where no two distances from
+    a query tie, so are the values. Tied distances (integer, binary or
+    quantised embeddings, copies of items) are ranked in an unspecified order:
+    there the mAP and mINP are still their functions' (the same whole
+    ranking), but recall@k can differ from :func:`recall_at_k`'s, which ranks
+    only the :math:`k` nearest. It returns the means over the queries, not
+    per-query values or the whole CMC curve; junk items (Market-1501's label
+    -1) are the caller's to remove.
 
     Args:
         embeddings: as in :func:`mean_average_precision`.

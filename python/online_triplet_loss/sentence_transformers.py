@@ -31,7 +31,7 @@ gradients are ST's. Elsewhere this package's definitions hold:
   least m away) and its soft margin the mean of softplus(−min_n d_an) > 0;
 - batch-all counts triplets with a loss > 0 (ST: > 1e-16) and divides by that
   count (ST: count + 1e-16);
-- margins must be finite and ≥ 0 (a ``ValueError`` otherwise);
+- margins must be ≥ 0 and finite in the loss's dtype (a ``ValueError`` otherwise);
 - float16/bfloat16 embeddings are computed in float32 for every distance and
   the loss is returned in their dtype.
 
@@ -211,7 +211,7 @@ class BatchAllTripletLoss(_SentenceTransformerTripletLoss):
         distance_metric: ``BatchHardTripletLossDistanceFunction.euclidean_distance``
             (default), the same with ``functools.partial(..., squared=True)``, or
             ``BatchHardTripletLossDistanceFunction.cosine_distance``.
-        margin: :math:`m`, finite and :math:`\ge 0`. Default: 5, as in ST.
+        margin: :math:`m`, :math:`\ge 0` and finite in the loss's dtype. Default: 5, as in ST.
 
     Shape:
         - ``forward(sentence_features, labels)``: ``labels`` has one class id
@@ -265,7 +265,7 @@ class BatchHardTripletLoss(_SentenceTransformerTripletLoss):
         distance_metric: ``BatchHardTripletLossDistanceFunction.euclidean_distance``
             (default), the same with ``functools.partial(..., squared=True)``, or
             ``BatchHardTripletLossDistanceFunction.cosine_distance``.
-        margin: :math:`m`, finite and :math:`\ge 0`. Default: 5, as in ST.
+        margin: :math:`m`, :math:`\ge 0` and finite in the loss's dtype. Default: 5, as in ST.
 
     Shape:
         - ``forward(sentence_features, labels)``: ``labels`` has one class id
@@ -376,7 +376,7 @@ class BatchSemiHardTripletLoss(_SentenceTransformerTripletLoss):
         distance_metric: ``BatchHardTripletLossDistanceFunction.euclidean_distance``
             (default), the same with ``functools.partial(..., squared=True)``, or
             ``BatchHardTripletLossDistanceFunction.cosine_distance``.
-        margin: :math:`m`, finite and :math:`\ge 0`. Default: 5, as in ST.
+        margin: :math:`m`, :math:`\ge 0` and finite in the loss's dtype. Default: 5, as in ST.
 
     Shape:
         - ``forward(sentence_features, labels)``: ``labels`` has one class id

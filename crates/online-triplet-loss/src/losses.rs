@@ -585,8 +585,7 @@ impl TripletConfig {
             return Err(Error::invalid(
                 "margin",
                 format!(
-                    "must be at most {largest:e}, the largest {dtype} (the loss's dtype: that \
-                     of embeddings), got {:e}",
+                    "must be at most {largest:e}, the largest {dtype}, the loss's dtype, got {:e}",
                     self.margin
                 ),
             ));
@@ -1176,8 +1175,10 @@ pub(crate) fn check_embeddings(name: &'static str, embeddings: &Tensor) -> Resul
 }
 
 /// The largest finite value of the loss's dtype for floating-point
-/// embeddings of dtype `kind`, whose loss comes back in their dtype, and the
-/// dtype's name: a margin above it makes every hinge infinite.
+/// embeddings of dtype `kind`, whose loss comes back in their dtype (under
+/// autocast the Python package passes float32 embeddings), and the dtype's
+/// name: a margin above it makes every hinge infinite. A smaller one can
+/// still overflow the sum of the hinges, to a loss of inf.
 fn largest_finite(kind: Kind) -> (f64, &'static str) {
     match kind {
         // (2 − 2^−10)·2^15 and (2 − 2^−7)·2^127.
