@@ -51,13 +51,18 @@ def check_int(name: str, value: object, minimum: int, maximum: int = INT64_MAX) 
     return int(value)
 
 
+def check_dense(name: str, value: torch.Tensor) -> None:
+    """A strided tensor: not nested, sparse or of another layout."""
+    if value.is_nested or value.layout != torch.strided:
+        kind = "a nested tensor" if value.is_nested else f"layout {value.layout}"
+        raise ValueError(f"{name}: must be a dense (strided) tensor, got {kind}")
+
+
 def check_tensor(name: str, value: object) -> torch.Tensor:
     """A dense tensor on the CPU or a CUDA device."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name}: must be a torch.Tensor, got {type(value).__name__}")
-    if value.is_nested or value.layout != torch.strided:
-        kind = "a nested tensor" if value.is_nested else f"layout {value.layout}"
-        raise ValueError(f"{name}: must be a dense (strided) tensor, got {kind}")
+    check_dense(name, value)
     if value.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name}: must be on the CPU or a CUDA device, got {value.device}")
     refuse_python_dispatch(name, value)

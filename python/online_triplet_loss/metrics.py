@@ -203,7 +203,7 @@ def recall_at_k(
     """
     values = _check_ks(ks)
     recalls, _, _, _ = _scores("recall_at_k", embeddings, labels, values, None, distance, chunk_size,
-                         cameras, ref_embeddings, ref_labels, ref_cameras)
+                               cameras, ref_embeddings, ref_labels, ref_cameras)
     return dict(zip(values, recalls))
 
 
@@ -276,7 +276,7 @@ def mean_average_precision_at_r(
         0.8
     """
     _, value, _, _ = _scores("mean_average_precision_at_r", embeddings, labels, [], False, distance,
-                       chunk_size, cameras, ref_embeddings, ref_labels, ref_cameras)
+                             chunk_size, cameras, ref_embeddings, ref_labels, ref_cameras)
     return value
 
 
@@ -342,7 +342,7 @@ def mean_average_precision(
         0.8833
     """
     _, value, _, _ = _scores("mean_average_precision", embeddings, labels, [], True, distance,
-                       chunk_size, cameras, ref_embeddings, ref_labels, ref_cameras)
+                             chunk_size, cameras, ref_embeddings, ref_labels, ref_cameras)
     return value
 
 
@@ -399,7 +399,7 @@ def mean_inverse_negative_penalty(
         0.9
     """
     _, _, value, _ = _scores("mean_inverse_negative_penalty", embeddings, labels, [], True,
-                          distance, chunk_size, cameras, ref_embeddings, ref_labels, ref_cameras)
+                             distance, chunk_size, cameras, ref_embeddings, ref_labels, ref_cameras)
     return value
 
 

@@ -15,7 +15,7 @@ from typing import Dict, Hashable, Iterator, List, Sequence, Union
 import torch
 from torch.utils.data import Sampler
 
-from ._validation import check_int, refuse_python_dispatch
+from ._validation import check_dense, check_int, refuse_python_dispatch
 
 __all__ = ["PKSampler"]
 
@@ -27,9 +27,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 def _check_readable(labels: torch.Tensor, whole: bool) -> None:
     """A tensor whose values Python can read, on any device: all of them at
     once (``tolist``, ``whole``) or a 0-d one's (``item``)."""
-    if labels.is_nested or labels.layout != torch.strided:
-        kind = "a nested tensor" if labels.is_nested else f"layout {labels.layout}"
-        raise ValueError(f"labels: must be a dense (strided) tensor, got {kind}")
+    check_dense("labels", labels)
     if labels.device.type == "meta":
         raise ValueError("labels: must hold values, got a tensor on the meta device")
     if whole:
