@@ -57,7 +57,7 @@ from online_triplet_loss.metrics import (
 )
 from test_memory import reference_loss as memory_reference_loss
 from test_metrics import brute_force as metrics_brute_force
-from test_metrics import copies_and_near_neighbours
+from test_metrics import TIED, copies_and_near_neighbours, tied_data
 from test_metrics import random_data as metrics_random_data
 from test_metrics import tight_classes_far_apart as metrics_tight_classes
 from test_sentence_transformers import HAVE_ST
@@ -323,6 +323,32 @@ def test_metrics_rank_identical_items_first(device, distance):
         kw = dict(distance=distance, chunk_size=chunk)
         assert recall_at_k(embeddings.to(device), labels.to(device), (1, 2), **kw) == pytest.approx(recall)
         assert mean_average_precision_at_r(embeddings.to(device), labels.to(device), **kw) == pytest.approx(map_r)
+
+
+@pytest.mark.parametrize("kind", TIED)
+def test_metrics_on_tied_distances_rank_other_labels_first(device, kind):
+    """Tied distances rank the items of other labels first on the device too,
+    also under deterministic algorithms (the reordering of ties counts in
+    integers), and retrieval_scores equals the single functions there."""
+    x, y = tied_data(kind, 1)
+    ks = (1, 2, 5)
+    recall, map_r = metrics_brute_force(x, y, ks)
+    _, full = metrics_brute_force(x, y, ks, full=True)
+    _, minp = metrics_brute_force(x, y, ks, penalty=True)
+    x, y = x.to(device), y.to(device)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for chunk in (None, 7):
+            kw = dict(chunk_size=chunk)
+            assert recall_at_k(x, y, ks, **kw) == pytest.approx(recall, abs=1e-12)
+            assert mean_average_precision_at_r(x, y, **kw) == pytest.approx(map_r, abs=1e-12)
+            got = retrieval_scores(x, y, ks, **kw)
+            assert got.recall == recall_at_k(x, y, ks, **kw)
+            assert got.mean_average_precision == pytest.approx(full, abs=1e-12)
+            assert got.mean_inverse_negative_penalty == pytest.approx(minp, abs=1e-12)
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 @pytest.mark.parametrize("distance", ("euclidean", "cosine"))

@@ -31,7 +31,8 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="eu
     with ``penalty`` mINP (the mean of R_q over the place of q's last match).
     ``cameras``, the queries' and the references' camera ids (one tensor
     without references): an item of the query's label and camera is dropped
-    from its ranking."""
+    from its ranking. Among items at equal distances, those of other labels
+    rank first."""
     points = embeddings.double().tolist()
     ids = labels.tolist()
     if references is None:
@@ -60,11 +61,12 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="eu
     hits = {k: 0 for k in ks}
     ap_sum, inp_sum, queries = 0.0, 0.0, 0
     for q in range(len(points)):
-        others = sorted((dist(points[q], gallery[j]), gallery_ids[j])
+        # Equal distances rank the items of other labels first.
+        others = sorted((dist(points[q], gallery[j]), gallery_ids[j] == ids[q])
                         for j in range(len(gallery)) if not (own and j == q)
                         and not (cameras is not None and gallery_ids[j] == ids[q]
                                  and gallery_cams[j] == query_cams[q]))
-        relevant = [label == ids[q] for _, label in others]
+        relevant = [match for _, match in others]
         r = sum(relevant)
         if r == 0:
             continue
@@ -952,28 +954,102 @@ def test_retrieval_scores_in_half_precision(dtype):
     assert got.mean_inverse_negative_penalty == pytest.approx(minp, abs=1e-12)
 
 
-def test_retrieval_scores_on_tied_distances():
-    """Integer embeddings tie: mAP and mINP are still the single functions'
-    (one whole ranking), and each recall@k lies between its values for the
-    best and the worst order of the ties (the order is unspecified; the
-    review found recall_at_k's and this differ there)."""
-    g = torch.Generator().manual_seed(5)
-    for _ in range(20):
-        x = torch.randint(0, 3, (30, 2), generator=g).double()
-        y = torch.randint(0, 4, (30,), generator=g)
-        got = retrieval_scores(x, y, (1, 3))
-        assert got.mean_average_precision == mean_average_precision(x, y)
-        assert got.mean_inverse_negative_penalty == mean_inverse_negative_penalty(x, y)
-        d = torch.cdist(x, x).fill_diagonal_(math.inf)
-        same = (y[:, None] == y[None]).fill_diagonal_(False)
-        nearest = d.where(same, math.inf).min(1).values
-        closer = (d < nearest[:, None]).sum(1)
-        tied_others = ((d == nearest[:, None]) & ~same).sum(1)
-        has = same.any(1)
-        for k in (1, 3):
-            best = ((closer + 1 <= k) & has).sum().item() / has.sum().item()
-            worst = ((closer + tied_others + 1 <= k) & has).sum().item() / has.sum().item()
-            assert worst - 1e-12 <= got.recall[k] <= best + 1e-12, (k, worst, got.recall[k], best)
+def tied_data(kind: str, seed: int):
+    """Embeddings whose distances tie, with 5 labels: small integers, binary
+    codes, copies of 12 points, a collapsed model (all equal), and integers
+    offset by 1000.1 in float32 (or float64), whose centred Gram products
+    round (ties the core ranks again in float64, or from differences)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 60
+    labels = torch.randint(0, 5, (n,), generator=g)
+    if kind == "integers":
+        x = torch.randint(0, 3, (n, 2), generator=g).double()
+    elif kind == "binary codes":
+        x = torch.sign(torch.randn(5, 8, generator=g)[labels] + 1.5 * torch.randn(n, 8, generator=g))
+    elif kind == "copies":
+        x = torch.randn(12, 4, generator=g, dtype=torch.float64)[torch.randint(0, 12, (n,), generator=g)]
+    elif kind == "collapsed":
+        x = torch.randn(1, 4, generator=g).repeat(n, 1)
+    else:
+        # Exact sums: 1000.1 and 1002.1 have the same exponent.
+        if kind == "offset integers":
+            offset = float(torch.tensor(1000.1, dtype=torch.float32))
+            x = (torch.randint(0, 3, (n, 3), generator=g).double() + offset).float()
+        else:
+            x = torch.randint(0, 3, (n, 3), generator=g).double() + 1000.1
+    return x, labels
+
+
+TIED = ["integers", "binary codes", "copies", "collapsed", "offset integers",
+        "offset integers in float64"]
+
+
+@pytest.mark.parametrize("kind", TIED)
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize("setting", ["items", "gallery", "cameras"])
+def test_tied_distances_rank_other_labels_first(kind, seed, chunk_size, setting):
+    """Where distances tie, the items of other labels rank first, as in the
+    brute force: every measure then equals it exactly, whatever k cuts
+    through a run of ties, and retrieval_scores equals the single functions."""
+    x, y = tied_data(kind, seed)
+    kw = dict(chunk_size=chunk_size)
+    references = cameras = None
+    if setting == "gallery":
+        x, y, references = x[:20], y[:20], (x[20:], y[20:])
+        kw.update(ref_embeddings=references[0], ref_labels=references[1])
+    elif setting == "cameras":
+        cameras = with_cameras(seed, len(y))
+        kw.update(cameras=cameras)
+    ks = (1, 2, 5, 13)
+    recall, map_at_r = brute_force(x, y, ks, references=references, cameras=cameras)
+    _, full = brute_force(x, y, ks, references=references, cameras=cameras, full=True)
+    _, minp = brute_force(x, y, ks, references=references, cameras=cameras, penalty=True)
+    assert recall_at_k(x, y, ks, **kw) == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(x, y, **kw) == pytest.approx(map_at_r, abs=1e-12)
+    assert mean_average_precision(x, y, **kw) == pytest.approx(full, abs=1e-12)
+    assert mean_inverse_negative_penalty(x, y, **kw) == pytest.approx(minp, abs=1e-12)
+    got = retrieval_scores(x, y, ks, **kw)
+    assert got.recall == recall_at_k(x, y, ks, **kw)
+    assert got.mean_average_precision == mean_average_precision(x, y, **kw)
+    assert got.mean_inverse_negative_penalty == mean_inverse_negative_penalty(x, y, **kw)
+
+
+@pytest.mark.parametrize("kind", TIED)
+def test_tied_distances_do_not_depend_on_the_items_order(kind):
+    x, y = tied_data(kind, 0)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    ks = (1, 3, 10)
+    # Equal but for the order of the sums over queries.
+    a, b = retrieval_scores(x[perm], y[perm], ks), retrieval_scores(x, y, ks)
+    assert a.recall == b.recall and a.queries == b.queries
+    assert a.mean_average_precision == pytest.approx(b.mean_average_precision, abs=1e-12)
+    assert a.mean_inverse_negative_penalty == pytest.approx(b.mean_inverse_negative_penalty, abs=1e-12)
+    assert mean_average_precision_at_r(x[perm], y[perm]) == pytest.approx(
+        mean_average_precision_at_r(x, y), abs=1e-12)
+
+
+def test_a_collapsed_model_scores_as_the_worst_order_of_its_ties():
+    """All embeddings equal: every query's other items tie, and with those of
+    other labels first no query finds its label within the first k while
+    more than k items of other labels remain."""
+    x, y = tied_data("collapsed", 0)
+    others = (y[:, None] != y[None]).sum(1)
+    got = retrieval_scores(x, y, (1, 10))
+    assert got.recall[1] == 0.0 and got.recall[10] == ((others < 10).sum() / len(y)).item()
+    assert mean_average_precision_at_r(x, y) == 0.0
+
+
+def test_tied_float32_distances_that_round_are_ranked_again():
+    """Integers offset by 1000.1 in float32 tie exactly, but their centred Gram
+    products round: the ties are ranked again in float64, still other labels
+    first."""
+    x, y = tied_data("offset integers", 2)
+    with _Float64Ranking() as ranking:
+        got = recall_at_k(x, y, (1, 2))
+    assert ranking.seen
+    recall, _ = brute_force(x, y, (1, 2))
+    assert got == pytest.approx(recall, abs=1e-12)
 
 
 def test_retrieval_scores_defaults_and_result():

@@ -21,9 +21,12 @@ Queries are ranked in chunks against all items, so memory stays
 Identical items are at distance exactly 0 from each other, ahead of every
 distinct item, as in the losses (for the cosine distance, not rows of norm
 below 1e-12 times the largest entry of all the items, which are first scaled
-by a power of two to about 1: zero rows are at 1); other ties between
-distances are broken in
-an unspecified order. Distances are computed in the embeddings' dtype from
+by a power of two to about 1: zero rows are at 1). Items at equal distances
+from a query rank with those of other labels (or of its own camera) first,
+the order of the ties that no score gains from: ties (integer, binary or
+quantised embeddings, copies, a collapsed model) never raise a score, the
+scores do not depend on the order of the items, and every function sees the
+same ranking. Distances are computed in the embeddings' dtype from
 their Gram products, whose rounding error grows with the items' distance
 from the centre of the data; where it could change which of a query's
 neighbours share its label (classes far tighter than their distance from the
@@ -435,12 +438,9 @@ def retrieval_scores(
 
     The definitions, items, skipped queries, cameras, reference set and
     ranking are those of :func:`recall_at_k`, :func:`mean_average_precision`
-    and :func:`mean_inverse_negative_penalty`, and where no two distances from
-    a query tie, so are the values. Tied distances (integer, binary or
-    quantised embeddings, copies of items) are ranked in an unspecified order:
-    there the mAP and mINP are still their functions' (the same whole
-    ranking), but recall@k can differ from :func:`recall_at_k`'s, which ranks
-    only the :math:`k` nearest. It returns the means over the queries, not
+    and :func:`mean_inverse_negative_penalty`, and so are the values, also
+    where distances tie (ranked with the items of other labels first). It
+    returns the means over the queries, not
     per-query values or the whole CMC curve; junk items (Market-1501's label
     -1) are the caller's to remove.
 

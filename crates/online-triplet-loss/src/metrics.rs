@@ -46,8 +46,13 @@
 //! distance zero rows, and rows of norm below 1e-12 times the largest entry
 //! of all the items, which are first scaled by a power of two to about 1:
 //! they are at 1), ahead
-//! of every distinct item, and at equal distances from every other item;
-//! other ties between distances are broken in an unspecified order.
+//! of every distinct item, and at equal distances from every other item.
+//! Items at equal distances from a query rank with those it does not
+//! retrieve as matches first: no score is higher than with any other order
+//! of the ties, so ties (integer, binary or quantised embeddings, copies, a
+//! collapsed model) never raise a score, the scores do not depend on the
+//! order of the items, and every metric, whatever its depth, sees the same
+//! ranking.
 //!
 //! ```
 //! use online_triplet_loss::metrics::{mean_average_precision_at_r, recall_at_k};
@@ -635,19 +640,10 @@ impl RetrievalConfig {
                 }
                 .min(retrievable);
                 // rel(i): the i-th nearest shares the query's label.
-                // One more than `depth`, to see whether the next is close.
-                let (values, nearest) = d.f_topk((depth + 1).min(g), 1, false, true)?;
-                let nearest = nearest.f_narrow(1, 0, depth)?;
-                let relevant = certify.relevance(&nearest, &query_items)?;
-                let relevant = match certify.ranked(
-                    &d,
-                    item,
-                    (&values, &nearest, &relevant),
-                    ties.as_ref(),
-                )? {
-                    Some(nearest) => certify.relevance(&nearest, &query_items)?,
-                    None => relevant,
-                };
+                let (values, relevant) = certify.nearest(&d, depth, &query_items)?;
+                let relevant = certify
+                    .ranked(&d, item, (&values, &relevant), ties.as_ref())?
+                    .unwrap_or(relevant);
                 drop(d);
                 for (sum, &k) in hits.iter_mut().zip(ks) {
                     let top = relevant.f_narrow(1, 0, k.min(depth))?;
@@ -995,7 +991,9 @@ mod tests {
                     (d, labels[j])
                 })
                 .collect();
-            others.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+            // Equal distances rank the items of other labels first.
+            let key = |o: &(f64, i64)| (o.0, o.1 == labels[q]);
+            others.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap());
             let r = others.iter().filter(|o| o.1 == labels[q]).count();
             if r == 0 {
                 continue;
@@ -1032,6 +1030,24 @@ mod tests {
         let (recall, map) = brute(&points, &labels, &ks);
         let label_tensor = Tensor::from_slice(&labels);
         assert_evaluates_to(&x, &label_tensor, &ks, &[1, 4, 56, 1000], (&recall, map));
+    }
+
+    #[test]
+    fn ties_rank_other_labels_first() {
+        // Small integers: most distances tie, and k = 1, 2 and 5 cut
+        // through runs of them.
+        tch::manual_seed(7);
+        let (n, dim) = (50, 2);
+        let x =
+            Tensor::randint_low(0, 3, [n, dim], (Kind::Int64, Device::Cpu)).to_kind(Kind::Double);
+        let labels: Vec<i64> = (0..n).map(|i| (i * 7) % 4).collect();
+        let points: Vec<Vec<f64>> = (0..n)
+            .map(|i| Vec::<f64>::try_from(x.get(i)).unwrap())
+            .collect();
+        let ks = [1, 2, 5];
+        let (recall, map) = brute(&points, &labels, &ks);
+        let label_tensor = Tensor::from_slice(&labels);
+        assert_evaluates_to(&x, &label_tensor, &ks, &[1, 7, 1000], (&recall, map));
     }
 
     /// `evaluate` gives `recall` and `map` for every chunk size of `chunks`.

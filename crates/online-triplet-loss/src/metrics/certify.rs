@@ -288,19 +288,67 @@ impl Certify {
             .f_logical_and(&nearest.f_ne_tensor(&queries)?)?)
     }
 
+    /// The `depth` nearest references of queries `queries`, `(m,)`, whose
+    /// distances to them are `d`, `(m, n)`: their distances and the next
+    /// one's, in order, `(m, min(depth + 1, n))`, and whether each of the
+    /// `depth` shares the query's label ([`Certify::relevance`]), the items
+    /// at equal distances ranked as [`pessimistic`] orders them.
+    pub(super) fn nearest(
+        &self,
+        d: &Tensor,
+        depth: i64,
+        queries: &Tensor,
+    ) -> Result<(Tensor, Tensor), Error> {
+        let n = d.size()[1];
+        let k = (depth + 1).min(n);
+        let (values, columns) = d.f_topk(k, 1, false, true)?;
+        let relevant = self.relevance(&columns, queries)?;
+        // The items at the distance of the last of the k can go on past
+        // them; that matters where they reach into the `depth` nearest.
+        // Items at +inf count for nothing (a query itself, the items of
+        // its camera), so every item at a finite distance that shares the
+        // query's label is relevant.
+        let last = values.f_narrow(1, k - 1, 1)?;
+        let finite = last.f_lt(f64::INFINITY)?;
+        let cut = k < n
+            && bool::try_from(
+                values
+                    .f_narrow(1, depth - 1, 1)?
+                    .f_eq_tensor(&last)?
+                    .f_logical_and_(&finite)?
+                    .f_any()?,
+            )?;
+        let whole = match cut {
+            true => {
+                let tied = d.f_eq_tensor(&last)?.f_logical_and_(&finite)?;
+                let same = self
+                    .keys
+                    .f_narrow(0, 0, n)?
+                    .f_unsqueeze(0)?
+                    .f_eq_tensor(&self.keys.f_index_select(0, queries)?.f_unsqueeze(1)?)?;
+                let count = |t: &Tensor| t.f_sum_dim_intlist(1, true, Kind::Int64);
+                Some((count(&tied)?, count(&tied.f_logical_and(&same)?)?))
+            }
+            false => None,
+        };
+        let relevant = pessimistic(&values, &relevant, whole)?.f_narrow(1, 0, depth)?;
+        Ok((values, relevant))
+    }
+
     /// The chunk of queries from item `start` has computed distances `d` to
     /// the references (+inf to itself when it is one, and to the items of
-    /// its own label and camera, as [`Certify::finish`] makes them); `values` are its `depth + 1` smallest
-    /// (or all of them if fewer), in order, `nearest` the columns of the
-    /// first `depth`, and `relevant` marks those of the query's label.
-    /// Returns the columns of the `depth` nearest items, ranked again where
-    /// the rounding could have changed what the metrics see, or `None` when
-    /// it could not for any query of the chunk.
+    /// its own label and camera, as [`Certify::finish`] makes them);
+    /// `values` are its `depth + 1` smallest (or all of them if fewer), in
+    /// order, and `relevant` says which of the first `depth` share the
+    /// query's label, as [`Certify::nearest`] ranks them. Returns the same
+    /// for the rows ranked again where the rounding could have changed
+    /// what the metrics see, or `None` when it could not for any query of
+    /// the chunk.
     pub(super) fn ranked(
         &self,
         d: &Tensor,
         start: i64,
-        (values, nearest, relevant): (&Tensor, &Tensor, &Tensor),
+        (values, relevant): (&Tensor, &Tensor),
         ties: Option<&Ties>,
     ) -> Result<Option<Tensor>, Error> {
         let (len, depth) = (relevant.size()[0], relevant.size()[1]);
@@ -323,7 +371,7 @@ impl Certify {
         if wide.is_some() {
             self.widened.set(self.widened.get() + rows.size()[0]);
         }
-        let mut ranked = nearest.f_contiguous()?.f_detach_copy()?;
+        let mut ranked = relevant.f_contiguous()?.f_detach_copy()?;
         let global = rows.f_add_scalar(start)?;
         let pick = |t: &Tensor, at: &Tensor| t.f_index_select(0, at);
         let (mut d, mut values, mut slack) =
@@ -338,10 +386,8 @@ impl Certify {
                 .select(&global)?
                 .pairwise(&wide.rows(0, self.references)?)?;
             d = self.finish(d_wide, &global, ties)?;
-            let (near, nearest) = d.f_topk((depth + 1).min(n), 1, false, true)?;
-            let nearest = nearest.f_narrow(1, 0, depth)?;
-            let _ = ranked.f_index_copy_(0, &rows, &nearest)?;
-            let relevant = self.relevance(&nearest, &global)?;
+            let (near, relevant) = self.nearest(&d, depth, &global)?;
+            let _ = ranked.f_index_copy_(0, &rows, &relevant)?;
             slack = pick(bound, &global)?.f_mul_scalar(2.0)?;
             let still = unsure(&near, &relevant, &slack)?;
             if still.size()[0] == 0 {
@@ -354,6 +400,9 @@ impl Certify {
             global = pick(&global, &still)?;
             width = candidates(&d, &values, &slack, depth)?;
         }
+        // Every item at the distance of the `depth`-th nearest is among
+        // the candidates (see `candidates`), so the order of ties below
+        // needs no item beyond them.
         let (_, candidates) = d.f_topk(width, 1, false, true)?;
         drop(d);
         let count = rows.size()[0];
@@ -363,10 +412,13 @@ impl Certify {
         while first < count {
             let m = step.min(count - first);
             let columns = candidates.f_narrow(0, first, m)?;
-            let exact = self.exact(&global.f_narrow(0, first, m)?, &columns, ties)?;
-            let (_, order) = exact.f_sort_stable(true, 1, false)?;
-            let best = columns.f_gather(1, &order, false)?.f_narrow(1, 0, depth)?;
-            let _ = ranked.f_index_copy_(0, &rows.f_narrow(0, first, m)?, &best)?;
+            let queries = global.f_narrow(0, first, m)?;
+            let exact = self.exact(&queries, &columns, ties)?;
+            let (sorted, order) = exact.f_sort(1, false)?;
+            let columns = columns.f_gather(1, &order, false)?;
+            let relevant = pessimistic(&sorted, &self.relevance(&columns, &queries)?, None)?
+                .f_narrow(1, 0, depth)?;
+            let _ = ranked.f_index_copy_(0, &rows.f_narrow(0, first, m)?, &relevant)?;
             first += m;
         }
         Ok(Some(ranked))
@@ -415,6 +467,93 @@ impl Certify {
         }
         Ok(exact)
     }
+}
+
+/// `relevant`, `(m, k)`, whether each of the k nearest items of m queries,
+/// at distances `values` (in order), shares the query's label, with the
+/// items of each run of equal distances reordered so that those that do
+/// not come first. With that order of ties no score is higher than with
+/// any other, so tied rankings (integer, binary or quantised embeddings,
+/// copies, a collapsed model) cannot raise a score, and the scores do not
+/// depend on the order of the items. `whole`: the number of items at the
+/// last of the values of each row, `(m, 1)`, and of those sharing the
+/// query's label, where that run goes on past the k (0 and 0 where the
+/// last value is +inf). No item at +inf is relevant.
+///
+/// The relevant items of a run of equal distances that ends before place
+/// E, R of them, take places E − R to E − 1: only each row's relevant
+/// items are placed (a few among thousands of items for a whole ranking),
+/// with a binary search each.
+fn pessimistic(
+    values: &Tensor,
+    relevant: &Tensor,
+    whole: Option<(Tensor, Tensor)>,
+) -> Result<Tensor, Error> {
+    let k = values.size()[1];
+    if k < 2 {
+        return Ok(relevant.shallow_clone());
+    }
+    // The rows with a run of equal finite distances.
+    let next = values.f_narrow(1, 1, k - 1)?;
+    let rows = next
+        .f_eq_tensor(&values.f_narrow(1, 0, k - 1)?)?
+        .f_logical_and_(&next.f_lt(f64::INFINITY)?)?
+        .f_any_dim(1, false)?
+        .f_nonzero()?
+        .f_squeeze_dim(1)?;
+    if rows.size()[0] == 0 {
+        return Ok(relevant.shallow_clone());
+    }
+    let device = values.device();
+    let pick = |t: &Tensor| t.f_index_select(0, &rows);
+    let sorted = pick(values)?.f_contiguous()?;
+    let of_label = pick(relevant)?;
+    let m = sorted.size()[0];
+    let last = sorted.f_narrow(1, k - 1, 1)?.f_contiguous()?;
+    // Column k takes the writes that place nothing.
+    let mut placed = Tensor::f_zeros([m, k + 1], (Kind::Bool, device))?;
+    let most = i64::try_from(of_label.f_sum_dim_intlist(1, false, Kind::Int64)?.f_max()?)?;
+    if most > 0 {
+        // The places of each row's relevant items, in order, then k.
+        let (_, at) = of_label
+            .f_to_kind(Kind::Uint8)?
+            .f_topk(most, 1, true, false)?;
+        let found = of_label.f_gather(1, &at, false)?;
+        let (at, _) = at.f_where_scalarother(&found, k)?.f_sort(1, false)?;
+        let found = at.f_lt(k)?;
+        let w = sorted
+            .f_gather(1, &at.f_clamp_max(k - 1)?, false)?
+            .f_where_scalarother(&found, f64::INFINITY)?;
+        // One past the run of each, and how many of the relevant items
+        // at that distance are it or after it.
+        let end = w.f_searchsorted(&sorted, false, true, "right", None::<Tensor>)?;
+        let from = w
+            .f_searchsorted(&w, false, true, "right", None::<Tensor>)?
+            .f_sub(&Tensor::f_arange(most, (Kind::Int64, device))?)?;
+        let mut counted = found;
+        if whole.is_some() {
+            let _ = counted.f_logical_and_(&w.f_ne_tensor(&last)?)?;
+        }
+        let place = end.f_sub(&from)?.f_where_scalarother(&counted, k)?;
+        let _ = placed.f_scatter_value_(1, &place, 1)?;
+    }
+    let mut placed = placed.f_narrow(1, 0, k)?;
+    if let Some((count, matching)) = whole {
+        // The run at the last value: its relevant items are the last of
+        // its count, wherever they were among the k.
+        let begin = last.f_searchsorted(&sorted, false, false, "left", None::<Tensor>)?;
+        let end = begin.f_add(&pick(&count)?)?;
+        let first = end.f_sub(&pick(&matching)?)?;
+        let place = Tensor::f_arange(k, (Kind::Int64, device))?.f_unsqueeze(0)?;
+        let _ = placed.f_logical_or_(
+            &place
+                .f_ge_tensor(&first)?
+                .f_logical_and_(&place.f_lt_tensor(&end)?)?,
+        )?;
+    }
+    let mut out = relevant.f_contiguous()?.f_detach_copy()?;
+    let _ = out.f_index_copy_(0, &rows, &placed)?;
+    Ok(out)
 }
 
 /// The most items within `slack`, `(m, 1)`, of the `depth`-th nearest in
