@@ -20,8 +20,8 @@
 //! reaches the embeddings as a weighted sum over the distance matrix. First-order gradients are exact.
 //! Second derivatives are exact through batch-hard; through batch-all and
 //! semi-hard they are not supported, and differentiating their gradient
-//! (after a backward pass with `create_graph`) fails with libtorch's "the
-//! derivative for '_cdist_backward' is not implemented", from a guard that
+//! (after a backward pass with `create_graph`) fails with libtorch's
+//! "derivative for aten::_segment_reduce_backward is not implemented", from a guard that
 //! keeps the gradient from being differentiated as a constant (which would
 //! give 0, silently).
 //!

@@ -1106,13 +1106,16 @@ fn first_order_surrogate(
     }
 }
 
-/// 1, with a first derivative of 0 (both exact), through libtorch's `cdist`
-/// of one element of each source that requires grad with itself, whose
-/// backward has no derivative: a gradient carrying it fails when it is
-/// differentiated with respect to any source, with libtorch's "the
-/// derivative for '_cdist_backward' is not implemented". `None` when no
-/// source requires grad. In float64, where cdist takes every dtype; each
-/// element against itself only, a distance of 0 that cannot overflow.
+/// 1, with a first derivative of 0 (both exact), through libtorch's
+/// `segment_reduce` of one element of each source that requires grad, times
+/// 0: its backward, `_segment_reduce_backward`, has no derivative, so a
+/// gradient carrying it fails when it is differentiated with respect to any
+/// source, with libtorch's "derivative for aten::_segment_reduce_backward is
+/// not implemented" (on torch 2.11 to 2.15; `cdist`, which served before,
+/// is twice differentiable from 2.14). Forward-mode AD through it raises
+/// too. `None` when no source requires grad. In float64, which it takes
+/// for every dtype; `unsafe` skips the checks of its lengths, which read
+/// them on the host.
 fn first_order_guard(sources: &[Option<&Tensor>]) -> Result<Option<Tensor>, Error> {
     let mut points = Vec::new();
     for t in sources.iter().flatten() {
@@ -1127,9 +1130,11 @@ fn first_order_guard(sources: &[Option<&Tensor>]) -> Result<Option<Tensor>, Erro
     if points.is_empty() {
         return Ok(None);
     }
-    let points = Tensor::f_cat(&points, 0)?.f_view([-1, 1, 1])?;
+    // Times 0 first: finite points sum to 0 whatever their size.
+    let points = Tensor::f_cat(&points, 0)?.f_mul_scalar(0.0)?;
+    let lengths = Tensor::f_full([1], points.size()[0], (Kind::Int64, points.device()))?;
     Ok(Some(
-        Tensor::f_cdist(&points, &points, 2.0, None::<i64>)?
+        Tensor::f_segment_reduce(&points, "sum", Some(&lengths), None, None, 0, true, 0.0)?
             .f_sum(Kind::Double)?
             .f_mul_scalar(0.0)?
             .f_add_scalar(1.0)?,
