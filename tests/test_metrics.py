@@ -1040,6 +1040,48 @@ def test_a_collapsed_model_scores_as_the_worst_order_of_its_ties():
     assert mean_average_precision_at_r(x, y) == 0.0
 
 
+@pytest.mark.parametrize("case", ["cosine sign codes", "sign codes times 1000.1 in float64"])
+def test_ties_ranked_again_stay_ties_whatever_coordinates_hold_them(case):
+    """Found by review: where tied distances were ranked again from the
+    embeddings' differences, a vectorised sum of the same terms in other
+    coordinates rounded differently, so the relevant item could win a tie and
+    the scores changed with the order of the dimensions."""
+    q = [1.0] * 8
+    if case == "cosine sign codes":
+        a = [-1.0, 1, -1, -1, -1, 1, 1, -1]  # Hamming 5 from q, q's label
+        b = [-1.0, 1, -1, -1, 1, -1, -1, 1]  # Hamming 5 from q, another label
+        x, kw = torch.tensor([q, a, b]), dict(distance="cosine")
+    else:
+        a = [-1.0, 1, -1, 1, -1, -1, 1, -1]
+        b = [1.0, 1, 1, -1, -1, -1, -1, -1]
+        x, kw = torch.tensor([q, a, b], dtype=torch.float64) * 1000.1, {}
+    y = torch.tensor([0, 0, 1])
+    brute = "cosine" if kw else "euclidean"
+    recall, map_at_r = brute_force(x, y, (1,), brute)
+    _, full = brute_force(x, y, (1,), brute, full=True)
+    assert recall == {1: 0.0}
+    for columns in (range(8), [4, 0, 7, 3, 2, 5, 1, 6], range(7, -1, -1)):
+        xc = x[:, list(columns)]
+        assert recall_at_k(xc, y, 1, **kw) == pytest.approx(recall, abs=1e-12)
+        assert mean_average_precision_at_r(xc, y, **kw) == pytest.approx(map_at_r, abs=1e-12)
+        assert retrieval_scores(xc, y, 1, **kw).mean_average_precision == pytest.approx(full, abs=1e-12)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_random_sign_codes_do_not_depend_on_the_order_of_the_dimensions(distance):
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 5, (60,), generator=g)
+    x = torch.sign(torch.randn(60, 24, generator=g, dtype=torch.float64))
+    x = x if distance == "cosine" else x * 1000.1
+    brute = brute_force(x, y, (1, 3), distance)
+    for seed in range(3):
+        columns = torch.randperm(24, generator=torch.Generator().manual_seed(seed))
+        got = recall_at_k(x[:, columns], y, (1, 3), distance=distance)
+        assert got == pytest.approx(brute[0], abs=1e-12)
+        assert mean_average_precision_at_r(x[:, columns], y, distance=distance) == pytest.approx(
+            brute[1], abs=1e-12)
+
+
 def test_tied_float32_distances_that_round_are_ranked_again():
     """Integers offset by 1000.1 in float32 tie exactly, but their centred Gram
     products round: the ties are ranked again in float64, still other labels

@@ -87,12 +87,21 @@ impl Distance {
     /// # Ok::<(), online_triplet_loss::Error>(())
     /// ```
     pub fn paired(self, x: &Tensor, y: &Tensor) -> Result<Tensor, Error> {
-        caught(|| self.paired_unguarded(x, y))
+        caught(|| self.paired_unguarded(x, y, Terms::AsTheyCome))
+    }
+
+    /// [`Distance::paired`] for the squared Euclidean and the cosine
+    /// distances, each row's terms summed in increasing order: pairs whose
+    /// terms are the same numbers in other coordinates (the ties of binary
+    /// codes, say) get the same sum, where a vectorised sum rounds
+    /// differently by position.
+    pub(crate) fn paired_in_order(self, x: &Tensor, y: &Tensor) -> Result<Tensor, Error> {
+        caught(|| self.paired_unguarded(x, y, Terms::Sorted))
     }
 
     /// [`Distance::paired`], whose failures in tch's operations that take a
     /// number panic ([`caught`]).
-    fn paired_unguarded(self, x: &Tensor, y: &Tensor) -> Result<Tensor, Error> {
+    fn paired_unguarded(self, x: &Tensor, y: &Tensor, terms: Terms) -> Result<Tensor, Error> {
         check_embeddings("x", x)?;
         check_embeddings("y", y)?;
         if x.dim() != 2 || x.size() != y.size() {
@@ -114,18 +123,14 @@ impl Distance {
                 true => t.f_to_kind(Kind::Float),
                 false => Ok(t.shallow_clone()),
             };
-            let d = self.paired(&wide(x)?, &wide(y)?)?;
+            let d = self.paired_unguarded(&wide(x)?, &wide(y)?, terms)?;
             return Ok(match x.kind() == y.kind() {
                 true => d.f_to_kind(x.kind())?,
                 false => d,
             });
         }
         Ok(match self {
-            Distance::Squared => {
-                x.f_sub(y)?
-                    .f_square()?
-                    .f_sum_dim_intlist(-1, false, None::<Kind>)?
-            }
+            Distance::Squared => terms.sum(&x.f_sub(y)?.f_square()?)?,
             Distance::Euclidean => row_norms(&x.f_sub(y)?)?.f_squeeze_dim(-1)?,
             Distance::Cosine => {
                 let (x, y) = (Side::normalised(x)?, Side::normalised(y)?);
@@ -136,16 +141,8 @@ impl Distance {
                 // Rows shorter than the floor have a shorter x̂ (0 for zero
                 // rows, at 1 from every row), where only 1 − x̂·ŷ is the
                 // cosine distance.
-                let half_square = xn
-                    .f_sub(yn)?
-                    .f_square()?
-                    .f_sum_dim_intlist(-1, false, None::<Kind>)?
-                    .f_mul_scalar(0.5)?;
-                let one_minus_dot = xn
-                    .f_mul(yn)?
-                    .f_sum_dim_intlist(-1, false, None::<Kind>)?
-                    .f_neg()?
-                    .f_add_scalar(1.0)?;
+                let half_square = terms.sum(&xn.f_sub(yn)?.f_square()?)?.f_mul_scalar(0.5)?;
+                let one_minus_dot = terms.sum(&xn.f_mul(yn)?)?.f_neg()?.f_add_scalar(1.0)?;
                 let unit = x
                     .norms
                     .f_gt(COSINE_EPS)?
@@ -153,6 +150,23 @@ impl Distance {
                     .f_squeeze_dim(-1)?;
                 half_square.f_where_self(&unit, &one_minus_dot)?
             }
+        })
+    }
+}
+
+/// How [`Distance::paired`] sums each row's terms.
+#[derive(Clone, Copy)]
+enum Terms {
+    AsTheyCome,
+    Sorted,
+}
+
+impl Terms {
+    fn sum(self, terms: &Tensor) -> Result<Tensor, Error> {
+        let sum = |t: &Tensor| t.f_sum_dim_intlist(-1, false, None::<Kind>);
+        Ok(match self {
+            Terms::AsTheyCome => sum(terms)?,
+            Terms::Sorted => sum(&terms.f_sort(-1, false)?.0)?,
         })
     }
 }

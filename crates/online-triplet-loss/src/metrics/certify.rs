@@ -16,7 +16,11 @@
 //! 9u·(s_q + max s), and 10u for the cosine distance: a quarter of E_q or
 //! less. The worst case of a dot product's rounding, D·u, is tens of times
 //! larger, and taken as E_q it would rank again most queries of ordinary
-//! data, whose neighbours are that close together, for no change.
+//! data, whose neighbours are that close together, for no change. So E_q
+//! is not a worst case: products dominated by one coordinate far larger
+//! than the others round in one direction at each of D steps and exceed it
+//! in float32 (a review's batch at D = 4096, one coordinate of 4096 and the
+//! rest about 1, ranked a wrong neighbour first); such data needs float64.
 //!
 //! Then with τ_q the depth-th smallest d̃, every true neighbour among the
 //! `depth` nearest has d̃ ≤ τ_q + 2E_q (one with a larger d̃ has `depth`
@@ -28,8 +32,10 @@
 //! the computed order, one of the query's label and one not, are within
 //! 2E_q of each other. Those queries alone are ranked again among the
 //! items with d̃ ≤ τ_q + 2E_q, by distances computed from the differences
-//! of the float64 embeddings ([`Distance::paired`]), exact to float64's
-//! rounding; or, when they have more candidates than a thirty-second of
+//! of the float64 embeddings, exact to float64's rounding, each pair's
+//! terms summed in increasing order ([`Distance::paired_in_order`]) so that
+//! pairs whose terms are the same numbers, the ties of binary codes say,
+//! stay tied whatever coordinates hold them; or, when they have more candidates than a thirty-second of
 //! the items (differences cost tens of times what a matrix product does
 //! per entry), first by Gram distances in float64 against every item, with
 //! the same test and float64's u, so that each costs what a float64
@@ -451,7 +457,7 @@ impl Certify {
             let from = from
                 .f_expand([m, b, dims], false)?
                 .f_reshape([m * b, dims])?;
-            parts.push(self.distance.paired(&from, &to)?.f_view([m, b])?);
+            parts.push(self.distance.paired_in_order(&from, &to)?.f_view([m, b])?);
             first += b;
         }
         let exact = Tensor::f_cat(&parts, 1)?;
