@@ -1,7 +1,7 @@
 # `make demo` builds everything and runs the main job; `make test` runs every test.
 #
 # Everything builds against the torch in $(VENV): torch $(TORCH), 2.13.0 unless
-# given, e.g. `make test TORCH=2.11.0` (supported: 2.11, 2.12 and 2.13), which
+# given, e.g. `make test TORCH=2.11.0` (supported: 2.11 to 2.15), which
 # makes or reuses the venv .venv-torch-2.11.0. tools/torch_build.py picks the
 # matching tch and a cargo target dir per torch and Python
 # (target/torch-2.13.0+cu130-cp311) that the extension, the Rust tests, the
@@ -55,7 +55,7 @@ python-test: develop $(VENV)/.installed
 
 test: rust-test python-test
 
-# A few minutes' check of another torch (CI runs it with TORCH=2.11.0): the
+# A few minutes' check of another torch (CI runs it with TORCH=2.11.0 and 2.15.0): the
 # 0.0.6 README example, the three losses against the float64 references, and
 # the import check.
 smoke: develop

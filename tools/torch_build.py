@@ -2,7 +2,12 @@
 
 torch-sys (under tch) compiles libtorch's C++ wrapper against one torch:
 tch 0.24 matches torch 2.11, tch 0.26 matches 2.13 and also builds against
-2.12 with libtorch's version check bypassed. Before cargo or maturin runs,
+2.12 with libtorch's version check bypassed, and against 2.14 and 2.15 with
+torch-sys patched (no tch release compiles against them yet): their headers
+need C++20, and no longer declare ``torch::cholesky``, ``torch::qr`` and
+their ``_out`` forms, which torch-sys 0.26's generated wrapper calls; the
+patched copy calls ``torch::linalg_cholesky`` and ``torch::linalg_qr``, the
+same functions under their current names. Before cargo or maturin runs,
 this
 
 - moves Cargo.lock to the tch that matches the torch in this environment
@@ -12,7 +17,12 @@ this
   e.g. ``target/torch-2.13.0+cu130-cp311``: torch-sys does not rebuild when
   only the environment's torch changes, so two torches never share one;
 - puts this Python first on PATH (torch-sys runs ``python`` to find torch)
-  and in ``PYO3_PYTHON``.
+  and in ``PYO3_PYTHON``;
+- for torch 2.14 and 2.15, writes the patched torch-sys into the target
+  directory (once: unchanged files keep their times, so nothing rebuilds)
+  and points cargo at it with ``--config patch.crates-io.torch-sys.path``,
+  given to cargo and maturin commands and, for the backend, among maturin's
+  build arguments.
 
 Two ways in:
 
@@ -30,8 +40,11 @@ import base64
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -40,8 +53,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # tch's version for each supported torch minor, and the torch each tch was made for.
-TCH_FOR_TORCH = {(2, 11): "0.24.0", (2, 12): "0.26.0", (2, 13): "0.26.0"}
+TCH_FOR_TORCH = {
+    (2, 11): "0.24.0",
+    (2, 12): "0.26.0",
+    (2, 13): "0.26.0",
+    (2, 14): "0.26.0",
+    (2, 15): "0.26.0",
+}
 TORCH_OF_TCH = {"0.24.0": (2, 11), "0.26.0": (2, 13)}
+# From this torch on, torch-sys is built from a patched copy (see the top).
+PATCHED_FROM = (2, 14)
+# The patch, each replacement found exactly once: (file, old, new).
+TORCH_SYS_PATCH = [
+    ("build.rs", '.flag("-std=c++17")', '.flag("-std=c++20")'),
+    (
+        "libtch/torch_api_generated.cpp",
+        "torch::cholesky(*self, (bool)upper)",
+        "torch::linalg_cholesky(*self, (bool)upper)",
+    ),
+    (
+        "libtch/torch_api_generated.cpp",
+        "torch::cholesky_out(*out, *self, (bool)upper)",
+        "torch::linalg_cholesky_out(*out, *self, (bool)upper)",
+    ),
+    (
+        "libtch/torch_api_generated.cpp",
+        "torch::qr(*self, (bool)some)",
+        'torch::linalg_qr(*self, some ? "reduced" : "complete")',
+    ),
+    (
+        "libtch/torch_api_generated.cpp",
+        "torch::qr_out(*Q, *R, *self, (bool)some)",
+        'torch::linalg_qr_out(*Q, *R, *self, some ? "reduced" : "complete")',
+    ),
+]
 
 
 def torch_version() -> str:
@@ -50,7 +95,7 @@ def torch_version() -> str:
     if spec is None or spec.origin is None:
         raise SystemExit(
             "building online_triplet_loss needs torch in the same environment "
-            "(pip install 'torch>=2.11,<2.14'; with pip, build with --no-build-isolation)"
+            "(pip install 'torch>=2.11,<2.16'; with pip, build with --no-build-isolation)"
         )
     path = Path(spec.origin).with_name("version.py")
     namespace: dict = {}
@@ -98,6 +143,61 @@ def select_lock(tch: str) -> None:
     # Offline first: the registry index is usually cached already.
     if subprocess.run([*update, "--offline"], cwd=ROOT, stderr=subprocess.DEVNULL).returncode:
         subprocess.run(update, cwd=ROOT, check=True)
+
+
+def torch_sys_source(env: dict[str, str]) -> Path:
+    """The directory of the torch-sys that Cargo.lock holds, fetched if need be."""
+    metadata = subprocess.run(
+        ["cargo", "metadata", "--format-version", "1"],
+        cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+    ).stdout
+    for package in json.loads(metadata)["packages"]:
+        if package["name"] == "torch-sys":
+            return Path(package["manifest_path"]).parent
+    raise SystemExit("torch_build: Cargo.lock holds no torch-sys")
+
+
+def patched_torch_sys(env: dict[str, str]) -> Path | None:
+    """For torch 2.14 and later, the patched torch-sys (see the top of this
+    file) in the target directory, written where it is missing or differs;
+    None before 2.14."""
+    if torch_minor(torch_version()) < PATCHED_FROM:
+        return None
+    source = torch_sys_source(env)
+    files: dict[str, str] = {}
+    for name, old, new in TORCH_SYS_PATCH:
+        text = files.get(name) or (source / name).read_text()
+        if text.count(old) != 1:
+            raise SystemExit(
+                f"torch_build: {source / name} does not hold {old!r} exactly once: "
+                "the patch for torch 2.14 and later was made for torch-sys 0.26.0"
+            )
+        files[name] = text.replace(old, new)
+    target = Path(env["CARGO_TARGET_DIR"]) / f"{source.name}-patched"
+    if not target.exists():
+        shutil.copytree(source, target)
+    for name, text in files.items():
+        path = target / name
+        if path.read_text() != text:
+            path.write_text(text)
+    return target
+
+
+def patch_option(patched: Path) -> list[str]:
+    return ["--config", f'patch.crates-io.torch-sys.path="{patched}"']
+
+
+def with_patch(argv: list[str], patched: Path | None) -> list[str]:
+    """``argv`` with the option that builds the patched torch-sys, for cargo
+    (before its subcommand) and maturin (after it)."""
+    if patched is None or not argv:
+        return argv
+    program = os.path.basename(argv[0])
+    if program == "cargo":
+        return [argv[0], *patch_option(patched), *argv[1:]]
+    if program == "maturin" and len(argv) > 1:
+        return [*argv[:2], *patch_option(patched), *argv[2:]]
+    return argv
 
 
 def python_tag() -> str:
@@ -205,13 +305,28 @@ def _enter_build_environment() -> None:
     os.environ.update(env)
 
 
+def _with_patch(config_settings, patched: Path | None):
+    """``config_settings`` with the option that builds the patched torch-sys
+    added to maturin's build arguments (taken, as maturin takes them, from
+    the settings or else from ``MATURIN_PEP517_ARGS``)."""
+    if patched is None:
+        return config_settings
+    settings = dict(config_settings or {})
+    key = next((k for k in ("maturin.build-args", "build-args") if k in settings), None)
+    given = settings[key] if key else os.environ.get("MATURIN_PEP517_ARGS", "")
+    args = shlex.split(given) if isinstance(given, str) else list(given)
+    settings[key or "maturin.build-args"] = [*args, *patch_option(patched)]
+    return settings
+
+
 def _build(wheel_directory, config_settings, metadata_directory, editable):
     _enter_build_environment()
     version = torch_version()
     maturin = _maturin()
     build = maturin.build_editable if editable else maturin.build_wheel
     with lock_for(tch_for(version)):
-        filename = build(wheel_directory, config_settings, metadata_directory)
+        settings = _with_patch(config_settings, patched_torch_sys(dict(os.environ)))
+        filename = build(wheel_directory, settings, metadata_directory)
     return _pin_wheel(wheel_directory, filename, version)
 
 
@@ -267,7 +382,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"usage: {sys.executable} {sys.argv[0]} COMMAND [ARGS...]")
     env = build_environment()
     with lock_for(tch_for(torch_version())):
-        code = subprocess.run(argv, env=env).returncode
+        code = subprocess.run(with_patch(argv, patched_torch_sys(env)), env=env).returncode
     raise SystemExit(code)
 
 
