@@ -56,9 +56,11 @@ python-test: develop $(VENV)/.installed
 test: rust-test python-test
 
 # A few minutes' check of another torch (CI runs it with TORCH=2.11.0 and 2.15.0): the
-# 0.0.6 README example, the three losses against the float64 references, and
-# the import check.
+# Rust robustness tests (the second-derivative guard among them), the 0.0.6
+# README example, the three losses against the float64 references, and the
+# import check.
 smoke: develop
+	$(ACTIVATE) && LD_LIBRARY_PATH=$(TORCH_LIB) $(BUILD) cargo test --release -p online-triplet-loss --test robustness --quiet
 	$(ACTIVATE) && python -m pytest -q tests/test_losses_reference.py tests/test_torch_check.py \
 	  tests/test_parity_006.py::test_006_readme_example_runs_unchanged
 

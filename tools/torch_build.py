@@ -45,6 +45,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -147,14 +148,23 @@ def select_lock(tch: str) -> None:
 
 def torch_sys_source(env: dict[str, str]) -> Path:
     """The directory of the torch-sys that Cargo.lock holds, fetched if need be."""
-    metadata = subprocess.run(
-        ["cargo", "metadata", "--format-version", "1"],
-        cwd=ROOT, env=env, check=True, capture_output=True, text=True,
-    ).stdout
-    for package in json.loads(metadata)["packages"]:
+    command = ["cargo", "metadata", "--format-version", "1", "--filter-platform", host_triple(env)]
+    # Offline first, as select_lock: the sources are usually there already.
+    found = subprocess.run([*command, "--offline"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+    if found.returncode:
+        found = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    if found.returncode:
+        raise SystemExit("torch_build: `cargo metadata` failed (above), so torch-sys cannot be patched")
+    for package in json.loads(found.stdout)["packages"]:
         if package["name"] == "torch-sys":
             return Path(package["manifest_path"]).parent
     raise SystemExit("torch_build: Cargo.lock holds no torch-sys")
+
+
+def host_triple(env: dict[str, str]) -> str:
+    version = subprocess.run(["rustc", "-vV"], env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return re.search(r"^host: (\S+)$", version, flags=re.M).group(1)
 
 
 def patched_torch_sys(env: dict[str, str]) -> Path | None:
@@ -173,31 +183,49 @@ def patched_torch_sys(env: dict[str, str]) -> Path | None:
                 "the patch for torch 2.14 and later was made for torch-sys 0.26.0"
             )
         files[name] = text.replace(old, new)
-    target = Path(env["CARGO_TARGET_DIR"]) / f"{source.name}-patched"
-    if not target.exists():
-        shutil.copytree(source, target)
-    for name, text in files.items():
-        path = target / name
-        if path.read_text() != text:
-            path.write_text(text)
+    # Made whole in a sibling and renamed into place, with a stamp of what
+    # it was made from: a copy cut short, or made from another source or
+    # patch, is made again (and only then, so that nothing rebuilds).
+    stamp = hashlib.sha256(repr((str(source), TORCH_SYS_PATCH)).encode()).hexdigest()
+    target = (Path(env["CARGO_TARGET_DIR"]) / f"{source.name}-patched").resolve()
+    if not (target / ".patched").is_file() or (target / ".patched").read_text() != stamp:
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial)
+        for name, text in files.items():
+            (partial / name).write_text(text)
+        (partial / ".patched").write_text(stamp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
     return target
 
 
 def patch_option(patched: Path) -> list[str]:
-    return ["--config", f'patch.crates-io.torch-sys.path="{patched}"']
+    # A TOML string: JSON's escapes of a path are TOML's.
+    return ["--config", f"patch.crates-io.torch-sys.path={json.dumps(str(patched))}"]
+
+
+# The maturin subcommands that build, and take cargo's options.
+MATURIN_BUILDS = {"build", "develop"}
 
 
 def with_patch(argv: list[str], patched: Path | None) -> list[str]:
-    """``argv`` with the option that builds the patched torch-sys, for cargo
-    (before its subcommand) and maturin (after it)."""
-    if patched is None or not argv:
+    """``argv`` with the option that builds the patched torch-sys: for cargo
+    before its subcommand (after a ``+toolchain``), for maturin's ``build``
+    and ``develop`` after theirs. Other commands are refused: under them the
+    build would fail far from the cause, in libtorch's headers."""
+    if patched is None:
         return argv
-    program = os.path.basename(argv[0])
+    program = os.path.basename(argv[0]) if argv else ""
     if program == "cargo":
-        return [argv[0], *patch_option(patched), *argv[1:]]
-    if program == "maturin" and len(argv) > 1:
+        at = 2 if len(argv) > 1 and argv[1].startswith("+") else 1
+        return [*argv[:at], *patch_option(patched), *argv[at:]]
+    if program == "maturin" and len(argv) > 1 and argv[1] in MATURIN_BUILDS:
         return [*argv[:2], *patch_option(patched), *argv[2:]]
-    return argv
+    raise SystemExit(
+        f"torch_build: torch {torch_version()} builds torch-sys from a patched copy, which "
+        f"this script passes to `cargo ...` and `maturin build|develop ...` only, not to {argv!r}"
+    )
 
 
 def python_tag() -> str:
@@ -315,7 +343,8 @@ def _with_patch(config_settings, patched: Path | None):
     key = next((k for k in ("maturin.build-args", "build-args") if k in settings), None)
     given = settings[key] if key else os.environ.get("MATURIN_PEP517_ARGS", "")
     args = shlex.split(given) if isinstance(given, str) else list(given)
-    settings[key or "maturin.build-args"] = [*args, *patch_option(patched)]
+    # First: maturin passes what follows a `--` to rustc.
+    settings[key or "maturin.build-args"] = [*patch_option(patched), *args]
     return settings
 
 
@@ -381,6 +410,9 @@ def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit(f"usage: {sys.executable} {sys.argv[0]} COMMAND [ARGS...]")
     env = build_environment()
+    # A SIGTERM (a CI timeout, say) unwinds too, so that lock_for puts
+    # Cargo.lock back.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     with lock_for(tch_for(torch_version())):
         code = subprocess.run(with_patch(argv, patched_torch_sys(env)), env=env).returncode
     raise SystemExit(code)

@@ -22,7 +22,7 @@ Identical items are at distance exactly 0 from each other, ahead of every
 distinct item, as in the losses (for the cosine distance, not rows of norm
 below 1e-12 times the largest entry of all the items, which are first scaled
 by a power of two to about 1: zero rows are at 1). Items at equal distances
-from a query rank with those of other labels (or of its own camera) first,
+from a query rank with those of other labels first,
 the order of the ties that no score gains from: ties (integer, binary or
 quantised embeddings, copies, a collapsed model) never raise a score, the
 scores do not depend on the order of the items, and every function sees the
@@ -37,7 +37,7 @@ are not enough either. The bound on the rounding that decides this is the
 error measured on Gaussian data with a margin of 4, not a worst case:
 products dominated by one coordinate far larger than the others, over
 thousands of dimensions, round in one direction at every step and can
-exceed it in float32 (a review built such a batch at 4096 dimensions);
+exceed it in float32 (one coordinate of 4096 and 4095 of about 1 do);
 pass float64 embeddings for such data. On a GPU that allows TF32 for float32 matrix
 products, embeddings of narrower dtypes are ranked in float64. The functions
 synchronise with the device (they return

@@ -19,8 +19,8 @@
 //! data, whose neighbours are that close together, for no change. So E_q
 //! is not a worst case: products dominated by one coordinate far larger
 //! than the others round in one direction at each of D steps and exceed it
-//! in float32 (a review's batch at D = 4096, one coordinate of 4096 and the
-//! rest about 1, ranked a wrong neighbour first); such data needs float64.
+//! in float32 (at D = 4096, one coordinate of 4096 and the rest about 1
+//! rank a wrong neighbour first); such data needs float64.
 //!
 //! Then with τ_q the depth-th smallest d̃, every true neighbour among the
 //! `depth` nearest has d̃ ≤ τ_q + 2E_q (one with a larger d̃ has `depth`
@@ -499,7 +499,7 @@ fn pessimistic(
     if k < 2 {
         return Ok(relevant.shallow_clone());
     }
-    // The rows with a run of equal finite distances.
+    // Only rows with a run of equal finite distances can change.
     let next = values.f_narrow(1, 1, k - 1)?;
     let rows = next
         .f_eq_tensor(&values.f_narrow(1, 0, k - 1)?)?
@@ -520,7 +520,8 @@ fn pessimistic(
     let mut placed = Tensor::f_zeros([m, k + 1], (Kind::Bool, device))?;
     let most = i64::try_from(of_label.f_sum_dim_intlist(1, false, Kind::Int64)?.f_max()?)?;
     if most > 0 {
-        // The places of each row's relevant items, in order, then k.
+        // Each row's relevant items by place, padded with k: topk of the
+        // mask finds them in no order, so their places are sorted.
         let (_, at) = of_label
             .f_to_kind(Kind::Uint8)?
             .f_topk(most, 1, true, false)?;
