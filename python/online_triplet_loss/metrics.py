@@ -445,9 +445,8 @@ def retrieval_scores(
     ranking are those of :func:`recall_at_k`, :func:`mean_average_precision`
     and :func:`mean_inverse_negative_penalty`, and so are the values, also
     where distances tie (ranked with the items of other labels first). It
-    returns the means over the queries, not
-    per-query values or the whole CMC curve; junk items (Market-1501's label
-    -1) are the caller's to remove.
+    returns the means over the queries, not per-query values or the whole CMC
+    curve; junk items (Market-1501's label -1) are the caller's to remove.
 
     Args:
         embeddings: as in :func:`mean_average_precision`.

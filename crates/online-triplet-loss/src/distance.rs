@@ -87,7 +87,7 @@ impl Distance {
     /// # Ok::<(), online_triplet_loss::Error>(())
     /// ```
     pub fn paired(self, x: &Tensor, y: &Tensor) -> Result<Tensor, Error> {
-        caught(|| self.paired_unguarded(x, y, Terms::AsTheyCome))
+        caught(|| self.paired_unguarded(x, y, Summation::AsTheyCome))
     }
 
     /// [`Distance::paired`] for the squared Euclidean and the cosine
@@ -96,12 +96,12 @@ impl Distance {
     /// codes, say) get the same sum, where a vectorised sum rounds
     /// differently by position.
     pub(crate) fn paired_in_order(self, x: &Tensor, y: &Tensor) -> Result<Tensor, Error> {
-        caught(|| self.paired_unguarded(x, y, Terms::Sorted))
+        caught(|| self.paired_unguarded(x, y, Summation::Sorted))
     }
 
     /// [`Distance::paired`], whose failures in tch's operations that take a
     /// number panic ([`caught`]).
-    fn paired_unguarded(self, x: &Tensor, y: &Tensor, terms: Terms) -> Result<Tensor, Error> {
+    fn paired_unguarded(self, x: &Tensor, y: &Tensor, terms: Summation) -> Result<Tensor, Error> {
         check_embeddings("x", x)?;
         check_embeddings("y", y)?;
         if x.dim() != 2 || x.size() != y.size() {
@@ -156,17 +156,17 @@ impl Distance {
 
 /// How [`Distance::paired`] sums each row's terms.
 #[derive(Clone, Copy)]
-enum Terms {
+enum Summation {
     AsTheyCome,
     Sorted,
 }
 
-impl Terms {
+impl Summation {
     fn sum(self, terms: &Tensor) -> Result<Tensor, Error> {
         let sum = |t: &Tensor| t.f_sum_dim_intlist(-1, false, None::<Kind>);
         Ok(match self {
-            Terms::AsTheyCome => sum(terms)?,
-            Terms::Sorted => sum(&terms.f_sort(-1, false)?.0)?,
+            Summation::AsTheyCome => sum(terms)?,
+            Summation::Sorted => sum(&terms.f_sort(-1, false)?.0)?,
         })
     }
 }
