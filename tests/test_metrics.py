@@ -252,6 +252,30 @@ def test_rounding_in_the_centring_is_not_taken_for_an_exact_grid(order):
             map_at_r, abs=1e-12)
 
 
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("last", [30.0, 73.0, 150.0])
+def test_rounding_one_way_at_every_step_stays_within_the_bound(distance, last):
+    """Found by review: products dominated by one coordinate (4096 here, and
+    4095 of about 1) round the same way at each step of their sum, beyond a
+    bound of (16 + 2√D)·u times the squared norms, and a wrong neighbour
+    (label 1) ranked first, unflagged, at last = 73: recall@1 0.5 for 1.0.
+    The bound is now the worst case of any order of summation."""
+    dim, big = 4096, 2.0 ** 12
+    rows = []
+    for first, rest, end in [(big, 1.0001, 1.0001), (big, 2.0 / 1.0001, 2.0 / 1.0001), (big, 1.0, last)]:
+        row = torch.full((dim,), rest)
+        row[0], row[-1] = first, end
+        rows.append(row)
+    embeddings = torch.cat([torch.stack(rows), -torch.stack(rows)]).float()
+    labels = torch.tensor([0, 0, 1, 2, 3, 4])
+    recall, map_at_r = brute_force(embeddings, labels, (1,), distance)
+    assert recall_at_k(embeddings, labels, (1,), distance=distance) == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(embeddings, labels, distance=distance) == pytest.approx(
+        map_at_r, abs=1e-12)
+    scores = retrieval_scores(embeddings, labels, (1,), distance=distance)
+    assert scores.recall == pytest.approx(recall, abs=1e-12)
+
+
 class _Float64Ranking(TorchDispatchMode):
     """Records the float64 matrix products and sorts, the work of ranking
     queries again (the metrics' own work is in the embeddings' dtype)."""

@@ -33,12 +33,11 @@ neighbours share its label (classes far tighter than their distance from the
 centre, such as groups at ±1000 with spreads of 0.1 in float32, or cosine
 distances within about 1e-4 radians), that query is ranked again in
 float64, from the embeddings' differences where Gram products in float64
-are not enough either. The bound on the rounding that decides this is the
-error measured on Gaussian data with a margin of 4, not a worst case:
-products dominated by one coordinate far larger than the others, over
-thousands of dimensions, round in one direction at every step and can
-exceed it in float32 (one coordinate of 4096 and 4095 of about 1 do);
-pass float64 embeddings for such data. On a GPU that allows TF32 for float32 matrix
+are not enough either. The bound on the rounding that decides this,
+about 3D·u times the squared norms (u the dtype's unit roundoff), is the
+worst case of any order of summation, so it holds also for products that
+round the same way at every step (one coordinate far larger than the
+others). On a GPU that allows TF32 for float32 matrix
 products, embeddings of narrower dtypes are ranked in float64. The functions
 synchronise with the device (they return
 Python numbers) and never build a graph; autocast does not reach their

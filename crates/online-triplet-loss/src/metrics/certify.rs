@@ -7,20 +7,36 @@
 //! 0.1 in float32, say) it is larger than the distances within a class,
 //! and the order of a query's neighbours is noise.
 //!
-//! Take each computed distance d̃ of query q to be within
-//! E_q = κ·(s_q + max_j s_j) of the distance d of the points, with s the
+//! Each computed distance d̃ of query q is within
+//! E_q = κ·(s_q + max_j s_j) of the distance d of the embeddings, with s the
 //! points' squared norms (taken as 1 for the cosine distance, whose points
-//! have norm at most 1) and κ = (16 + 2√D)·u, u the unit roundoff. The largest errors
-//! measured, over 16M pairs of Gaussian data in 64 to 1024 dimensions
-//! (float32, centred, and normalised for the cosine distance), were
-//! 9u·(s_q + max s), and 10u for the cosine distance: a quarter of E_q or
-//! less. The worst case of a dot product's rounding, D·u, is tens of times
-//! larger, and taken as E_q it would rank again most queries of ordinary
-//! data, whose neighbours are that close together, for no change. So E_q
-//! is not a worst case: products dominated by one coordinate far larger
-//! than the others round in one direction at each of D steps and exceed it
-//! in float32 (at D = 4096, one coordinate of 4096 and the rest about 1
-//! rank a wrong neighbour first); such data needs float64.
+//! have norm at most 1) and κ = (3D + 16)·u/(1 − (D + 2)·u)², u the unit
+//! roundoff, whatever order the matrix product sums in. That is the worst
+//! case, from γ_n = nu/(1 − nu), the bound of a sum of n rounded terms
+//! (Higham, "Accuracy and Stability of Numerical Algorithms", §3.1):
+//! - Euclidean: the squared norms are sums of D squares, within γ_D·s;
+//!   `addmm` sums ‖y‖² and the D products −2x_i·y_i, within
+//!   γ_{D+1}·(s_y + 2Σ|x_i·y_i|) ≤ γ_{D+1}·(s_x + 2s_y); adding ‖x‖²
+//!   rounds once more, by about 2u·(s_x + s_y) at most; the points are the
+//!   embeddings less a centre, rounded to the dtype, which moves the
+//!   distance by about 4u·(s_x + s_y) at most. In all about
+//!   (3D + 8)u·(s_x + s_y).
+//! - Cosine: each norm is within about (D/2 + 4)u of the embedding's, so
+//!   each normalised coordinate within (D/2 + 5)u and the product of the
+//!   points within (D + 10)u of that of the unit vectors; `addmm` sums 1
+//!   and the D products, within 2γ_{D+1}. In all about (3D + 12)u, and
+//!   s_x + s_y = 2.
+//!
+//! Gaussian data come nowhere near it: the largest errors measured, over
+//! 16M pairs in 64 to 1024 dimensions, were 9u·(s_q + max s). Products
+//! dominated by one coordinate far larger than the others round in one
+//! direction at every step and come closer: at D = 4096 in float32, one
+//! coordinate of 4096 and the rest about 1 ranked a wrong neighbour first,
+//! unflagged, under the earlier bound, (16 + 2√D)·u, measured on Gaussian
+//! data. The worst case flags more queries of ordinary data, which costs
+//! little at the depths of recall@k (a sixth more time at Market-1501's
+//! scale); the deep rankings (MAP@R, mAP) soon switch to float64 from the
+//! start, whose bound is 2^29 times smaller.
 //!
 //! Then with τ_q the depth-th smallest d̃, every true neighbour among the
 //! `depth` nearest has d̃ ≤ τ_q + 2E_q (one with a larger d̃ has `depth`
@@ -101,7 +117,16 @@ fn bound(
     };
     let kappa = match distance != Distance::Cosine && exact_gram(points, rows, digits)? {
         true => 0.0,
-        false => (16.0 + 2.0 * (width as f64).sqrt()) * unit_roundoff,
+        false => {
+            let d = width as f64;
+            let room = 1.0 - (d + 2.0) * unit_roundoff;
+            // Past millions of dimensions the γ bounds fail; distances
+            // are in [0, 2(s_x + s_y)] at any rate.
+            match room > 0.5 {
+                true => (3.0 * d + 16.0) * unit_roundoff / room.powi(2),
+                false => 4.0,
+            }
+        }
     };
     let squared_norms = match distance {
         Distance::Cosine => Tensor::f_ones([n], (Kind::Double, points.device()))?,
