@@ -696,6 +696,58 @@ def test_full_mean_average_precision_of_tight_classes_is_exact(distance, dtype, 
                                              **kw) == pytest.approx(minp, abs=1e-12)
 
 
+def _whole_ranking_scores(x, y, c, gx, gy, gc, ks):
+    """Rank-1/k, mAP and mINP with the re-identification protocol from one
+    sort of float64 distances per query, vectorised: items of the query's
+    label and camera dropped, equal distances ranking the other labels first
+    (a stable sort by distance after one by relevance)."""
+    d = torch.cdist(x.double(), gx.double())
+    same = y[:, None] == gy[None]
+    junk = same & (c[:, None] == gc[None])
+    d[junk] = float("inf")
+    by_relevance = torch.argsort(same.to(torch.int8), dim=1, stable=True)
+    order = by_relevance.gather(1, torch.argsort(d.gather(1, by_relevance), dim=1, stable=True))
+    relevant = (same & ~junk).gather(1, order)
+    r = relevant.sum(1)
+    keep = r > 0
+    relevant, r = relevant[keep], r[keep]
+    place = torch.arange(1, relevant.shape[1] + 1, dtype=torch.float64)
+    found = relevant.cumsum(1).double()
+    ap = ((found / place) * relevant).sum(1) / r
+    last = (place * relevant).amax(1)
+    first = torch.where(relevant, place, float("inf")).amin(1)
+    recall = {k: float((first <= k).double().mean()) for k in ks}
+    return recall, float(ap.mean()), float((r / last).mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [None, 37])
+def test_whole_rankings_of_many_items_against_sorted_float64(dtype, chunk_size):
+    """The whole ranking counts, for each item of another label, the query's
+    items closer than it (no sort): checked against a sort, at a size where
+    queries differ in R_q within a chunk, some queries have their own
+    camera's items excluded and some none."""
+    g = torch.Generator().manual_seed(5)
+    centres = torch.randn(40, 16, generator=g, dtype=torch.float64)
+
+    def items(n):
+        labels = torch.randint(0, 40, (n,), generator=g)
+        cameras = torch.randint(0, 4, (n,), generator=g)
+        return (centres[labels] + 0.8 * torch.randn(n, 16, generator=g, dtype=torch.float64)).to(dtype), \
+            labels, cameras
+
+    x, y, c = items(300)
+    gx, gy, gc = items(2000)
+    recall, want_map, want_minp = _whole_ranking_scores(x, y, c, gx, gy, gc, (1, 5))
+    assert 0.2 < want_map < 0.9
+    kw = dict(ref_embeddings=gx, ref_labels=gy, cameras=c, ref_cameras=gc, chunk_size=chunk_size)
+    scores = retrieval_scores(x, y, (1, 5), **kw)
+    assert scores.mean_average_precision == pytest.approx(want_map, abs=1e-12)
+    assert scores.mean_inverse_negative_penalty == pytest.approx(want_minp, abs=1e-12)
+    assert scores.recall == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision(x, y, **kw) == scores.mean_average_precision
+
+
 def test_full_mean_average_precision_hand_computed():
     # Against the gallery of test_reference_set_hand_computed_example: 0.0 finds
     # its class 2nd (AP 1/2); 5.2 finds 5.1 and 5.0 first (AP 1); 0.2 finds
@@ -1064,17 +1116,21 @@ def test_a_collapsed_model_scores_as_the_worst_order_of_its_ties():
     assert mean_average_precision_at_r(x, y) == 0.0
 
 
-@pytest.mark.parametrize("case", ["cosine sign codes", "sign codes times 1000.1 in float64"])
+@pytest.mark.parametrize("case", ["cosine sign codes", "cosine sign codes of two norms",
+                                  "sign codes times 1000.1 in float64"])
 def test_ties_ranked_again_stay_ties_whatever_coordinates_hold_them(case):
     """Found by review: where tied distances were ranked again from the
     embeddings' differences, a vectorised sum of the same terms in other
     coordinates rounded differently, so the relevant item could win a tie and
     the scores changed with the order of the dimensions."""
     q = [1.0] * 8
-    if case == "cosine sign codes":
+    if case.startswith("cosine sign codes"):
         a = [-1.0, 1, -1, -1, -1, 1, 1, -1]  # Hamming 5 from q, q's label
         b = [-1.0, 1, -1, -1, 1, -1, -1, 1]  # Hamming 5 from q, another label
         x, kw = torch.tensor([q, a, b]), dict(distance="cosine")
+        if case.endswith("two norms"):
+            # Ranked by the cosine distance, not as items of one norm.
+            x[2] *= 2
     else:
         a = [-1.0, 1, -1, 1, -1, -1, 1, -1]
         b = [1.0, 1, 1, -1, -1, -1, -1, -1]
@@ -1104,6 +1160,48 @@ def test_random_sign_codes_do_not_depend_on_the_order_of_the_dimensions(distance
         assert got == pytest.approx(brute[0], abs=1e-12)
         assert mean_average_precision_at_r(x[:, columns], y, distance=distance) == pytest.approx(
             brute[1], abs=1e-12)
+
+
+def _codes(kind, n, generator):
+    labels = torch.randint(0, 5, (n,), generator=generator)
+    if kind.startswith("sign codes"):
+        dim = int(kind.split()[-1])
+        centres = torch.randn(5, dim, generator=generator)
+        x = torch.sign(centres[labels] + 1.2 * torch.randn(n, dim, generator=generator))
+    else:
+        # Three of 12 bits set, around one pattern per label.
+        scores = torch.rand(5, 12, generator=generator)[labels] + torch.rand(n, 12, generator=generator)
+        x = torch.zeros(n, 12).scatter_(1, scores.topk(3, dim=1).indices, 1.0)
+    return x, labels
+
+
+@pytest.mark.parametrize("kind", ["sign codes of 8", "sign codes of 16", "sign codes of 48", "3-hot codes"])
+@pytest.mark.parametrize("setting", ["items", "cameras"])
+def test_cosine_ties_of_codes_of_one_norm(kind, setting):
+    """Items of one norm rank by the cosine distance as by the squared
+    Euclidean one, whose Gram products do not round for codes: their ties
+    stay ties, other labels first, as in the brute force, whether or not the
+    normalised codes round (the norm of 8 or 48 signs is not a power of two),
+    and as when the rows are scaled by powers of two, of differing norms,
+    ranked by the cosine distance."""
+    g = torch.Generator().manual_seed(7)
+    x, y = _codes(kind, 60, g)
+    kw = dict(distance="cosine")
+    cameras = None
+    if setting == "cameras":
+        cameras = with_cameras(1, len(y))
+        kw.update(cameras=cameras)
+    ks = (1, 3, 10)
+    recall, map_at_r = brute_force(x, y, ks, "cosine", cameras=cameras)
+    _, full = brute_force(x, y, ks, "cosine", cameras=cameras, full=True)
+    _, minp = brute_force(x, y, ks, "cosine", cameras=cameras, penalty=True)
+    scaled = x * 2.0 ** torch.randint(-3, 4, (len(y), 1), generator=g)
+    for embeddings in (x, scaled):
+        got = retrieval_scores(embeddings, y, ks, **kw)
+        assert got.recall == pytest.approx(recall, abs=1e-12)
+        assert got.mean_average_precision == pytest.approx(full, abs=1e-12)
+        assert got.mean_inverse_negative_penalty == pytest.approx(minp, abs=1e-12)
+        assert mean_average_precision_at_r(embeddings, y, **kw) == pytest.approx(map_at_r, abs=1e-12)
 
 
 def test_tied_float32_distances_that_round_are_ranked_again():

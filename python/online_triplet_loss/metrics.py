@@ -37,7 +37,9 @@ are not enough either. The bound on the rounding that decides this,
 about 3D·u times the squared norms (u the dtype's unit roundoff), is the
 worst case of any order of summation, so it holds also for products that
 round the same way at every step (one coordinate far larger than the
-others). On a GPU that allows TF32 for float32 matrix
+others). Codes of one norm under the cosine distance (±1 codes of any
+length, k-hot codes of one k) are ranked as by the squared Euclidean
+distance, the same order, whose products do not round for them. On a GPU that allows TF32 for float32 matrix
 products, embeddings of narrower dtypes are ranked in float64. The functions
 synchronise with the device (they return
 Python numbers) and never build a graph; autocast does not reach their
@@ -310,7 +312,9 @@ def mean_average_precision(
 
     with the terms of :func:`mean_average_precision_at_r`, summed over all
     :math:`N_q` items ranked for :math:`q` rather than its :math:`R_q` nearest.
-    Every query is ranked in full, :math:`O(N \log N)` time each: for large
+    Every query is ranked against every item, :math:`O(N \log R_q)` time each
+    (each item of another label is placed among the query's :math:`R_q`
+    matches by a binary search, with no sort), in float64: for large
     evaluations without a gallery, MAP@R is the cheaper measure.
 
     Args:

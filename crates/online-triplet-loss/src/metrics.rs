@@ -34,13 +34,18 @@
 //! tighter than their distance from the centre of the data, or than the
 //! dtype's digits), that query is ranked again in float64, from the
 //! embeddings' differences where Gram products in float64 are not enough
-//! either (`certify`). That bound assumes IEEE products: on a GPU that
-//! allows TF32 for float32 matrix products, rank in float64
-//! ([`RetrievalConfig::float64`]; the Python package does). Queries
+//! either (`certify`); the bound on the rounding assumes IEEE products: on
+//! a GPU that allows TF32 for float32 matrix products, rank in float64
+//! ([`RetrievalConfig::float64`]; the Python package does). Items of one
+//! norm, exactly (±1 codes, k-hot codes of one k), rank by the cosine
+//! distance as by the squared Euclidean one, which ranks them instead:
+//! its products do not round for them. Queries
 //! are processed in chunks against all M items they can retrieve, so memory
 //! stays O(M·chunk); the time is O(Q·M·D) for the distances plus
-//! O(Q·(M + K log K)) for the selection of Q queries, with K = max(k, R_q),
-//! or K = M for the mean average precision over the whole ranking. Queries are sorted by R_q so that a
+//! O(Q·(M + K log K)) for the selection of Q queries, with K = max(k, R_q);
+//! the whole rankings of the mean average precision and mINP take
+//! O(Q·M log R_q), each item of another label placed among the query's R_q
+//! by a binary search, with no sort. Queries are sorted by R_q so that a
 //! chunk selects only as many neighbours as its own queries need. Identical
 //! items are at distance exactly 0 from each other (but for the cosine
 //! distance zero rows, and rows of norm below 1e-12 times the largest entry
@@ -172,7 +177,7 @@ pub enum AveragePrecision {
     /// MAP@R: each query's average precision over its R_q nearest.
     AtR,
     /// mAP: over the whole ranking, as re-identification benchmarks report
-    /// it. Every query is ranked in full, O(N log N) time each.
+    /// it. Every query is ranked against every item, in O(N log R_q) time.
     Full,
 }
 
@@ -308,8 +313,8 @@ impl RetrievalConfig {
 
     /// The mean average precision over the whole ranking, re-identification's
     /// mAP: the mean over queries of AP = (1/R_q) Σ_i P(i)·rel(i), i over
-    /// every item ranked. Every query is ranked in full, O(N log N) time
-    /// each.
+    /// every item ranked. Every query is ranked against every item, in
+    /// O(N log R_q) time (no sort: see the module's documentation).
     ///
     /// # Shapes
     /// As [`RetrievalConfig::recall_at_k`].
@@ -329,8 +334,8 @@ impl RetrievalConfig {
     /// mINP, the mean inverse negative penalty of re-identification (Ye et
     /// al., 2021): the mean over queries of R_q / rank_q, rank_q the place
     /// of q's last relevant item in its whole ranking (the ratio is 1 when
-    /// every relevant item comes first). Every query is ranked in full, O(N log N) time
-    /// each; [`RetrievalConfig::scores`] with [`AveragePrecision::Full`]
+    /// every relevant item comes first). Every query is ranked against
+    /// every item, in O(N log R_q) time; [`RetrievalConfig::scores`] with [`AveragePrecision::Full`]
     /// gives it beside the mAP.
     ///
     /// # Shapes
@@ -575,6 +580,9 @@ impl RetrievalConfig {
         let ranking = match self.distance {
             // The square root does not change the order.
             Distance::Euclidean | Distance::Squared => Distance::Squared,
+            // Nor, between items of one norm, the change to a distance whose
+            // products do not round for integer codes.
+            Distance::Cosine if certify::one_norm(&x)? => Distance::Squared,
             Distance::Cosine => Distance::Cosine,
         };
         // The items a query can retrieve: the references but itself. At
@@ -639,35 +647,48 @@ impl RetrievalConfig {
                     None => k_max,
                 }
                 .min(retrievable);
+                let r = others.f_narrow(0, start, len)?;
+                if precision == Some(AveragePrecision::Full) {
+                    // The place of each of the query's R_q items in its
+                    // whole ranking, in order, +inf past them: R_q ≥ 1.
+                    let places = certify.places(&d, &query_items, r_last, ties.as_ref())?;
+                    drop(d);
+                    let nearest = places.f_narrow(1, 0, 1)?;
+                    for (sum, &k) in hits.iter_mut().zip(ks) {
+                        let _ = sum.f_add_(&nearest.f_le(k as f64)?.f_sum(Kind::Int64)?)?;
+                    }
+                    // The precision at the j-th is j / its place; mINP takes
+                    // R_q / the place of the last.
+                    let r_wide = r.f_to_kind(Kind::Double)?;
+                    let ap = Tensor::f_arange_start(1, r_last + 1, (Kind::Double, device))?
+                        .f_unsqueeze(0)?
+                        .f_div(&places)?
+                        .f_sum_dim_intlist(1, false, Kind::Double)?
+                        .f_div(&r_wide)?;
+                    let _ = average_precision.f_add_(&ap.f_sum(Kind::Double)?)?;
+                    let last = places
+                        .f_gather(1, &r.f_sub_scalar(1)?.f_unsqueeze(1)?, false)?
+                        .f_squeeze_dim(1)?;
+                    let _ = inverse_negative_penalty
+                        .f_add_(&r_wide.f_div(&last)?.f_sum(Kind::Double)?)?;
+                    start += len;
+                    continue;
+                }
                 // rel(i): the i-th nearest shares the query's label.
                 let (values, relevant) = certify.nearest(&d, depth, &query_items)?;
                 let relevant = certify
-                    .ranked(&d, item, (&values, &relevant), ties.as_ref())?
+                    .ranked(&d, &query_items, (&values, &relevant), ties.as_ref())?
                     .unwrap_or(relevant);
                 drop(d);
                 for (sum, &k) in hits.iter_mut().zip(ks) {
                     let top = relevant.f_narrow(1, 0, k.min(depth))?;
                     let _ = sum.f_add_(&top.f_any_dim(1, false)?.f_sum(Kind::Int64)?)?;
                 }
-                if let Some(precision) = precision {
-                    let r = others.f_narrow(0, start, len)?.f_to_kind(Kind::Double)?;
+                if precision == Some(AveragePrecision::AtR) {
+                    let r = r.f_to_kind(Kind::Double)?;
                     let rank = Tensor::f_arange_start(1, depth + 1, (Kind::Double, device))?;
-                    let rel = match precision {
-                        AveragePrecision::AtR => relevant.f_logical_and(
-                            &rank.f_unsqueeze(0)?.f_le_tensor(&r.f_unsqueeze(1)?)?,
-                        )?,
-                        AveragePrecision::Full => {
-                            // R_q / the rank of the last relevant item, found
-                            // in the whole ranking: R_q ≥ 1.
-                            let last = rank
-                                .f_unsqueeze(0)?
-                                .f_where_scalarother(&relevant, 0.0)?
-                                .f_amax(1, false)?;
-                            let _ = inverse_negative_penalty
-                                .f_add_(&r.f_div(&last)?.f_sum(Kind::Double)?)?;
-                            relevant
-                        }
-                    };
+                    let rel = relevant
+                        .f_logical_and(&rank.f_unsqueeze(0)?.f_le_tensor(&r.f_unsqueeze(1)?)?)?;
                     // Hits so far counted in integers: a floating running sum
                     // has no deterministic CUDA kernel.
                     let precision = rel

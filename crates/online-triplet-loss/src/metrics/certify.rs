@@ -75,6 +75,9 @@ use crate::Error;
 /// Entries of the float64 differences taken at a time.
 const EXACT_ELEMENTS: i64 = 1 << 22;
 
+/// A float64 side with its E_q.
+type Wide = (Side, Tensor);
+
 pub(super) struct Certify {
     /// `Squared` or `Cosine`: the distance that ranks.
     distance: Distance,
@@ -88,9 +91,8 @@ pub(super) struct Certify {
     pairs: Option<Tensor>,
     /// E_q of the distances the metrics computed, float64, `(N, 1)`.
     bound: Tensor,
-    /// The float64 Gram ranking, for embeddings of a narrower dtype, with
-    /// its E_q.
-    wide: Option<(Side, Tensor)>,
+    /// The float64 Gram ranking, for embeddings of a narrower dtype.
+    wide: Option<Wide>,
     /// The queries ranked again so far, or ranked by it from the start.
     widened: Cell<i64>,
     /// The items that are ranked, the first ones: the columns of every
@@ -141,6 +143,65 @@ fn bound(
 /// Entries of the float64 checks of [`exact_gram`] taken at a time.
 const CHECK_ELEMENTS: i64 = 1 << 20;
 
+/// Whether every entry of `t` is an integer multiple of one power of two
+/// g ≥ A / 2^`bits`, A the largest magnitude: a number of at most `bits`
+/// significant bits on a grid common to all.
+fn on_grid(t: &Tensor, bits: f64) -> Result<bool, Error> {
+    if t.numel() == 0 {
+        return Ok(true);
+    }
+    let largest = f64::try_from(t.f_abs()?.f_max()?.f_to_kind(Kind::Double)?)?;
+    if largest == 0.0 {
+        return Ok(true);
+    }
+    if !largest.is_finite() {
+        return Ok(false);
+    }
+    let grid = 2f64.powi((largest.log2() - bits).ceil() as i32);
+    let flat = t.f_reshape([-1])?;
+    let count = flat.size()[0];
+    let mut first = 0;
+    while first < count {
+        let m = CHECK_ELEMENTS.min(count - first);
+        let units = flat
+            .f_narrow(0, first, m)?
+            .f_to_kind(Kind::Double)?
+            .f_div_scalar(grid)?;
+        if !bool::try_from(units.f_eq_tensor(&units.f_round()?)?.f_all()?)? {
+            return Ok(false);
+        }
+        first += m;
+    }
+    Ok(true)
+}
+
+/// Whether the rows of `x`, `(N, D)`, all have one positive norm, exactly:
+/// their squared norms sum without rounding in float64 and are equal. Then
+/// the cosine distance of two rows, 1 − x·y/‖x‖², ranks them as the squared
+/// Euclidean distance 2‖x‖² − 2x·y does, whose Gram products are exact for
+/// binary and other integer codes ([`exact_gram`]): ±1 codes of any length,
+/// whose normalised points round.
+pub(super) fn one_norm(x: &Tensor) -> Result<bool, Error> {
+    let (n, width) = (x.size()[0], x.size()[1]);
+    if n == 0 || width == 0 {
+        return Ok(false);
+    }
+    let x = x.f_to_kind(Kind::Double)?;
+    let largest = f64::try_from(x.f_abs()?.f_max()?)?;
+    // Squares of float64 near its largest values overflow; such rows are
+    // not codes.
+    let codes = largest > 0.0
+        && largest < 2f64.powi(500)
+        && on_grid(&x, (53.0 - (width as f64).log2()) / 2.0)?;
+    if !codes {
+        return Ok(false);
+    }
+    let squares = x.f_square()?.f_sum_dim_intlist(1, false, Kind::Double)?;
+    Ok(bool::try_from(
+        squares.f_eq_tensor(&squares.f_narrow(0, 0, 1)?)?.f_all()?,
+    )?)
+}
+
 /// Whether the Euclidean distances of `points` computed from their Gram
 /// products are exact, and are those of `rows` (the embeddings in float64,
 /// scaled by a power of two), the points being `rows` less a centre, times
@@ -165,24 +226,18 @@ fn exact_gram(
     if n == 0 || width == 0 {
         return Ok(true);
     }
-    let largest = f64::try_from(points.f_abs()?.f_max()?)?;
-    let grid = match largest {
-        0.0 => 1.0,
-        _ => {
-            let smallest = largest * (4.0 * width as f64).sqrt() / 2f64.powi(digits / 2);
-            2f64.powi(smallest.log2().ceil() as i32)
-        }
-    };
+    if !on_grid(
+        points,
+        f64::from(digits / 2) - (4.0 * width as f64).sqrt().log2(),
+    )? {
+        return Ok(false);
+    }
     let step = (CHECK_ELEMENTS / width).max(1);
     let mut shift: Option<Tensor> = None;
     let mut first = 0;
     while first < n {
         let m = step.min(n - first);
         let block = points.f_narrow(0, first, m)?.f_to_kind(Kind::Double)?;
-        let units = block.f_div_scalar(grid)?;
-        if !bool::try_from(units.f_eq_tensor(&units.f_round()?)?.f_all()?)? {
-            return Ok(false);
-        }
         // Two-sum of a + b, a the point scaled back and b = −row.
         let a = block
             .f_mul_scalar(2f64.powi(-(exponent / 2)))?
@@ -366,7 +421,120 @@ impl Certify {
         Ok((values, relevant))
     }
 
-    /// The chunk of queries from item `start` has computed distances `d` to
+    /// The bound of distances `d` of `len` queries, and the float64 side to
+    /// rank them again by Gram products, where they are of a narrower dtype.
+    /// Distances in float64 for embeddings of a narrower dtype come from the
+    /// float64 side already, and count as ranked by it, so that the next
+    /// chunks are too.
+    fn bounds(&self, d: &Tensor, len: i64) -> Result<(&Tensor, Option<&Wide>), Error> {
+        Ok(match (&self.wide, d.f_kind()?) {
+            (Some((_, bound)), Kind::Double) => {
+                self.widened.set(self.widened.get() + len);
+                (bound, None)
+            }
+            (wide, _) => (&self.bound, wide.as_ref()),
+        })
+    }
+
+    /// The places in the whole ranking, from 1, of the items that share the
+    /// label of queries `queries`, `(m,)`, in order, `(m, most)`, +inf past
+    /// each query's own R_q; `d` are their distances to the references, as
+    /// [`Certify::finish`] makes them, and `most` is the largest R_q among
+    /// them. The places that ordering the whole ranking as
+    /// [`Certify::nearest`] does would give, found without ordering it: with
+    /// the query's R_q distances to its own label sorted, r_1 ≤ … ≤ r_R, the
+    /// j-th of those items is at place j + c_j, c_j the number of items of
+    /// other labels at a finite distance at most r_j (ties rank those
+    /// first), each counted after one binary search among the R_q: O(n log
+    /// R_q) a query rather than a sort's O(n log n). An item of another
+    /// label within the rounding bound of one of the query's items is
+    /// placed among them by distances from differences (`exact`), it alone
+    /// with the query's R_q: where distances tie (binary codes, say), not
+    /// the whole ranking.
+    pub(super) fn places(
+        &self,
+        d: &Tensor,
+        queries: &Tensor,
+        most: i64,
+        ties: Option<&Ties>,
+    ) -> Result<Tensor, Error> {
+        let (m, n) = (d.size()[0], d.size()[1]);
+        let device = d.device();
+        let (bound, _) = self.bounds(d, m)?;
+        let d = d.f_to_kind(Kind::Double)?;
+        // The query itself and the items of its camera are at +inf.
+        let finite = d.f_lt(f64::INFINITY)?;
+        let mut same = self
+            .keys
+            .f_narrow(0, 0, n)?
+            .f_unsqueeze(0)?
+            .f_eq_tensor(&self.keys.f_index_select(0, queries)?.f_unsqueeze(1)?)?;
+        let other = same.f_logical_not()?.f_logical_and_(&finite)?;
+        let (sorted, own) = d
+            .f_where_scalarother(&same.f_logical_and_(&finite)?, f64::INFINITY)?
+            .f_topk(most, 1, false, true)?;
+        drop(same);
+        // The number of the query's own items strictly closer than each item.
+        let mut below = d.f_searchsorted(&sorted, false, false, "left", None::<Tensor>)?;
+        // Items of other labels within the slack of the query's items on
+        // either side of them.
+        let slack = bound.f_index_select(0, queries)?.f_mul_scalar(2.0)?;
+        let side = |value: f64| Tensor::f_full([m, 1], value, (Kind::Double, device));
+        let edges = Tensor::f_cat(
+            &[
+                side(f64::NEG_INFINITY)?,
+                sorted.shallow_clone(),
+                side(f64::INFINITY)?,
+            ],
+            1,
+        )?;
+        let mut close = d
+            .f_sub(&edges.f_gather(1, &below, false)?)?
+            .f_lt_tensor(&slack)?
+            .f_logical_or_(
+                &edges
+                    .f_gather(1, &below.f_add_scalar(1)?, false)?
+                    .f_sub(&d)?
+                    .f_lt_tensor(&slack)?,
+            )?;
+        drop((d, edges));
+        let _ = close.f_logical_and_(&other)?;
+        let rows = close.f_any_dim(1, false)?.f_nonzero()?.f_squeeze_dim(1)?;
+        if rows.size()[0] > 0 {
+            let close = close.f_index_select(0, &rows)?;
+            let queries = queries.f_index_select(0, &rows)?;
+            let width = i64::try_from(close.f_sum_dim_intlist(1, false, Kind::Int64)?.f_max()?)?;
+            let (_, columns) = close
+                .f_to_kind(Kind::Uint8)?
+                .f_topk(width, 1, true, false)?;
+            let unsure = close.f_gather(1, &columns, false)?;
+            let (mine, _) = self
+                .exact(&queries, &own.f_index_select(0, &rows)?, ties)?
+                .f_where_scalarother(
+                    &sorted.f_index_select(0, &rows)?.f_lt(f64::INFINITY)?,
+                    f64::INFINITY,
+                )?
+                .f_sort(1, false)?;
+            let mut counted = below.f_index_select(0, &rows)?;
+            let exact = self
+                .exact(&queries, &columns, ties)?
+                .f_searchsorted(&mine, false, false, "left", None::<Tensor>)?
+                .f_where_self(&unsure, &counted.f_gather(1, &columns, false)?)?;
+            let _ = counted.f_scatter_(1, &columns, &exact)?;
+            let _ = below.f_index_copy_(0, &rows, &counted)?;
+        }
+        drop(close);
+        let count = Tensor::f_zeros([m, most + 1], (Kind::Int64, device))?
+            .f_scatter_add_(1, &below, &other.f_to_kind(Kind::Int64)?)?
+            .f_cumsum(1, Kind::Int64)?
+            .f_narrow(1, 0, most)?;
+        Ok(count
+            .f_add(&Tensor::f_arange_start(1, most + 1, (Kind::Int64, device))?.f_unsqueeze(0)?)?
+            .f_to_kind(Kind::Double)?
+            .f_where_scalarother(&sorted.f_lt(f64::INFINITY)?, f64::INFINITY)?)
+    }
+
+    /// The chunk of queries `queries`, `(m,)`, has computed distances `d` to
     /// the references (+inf to itself when it is one, and to the items of
     /// its own label and camera, as [`Certify::finish`] makes them);
     /// `values` are its `depth + 1` smallest (or all of them if fewer), in
@@ -378,22 +546,14 @@ impl Certify {
     pub(super) fn ranked(
         &self,
         d: &Tensor,
-        start: i64,
+        queries: &Tensor,
         (values, relevant): (&Tensor, &Tensor),
         ties: Option<&Ties>,
     ) -> Result<Option<Tensor>, Error> {
-        let (len, depth) = (relevant.size()[0], relevant.size()[1]);
-        // `d` in float64 for embeddings of a narrower dtype: ranked by the
-        // float64 side already.
-        let (bound, wide) = match (&self.wide, d.f_kind()?) {
-            (Some((_, bound)), Kind::Double) => {
-                // Counted as ranked by it, so that the next chunks are too.
-                self.widened.set(self.widened.get() + len);
-                (bound, None)
-            }
-            (wide, _) => (&self.bound, wide.as_ref()),
-        };
-        let slack = bound.f_narrow(0, start, len)?.f_mul_scalar(2.0)?;
+        let len = relevant.size()[0];
+        let depth = relevant.size()[1];
+        let (bound, wide) = self.bounds(d, len)?;
+        let slack = bound.f_index_select(0, queries)?.f_mul_scalar(2.0)?;
         let values = values.f_to_kind(Kind::Double)?;
         let rows = unsure(&values, relevant, &slack)?;
         if rows.size()[0] == 0 {
@@ -403,7 +563,7 @@ impl Certify {
             self.widened.set(self.widened.get() + rows.size()[0]);
         }
         let mut ranked = relevant.f_contiguous()?.f_detach_copy()?;
-        let global = rows.f_add_scalar(start)?;
+        let global = queries.f_index_select(0, &rows)?;
         let pick = |t: &Tensor, at: &Tensor| t.f_index_select(0, at);
         let (mut d, mut values, mut slack) =
             (pick(d, &rows)?, pick(&values, &rows)?, pick(&slack, &rows)?);
