@@ -470,14 +470,15 @@ impl Certify {
             .f_unsqueeze(0)?
             .f_eq_tensor(&self.keys.f_index_select(0, queries)?.f_unsqueeze(1)?)?;
         let other = same.f_logical_not()?.f_logical_and_(&finite)?;
-        let (sorted, own) = d
+        let (sorted, matches) = d
             .f_where_scalarother(&same.f_logical_and_(&finite)?, f64::INFINITY)?
             .f_topk(most, 1, false, true)?;
         drop(same);
-        // The number of the query's own items strictly closer than each item.
+        // The number of the query's matches strictly closer than each item.
         let mut below = d.f_searchsorted(&sorted, false, false, "left", None::<Tensor>)?;
-        // Items of other labels within the slack of the query's items on
-        // either side of them.
+        // Items of other labels within the slack of the query's matches on
+        // either side of them, placed among the matches again by distances
+        // from differences.
         let slack = bound.f_index_select(0, queries)?.f_mul_scalar(2.0)?;
         let side = |value: f64| Tensor::f_full([m, 1], value, (Kind::Double, device));
         let edges = Tensor::f_cat(
@@ -508,8 +509,8 @@ impl Certify {
                 .f_to_kind(Kind::Uint8)?
                 .f_topk(width, 1, true, false)?;
             let unsure = close.f_gather(1, &columns, false)?;
-            let (mine, _) = self
-                .exact(&queries, &own.f_index_select(0, &rows)?, ties)?
+            let (matching, _) = self
+                .exact(&queries, &matches.f_index_select(0, &rows)?, ties)?
                 .f_where_scalarother(
                     &sorted.f_index_select(0, &rows)?.f_lt(f64::INFINITY)?,
                     f64::INFINITY,
@@ -518,7 +519,7 @@ impl Certify {
             let mut counted = below.f_index_select(0, &rows)?;
             let exact = self
                 .exact(&queries, &columns, ties)?
-                .f_searchsorted(&mine, false, false, "left", None::<Tensor>)?
+                .f_searchsorted(&matching, false, false, "left", None::<Tensor>)?
                 .f_where_self(&unsure, &counted.f_gather(1, &columns, false)?)?;
             let _ = counted.f_scatter_(1, &columns, &exact)?;
             let _ = below.f_index_copy_(0, &rows, &counted)?;
