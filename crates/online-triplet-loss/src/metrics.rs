@@ -1071,6 +1071,108 @@ mod tests {
         assert_evaluates_to(&x, &label_tensor, &ks, &[1, 7, 1000], (&recall, map));
     }
 
+    /// mAP and mINP over whole rankings by brute force: every other item
+    /// sorted by `distance` (f64), equal distances with the items of other
+    /// labels first.
+    fn brute_whole(
+        points: &[Vec<f64>],
+        labels: &[i64],
+        distance: impl Fn(&[f64], &[f64]) -> f64,
+    ) -> (f64, f64) {
+        let n = points.len();
+        let (mut ap_sum, mut inp_sum, mut queries) = (0.0, 0.0, 0.0);
+        for q in 0..n {
+            let mut others: Vec<(f64, bool)> = (0..n)
+                .filter(|&j| j != q)
+                .map(|j| (distance(&points[q], &points[j]), labels[j] == labels[q]))
+                .collect();
+            others.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let (mut found, mut ap, mut last) = (0.0, 0.0, 0.0);
+            for (i, o) in others.iter().enumerate() {
+                if o.1 {
+                    found += 1.0;
+                    ap += found / (i + 1) as f64;
+                    last = (i + 1) as f64;
+                }
+            }
+            if found > 0.0 {
+                queries += 1.0;
+                ap_sum += ap / found;
+                inp_sum += found / last;
+            }
+        }
+        (ap_sum / queries, inp_sum / queries)
+    }
+
+    #[test]
+    fn whole_rankings_match_brute_force() {
+        tch::manual_seed(11);
+        let n = 60;
+        let labels: Vec<i64> = (0..n).map(|i| (i * 5) % 7).collect();
+        let label_tensor = Tensor::from_slice(&labels);
+        let opts = (Kind::Double, Device::Cpu);
+        let squared =
+            |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum() };
+        // 1 − cos as half the squared distance of the unit vectors.
+        let cosine = |a: &[f64], b: &[f64]| -> f64 {
+            let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let (na, nb) = (norm(a), norm(b));
+            0.5 * a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x / na - y / nb) * (x / na - y / nb))
+                .sum::<f64>()
+        };
+        let signs = Tensor::randn([n, 12], opts).sign();
+        // The same codes, rows scaled by powers of two: cosine distances
+        // equal, norms not.
+        let scales = Tensor::randint_low(-2, 3, [n, 1], (Kind::Int64, Device::Cpu))
+            .to_kind(Kind::Double)
+            .exp2();
+        let cases = [
+            ("gaussian", Tensor::randn([n, 5], opts), Distance::Euclidean),
+            (
+                "small integers",
+                Tensor::randint_low(0, 3, [n, 2], (Kind::Int64, Device::Cpu)).to_kind(Kind::Double),
+                Distance::Euclidean,
+            ),
+            ("sign codes", signs.shallow_clone(), Distance::Cosine),
+            ("scaled sign codes", &signs * &scales, Distance::Cosine),
+        ];
+        for (name, x, distance) in cases {
+            let points: Vec<Vec<f64>> = (0..n)
+                .map(|i| Vec::<f64>::try_from(x.get(i)).unwrap())
+                .collect();
+            let (map, minp) = match distance {
+                Distance::Cosine => brute_whole(&points, &labels, cosine),
+                _ => brute_whole(&points, &labels, squared),
+            };
+            for chunk in [1, 7, 1000] {
+                let got = RetrievalConfig::new(distance)
+                    .chunk_size(chunk)
+                    .scores(
+                        Items::new(&x, &label_tensor),
+                        None,
+                        &[1],
+                        Some(AveragePrecision::Full),
+                    )
+                    .unwrap();
+                let (got_map, got_minp) = (
+                    got.average_precision.unwrap(),
+                    got.inverse_negative_penalty.unwrap(),
+                );
+                assert!(
+                    (got_map - map).abs() < 1e-12,
+                    "{name}, chunk {chunk}: {got_map} vs {map}"
+                );
+                assert!(
+                    (got_minp - minp).abs() < 1e-12,
+                    "{name}, chunk {chunk}: {got_minp} vs {minp}"
+                );
+            }
+        }
+    }
+
     /// `evaluate` gives `recall` and `map` for every chunk size of `chunks`.
     fn assert_evaluates_to(
         x: &Tensor,
