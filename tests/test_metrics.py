@@ -1204,6 +1204,32 @@ def test_cosine_ties_of_codes_of_one_norm(kind, setting):
         assert mean_average_precision_at_r(embeddings, y, **kw) == pytest.approx(map_at_r, abs=1e-12)
 
 
+@pytest.mark.parametrize("scale", [2.0 ** -700, 2.0 ** -1000, 2.0 ** 400])
+def test_cosine_scores_do_not_depend_on_the_scale_of_the_items(scale):
+    """Found by review: items of one norm were recognised by squared norms
+    that underflowed to 0 for tiny float64 rows, all "equal", and those were
+    then ranked as by the squared Euclidean distance (recall@1 0.25 for 0.5)."""
+    x = torch.tensor([[1.0, 0.0], [8.0, 6.0], [1.0, 1.0], [0.0, 9.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1])
+    recall, map_at_r = brute_force(x, y, (1,), "cosine")
+    _, full = brute_force(x, y, (1,), "cosine", full=True)
+    assert recall_at_k(x * scale, y, 1, distance="cosine") == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(x * scale, y, distance="cosine") == pytest.approx(map_at_r, abs=1e-12)
+    assert mean_average_precision(x * scale, y, distance="cosine") == pytest.approx(full, abs=1e-12)
+
+
+def test_cosine_of_zero_rows_ties_every_item_at_one():
+    """Zero rows have one norm, 0, but are at 1 from every item under the
+    cosine distance, not at 0 from each other as the squared Euclidean
+    distance would put them."""
+    x = torch.zeros(6, 3)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    recall, map_at_r = brute_force(x, y, (1, 4), "cosine")
+    assert recall == {1: 0.0, 4: 0.0}
+    assert recall_at_k(x, y, (1, 4), distance="cosine") == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(x, y, distance="cosine") == pytest.approx(map_at_r, abs=1e-12)
+
+
 def test_tied_float32_distances_that_round_are_ranked_again():
     """Integers offset by 1000.1 in float32 tie exactly, but their centred Gram
     products round: the ties are ranked again in float64, still other labels

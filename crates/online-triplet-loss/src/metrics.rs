@@ -34,13 +34,17 @@
 //! tighter than their distance from the centre of the data, or than the
 //! dtype's digits), that query is ranked again in float64, from the
 //! embeddings' differences where Gram products in float64 are not enough
-//! either (`certify`); the bound on the rounding assumes IEEE products: on
-//! a GPU that allows TF32 for float32 matrix products, rank in float64
-//! ([`RetrievalConfig::float64`]; the Python package does). Items of one
-//! norm, exactly (±1 codes, k-hot codes of one k), rank by the cosine
-//! distance as by the squared Euclidean one, which ranks them instead:
-//! its products do not round for them. Queries
-//! are processed in chunks against all M items they can retrieve, so memory
+//! either (`certify`). Those have the last word, exact only to float64's
+//! rounding: distances closer than about D·2⁻⁵³ relative can tie or swap,
+//! and under the cosine distance parallel rows of different norms (or a
+//! zero row and an orthogonal one), which tie in truth, are ordered by
+//! rounding rather than by the rule for ties. The bound on the rounding
+//! assumes IEEE products: on a GPU that allows TF32 for float32 matrix
+//! products, rank in float64 ([`RetrievalConfig::float64`]; the Python
+//! package does). Items of one norm, exactly (±1 codes, k-hot codes of one
+//! k), rank by the cosine distance as by the squared Euclidean one, which
+//! ranks them instead: its products do not round for them. Queries are
+//! processed in chunks against all M items they can retrieve, so memory
 //! stays O(M·chunk); the time is O(Q·M·D) for the distances plus
 //! O(Q·(M + K log K)) for the selection of Q queries, with K = max(k, R_q);
 //! the whole rankings of the mean average precision and mINP take

@@ -186,19 +186,21 @@ pub(super) fn one_norm(x: &Tensor) -> Result<bool, Error> {
     if n == 0 || width == 0 {
         return Ok(false);
     }
-    let x = x.f_to_kind(Kind::Double)?;
-    let largest = f64::try_from(x.f_abs()?.f_max()?)?;
-    // Squares of float64 near its largest values overflow; such rows are
-    // not codes.
-    let codes = largest > 0.0
-        && largest < 2f64.powi(500)
-        && on_grid(&x, (53.0 - (width as f64).log2()) / 2.0)?;
-    if !codes {
+    // Scaled by a power of two to a largest magnitude of about 1, so that
+    // the squares of the grid's steps (2^-27 or more) neither underflow nor
+    // overflow: tiny rows would otherwise all have a squared norm of 0.
+    let (x, _) = super::scaled_to_one(&x.f_to_kind(Kind::Double)?)?;
+    if !on_grid(&x, (53.0 - (width as f64).log2()) / 2.0)? {
         return Ok(false);
     }
+    // Zero rows are at 1 from every item, not at 0 from each other.
     let squares = x.f_square()?.f_sum_dim_intlist(1, false, Kind::Double)?;
+    let first = squares.f_narrow(0, 0, 1)?;
     Ok(bool::try_from(
-        squares.f_eq_tensor(&squares.f_narrow(0, 0, 1)?)?.f_all()?,
+        squares
+            .f_eq_tensor(&first)?
+            .f_all()?
+            .f_logical_and(&first.f_gt(0.0)?.f_squeeze()?)?,
     )?)
 }
 
