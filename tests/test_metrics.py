@@ -1218,6 +1218,25 @@ def test_cosine_scores_do_not_depend_on_the_scale_of_the_items(scale):
     assert mean_average_precision(x * scale, y, distance="cosine") == pytest.approx(full, abs=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cosine_ties_of_parallel_rows_of_different_norms(dtype):
+    """Found by review: b = 6a is parallel to a, so from q they tie and the
+    item of the other label (b) ranks first; normalising a and b in float64
+    rounded them apart and a ranked first (recall@1 0.5 for 0). Each row is
+    now divided by its largest entry first, which makes a and b one row."""
+    x = torch.tensor([[1.0, 1.0], [-5.0, -1.0], [-30.0, -6.0], [1.0, -7.0], [7.0, -49.0]], dtype=dtype)
+    y = torch.tensor([0, 0, 1, 2, 2])
+    ks = (1, 2)
+    recall, map_at_r = brute_force(x, y, ks, "cosine")
+    _, full = brute_force(x, y, ks, "cosine", full=True)
+    _, minp = brute_force(x, y, ks, "cosine", penalty=True)
+    got = retrieval_scores(x, y, ks, distance="cosine")
+    assert got.recall == pytest.approx(recall, abs=1e-12)
+    assert got.mean_average_precision == pytest.approx(full, abs=1e-12)
+    assert got.mean_inverse_negative_penalty == pytest.approx(minp, abs=1e-12)
+    assert mean_average_precision_at_r(x, y, distance="cosine") == pytest.approx(map_at_r, abs=1e-12)
+
+
 def test_cosine_of_zero_rows_ties_every_item_at_one():
     """Zero rows have one norm, 0, but are at 1 from every item under the
     cosine distance, not at 0 from each other as the squared Euclidean

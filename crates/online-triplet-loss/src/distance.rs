@@ -13,7 +13,7 @@ use crate::Error;
 
 /// Norms below this are treated as this when normalising for the cosine
 /// distance, as `torch.nn.functional.normalize` does.
-const COSINE_EPS: f64 = 1e-12;
+pub(crate) const COSINE_EPS: f64 = 1e-12;
 
 /// The distance between two embeddings.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -68,7 +68,7 @@ use std::cell::Cell;
 
 use tch::{Kind, Tensor};
 
-use crate::distance::{Distance, Side};
+use crate::distance::{Distance, Side, COSINE_EPS};
 use crate::ties::Ties;
 use crate::Error;
 
@@ -138,6 +138,21 @@ fn bound(
         .f_add(&squared_norms.f_max()?)?
         .f_mul_scalar(kappa)?
         .f_unsqueeze(1)?)
+}
+
+/// `rows` with each row that the cosine distance normalises (of a norm
+/// above its floor) divided by its largest magnitude, a quotient rounded
+/// once: rows that are positive multiples of each other (v and 6v) become
+/// one row, so that their distances from differences tie, as their cosine
+/// distances do, where normalising v and 6v rounds them apart.
+fn divided_by_largest(rows: &Tensor) -> Result<Tensor, Error> {
+    let largest = rows.f_abs()?.f_amax([1i64].as_slice(), true)?;
+    let unit = rows
+        .f_square()?
+        .f_sum_dim_intlist(1, true, Kind::Double)?
+        .f_sqrt()?
+        .f_gt(COSINE_EPS)?;
+    Ok(rows.f_div(&largest.f_where_scalarother(&unit, 1.0)?)?)
 }
 
 /// Entries of the float64 checks of [`exact_gram`] taken at a time.
@@ -284,11 +299,16 @@ impl Certify {
                 Some((wide, bound))
             }
         };
+        let bound = bound(distance, side, (&rows, exponent), kind)?;
+        let rows = match distance {
+            Distance::Cosine => divided_by_largest(&rows)?,
+            _ => rows,
+        };
         Ok(Certify {
             distance,
             keys: keys.shallow_clone(),
             pairs,
-            bound: bound(distance, side, (&rows, exponent), kind)?,
+            bound,
             rows,
             wide,
             widened: Cell::new(0),
