@@ -340,8 +340,8 @@ impl RetrievalConfig {
     /// al., 2021): the mean over queries of R_q / rank_q, rank_q the place
     /// of q's last relevant item in its whole ranking (the ratio is 1 when
     /// every relevant item comes first). Every query is ranked against
-    /// every item, in O(N log R_q) time; [`RetrievalConfig::scores`] with [`AveragePrecision::Full`]
-    /// gives it beside the mAP.
+    /// every item, in O(N log R_q) time; [`RetrievalConfig::scores`] with
+    /// [`AveragePrecision::Full`] gives it beside the mAP.
     ///
     /// # Shapes
     /// As [`RetrievalConfig::recall_at_k`].
@@ -646,12 +646,6 @@ impl RetrievalConfig {
                     .pairwise(&ranking_side.rows(0, g)?)?;
                 let d = certify.finish(d, &query_items, ties.as_ref())?;
                 let r_last = sorted_r[(start + len - 1) as usize];
-                let depth = match precision {
-                    Some(AveragePrecision::AtR) => k_max.max(r_last),
-                    Some(AveragePrecision::Full) => retrievable,
-                    None => k_max,
-                }
-                .min(retrievable);
                 let r = others.f_narrow(0, start, len)?;
                 if precision == Some(AveragePrecision::Full) {
                     // The place of each of the query's R_q items in its
@@ -679,6 +673,11 @@ impl RetrievalConfig {
                     start += len;
                     continue;
                 }
+                let depth = match precision {
+                    Some(AveragePrecision::AtR) => k_max.max(r_last),
+                    _ => k_max,
+                }
+                .min(retrievable);
                 // rel(i): the i-th nearest shares the query's label.
                 let (values, relevant) = certify.nearest(&d, depth, &query_items)?;
                 let relevant = certify
