@@ -1237,6 +1237,80 @@ def test_cosine_ties_of_parallel_rows_of_different_norms(dtype):
     assert mean_average_precision_at_r(x, y, distance="cosine") == pytest.approx(map_at_r, abs=1e-12)
 
 
+def _exact_cosine_scores(x, y, ks):
+    """recall@k, MAP@R, mAP and mINP under the cosine distance by exact
+    rational arithmetic, for rows of integers: each item ranked by
+    -sign(x.y)(x.y)^2/(|x|^2|y|^2), as 1 - cos ranks, a zero row at cos 0,
+    identical rows ahead of every other item, ties with the items of other
+    labels first."""
+    from fractions import Fraction
+    rows = [[int(v) for v in row] for row in x.double().tolist()]
+    ids = y.tolist()
+    hits, map_at_r, full, minp, queries = {k: 0 for k in ks}, 0.0, 0.0, 0.0, 0
+    for q, a in enumerate(rows):
+        sa = sum(v * v for v in a)
+        ranked = []
+        for j, b in enumerate(rows):
+            if j == q:
+                continue
+            sb, dot = sum(v * v for v in b), sum(u * v for u, v in zip(a, b))
+            if a == b and sa > 0:
+                key = Fraction(-2)
+            elif sa == 0 or sb == 0:
+                key = Fraction(0)
+            else:
+                key = -Fraction(dot * abs(dot), sa * sb)
+            ranked.append((key, ids[j] == ids[q]))
+        ranked.sort()
+        relevant = [match for _, match in ranked]
+        r = sum(relevant)
+        if r == 0:
+            continue
+        queries += 1
+        for k in ks:
+            hits[k] += any(relevant[:k])
+        found = at_r = whole = 0.0
+        for i, match in enumerate(relevant):
+            if match:
+                found += 1
+                whole += found / (i + 1)
+                at_r += found / (i + 1) if i < r else 0.0
+                last = i + 1
+        map_at_r += at_r / r
+        full += whole / r
+        minp += r / last
+    return {k: h / queries for k, h in hits.items()}, map_at_r / queries, full / queries, minp / queries
+
+
+@pytest.mark.parametrize("kind", ["0/1 codes of several weights", "small integers with zero rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_cosine_ties_of_integer_rows_of_different_norms(kind, dtype, chunk_size):
+    """Found by review: under the cosine distance, rows of different norms
+    whose cosines are equal (0/1 codes of weights 1 and 4 against 2 and 2, a
+    zero row and an orthogonal one) were ordered by the rounding of their
+    normalisation. Rows of small integers are now compared exactly, as
+    fractions: checked against exact rational arithmetic."""
+    g = torch.Generator().manual_seed(11)
+    n = 70
+    y = torch.randint(0, 6, (n,), generator=g)
+    if kind.startswith("0/1"):
+        x = (torch.rand(6, 10, generator=g)[y] + torch.rand(n, 10, generator=g) > 1.2).double()
+    else:
+        x = torch.randint(-2, 3, (n, 4), generator=g).double()
+    x[torch.rand(n, generator=g) < 0.15] = 0
+    x = x.to(dtype)
+    ks = (1, 3, 10)
+    recall, map_at_r, full, minp = _exact_cosine_scores(x, y, ks)
+    kw = dict(distance="cosine", chunk_size=chunk_size)
+    got = retrieval_scores(x, y, ks, **kw)
+    assert got.recall == pytest.approx(recall, abs=1e-12)
+    assert got.mean_average_precision == pytest.approx(full, abs=1e-12)
+    assert got.mean_inverse_negative_penalty == pytest.approx(minp, abs=1e-12)
+    assert recall_at_k(x, y, ks, **kw) == pytest.approx(recall, abs=1e-12)
+    assert mean_average_precision_at_r(x, y, **kw) == pytest.approx(map_at_r, abs=1e-12)
+
+
 def test_cosine_of_zero_rows_ties_every_item_at_one():
     """Zero rows have one norm, 0, but are at 1 from every item under the
     cosine distance, not at 0 from each other as the squared Euclidean

@@ -35,10 +35,10 @@ distances within about 1e-4 radians), that query is ranked again in
 float64, from the embeddings' differences where Gram products in float64
 are not enough either. Those float64 distances have the last word, exact
 only to float64's rounding: distances closer than about D·2⁻⁵³ relative
-can tie or swap, and under the cosine distance rows of different norms
-whose distances tie in truth (0/1 codes with different numbers of ones, a
-zero row and an orthogonal one) are ordered by rounding rather than by the
-rule for ties (parallel rows, v and 6v, keep theirs). The bound on the rounding that decides this,
+can tie or swap, and so can cosine distances of rows that are not small
+integers and differ by less than normalising them rounds (rows of small
+integers, such as codes of any weights, are compared exactly, as
+fractions, and parallel rows keep their ties). The bound on the rounding that decides this,
 about 3D·u times the squared norms (u the dtype's unit roundoff), is the
 worst case of any order of summation, so it holds also for products that
 round the same way at every step (one coordinate far larger than the

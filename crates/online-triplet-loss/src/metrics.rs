@@ -36,10 +36,10 @@
 //! embeddings' differences where Gram products in float64 are not enough
 //! either (`certify`). Those have the last word, exact only to float64's
 //! rounding: distances closer than about D·2⁻⁵³ relative can tie or swap,
-//! and under the cosine distance rows of different norms whose distances
-//! tie in truth (0/1 codes with different numbers of ones, a zero row and
-//! an orthogonal one) are ordered by rounding rather than by the rule for
-//! ties (parallel rows, v and 6v, keep theirs). The bound on the rounding
+//! and so can cosine distances of rows that are not small integers and
+//! differ by less than normalising them rounds (rows of small integers,
+//! codes of any weights say, are compared exactly as fractions, and
+//! parallel rows keep their ties). The bound on the rounding
 //! assumes IEEE products: on a GPU that allows TF32 for float32 matrix
 //! products, rank in float64 ([`RetrievalConfig::float64`]; the Python
 //! package does). Items of one norm, exactly (±1 codes, k-hot codes of one

@@ -51,9 +51,13 @@
 //! of the float64 embeddings, exact to float64's rounding, each pair's
 //! terms summed in increasing order ([`Distance::paired_in_order`]) so that
 //! pairs whose terms are the same numbers, the ties of binary codes say,
-//! stay tied whatever coordinates hold them; or, when they have more candidates than a thirty-second of
-//! the items (differences cost tens of times what a matrix product does
-//! per entry), first by Gram distances in float64 against every item, with
+//! stay tied whatever coordinates hold them (for the cosine distance, rows
+//! of small integers are compared as exact fractions instead,
+//! [`cosine_of_codes`], and other rows are first divided by their largest
+//! magnitude, so that parallel rows become one); or, when they have more
+//! candidates than a thirty-second of the items (differences cost tens of
+//! times what a matrix product does per entry), first by Gram distances in
+//! float64 against every item, with
 //! the same test and float64's u, so that each costs what a float64
 //! ranking would; once an eighth of the queries have been ranked again,
 //! the rest are ranked in float64 from the start. Identical items stay at
@@ -84,6 +88,10 @@ pub(super) struct Certify {
     /// The embeddings in float64, scaled by a power of two, `(N, D)`, in the
     /// order of the queries, for the distances from differences.
     rows: Tensor,
+    /// For the cosine distance, whether `rows` are [`small_codes`], whose
+    /// distances from differences are [`cosine_of_codes`]; otherwise each
+    /// of them is divided by its largest magnitude ([`divided_by_largest`]).
+    codes: bool,
     /// The items' label keys, in the same order.
     keys: Tensor,
     /// With cameras, the items' (label, camera) ids: a query retrieves no
@@ -162,15 +170,20 @@ const CHECK_ELEMENTS: i64 = 1 << 20;
 /// g ≥ A / 2^`bits`, A the largest magnitude: a number of at most `bits`
 /// significant bits on a grid common to all.
 fn on_grid(t: &Tensor, bits: f64) -> Result<bool, Error> {
+    Ok(grid_of(t, bits)?.is_some())
+}
+
+/// The grid g of [`on_grid`], if `t` is on it (1 for zeros).
+fn grid_of(t: &Tensor, bits: f64) -> Result<Option<f64>, Error> {
     if t.numel() == 0 {
-        return Ok(true);
+        return Ok(Some(1.0));
     }
     let largest = f64::try_from(t.f_abs()?.f_max()?.f_to_kind(Kind::Double)?)?;
     if largest == 0.0 {
-        return Ok(true);
+        return Ok(Some(1.0));
     }
     if !largest.is_finite() {
-        return Ok(false);
+        return Ok(None);
     }
     let grid = 2f64.powi((largest.log2() - bits).ceil() as i32);
     let flat = t.f_reshape([-1])?;
@@ -183,11 +196,53 @@ fn on_grid(t: &Tensor, bits: f64) -> Result<bool, Error> {
             .f_to_kind(Kind::Double)?
             .f_div_scalar(grid)?;
         if !bool::try_from(units.f_eq_tensor(&units.f_round()?)?.f_all()?)? {
-            return Ok(false);
+            return Ok(None);
         }
         first += m;
     }
-    Ok(true)
+    Ok(Some(grid))
+}
+
+/// Whether `rows`, float64, are small integers times one power of two g,
+/// with squared norms below 2^25·g²: their cosine distances can then be
+/// compared exactly ([`cosine_of_codes`]). g is the coarsest grid that
+/// holds every entry, of 12 bits at most below the largest magnitude.
+fn small_codes(rows: &Tensor) -> Result<bool, Error> {
+    if rows.numel() == 0 {
+        return Ok(true);
+    }
+    for bits in 0..=12 {
+        if let Some(grid) = grid_of(rows, f64::from(bits))? {
+            let most = f64::try_from(
+                rows.f_div_scalar(grid)?
+                    .f_square()?
+                    .f_sum_dim_intlist(1, false, Kind::Double)?
+                    .f_max()?,
+            )?;
+            return Ok(most < 2f64.powi(25));
+        }
+    }
+    Ok(false)
+}
+
+/// The cosine distances of rows `x` and `y` of [`small_codes`] in a form
+/// that ranks them as the cosine distance does, computed so that equal
+/// cosines give equal values and distinct ones distinct values:
+/// (‖x‖²‖y‖² − s·(x·y)²) / (‖x‖²‖y‖²), s the sign of x·y, that is
+/// 1 − s·cos², a number of [0, 2] that grows with 1 − cos. Every product
+/// and sum is an integer times a power of two below 2^53, exact in float64,
+/// and the division rounds once: equal fractions give one number, and two
+/// fractions of denominators below 2^50 differ by at least 2^-50, several
+/// ulps. 1 for a zero row, as the cosine distance of the metrics has it.
+fn cosine_of_codes(x: &Tensor, y: &Tensor) -> Result<Tensor, Error> {
+    let sum = |t: &Tensor| t.f_sum_dim_intlist(1, false, Kind::Double);
+    let dot = sum(&x.f_mul(y)?)?;
+    let norms = sum(&x.f_square()?)?.f_mul(&sum(&y.f_square()?)?)?;
+    let signed = dot.f_square()?.f_mul(&dot.f_sign()?)?;
+    Ok(norms
+        .f_sub(&signed)?
+        .f_div(&norms)?
+        .f_where_scalarother(&norms.f_gt(0.0)?, 1.0)?)
 }
 
 /// Whether the rows of `x`, `(N, D)`, all have one positive norm, exactly:
@@ -300,12 +355,14 @@ impl Certify {
             }
         };
         let bound = bound(distance, side, (&rows, exponent), kind)?;
+        let codes = distance == Distance::Cosine && small_codes(&rows)?;
         let rows = match distance {
-            Distance::Cosine => divided_by_largest(&rows)?,
+            Distance::Cosine if !codes => divided_by_largest(&rows)?,
             _ => rows,
         };
         Ok(Certify {
             distance,
+            codes,
             keys: keys.shallow_clone(),
             pairs,
             bound,
@@ -665,7 +722,11 @@ impl Certify {
             let from = from
                 .f_expand([m, b, dims], false)?
                 .f_reshape([m * b, dims])?;
-            parts.push(self.distance.paired_in_order(&from, &to)?.f_view([m, b])?);
+            let d = match self.codes {
+                true => cosine_of_codes(&from, &to)?,
+                false => self.distance.paired_in_order(&from, &to)?,
+            };
+            parts.push(d.f_view([m, b])?);
             first += b;
         }
         let exact = Tensor::f_cat(&parts, 1)?;
