@@ -38,8 +38,9 @@
 //! rounding: distances closer than about D·2⁻⁵³ relative can tie or swap,
 //! and so can cosine distances of rows that are not small integers and
 //! differ by less than normalising them rounds (rows of small integers,
-//! codes of any weights say, are compared exactly as fractions, and
-//! parallel rows keep their ties). The bound on the rounding
+//! squared norms below 4096 steps, 0/1 codes of up to 4095 bits say, are
+//! compared exactly as fractions, and parallel rows keep their ties). The
+//! bound on the rounding
 //! assumes IEEE products: on a GPU that allows TF32 for float32 matrix
 //! products, rank in float64 ([`RetrievalConfig::float64`]; the Python
 //! package does). Items of one norm, exactly (±1 codes, k-hot codes of one

@@ -204,14 +204,14 @@ fn grid_of(t: &Tensor, bits: f64) -> Result<Option<f64>, Error> {
 }
 
 /// Whether `rows`, float64, are small integers times one power of two g,
-/// with squared norms below 2^25·g²: their cosine distances can then be
+/// with squared norms below 2^12·g²: their cosine distances can then be
 /// compared exactly ([`cosine_of_codes`]). g is the coarsest grid that
-/// holds every entry, of 12 bits at most below the largest magnitude.
+/// holds every entry, of 6 bits at most below the largest magnitude.
 fn small_codes(rows: &Tensor) -> Result<bool, Error> {
     if rows.numel() == 0 {
         return Ok(true);
     }
-    for bits in 0..=12 {
+    for bits in 0..=6 {
         if let Some(grid) = grid_of(rows, f64::from(bits))? {
             let most = f64::try_from(
                 rows.f_div_scalar(grid)?
@@ -219,7 +219,7 @@ fn small_codes(rows: &Tensor) -> Result<bool, Error> {
                     .f_sum_dim_intlist(1, false, Kind::Double)?
                     .f_max()?,
             )?;
-            return Ok(most < 2f64.powi(25));
+            return Ok(most < 2f64.powi(12));
         }
     }
     Ok(false)
@@ -229,11 +229,12 @@ fn small_codes(rows: &Tensor) -> Result<bool, Error> {
 /// that ranks them as the cosine distance does, computed so that equal
 /// cosines give equal values and distinct ones distinct values:
 /// (‖x‖²‖y‖² − s·(x·y)²) / (‖x‖²‖y‖²), s the sign of x·y, that is
-/// 1 − s·cos², a number of [0, 2] that grows with 1 − cos. Every product
-/// and sum is an integer times a power of two below 2^53, exact in float64,
+/// 1 − s·cos², a number of [0, 2] that grows with 1 − cos. In steps of the
+/// grid every product and sum is an integer below 2^25, exact in float64,
 /// and the division rounds once: equal fractions give one number, and two
-/// fractions of denominators below 2^50 differ by at least 2^-50, several
-/// ulps. 1 for a zero row, as the cosine distance of the metrics has it.
+/// distinct fractions of denominators below 2^24 differ by at least 2^-48,
+/// sixteen ulps or more, and stay apart. 1 for a zero row, as the cosine
+/// distance of the metrics has it.
 fn cosine_of_codes(x: &Tensor, y: &Tensor) -> Result<Tensor, Error> {
     let sum = |t: &Tensor| t.f_sum_dim_intlist(1, false, Kind::Double);
     let dot = sum(&x.f_mul(y)?)?;
