@@ -89,8 +89,9 @@ pub(super) struct Certify {
     /// order of the queries, for the distances from differences.
     rows: Tensor,
     /// For the cosine distance, whether `rows` are [`small_codes`], whose
-    /// distances from differences are [`cosine_of_codes`]; otherwise each
-    /// of them is divided by its largest magnitude ([`divided_by_largest`]).
+    /// distances from differences are [`cosine_of_codes`]; otherwise those
+    /// it takes are divided by their largest magnitude
+    /// ([`divided_by_largest`]).
     codes: bool,
     /// The items' label keys, in the same order.
     keys: Tensor,
@@ -175,10 +176,33 @@ fn on_grid(t: &Tensor, bits: f64) -> Result<bool, Error> {
 
 /// The grid g of [`on_grid`], if `t` is on it (1 for zeros).
 fn grid_of(t: &Tensor, bits: f64) -> Result<Option<f64>, Error> {
-    if t.numel() == 0 {
-        return Ok(Some(1.0));
+    if !head_on_grid(t, bits)? {
+        return Ok(None);
     }
-    let largest = f64::try_from(t.f_abs()?.f_max()?.f_to_kind(Kind::Double)?)?;
+    let largest = largest_magnitude(t)?;
+    grid_below(t, largest, bits)
+}
+
+/// Whether the first entries of `t` are on their own grid of `bits` bits:
+/// false when `t` cannot be on a grid of `bits` bits, whose step is at
+/// least theirs, before a pass over all of it (embeddings of floats fail
+/// here).
+fn head_on_grid(t: &Tensor, bits: f64) -> Result<bool, Error> {
+    let flat = t.f_reshape([-1])?;
+    let head = flat.f_narrow(0, 0, CHECK_ELEMENTS.min(flat.size()[0]))?;
+    Ok(grid_below(&head, largest_magnitude(&head)?, bits)?.is_some())
+}
+
+/// The largest magnitude of `t`'s entries, 0 for none.
+fn largest_magnitude(t: &Tensor) -> Result<f64, Error> {
+    if t.numel() == 0 {
+        return Ok(0.0);
+    }
+    Ok(f64::try_from(t.f_abs()?.f_max()?.f_to_kind(Kind::Double)?)?)
+}
+
+/// [`grid_of`] for `t` of largest magnitude `largest`.
+fn grid_below(t: &Tensor, largest: f64, bits: f64) -> Result<Option<f64>, Error> {
     if largest == 0.0 {
         return Ok(Some(1.0));
     }
@@ -211,8 +235,12 @@ fn small_codes(rows: &Tensor) -> Result<bool, Error> {
     if rows.numel() == 0 {
         return Ok(true);
     }
+    if !head_on_grid(rows, 6.0)? {
+        return Ok(false);
+    }
+    let largest = largest_magnitude(rows)?;
     for bits in 0..=6 {
-        if let Some(grid) = grid_of(rows, f64::from(bits))? {
+        if let Some(grid) = grid_below(rows, largest, f64::from(bits))? {
             let most = f64::try_from(
                 rows.f_div_scalar(grid)?
                     .f_square()?
@@ -357,10 +385,6 @@ impl Certify {
         };
         let bound = bound(distance, side, (&rows, exponent), kind)?;
         let codes = distance == Distance::Cosine && small_codes(&rows)?;
-        let rows = match distance {
-            Distance::Cosine if !codes => divided_by_largest(&rows)?,
-            _ => rows,
-        };
         Ok(Certify {
             distance,
             codes,
@@ -709,7 +733,16 @@ impl Certify {
     ) -> Result<Tensor, Error> {
         let (m, c) = (columns.size()[0], columns.size()[1]);
         let dims = self.rows.size()[1];
-        let from = self.rows.f_index_select(0, query)?.f_unsqueeze(1)?;
+        // Rows of the cosine distance but codes, each divided by its largest
+        // magnitude ([`divided_by_largest`]).
+        let pick = |index: &Tensor| -> Result<Tensor, Error> {
+            let rows = self.rows.f_index_select(0, index)?;
+            match self.distance == Distance::Cosine && !self.codes {
+                true => divided_by_largest(&rows),
+                false => Ok(rows),
+            }
+        };
+        let from = pick(query)?.f_unsqueeze(1)?;
         // In blocks of columns, so that a row of many candidates stays
         // within the pieces' size too.
         let block = (EXACT_ELEMENTS / (m * dims).max(1)).max(1);
@@ -717,9 +750,7 @@ impl Certify {
         let mut first = 0;
         while first < c {
             let b = block.min(c - first);
-            let to = self
-                .rows
-                .f_index_select(0, &columns.f_narrow(1, first, b)?.f_reshape([-1])?)?;
+            let to = pick(&columns.f_narrow(1, first, b)?.f_reshape([-1])?)?;
             let from = from
                 .f_expand([m, b, dims], false)?
                 .f_reshape([m * b, dims])?;
