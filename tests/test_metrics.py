@@ -6,6 +6,7 @@ import math
 import random
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -32,7 +33,10 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="eu
     ``cameras``, the queries' and the references' camera ids (one tensor
     without references): an item of the query's label and camera is dropped
     from its ranking. Among items at equal distances, those of other labels
-    rank first."""
+    rank first. ``distance="exact cosine"``, for rows of integers, ranks by
+    the cosine distance in exact rational arithmetic instead: by
+    -sign(x.y)(x.y)^2/(|x|^2|y|^2), as 1 - cos ranks, a zero row at cos 0,
+    identical rows ahead of every other item."""
     points = embeddings.double().tolist()
     ids = labels.tolist()
     if references is None:
@@ -47,6 +51,15 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="eu
         query_cams, gallery_cams = cameras[0].tolist(), cameras[1].tolist()
 
     def dist(a, b):
+        if distance == "exact cosine":
+            a, b = [int(v) for v in a], [int(v) for v in b]
+            sa, sb = sum(v * v for v in a), sum(v * v for v in b)
+            if a == b and sa > 0:
+                return Fraction(-2)
+            if sa == 0 or sb == 0:
+                return Fraction(0)
+            dot = sum(u * v for u, v in zip(a, b))
+            return -Fraction(dot * abs(dot), sa * sb)
         if distance == "cosine":
             na = math.sqrt(sum(x * x for x in a))
             nb = math.sqrt(sum(y * y for y in b))
@@ -1237,51 +1250,6 @@ def test_cosine_ties_of_parallel_rows_of_different_norms(dtype):
     assert mean_average_precision_at_r(x, y, distance="cosine") == pytest.approx(map_at_r, abs=1e-12)
 
 
-def _exact_cosine_scores(x, y, ks):
-    """recall@k, MAP@R, mAP and mINP under the cosine distance by exact
-    rational arithmetic, for rows of integers: each item ranked by
-    -sign(x.y)(x.y)^2/(|x|^2|y|^2), as 1 - cos ranks, a zero row at cos 0,
-    identical rows ahead of every other item, ties with the items of other
-    labels first."""
-    from fractions import Fraction
-    rows = [[int(v) for v in row] for row in x.double().tolist()]
-    ids = y.tolist()
-    hits, map_at_r, full, minp, queries = {k: 0 for k in ks}, 0.0, 0.0, 0.0, 0
-    for q, a in enumerate(rows):
-        sa = sum(v * v for v in a)
-        ranked = []
-        for j, b in enumerate(rows):
-            if j == q:
-                continue
-            sb, dot = sum(v * v for v in b), sum(u * v for u, v in zip(a, b))
-            if a == b and sa > 0:
-                key = Fraction(-2)
-            elif sa == 0 or sb == 0:
-                key = Fraction(0)
-            else:
-                key = -Fraction(dot * abs(dot), sa * sb)
-            ranked.append((key, ids[j] == ids[q]))
-        ranked.sort()
-        relevant = [match for _, match in ranked]
-        r = sum(relevant)
-        if r == 0:
-            continue
-        queries += 1
-        for k in ks:
-            hits[k] += any(relevant[:k])
-        found = at_r = whole = 0.0
-        for i, match in enumerate(relevant):
-            if match:
-                found += 1
-                whole += found / (i + 1)
-                at_r += found / (i + 1) if i < r else 0.0
-                last = i + 1
-        map_at_r += at_r / r
-        full += whole / r
-        minp += r / last
-    return {k: h / queries for k, h in hits.items()}, map_at_r / queries, full / queries, minp / queries
-
-
 @pytest.mark.parametrize("kind", ["0/1 codes of several weights", "small integers with zero rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("chunk_size", [None, 7])
@@ -1301,7 +1269,9 @@ def test_cosine_ties_of_integer_rows_of_different_norms(kind, dtype, chunk_size)
     x[torch.rand(n, generator=g) < 0.15] = 0
     x = x.to(dtype)
     ks = (1, 3, 10)
-    recall, map_at_r, full, minp = _exact_cosine_scores(x, y, ks)
+    recall, map_at_r = brute_force(x, y, ks, "exact cosine")
+    _, full = brute_force(x, y, ks, "exact cosine", full=True)
+    _, minp = brute_force(x, y, ks, "exact cosine", penalty=True)
     kw = dict(distance="cosine", chunk_size=chunk_size)
     got = retrieval_scores(x, y, ks, **kw)
     assert got.recall == pytest.approx(recall, abs=1e-12)

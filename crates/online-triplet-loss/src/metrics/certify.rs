@@ -463,6 +463,16 @@ impl Certify {
         }
     }
 
+    /// Whether each of the first `n` items shares the label of each of
+    /// `queries`, `(m,)`: `(m, n)`.
+    fn of_label(&self, queries: &Tensor, n: i64) -> Result<Tensor, Error> {
+        Ok(self
+            .keys
+            .f_narrow(0, 0, n)?
+            .f_unsqueeze(0)?
+            .f_eq_tensor(&self.keys.f_index_select(0, queries)?.f_unsqueeze(1)?)?)
+    }
+
     fn same_label(&self, nearest: &Tensor, queries: &Tensor) -> Result<Tensor, Error> {
         let queries = queries.f_unsqueeze(1)?;
         Ok(self
@@ -511,11 +521,7 @@ impl Certify {
         let whole = match cut {
             true => {
                 let tied = d.f_eq_tensor(&last)?.f_logical_and_(&finite)?;
-                let same = self
-                    .keys
-                    .f_narrow(0, 0, n)?
-                    .f_unsqueeze(0)?
-                    .f_eq_tensor(&self.keys.f_index_select(0, queries)?.f_unsqueeze(1)?)?;
+                let same = self.of_label(queries, n)?;
                 let count = |t: &Tensor| t.f_sum_dim_intlist(1, true, Kind::Int64);
                 Some((count(&tied)?, count(&tied.f_logical_and(&same)?)?))
             }
@@ -568,11 +574,7 @@ impl Certify {
         let d = d.f_to_kind(Kind::Double)?;
         // The query itself and the items of its camera are at +inf.
         let finite = d.f_lt(f64::INFINITY)?;
-        let mut same = self
-            .keys
-            .f_narrow(0, 0, n)?
-            .f_unsqueeze(0)?
-            .f_eq_tensor(&self.keys.f_index_select(0, queries)?.f_unsqueeze(1)?)?;
+        let mut same = self.of_label(queries, n)?;
         let other = same.f_logical_not()?.f_logical_and_(&finite)?;
         let (sorted, matches) = d
             .f_where_scalarother(&same.f_logical_and_(&finite)?, f64::INFINITY)?
