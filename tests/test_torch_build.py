@@ -1,6 +1,7 @@
 """tools/torch_build.py's patch of torch-sys for torch 2.14 and 2.15: how it
 reaches cargo and maturin, and how the patched copy is made (on a stand-in
-source; the real one is built by `make test TORCH=2.15.0` and CI's smoke run)."""
+source, and on the released torch-sys 0.26.0 where cargo's registry holds it;
+the patched copy is built by `make test TORCH=2.15.0` and CI's smoke run)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,22 @@ def test_torches_before_2_14_build_torch_sys_as_released(monkeypatch, tmp_path):
     monkeypatch.setattr(tb, "torch_version", lambda: "2.13.0")
     assert tb.patched_torch_sys({"CARGO_TARGET_DIR": str(tmp_path)}) is None
     assert not os.listdir(tmp_path)
+
+
+def _registry_torch_sys() -> Path | None:
+    home = Path(os.environ.get("CARGO_HOME", Path.home() / ".cargo"))
+    found = sorted(home.glob("registry/src/*/torch-sys-0.26.0/build.rs"))
+    return found[0].parent if found else None
+
+
+@pytest.mark.skipif(_registry_torch_sys() is None,
+                    reason="torch-sys 0.26.0 is not in cargo's registry (no build has fetched it)")
+def test_the_released_torch_sys_takes_the_patch_and_asks_no_compiler_for_cpp17(monkeypatch, tmp_path):
+    source = _registry_torch_sys()
+    target = _patched(monkeypatch, tmp_path, source)
+    build = (target / "build.rs").read_text()
+    assert "c++17" not in build, "a compiler is still asked for C++17"
+    assert build.count('.flag("-std=c++20")') == 1 and build.count('.flag("/std:c++20")') == 1
+    generated = (target / "libtch" / "torch_api_generated.cpp").read_text()
+    for call in ("torch::cholesky(", "torch::cholesky_out(", "torch::qr(", "torch::qr_out("):
+        assert call not in generated, call

@@ -6,7 +6,7 @@ tch 0.24 matches torch 2.11, tch 0.26 matches 2.13 and also builds against
 torch-sys patched (no tch release compiles against them yet): their headers
 need C++20, and no longer declare ``torch::cholesky``, ``torch::qr`` and
 their ``_out`` forms, which torch-sys 0.26's generated wrapper calls; the
-patched copy calls ``torch::linalg_cholesky`` and ``torch::linalg_qr``, the
+patched copy asks for C++20 (GCC's and Clang's flag, and MSVC's) and calls ``torch::linalg_cholesky`` and ``torch::linalg_qr``, the
 same functions under their current names. Before cargo or maturin runs,
 this
 
@@ -67,6 +67,8 @@ PATCHED_FROM = (2, 14)
 # The patch, each replacement found exactly once: (file, old, new).
 TORCH_SYS_PATCH = [
     ("build.rs", '.flag("-std=c++17")', '.flag("-std=c++20")'),
+    # MSVC's spelling, in the Windows branch of the same build script.
+    ("build.rs", '.flag("/std:c++17")', '.flag("/std:c++20")'),
     (
         "libtch/torch_api_generated.cpp",
         "torch::cholesky(*self, (bool)upper)",
