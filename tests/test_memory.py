@@ -225,3 +225,46 @@ def test_no_nan_on_empty_terms():
     xbm = CrossBatchMemory(BatchAllTripletLoss(margin=0.2), memory_size=4)
     out = xbm(torch.randn(3, 2, requires_grad=True), torch.tensor([0, 1, 2]))
     assert out.item() == 0.0 and not math.isnan(out.item())
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor.*deprecated:UserWarning")
+@pytest.mark.parametrize("store", ["enqueue", "forward"])
+@pytest.mark.parametrize("dtype", [torch.uint32, torch.uint64, torch.complex64, torch.float8_e4m3fn, torch.quint8])
+def test_labels_of_a_dtype_no_loss_takes_are_refused_before_anything_is_stored(store, dtype):
+    xbm = CrossBatchMemory(BatchHardTripletLoss(), memory_size=8)
+    plain = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    labels = (torch.quantize_per_tensor(plain, 1.0, 0, dtype) if dtype == torch.quint8
+              else plain.to(dtype))
+    call = xbm.enqueue if store == "enqueue" else xbm
+    with pytest.raises(ValueError, match=r"^labels: dtype torch\.\w+ is not supported"):
+        call(torch.randn(4, 3), labels)
+    assert xbm.num_stored == 0 and xbm.memory_labels is None and xbm.embedding_dim is None
+    # Still usable, with labels of any dtype the losses take.
+    batch, good = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    assert torch.equal(xbm(batch, good), BatchHardTripletLoss()(batch, good))
+
+
+def test_a_state_with_labels_of_a_dtype_no_loss_takes_is_refused():
+    xbm = CrossBatchMemory(BatchHardTripletLoss(), memory_size=4)
+    xbm.enqueue(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))
+    state = xbm.state_dict()
+    state["memory_labels"] = state["memory_labels"].to(torch.uint32)
+    fresh = CrossBatchMemory(BatchHardTripletLoss(), memory_size=4)
+    with pytest.raises(ValueError, match="memory_labels has dtype torch.uint32, which no loss takes"):
+        fresh.load_state_dict(state)
+    assert fresh.num_stored == 0 and fresh.memory_labels is None
+
+
+def test_an_empty_memory_shows_its_buffers_dtypes():
+    xbm = CrossBatchMemory(BatchHardTripletLoss(), memory_size=4)
+    assert [t.dtype for t in xbm.memory] == [torch.float32, torch.int64]
+    assert xbm.memory[0].shape == (0, 0)
+    xbm(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 0, 1, 1], dtype=torch.int32))
+    filled = [(t.dtype, t.device) for t in xbm.memory]
+    assert filled == [(torch.float64, torch.device("cpu")), (torch.int32, torch.device("cpu"))]
+    xbm.reset()
+    embeddings, labels = xbm.memory
+    assert [(embeddings.dtype, embeddings.device), (labels.dtype, labels.device)] == filled
+    assert embeddings.shape == (0, 3) and labels.shape == (0,)
+    preallocated = CrossBatchMemory(BatchHardTripletLoss(), memory_size=4, embedding_dim=5).double()
+    assert preallocated.memory[0].dtype == torch.float64 and preallocated.memory[0].shape == (0, 5)

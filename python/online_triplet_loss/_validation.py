@@ -13,6 +13,9 @@ import torch
 
 DISTANCES = ("euclidean", "squared", "cosine")
 INT64_MAX = 2**63 - 1
+# The label dtypes the core compares by value (the others are refused there).
+LABEL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def resolve_distance(squared: object, distance: object) -> str:
@@ -56,6 +59,16 @@ def check_dense(name: str, value: torch.Tensor) -> None:
     if value.is_nested or value.layout != torch.strided:
         kind = "a nested tensor" if value.is_nested else f"layout {value.layout}"
         raise ValueError(f"{name}: must be a dense (strided) tensor, got {kind}")
+
+
+def check_label_dtype(name: str, labels: torch.Tensor) -> None:
+    """Labels of a dtype the core takes, checked where labels are gathered
+    or stored before any loss sees them."""
+    if labels.dtype not in LABEL_DTYPES:
+        raise ValueError(
+            f"{name}: dtype {labels.dtype} is not supported; pass class ids as int64 (or int8 to "
+            "int32, uint8, bool or floating point)"
+        )
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:

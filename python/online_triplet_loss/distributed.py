@@ -23,6 +23,7 @@ from . import _core, _native as native
 from ._validation import (
     DISTANCES,
     check_flag,
+    check_label_dtype,
     check_tensor,
     margin_and_tensor,
     refuse_scripting,
@@ -133,7 +134,7 @@ def _gather_sizes(embeddings: Tensor, labels: Tensor, group: Optional[object],
         if len(set(values)) > 1:
             per_rank = ", ".join(f"{show(v)!r} on rank {r}" for r, v in enumerate(values))
             raise ValueError(f"{what}: must be the same on every rank of the group; got {per_rank}")
-    _check_label_dtype("labels", labels)  # the same dtype on every rank
+    check_label_dtype("labels", labels)  # the same dtype on every rank
     return [row[0] for row in rows]
 
 
@@ -213,25 +214,13 @@ def _check_extra(embeddings: object, extra_embeddings: object, extra_labels: obj
 # The label dtypes of the core (uint16/32/64, complex, float8 and quantized
 # labels are refused there), checked before labels are gathered or
 # concatenated here.
-_LABEL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-                 torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_label_dtype(name: str, labels: Tensor) -> None:
-    if labels.dtype not in _LABEL_DTYPES:
-        raise ValueError(
-            f"{name}: dtype {labels.dtype} is not supported; pass class ids as int64 (or int8 to "
-            "int32, uint8, bool or floating point)"
-        )
-
-
 def _common_labels(labels: Tensor, extra: Tensor) -> Tuple[Tensor, Tensor]:
     """``labels`` and ``extra`` in dtypes that keep every class: integer and
     float labels meet in float64, where an integer and a float of the same
     value are one class, instead of a float being truncated to an integer."""
     # Checked here, before they are concatenated into the core's ref_labels.
-    _check_label_dtype("labels", labels)
-    _check_label_dtype("extra_labels", extra)
+    check_label_dtype("labels", labels)
+    check_label_dtype("extra_labels", extra)
     extra = extra.to(labels.device)
     if labels.dtype != extra.dtype and (labels.is_floating_point() or extra.is_floating_point()):
         for name, t in (("labels", labels), ("extra_labels", extra)):
@@ -418,7 +407,7 @@ class DistributedTripletLoss(nn.Module):
             raise ValueError("extra_embeddings and extra_labels: must be given together")
         if extra_embeddings is not None:
             _check_extra(embeddings, extra_embeddings, extra_labels)
-            _check_label_dtype("extra_labels", extra_labels)
+            check_label_dtype("extra_labels", extra_labels)
             if _labels_problem(labels) is None:
                 _common_labels(labels, extra_labels)
         rows, width = (-1, -1) if extra_embeddings is None else tuple(extra_embeddings.shape)

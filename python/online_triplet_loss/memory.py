@@ -13,7 +13,15 @@ from torch import Tensor, nn
 from . import _native as native
 from .distributed import DistributedTripletLoss, _dtype_code, _dtype_shown
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, _TripletLoss, loss_of
-from ._validation import INT64_MAX, check_int, check_tensor, refuse_scripting, refuse_tracing
+from ._validation import (
+    INT64_MAX,
+    LABEL_DTYPES,
+    check_int,
+    check_label_dtype,
+    check_tensor,
+    refuse_scripting,
+    refuse_tracing,
+)
 
 __all__ = ["CrossBatchMemory"]
 
@@ -215,9 +223,11 @@ class CrossBatchMemory(nn.Module):
     def _stored(self) -> Tuple[Tensor, Tensor]:
         self._check_buffers()
         if self._count == 0 or self.memory_labels is None:
+            # Empty, in the buffers' dtypes and device where there are buffers.
             dim = 0 if self.embedding_dim is None else self.embedding_dim
-            empty = torch.empty(0, dim)
-            return empty, torch.empty(0, dtype=torch.long)
+            stored, labels = self.memory_embeddings, self.memory_labels
+            return (torch.empty(0, dim) if stored is None else stored.new_empty(0, dim),
+                    torch.empty(0, dtype=torch.long) if labels is None else labels.new_empty(0))
         order = self._order()
         return self.memory_embeddings[order], self.memory_labels[order]
 
@@ -383,6 +393,10 @@ class CrossBatchMemory(nn.Module):
     def _check_batch(self, embeddings: Tensor, labels: Tensor) -> None:
         check_tensor("embeddings", embeddings)
         check_tensor("labels", labels)
+        # Refused here, not only by the loss: enqueue stores them without one,
+        # and labels of a dtype the losses refuse would fix the memory's
+        # label dtype (reset keeps it) to one no later batch can match.
+        check_label_dtype("labels", labels)
         if embeddings.dim() != 2 or not embeddings.is_floating_point():
             raise ValueError(
                 "embeddings: must be a 2-D floating point tensor, got shape "
@@ -462,6 +476,8 @@ class CrossBatchMemory(nn.Module):
             refuse(f"memory_labels has shape {tuple(getattr(labels, 'shape', ()))}, expected ({size},)")
         if labels is not None and embeddings is None:
             refuse("it has memory_labels without memory_embeddings")
+        if isinstance(labels, Tensor) and labels.dtype not in LABEL_DTYPES:
+            refuse(f"memory_labels has dtype {labels.dtype}, which no loss takes as labels")
         if extra is None:
             return
         if not isinstance(extra, dict) or not {"next", "count", "embedding_dim"} <= set(extra):
