@@ -548,6 +548,48 @@ def test_dispatch_mode_exception_raised_as_is(target):
     assert torch.is_grad_enabled()
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("target", ["all", "hard", "semihard", "recall"])
+def test_dispatch_mode_exception_at_any_operation_no_panic(target, grad, capfd):
+    # Raised at each of the core's operations in turn: the caller gets it
+    # as is, and nothing reaches stderr (a non-fallible tch call, such as
+    # detach, panicked there and printed a Rust backtrace first).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from online_triplet_loss.metrics import recall_at_k
+
+    class Refused(Exception):
+        pass
+
+    class RefuseAt(TorchDispatchMode):
+        def __init__(self, at):
+            super().__init__()
+            self.at, self.seen = at, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen += 1
+            if self.seen == self.at:
+                raise Refused(f"refused {func}")
+            return func(*args, **(kwargs or {}))
+
+    labels, x = _batch(SEEDS[4])
+    x = leaf(x)
+    run = {"recall": lambda: recall_at_k(x, labels, ks=[1, 2])}.get(
+        target, lambda: function_loss(target, labels, x, 0.5, "euclidean"))
+    with torch.set_grad_enabled(grad):
+        counting = RefuseAt(0)
+        with counting:
+            run()
+        assert counting.seen > 10
+        for at in range(1, counting.seen + 1):
+            with pytest.raises(Refused, match="refused aten"):
+                with RefuseAt(at):
+                    run()
+            assert torch.is_grad_enabled() == grad
+    out, err = capfd.readouterr()
+    assert not any(word in out + err for word in ("panicked", "unwrap", "RUST_BACKTRACE")), err[-2000:]
+
+
 def test_a_keyboard_interrupt_the_witness_missed_is_a_keyboard_interrupt():
     """Ctrl-C can land in torch's own Python dispatch code, between the
     modes, where no mode's try sees it: the core then fails with its text

@@ -230,7 +230,7 @@ fn row_scales(x: &Tensor) -> Result<Tensor, Error> {
         Kind::Half => 6.103_515_625e-5,
         _ => f64::from(f32::MIN_POSITIVE),
     };
-    let largest = x.detach().f_abs()?.f_amax([-1i64].as_slice(), true)?;
+    let largest = x.f_detach()?.f_abs()?.f_amax([-1i64].as_slice(), true)?;
     let usable = largest
         .f_gt(0.0)?
         .f_logical_and_(&largest.f_lt(f64::INFINITY)?)?;
@@ -331,7 +331,7 @@ impl Side {
         x: &Tensor,
         y: Option<&Tensor>,
     ) -> Result<(Side, Side), Error> {
-        let x = x.detach();
+        let x = x.f_detach()?;
         let y = y.map(Tensor::detach);
         let center = match distance {
             Distance::Cosine => None,

@@ -193,7 +193,7 @@ impl Terms {
                 .count
                 .f_to_kind(kind)?
                 .f_div(&self.valid.f_clamp_min(1)?)?
-                .f_add(&self.sum.detach().f_mul_scalar(0.0)?)?)
+                .f_add(&self.sum.f_detach()?.f_mul_scalar(0.0)?)?)
         })
     }
 }
@@ -319,8 +319,8 @@ impl TripletConfig {
     /// Non-finite values anywhere in the embeddings or references, Euclidean
     /// (or squared) distances whose squares may overflow the dtype (float32
     /// embeddings ≳ 1e19 apart), cosine distances of rows whose norm
-    /// overflows, and Euclidean distances of embeddings so close together
-    /// that the squares of their differences underflow (every entry within
+    /// overflows, and Euclidean (or squared) distances of embeddings so
+    /// close together that the squares of their differences underflow (every entry within
     /// 1.1e-19 of the first embedding's in float32, 1.5e-154 in float64,
     /// but not all equal) make `sum` NaN and every gradient it sends NaN,
     /// even where no triplet uses them: never a quietly wrong number.
@@ -490,9 +490,9 @@ impl TripletConfig {
                 };
                 let m = given.f_to_kind(kind)?;
                 let refused = match mining {
-                    Mining::All | Mining::SemiHard => m.detach().f_ne(self.margin)?,
+                    Mining::All | Mining::SemiHard => m.f_detach()?.f_ne(self.margin)?,
                     Mining::Hard => {
-                        let given = given.detach();
+                        let given = given.f_detach()?;
                         given
                             .f_isfinite()?
                             .f_logical_not_()?
@@ -948,13 +948,13 @@ impl TripletConfig {
         let terms = hinge.f_where_scalarother(&valid, 0.0)?;
         let margin_grad = grad::no_grad(|| -> Result<Tensor, Error> {
             Ok(if self.soft {
-                z.detach()
+                z.f_detach()?
                     .f_sigmoid()?
                     .f_where_scalarother(&valid, 0.0)?
                     .f_sum(kind)?
             } else {
                 // A hinge is positive exactly where its slope is 1.
-                terms.detach().f_gt(0.0)?.f_sum(kind)?
+                terms.f_detach()?.f_gt(0.0)?.f_sum(kind)?
             })
         })?;
         let sum = terms.f_sum(kind)?;
@@ -1088,7 +1088,7 @@ fn add_to(total: &mut Option<Tensor>, t: Tensor) -> Result<(), Error> {
 
 /// A term whose value is 0 and whose gradient with respect to `x` is `grad`.
 fn surrogate(x: &Tensor, grad: &Tensor) -> Result<Tensor, Error> {
-    Ok(x.f_sub(&x.detach())?.f_mul(grad)?.f_sum(x.f_kind()?)?)
+    Ok(x.f_sub(&x.f_detach()?)?.f_mul(grad)?.f_sum(x.f_kind()?)?)
 }
 
 /// [`surrogate`] times `guard` ([`first_order_guard`]), for a gradient that

@@ -748,7 +748,7 @@ impl Ordered {
     fn new(queries: Items, references: Option<Items>, kind: Kind) -> Result<Ordered, Error> {
         let x = queries.embeddings;
         let device = x.device();
-        let x = x.detach().f_to_kind(kind)?;
+        let x = x.f_detach()?.f_to_kind(kind)?;
         let (x_keys, x_cams, y) = match references {
             None => {
                 let d = domain(queries.labels, "labels")?;
@@ -783,7 +783,7 @@ impl Ordered {
                     }
                     _ => (None, None),
                 };
-                let y = r.embeddings.detach().f_to_kind(kind)?;
+                let y = r.embeddings.f_detach()?.f_to_kind(kind)?;
                 (x_keys, x_cams, Some((y, y_keys, y_cams)))
             }
         };

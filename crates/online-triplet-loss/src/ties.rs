@@ -19,7 +19,7 @@ use crate::Error;
 /// the CPU, where finding out would synchronise, and with the portable
 /// kernel).
 fn first_copies(x: &Tensor, kernel: Kernel) -> Result<(Tensor, bool), Error> {
-    let x = x.detach().f_add_scalar(0.0)?.f_contiguous()?;
+    let x = x.f_detach()?.f_add_scalar(0.0)?.f_contiguous()?;
     let n = x.size()[0];
     // The slices of `hashed` are made here, from the dtype matched exactly.
     let nan = || alloc::to_vec::<bool>(&x.f_isnan()?.f_any_dim(1, false)?);
