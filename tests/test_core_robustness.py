@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from online_triplet_loss import _core, metrics
+from online_triplet_loss import _core, batch_all_triplet_loss, metrics
 from helpers import DISTANCES, LOSSES, assert_overflow_is_nan_else_right, function_loss, leaf
 from reference import reference_terms
 
@@ -204,6 +204,57 @@ def test_nan_labels_are_all_distinct(mining, labels):
                            ref_labels=ref_labels, anchor_offset=None)
     assert float(got[0]) == pytest.approx(float(want.sum), rel=1e-5, abs=1e-6)
     assert int(got[1]) == want.count and int(got[2]) == want.valid
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("row", ["anchors", "zeros", "ulp", "half-rounded", "copy-of-other"])
+def test_an_anchor_whose_row_at_the_offset_holds_other_values_is_still_that_sample(mining, row,
+                                                                                    portable):
+    # anchor_offset=k: anchor i is reference k + i, never paired with
+    # itself, whatever that row holds (a stale or unfilled memory-bank
+    # entry, say); its distances and ties come from its own values. Ties
+    # were taken from the row at the offset: unfilled zero rows of other
+    # samples were put at distance 0 from the anchor.
+    x = leaf(_embeddings(6))
+    bank = _embeddings(7, n=5)
+    bank[1] = 0.0  # an unfilled entry of another sample, a negative of anchor 3
+    rows = torch.cat([bank[:2], x.detach(), bank[2:]])
+    ref_labels = torch.cat([torch.tensor([3, 0]), LABELS, torch.tensor([0, 2, 1])])
+    if row == "zeros":
+        rows[2 + 3] = 0.0
+    elif row == "ulp":
+        rows[2 + 7, 4] = torch.nextafter(rows[2 + 7, 4], torch.tensor(math.inf))
+    elif row == "half-rounded":
+        rows = rows.half().float()
+    elif row == "copy-of-other":
+        rows[2 + 0] = x.detach()[5]  # anchor 0's row holds anchor 5's values
+    ref = leaf(rows)
+    sum_, count, valid = _core.triplet_terms(mining, LABELS, x, 0.2, "euclidean", False, ref,
+                                             ref_labels, 2, portable=portable)
+    want = reference_terms(mining, LABELS, x, 0.2, "euclidean", ref_embeddings=ref,
+                           ref_labels=ref_labels, anchor_offset=2)
+    assert float(sum_.detach()) == pytest.approx(float(want.sum.detach()), rel=1e-5, abs=1e-6)
+    assert int(count) == want.count and int(valid) == want.valid
+    got = torch.autograd.grad(sum_, (x, ref))
+    wanted = torch.autograd.grad(want.sum, (x, ref))
+    for g, w in zip(got, wanted):
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("mining", LOSSES)
+def test_another_label_at_the_anchors_own_row_poisons_the_loss(mining, portable):
+    # One sample with two labels: it would be its own negative.
+    x = leaf(_embeddings(6))
+    ref = leaf(torch.cat([_embeddings(7, n=2), x.detach()]))
+    ref_labels = torch.cat([torch.tensor([3, 1]), LABELS])
+    ref_labels[2 + 1] = 2
+    sum_, _, _ = _core.triplet_terms(mining, LABELS, x, 0.2, "euclidean", False, ref,
+                                     ref_labels, 2, portable=portable)
+    assert math.isnan(float(sum_.detach()))
+    gx, gref = torch.autograd.grad(sum_, (x, ref))
+    assert torch.isnan(gx).all() and torch.isnan(gref).all()
 
 
 # --------------------------------------------------------------------------- NaN in the gradients
@@ -610,3 +661,23 @@ def test_misaligned_labels_give_what_aligned_ones_give(mining, portable):
     assert metrics.recall_at_k(x, _misaligned(labels), (1, 5)) == metrics.recall_at_k(x, labels, (1, 5))
     assert (metrics.mean_average_precision_at_r(x, _misaligned(labels))
             == metrics.mean_average_precision_at_r(x, labels))
+
+
+@pytest.mark.parametrize("how", ["margin", "squared"])
+def test_a_sum_that_overflows_the_dtype_keeps_batch_alls_fraction(how):
+    # Finite inputs whose hinges sum past float32's range: the loss is inf
+    # (documented), and the fraction is still the count over the valid
+    # triplets, not the NaN of non-finite inputs.
+    x = _embeddings(8, n=32)
+    labels = torch.arange(32) % 4
+    if how == "margin":
+        loss, fraction = batch_all_triplet_loss(labels, x, 1e37)
+        want = reference_terms("all", labels, x.double(), 1e37, "euclidean")
+    else:
+        x = x * 3e17
+        loss, fraction = batch_all_triplet_loss(labels, x, 0.2, distance="squared")
+        want = reference_terms("all", labels, x.double(), 0.2, "squared")
+    assert float(want.sum) > torch.finfo(torch.float32).max  # the case: the sum does not fit
+    assert float(want.sum) / want.count < torch.finfo(torch.float32).max  # ... its mean does
+    assert loss.item() == math.inf
+    assert fraction.item() == pytest.approx(want.count / want.valid, rel=1e-6)

@@ -169,7 +169,7 @@ def terms(
     """The unnormalised parts of a loss: ``(sum, count, valid)``, where the loss is
     ``sum / max(count, 1)`` and batch-all's fraction is ``count / max(valid, 1)``
     (:func:`loss_and_fraction`). With ``anchor_offset=k``, anchor ``i`` is
-    reference ``k + i`` and never its own positive. Used to combine batches
+    reference ``k + i`` and never paired with itself. Used to combine batches
     across processes. ``sum`` is differentiable with respect to the
     embeddings, the reference embeddings and a margin tensor that requires
     grad; through batch-all and semi-hard only once."""
@@ -258,8 +258,10 @@ def batch_all_triplet_loss(
         anchor_offset: when the reference set contains the anchors themselves,
             at rows ``anchor_offset`` to ``anchor_offset + B`` (e.g.
             ``torch.cat([embeddings, bank])`` with ``anchor_offset=0``), that
-            row: anchor :math:`i` is then reference ``anchor_offset + i`` and
-            never its own positive, as in
+            row: anchor :math:`i` is then reference ``anchor_offset + i``,
+            never paired with itself (that row may hold other values, such
+            as a stale bank entry: the anchor's own are used; another label
+            there makes the loss and its gradients NaN), as in
             :class:`~online_triplet_loss.CrossBatchMemory`. ``None`` (the
             default) excludes nothing. An int in ``[0, M - B]``; without
             ``ref_embeddings`` only 0, the batch's own offset.
@@ -327,8 +329,10 @@ def batch_hard_triplet_loss(
         anchor_offset: when the reference set contains the anchors themselves,
             at rows ``anchor_offset`` to ``anchor_offset + B`` (e.g.
             ``torch.cat([embeddings, bank])`` with ``anchor_offset=0``), that
-            row: anchor :math:`i` is then reference ``anchor_offset + i`` and
-            never its own positive, as in
+            row: anchor :math:`i` is then reference ``anchor_offset + i``,
+            never paired with itself (that row may hold other values, such
+            as a stale bank entry: the anchor's own are used; another label
+            there makes the loss and its gradients NaN), as in
             :class:`~online_triplet_loss.CrossBatchMemory`. ``None`` (the
             default) excludes nothing. An int in ``[0, M - B]``; without
             ``ref_embeddings`` only 0, the batch's own offset.
@@ -391,8 +395,10 @@ def batch_semihard_triplet_loss(
         anchor_offset: when the reference set contains the anchors themselves,
             at rows ``anchor_offset`` to ``anchor_offset + B`` (e.g.
             ``torch.cat([embeddings, bank])`` with ``anchor_offset=0``), that
-            row: anchor :math:`i` is then reference ``anchor_offset + i`` and
-            never its own positive, as in
+            row: anchor :math:`i` is then reference ``anchor_offset + i``,
+            never paired with itself (that row may hold other values, such
+            as a stale bank entry: the anchor's own are used; another label
+            there makes the loss and its gradients NaN), as in
             :class:`~online_triplet_loss.CrossBatchMemory`. ``None`` (the
             default) excludes nothing. An int in ``[0, M - B]``; without
             ``ref_embeddings`` only 0, the batch's own offset.

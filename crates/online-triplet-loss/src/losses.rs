@@ -48,10 +48,11 @@ pub struct References<'a> {
     /// Their labels, `(M,)`.
     pub labels: &'a Tensor,
     /// `Some(k)` when the anchors are also references: anchor `i` is
-    /// reference `k + i` and is never its own positive. Taken as given: only
-    /// its range is checked, and rows that are not the same give a loss
-    /// that is not the batch's (an anchor is then at distance 0 from every
-    /// copy of reference `k + i`).
+    /// reference `k + i`, one sample, never paired with itself. Its row
+    /// there may hold other values (a stale entry of a memory bank): the
+    /// anchor's own values give its distances and ties. Another label there
+    /// makes the loss and every gradient it sends NaN (found without
+    /// synchronising with the device).
     pub anchor_offset: Option<i64>,
 }
 
@@ -180,8 +181,8 @@ impl Terms {
     }
 
     /// `count / max(valid, 1)`: the fraction of positive triplets for batch-all;
-    /// NaN when `sum` is not finite (non-finite embeddings, say), whose
-    /// counts mean nothing.
+    /// NaN when `sum` is NaN (non-finite embeddings, say), whose counts mean
+    /// nothing. A sum that overflowed to inf keeps its fraction.
     ///
     /// # Errors
     /// As [`Terms::mean`].
@@ -193,7 +194,7 @@ impl Terms {
                 .count
                 .f_to_kind(kind)?
                 .f_div(&self.valid.f_clamp_min(1)?)?
-                .f_add(&self.sum.f_detach()?.f_mul_scalar(0.0)?)?)
+                .f_where_scalarother(&self.sum.f_detach()?.f_isnan()?.f_logical_not()?, f64::NAN)?)
         })
     }
 }
@@ -457,7 +458,18 @@ impl TripletConfig {
             let same = references.is_none();
             let (tx, ty) = (sx.tie_rows(&x)?, sy.tie_rows(&y)?);
             let ties = Ties::find(&tx, &ty, self_col, same, self.kernel)?;
-            let poison = sx.poison(y_apart.map(|_| &sy))?;
+            let mut poison = sx.poison(y_apart.map(|_| &sy))?;
+            // Anchor i is reference k + i, one sample: with another label
+            // there it would be its own negative. That poisons the loss
+            // (read on the host, the check would synchronise).
+            if let (Some(_), Some(k)) = (references, self_col) {
+                let n = x.size()[0];
+                let other = y_labels
+                    .f_narrow(0, k, n)?
+                    .f_ne_tensor(&x_labels)?
+                    .f_any()?;
+                let _ = poison.f_masked_fill_(&other, f64::NAN)?;
+            }
             Ok((ties, (sx, sy), poison))
         })?;
         // Batch-all and semi-hard mine with the config's margin and take the

@@ -179,23 +179,37 @@ impl Ties {
         kernel: Kernel,
     ) -> Result<Option<Ties>, Error> {
         let (n, m) = (x.size()[0], y.size()[0]);
-        if same || anchor_offset.is_some() {
+        let k = anchor_offset.unwrap_or(0);
+        if same {
             let (columns, copies) = first_copies(y, kernel)?;
-            let k = anchor_offset.unwrap_or(0);
             let rows = columns.f_narrow(0, k, n)?;
-            Ok(copies.then_some(Ties { columns, rows }))
-        } else {
-            // References first, so a reference's first copy is a reference,
-            // and an anchor without an identical reference gets an id ≥ m.
-            let (ids, copies) = first_copies(&Tensor::f_cat(&[y, x], 0)?, kernel)?;
-            if !copies {
-                return Ok(None);
-            }
-            Ok(Some(Ties {
-                columns: ids.f_narrow(0, 0, m)?,
-                rows: ids.f_narrow(0, m, n)?,
-            }))
+            return Ok(copies.then_some(Ties { columns, rows }));
         }
+        // Anchors that are their references k + i share their ties, found
+        // among the references alone (on the CPU, where that is known
+        // without waiting for a device): an anchor is then no copy of
+        // anything to count, and a batch of distinct embeddings has none.
+        // Anchors that differ from their rows there (a stale entry of a
+        // memory bank, say) have ties of their own values.
+        let (cpu, native) = (x.device() == Device::Cpu, kernel == Kernel::Auto);
+        if anchor_offset.is_some() && cpu && native {
+            let own = y.f_narrow(0, k, n)?.f_eq_tensor(x)?.f_all()?;
+            if own.f_int64_value(&[])? != 0 {
+                let (columns, copies) = first_copies(y, kernel)?;
+                let rows = columns.f_narrow(0, k, n)?;
+                return Ok(copies.then_some(Ties { columns, rows }));
+            }
+        }
+        // References first, so a reference's first copy is a reference,
+        // and an anchor without an identical reference gets an id ≥ m.
+        let (ids, copies) = first_copies(&Tensor::f_cat(&[y, x], 0)?, kernel)?;
+        if !copies {
+            return Ok(None);
+        }
+        Ok(Some(Ties {
+            columns: ids.f_narrow(0, 0, m)?,
+            rows: ids.f_narrow(0, m, n)?,
+        }))
     }
 
     /// The same ties with the references narrowed to the first `count`
