@@ -663,21 +663,30 @@ def test_misaligned_labels_give_what_aligned_ones_give(mining, portable):
             == metrics.mean_average_precision_at_r(x, labels))
 
 
-@pytest.mark.parametrize("how", ["margin", "squared"])
-def test_a_sum_that_overflows_the_dtype_keeps_batch_alls_fraction(how):
-    # Finite inputs whose hinges sum past float32's range: the loss is inf
-    # (documented), and the fraction is still the count over the valid
-    # triplets, not the NaN of non-finite inputs.
-    x = _embeddings(8, n=32)
-    labels = torch.arange(32) % 4
-    if how == "margin":
-        loss, fraction = batch_all_triplet_loss(labels, x, 1e37)
-        want = reference_terms("all", labels, x.double(), 1e37, "euclidean")
+@pytest.mark.parametrize("mining, how", [(m, "margin") for m in LOSSES]
+                         + [("all", "squared"), ("hard", "squared")])
+def test_hinges_whose_sum_overflows_the_dtype_give_their_mean(mining, how):
+    # Finite inputs whose hinges sum past float32's range, while their mean
+    # fits: the sum is kept in float64 (in float32 it was inf, and batch-all's
+    # fraction NaN).
+    x = _embeddings(8, n=64)
+    labels = torch.arange(64) % 4
+    margin, distance = (5e37, "euclidean") if how == "margin" else (0.2, "squared")
+    if how == "squared":
+        x = x * 1e18  # squared distances up to about 1e38
+    x = leaf(x)
+    want = reference_terms(mining, labels, x.double(), margin, distance)
+    big = torch.finfo(torch.float32).max
+    assert float(want.sum.detach()) > big  # the case: the sum does not fit float32
+    mean = float(want.sum.detach()) / want.count
+    assert mean < big  # ... and its mean does
+    if mining == "all":
+        loss, fraction = batch_all_triplet_loss(labels, x, margin, distance=distance)
+        assert fraction.item() == pytest.approx(want.count / want.valid, rel=1e-6)
     else:
-        x = x * 3e17
-        loss, fraction = batch_all_triplet_loss(labels, x, 0.2, distance="squared")
-        want = reference_terms("all", labels, x.double(), 0.2, "squared")
-    assert float(want.sum) > torch.finfo(torch.float32).max  # the case: the sum does not fit
-    assert float(want.sum) / want.count < torch.finfo(torch.float32).max  # ... its mean does
-    assert loss.item() == math.inf
-    assert fraction.item() == pytest.approx(want.count / want.valid, rel=1e-6)
+        loss = function_loss(mining, labels, x, margin, distance)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(mean, rel=1e-5)
+    (g,) = torch.autograd.grad(loss, x)
+    (w,) = torch.autograd.grad(float(want.count) ** -1 * want.sum, x)
+    torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=0)

@@ -170,9 +170,11 @@ def terms(
     ``sum / max(count, 1)`` and batch-all's fraction is ``count / max(valid, 1)``
     (:func:`loss_and_fraction`). With ``anchor_offset=k``, anchor ``i`` is
     reference ``k + i`` and never paired with itself. Used to combine batches
-    across processes. ``sum`` is differentiable with respect to the
-    embeddings, the reference embeddings and a margin tensor that requires
-    grad; through batch-all and semi-hard only once."""
+    across processes. ``sum`` is float64 whatever the embeddings' dtype (a sum
+    of float32 hinges can overflow where their mean does not), and
+    differentiable with respect to the embeddings, the reference embeddings
+    and a margin tensor that requires grad; through batch-all and semi-hard
+    only once."""
     refuse_tracing(_NAMES.get(mining, "triplet loss"))
     check_tensor("labels", labels)
     check_tensor("embeddings", embeddings)

@@ -100,7 +100,8 @@ impl Default for TripletConfig {
 /// batches (distributed training) before dividing.
 #[derive(Debug)]
 pub struct Terms {
-    /// The sum of the per-term losses, differentiable.
+    /// The sum of the per-term losses, differentiable, in float64: in the
+    /// loss's dtype it could overflow where their mean does not.
     pub sum: Tensor,
     /// How many terms the loss averages over (int64, 0-d): positive
     /// triplets for batch-all, valid anchors for batch-hard, valid positive
@@ -108,7 +109,7 @@ pub struct Terms {
     pub count: Tensor,
     /// Batch-all: the number of valid triplets; otherwise equal to `count`.
     pub valid: Tensor,
-    /// ∂sum/∂margin (0-d, in the dtype of `sum`, not differentiable): the
+    /// ∂sum/∂margin (0-d, in the loss's dtype, not differentiable): the
     /// number of terms whose hinge is active, or the sum of the softplus
     /// slopes for a soft batch-hard loss.
     pub margin_grad: Tensor,
@@ -795,7 +796,7 @@ impl TripletConfig {
                 )?;
             }
             let zero = |kind: Kind| Tensor::f_zeros([], (kind, device));
-            let value = value.map_or_else(|| zero(kind), Ok)?;
+            let value = value.map_or_else(|| zero(Kind::Double), Ok)?;
             let count = count.map_or_else(|| zero(Kind::Int64), Ok)?;
             let valid = valid.map_or_else(|| zero(Kind::Int64), Ok)?;
             let active = match mining {
@@ -878,7 +879,7 @@ impl TripletConfig {
         if n == 0 || m == 0 {
             let zero = Tensor::f_zeros([], (Kind::Int64, device))?;
             return Ok(Terms {
-                sum: Tensor::f_zeros([], (kind, device))?,
+                sum: Tensor::f_zeros([], (Kind::Double, device))?,
                 count: zero.shallow_clone(),
                 valid: zero,
                 margin_grad: Tensor::f_zeros([], (kind, device))?,
@@ -969,7 +970,7 @@ impl TripletConfig {
                 terms.f_detach()?.f_gt(0.0)?.f_sum(kind)?
             })
         })?;
-        let sum = terms.f_sum(kind)?;
+        let sum = terms.f_sum(Kind::Double)?;
         let count = valid.f_sum(Kind::Int64)?;
         Ok(Terms {
             sum,

@@ -93,7 +93,8 @@ pub(crate) struct Chunk<'a> {
 
 /// Loss value and distance weights of a chunk, for batch-all and semi-hard.
 pub(crate) struct Weighted {
-    /// Sum of the hinge terms, a 0-d tensor of the distances' dtype.
+    /// Sum of the hinge terms, a 0-d float64 tensor: a float32 one could
+    /// overflow where the loss, their mean, does not.
     pub value: Tensor,
     /// Number of terms the loss averages over (int64, 0-d).
     pub count: Tensor,

@@ -1000,7 +1000,7 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Erro
         }
     }
     Ok(Weighted {
-        value: scalar(totals.value, Kind::Double)?.f_to_kind(weights.kind())?,
+        value: scalar(totals.value, Kind::Double)?,
         count: scalar(totals.count, Kind::Int64)?,
         valid: scalar(totals.valid, Kind::Int64)?,
         selection: Selection::PairWeights {
@@ -1013,7 +1013,7 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Erro
 
 fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let largest = groups(chunk)?.0.largest();
-    let (d, blocks) = mine_rows::<T, _>(
+    let (_, blocks) = mine_rows::<T, _>(
         chunk,
         false,
         #[inline(always)]
@@ -1047,7 +1047,7 @@ fn semihard_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Error
         }
     }
     Ok(Weighted {
-        value: scalar(totals.value, Kind::Double)?.f_to_kind(d.kind())?,
+        value: scalar(totals.value, Kind::Double)?,
         count: scalar(totals.count, Kind::Int64)?,
         valid: scalar(totals.valid, Kind::Int64)?,
         selection: Selection::Triplets {

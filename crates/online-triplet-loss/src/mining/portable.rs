@@ -82,8 +82,7 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
                 .f_mul(&wide(d)?)?
                 .f_where_scalarother(&active.f_gt(0)?, 0.0)?
                 .f_sum(Kind::Double)?,
-        )?
-        .f_to_kind(kind)?;
+        )?;
     drop(sorted_t);
     let weights =
         active
@@ -148,7 +147,7 @@ pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     let _ = weights.f_scatter_add_(1, &negative, &minus)?;
     let count = pairs.f_sum(Kind::Int64)?;
     Ok(Weighted {
-        value: hinge.f_sum(kind)?,
+        value: hinge.f_sum(Kind::Double)?,
         valid: count.shallow_clone(),
         count,
         selection: Selection::Weights(weights),

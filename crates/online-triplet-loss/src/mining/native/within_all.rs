@@ -39,7 +39,7 @@ use crate::{alloc, Distance, Error, Interrupt};
 
 /// The loss terms of a batch mined against itself, and their gradient.
 pub(crate) struct AllWithin {
-    /// Σ of the positive hinges, 0-d, in the dtype of the points.
+    /// Σ of the positive hinges, 0-d, in float64.
     pub value: Tensor,
     /// Number of positive triplets (int64, 0-d).
     pub count: Tensor,
@@ -401,7 +401,7 @@ fn typed<T: Real>(
         .map(|a| of(a).len() as i64 * (n - groups.of(label[a]).len()) as i64)
         .sum();
     Ok(AllWithin {
-        value: scalar(value, Kind::Double)?.f_to_kind(kind)?,
+        value: scalar(value, Kind::Double)?,
         count: scalar(count, Kind::Int64)?,
         valid: scalar(valid, Kind::Int64)?,
         grad,

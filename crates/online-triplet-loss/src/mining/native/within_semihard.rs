@@ -155,7 +155,6 @@ fn typed<T: Real>(
     (distance, margin): (Distance, f64),
     chunks: (i64, Option<Interrupt>),
 ) -> Result<Weighted, Error> {
-    let kind = points.kind();
     let half = Half::<T>::new((points, norms, labels), groups, distance, |d| d, chunks)?;
     let (n, padded, label, positives) = (half.n, half.padded, &half.label, &half.positives);
     let (_, norm) = half.views()?;
@@ -293,7 +292,7 @@ fn typed<T: Real>(
         }
     }
     Ok(Weighted {
-        value: scalar(value, Kind::Double)?.f_to_kind(kind)?,
+        value: scalar(value, Kind::Double)?,
         count: scalar(count, Kind::Int64)?,
         valid: scalar(count, Kind::Int64)?,
         selection: Selection::Triplets {
