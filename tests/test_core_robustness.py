@@ -690,3 +690,23 @@ def test_hinges_whose_sum_overflows_the_dtype_give_their_mean(mining, how):
     (g,) = torch.autograd.grad(loss, x)
     (w,) = torch.autograd.grad(float(want.count) ** -1 * want.sum, x)
     torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("chunk", [None, 8, 3])
+@pytest.mark.parametrize("negatives, margin", [(32, 2e38), (512, 2e37)])
+def test_hinges_that_overflow_a_float32_lane_give_their_mean(negatives, margin, chunk, portable):
+    # The native kernels add float32 hinges lane by lane (up to a block's or
+    # a tile's) before float64 takes over: a lane that overflowed is summed
+    # again in float64, or the batch goes to the kernels that do.
+    labels = torch.tensor([0, 0] + [1] * negatives)
+    x = leaf(torch.randn(2 + negatives, 4, generator=torch.Generator().manual_seed(3)))
+    want = reference_terms("all", labels, x.double(), margin, "euclidean")
+    assert float(want.sum.detach()) / want.count < torch.finfo(torch.float32).max
+    s, c, v = _core.triplet_terms("all", labels, x, margin, "euclidean", False, None, None, None,
+                                  chunk, portable=portable)
+    assert (int(c), int(v)) == (want.count, want.valid)
+    assert float(s.detach()) == pytest.approx(float(want.sum.detach()), rel=1e-6)
+    (g,) = torch.autograd.grad(s, x)
+    (w,) = torch.autograd.grad(want.sum, x)
+    torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-3)

@@ -549,7 +549,7 @@ def test_dispatch_mode_exception_raised_as_is(target):
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
-@pytest.mark.parametrize("target", ["all", "hard", "semihard", "recall"])
+@pytest.mark.parametrize("target", ["all", "hard", "semihard", "recall", "all-refs", "hard-refs"])
 def test_dispatch_mode_exception_at_any_operation_no_panic(target, grad, capfd):
     # Raised at each of the core's operations in turn: the caller gets it
     # as is, and nothing reaches stderr (a non-fallible tch call, such as
@@ -574,8 +574,13 @@ def test_dispatch_mode_exception_at_any_operation_no_panic(target, grad, capfd):
 
     labels, x = _batch(SEEDS[4])
     x = leaf(x)
+    bank = torch.randn(5, x.shape[1], dtype=x.dtype, generator=torch.Generator().manual_seed(4))
+    refs = dict(ref_embeddings=torch.cat([x.detach(), bank]),
+                ref_labels=torch.cat([labels, labels[:5]]), anchor_offset=0)
+    mining = target.removesuffix("-refs")
     run = {"recall": lambda: recall_at_k(x, labels, ks=[1, 2])}.get(
-        target, lambda: function_loss(target, labels, x, 0.5, "euclidean"))
+        target, lambda: function_loss(mining, labels, x, 0.5, "euclidean",
+                                      **(refs if target.endswith("-refs") else {})))
     with torch.set_grad_enabled(grad):
         counting = RefuseAt(0)
         with counting:

@@ -6,9 +6,9 @@ tch 0.24 matches torch 2.11, tch 0.26 matches 2.13 and also builds against
 torch-sys patched (no tch release compiles against them yet): their headers
 need C++20, and no longer declare ``torch::cholesky``, ``torch::qr`` and
 their ``_out`` forms, which torch-sys 0.26's generated wrapper calls; the
-patched copy asks for C++20 (GCC's and Clang's flag, and MSVC's) and calls ``torch::linalg_cholesky`` and ``torch::linalg_qr``, the
-same functions under their current names. Before cargo or maturin runs,
-this
+patched copy asks for C++20 (GCC's and Clang's flag, and MSVC's) and calls
+``torch::linalg_cholesky`` and ``torch::linalg_qr``, the same functions
+under their current names. Before cargo or maturin runs, this
 
 - moves Cargo.lock to the tch that matches the torch in this environment
   for the duration of the build (the committed lock holds tch 0.26, torch

@@ -332,7 +332,7 @@ impl Side {
         y: Option<&Tensor>,
     ) -> Result<(Side, Side), Error> {
         let x = x.f_detach()?;
-        let y = y.map(Tensor::detach);
+        let y = y.map(Tensor::f_detach).transpose()?;
         let center = match distance {
             Distance::Cosine => None,
             Distance::Euclidean | Distance::Squared => Some(Centre::of(y.as_ref().unwrap_or(&x))?),

@@ -109,9 +109,10 @@ pub struct Terms {
     pub count: Tensor,
     /// Batch-all: the number of valid triplets; otherwise equal to `count`.
     pub valid: Tensor,
-    /// ∂sum/∂margin (0-d, in the loss's dtype, not differentiable): the
-    /// number of terms whose hinge is active, or the sum of the softplus
-    /// slopes for a soft batch-hard loss.
+    /// ∂sum/∂margin (0-d, not differentiable, in the dtype the loss is
+    /// computed in: float32 for half-precision embeddings): the number of
+    /// terms whose hinge is active, or the sum of the softplus slopes for a
+    /// soft batch-hard loss.
     pub margin_grad: Tensor,
 }
 
@@ -170,7 +171,8 @@ impl Terms {
         Ok(())
     }
 
-    /// `sum / max(count, 1)`.
+    /// `sum / max(count, 1)`, in the dtype of `sum` (float64 from
+    /// [`TripletConfig::terms`]; the losses cast it to the embeddings').
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] when a field is not a 0-d tensor or `sum`
@@ -181,8 +183,8 @@ impl Terms {
         caught(|| Ok(self.sum.f_div(&self.count.f_clamp_min(1)?)?))
     }
 
-    /// `count / max(valid, 1)`: the fraction of positive triplets for batch-all;
-    /// NaN when `sum` is NaN (non-finite embeddings, say), whose counts mean
+    /// `count / max(valid, 1)` in the dtype of `sum`: the fraction of positive
+    /// triplets for batch-all; NaN when `sum` is NaN (non-finite embeddings, say), whose counts mean
     /// nothing. A sum that overflowed to inf keeps its fraction.
     ///
     /// # Errors

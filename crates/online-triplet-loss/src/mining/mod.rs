@@ -225,8 +225,9 @@ pub(crate) use native::AllWithin;
 /// Batch-all of a batch mined against itself, by the native kernels from half
 /// of its Gram matrix, in `chunks` of `step` anchors, `stop` asked between
 /// them: `points` and `norms` as in [`Gram`], `columns` the batch's labels.
-/// `None` when a label has more samples than these kernels take;
-/// [`batch_all`] over chunks then applies. Without `grad`, the gradient it
+/// `None` when a label has more samples than these kernels take, or their
+/// float32 partial sums of hinges overflowed; [`batch_all`] over chunks then
+/// applies. Without `grad`, the gradient it
 /// returns is zeros, not computed.
 ///
 /// # Errors

@@ -669,7 +669,19 @@ fn batch_all_few<T: Real>(
                 hinge[0] = hinge[0] + if on { t - block[l] } else { T::REAL_ZERO };
             }
             k[i] += count.iter().map(|c| c.get()).sum::<f64>() as i64;
-            totals.value += hinge.iter().map(|h| h.get()).sum::<f64>();
+            let mut value = hinge.iter().map(|h| h.get()).sum::<f64>();
+            if value.is_infinite() {
+                // A lane of float32 hinges overflowed where their float64
+                // sum does not (hinges near 1e37): the block's again, in
+                // float64. Hinges are not negative, so nothing else sums to
+                // inf; distances that are inf or NaN poison the loss anyway.
+                value = block
+                    .iter()
+                    .filter(|&&d| d < below)
+                    .map(|&d| t.get() - d.get())
+                    .sum();
+            }
+            totals.value += value;
         }
         pair_weights(block, active, distance);
     }

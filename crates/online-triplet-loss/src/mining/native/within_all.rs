@@ -175,7 +175,8 @@ fn column_pass<T: Real>(
 /// Euclidean distances; normalised points for the cosine one) against
 /// themselves, with labels `labels` indexed by `groups`, in `chunks` of
 /// `step` anchors, `stop` asked between them. `None` when a label has more
-/// than [`FEW_KEYS`] + 1 samples, which the chunked path handles. Without
+/// than [`FEW_KEYS`] + 1 samples, or a float32 sum of hinges overflowed,
+/// which the chunked path handles. Without
 /// `grad`, the gradient is zeros: the products that make it are skipped.
 ///
 /// # Errors
@@ -194,10 +195,10 @@ pub(crate) fn batch_all_within(
         return Ok(None);
     }
     let loss = (distance, margin);
-    Ok(Some(match real_kind(points.kind())? {
-        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, loss, chunks, grad)?,
-        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, loss, chunks, grad)?,
-    }))
+    match real_kind(points.kind())? {
+        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, loss, chunks, grad),
+        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, loss, chunks, grad),
+    }
 }
 
 fn typed<T: Real>(
@@ -208,7 +209,7 @@ fn typed<T: Real>(
     (distance, margin): (Distance, f64),
     chunks: (i64, Option<Interrupt>),
     want_grad: bool,
-) -> Result<AllWithin, Error> {
+) -> Result<Option<AllWithin>, Error> {
     let kind = points.kind();
     let half = Half::<T>::new(
         (points, norms, labels),
@@ -396,14 +397,20 @@ fn typed<T: Real>(
         let points = half.points.f_narrow(0, 0, n as i64)?;
         let _ = grad.f_add_(&coef.f_unsqueeze(1)?.f_mul(&points)?)?;
     }
+    if value.is_infinite() {
+        // A lane of float32 hinges overflowed (each sums a tile's hinges
+        // before float64 takes over) where their float64 sum may not: the
+        // chunked kernels, which sum in float64 there, take the batch.
+        return Ok(None);
+    }
     let count: i64 = k_total.iter().sum();
     let valid: i64 = (0..n)
         .map(|a| of(a).len() as i64 * (n - groups.of(label[a]).len()) as i64)
         .sum();
-    Ok(AllWithin {
+    Ok(Some(AllWithin {
         value: scalar(value, Kind::Double)?,
         count: scalar(count, Kind::Int64)?,
         valid: scalar(valid, Kind::Int64)?,
         grad,
-    })
+    }))
 }
