@@ -67,6 +67,15 @@ def test_elements_that_are_not_scalars_are_refused(bad, shape):
         PKSampler(bad, 1, 1)
 
 
+@pytest.mark.parametrize("labels", [{0, 1, 2}, frozenset({0, 1}), {0: "a", 1: "b"}, {"x": 0}.keys()],
+                         ids=["set", "frozenset", "dict", "keys"])
+def test_unordered_or_keyed_containers_are_refused(labels):
+    # The sampler yields positions in labels: a set's order, or a mapping's
+    # keys, are not the dataset's samples (found by review: taken silently).
+    with pytest.raises(ValueError, match="^labels: must be a sequence of class ids, one per sample"):
+        PKSampler(labels, 1, 1)
+
+
 def _unreadable_labels():
     labels = torch.tensor([0, 0, 1, 1])
     yield "meta", labels.to("meta"), "labels: must hold values, got a tensor on the meta device"

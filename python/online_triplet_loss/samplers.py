@@ -7,6 +7,7 @@ the Triplet Loss", 2017).
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
 import random
@@ -62,6 +63,13 @@ def _label_list(labels: object) -> List[Hashable]:
         return [_Unequal() if _is_nan(i) else i for i in labels.tolist()]
     if isinstance(labels, (str, bytes)):
         raise ValueError(f"labels: must be a sequence of class ids, got {labels!r}")
+    if isinstance(labels, (collections.abc.Set, collections.abc.Mapping)):
+        # The sampler yields positions in labels, which a set's iteration
+        # order or a mapping's keys are not.
+        raise ValueError(
+            "labels: must be a sequence of class ids, one per sample in the dataset's order, "
+            f"got a {type(labels).__name__}"
+        )
     if getattr(labels, "ndim", 1) != 1:  # numpy arrays
         raise ValueError(
             f"labels: must be 1-D and hold hashable class ids, got an array of shape "
@@ -130,8 +138,9 @@ class PKSampler(Sampler[List[int]]):
     are drawn independently).
 
     Args:
-        labels: the class of every sample of the dataset, as a 1-D tensor,
-            array or sequence of hashable class ids. 0-d tensors and arrays
+        labels: the class of every sample of the dataset, in its order, as a
+            1-D tensor, array or sequence of hashable class ids (not a set
+            or a mapping, which have no such order). 0-d tensors and arrays
             and numpy scalars count by value (``[dataset[i][1] for i in
             ...]`` works), as do equal ints and floats: ``tensor(1)``,
             ``np.int64(1)``, ``1`` and ``1.0`` are one class. Each NaN is a
