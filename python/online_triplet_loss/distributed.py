@@ -211,9 +211,6 @@ def _check_extra(embeddings: object, extra_embeddings: object, extra_labels: obj
         )
 
 
-# The label dtypes of the core (uint16/32/64, complex, float8 and quantized
-# labels are refused there), checked before labels are gathered or
-# concatenated here.
 def _common_labels(labels: Tensor, extra: Tensor) -> Tuple[Tensor, Tensor]:
     """``labels`` and ``extra`` in dtypes that keep every class: integer and
     float labels meet in float64, where an integer and a float of the same

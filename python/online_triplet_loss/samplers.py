@@ -64,8 +64,8 @@ def _label_list(labels: object) -> List[Hashable]:
     if isinstance(labels, (str, bytes)):
         raise ValueError(f"labels: must be a sequence of class ids, got {labels!r}")
     if isinstance(labels, (collections.abc.Set, collections.abc.Mapping)):
-        # The sampler yields positions in labels, which a set's iteration
-        # order or a mapping's keys are not.
+        # The sampler yields positions in labels: a set's order is
+        # arbitrary, and a mapping's keys are not one label per sample.
         raise ValueError(
             "labels: must be a sequence of class ids, one per sample in the dataset's order, "
             f"got a {type(labels).__name__}"
@@ -139,8 +139,8 @@ class PKSampler(Sampler[List[int]]):
 
     Args:
         labels: the class of every sample of the dataset, in its order, as a
-            1-D tensor, array or sequence of hashable class ids (not a set
-            or a mapping, which have no such order). 0-d tensors and arrays
+            1-D tensor, array or sequence of hashable class ids (not a set,
+            whose order is arbitrary, or a mapping). 0-d tensors and arrays
             and numpy scalars count by value (``[dataset[i][1] for i in
             ...]`` works), as do equal ints and floats: ``tensor(1)``,
             ``np.int64(1)``, ``1`` and ``1.0`` are one class. Each NaN is a

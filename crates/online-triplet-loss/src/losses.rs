@@ -183,9 +183,10 @@ impl Terms {
         caught(|| Ok(self.sum.f_div(&self.count.f_clamp_min(1)?)?))
     }
 
-    /// `count / max(valid, 1)` in the dtype of `sum`: the fraction of positive
-    /// triplets for batch-all; NaN when `sum` is NaN (non-finite embeddings, say), whose counts mean
-    /// nothing. A sum that overflowed to inf keeps its fraction.
+    /// `count / max(valid, 1)` in the dtype of `sum`: the fraction of
+    /// positive triplets for batch-all; NaN when `sum` is NaN (non-finite
+    /// embeddings, say), whose counts mean nothing. A sum that overflowed to
+    /// inf keeps its fraction.
     ///
     /// # Errors
     /// As [`Terms::mean`].
@@ -324,10 +325,11 @@ impl TripletConfig {
     /// (or squared) distances whose squares may overflow the dtype (float32
     /// embeddings ≳ 1e19 apart), cosine distances of rows whose norm
     /// overflows, and Euclidean (or squared) distances of embeddings so
-    /// close together that the squares of their differences underflow (every entry within
-    /// 1.1e-19 of the first embedding's in float32, 1.5e-154 in float64,
-    /// but not all equal) make `sum` NaN and every gradient it sends NaN,
-    /// even where no triplet uses them: never a quietly wrong number.
+    /// close together that the squares of their differences underflow
+    /// (every entry within 1.1e-19 of the first embedding's in float32,
+    /// 1.5e-154 in float64, but not all equal) make `sum` NaN and every
+    /// gradient it sends NaN, even where no triplet uses them: never a
+    /// quietly wrong number.
     ///
     /// # Shapes
     /// `labels`: `(B,)`, integer, bool or floating point; `embeddings`:

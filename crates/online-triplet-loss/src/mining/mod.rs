@@ -227,8 +227,7 @@ pub(crate) use native::AllWithin;
 /// them: `points` and `norms` as in [`Gram`], `columns` the batch's labels.
 /// `None` when a label has more samples than these kernels take, or their
 /// float32 partial sums of hinges overflowed; [`batch_all`] over chunks then
-/// applies. Without `grad`, the gradient it
-/// returns is zeros, not computed.
+/// applies. Without `grad`, the gradient it returns is zeros, not computed.
 ///
 /// # Errors
 /// As [`hardest_within`].

@@ -176,8 +176,8 @@ fn column_pass<T: Real>(
 /// themselves, with labels `labels` indexed by `groups`, in `chunks` of
 /// `step` anchors, `stop` asked between them. `None` when a label has more
 /// than [`FEW_KEYS`] + 1 samples, or a float32 sum of hinges overflowed,
-/// which the chunked path handles. Without
-/// `grad`, the gradient is zeros: the products that make it are skipped.
+/// which the chunked path handles. Without `grad`, the gradient is zeros:
+/// the products that make it are skipped.
 ///
 /// # Errors
 /// [`Error::Interrupted`] when `stop` asks; `Error::Torch` when libtorch
