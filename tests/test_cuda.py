@@ -177,18 +177,25 @@ def test_loss_matches_cpu_and_reference(device, mining, distance, dtype):
                 assert_close(got_frac, cpu_frac, what + " fraction vs CPU", **value_tol(dtype))
 
 
-@pytest.mark.parametrize("refs", ["none", "refs", "offset"])
+@pytest.mark.parametrize("refs", ["none", "refs", "offset", "stale"])
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("mining", LOSSES)
 def test_chunked_terms_match_reference(device, mining, distance, refs):
     """Mining a few anchors at a time (uneven last chunk) gives the reference's
-    sum, count, valid and gradients on the device (float64)."""
+    sum, count, valid and gradients on the device (float64). "stale": rows at
+    the offset that are not their anchors' (a zero row beside another zero
+    row, a copy of another reference), whose ties the anchors must not take."""
     margin, soft = 0.3, mining == "hard"
     b = make_batch(3000, min_size=17, max_size=37)
     labels, emb = b.labels, b.embeddings
     rlabels = remb = offset = None
     if refs != "none":
-        labels, emb, rlabels, remb, offset = make_reference_set(3100, 23, 4, with_offset=(refs == "offset"))
+        labels, emb, rlabels, remb, offset = make_reference_set(3100, 23, 4, with_offset=(refs != "refs"))
+    if refs == "stale":
+        remb = torch.cat([remb, torch.zeros(1, remb.shape[1], dtype=remb.dtype)])
+        rlabels = torch.cat([rlabels, rlabels[offset + 1:offset + 2] + 1])
+        remb[offset + 1] = 0.0
+        remb[offset + 5] = remb[offset + 9]
     xr = leaf(emb)
     yr = leaf(remb) if remb is not None else None
     ref = R.reference_terms(mining, labels, xr, margin, distance, soft=soft, ref_embeddings=yr,
