@@ -199,7 +199,7 @@ impl FromStr for Distance {
 /// with first and second derivatives 0 at a row of zeros (the square root is
 /// taken of 1 there), where the norm's own are NaN. Small differences give
 /// the Euclidean distance of a pair ([`Distance::paired`]).
-fn row_norms(x: &Tensor) -> Result<Tensor, Error> {
+pub(crate) fn row_norms(x: &Tensor) -> Result<Tensor, Error> {
     if x.size().last() == Some(&0) {
         // Zeros that stay in the graph, so that a loss of them backpropagates.
         return Ok(x.f_sum_dim_intlist(-1, true, None::<Kind>)?);

@@ -976,15 +976,19 @@ fn normalised_frame(x: &Tensor, centre: bool) -> Result<(Tensor, (Tensor, i32)),
     Ok((scaled, frame))
 }
 
+/// The largest magnitude of `t`'s entries, 0 for none.
+fn largest_magnitude(t: &Tensor) -> Result<f64, Error> {
+    if t.numel() == 0 {
+        return Ok(0.0);
+    }
+    Ok(f64::try_from(t.f_abs()?.f_max()?.f_to_kind(Kind::Double)?)?)
+}
+
 /// `t` times the power of two 2^e that brings its largest magnitude into
 /// [1, 2), and e. Applied in two halves, each a number of the dtype: 2^1074
 /// is not a float64.
 fn scaled_to_one(t: &Tensor) -> Result<(Tensor, i32), Error> {
-    let largest = if t.numel() > 0 {
-        f64::try_from(t.f_abs()?.f_max()?)?
-    } else {
-        0.0
-    };
+    let largest = largest_magnitude(t)?;
     if largest == 0.0 {
         return Ok((t.shallow_clone(), 0));
     }

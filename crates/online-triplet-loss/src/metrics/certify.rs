@@ -72,7 +72,8 @@ use std::cell::Cell;
 
 use tch::{Kind, Tensor};
 
-use crate::distance::{Distance, Side, COSINE_EPS};
+use super::largest_magnitude;
+use crate::distance::{row_norms, Distance, Side, COSINE_EPS};
 use crate::ties::Ties;
 use crate::Error;
 
@@ -156,11 +157,7 @@ fn bound(
 /// distances do, where normalising v and 6v rounds them apart.
 fn divided_by_largest(rows: &Tensor) -> Result<Tensor, Error> {
     let largest = rows.f_abs()?.f_amax([1i64].as_slice(), true)?;
-    let unit = rows
-        .f_square()?
-        .f_sum_dim_intlist(1, true, Kind::Double)?
-        .f_sqrt()?
-        .f_gt(COSINE_EPS)?;
+    let unit = row_norms(rows)?.f_gt(COSINE_EPS)?;
     Ok(rows.f_div(&largest.f_where_scalarother(&unit, 1.0)?)?)
 }
 
@@ -171,16 +168,7 @@ const CHECK_ELEMENTS: i64 = 1 << 20;
 /// g ≥ A / 2^`bits`, A the largest magnitude: a number of at most `bits`
 /// significant bits on a grid common to all.
 fn on_grid(t: &Tensor, bits: f64) -> Result<bool, Error> {
-    Ok(grid_of(t, bits)?.is_some())
-}
-
-/// The grid g of [`on_grid`], if `t` is on it (1 for zeros).
-fn grid_of(t: &Tensor, bits: f64) -> Result<Option<f64>, Error> {
-    if !head_on_grid(t, bits)? {
-        return Ok(None);
-    }
-    let largest = largest_magnitude(t)?;
-    grid_below(t, largest, bits)
+    Ok(head_on_grid(t, bits)? && grid_below(t, largest_magnitude(t)?, bits)?.is_some())
 }
 
 /// Whether the first entries of `t` are on their own grid of `bits` bits:
@@ -193,15 +181,8 @@ fn head_on_grid(t: &Tensor, bits: f64) -> Result<bool, Error> {
     Ok(grid_below(&head, largest_magnitude(&head)?, bits)?.is_some())
 }
 
-/// The largest magnitude of `t`'s entries, 0 for none.
-fn largest_magnitude(t: &Tensor) -> Result<f64, Error> {
-    if t.numel() == 0 {
-        return Ok(0.0);
-    }
-    Ok(f64::try_from(t.f_abs()?.f_max()?.f_to_kind(Kind::Double)?)?)
-}
-
-/// [`grid_of`] for `t` of largest magnitude `largest`.
+/// The grid g of [`on_grid`] for `t` of largest magnitude `largest`, if
+/// `t` is on it (1 for zeros).
 fn grid_below(t: &Tensor, largest: f64, bits: f64) -> Result<Option<f64>, Error> {
     if largest == 0.0 {
         return Ok(Some(1.0));
