@@ -45,8 +45,9 @@ worst case of any order of summation, so it holds also for products that
 round the same way at every step (one coordinate far larger than the
 others). Codes of one norm under the cosine distance (±1 codes of any
 length, k-hot codes of one k) are ranked as by the squared Euclidean
-distance, the same order, whose products do not round for them. On a GPU that allows TF32 for float32 matrix
-products, embeddings of narrower dtypes are ranked in float64. The functions
+distance, the same order, whose products do not round for them. On a GPU
+that allows TF32 for float32 matrix products, embeddings of narrower dtypes
+are ranked in float64. The functions
 synchronise with the device (they return
 Python numbers) and never build a graph; autocast does not reach their
 products. They run without the GIL, and run Python's signal handlers between
