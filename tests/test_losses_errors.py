@@ -105,10 +105,15 @@ def test_integer_embeddings(mining):
         FUNCTIONS[mining](LABELS, torch.ones(4, 3, dtype=torch.long), 0.1)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.uint32, torch.uint64])
 @pytest.mark.parametrize("mining", LOSSES)
-def test_unsupported_label_dtype(mining):
-    with raises_naming("labels"):
-        FUNCTIONS[mining](torch.zeros(4, dtype=torch.complex64), EMB, 0.1)
+def test_unsupported_label_dtype(mining, dtype):
+    """The message quotes the dtype, for labels and reference labels alike."""
+    with raises_naming("labels", str(dtype)):
+        FUNCTIONS[mining](torch.zeros(4, dtype=dtype), EMB, 0.1)
+    with raises_naming("ref_labels", str(dtype)):
+        FUNCTIONS[mining](LABELS, EMB, 0.1, ref_embeddings=EMB,
+                          ref_labels=torch.zeros(4, dtype=dtype))
 
 
 # ------------------------------------------------------------------ margin

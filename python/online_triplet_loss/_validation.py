@@ -66,7 +66,7 @@ def check_label_dtype(name: str, labels: torch.Tensor) -> None:
     or stored before any loss sees them."""
     if labels.dtype not in LABEL_DTYPES:
         raise ValueError(
-            f"{name}: dtype {labels.dtype} is not supported; pass class ids as int64 (or int8 to "
+            f"{name}: dtype {labels.dtype} is not supported; pass ids as int64 (or int8 to "
             "int32, uint8, bool or floating point)"
         )
 
@@ -80,6 +80,12 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
         raise ValueError(f"{name}: must be on the CPU or a CUDA device, got {value.device}")
     refuse_python_dispatch(name, value)
     return value
+
+
+def check_labels(name: str, value: object) -> torch.Tensor:
+    """A tensor of ids (class labels, cameras) of a dtype the core takes."""
+    check_label_dtype(name, check_tensor(name, value))
+    return value  # type: ignore[return-value]
 
 
 def refuse_python_dispatch(name: str, value: torch.Tensor) -> None:
@@ -162,7 +168,7 @@ def check_references(ref_embeddings: object, ref_labels: object) -> None:
         raise ValueError("ref_embeddings and ref_labels: must be given together")
     if ref_embeddings is not None:
         check_tensor("ref_embeddings", ref_embeddings)
-        check_tensor("ref_labels", ref_labels)
+        check_labels("ref_labels", ref_labels)
 
 
 def check_anchor_offset(

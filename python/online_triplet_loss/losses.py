@@ -33,6 +33,7 @@ from . import _core, _native as native
 from ._validation import (
     check_anchor_offset,
     check_flag,
+    check_labels,
     check_margin,
     check_references,
     check_tensor,
@@ -176,7 +177,7 @@ def terms(
     and a margin tensor that requires grad; through batch-all and semi-hard
     only once."""
     refuse_tracing(_NAMES.get(mining, "triplet loss"))
-    check_tensor("labels", labels)
+    check_labels("labels", labels)
     check_tensor("embeddings", embeddings)
     check_references(ref_embeddings, ref_labels)
     value, margin_tensor = margin_and_tensor(margin)

@@ -66,6 +66,7 @@ from . import _core, _native as native
 from ._validation import (
     INT64_MAX,
     check_int,
+    check_labels,
     check_references,
     check_tensor,
     refuse_tracing,
@@ -127,11 +128,11 @@ def _scores(
     mINP."""
     refuse_tracing(name)
     check_tensor("embeddings", embeddings)
-    check_tensor("labels", labels)
+    check_labels("labels", labels)
     check_references(ref_embeddings, ref_labels)
     for argument, value in (("cameras", cameras), ("ref_cameras", ref_cameras)):
         if value is not None:
-            check_tensor(argument, value)
+            check_labels(argument, value)
     return native.call(
         _core.retrieval_scores, embeddings.detach(), labels, ks,
         full=full, distance=resolve_distance(False, distance),

@@ -33,7 +33,7 @@ pub(crate) fn domain(labels: &Tensor, argument: &'static str) -> Result<Domain, 
         Error::invalid(
             argument,
             "has a dtype this library cannot read (uint16, uint32 or uint64?); \
-             pass int64 class ids",
+             pass int64 ids",
         )
     })?;
     match kind {
