@@ -125,3 +125,12 @@ def test_the_released_torch_sys_takes_the_patch_and_asks_no_compiler_for_cpp17(m
     generated = (target / "libtch" / "torch_api_generated.cpp").read_text()
     for call in ("torch::cholesky(", "torch::cholesky_out(", "torch::qr(", "torch::qr_out("):
         assert call not in generated, call
+
+
+def test_runtime_check_names_the_supported_torch_minors():
+    """The import-time check's advice names the minors this build supports."""
+    from online_triplet_loss._torch_check import SUPPORTED
+
+    assert SUPPORTED == (min(tb.TCH_FOR_TORCH), max(tb.TCH_FOR_TORCH))
+    minors = sorted(tb.TCH_FOR_TORCH)
+    assert minors == [(2, m) for m in range(minors[0][1], minors[-1][1] + 1)]

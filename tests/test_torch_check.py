@@ -13,7 +13,7 @@ import torch
 
 import online_triplet_loss
 from online_triplet_loss import _core
-from online_triplet_loss._torch_check import recorded_torch_version
+from online_triplet_loss._torch_check import _advice, recorded_torch_version
 
 PACKAGE = Path(online_triplet_loss.__file__).parent
 PREFIX = b"online-triplet-loss built against torch "
@@ -108,3 +108,19 @@ def test_extension_without_record_is_an_import_error(tmp_path):
     out = _import_copy(tmp_path)
     assert "IMPORT-ERROR" in out and "does not record the torch" in out, out
     assert torch.__version__ in out
+
+
+@pytest.mark.parametrize("running", ["2.16.0", "2.10.1+cu128", "3.13.0", "2.9.0a0+git1234"])
+def test_unsupported_torch_gets_the_supported_range_not_a_rebuild(running):
+    advice = _advice(running)
+    assert f"torch {running} is not supported" in advice
+    assert "torch 2.11 to 2.15" in advice and "'torch>=2.11,<2.16'" in advice
+    assert "make develop" not in advice and "wheel built for" not in advice
+
+
+@pytest.mark.parametrize("running", ["2.11.0", "2.13.0+cu130", "2.15.1"])
+def test_supported_torch_gets_the_rebuild_in_this_environment(running):
+    advice = _advice(running)
+    assert "pip install --no-build-isolation --force-reinstall --no-deps ." in advice
+    assert f"make develop TORCH={running.split('+')[0]}" in advice
+    assert f"wheel built for torch {_minor(running)}" in advice

@@ -17,11 +17,29 @@ __all__ = ["check_torch"]
 
 _RECORD = re.compile(rb"online-triplet-loss built against torch (\d+\.\d+[0-9A-Za-z.+_-]*)\0")
 
+# The torch minors the build supports: tools/torch_build.py's TCH_FOR_TORCH
+# (tests/test_torch_check.py checks that the two agree).
+SUPPORTED = ((2, 11), (2, 15))
+
 _REBUILD = (
-    "Rebuild it against this torch: `make develop` (or `make wheel`) in a clone of "
-    "online-triplet-loss, or `pip install --no-build-isolation --force-reinstall --no-deps .` "
-    "there; or install the wheel built for torch {torch_minor}."
+    "Rebuild it in this environment: in a clone of online-triplet-loss, run `pip install "
+    "--no-build-isolation --force-reinstall --no-deps .` (`make develop TORCH={torch}` builds "
+    "it into the clone's own venv instead); or install its wheel built for torch {torch_minor}."
 )
+_UNSUPPORTED = (
+    "online-triplet-loss supports torch {first} to {last}; install one of those (pip install "
+    "'torch>={first},<{after}') and the extension built for it."
+)
+
+
+def _advice(running: str) -> str:
+    """How to get an extension for torch ``running``."""
+    minor = tuple(int(part) for part in _minor(running).split(".")[:2] if part.isdigit())
+    (major, first), (_, last) = SUPPORTED
+    if len(minor) == 2 and SUPPORTED[0] <= minor <= SUPPORTED[1]:
+        return _REBUILD.format(torch=running.split("+")[0], torch_minor=_minor(running))
+    return f"torch {running} is not supported: " + _UNSUPPORTED.format(
+        first=f"{major}.{first}", last=f"{major}.{last}", after=f"{major}.{last + 1}")
 
 
 def _minor(version: str) -> str:
@@ -45,11 +63,11 @@ def check_torch(package: str) -> None:
     if built is None:
         raise ImportError(
             f"{spec.origin} does not record the torch it was built against; this torch is "
-            f"{running}. " + _REBUILD.format(torch_minor=_minor(running))
+            f"{running}. " + _advice(running)
         )
     if _minor(built) != _minor(running):
         raise ImportError(
             f"online_triplet_loss's extension was built against torch {built}, but torch "
             f"{running} is imported; libtorch's C++ interface differs between the two. "
-            + _REBUILD.format(torch_minor=_minor(running))
+            + _advice(running)
         )
