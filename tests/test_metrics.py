@@ -33,10 +33,10 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="eu
     ``cameras``, the queries' and the references' camera ids (one tensor
     without references): an item of the query's label and camera is dropped
     from its ranking. Among items at equal distances, those of other labels
-    rank first. ``distance="exact cosine"``, for rows of integers, ranks by
-    the cosine distance in exact rational arithmetic instead: by
-    -sign(x.y)(x.y)^2/(|x|^2|y|^2), as 1 - cos ranks, a zero row at cos 0,
-    identical rows ahead of every other item."""
+    rank first. ``distance="exact cosine"`` ranks by the cosine distance in
+    exact rational arithmetic instead: by -sign(x.y)(x.y)^2/(|x|^2|y|^2), as
+    1 - cos ranks, a zero row at cos 0; rows of one direction, copies among
+    them, are at -1 from each other, tied."""
     points = embeddings.double().tolist()
     ids = labels.tolist()
     if references is None:
@@ -52,10 +52,8 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, distance="eu
 
     def dist(a, b):
         if distance == "exact cosine":
-            a, b = [int(v) for v in a], [int(v) for v in b]
+            a, b = [Fraction(v) for v in a], [Fraction(v) for v in b]
             sa, sb = sum(v * v for v in a), sum(v * v for v in b)
-            if a == b and sa > 0:
-                return Fraction(-2)
             if sa == 0 or sb == 0:
                 return Fraction(0)
             dot = sum(u * v for u, v in zip(a, b))
@@ -1280,6 +1278,56 @@ def test_cosine_ties_of_integer_rows_of_different_norms(kind, dtype, chunk_size)
     assert got.mean_inverse_negative_penalty == pytest.approx(minp, abs=1e-12)
     assert recall_at_k(x, y, ks, **kw) == pytest.approx(recall, abs=1e-12)
     assert mean_average_precision_at_r(x, y, **kw) == pytest.approx(map_at_r, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+@pytest.mark.parametrize("setting", ["items", "gallery", "cameras"])
+def test_cosine_copies_tie_with_the_other_rows_of_their_direction(dtype, chunk_size, setting):
+    """Found by review: under the cosine distance a copy of the query and a
+    distinct row of its direction (v, v and 6v) are all at 0, tied, yet the
+    copies ranked ahead of every distinct item, so that a copy of the query's
+    label beat a parallel row of another (recall@1 1.0 for 0.0). Rows of
+    one direction now tie as copies do, checked against exact rational
+    arithmetic, with scales that are not powers of two."""
+    g = torch.Generator().manual_seed(5)
+    n = 64
+    directions = torch.randint(-2, 3, (6, 3), generator=g).double()
+    directions[directions.abs().sum(1) == 0] = 1.0
+    scales = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.5, 1.5, 10.0], dtype=torch.float64)
+    x = (directions[torch.randint(0, 6, (n,), generator=g)]
+         * scales[torch.randint(0, len(scales), (n, 1), generator=g)]).to(dtype)
+    y = torch.randint(0, 4, (n,), generator=g)
+    kw = dict(distance="cosine", chunk_size=chunk_size)
+    references = cameras = None
+    if setting == "gallery":
+        x, y, references = x[:24], y[:24], (x[24:], y[24:])
+        kw.update(ref_embeddings=references[0], ref_labels=references[1])
+    elif setting == "cameras":
+        cameras = with_cameras(2, n)
+        kw.update(cameras=cameras)
+    ks = (1, 2, 7)
+    recall, map_at_r = brute_force(x, y, ks, "exact cosine", references=references, cameras=cameras)
+    _, full = brute_force(x, y, ks, "exact cosine", references=references, cameras=cameras, full=True)
+    _, minp = brute_force(x, y, ks, "exact cosine", references=references, cameras=cameras,
+                          penalty=True)
+    got = retrieval_scores(x, y, ks, **kw)
+    assert got.recall == pytest.approx(recall, abs=1e-12)
+    assert got.mean_average_precision == pytest.approx(full, abs=1e-12)
+    assert got.mean_inverse_negative_penalty == pytest.approx(minp, abs=1e-12)
+    assert mean_average_precision_at_r(x, y, **kw) == pytest.approx(map_at_r, abs=1e-12)
+
+
+def test_cosine_copy_and_parallel_row_of_another_label_tie():
+    """The review's case: (0, -1) of label 0, and two copies of (0, -2) of
+    label 1, all at cosine distance 0; each copy's nearest is, with other
+    labels first among ties, the row of label 0."""
+    x = torch.tensor([[0.0, -1.0], [0.0, -2.0], [0.0, -2.0]])
+    y = torch.tensor([0, 1, 1])
+    got = retrieval_scores(x, y, (1,), distance="cosine")
+    assert got.recall == {1: 0.0}
+    assert got.mean_average_precision == 0.5 and got.mean_inverse_negative_penalty == 0.5
+    assert mean_average_precision_at_r(x, y, distance="cosine") == 0.0
 
 
 def test_cosine_of_zero_rows_ties_every_item_at_one():

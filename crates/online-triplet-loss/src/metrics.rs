@@ -57,7 +57,9 @@
 //! distance zero rows, and rows of norm below 1e-12 times the largest entry
 //! of all the items, which are first scaled by a power of two to about 1:
 //! they are at 1), ahead
-//! of every distinct item, and at equal distances from every other item.
+//! of every distinct item, and at equal distances from every other item;
+//! under the cosine distance so are rows of one direction (v and 6v), whose
+//! cosine distance is 0 as a copy's is.
 //! Items at equal distances from a query rank with those it does not
 //! retrieve as matches first: no score is higher than with any other order
 //! of the ties, so ties (integer, binary or quantised embeddings, copies, a
@@ -608,6 +610,19 @@ impl RetrievalConfig {
             // references come first, so a reference's first copy is one.
             let rows = side.tie_rows(&x)?;
             drop(x);
+            // Under the cosine distance, rows of one direction (v and 6v)
+            // are copies: at 0 from each other, at equal distances from
+            // every other item. Divided by its largest magnitude in float64
+            // (a quotient rounded once) each becomes one row; rows below the
+            // normalisation floor (all, without columns) are NaN, which
+            // equals nothing.
+            let rows = match ranking {
+                Distance::Cosine if rows.size()[1] > 0 => {
+                    let rows = rows.f_to_kind(Kind::Double)?;
+                    rows.f_div(&rows.f_abs()?.f_amax([1i64].as_slice(), true)?)?
+                }
+                _ => rows,
+            };
             let ties = match Ties::find(&rows, &rows, Some(0), true, Kernel::Auto)? {
                 Some(ties) => Some(ties.leading_columns(g)?),
                 None => None,

@@ -60,8 +60,9 @@
 //! float64 against every item, with
 //! the same test and float64's u, so that each costs what a float64
 //! ranking would; once an eighth of the queries have been ranked again,
-//! the rest are ranked in float64 from the start. Identical items stay at
-//! 0, ahead of distinct ones, as in the Gram ranking.
+//! the rest are ranked in float64 from the start. Identical items (for the
+//! cosine distance, rows of one direction) stay at 0, ahead of distinct
+//! ones, as in the Gram ranking.
 //!
 //! E_q is 0 where the Gram products are exact: integer, binary or quantised
 //! embeddings (points on a grid coarse enough that no product or sum
