@@ -469,3 +469,29 @@ def test_a_compiled_memory_pickles():
     x, y = torch.randn(8, 8), torch.arange(8) % 2
     want = copy.deepcopy(memory)(x, y)
     assert torch.equal(pickle.loads(pickle.dumps(memory))(x, y), want)
+
+
+# 2**44 rows of 4 float32: 256 TiB, beyond x86-64's 128 TiB of user address
+# space, so no allocator can grant it whatever the machine's overcommit.
+HUGE = 2**44
+
+
+@pytest.mark.parametrize("when", ["constructed", "first call"])
+def test_a_memory_the_host_cannot_hold_names_memory_size(when):
+    """Found by review: torch's allocator error ("[enforce fail at
+    alloc_cpu.cpp] ... can't allocate memory") named no argument. Now a
+    HostOutOfMemoryError (a MemoryError) names memory_size, and a memory whose
+    first call failed is left as it was: empty, its width not yet fixed."""
+    from online_triplet_loss import HostOutOfMemoryError
+
+    loss = BatchHardTripletLoss(margin=0.2)
+    if when == "constructed":
+        with pytest.raises(HostOutOfMemoryError, match=r"memory_size: 17592186044416 rows of 4"):
+            CrossBatchMemory(loss, memory_size=HUGE, embedding_dim=4)
+        return
+    memory = CrossBatchMemory(loss, memory_size=HUGE)
+    x, y = torch.randn(4, 4), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(MemoryError, match=r"memory_size: 17592186044416 rows of 4 elements"):
+        memory(x, y)
+    assert memory.memory_embeddings is None and memory.memory_labels is None
+    assert memory.embedding_dim is None and memory.extra_repr().endswith("stored=0")

@@ -5,12 +5,13 @@ too."""
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import _native as native
+from ._core import HostOutOfMemoryError
 from .distributed import DistributedTripletLoss, _dtype_code, _dtype_shown
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, _TripletLoss, loss_of
 from ._validation import (
@@ -151,7 +152,9 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("memory_embeddings", None)
         self.register_buffer("memory_labels", None)
         if embedding_dim is not None:
-            self.memory_embeddings = torch.zeros(self.memory_size, embedding_dim)
+            self.memory_embeddings = _allocated(
+                lambda: torch.zeros(self.memory_size, embedding_dim), self.memory_size,
+                embedding_dim, 4)
         self._own_buffers()
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -383,11 +386,18 @@ class CrossBatchMemory(nn.Module):
         self._count = min(self._count + batch, self.memory_size)
 
     def _allocate(self, embeddings: Tensor, labels: Tensor) -> None:
-        if self.memory_embeddings is None:
-            _check_capacity(self.memory_size, embeddings.shape[1], embeddings.element_size())
-            self.embedding_dim = embeddings.shape[1]
-            self.memory_embeddings = embeddings.new_zeros(self.memory_size, self.embedding_dim)
-        self.memory_labels = labels.new_zeros(self.memory_size, device=self.memory_embeddings.device)
+        # Both buffers before either is kept: a failure leaves the memory as it was.
+        stored = self.memory_embeddings
+        if stored is None:
+            width = embeddings.shape[1]
+            _check_capacity(self.memory_size, width, embeddings.element_size())
+            stored = _allocated(lambda: embeddings.new_zeros(self.memory_size, width),
+                                self.memory_size, width, embeddings.element_size())
+        memory_labels = _allocated(
+            lambda: labels.new_zeros(self.memory_size, device=stored.device),
+            self.memory_size, 1, labels.element_size())
+        self.embedding_dim = stored.shape[1]
+        self.memory_embeddings, self.memory_labels = stored, memory_labels
         self._own_buffers()
 
     def _check_batch(self, embeddings: Tensor, labels: Tensor) -> None:
@@ -512,6 +522,21 @@ class CrossBatchMemory(nn.Module):
 
 def _positive_int(name: str, value: object) -> int:
     return check_int(name, value, 1)
+
+
+def _allocated(make: Callable[[], Tensor], memory_size: int, width: int, item_size: int) -> Tensor:
+    """``make()``, a buffer of the memory. Where the host cannot hold it, the
+    error names ``memory_size`` (torch's allocator names no argument); a
+    CUDA device's out-of-memory error, which says what is free, is kept."""
+    try:
+        return make()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        raise HostOutOfMemoryError(
+            f"memory_size: {memory_size} rows of {width} elements of {item_size} bytes "
+            f"({memory_size * width * item_size / 2**30:.3g} GiB) could not be allocated"
+        ) from err
 
 
 def _check_capacity(memory_size: int, width: int, item_size: int) -> None:
