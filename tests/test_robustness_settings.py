@@ -98,6 +98,22 @@ def test_learned_margin_repr_is_one_line_on_any_device(module_class):
     assert "margin=0.25 (frozen)" in repr(frozen)
 
 
+@pytest.mark.parametrize("module_class", [BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss])
+def test_margin_tensors_that_are_not_parameters(module_class):
+    """Found by review: a plain tensor requiring grad read as "(learned)" in
+    the repr though it is no parameter of the module (not in parameters() or
+    the state_dict), and a margin computed from a parameter was kept with a
+    graph the first backward frees (the second call's backward failed in
+    torch, deepcopy too). The repr now says so, and the latter is refused."""
+    leaf = torch.tensor(0.25, requires_grad=True)
+    module = module_class(margin=leaf)
+    assert "margin=0.25 (requires grad, not a parameter of this module)" in repr(module)
+    assert list(module.parameters()) == [] and "margin" not in module.state_dict()
+    raw = nn.Parameter(torch.tensor(-1.0))
+    with pytest.raises(ValueError, match=r"^margin: a tensor computed from others \(SoftplusBackward0\)"):
+        module_class(margin=nn.functional.softplus(raw))
+
+
 @pytest.mark.parametrize("mining", LOSSES)
 @pytest.mark.parametrize("good", [0, 2, 0.5, np.float32(0.5), np.int64(2), fractions.Fraction(1, 2),
                                   10**20, torch.tensor(0.5), torch.tensor([2]), np.array(0.5),

@@ -453,6 +453,12 @@ class _TripletLoss(nn.Module):
         # also if frozen at first) or another tensor that requires grad stays
         # a tensor; anything else is a float.
         if isinstance(margin, nn.Parameter) or (isinstance(margin, Tensor) and margin.requires_grad):
+            if margin.grad_fn is not None:
+                raise ValueError(
+                    f"margin: a tensor computed from others ({type(margin.grad_fn).__name__}) would "
+                    "be kept with its graph, which the first backward frees; pass an nn.Parameter "
+                    "(or a leaf tensor), or compute the margin each step and call the function"
+                )
             self.margin = margin
         else:
             self.margin = check_margin(margin)
@@ -467,6 +473,8 @@ class _TripletLoss(nn.Module):
         margin = self.margin
         if isinstance(margin, Tensor):  # a learned or frozen margin, on one line
             kind = "learned" if margin.requires_grad else "frozen"
+            if not isinstance(margin, nn.Parameter):
+                kind = "requires grad, not a parameter of this module"
             margin = f"({kind}, on meta)" if margin.is_meta else f"{float(margin.detach()):.6g} ({kind})"
         return f"margin={margin}, distance={self.distance!r}"
 
@@ -515,7 +523,11 @@ class BatchAllTripletLoss(_TripletLoss):
     Args:
         margin: :math:`m`, :math:`\ge 0` and finite in the loss's dtype. Default: 1.0. A tensor that
             requires grad, or an ``nn.Parameter`` (also a frozen one), is kept
-            and learned while it requires grad.
+            and gets its gradient while it requires grad. An ``nn.Parameter`` is
+            registered (``parameters()``, ``state_dict``, dtype casts); another
+            tensor is not: whoever made it (an optimiser that holds it) learns it.
+            A tensor computed from others (``softplus(raw)``) is refused: the
+            first backward would free its graph.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
 
     Shape:
@@ -542,7 +554,11 @@ class BatchHardTripletLoss(_TripletLoss):
     Args:
         margin: :math:`m`, :math:`\ge 0` and finite in the loss's dtype. Default: 1.0. A tensor that
             requires grad, or an ``nn.Parameter`` (also a frozen one), is kept
-            and learned while it requires grad.
+            and gets its gradient while it requires grad. An ``nn.Parameter`` is
+            registered (``parameters()``, ``state_dict``, dtype casts); another
+            tensor is not: whoever made it (an optimiser that holds it) learns it.
+            A tensor computed from others (``softplus(raw)``) is refused: the
+            first backward would free its graph.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
         soft: softplus instead of relu. Default: False.
 
@@ -575,7 +591,11 @@ class BatchSemiHardTripletLoss(_TripletLoss):
     Args:
         margin: :math:`m`, :math:`\ge 0` and finite in the loss's dtype. Default: 1.0. A tensor that
             requires grad, or an ``nn.Parameter`` (also a frozen one), is kept
-            and learned while it requires grad.
+            and gets its gradient while it requires grad. An ``nn.Parameter`` is
+            registered (``parameters()``, ``state_dict``, dtype casts); another
+            tensor is not: whoever made it (an optimiser that holds it) learns it.
+            A tensor computed from others (``softplus(raw)``) is refused: the
+            first backward would free its graph.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
 
     Shape:
