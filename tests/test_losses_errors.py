@@ -121,7 +121,8 @@ def test_unsupported_label_dtype(mining, dtype):
 
 BAD_MARGINS = [-1.0, -1e-12, float("nan"), float("inf"), -float("inf"), "1.0", None, True,
                torch.tensor([1.0, 2.0]), torch.tensor(-0.5), torch.tensor(float("nan")),
-               np.array(-1.0), np.array(True), np.array([0.5])]
+               np.array(-1.0), np.array(True), np.array([True]), np.array([0.5, 0.6]),
+               np.array([-0.5])]
 
 
 @pytest.mark.parametrize("mining", LOSSES)
@@ -133,13 +134,14 @@ def test_bad_margin(mining, margin):
         MODULES[mining](margin=margin)
 
 
-@pytest.mark.parametrize("margin", [0, 0.0, 2, np.float64(0.5), np.float32(0.5), torch.tensor(0.5)],
-                         ids=repr)
+@pytest.mark.parametrize("margin", [0, 0.0, 2, np.float64(0.5), np.float32(0.5), torch.tensor(0.5),
+                                    torch.tensor([0.5]), np.array(0.5), np.array([0.5]),
+                                    np.array([[0.5]], dtype=np.float32)], ids=repr)
 def test_good_margin_types(margin):
     for mining in LOSSES:
         loss = function_loss(mining, LABELS, EMB, margin, "euclidean")
         assert math.isfinite(float(loss))
-        assert MODULES[mining](margin=margin).margin == float(margin)
+        assert MODULES[mining](margin=margin).margin == float(getattr(margin, "item", lambda: margin)())
 
 
 @pytest.mark.parametrize("mining", LOSSES)

@@ -102,8 +102,8 @@ def refuse_python_dispatch(name: str, value: torch.Tensor) -> None:
 
 
 def check_margin(margin: object) -> float:
-    """The margin's value as a float: a real number, a 0-d NumPy array or a
-    one-element CPU tensor, finite and >= 0."""
+    """The margin's value as a float: a real number, a one-element NumPy
+    array or a one-element CPU tensor, finite and >= 0."""
     value = margin
     if isinstance(margin, torch.Tensor):
         refuse_python_dispatch("margin", margin)
@@ -115,8 +115,9 @@ def check_margin(margin: object) -> float:
         if margin.dtype == torch.bool or margin.is_complex():
             raise ValueError(f"margin: must be a real number, got a tensor of dtype {margin.dtype}")
         value = margin.detach().item()  # a CPU tensor: no device synchronisation
-    elif getattr(margin, "shape", None) == () and hasattr(margin, "item"):
-        value = margin.item()  # a 0-d NumPy array, as 0.0.6 and sentence-transformers take
+    elif hasattr(margin, "shape") and hasattr(margin, "item") and math.prod(margin.shape) == 1:
+        # A one-element NumPy array, as 0.0.6 and sentence-transformers take.
+        value = margin.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"margin: must be a number, got {_shown(margin)}")
     try:
@@ -132,7 +133,10 @@ def check_margin(margin: object) -> float:
                 "; a learned margin that the optimiser took below 0 can be kept at 0 with "
                 "margin.data.clamp_(min=0) after each step"
             )
-        raise ValueError(f"margin: must be finite and >= 0, got {_shown(margin)}{hint}")
+        shown = _shown(margin)
+        if isinstance(margin, torch.Tensor):  # one line, not a Parameter's two
+            shown = f"{result!r} (a tensor{', requiring grad' if margin.requires_grad else ''})"
+        raise ValueError(f"margin: must be finite and >= 0, got {shown}{hint}")
     return result
 
 
