@@ -1290,6 +1290,31 @@ pub(crate) fn check_ids(
 
 /// Batch-all triplet loss, as in online_triplet_loss 0.0.6: returns the loss
 /// and the fraction of valid triplets whose loss is positive.
+/// [`TripletConfig::batch_all`] with the Euclidean distance, or the squared
+/// one when `squared`.
+///
+/// # Shapes
+/// `labels`: `(B,)`; `embeddings`: `(B, D)`; both results are 0-d, in the
+/// dtype of `embeddings`.
+///
+/// # Errors
+/// As [`TripletConfig::terms`]: a margin that is negative or not finite in
+/// the embeddings' dtype, labels or embeddings of the wrong shape, dtype,
+/// layout or device, and a failure in libtorch.
+///
+/// ```
+/// use online_triplet_loss::batch_all_triplet_loss;
+/// use tch::Tensor;
+///
+/// let labels = Tensor::from_slice(&[0i64, 0, 1, 1]);
+/// let embeddings = Tensor::from_slice(&[0.0f32, 0.0, 0.1, 0.0, 0.3, 0.0, 2.0, 0.0]).view([4, 2]);
+/// // Anchor 0's negative at 0.3 is inside the margin of 0.5 beyond its positive at 0.1.
+/// let (loss, fraction) = batch_all_triplet_loss(&labels, &embeddings, 0.5, false)?;
+/// assert!(f64::try_from(&loss)? > 0.0);
+/// assert!(f64::try_from(&fraction)? > 0.0 && f64::try_from(&fraction)? < 1.0);
+/// assert!(batch_all_triplet_loss(&labels, &embeddings, -1.0, false).is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn batch_all_triplet_loss(
     labels: &Tensor,
     embeddings: &Tensor,
@@ -1303,6 +1328,29 @@ pub fn batch_all_triplet_loss(
 
 /// Batch-hard triplet loss, as in online_triplet_loss 0.0.6 but averaged
 /// over the anchors that have a positive and a negative.
+/// [`TripletConfig::batch_hard`] with the Euclidean distance, or the squared
+/// one when `squared`.
+///
+/// # Shapes
+/// `labels`: `(B,)`; `embeddings`: `(B, D)`; the loss is 0-d, in the dtype
+/// of `embeddings`.
+///
+/// # Errors
+/// As [`batch_all_triplet_loss`].
+///
+/// ```
+/// use online_triplet_loss::batch_hard_triplet_loss;
+/// use tch::Tensor;
+///
+/// let labels = Tensor::from_slice(&[0i64, 0, 1, 1]);
+/// let embeddings = Tensor::from_slice(&[0.0f64, 1.0, 3.0, 4.0]).view([4, 1]);
+/// // Anchor 1: hardest positive at 1, hardest negative at 2: 1 − 2 + 1.5;
+/// // anchor 0: 1 − 3 + 1.5 < 0, no loss.
+/// let loss = batch_hard_triplet_loss(&labels, &embeddings, 1.5, false)?;
+/// let want = (0.0 + 0.5 + 0.5 + 0.0) / 4.0; // anchors 0, 1, 2, 3
+/// assert!((f64::try_from(&loss)? - want).abs() < 1e-12);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn batch_hard_triplet_loss(
     labels: &Tensor,
     embeddings: &Tensor,
@@ -1314,7 +1362,29 @@ pub fn batch_hard_triplet_loss(
         .batch_hard(labels, embeddings)
 }
 
-/// Semi-hard triplet loss (FaceNet).
+/// Semi-hard triplet loss (FaceNet): for each positive pair, the nearest
+/// negative farther than the positive, or the farthest negative when none
+/// is. [`TripletConfig::batch_semihard`] with the Euclidean distance, or the
+/// squared one when `squared`.
+///
+/// # Shapes
+/// `labels`: `(B,)`; `embeddings`: `(B, D)`; the loss is 0-d, in the dtype
+/// of `embeddings`.
+///
+/// # Errors
+/// As [`batch_all_triplet_loss`].
+///
+/// ```
+/// use online_triplet_loss::batch_semihard_triplet_loss;
+/// use tch::Tensor;
+///
+/// // Every negative is farther than every positive by more than the margin.
+/// let labels = Tensor::from_slice(&[0i64, 0, 1, 1]);
+/// let embeddings = Tensor::from_slice(&[0.0f32, 0.1, 5.0, 5.1]).view([4, 1]);
+/// let loss = batch_semihard_triplet_loss(&labels, &embeddings, 1.0, false)?;
+/// assert_eq!(f64::try_from(&loss)?, 0.0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn batch_semihard_triplet_loss(
     labels: &Tensor,
     embeddings: &Tensor,

@@ -230,6 +230,10 @@ impl Sums {
 }
 
 impl RetrievalConfig {
+    /// An evaluation that ranks by `distance`, in the embeddings' dtype
+    /// (float32 for half precision), in chunks of queries of about 4M
+    /// distances (`2^22`), that no interrupt stops; the methods below change
+    /// each.
     #[must_use]
     pub fn new(distance: Distance) -> Self {
         RetrievalConfig {
