@@ -38,8 +38,10 @@
 //! rounding: distances closer than about D·2⁻⁵³ relative can tie or swap,
 //! and so can cosine distances of rows that are not small integers and
 //! differ by less than normalising them rounds (rows of small integers,
-//! squared norms below 4096 steps, 0/1 codes of up to 4095 bits say, are
-//! compared exactly as fractions, and parallel rows keep their ties). The
+//! squared norms below 4096 steps, 0/1 codes of up to 4095 bits say, and
+//! rows that are such once divided by their largest entry, normalised
+//! multi-hot codes say, are compared exactly as fractions, and parallel
+//! rows keep their ties). The
 //! bound on the rounding
 //! assumes IEEE products: on a GPU that allows TF32 for float32 matrix
 //! products, rank in float64 ([`RetrievalConfig::float64`]; the Python

@@ -90,10 +90,11 @@ pub(super) struct Certify {
     /// The embeddings in float64, scaled by a power of two, `(N, D)`, in the
     /// order of the queries, for the distances from differences.
     rows: Tensor,
-    /// For the cosine distance, whether `rows` are [`small_codes`], whose
-    /// distances from differences are [`cosine_of_codes`]; otherwise those
-    /// it takes are divided by their largest magnitude
-    /// ([`divided_by_largest`]).
+    /// For the cosine distance, whether `rows` are [`small_codes`], as given
+    /// or once divided by their largest magnitude (then `rows` are the
+    /// quotients), whose distances from differences are
+    /// [`cosine_of_codes`]; otherwise those it takes are divided by their
+    /// largest magnitude ([`divided_by_largest`]).
     codes: bool,
     /// The items' label keys, in the same order.
     keys: Tensor,
@@ -366,7 +367,20 @@ impl Certify {
             }
         };
         let bound = bound(distance, side, (&rows, exponent), kind)?;
-        let codes = distance == Distance::Cosine && small_codes(&rows)?;
+        // The cosine distance does not see a row's scale: codes times a
+        // factor of their own (normalised multi-hot or ternary codes, codes
+        // times 0.1) are codes again once divided by their largest entry.
+        let (rows, codes) = match distance {
+            Distance::Cosine if small_codes(&rows)? => (rows, true),
+            Distance::Cosine => {
+                let divided = divided_by_largest(&rows)?;
+                match small_codes(&divided)? {
+                    true => (divided, true),
+                    false => (rows, false),
+                }
+            }
+            _ => (rows, false),
+        };
         Ok(Certify {
             distance,
             codes,
