@@ -186,6 +186,14 @@ def test_unknown_distance(mining, distance):
         MODULES[mining](distance=distance)
 
 
+@pytest.mark.parametrize("mining", LOSSES)
+def test_module_distance_none(mining):
+    """The functions read distance=None as "from squared"; a Module has no
+    squared flag, and its distance is one of the three names."""
+    with raises_naming("distance", "None"):
+        MODULES[mining](distance=None)
+
+
 def test_core_unknown_distance_and_mining():
     with raises_naming("distance"):
         _core.triplet_terms("all", LABELS, EMB, 0.1, "manhattan", False)

@@ -449,6 +449,8 @@ def test_ks_as_tensors_and_arrays():
         (dict(ks=torch.tensor(1.5)), "ks: must be a sequence of positive ints, got 1.5"),
         (dict(ks=torch.tensor([1, 0])), r"ks: every k must be an int >= 1, got 0"),
         (dict(distance="manhattan"), "distance: expected one of .* got 'manhattan'"),
+        (dict(distance=None), "distance: expected one of .* got None"),
+        (dict(ks={1: 5}), r"ks: must be a sequence of positive ints, got \{1: 5\}"),
         (dict(chunk_size=0), "chunk_size: must be None or an int >= 1, got 0"),
     ],
 )

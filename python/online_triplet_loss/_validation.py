@@ -23,13 +23,20 @@ def resolve_distance(squared: object, distance: object) -> str:
     squared = check_flag("squared", squared)
     if distance is None:
         return "squared" if squared else "euclidean"
-    if not isinstance(distance, str) or distance not in DISTANCES:
-        raise ValueError(f"distance: expected one of {DISTANCES}, got {distance!r}")
+    check_distance(distance)
     if squared and distance != "squared":
         raise ValueError(
             f"squared=True contradicts distance={distance!r}: pass distance='squared', "
             "or leave squared=False"
         )
+    return distance
+
+
+def check_distance(distance: object) -> str:
+    """A distance named where no ``squared`` flag can stand for it: the
+    Modules and the metrics."""
+    if not isinstance(distance, str) or distance not in DISTANCES:
+        raise ValueError(f"distance: expected one of {DISTANCES}, got {distance!r}")
     return distance
 
 

@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from . import _core, _native as native
 from ._validation import (
     DISTANCES,
+    check_distance,
     check_flag,
     check_label_dtype,
     check_tensor,
     margin_and_tensor,
     refuse_scripting,
-    resolve_distance,
 )
 from .losses import _TripletLoss, loss_and_fraction, terms
 
@@ -391,7 +391,7 @@ class DistributedTripletLoss(nn.Module):
         margin, learnable = margin_and_tensor(loss.margin)
         settings: List[Setting] = [
             ("loss.mining", _MININGS.index(loss.mining), lambda v: _MININGS[v]),
-            ("loss.distance", DISTANCES.index(resolve_distance(False, loss.distance)),
+            ("loss.distance", DISTANCES.index(check_distance(loss.distance)),
              lambda v: DISTANCES[v]),
             ("loss.soft", int(check_flag("soft", loss.soft)), bool),
             # + 0.0: -0.0 is the margin 0.0.

@@ -32,6 +32,7 @@ from torch.autograd import forward_ad
 from . import _core, _native as native
 from ._validation import (
     check_anchor_offset,
+    check_distance,
     check_flag,
     check_labels,
     check_margin,
@@ -462,7 +463,7 @@ class _TripletLoss(nn.Module):
             self.margin = margin
         else:
             self.margin = check_margin(margin)
-        self.distance = resolve_distance(False, distance)
+        self.distance = check_distance(distance)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         super()._apply(fn, recurse)

@@ -58,7 +58,7 @@ chunks: Ctrl-C stops a long evaluation there with ``KeyboardInterrupt``.
 from __future__ import annotations
 
 import numbers
-from typing import Dict, Iterable, List, NamedTuple, Optional, Union
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -66,12 +66,12 @@ from torch import Tensor
 from . import _core, _native as native
 from ._validation import (
     INT64_MAX,
+    check_distance,
     check_int,
     check_labels,
     check_references,
     check_tensor,
     refuse_tracing,
-    resolve_distance,
 )
 
 __all__ = [
@@ -88,7 +88,8 @@ def _check_ks(ks: object) -> List[int]:
         ks = ks.tolist()  # tensors and arrays; 0-d ones become one k
     if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
         ks = (ks,)
-    if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+    # A mapping would give its keys.
+    if isinstance(ks, (str, bytes, Mapping)) or not isinstance(ks, Iterable):
         raise ValueError(f"ks: must be a sequence of positive ints, got {ks!r}")
     values = list(ks)
     if not values:
@@ -136,7 +137,7 @@ def _scores(
             check_labels(argument, value)
     return native.call(
         _core.retrieval_scores, embeddings.detach(), labels, ks,
-        full=full, distance=resolve_distance(False, distance),
+        full=full, distance=check_distance(distance),
         chunk_size=_check_chunk_size(chunk_size), cameras=cameras,
         ref_embeddings=None if ref_embeddings is None else ref_embeddings.detach(),
         ref_labels=ref_labels, ref_cameras=ref_cameras, float64=_float64(embeddings),
