@@ -19,9 +19,12 @@ Queries are ranked in chunks against all items, so memory stays
 :math:`O(B \cdot \text{chunk})`, plus two float64 copies of the embeddings:
 100k × 64 embeddings need about 0.45 GB.
 Identical items are at distance exactly 0 from each other, ahead of every
-distinct item, as in the losses (for the cosine distance, not rows of norm
-below 1e-12 times the largest entry of all the items, which are first scaled
-by a power of two to about 1: zero rows are at 1). Items at equal distances
+distinct item, as in the losses, and so, under the cosine distance, are rows
+of one direction (v and 6v). Not under the cosine distance rows of norm
+below 1e-12 times the largest entry of all the items (which are first scaled
+by a power of two to about 1): as ``torch.nn.functional.normalize`` does,
+they are divided by 1e-12 rather than by their norm, so a zero row is at 1
+from every item and a tiny row at 1 - (norm / 1e-12)·cos. Items at equal distances
 from a query rank with those of other labels first,
 the order of the ties that no score gains from: ties (integer, binary or
 quantised embeddings, copies, a collapsed model) never raise a score, the

@@ -58,7 +58,9 @@
 //! items are at distance exactly 0 from each other (but for the cosine
 //! distance zero rows, and rows of norm below 1e-12 times the largest entry
 //! of all the items, which are first scaled by a power of two to about 1:
-//! they are at 1), ahead
+//! as `torch.nn.functional.normalize` does, they are divided by 1e-12, not
+//! their norm, so a zero row is at 1 from everything and a tiny row at
+//! 1 − (norm / 1e-12)·cos), ahead
 //! of every distinct item, and at equal distances from every other item;
 //! under the cosine distance so are rows of one direction (v and 6v), whose
 //! cosine distance is 0 as a copy's is.
