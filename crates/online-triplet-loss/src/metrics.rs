@@ -620,13 +620,12 @@ impl RetrievalConfig {
             drop(x);
             // Under the cosine distance, rows of one direction (v and 6v)
             // are copies: at 0 from each other, at equal distances from
-            // every other item. Divided by its largest magnitude in float64
-            // (a quotient rounded once) each becomes one row; rows below the
-            // normalisation floor (all, without columns) are NaN, which
-            // equals nothing.
+            // every other item. Divided by its largest magnitude (a quotient
+            // rounded once, of one real number for both) each becomes one
+            // row; rows below the normalisation floor (all, without columns)
+            // are NaN, which equals nothing.
             let rows = match ranking {
                 Distance::Cosine if rows.size()[1] > 0 => {
-                    let rows = rows.f_to_kind(Kind::Double)?;
                     rows.f_div(&rows.f_abs()?.f_amax([1i64].as_slice(), true)?)?
                 }
                 _ => rows,
@@ -635,6 +634,7 @@ impl RetrievalConfig {
                 Some(ties) => Some(ties.leading_columns(g)?),
                 None => None,
             };
+            drop(rows);
             let certify = Certify::new(
                 ranking,
                 (scaled, &frame, exponent),
