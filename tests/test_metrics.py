@@ -1362,6 +1362,22 @@ def test_cosine_ties_of_codes_scaled_row_by_row(kind, scaling, dtype, setting):
     assert mean_average_precision_at_r(x, y, **kw) == pytest.approx(map_at_r, abs=1e-12)
 
 
+def test_cosine_directions_closer_than_float32_rounds_are_not_copies():
+    """Found by review of 9371fe4: the tie rows divided in float32 merged two
+    directions whose quotients round to one float32 row, tying a row at
+    1 - cos^2 = 2.7e-16 with one at 9e-17 (recall@1 0.0 for 1.0). Divided in
+    float64, float32 input ranks as the same values in float64 do."""
+    x = torch.tensor([[0.005859375, 0.0078125],
+                      [0.003424482187256217, 0.004565976094454527],
+                      [23.867172241210938, 31.82289695739746]])
+    y = torch.tensor([1, 0, 1])
+    recall, map_at_r = brute_force(x, y, (1,), "exact cosine")
+    assert recall == {1: 1.0}
+    for embeddings in (x, x.double()):
+        assert recall_at_k(embeddings, y, 1, distance="cosine") == recall
+        assert mean_average_precision_at_r(embeddings, y, distance="cosine") == map_at_r
+
+
 def test_cosine_copy_and_parallel_row_of_another_label_tie():
     """The review's case: (0, -1) of label 0, and two copies of (0, -2) of
     label 1, all at cosine distance 0; each copy's nearest is, with other

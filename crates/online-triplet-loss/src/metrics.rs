@@ -620,12 +620,14 @@ impl RetrievalConfig {
             drop(x);
             // Under the cosine distance, rows of one direction (v and 6v)
             // are copies: at 0 from each other, at equal distances from
-            // every other item. Divided by its largest magnitude (a quotient
-            // rounded once, of one real number for both) each becomes one
-            // row; rows below the normalisation floor (all, without columns)
-            // are NaN, which equals nothing.
+            // every other item. Divided by its largest magnitude in float64
+            // (a quotient rounded once, of one real number for both) each
+            // becomes one row; in float32 directions closer than its
+            // rounding would merge too. Rows below the normalisation floor
+            // (all, without columns) are NaN, which equals nothing.
             let rows = match ranking {
                 Distance::Cosine if rows.size()[1] > 0 => {
+                    let rows = rows.f_to_kind(Kind::Double)?;
                     rows.f_div(&rows.f_abs()?.f_amax([1i64].as_slice(), true)?)?
                 }
                 _ => rows,
