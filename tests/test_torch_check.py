@@ -118,9 +118,10 @@ def test_unsupported_torch_gets_the_supported_range_not_a_rebuild(running):
     assert "make develop" not in advice and "wheel built for" not in advice
 
 
-@pytest.mark.parametrize("running", ["2.11.0", "2.13.0+cu130", "2.15.1"])
-def test_supported_torch_gets_the_rebuild_in_this_environment(running):
+@pytest.mark.parametrize("running, release", [("2.11.0", "2.11.0"), ("2.13.0+cu130", "2.13.0"),
+                                              ("2.15.1", "2.15.1"), ("2.11.0a0+6a974be", "2.11.0")])
+def test_supported_torch_gets_the_rebuild_in_this_environment(running, release):
     advice = _advice(running)
     assert "pip install --no-build-isolation --force-reinstall --no-deps ." in advice
-    assert f"make develop TORCH={running.split('+')[0]}" in advice
+    assert f"`make develop TORCH={release}`" in advice
     assert f"wheel built for torch {_minor(running)}" in advice

@@ -37,7 +37,9 @@ def _advice(running: str) -> str:
     minor = tuple(int(part) for part in _minor(running).split(".")[:2] if part.isdigit())
     (major, first), (_, last) = SUPPORTED
     if len(minor) == 2 and SUPPORTED[0] <= minor <= SUPPORTED[1]:
-        return _REBUILD.format(torch=running.split("+")[0], torch_minor=_minor(running))
+        # The release pip installs: 2.11.0 for a source build's 2.11.0a0+git...
+        release = re.match(r"\d+\.\d+(\.\d+)?", running).group(0)
+        return _REBUILD.format(torch=release, torch_minor=_minor(running))
     return f"torch {running} is not supported: " + _UNSUPPORTED.format(
         first=f"{major}.{first}", last=f"{major}.{last}", after=f"{major}.{last + 1}")
 

@@ -140,7 +140,7 @@ class CrossBatchMemory(nn.Module):
         self.memory_size = _positive_int("memory_size", memory_size)
         if embedding_dim is not None:
             embedding_dim = _positive_int("embedding_dim", embedding_dim)
-        _check_capacity(self.memory_size, embedding_dim or 1, 4)
+        _check_capacity(self.memory_size, embedding_dim or 1, torch.get_default_dtype().itemsize)
         self.embedding_dim = embedding_dim
         # A ring buffer: `_next` is where the next entry goes, `_count` how many
         # are stored. Both live on the host, so bookkeeping never syncs.
@@ -154,7 +154,7 @@ class CrossBatchMemory(nn.Module):
         if embedding_dim is not None:
             self.memory_embeddings = _allocated(
                 lambda: torch.zeros(self.memory_size, embedding_dim), self.memory_size,
-                embedding_dim, 4)
+                embedding_dim, torch.get_default_dtype().itemsize)
         self._own_buffers()
 
     def __getstate__(self) -> Dict[str, Any]:
