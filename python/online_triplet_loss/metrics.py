@@ -43,7 +43,7 @@ integers and differ by less than normalising them rounds (rows of small
 integers, squared norms below 4096 steps, such as 0/1 codes of up to 4095
 bits, and rows that are such once divided by their largest entry, such as
 normalised multi-hot or ternary codes, are compared exactly, as fractions,
-and parallel rows keep their ties). The bound on the rounding that decides this,
+when all the items are such, and parallel rows keep their ties). The bound on the rounding that decides this,
 about 3D·u times the squared norms (u the dtype's unit roundoff), is the
 worst case of any order of summation, so it holds also for products that
 round the same way at every step (one coordinate far larger than the

@@ -40,8 +40,8 @@
 //! differ by less than normalising them rounds (rows of small integers,
 //! squared norms below 4096 steps, 0/1 codes of up to 4095 bits say, and
 //! rows that are such once divided by their largest entry, normalised
-//! multi-hot codes say, are compared exactly as fractions, and parallel
-//! rows keep their ties). The
+//! multi-hot codes say, are compared exactly as fractions when all the
+//! items are such, and parallel rows keep their ties). The
 //! bound on the rounding
 //! assumes IEEE products: on a GPU that allows TF32 for float32 matrix
 //! products, rank in float64 ([`RetrievalConfig::float64`]; the Python
