@@ -25,6 +25,7 @@ from ._validation import (
     check_distance,
     check_flag,
     check_label_dtype,
+    check_labels,
     check_tensor,
     margin_and_tensor,
     refuse_scripting,
@@ -192,7 +193,7 @@ def _gather_rows(x: Tensor, sizes: List[int], group: Optional[object]) -> Tensor
 
 def _check_extra(embeddings: object, extra_embeddings: object, extra_labels: object) -> None:
     check_tensor("extra_embeddings", extra_embeddings)
-    check_tensor("extra_labels", extra_labels)
+    check_labels("extra_labels", extra_labels)
     width = embeddings.shape[1] if isinstance(embeddings, Tensor) and embeddings.dim() == 2 else None
     if extra_embeddings.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ValueError(
@@ -404,7 +405,6 @@ class DistributedTripletLoss(nn.Module):
             raise ValueError("extra_embeddings and extra_labels: must be given together")
         if extra_embeddings is not None:
             _check_extra(embeddings, extra_embeddings, extra_labels)
-            check_label_dtype("extra_labels", extra_labels)
             if _labels_problem(labels) is None:
                 _common_labels(labels, extra_labels)
         rows, width = (-1, -1) if extra_embeddings is None else tuple(extra_embeddings.shape)

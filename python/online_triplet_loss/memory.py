@@ -18,7 +18,7 @@ from ._validation import (
     INT64_MAX,
     LABEL_DTYPES,
     check_int,
-    check_label_dtype,
+    check_labels,
     check_tensor,
     refuse_scripting,
     refuse_tracing,
@@ -402,11 +402,10 @@ class CrossBatchMemory(nn.Module):
 
     def _check_batch(self, embeddings: Tensor, labels: Tensor) -> None:
         check_tensor("embeddings", embeddings)
-        check_tensor("labels", labels)
-        # Refused here, not only by the loss: enqueue stores them without one,
-        # and labels of a dtype the losses refuse would fix the memory's
-        # label dtype (reset keeps it) to one no later batch can match.
-        check_label_dtype("labels", labels)
+        # The dtype refused here, not only by the loss: enqueue stores labels
+        # without one, and labels of a dtype the losses refuse would fix the
+        # memory's label dtype (reset keeps it) to one no later batch can match.
+        check_labels("labels", labels)
         if embeddings.dim() != 2 or not embeddings.is_floating_point():
             raise ValueError(
                 "embeddings: must be a 2-D floating point tensor, got shape "

@@ -627,8 +627,7 @@ impl RetrievalConfig {
             // (all, without columns) are NaN, which equals nothing.
             let rows = match ranking {
                 Distance::Cosine if rows.size()[1] > 0 => {
-                    let rows = rows.f_to_kind(Kind::Double)?;
-                    rows.f_div(&rows.f_abs()?.f_amax([1i64].as_slice(), true)?)?
+                    certify::by_largest(&rows.f_to_kind(Kind::Double)?)?
                 }
                 _ => rows,
             };

@@ -152,15 +152,21 @@ fn bound(
         .f_unsqueeze(1)?)
 }
 
+/// Each row of `rows`, `(N, D)` with D ≥ 1, divided by its largest
+/// magnitude, a quotient rounded once: rows that are positive multiples of
+/// each other (v and 6v) become one row, whose cosine distance is theirs.
+/// A zero row becomes NaN.
+pub(super) fn by_largest(rows: &Tensor) -> Result<Tensor, Error> {
+    Ok(rows.f_div(&rows.f_abs()?.f_amax([1i64].as_slice(), true)?)?)
+}
+
 /// `rows` with each row that the cosine distance normalises (of a norm
-/// above its floor) divided by its largest magnitude, a quotient rounded
-/// once: rows that are positive multiples of each other (v and 6v) become
-/// one row, so that their distances from differences tie, as their cosine
-/// distances do, where normalising v and 6v rounds them apart.
+/// above its floor) [`by_largest`], so that the distances from differences
+/// of v and 6v tie, as their cosine distances do, where normalising v and
+/// 6v rounds them apart.
 fn divided_by_largest(rows: &Tensor) -> Result<Tensor, Error> {
-    let largest = rows.f_abs()?.f_amax([1i64].as_slice(), true)?;
     let unit = row_norms(rows)?.f_gt(COSINE_EPS)?;
-    Ok(rows.f_div(&largest.f_where_scalarother(&unit, 1.0)?)?)
+    Ok(by_largest(rows)?.f_where_self(&unit, rows)?)
 }
 
 /// Entries of the float64 checks of [`exact_gram`] taken at a time.
