@@ -495,3 +495,23 @@ def test_a_memory_the_host_cannot_hold_names_memory_size(when):
         memory(x, y)
     assert memory.memory_embeddings is None and memory.memory_labels is None
     assert memory.embedding_dim is None and memory.extra_repr().endswith("stored=0")
+
+
+@pytest.mark.parametrize("device, reported_as_host_memory", [("cpu", True), ("cuda", False)])
+def test_only_a_host_allocation_failure_is_reported_as_host_memory(device, reported_as_host_memory):
+    """Found by review: every RuntimeError of an allocation became a
+    HostOutOfMemoryError, also on a GPU, where a RuntimeError at that call
+    may be an earlier kernel's failure (a device-side assert) that torch
+    reports late. There torch's error is kept."""
+    from online_triplet_loss import memory as memory_module
+
+    def fails():
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    with pytest.raises(RuntimeError) as info:
+        memory_module._allocated(fails, torch.device(device), 10, 4, 4)
+    assert isinstance(info.value, MemoryError) == reported_as_host_memory
+    if reported_as_host_memory:
+        assert "memory_size: 10 rows of 4 elements of 4 bytes" in str(info.value)
+    else:
+        assert str(info.value) == "CUDA error: device-side assert triggered"

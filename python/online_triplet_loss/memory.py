@@ -153,8 +153,8 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("memory_labels", None)
         if embedding_dim is not None:
             self.memory_embeddings = _allocated(
-                lambda: torch.zeros(self.memory_size, embedding_dim), self.memory_size,
-                embedding_dim, torch.get_default_dtype().itemsize)
+                lambda: torch.zeros(self.memory_size, embedding_dim), torch.device("cpu"),
+                self.memory_size, embedding_dim, torch.get_default_dtype().itemsize)
         self._own_buffers()
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -392,9 +392,10 @@ class CrossBatchMemory(nn.Module):
             width = embeddings.shape[1]
             _check_capacity(self.memory_size, width, embeddings.element_size())
             stored = _allocated(lambda: embeddings.new_zeros(self.memory_size, width),
-                                self.memory_size, width, embeddings.element_size())
+                                embeddings.device, self.memory_size, width,
+                                embeddings.element_size())
         memory_labels = _allocated(
-            lambda: labels.new_zeros(self.memory_size, device=stored.device),
+            lambda: labels.new_zeros(self.memory_size, device=stored.device), stored.device,
             self.memory_size, 1, labels.element_size())
         self.embedding_dim = stored.shape[1]
         self.memory_embeddings, self.memory_labels = stored, memory_labels
@@ -523,15 +524,20 @@ def _positive_int(name: str, value: object) -> int:
     return check_int(name, value, 1)
 
 
-def _allocated(make: Callable[[], Tensor], memory_size: int, width: int, item_size: int) -> Tensor:
-    """``make()``, a buffer of the memory. Where the host cannot hold it, the
-    error names ``memory_size`` (torch's allocator names no argument); a
-    CUDA device's out-of-memory error, which says what is free, is kept."""
+def _allocated(make: Callable[[], Tensor], device: torch.device, memory_size: int, width: int,
+               item_size: int) -> Tensor:
+    """``make()``, a buffer of the memory on ``device``. Where the host cannot
+    hold it, the error names ``memory_size`` (torch's allocator names no
+    argument). Every other device's errors are kept: a CUDA out-of-memory
+    error says what is free, and a RuntimeError there may be an earlier
+    kernel's failure, reported at this call, that no size would mend."""
     try:
         return make()
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as err:
+        if device.type != "cpu":
+            raise
         raise HostOutOfMemoryError(
             f"memory_size: {memory_size} rows of {width} elements of {item_size} bytes "
             f"({memory_size * width * item_size / 2**30:.3g} GiB) could not be allocated"
