@@ -378,3 +378,75 @@ def test_a_replaced_loss_is_the_one_mined_in_one_process():
     assert "mining=None" in repr(criterion)
     with pytest.raises(ValueError, match="loss: expected one of"):
         criterion(x, y)
+
+
+def _worker_unusable_embeddings(rank, world, init_file):
+    """One rank's embeddings that are no dense CPU or CUDA tensor (a list,
+    meta, sparse, nested), or that sit on another device than its memory: the
+    rank raised before the exchange while the other waited in all_gather
+    until the timeout. Now both raise a ValueError, the other naming the
+    rank, and the group stays usable."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        good = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        y = torch.tensor([0, 1, 0, 1])
+        unusable = [
+            ("a list", good.tolist(), "embeddings: must be a torch.Tensor"),
+            ("meta", torch.empty(4, 3, dtype=torch.float64, device="meta"),
+             "embeddings: must be on the CPU or a CUDA device"),
+            ("sparse", good.detach().to_sparse(), "embeddings: must be a dense"),
+            ("nested", torch.nested.nested_tensor([good.detach()[:2], good.detach()[2:]]),
+             "embeddings: must be a dense"),
+        ]
+        for name, bad, message in unusable:
+            x = bad if rank == 1 else good
+            for make in MAKERS:
+                criterion = DistributedTripletLoss(make())
+                for call in (lambda: criterion(x, y), lambda: criterion.gather(x, y),
+                             lambda: CrossBatchMemory(criterion, memory_size=8)(x, y)):
+                    with pytest.raises(ValueError) as raised:
+                        call()
+                    text = str(raised.value)
+                    if rank == 1:
+                        assert message in text, (name, text)
+                    else:
+                        assert text.startswith("embeddings: rank 1 of the group"), (name, text)
+        # A memory on the meta device on rank 1 only, the embeddings on the CPU.
+        criterion = DistributedTripletLoss(BatchHardTripletLoss(margin=0.5))
+        memory = CrossBatchMemory(criterion, memory_size=8)
+        memory.enqueue(good.detach(), y)
+        if rank == 1:
+            memory.to("meta")
+        with pytest.raises(ValueError) as raised:
+            memory(good, y)
+        wanted = "must be on the memory's device" if rank == 1 else "embeddings: rank 1 of the group"
+        assert wanted in str(raised.value), str(raised.value)
+        # The group still works.
+        loss = criterion(good, y)
+        loss.backward()
+        assert torch.isfinite(loss) and good.grad is not None
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unusable_embeddings_on_one_rank_raise_on_every_rank(tmp_path):
+    assert dist.is_available(), "torch.distributed is required"
+    _start(_worker_unusable_embeddings, (2, os.path.join(str(tmp_path), "init")), 2)
+
+
+@pytest.mark.parametrize("embeddings, labels, message", [
+    (torch.randn(6), torch.tensor([0, 0, 1, 1, 2, 2]), "embeddings: must be 2-D"),
+    (torch.randn(2, 3, 3), torch.tensor([0, 1]), "embeddings: must be 2-D"),
+    (torch.randn(6, 3), torch.tensor([[0], [0], [1], [1], [2], [2]]), "labels: must be 1-D"),
+    (torch.randn(6, 3), torch.tensor([0, 0, 1]), "labels: must be 1-D"),
+    (torch.randn(6, 3).int(), torch.tensor([0, 0, 1, 1, 2, 2]), "embeddings: must be floating"),
+])
+def test_extras_in_one_process_check_the_batch_first(embeddings, labels, message):
+    # The batch met the extras in torch.cat first, which raised its own text.
+    criterion = DistributedTripletLoss(BatchSemiHardTripletLoss(margin=0.5))
+    with pytest.raises(ValueError, match=message):
+        criterion(embeddings, labels, extra_embeddings=torch.randn(2, 3),
+                  extra_labels=torch.tensor([0, 1]))

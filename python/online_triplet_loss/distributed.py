@@ -139,14 +139,23 @@ def _gather_sizes(embeddings: Tensor, labels: Tensor, group: Optional[object],
     return [row[0] for row in rows]
 
 
-def _labels_problem(labels: object) -> Optional[ValueError]:
-    """Why ``labels`` cannot take part in the exchange (no dense CPU or CUDA
-    tensor), if they cannot."""
+def _tensor_problem(name: str, value: object) -> Optional[ValueError]:
+    """Why ``value`` cannot take part in the exchange (no dense CPU or CUDA
+    tensor), if it cannot."""
     try:
-        check_tensor("labels", labels)
+        check_tensor(name, value)
     except ValueError as exc:
         return exc
     return None
+
+
+def _exchange_device(group: Optional[object]) -> torch.device:
+    """Where a rank whose embeddings cannot carry the exchange puts its part:
+    the CPU, unless the group's backend serves CUDA tensors only (nccl)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and "cpu" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 _EMBEDDING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -405,7 +414,7 @@ class DistributedTripletLoss(nn.Module):
             raise ValueError("extra_embeddings and extra_labels: must be given together")
         if extra_embeddings is not None:
             _check_extra(embeddings, extra_embeddings, extra_labels)
-            if _labels_problem(labels) is None:
+            if _tensor_problem("labels", labels) is None:
                 _common_labels(labels, extra_labels)
         rows, width = (-1, -1) if extra_embeddings is None else tuple(extra_embeddings.shape)
         settings += [
@@ -424,8 +433,10 @@ class DistributedTripletLoss(nn.Module):
     ) -> Tensor:
         """The loss of this batch with the extra references appended after it:
         anchor ``i`` is reference ``i``, as on several ranks with offset 0."""
-        check_tensor("embeddings", embeddings)
-        check_tensor("labels", labels)
+        problem = (_tensor_problem("embeddings", embeddings) or _tensor_problem("labels", labels)
+                   or _shape_problem(embeddings, labels))
+        if problem is not None:  # the core's checks, before the batch meets the extras
+            raise problem
         ref_embeddings = torch.cat([embeddings, extra_embeddings.detach().to(embeddings)])
         labels, extra_labels = _common_labels(labels, extra_labels)
         ref_labels = torch.cat([labels, extra_labels])
@@ -463,11 +474,10 @@ class DistributedTripletLoss(nn.Module):
         """:meth:`gather`, exchanging this rank's ``problem`` (raised on every
         rank) and ``settings`` (that must be the same on every rank) with the
         sizes."""
-        # Embeddings that are no dense tensor fail on this rank alone: the
-        # exchange itself is a tensor on their device.
-        check_tensor("embeddings", embeddings)
+        unusable = _tensor_problem("embeddings", embeddings)
         if problem is None:
-            problem = _labels_problem(labels) or _shape_problem(embeddings, labels)
+            problem = (unusable or _tensor_problem("labels", labels)
+                       or _shape_problem(embeddings, labels))
         rank, world = self._world()
         if world == 1:
             if problem is not None:
@@ -476,8 +486,11 @@ class DistributedTripletLoss(nn.Module):
         if problem is None:
             labels = labels.to(embeddings.device)
         else:
-            # Raised after the exchange; the labels may be unusable for it.
-            labels = torch.zeros(0, dtype=torch.int64, device=embeddings.device)
+            # Raised after the exchange, on every rank; this rank's tensors
+            # may be unusable for it (not even a device to put it on).
+            device = _exchange_device(self.group) if unusable else embeddings.device
+            embeddings = torch.zeros(0, 0, device=device)
+            labels = torch.zeros(0, dtype=torch.int64, device=device)
         sizes = _gather_sizes(embeddings, labels, self.group, problem, settings)
         offset = sum(sizes[:rank])
         carrier = _CARRIERS.get(labels.dtype, labels.dtype)
@@ -502,7 +515,12 @@ class DistributedTripletLoss(nn.Module):
             extra_embeddings: optional further references, :math:`(M, D)`, e.g.
                 a cross-batch memory, appended after the global batch as
                 positives and negatives (never as anchors). They are constants
-                (no gradient) and should be the same on every rank. Without a
+                (no gradient) and should be the same on every rank: their
+                shape and dtypes are compared, their values are not (that
+                would read them all). Extras that differ in value make each
+                rank mine its anchors against its own, and the loss is then
+                the mean of those terms over the global count, not the loss
+                of one process. Without a
                 group of several ranks they mean the same, the global batch
                 being this batch.
             extra_labels: their labels, :math:`(M)`; given together with

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import _native as native
 from ._core import HostOutOfMemoryError
-from .distributed import DistributedTripletLoss, _dtype_code, _dtype_shown
+from .distributed import DistributedTripletLoss, _dtype_code, _dtype_shown, _tensor_problem
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTripletLoss, _TripletLoss, loss_of
 from ._validation import (
     INT64_MAX,
@@ -307,7 +307,9 @@ class CrossBatchMemory(nn.Module):
         # The memory must be the same on every rank too: one loaded from a
         # checkpoint on one rank alone would fail its checks there, or mine
         # against references the others do not have.
-        check_tensor("embeddings", embeddings)
+        # A rank's own problem (embeddings no dense tensor, or on another
+        # device than its memory) goes into the gather, so that every rank raises.
+        problem = _tensor_problem("embeddings", embeddings) or self._device_problem(embeddings)
         stored, stored_labels = self.memory_embeddings, self.memory_labels
         settings = [
             ("memory (memory_size)", self.memory_size, int),
@@ -321,7 +323,7 @@ class CrossBatchMemory(nn.Module):
         ]
         with torch.no_grad():
             all_embeddings, all_labels, _ = self.loss._gather(
-                embeddings.detach(), labels, None, settings
+                embeddings if problem else embeddings.detach(), labels, problem, settings
             )
         self._check_batch(all_embeddings, all_labels)
         extra_embeddings = extra_labels = None
@@ -401,6 +403,14 @@ class CrossBatchMemory(nn.Module):
         self.memory_embeddings, self.memory_labels = stored, memory_labels
         self._own_buffers()
 
+    def _device_problem(self, embeddings: Tensor) -> Optional[ValueError]:
+        memory = self.memory_embeddings
+        if memory is not None and embeddings.device != memory.device:
+            return ValueError(
+                f"embeddings: must be on the memory's device ({memory.device}), got {embeddings.device}"
+            )
+        return None
+
     def _check_batch(self, embeddings: Tensor, labels: Tensor) -> None:
         check_tensor("embeddings", embeddings)
         # The dtype refused here, not only by the loss: enqueue stores labels
@@ -422,11 +432,9 @@ class CrossBatchMemory(nn.Module):
                 f"embeddings: must have {self.embedding_dim} columns like the memory, "
                 f"got shape {tuple(embeddings.shape)}"
             )
-        memory = self.memory_embeddings
-        if memory is not None and embeddings.device != memory.device:
-            raise ValueError(
-                f"embeddings: must be on the memory's device ({memory.device}), got {embeddings.device}"
-            )
+        problem = self._device_problem(embeddings)
+        if problem is not None:
+            raise problem
         if self.memory_labels is not None and labels.dtype != self.memory_labels.dtype:
             raise ValueError(
                 f"labels: must keep the dtype of the first batch's ({self.memory_labels.dtype}), "
