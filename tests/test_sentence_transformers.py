@@ -168,6 +168,31 @@ def test_equals_st_in_float32(st, ours, loss_name, metric_name):
     torch.testing.assert_close(our_grad, st_grad, rtol=1e-4, atol=1e-5)
 
 
+@needs_st
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+@pytest.mark.parametrize("metric_name", ["euclidean", "squared", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_embeddings_give_a_float32_loss(st, ours, loss_name, metric_name, dtype):
+    # Squared distances of float16 embeddings at scale 40 pass float16's
+    # 65504: the loss came back in float16, infinite. ST's Euclidean
+    # distances cast to float32 first, and so does the adapter, for every distance.
+    st_loss, our_loss = _pair(st, ours, loss_name, metric_name, margin=1.0)
+    labels, emb = _pk_batch(6, 4, 64, seed=12, dtype=torch.float32)
+    emb = (emb * 40).to(dtype)
+    our_value, our_grad = _value_and_grad(our_loss, labels, emb)
+    assert our_value.dtype == torch.float32 and our_grad.dtype == dtype
+    assert torch.isfinite(our_value) and torch.isfinite(our_grad).all()
+    # The loss of the same values in float32, rounded to the embeddings' dtype in backward.
+    want_value, want_grad = _value_and_grad(our_loss, labels, emb.float())
+    torch.testing.assert_close(our_value, want_value, rtol=0, atol=0)
+    torch.testing.assert_close(our_grad, want_grad.to(dtype), rtol=0, atol=0)
+    if metric_name != "cosine":  # ST's cosine distance stays in the embeddings' dtype
+        st_value, st_grad = _value_and_grad(st_loss, labels, emb)
+        assert st_value.dtype == torch.float32
+        torch.testing.assert_close(our_value, st_value, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(our_grad.float(), st_grad.float(), rtol=1e-2, atol=1e-2)
+
+
 class _Linear(torch.nn.Module):
     """A model whose ``sentence_embedding`` is a linear map of the input, so the
     loss's own ``forward(sentence_features, labels)`` runs."""
@@ -373,6 +398,14 @@ def test_public_names_are_documented_and_examples_run(ours):
 def test_rejects_bad_margin(ours, loss_name, margin):
     with pytest.raises(ValueError, match="margin"):
         getattr(ours, loss_name)(None, margin=margin)
+
+
+@needs_st
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_rejects_embeddings_that_are_not_tensors(ours, loss_name):
+    loss = getattr(ours, loss_name)(None)
+    with pytest.raises(ValueError, match="embeddings: must be a torch.Tensor, got list"):
+        loss.compute_loss_from_embeddings([[[0.0, 1.0]] * 4], torch.tensor([0, 0, 1, 1]))
 
 
 @needs_st

@@ -18,7 +18,10 @@ loss itself is :func:`~online_triplet_loss.losses.batch_all_triplet_loss`,
 
 On batches where every anchor has a positive and a negative (P ≥ 2 classes of
 K ≥ 2 samples, as ``BatchSamplers.GROUP_BY_LABEL`` gives) the values and
-gradients are ST's. Elsewhere this package's definitions hold:
+gradients are ST's, up to rounding, except at exact ties: a hinge exactly at
+0 sends no gradient here (ST's sends a slope of 1, or ½ in semi-hard), and
+among tied distances (integer embeddings, parallel items under the cosine
+distance) the one mined can differ. Elsewhere this package's definitions hold:
 
 - batch-hard and the soft margin average over the anchors that have both a
   positive and a negative; ST averages over every anchor, so an anchor without
@@ -33,7 +36,14 @@ gradients are ST's. Elsewhere this package's definitions hold:
   count (ST: count + 1e-16);
 - margins must be ≥ 0 and finite in the loss's dtype (a ``ValueError`` otherwise);
 - float16/bfloat16 embeddings are computed in float32 for every distance and
-  the loss is returned in their dtype.
+  the loss is returned in float32, as ST does for its Euclidean distances (its
+  cosine distance computes and returns their dtype);
+- embeddings must be on the CPU or a CUDA device (MPS, XPU and other devices
+  are a ``ValueError``);
+- second derivatives (``create_graph=True`` then a gradient of the gradient)
+  through batch-all and semi-hard raise a ``RuntimeError`` (batch-hard and the
+  soft margin support them), and so do ``torch.func`` transforms (``vmap``,
+  ``grad``) through every loss.
 
 sentence-transformers is an optional dependency:
 ``pip install "online_triplet_loss[sentence-transformers]"``. Importing
@@ -45,6 +55,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Dict, List, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 try:
@@ -115,6 +126,14 @@ def _distance_name(distance_metric: object) -> str:
     ):
         return "squared" if distance_metric.keywords.get("squared", False) else "euclidean"
     raise ValueError(f"distance_metric: expected {_ACCEPTED_METRICS}; got {distance_metric!r}")
+
+
+def _at_least_float32(embeddings: Tensor) -> Tensor:
+    """float16 and bfloat16 embeddings as float32, as ST's Euclidean distances
+    take them: the loss comes back in float32 (a float16 one would overflow
+    past 65504, where squared distances of a few hundred items reach it)."""
+    check_tensor("embeddings", embeddings)
+    return embeddings.float() if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings
 
 
 def _flat(labels: Tensor) -> Tensor:
@@ -243,7 +262,7 @@ class BatchAllTripletLoss(_SentenceTransformerTripletLoss):
     def batch_all_triplet_loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
         """The loss of ``embeddings``, :math:`(B, D)`, with ``labels`` of :math:`B` elements."""
         return batch_all_triplet_loss(
-            _flat(labels), embeddings, self.triplet_margin, distance=self.distance
+            _flat(labels), _at_least_float32(embeddings), self.triplet_margin, distance=self.distance
         )[0]
 
     def get_config_dict(self) -> Dict[str, Any]:
@@ -307,7 +326,7 @@ class BatchHardTripletLoss(_SentenceTransformerTripletLoss):
     def batch_hard_triplet_loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
         """The loss of ``embeddings``, :math:`(B, D)`, with ``labels`` of :math:`B` elements."""
         return batch_hard_triplet_loss(
-            _flat(labels), embeddings, self.triplet_margin, distance=self.distance
+            _flat(labels), _at_least_float32(embeddings), self.triplet_margin, distance=self.distance
         )
 
     def get_config_dict(self) -> Dict[str, Any]:
@@ -355,7 +374,9 @@ class BatchHardSoftMarginTripletLoss(BatchHardTripletLoss):
 
     def batch_hard_triplet_soft_margin_loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
         """The loss of ``embeddings``, :math:`(B, D)`, with ``labels`` of :math:`B` elements."""
-        return batch_hard_triplet_loss(_flat(labels), embeddings, 0.0, distance=self.distance, soft=True)
+        return batch_hard_triplet_loss(
+            _flat(labels), _at_least_float32(embeddings), 0.0, distance=self.distance, soft=True
+        )
 
     def get_config_dict(self) -> Dict[str, Any]:
         config = super().get_config_dict()
@@ -412,7 +433,9 @@ class BatchSemiHardTripletLoss(_SentenceTransformerTripletLoss):
 
     def batch_semi_hard_triplet_loss(self, labels: Tensor, embeddings: Tensor) -> Tensor:
         """The loss of ``embeddings``, :math:`(B, D)`, with ``labels`` of :math:`B` elements."""
-        return batch_semihard_triplet_loss(_flat(labels), embeddings, self.margin, distance=self.distance)
+        return batch_semihard_triplet_loss(
+            _flat(labels), _at_least_float32(embeddings), self.margin, distance=self.distance
+        )
 
     def get_config_dict(self) -> Dict[str, Any]:
         return {**super().get_config_dict(), "margin": _number(self.margin)}
