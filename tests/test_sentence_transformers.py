@@ -193,6 +193,25 @@ def test_half_embeddings_give_a_float32_loss(st, ours, loss_name, metric_name, d
         torch.testing.assert_close(our_grad.float(), st_grad.float(), rtol=1e-2, atol=1e-2)
 
 
+@needs_st
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+@pytest.mark.parametrize("metric_name", ["euclidean", "squared", "cosine"])
+def test_under_autocast_the_loss_is_float32(st, ours, loss_name, metric_name):
+    # As the README says: the float32 loss of the embeddings, which ST 6.2's
+    # Euclidean distances compute too; its cosine products run in bfloat16.
+    st_loss, our_loss = _pair(st, ours, loss_name, metric_name, margin=1.0)
+    labels, emb = _pk_batch(6, 4, 16, seed=13, dtype=torch.float32)
+    want, want_grad = _value_and_grad(our_loss, labels, emb)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, grad = _value_and_grad(our_loss, labels, emb)
+        st_value, _ = _value_and_grad(st_loss, labels, emb)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
+    if metric_name != "cosine":
+        torch.testing.assert_close(got, st_value.float(), rtol=1e-5, atol=1e-5)
+
+
 class _Linear(torch.nn.Module):
     """A model whose ``sentence_embedding`` is a linear map of the input, so the
     loss's own ``forward(sentence_features, labels)`` runs."""

@@ -150,10 +150,13 @@ def _tensor_problem(name: str, value: object) -> Optional[ValueError]:
 
 
 def _exchange_device(group: Optional[object]) -> torch.device:
-    """Where a rank whose embeddings cannot carry the exchange puts its part:
-    the CPU, unless the group's backend serves CUDA tensors only (nccl)."""
+    """Where a rank with a problem puts its part of the exchange, which its
+    own tensors may not be able to carry (a list, or CPU embeddings under
+    nccl): the current CUDA device where the group's backend includes nccl
+    (whose ranks pass embeddings there), else the CPU (gloo takes tensors of
+    either device on each rank)."""
     backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend and "cpu" not in backend and torch.cuda.is_available():
+    if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -474,9 +477,8 @@ class DistributedTripletLoss(nn.Module):
         """:meth:`gather`, exchanging this rank's ``problem`` (raised on every
         rank) and ``settings`` (that must be the same on every rank) with the
         sizes."""
-        unusable = _tensor_problem("embeddings", embeddings)
         if problem is None:
-            problem = (unusable or _tensor_problem("labels", labels)
+            problem = (_tensor_problem("embeddings", embeddings) or _tensor_problem("labels", labels)
                        or _shape_problem(embeddings, labels))
         rank, world = self._world()
         if world == 1:
@@ -486,9 +488,8 @@ class DistributedTripletLoss(nn.Module):
         if problem is None:
             labels = labels.to(embeddings.device)
         else:
-            # Raised after the exchange, on every rank; this rank's tensors
-            # may be unusable for it (not even a device to put it on).
-            device = _exchange_device(self.group) if unusable else embeddings.device
+            # Raised after the exchange, on every rank.
+            device = _exchange_device(self.group)
             embeddings = torch.zeros(0, 0, device=device)
             labels = torch.zeros(0, dtype=torch.int64, device=device)
         sizes = _gather_sizes(embeddings, labels, self.group, problem, settings)
