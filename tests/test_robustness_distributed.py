@@ -324,6 +324,14 @@ def _worker_second_review(rank, world, init_file):
                 criterion(x, y)
             criterion.loss = make()
             torch.testing.assert_close(criterion(x, y), make()(full_x, full_y))
+            # Replaced on one rank only: the other names the loss too.
+            if rank == 1:
+                criterion.loss = torch.nn.Identity()
+            match = "loss: expected one of" if rank == 1 else "loss: rank 1 of the group raised"
+            with pytest.raises(ValueError, match=match):
+                criterion(x, y)
+            criterion.loss = make()
+            torch.testing.assert_close(criterion(x, y), make()(full_x, full_y))
         _check_fraction_of_non_finite_batches(rank, full_x, full_y, rows)
         dist.barrier()
     finally:

@@ -72,7 +72,7 @@ def _float_shown(code: int) -> float:
 
 # What a rank's own problem is about, told to the other ranks as a code.
 _PROBLEMS = ("embeddings", "labels", "extra_embeddings", "extra_labels",
-             "extra_embeddings and extra_labels", "margin", "distance", "soft")
+             "extra_embeddings and extra_labels", "margin", "distance", "soft", "loss")
 
 
 def _problem_code(problem: Optional[ValueError]) -> int:
