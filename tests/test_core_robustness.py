@@ -82,8 +82,33 @@ def test_allocation_failure_is_a_runtime_error_without_a_panic(capfd):
 
 # --------------------------------------------------------------------------- dtypes, layouts, devices
 
-
 UNSIGNED = [torch.uint16, torch.uint32, torch.uint64]
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+def test_nested_labels_beside_1d_embeddings_name_the_labels(mining, capfd):
+    # The swapped-arguments hint read a nested tensor's shape, which libtorch
+    # refuses: a panic, turned into a RuntimeError quoting libtorch.
+    nested = torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
+    with pytest.raises(ValueError, match=r"^(labels|embeddings): "):
+        _core.triplet_terms(mining, nested, torch.zeros(5), 0.2, "euclidean", False)
+    assert "panicked" not in capfd.readouterr().err
+
+
+def test_the_binding_refuses_an_anchor_offset_without_references():
+    with pytest.raises(ValueError, match="^anchor_offset: "):
+        _core.triplet_terms("all", LABELS, _embeddings(0), 0.2, "euclidean", False,
+                            anchor_offset=-5)
+
+
+@pytest.mark.parametrize("dtype", UNSIGNED)
+@pytest.mark.parametrize("argument", ["count", "valid", "like"])
+def test_terms_of_unreadable_dtypes_name_the_argument(argument, dtype):
+    parts = {"sum": torch.tensor(1.0, dtype=torch.float64), "count": torch.tensor(2),
+             "valid": torch.tensor(3), "like": torch.zeros(2)}
+    parts[argument] = parts[argument].to(dtype)
+    with pytest.raises(ValueError, match=f"^{argument}: "):
+        _core.mean_and_fraction(parts["sum"], parts["count"], parts["valid"], parts["like"])
 
 
 @pytest.mark.parametrize("mining", LOSSES)

@@ -192,6 +192,11 @@ fn triplet_terms(
     let margin_tensor = margin_tensor.map(|t| t.0);
     let references = match (ref_embeddings, ref_labels) {
         (Some(e), Some(l)) => Some((e.0, l.0)),
+        (None, None) if anchor_offset.is_some() => {
+            return Err(PyValueError::new_err(
+                "anchor_offset: places the anchors in ref_embeddings, which were not given",
+            ))
+        }
         (None, None) => None,
         _ => {
             return Err(PyValueError::new_err(
@@ -227,7 +232,10 @@ fn terms_like(
     valid: Tensor,
     like: &Tensor,
 ) -> Result<(Terms, Kind), Error> {
-    let kind = like.f_kind()?;
+    let kind = like.f_kind().map_err(|_| Error::InvalidArgument {
+        argument: "like",
+        message: "has a dtype this library cannot read; must be floating point".into(),
+    })?;
     if !like.is_floating_point() {
         return Err(Error::InvalidArgument {
             argument: "like",

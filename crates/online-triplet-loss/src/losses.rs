@@ -160,7 +160,9 @@ impl Terms {
             return Err(Error::invalid("sum", "must be floating point"));
         }
         for (name, t) in [("count", &self.count), ("valid", &self.valid)] {
-            let kind = t.f_kind()?;
+            let kind = t.f_kind().map_err(|_| {
+                Error::invalid(name, "has a dtype this library cannot read; must be int64")
+            })?;
             if kind != Kind::Int64 {
                 return Err(Error::invalid(
                     name,
@@ -585,7 +587,12 @@ impl TripletConfig {
                 ));
             }
         }
-        if embeddings.dim() == 1 && labels.dim() == 2 {
+        // Only dense tensors have a shape to show (a nested one's dim is 2).
+        if embeddings.dim() == 1
+            && labels.dim() == 2
+            && is_strided(embeddings)
+            && is_strided(labels)
+        {
             return Err(Error::invalid(
                 "embeddings",
                 format!(
