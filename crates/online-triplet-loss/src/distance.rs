@@ -70,8 +70,8 @@ impl Distance {
     /// `x` and `y`: `(N, D)`; the result: `(N,)`.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when the shapes differ or are not 2-D, or
-    /// when `x` or `y` is not a floating-point tensor (float16, bfloat16,
+    /// [`Error::InvalidArgument`] when the shapes differ or are not 2-D, when
+    /// the two are on different devices, or when `x` or `y` is not a floating-point tensor (float16, bfloat16,
     /// float32 or float64) of dense layout on the CPU or a CUDA device;
     /// [`Error::Torch`] when libtorch fails.
     ///
@@ -111,6 +111,16 @@ impl Distance {
                     "must have the 2-D shape of x, got {:?} and {:?}",
                     x.size(),
                     y.size()
+                ),
+            ));
+        }
+        if x.device() != y.device() {
+            return Err(Error::invalid(
+                "y",
+                format!(
+                    "must be on the device of x ({:?}), got {:?}",
+                    x.device(),
+                    y.device()
                 ),
             ));
         }
