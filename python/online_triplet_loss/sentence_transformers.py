@@ -130,8 +130,8 @@ def _distance_name(distance_metric: object) -> str:
 
 def _at_least_float32(embeddings: Tensor) -> Tensor:
     """float16 and bfloat16 embeddings as float32, as ST's Euclidean distances
-    take them: the loss comes back in float32 (a float16 one would overflow
-    past 65504, where squared distances of a few hundred items reach it)."""
+    take them: the loss comes back in float32 (a float16 one is infinite past
+    65504, which squared distances between embeddings of norm 200 pass)."""
     check_tensor("embeddings", embeddings)
     return embeddings.float() if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings
 

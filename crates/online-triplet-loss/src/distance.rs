@@ -71,8 +71,9 @@ impl Distance {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] when the shapes differ or are not 2-D, when
-    /// the two are on different devices, or when `x` or `y` is not a floating-point tensor (float16, bfloat16,
-    /// float32 or float64) of dense layout on the CPU or a CUDA device;
+    /// the two are on different devices, or when `x` or `y` is not a
+    /// floating-point tensor (float16, bfloat16, float32 or float64) of dense
+    /// layout on the CPU or a CUDA device;
     /// [`Error::Torch`] when libtorch fails.
     ///
     /// ```
