@@ -27,7 +27,8 @@ they are divided by 1e-12 rather than by their norm, so a zero row is at 1
 from every item and a tiny row at 1 - (norm / 1e-12)·cos. Items at equal distances
 from a query rank with those of other labels first,
 the order of the ties that no score gains from: ties (integer, binary or
-quantised embeddings, copies, a collapsed model) never raise a score, the
+quantised embeddings, copies, a collapsed model) never raise a score (under
+the cosine distance, ties it compares exactly: the limits below), the
 scores do not depend on the order of the items, and every function sees the
 same ranking. Distances are computed in the embeddings' dtype from
 their Gram products, whose rounding error grows with the items' distance
