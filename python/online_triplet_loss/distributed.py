@@ -207,7 +207,7 @@ def _check_extra(embeddings: object, extra_embeddings: object, extra_labels: obj
     check_tensor("extra_embeddings", extra_embeddings)
     check_labels("extra_labels", extra_labels)
     width = embeddings.shape[1] if isinstance(embeddings, Tensor) and embeddings.dim() == 2 else None
-    if extra_embeddings.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if extra_embeddings.dtype not in _EMBEDDING_DTYPES:
         raise ValueError(
             "extra_embeddings: must be floating point (float16, bfloat16, float32 or float64), "
             f"got dtype {extra_embeddings.dtype}"

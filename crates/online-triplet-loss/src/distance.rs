@@ -8,7 +8,7 @@ use std::str::FromStr;
 use tch::{Kind, Tensor};
 
 use crate::error::caught;
-use crate::losses::check_embeddings;
+use crate::losses::{check_embeddings, check_same_device};
 use crate::Error;
 
 /// Norms below this are treated as this when normalising for the cosine
@@ -115,16 +115,7 @@ impl Distance {
                 ),
             ));
         }
-        if x.device() != y.device() {
-            return Err(Error::invalid(
-                "y",
-                format!(
-                    "must be on the device of x ({:?}), got {:?}",
-                    x.device(),
-                    y.device()
-                ),
-            ));
-        }
+        check_same_device("y", y, "x", x)?;
         // float16 and bfloat16 are computed in float32, as in the losses (a
         // zero row's cosine floor, 1e-12, is 0 in float16), and returned in
         // their dtype when both sides have it.

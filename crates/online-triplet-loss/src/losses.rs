@@ -623,16 +623,7 @@ impl TripletConfig {
                     format!("must have the embedding size of embeddings ({d}), got {rd}"),
                 ));
             }
-            if r.embeddings.device() != embeddings.device() {
-                return Err(Error::invalid(
-                    "ref_embeddings",
-                    format!(
-                        "must be on the device of embeddings ({:?}), got {:?}",
-                        embeddings.device(),
-                        r.embeddings.device()
-                    ),
-                ));
-            }
+            check_same_device("ref_embeddings", r.embeddings, "embeddings", embeddings)?;
             if let Some(offset) = r.anchor_offset {
                 let (n, m) = (embeddings.size()[0], r.embeddings.size()[0]);
                 let end = offset.checked_add(n).filter(|&end| offset >= 0 && end <= m);
@@ -1243,6 +1234,27 @@ pub(crate) fn check_placement(name: &'static str, t: &Tensor) -> Result<(), Erro
             Err(Error::invalid(name, "must be on the CPU or a CUDA device"))
         }
     }
+}
+
+/// That `t` (the argument `name`) is on the device of `other` (the argument
+/// `other_name`).
+pub(crate) fn check_same_device(
+    name: &'static str,
+    t: &Tensor,
+    other_name: &str,
+    other: &Tensor,
+) -> Result<(), Error> {
+    if t.device() != other.device() {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "must be on the device of {other_name} ({:?}), got {:?}",
+                other.device(),
+                t.device()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks 2-D floating-point `embeddings` and their `labels`, the names

@@ -95,7 +95,7 @@ use crate::distance::{Centre, Distance, Side};
 use crate::error::caught;
 use crate::grad;
 use crate::labels::{common, domain, keys, ANCHOR_NAN_KEYS, REFERENCE_NAN_KEYS};
-use crate::losses::{check_ids, check_pair};
+use crate::losses::{check_ids, check_pair, check_same_device};
 use crate::mining::Kernel;
 use crate::ties::Ties;
 use crate::Error;
@@ -513,16 +513,7 @@ impl RetrievalConfig {
                     format!("must have the embedding size of embeddings ({d}), got {rd}"),
                 ));
             }
-            if y.device() != embeddings.device() {
-                return Err(Error::invalid(
-                    "ref_embeddings",
-                    format!(
-                        "must be on the device of embeddings ({:?}), got {:?}",
-                        embeddings.device(),
-                        y.device()
-                    ),
-                ));
-            }
+            check_same_device("ref_embeddings", y, "embeddings", embeddings)?;
             let same_storage = y.numel() > 0
                 && y.data_ptr() == embeddings.data_ptr()
                 && y.f_kind()? == embeddings.f_kind()?
