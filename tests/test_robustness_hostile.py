@@ -480,6 +480,53 @@ def test_memory_state_dict_with_nonfinite_rows_is_refused(mining):
         other.load_state_dict(state)
 
 
+def test_memory_state_dict_without_extra_state_with_nonfinite_rows_is_refused():
+    """Without its extra state the memory keeps its count, so its stored rows
+    are checked too: a strict load fails only after torch has copied the
+    buffers, which left NaN rows behind a failed load."""
+    memory = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
+    memory(_x(1), LABELS)
+    before = [t.clone() for t in memory.memory]
+    state = {"memory_embeddings": torch.full((8, _x(1).shape[1]), NAN),
+             "memory_labels": torch.zeros(8, dtype=torch.long)}
+    for strict in (True, False):
+        with pytest.raises(ValueError, match="^state_dict: .*NaN or Inf"):
+            memory.load_state_dict(state, strict=strict)
+        assert all(torch.equal(got, was) for got, was in zip(memory.memory, before))
+    assert torch.isfinite(memory(_x(2), LABELS))
+    # An empty memory uses none of the rows: the lenient load takes them.
+    empty = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
+    empty.load_state_dict(state, strict=False)
+    assert empty.num_stored == 0 and torch.isfinite(empty(_x(2), LABELS))
+
+
+def test_memory_state_dict_rows_that_overflow_in_the_memory_dtype_are_refused():
+    """Loading casts into the memory's dtype: a finite float32 row of 1e5 is
+    Inf in a memory cast to float16. With ``assign=True`` the saved tensor
+    itself is kept, and loads."""
+    source = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=4, embedding_dim=3)
+    source(torch.tensor([[1e5, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]),
+           torch.tensor([0, 0, 1, 1]))
+    target = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=4, embedding_dim=3).half()
+    with pytest.raises(ValueError, match="^state_dict: .*NaN or Inf once cast to the memory's torch.float16"):
+        target.load_state_dict(source.state_dict())
+    assert target.num_stored == 0
+    target.load_state_dict(source.state_dict(), assign=True)
+    assert torch.equal(target.memory[0], source.memory[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_memory_state_dict_with_embeddings_not_floating_point_is_refused(dtype):
+    """A memory of integers would store later batches truncated (0.5 as 0)."""
+    memory = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=2)
+    state = {"memory_embeddings": torch.ones(2, 2).to(dtype),
+             "memory_labels": torch.tensor([0, 1]),
+             "_extra_state": {"next": 0, "count": 2, "embedding_dim": 2}}
+    with pytest.raises(ValueError, match=f"^state_dict: .*memory_embeddings has dtype {dtype}"):
+        memory.load_state_dict(state)
+    assert memory.memory_embeddings is None and memory.num_stored == 0
+
+
 def test_memory_under_inference_then_autograd_functional():
     memory = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=16)
     with torch.inference_mode():

@@ -77,8 +77,11 @@ class CrossBatchMemory(nn.Module):
     :func:`torch.no_grad` and outside :func:`torch.inference_mode`, so a
     batch enqueued under either leaves a memory that training can go on
     with. One module may be shared by threads: each call mines against the
-    memory and enqueues its batch while holding the module's lock. :meth:`load_state_dict` accepts only the state of a memory of the
-    same ``memory_size`` (and ``embedding_dim``, when set).
+    memory and enqueues its batch while holding the module's lock.
+    :meth:`load_state_dict` accepts only the state of a memory of the same
+    ``memory_size`` (and ``embedding_dim``, when set), with floating-point
+    embeddings whose stored rows are finite in the dtype they are loaded into
+    (the memory's own, unless ``assign=True``).
 
     The memory's dtype and device are those of the first batch (or of the
     module after ``.to()`` when ``embedding_dim`` is given); later batches are
@@ -448,6 +451,7 @@ class CrossBatchMemory(nn.Module):
             state_dict.get(prefix + "memory_embeddings"),
             state_dict.get(prefix + "memory_labels"),
             extra,
+            local_metadata.get("assign_to_params_buffers", False),
         )
         # An embeddings buffer this memory has and the state lacks (the state
         # of a memory that never stored anything, and had no embedding_dim,
@@ -475,9 +479,10 @@ class CrossBatchMemory(nn.Module):
             self.embedding_dim = self.memory_embeddings.shape[1]
         self._own_buffers()  # ``assign=True`` puts the saved tensors in place
 
-    def _check_saved(self, embeddings: object, labels: object, extra: object) -> None:
+    def _check_saved(self, embeddings: object, labels: object, extra: object, assign: bool) -> None:
         """Refuses the state of another memory, or one whose ring position and
-        count no memory of this size can reach, before anything is loaded."""
+        count no memory of this size can reach, or whose stored rows would
+        hold a NaN or Inf once loaded, before anything is loaded."""
         size = self.memory_size
 
         def refuse(why: str) -> None:
@@ -490,6 +495,8 @@ class CrossBatchMemory(nn.Module):
                        f"expected ({size}, D)")
             if self.embedding_dim is not None and embeddings.shape[1] != self.embedding_dim:
                 refuse(f"memory_embeddings has {embeddings.shape[1]} columns")
+            if not embeddings.is_floating_point():
+                refuse(f"memory_embeddings has dtype {embeddings.dtype}, not a floating point one")
         if labels is not None and (not isinstance(labels, Tensor) or tuple(labels.shape) != (size,)):
             refuse(f"memory_labels has shape {tuple(getattr(labels, 'shape', ()))}, expected ({size},)")
         if labels is not None and embeddings is None:
@@ -497,6 +504,9 @@ class CrossBatchMemory(nn.Module):
         if isinstance(labels, Tensor) and labels.dtype not in LABEL_DTYPES:
             refuse(f"memory_labels has dtype {labels.dtype}, which no loss takes as labels")
         if extra is None:
+            # Without its extra state (a lenient load, or a strict one that
+            # torch fails only after copying) the memory keeps its count.
+            self._check_finite(embeddings, self._count, assign, refuse)
             return
         if not isinstance(extra, dict) or not {"next", "count", "embedding_dim"} <= set(extra):
             refuse(f"its extra state {extra!r} lacks next, count and embedding_dim")
@@ -508,9 +518,7 @@ class CrossBatchMemory(nn.Module):
                 dim = check_int("embedding_dim", dim, 1, INT64_MAX)
         except ValueError as err:
             refuse(str(err))
-        if isinstance(embeddings, Tensor) and embeddings.is_floating_point() \
-                and not bool(torch.isfinite(embeddings[:count]).all()):
-            refuse("its stored embeddings hold NaN or Inf, which would make every later loss NaN")
+        self._check_finite(embeddings, count, assign, refuse)
         if count < size and position != count:
             refuse(f"next={position} with count={count}: a memory that is not full has its "
                    "next entry right after its last")
@@ -518,6 +526,22 @@ class CrossBatchMemory(nn.Module):
             refuse(f"count={count} but the buffers are missing")
         if embeddings is not None and dim is not None and embeddings.shape[1] != dim:
             refuse(f"embedding_dim={dim} but memory_embeddings has {embeddings.shape[1]} columns")
+
+    def _check_finite(self, embeddings: object, count: int, assign: bool,
+                      refuse: Callable[[str], None]) -> None:
+        """Refuses stored rows (the first ``count``) that hold a NaN or Inf in
+        the dtype they are loaded into: the memory's own, which a finite
+        float64 row can overflow (1e5 in float16), unless ``assign`` keeps
+        the saved tensor."""
+        if not isinstance(embeddings, Tensor) or count == 0:
+            return
+        stored = embeddings[:count]
+        memory = self.memory_embeddings
+        if memory is not None and not assign:
+            stored = stored.to(memory.dtype)
+        if not bool(torch.isfinite(stored).all()):
+            cast = "" if stored.dtype == embeddings.dtype else f" once cast to the memory's {stored.dtype}"
+            refuse(f"its stored embeddings hold NaN or Inf{cast}, which would make every later loss NaN")
 
     def get_extra_state(self) -> Dict[str, Any]:
         return {"next": self._next, "count": self._count, "embedding_dim": self.embedding_dim}
