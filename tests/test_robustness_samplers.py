@@ -149,3 +149,17 @@ def test_a_sampler_pickled_with_plain_attributes_loads():
     loaded.__setstate__(old)
     assert len(loaded) == len(sampler) and list(loaded) == list(sampler)
     assert (loaded.p, loaded.k, loaded.seed, loaded.rank, loaded.world_size, loaded.epoch) == (2, 4, 3, 1, 2, 2)
+
+
+def test_an_epoch_too_big_for_memory_names_k():
+    """A k no memory can hold fails when the epoch is built, with Python's
+    MemoryError (empty, naming nothing) turned into one that names k; the
+    sampler still works at a size that fits."""
+    from online_triplet_loss import HostOutOfMemoryError
+
+    sampler = PKSampler([0, 1, 2], p=3, k=2**40)
+    assert len(sampler) == 1 and sampler.batch_size == 3 * 2**40
+    with pytest.raises(HostOutOfMemoryError, match=r"^k: an epoch of 1 batches of p \* k = 3 \* 1099511627776 "):
+        next(iter(sampler))
+    assert isinstance(HostOutOfMemoryError("x"), MemoryError)
+    assert [len(batch) for batch in PKSampler([0, 1, 2], p=3, k=4)] == [12]

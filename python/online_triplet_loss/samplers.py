@@ -16,6 +16,7 @@ from typing import Dict, Hashable, Iterator, List, Sequence, Union
 import torch
 from torch.utils.data import Sampler
 
+from ._core import HostOutOfMemoryError
 from ._validation import check_dense, check_int, refuse_python_dispatch
 
 __all__ = ["PKSampler"]
@@ -146,7 +147,9 @@ class PKSampler(Sampler[List[int]]):
             ``np.int64(1)``, ``1`` and ``1.0`` are one class. Each NaN is a
             class of its own.
         p: classes per batch, :math:`1 \le P \le` the number of classes.
-        k: samples per class, :math:`\ge 1`.
+        k: samples per class, :math:`\ge 1`. An epoch is built whole when
+            iteration starts; one too big for the host's memory raises
+            :class:`~online_triplet_loss.HostOutOfMemoryError` then.
         seed: seeds the shuffling, together with the epoch. Default: 0.
         rank: this process's rank, :math:`0 \le` ``rank`` :math:`<`
             ``world_size``. Default: 0.
@@ -259,7 +262,14 @@ class PKSampler(Sampler[List[int]]):
         return self._batches // self.world_size
 
     def __iter__(self) -> Iterator[List[int]]:
-        batches = self._epoch_batches(self.epoch)
+        try:
+            batches = self._epoch_batches(self.epoch)
+        except MemoryError as err:
+            # Python's own names nothing (it is often empty).
+            raise HostOutOfMemoryError(
+                f"k: an epoch of {self._batches} batches of p * k = {self.p} * {self.k} "
+                "indices could not be held in memory"
+            ) from err
         return iter(batches[self.rank :: self.world_size])
 
     def _group(self, rng: random.Random, indices: List[int]) -> List[int]:
