@@ -398,3 +398,43 @@ def test_embeddings_on_a_grid_keep_their_exact_ties(mining, distance, dtype, por
             # float32 rounds the square roots; the hinges then cancel.
             tol = 1e-5 if dtype == torch.float32 else 1e-13
             torch.testing.assert_close(total.double(), ref.sum, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1], ids=["chunked", "half-matrix"])
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mining", LOSSES)
+def test_cosine_parallel_rows_tie_as_copies(mining, dtype, portable, chunk_size):
+    """Under the cosine distance v and 6v are at 0 from each other and at
+    equal distances from every row, as copies are; computed, they came out
+    about 1e-16 apart (a review: [3, 3] and its copy against a negative
+    [1, 1] gave batch-all a hinge of 2.2e-16 at margin 0, counted as a
+    positive triplet, so the mean over positive triplets halved; batch-hard
+    gave 0). The reference gets each row divided by its largest magnitude,
+    which leaves its cosine distances alone and makes parallel rows of
+    small integers copies: their distances are then equal by construction
+    (differences of equal rows)."""
+    from online_triplet_loss import _core
+
+    g = torch.Generator().manual_seed(11)
+    for _ in range(20):
+        directions = torch.randint(-64, 65, (5, 6), generator=g)
+        rows = directions[torch.randint(0, 5, (16,), generator=g)]
+        scales = torch.tensor([1, 2, 3, 5, 6])[torch.randint(0, 5, (16, 1), generator=g)]
+        x = (rows * scales).to(dtype)
+        labels = torch.randint(0, 4, (16,), generator=g)
+        canonical = x.double() / x.double().abs().amax(1, keepdim=True)
+        for margin in (0.0, 0.5):
+            total, count, valid = _core.triplet_terms(mining, labels, x, margin, "cosine", False,
+                                                      chunk_size=chunk_size, portable=portable)
+            ref = R.reference_terms(mining, labels, canonical, margin, "cosine")
+            assert (count.item(), valid.item()) == (ref.count, ref.valid)
+            tol = 1e-6 if dtype == torch.float32 else 1e-13
+            torch.testing.assert_close(total.double(), ref.sum, rtol=tol, atol=tol)
+    # The review's batch: 0, not a count of rounding errors.
+    x = torch.tensor([[3.0, 3.0], [3.0, 3.0], [1.0, 1.0]], dtype=dtype)
+    total, count, _ = _core.triplet_terms(mining, torch.tensor([0, 0, 1]), x, 0.0, "cosine", False,
+                                          chunk_size=chunk_size, portable=portable)
+    assert total.item() == 0.0
+    if mining == "all":  # batch-all's count is of positive triplets
+        assert count.item() == 0

@@ -195,6 +195,16 @@ impl FromStr for Distance {
     }
 }
 
+/// Each row of `rows`, `(N, D)` with D ≥ 1, divided by its largest
+/// magnitude, a quotient rounded once: rows that are positive multiples of
+/// each other (v and 6v) become one row, whose cosine distance is theirs.
+/// In float64, float32 rows of different directions stay apart (their
+/// quotients differ by more than float64 rounds); float64 rows closer in
+/// direction than its rounding can merge. A zero row becomes NaN.
+pub(crate) fn by_largest(rows: &Tensor) -> Result<Tensor, Error> {
+    Ok(rows.f_div(&rows.f_abs()?.f_amax([1i64].as_slice(), true)?)?)
+}
+
 /// ‖x‖ of every row, `(N, 1)`, without the overflow or underflow of a plain
 /// sum of squares: rows are scaled by [`row_scales`] first (a constant for
 /// autograd, so the gradient is that of the norm). Differentiable twice,
@@ -377,18 +387,24 @@ impl Side {
     }
 
     /// The rows of `raw`, the embeddings this side was made from, that
-    /// [`crate::ties::Ties`] compares to find identical embeddings: all of
-    /// them, except for the cosine distance rows below the normalisation
-    /// floor, which are not unit vectors, so that their copies are not at
-    /// distance 0 (a zero row is at 1 from everything): they become NaN,
-    /// which equals nothing. The raw rows, not the normalised points, whose
-    /// rounding depends on the tensor's layout.
+    /// [`crate::ties::Ties`] compares to find identical embeddings: the raw
+    /// rows, not the normalised points, whose rounding depends on the
+    /// tensor's layout. For the cosine distance, rows of one direction (v
+    /// and 6v) are identical too, at 0 from each other and at equal
+    /// distances from every other row, so each row is [`by_largest`] in
+    /// float64; rows below the normalisation floor, which are not unit
+    /// vectors, so that their copies are not at distance 0 (a zero row is
+    /// at 1 from everything), become NaN, which equals nothing.
     pub(crate) fn tie_rows(&self, raw: &Tensor) -> Result<Tensor, Error> {
         if self.distance != Distance::Cosine {
             return Ok(raw.shallow_clone());
         }
         let unit = self.norms.f_gt(COSINE_EPS)?;
-        Ok(raw.f_where_scalarother(&unit, f64::NAN)?)
+        let rows = match raw.size().last() {
+            Some(&0) => raw.shallow_clone(),
+            _ => by_largest(&raw.f_to_kind(Kind::Double)?)?,
+        };
+        Ok(rows.f_where_scalarother(&unit, f64::NAN)?)
     }
 
     pub(crate) fn rows(&self, start: i64, len: i64) -> Result<Side, Error> {

@@ -607,21 +607,10 @@ impl RetrievalConfig {
             // Copies among the embeddings as given: rounding the centred
             // frame back to the dtype can merge rows that differ. The
             // references come first, so a reference's first copy is one.
+            // Under the cosine distance, rows of one direction (v and 6v)
+            // are copies too.
             let rows = side.tie_rows(&x)?;
             drop(x);
-            // Under the cosine distance, rows of one direction (v and 6v)
-            // are copies: at 0 from each other, at equal distances from
-            // every other item. Divided by its largest magnitude in float64
-            // (a quotient rounded once, of one real number for both) each
-            // becomes one row; in float32 directions closer than its
-            // rounding would merge too. Rows below the normalisation floor
-            // (all, without columns) are NaN, which equals nothing.
-            let rows = match ranking {
-                Distance::Cosine if rows.size()[1] > 0 => {
-                    certify::by_largest(&rows.f_to_kind(Kind::Double)?)?
-                }
-                _ => rows,
-            };
             let ties = match Ties::find(&rows, &rows, Some(0), true, Kernel::Auto)? {
                 Some(ties) => Some(ties.leading_columns(g)?),
                 None => None,

@@ -74,7 +74,7 @@ use std::cell::Cell;
 use tch::{Kind, Tensor};
 
 use super::largest_magnitude;
-use crate::distance::{row_norms, Distance, Side, COSINE_EPS};
+use crate::distance::{by_largest, row_norms, Distance, Side, COSINE_EPS};
 use crate::ties::Ties;
 use crate::Error;
 
@@ -150,14 +150,6 @@ fn bound(
         .f_add(&squared_norms.f_max()?)?
         .f_mul_scalar(kappa)?
         .f_unsqueeze(1)?)
-}
-
-/// Each row of `rows`, `(N, D)` with D ≥ 1, divided by its largest
-/// magnitude, a quotient rounded once: rows that are positive multiples of
-/// each other (v and 6v) become one row, whose cosine distance is theirs.
-/// A zero row becomes NaN.
-pub(super) fn by_largest(rows: &Tensor) -> Result<Tensor, Error> {
-    Ok(rows.f_div(&rows.f_abs()?.f_amax([1i64].as_slice(), true)?)?)
 }
 
 /// `rows` with each row that the cosine distance normalises (of a norm
