@@ -193,7 +193,8 @@ def batch_hard(labels, embeddings, margin, distance="euclidean", soft=False,
     total = pr.zero()
     if anchors:
         z = pr.pick(anchors, hard_pos) - pr.pick(anchors, hard_neg) + margin
-        total = total + (F.softplus(z) if soft else torch.relu(z)).sum()
+        # log(1 + e^z) exactly: F.softplus returns z itself above 20.
+        total = total + (torch.logaddexp(z, torch.zeros_like(z)) if soft else torch.relu(z)).sum()
     return RefTerms(total, len(anchors), len(anchors))
 
 

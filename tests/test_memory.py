@@ -46,7 +46,7 @@ def reference_loss(mining, margin, distance, soft, anchors, anchor_labels, refs,
             hardest_p = max(positives, key=lambda j: dv[a][j])
             hardest_n = min(negatives, key=lambda j: dv[a][j])
             value = d[a][hardest_p] - d[a][hardest_n] + margin
-            terms.append(torch.nn.functional.softplus(value) if soft else torch.relu(value))
+            terms.append(torch.logaddexp(value, torch.zeros_like(value)) if soft else torch.relu(value))
         else:
             for p in positives:
                 farther = [j for j in negatives if dv[a][j] > dv[a][p]]

@@ -35,6 +35,18 @@ SEEDS = range(6)
 CLOSE = dict(rtol=1e-9, atol=1e-12)
 
 
+@pytest.fixture(autouse=True)
+def _softplus_to_40(monkeypatch):
+    """PML's smooth loss is torch's softplus, which returns z itself above
+    z = 20, e^-20 (2e-9) below log(1 + e^z), with a slope of exactly 1; the
+    soft margin here is log(1 + e^z) up to 40, past which float64 rounds it
+    to z. PML gets the same threshold, so that the two compute one function
+    (squared distances of these batches reach z > 20)."""
+    softplus = torch.nn.functional.softplus
+    monkeypatch.setattr(torch.nn.functional, "softplus",
+                        lambda x, beta=1.0, threshold=20.0: softplus(x, beta, max(threshold, 40.0)))
+
+
 def _pml_distance(distance):
     if distance == "cosine":
         return pml_distances.CosineSimilarity()  # margin: s_an - s_ap = d_ap - d_an

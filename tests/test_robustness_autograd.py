@@ -183,7 +183,8 @@ def _hard_by_pairs(labels, x, margin, distance, soft):
         n = neg[reference._argmin_lowest([row[j] for j in neg])]
         z = (reference.pair_distance(x[a], x[p], distance)
              - reference.pair_distance(x[a], x[n], distance) + margin)
-        terms.append(torch.nn.functional.softplus(z) if soft else torch.relu(z))
+        # log(1 + e^z) exactly (F.softplus returns z above 20).
+        terms.append(torch.logaddexp(z, torch.zeros_like(z)) if soft else torch.relu(z))
     return torch.stack(terms).mean() if terms else x.sum() * 0.0
 
 

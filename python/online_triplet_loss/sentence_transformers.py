@@ -34,6 +34,9 @@ distance) the one mined can differ. Elsewhere this package's definitions hold:
   least m away) and its soft margin the mean of softplus(−min_n d_an) > 0;
 - batch-all counts triplets with a loss > 0 (ST: > 1e-16) and divides by that
   count (ST: count + 1e-16);
+- the soft margin is log(1 + e^z) with slope sigmoid(z) at every z; ST's is
+  torch's softplus, which returns z itself above 20 (e^-20, 2e-9, lower; a
+  slope of 1), a difference float32 does not hold;
 - margins must be ≥ 0 and finite in the loss's dtype (a ``ValueError`` otherwise);
 - float16/bfloat16 embeddings are computed in float32 for every distance and
   the loss is returned in float32, as ST does for its Euclidean distances (its

@@ -956,7 +956,7 @@ impl TripletConfig {
             None => gap.f_add_scalar(self.margin)?,
         };
         let hinge = if self.soft {
-            z.f_softplus()?
+            softplus(&z)?
         } else {
             z.f_relu()?
         };
@@ -1234,6 +1234,20 @@ pub(crate) fn check_placement(name: &'static str, t: &Tensor) -> Result<(), Erro
             Err(Error::invalid(name, "must be on the CPU or a CUDA device"))
         }
     }
+}
+
+/// Beyond this, log(1 + eˣ) is x in float64 (e⁻⁴⁰ is below half its ulp
+/// at 40), and eˣ is finite in float32.
+const SOFTPLUS_LINEAR: f64 = 40.0;
+
+/// log(1 + eˣ), differentiable twice, with the slope σ(x). libtorch's
+/// softplus returns x itself above 20, where float64 still holds e⁻²⁰
+/// (2e-9): a value off by a million ulps and a slope of exactly 1. The
+/// exponential takes x clamped, so that the branch not taken stays finite
+/// and sends no NaN back.
+fn softplus(x: &Tensor) -> Result<Tensor, Error> {
+    let smooth = x.f_clamp_max(SOFTPLUS_LINEAR)?.f_exp()?.f_log1p()?;
+    Ok(x.f_where_self(&x.f_gt(SOFTPLUS_LINEAR)?, &smooth)?)
 }
 
 /// That `t` (the argument `name`) is on the device of `other` (the argument
