@@ -178,7 +178,9 @@ impl Terms {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] when a field is not a 0-d tensor or `sum`
-    /// is not floating point; [`Error::Torch`] when libtorch fails.
+    /// is not floating point; [`Error::Torch`] when libtorch fails. The
+    /// values are not read (that would wait for the device): counts below 0,
+    /// which no loss gives, give a quotient of their sign.
     pub fn mean(&self) -> Result<Tensor, Error> {
         self.check()?;
         // Dividing by an int64 tensor casts it to the dtype of `sum`.
