@@ -438,3 +438,31 @@ def test_cosine_parallel_rows_tie_as_copies(mining, dtype, portable, chunk_size)
     assert total.item() == 0.0
     if mining == "all":  # batch-all's count is of positive triplets
         assert count.item() == 0
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cosine_batch_hard_of_a_parallel_positive_and_negative_is_the_margin(dtype, soft):
+    """Batch-hard mines on the tied distances, then computes d_ap and d_an
+    again for the gradient: of v and kv as given, normalised, they came out
+    an ulp apart, so that z = d_ap − d_an was ±1e-16 instead of 0, with a
+    full-size gradient at relu's kink (a review: 20 to 35 in 300 draws).
+    They are computed from rows divided by their largest magnitude, which
+    makes v and kv one row."""
+    g = torch.Generator().manual_seed(2)
+    labels, ref_labels = torch.tensor([0]), torch.tensor([0, 1])
+    for _ in range(100):
+        anchor = torch.randn(1, 5, generator=g, dtype=torch.float64).to(dtype)
+        v = torch.randint(-50, 51, (5,), generator=g).to(dtype)
+        k = float(torch.randint(2, 9, (1,), generator=g))
+        refs = torch.stack([v, k * v])  # small integers: exactly parallel
+        x, y = leaf(anchor), leaf(refs)
+        loss = online_triplet_loss.batch_hard_triplet_loss(
+            labels, x, 0.0, distance="cosine", soft=soft, ref_embeddings=y, ref_labels=ref_labels)
+        gx, gy = torch.autograd.grad(loss, (x, y))
+        if soft:  # log 2, slope ½ through d_ap − d_an: equal and opposite pulls
+            assert loss.item() == pytest.approx(math.log(2), rel=1e-7 if dtype == torch.float32 else 1e-15)
+            torch.testing.assert_close(gx, torch.zeros_like(gx), rtol=0, atol=1e-6)
+        else:
+            assert loss.item() == 0.0
+            assert gx.abs().max().item() == 0.0 and gy.abs().max().item() == 0.0

@@ -91,6 +91,26 @@ impl Distance {
         caught(|| self.paired_unguarded(x, y, Summation::AsTheyCome))
     }
 
+    /// `x`, `(N, D)`, with rows of the same distances to every row: for the
+    /// cosine distance each row that it normalises (of a norm above the
+    /// floor, finite) divided by its largest magnitude, a constant for
+    /// autograd (the distance does not change with a row's scale, nor its
+    /// gradient), so that the rows [`Side::tie_rows`] finds identical (v and
+    /// 6v) are identical here, and [`Distance::paired`] gives them equal
+    /// distances; the other distances, and rows without columns, as given.
+    pub(crate) fn canonical(self, x: &Tensor) -> Result<Tensor, Error> {
+        if self != Distance::Cosine || x.size().last() == Some(&0) {
+            return Ok(x.shallow_clone());
+        }
+        let wide = x.f_to_kind(Kind::Double)?;
+        let largest = wide.f_detach()?.f_abs()?.f_amax([1i64].as_slice(), true)?;
+        let scaled = row_norms(&x.f_detach()?)?
+            .f_gt(COSINE_EPS)?
+            .f_logical_and_(&largest.f_isfinite()?)?;
+        let divisor = largest.f_where_scalarother(&scaled, 1.0)?;
+        Ok(wide.f_div(&divisor)?.f_to_kind(x.f_kind()?)?)
+    }
+
     /// [`Distance::paired`] for the squared Euclidean and the cosine
     /// distances, each row's terms summed in increasing order: pairs whose
     /// terms are the same numbers in other coordinates (the ties of binary

@@ -946,11 +946,16 @@ impl TripletConfig {
             })
         })?;
         // d_ap and d_an in one pass: the anchors twice against their
-        // positives, then their negatives.
+        // positives, then their negatives. Canonical rows, so that a positive
+        // and a negative of one direction under the cosine distance, tied in
+        // the mining, are one row here too: z is the margin exactly.
+        let x = self.distance.canonical(s.x)?;
         let d = self.distance.paired(
-            &s.x.f_expand([2, n, s.x.size()[1]], false)?
+            &x.f_expand([2, n, x.size()[1]], false)?
                 .f_reshape([2 * n, -1])?,
-            &s.y.f_index_select(0, &Tensor::f_cat(&[&positive, &negative], 0)?)?,
+            &self
+                .distance
+                .canonical(&s.y.f_index_select(0, &Tensor::f_cat(&[&positive, &negative], 0)?)?)?,
         )?;
         let gap = d.f_narrow(0, 0, n)?.f_sub(&d.f_narrow(0, n, n)?)?;
         let z = match margin {
