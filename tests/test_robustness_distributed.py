@@ -458,3 +458,61 @@ def test_extras_in_one_process_check_the_batch_first(embeddings, labels, message
     with pytest.raises(ValueError, match=message):
         criterion(embeddings, labels, extra_embeddings=torch.randn(2, 3),
                   extra_labels=torch.tensor([0, 1]))
+
+
+def _worker_third_review(rank, world, init_file):
+    """A review's findings, on two ranks: (1) rank 1 alone loads a checkpoint
+    of the memory saved two steps earlier, full and at the same place, so
+    that size, count and position agree: both ranks mined against different
+    memories and returned the same wrong loss; (2) rank 1 in eval mode for a
+    step stores nothing while rank 0 stores the batch, and, the memory being
+    full with batches a multiple of its size, position and count agree
+    again; (3) a forward-mode AD dual tensor on rank 1 raised there after the
+    exchange, leaving rank 0 in the gather until the timeout. Each now
+    raises a ValueError on both ranks, the other naming rank 1."""
+    from torch.autograd import forward_ad
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        g = torch.Generator().manual_seed(rank)
+        y = torch.tensor([0, 1, 0, 1])
+        batch = lambda: torch.randn(4, 3, generator=g, dtype=torch.float64)  # noqa: E731
+        memory = CrossBatchMemory(DistributedTripletLoss(BatchHardTripletLoss(margin=0.5)),
+                                  memory_size=16)
+        states = []
+        for _ in range(6):
+            memory(batch(), y)
+            states.append(memory.state_dict())
+        if rank == 1:
+            memory.load_state_dict(states[3])
+        assert (memory.num_stored, memory._next) == (16, 0)
+        with pytest.raises(ValueError, match=r"^memory \(entries stored since it was empty\): must "
+                           r"be the same on every rank of the group; got 48 on rank 0, 32 on rank 1"):
+            memory(batch(), y)
+        memory.load_state_dict(states[5])  # both ranks: agreed again
+        memory.train(rank == 0)
+        with pytest.raises(ValueError, match=r"^memory \(training mode, which stores the batch\): "
+                           r"must be the same on every rank of the group; got True on rank 0, "
+                           r"False on rank 1"):
+            memory(batch(), y)
+        memory.train()
+        assert torch.isfinite(memory(batch(), y))
+        criterion = DistributedTripletLoss(BatchHardTripletLoss(margin=0.5))
+        x = batch()
+        with forward_ad.dual_level():
+            dual = forward_ad.make_dual(x, torch.ones_like(x)) if rank == 1 else x
+            with pytest.raises(ValueError) as raised:
+                criterion(dual, y)
+        wanted = "forward-mode AD dual tensor" if rank == 1 else "embeddings: rank 1 of the group"
+        assert wanted in str(raised.value), str(raised.value)
+        assert torch.isfinite(criterion(x, y))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_third_review_findings_on_two_ranks(tmp_path):
+    assert dist.is_available(), "torch.distributed is required"
+    _start(_worker_third_review, (2, os.path.join(str(tmp_path), "init")), 2)

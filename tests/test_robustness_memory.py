@@ -515,3 +515,33 @@ def test_only_a_host_allocation_failure_is_reported_as_host_memory(device, repor
         assert "memory_size: 10 rows of 4 elements of 4 bytes" in str(info.value)
     else:
         assert str(info.value) == "CUDA error: device-side assert triggered"
+
+
+def test_the_entries_stored_since_empty_are_saved_and_checked():
+    """The count that tells apart ranks whose memories agree on position and
+    count (distributed: one loaded an earlier checkpoint): saved, restored,
+    reset with the memory, taken as the count from states saved before it
+    was kept, and refused where no memory could have it."""
+    memory = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=4)
+    for step in range(3):
+        memory.enqueue(torch.randn(3, 2), torch.tensor([0, 1, 0]))
+    assert memory.get_extra_state() == {"next": 1, "count": 4, "embedding_dim": 2, "enqueued": 9}
+    copy_ = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=4)
+    copy_.load_state_dict(memory.state_dict())
+    assert copy_._enqueued == 9
+    old = memory.state_dict()
+    del old["_extra_state"]["enqueued"]
+    copy_.load_state_dict(old)
+    assert copy_._enqueued == 4
+    for enqueued, why in ((3, "enqueued: must be"), (2**70, "enqueued: must be")):
+        bad = memory.state_dict()
+        bad["_extra_state"]["enqueued"] = enqueued
+        with pytest.raises(ValueError, match=f"^state_dict: .*{why}"):
+            copy_.load_state_dict(bad)
+    memory.reset()
+    assert memory._enqueued == 0
+    memory.enqueue(torch.randn(3, 2), torch.tensor([0, 1, 0]))
+    bad = memory.state_dict()
+    bad["_extra_state"]["enqueued"] = 7
+    with pytest.raises(ValueError, match="^state_dict: .*enqueued=7 with count=3"):
+        copy_.load_state_dict(bad)

@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from . import _core, _native as native
 from ._validation import (
@@ -485,6 +486,13 @@ class DistributedTripletLoss(nn.Module):
             if problem is not None:
                 raise problem
             return embeddings, labels, 0
+        if problem is None and forward_ad.unpack_dual(embeddings).tangent is not None:
+            # The gather has no forward derivative: this rank would raise
+            # after the exchange, leaving the others in the gather.
+            problem = ValueError(
+                "embeddings: a forward-mode AD dual tensor (torch.autograd.forward_ad) cannot "
+                "be gathered across ranks; use reverse mode (backward)"
+            )
         if problem is None:
             labels = labels.to(embeddings.device)
         else:

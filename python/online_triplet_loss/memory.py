@@ -149,6 +149,11 @@ class CrossBatchMemory(nn.Module):
         # are stored. Both live on the host, so bookkeeping never syncs.
         self._next = 0
         self._count = 0
+        # Entries stored since the memory was last empty: ranks whose
+        # memories agree on position and count can still differ here (one
+        # loaded an earlier checkpoint of the run, or skipped a step in
+        # eval mode), which the distributed exchange then tells.
+        self._enqueued = 0
         # Held from reading the memory to updating the ring, so that threads
         # sharing the module each mine against and enqueue whole batches.
         self._lock = threading.RLock()
@@ -170,6 +175,8 @@ class CrossBatchMemory(nn.Module):
         self._lock = threading.RLock()
         if "_ring" not in self.__dict__:  # pickled by an earlier version
             self._own_buffers()
+        if "_enqueued" not in self.__dict__:  # likewise
+            self._enqueued = self._count
 
     def _own_buffers(self) -> None:
         """Records the buffers that ``_next`` and ``_count`` describe."""
@@ -250,6 +257,7 @@ class CrossBatchMemory(nn.Module):
         with self._lock:
             self._next = 0
             self._count = 0
+            self._enqueued = 0
 
     @native.boundary
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -317,6 +325,8 @@ class CrossBatchMemory(nn.Module):
         settings = [
             ("memory (memory_size)", self.memory_size, int),
             ("memory (entries stored)", self._count, int),
+            ("memory (entries stored since it was empty)", self._enqueued, int),
+            ("memory (training mode, which stores the batch)", int(self.training), bool),
             ("memory (next place)", self._next, int),
             ("memory (embedding width)", -1 if stored is None else stored.shape[1], int),
             ("memory (embeddings dtype)", _dtype_code(None if stored is None else stored.dtype),
@@ -379,6 +389,7 @@ class CrossBatchMemory(nn.Module):
             self.memory_embeddings.copy_(embeddings[batch - self.memory_size :])
             self.memory_labels.copy_(labels[batch - self.memory_size :])
             self._next, self._count = 0, self.memory_size
+            self._enqueued += batch
             return
         end = self._next + batch
         first = min(end, self.memory_size) - self._next
@@ -389,6 +400,7 @@ class CrossBatchMemory(nn.Module):
             self.memory_labels[: batch - first] = labels[first:]
         self._next = end % self.memory_size
         self._count = min(self._count + batch, self.memory_size)
+        self._enqueued += batch
 
     def _allocate(self, embeddings: Tensor, labels: Tensor) -> None:
         # Both buffers before either is kept: a failure leaves the memory as it was.
@@ -516,6 +528,11 @@ class CrossBatchMemory(nn.Module):
             dim = extra["embedding_dim"]
             if dim is not None:
                 dim = check_int("embedding_dim", dim, 1, INT64_MAX)
+            if "enqueued" in extra:
+                enqueued = check_int("enqueued", extra["enqueued"], count, INT64_MAX)
+                if count < size and enqueued != count:
+                    refuse(f"enqueued={enqueued} with count={count}: a memory that is not full "
+                           "has stored each of its entries once")
         except ValueError as err:
             refuse(str(err))
         self._check_finite(embeddings, count, assign, refuse)
@@ -544,11 +561,14 @@ class CrossBatchMemory(nn.Module):
             refuse(f"its stored embeddings hold NaN or Inf{cast}, which would make every later loss NaN")
 
     def get_extra_state(self) -> Dict[str, Any]:
-        return {"next": self._next, "count": self._count, "embedding_dim": self.embedding_dim}
+        return {"next": self._next, "count": self._count, "embedding_dim": self.embedding_dim,
+                "enqueued": self._enqueued}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         self._next = int(state["next"])
         self._count = int(state["count"])
+        # States saved before the count was kept: as if loaded on every rank.
+        self._enqueued = int(state.get("enqueued", self._count))
         self.embedding_dim = state["embedding_dim"]
 
 
