@@ -91,24 +91,16 @@ impl Distance {
         caught(|| self.paired_unguarded(x, y, Summation::AsTheyCome))
     }
 
-    /// `x`, `(N, D)`, with rows of the same distances to every row: for the
-    /// cosine distance each row that it normalises (of a norm above the
-    /// floor, finite) divided by its largest magnitude, a constant for
-    /// autograd (the distance does not change with a row's scale, nor its
-    /// gradient), so that the rows [`Side::tie_rows`] finds identical (v and
-    /// 6v) are identical here, and [`Distance::paired`] gives them equal
-    /// distances; the other distances, and rows without columns, as given.
+    /// `x`, `(N, D)`, with rows of the same distances to every row, in
+    /// which the rows that [`Side::tie_rows`] finds identical are identical,
+    /// so that [`Distance::paired`] gives them equal distances: for the
+    /// cosine distance [`divided_by_largest`] in float64, in `x`'s dtype
+    /// (v and 6v); the other distances, and rows without columns, as given.
     pub(crate) fn canonical(self, x: &Tensor) -> Result<Tensor, Error> {
         if self != Distance::Cosine || x.size().last() == Some(&0) {
             return Ok(x.shallow_clone());
         }
-        let wide = x.f_to_kind(Kind::Double)?;
-        let largest = wide.f_detach()?.f_abs()?.f_amax([1i64].as_slice(), true)?;
-        let scaled = row_norms(&x.f_detach()?)?
-            .f_gt(COSINE_EPS)?
-            .f_logical_and_(&largest.f_isfinite()?)?;
-        let divisor = largest.f_where_scalarother(&scaled, 1.0)?;
-        Ok(wide.f_div(&divisor)?.f_to_kind(x.f_kind()?)?)
+        Ok(divided_by_largest(&x.f_to_kind(Kind::Double)?)?.f_to_kind(x.f_kind()?)?)
     }
 
     /// [`Distance::paired`] for the squared Euclidean and the cosine
@@ -215,14 +207,19 @@ impl FromStr for Distance {
     }
 }
 
-/// Each row of `rows`, `(N, D)` with D ≥ 1, divided by its largest
-/// magnitude, a quotient rounded once: rows that are positive multiples of
-/// each other (v and 6v) become one row, whose cosine distance is theirs.
-/// In float64, float32 rows of different directions stay apart (their
+/// `rows`, `(N, D)` with D ≥ 1, with each row that the cosine distance
+/// normalises (of a norm above its floor) divided by its largest magnitude,
+/// a constant for autograd (the cosine distance, and its gradient, do not
+/// change with a row's scale): a quotient rounded once, so that rows that
+/// are positive multiples of each other (v and 6v) become one row. In
+/// float64, float32 rows of different directions stay apart (their
 /// quotients differ by more than float64 rounds); float64 rows closer in
-/// direction than its rounding can merge. A zero row becomes NaN.
-pub(crate) fn by_largest(rows: &Tensor) -> Result<Tensor, Error> {
-    Ok(rows.f_div(&rows.f_abs()?.f_amax([1i64].as_slice(), true)?)?)
+/// direction than its rounding can merge. The other rows as given.
+pub(crate) fn divided_by_largest(rows: &Tensor) -> Result<Tensor, Error> {
+    let fixed = rows.f_detach()?;
+    let unit = row_norms(&fixed)?.f_gt(COSINE_EPS)?;
+    let largest = fixed.f_abs()?.f_amax([1i64].as_slice(), true)?;
+    Ok(rows.f_div(&largest.f_where_scalarother(&unit, 1.0)?)?)
 }
 
 /// ‖x‖ of every row, `(N, 1)`, without the overflow or underflow of a plain
@@ -411,10 +408,11 @@ impl Side {
     /// rows, not the normalised points, whose rounding depends on the
     /// tensor's layout. For the cosine distance, rows of one direction (v
     /// and 6v) are identical too, at 0 from each other and at equal
-    /// distances from every other row, so each row is [`by_largest`] in
-    /// float64; rows below the normalisation floor, which are not unit
-    /// vectors, so that their copies are not at distance 0 (a zero row is
-    /// at 1 from everything), become NaN, which equals nothing.
+    /// distances from every other row, so the rows are
+    /// [`divided_by_largest`] in float64; rows below the normalisation
+    /// floor, which are not unit vectors, so that their copies are not at
+    /// distance 0 (a zero row is at 1 from everything), become NaN, which
+    /// equals nothing.
     pub(crate) fn tie_rows(&self, raw: &Tensor) -> Result<Tensor, Error> {
         if self.distance != Distance::Cosine {
             return Ok(raw.shallow_clone());
@@ -422,7 +420,7 @@ impl Side {
         let unit = self.norms.f_gt(COSINE_EPS)?;
         let rows = match raw.size().last() {
             Some(&0) => raw.shallow_clone(),
-            _ => by_largest(&raw.f_to_kind(Kind::Double)?)?,
+            _ => divided_by_largest(&raw.f_to_kind(Kind::Double)?)?,
         };
         Ok(rows.f_where_scalarother(&unit, f64::NAN)?)
     }

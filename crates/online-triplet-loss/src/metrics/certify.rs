@@ -74,7 +74,7 @@ use std::cell::Cell;
 use tch::{Kind, Tensor};
 
 use super::largest_magnitude;
-use crate::distance::{by_largest, row_norms, Distance, Side, COSINE_EPS};
+use crate::distance::{divided_by_largest, Distance, Side};
 use crate::ties::Ties;
 use crate::Error;
 
@@ -150,15 +150,6 @@ fn bound(
         .f_add(&squared_norms.f_max()?)?
         .f_mul_scalar(kappa)?
         .f_unsqueeze(1)?)
-}
-
-/// `rows` with each row that the cosine distance normalises (of a norm
-/// above its floor) [`by_largest`], so that the distances from differences
-/// of v and 6v tie, as their cosine distances do, where normalising v and
-/// 6v rounds them apart.
-fn divided_by_largest(rows: &Tensor) -> Result<Tensor, Error> {
-    let unit = row_norms(rows)?.f_gt(COSINE_EPS)?;
-    Ok(by_largest(rows)?.f_where_self(&unit, rows)?)
 }
 
 /// Entries of the float64 checks of [`exact_gram`] taken at a time.
