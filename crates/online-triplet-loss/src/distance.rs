@@ -207,6 +207,9 @@ impl FromStr for Distance {
     }
 }
 
+/// The entries of a block of rows that [`Side::tie_rows`] divides at once.
+const TIE_BLOCK_ELEMENTS: i64 = 1 << 20;
+
 /// `rows`, `(N, D)` with D ≥ 1, with each row that the cosine distance
 /// normalises (of a norm above its floor) divided by its largest magnitude,
 /// a constant for autograd (the cosine distance, and its gradient, do not
@@ -413,16 +416,28 @@ impl Side {
     /// floor, which are not unit vectors, so that their copies are not at
     /// distance 0 (a zero row is at 1 from everything), become NaN, which
     /// equals nothing.
+    ///
+    /// One float64 copy of `raw` is made; the quotients are taken a block of
+    /// rows at a time, so that their temporaries stay small beside a large
+    /// reference set.
     pub(crate) fn tie_rows(&self, raw: &Tensor) -> Result<Tensor, Error> {
         if self.distance != Distance::Cosine {
             return Ok(raw.shallow_clone());
         }
-        let unit = self.norms.f_gt(COSINE_EPS)?;
-        let rows = match raw.size().last() {
-            Some(&0) => raw.shallow_clone(),
-            _ => divided_by_largest(&raw.f_to_kind(Kind::Double)?)?,
-        };
-        Ok(rows.f_where_scalarother(&unit, f64::NAN)?)
+        let mut rows = raw.f_detach()?.f_to_dtype(Kind::Double, false, true)?;
+        let (n, width) = (rows.size()[0], rows.size().last().copied().unwrap_or(0));
+        if width > 0 {
+            let step = (TIE_BLOCK_ELEMENTS / width).max(1);
+            for start in (0..n).step_by(step as usize) {
+                let mut block = rows.f_narrow(0, start, step.min(n - start))?;
+                let quotients = divided_by_largest(&block)?;
+                block.f_copy_(&quotients)?;
+            }
+        }
+        // Not `le`: a NaN norm is no unit vector either.
+        let not_unit = self.norms.f_gt(COSINE_EPS)?.f_logical_not()?;
+        let _ = rows.f_masked_fill_(&not_unit, f64::NAN)?;
+        Ok(rows)
     }
 
     pub(crate) fn rows(&self, start: i64, len: i64) -> Result<Side, Error> {

@@ -13,51 +13,123 @@ use crate::hash::FastMap;
 use crate::mining::Kernel;
 use crate::Error;
 
-/// For each row, the index of the first row with the same values (rows
-/// differing only in the sign of zeros count as the same; a row holding NaN
-/// has no copy), and whether any row has an earlier copy (always `true` off
-/// the CPU, where finding out would synchronise, and with the portable
-/// kernel).
-fn first_copies(x: &Tensor, kernel: Kernel) -> Result<(Tensor, bool), Error> {
-    let x = x.f_detach()?.f_add_scalar(0.0)?.f_contiguous()?;
-    let n = x.size()[0];
+/// For each row of `parts` taken in order (as if concatenated), the index
+/// of the first row with the same values (rows differing only in the sign
+/// of zeros count as the same; a row holding NaN has no copy), and whether
+/// any row has an earlier copy (always `true` off the CPU, where finding out
+/// would synchronise, and with the portable kernel). On the CPU the rows are
+/// hashed where they lie, without a copy.
+fn first_copies(parts: &[&Tensor], kernel: Kernel) -> Result<(Tensor, bool), Error> {
+    let kinds = parts
+        .iter()
+        .map(|p| p.f_kind())
+        .collect::<Result<Vec<_>, _>>()?;
+    let cpu = parts.iter().all(|p| p.device() == Device::Cpu);
+    let one_kind = kinds.windows(2).all(|k| k[0] == k[1]);
     // The slices of `hashed` are made here, from the dtype matched exactly.
-    let nan = || alloc::to_vec::<bool>(&x.f_isnan()?.f_any_dim(1, false)?);
-    match (kernel, x.device(), x.f_kind()?) {
-        (Kernel::Auto, Device::Cpu, Kind::Float) => hashed::<u32>(&x, n, &nan()?),
-        (Kernel::Auto, Device::Cpu, Kind::Double) => hashed::<u64>(&x, n, &nan()?),
-        _ => Ok((sorted(&x, n)?, true)),
+    match (kernel, cpu && one_kind, kinds.first()) {
+        (Kernel::Auto, true, Some(Kind::Float)) => hashed::<u32>(parts),
+        (Kernel::Auto, true, Some(Kind::Double)) => hashed::<u64>(parts),
+        _ => {
+            let x = Tensor::f_cat(parts, 0)?.f_detach()?.f_add_scalar(0.0)?;
+            Ok((sorted(&x, x.size()[0])?, true))
+        }
     }
 }
 
-/// [`first_copies`] by hashing the rows' bit patterns; `nan` marks the rows
-/// that hold NaN, which equal nothing.
-fn hashed<T: Copy + Eq + std::hash::Hash>(
-    x: &Tensor,
-    n: i64,
-    nan: &[bool],
-) -> Result<(Tensor, bool), Error> {
-    let numel = x.numel();
-    let data: &[T] = if numel == 0 {
-        &[]
-    } else {
-        // SAFETY: `x` is a contiguous CPU tensor of 4- or 8-byte floats (T
-        // has that size) and outlives the slice.
-        unsafe { std::slice::from_raw_parts(x.data_ptr() as *const T, numel) }
-    };
-    let width = if n == 0 { 0 } else { numel / n as usize };
-    let mut seen: FastMap<&[T], i64> = alloc::map_with_capacity(n as usize)?;
-    let mut copies = false;
-    let mut first = alloc::with_capacity(n as usize)?;
-    first.extend((0..n as usize).map(|i| {
-        if nan[i] {
-            return i as i64;
+/// The bit pattern of a float32 (`u32`) or float64 (`u64`).
+trait Bits: Copy {
+    /// The pattern as a word, −0 as 0 (they compare equal).
+    fn word(self) -> u64;
+    fn is_nan(self) -> bool;
+}
+
+impl Bits for u32 {
+    fn word(self) -> u64 {
+        if self == 1 << 31 {
+            0
+        } else {
+            u64::from(self)
         }
-        let row = &data[i * width..(i + 1) * width];
-        let f = *seen.entry(row).or_insert(i as i64);
-        copies |= f != i as i64;
-        f
-    }));
+    }
+    fn is_nan(self) -> bool {
+        self & !(1 << 31) > 0x7f80_0000
+    }
+}
+
+impl Bits for u64 {
+    fn word(self) -> u64 {
+        if self == 1 << 63 {
+            0
+        } else {
+            self
+        }
+    }
+    fn is_nan(self) -> bool {
+        self & !(1 << 63) > 0x7ff0_0000_0000_0000
+    }
+}
+
+/// A row of floats' bit patterns, equal to another of the same values.
+struct Row<'a, T>(&'a [T]);
+
+impl<T: Bits> std::hash::Hash for Row<'_, T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        for &w in self.0 {
+            state.write_u64(w.word());
+        }
+    }
+}
+
+impl<T: Bits> PartialEq for Row<'_, T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(other.0)
+                .all(|(&a, &b)| a.word() == b.word())
+    }
+}
+
+impl<T: Bits> Eq for Row<'_, T> {}
+
+/// [`first_copies`] by hashing the rows' bit patterns, of CPU tensors of
+/// 4- or 8-byte floats, as `T` says.
+fn hashed<T: Bits>(parts: &[&Tensor]) -> Result<(Tensor, bool), Error> {
+    let parts = parts
+        .iter()
+        .map(|p| p.f_detach()?.f_contiguous())
+        .collect::<Result<Vec<_>, _>>()?;
+    let n: i64 = parts.iter().map(|p| p.size()[0]).sum();
+    let mut seen: FastMap<Row<T>, i64> = alloc::map_with_capacity(n as usize)?;
+    let mut copies = false;
+    let mut first: Vec<i64> = alloc::with_capacity(n as usize)?;
+    for part in &parts {
+        let (rows, numel) = (part.size()[0] as usize, part.numel());
+        if rows == 0 {
+            continue;
+        }
+        let data: &[T] = if numel == 0 {
+            &[]
+        } else {
+            // SAFETY: `part` is a contiguous CPU tensor of floats of T's size
+            // (the caller matched its dtype) and outlives the slice.
+            unsafe { std::slice::from_raw_parts(part.data_ptr() as *const T, numel) }
+        };
+        let width = numel / rows;
+        for r in 0..rows {
+            let i = first.len() as i64;
+            let row = &data[r * width..(r + 1) * width];
+            if row.iter().any(|w| w.is_nan()) {
+                first.push(i);
+                continue;
+            }
+            let f = *seen.entry(Row(row)).or_insert(i);
+            copies |= f != i;
+            first.push(f);
+        }
+    }
     Ok((Tensor::f_from_slice(&first)?, copies))
 }
 
@@ -181,7 +253,7 @@ impl Ties {
         let (n, m) = (x.size()[0], y.size()[0]);
         let k = anchor_offset.unwrap_or(0);
         if same {
-            let (columns, copies) = first_copies(y, kernel)?;
+            let (columns, copies) = first_copies(&[y], kernel)?;
             let rows = columns.f_narrow(0, k, n)?;
             return Ok(copies.then_some(Ties { columns, rows }));
         }
@@ -195,14 +267,14 @@ impl Ties {
         if anchor_offset.is_some() && cpu && native {
             let own = y.f_narrow(0, k, n)?.f_eq_tensor(x)?.f_all()?;
             if own.f_int64_value(&[])? != 0 {
-                let (columns, copies) = first_copies(y, kernel)?;
+                let (columns, copies) = first_copies(&[y], kernel)?;
                 let rows = columns.f_narrow(0, k, n)?;
                 return Ok(copies.then_some(Ties { columns, rows }));
             }
         }
         // References first, so a reference's first copy is a reference,
         // and an anchor without an identical reference gets an id ≥ m.
-        let (ids, copies) = first_copies(&Tensor::f_cat(&[y, x], 0)?, kernel)?;
+        let (ids, copies) = first_copies(&[y, x], kernel)?;
         if !copies {
             return Ok(None);
         }
@@ -288,7 +360,7 @@ mod tests {
     }
 
     fn portable(x: &Tensor) -> Vec<i64> {
-        let (first, copies) = first_copies(x, Kernel::Portable).unwrap();
+        let (first, copies) = first_copies(&[x], Kernel::Portable).unwrap();
         assert!(copies, "the portable kernel cannot know there are none");
         Vec::<i64>::try_from(&first).unwrap()
     }
@@ -409,11 +481,74 @@ mod tests {
         }
     }
 
+    fn native(parts: &[&Tensor]) -> (Vec<i64>, bool) {
+        let (first, copies) = first_copies(parts, Kernel::Auto).unwrap();
+        (Vec::<i64>::try_from(&first).unwrap(), copies)
+    }
+
+    #[test]
+    fn native_first_copies_of_signed_zeros_nan_and_empty_rows() {
+        for kind in [Kind::Float, Kind::Double] {
+            let x = Tensor::from_slice(&[
+                0.0f64,
+                1.0,
+                -0.0,
+                1.0,
+                f64::NAN,
+                2.0,
+                f64::NAN,
+                2.0,
+                0.0,
+                -1.0,
+                -0.0,
+                1.0,
+                -0.0,
+                -0.0,
+                0.0,
+                0.0,
+            ])
+            .view([8, 2])
+            .to_kind(kind);
+            assert_eq!(native(&[&x]), (brute_force(&x), true), "{kind:?}");
+            assert_eq!(native(&[&x]).0, vec![0, 0, 2, 3, 4, 0, 6, 6]);
+            let distinct = x.narrow(0, 2, 3);
+            assert_eq!(native(&[&distinct]), (vec![0, 1, 2], false), "{kind:?}");
+            let empty_rows = Tensor::zeros([4, 0], (kind, Device::Cpu));
+            assert_eq!(native(&[&empty_rows]), (vec![0, 0, 0, 0], true));
+            let no_rows = Tensor::zeros([0, 3], (kind, Device::Cpu));
+            assert_eq!(native(&[&no_rows]), (vec![], false));
+        }
+    }
+
+    /// Rows of several tensors, some not contiguous, numbered as if
+    /// concatenated, as the portable kernel and the brute force number them.
+    #[test]
+    fn native_first_copies_across_parts_without_concatenating() {
+        for kind in [Kind::Float, Kind::Double] {
+            let y = with_copies(3, 40, 9, 6, kind);
+            // Copies within x, and of rows of y.
+            let x = Tensor::cat(&[with_copies(4, 30, 12, 6, kind), y.narrow(0, 0, 10)], 0);
+            let x = x.tr().contiguous().tr();
+            assert!(!x.is_contiguous());
+            let every = Tensor::cat(&[&y, &x], 0);
+            let (first, copies) = native(&[&y, &x]);
+            assert!(copies);
+            assert_eq!(first, brute_force(&every), "{kind:?}");
+            assert_eq!(first, portable(&every), "{kind:?}");
+            let none = Tensor::zeros([0, 6], (kind, Device::Cpu));
+            assert_eq!(native(&[&none, &y]).0, brute_force(&y), "{kind:?}");
+            // Rows of x that are rows of y take y's index.
+            let shared = y.narrow(0, 5, 3).shallow_clone();
+            let (first, _) = native(&[&y, &shared]);
+            assert_eq!(&first[40..], &brute_force(&y)[5..8], "{kind:?}");
+        }
+    }
+
     #[test]
     fn portable_and_native_first_copies_agree() {
         for kind in [Kind::Double, Kind::Float] {
             let x = with_copies(7, 300, 40, 8, kind);
-            let (native, copies) = first_copies(&x, Kernel::Auto).unwrap();
+            let (native, copies) = first_copies(&[&x], Kernel::Auto).unwrap();
             assert!(copies);
             assert_eq!(
                 portable(&x),
