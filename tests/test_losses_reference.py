@@ -292,6 +292,34 @@ def test_reference_set_with_anchor_offset(cfg, seed):
     assert_close(gy, gry, "grad ref_embeddings", **GRAD_TOL)
 
 
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_reference_set_of_several_blocks_of_rows(mining, distance):
+    """A reference set of 1500 x 128 rows far from the origin, which the
+    passes over every reference (the centre, the centred or normalised
+    points, their norms) take 512 rows at a time (distance.rs's
+    ROW_BLOCK_ELEMENTS), anchors among them: values and gradients equal the
+    brute-force reference."""
+    g = torch.Generator().manual_seed(31)
+    m, n, k = 1500, 12, 700
+    rlabels = torch.randint(0, 30, (m,), generator=g)
+    remb = torch.randn(m, 128, generator=g, dtype=torch.float64) + 50.0
+    labels, emb = rlabels[k:k + n], remb[k:k + n]
+    x, y = leaf(emb), leaf(remb)
+    s, c, v = losses.terms(mining, labels, x, 0.5, distance=distance, ref_embeddings=y,
+                           ref_labels=rlabels, anchor_offset=k)
+    xr, yr = leaf(emb), leaf(remb)
+    ref = R.reference_terms(mining, labels, xr, 0.5, distance, ref_embeddings=yr,
+                            ref_labels=rlabels, anchor_offset=k)
+    assert ref.count > 0
+    assert (int(c), int(v)) == (ref.count, ref.valid)
+    assert_close(s.detach(), ref.sum.detach(), "sum", **VALUE_TOL)
+    gx, gy = grad_of(s, x, y)
+    grx, gry = grad_of(ref.sum, xr, yr)
+    assert_close(gx, grx, "grad embeddings", **GRAD_TOL)
+    assert_close(gy, gry, "grad ref_embeddings", **GRAD_TOL)
+
+
 @pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[2] == 0.2], ids=config_id)
 def test_reference_set_of_the_batch_itself_equals_plain_call(cfg):
     mining, distance, margin, soft = cfg

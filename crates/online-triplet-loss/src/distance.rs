@@ -147,8 +147,8 @@ impl Distance {
             Distance::Squared => terms.sum(&x.f_sub(y)?.f_square()?)?,
             Distance::Euclidean => row_norms(&x.f_sub(y)?)?.f_squeeze_dim(-1)?,
             Distance::Cosine => {
-                let (x, y) = (Side::normalised(x)?, Side::normalised(y)?);
-                let (xn, yn) = (&x.points, &y.points);
+                let ((xn, x_norms), (yn, y_norms)) = (unit_rows(x)?, unit_rows(y)?);
+                let (xn, yn) = (&xn, &yn);
                 // Between unit rows ½‖x̂ − ŷ‖², which keeps the digits of
                 // close pairs: 1 − x̂·ŷ subtracts a dot product of about 1,
                 // rounded to half an ulp of 1 (6e-8 in float32), from 1.
@@ -157,10 +157,9 @@ impl Distance {
                 // cosine distance.
                 let half_square = terms.sum(&xn.f_sub(yn)?.f_square()?)?.f_mul_scalar(0.5)?;
                 let one_minus_dot = terms.sum(&xn.f_mul(yn)?)?.f_neg()?.f_add_scalar(1.0)?;
-                let unit = x
-                    .norms
+                let unit = x_norms
                     .f_gt(COSINE_EPS)?
-                    .f_logical_and(&y.norms.f_gt(COSINE_EPS)?)?
+                    .f_logical_and(&y_norms.f_gt(COSINE_EPS)?)?
                     .f_squeeze_dim(-1)?;
                 half_square.f_where_self(&unit, &one_minus_dot)?
             }
@@ -207,8 +206,21 @@ impl FromStr for Distance {
     }
 }
 
-/// The entries of a block of rows that [`Side::tie_rows`] divides at once.
-const TIE_BLOCK_ELEMENTS: i64 = 1 << 20;
+/// The entries of a block of rows that a pass over a set of embeddings
+/// ([`Centre`], [`Side`]) takes at once: their temporaries, a few blocks in
+/// float64, stay in the cache, where temporaries the size of a large
+/// reference set would each cost a page fault per page on the CPU (about 5×
+/// the time of a pass over 65536 × 128 rows, measured).
+const ROW_BLOCK_ELEMENTS: i64 = 1 << 16;
+
+/// `(start, len)` of the blocks of rows of an `(n, width)` tensor, of about
+/// [`ROW_BLOCK_ELEMENTS`] entries each.
+fn row_blocks(n: i64, width: i64) -> impl Iterator<Item = (i64, i64)> {
+    let step = (ROW_BLOCK_ELEMENTS / width.max(1)).max(1);
+    (0..n)
+        .step_by(step as usize)
+        .map(move |start| (start, step.min(n - start)))
+}
 
 /// `rows`, `(N, D)` with D ≥ 1, with each row that the cosine distance
 /// normalises (of a norm above its floor) divided by its largest magnitude,
@@ -248,6 +260,13 @@ pub(crate) fn row_norms(x: &Tensor) -> Result<Tensor, Error> {
         .f_sqrt()?
         .f_where_scalarother(&nonzero, 0.0)?
         .f_mul(&scale)?)
+}
+
+/// The rows of `x` divided by their norms clamped at the cosine floor,
+/// `(N, D)`, and those clamped norms, `(N, 1)`; differentiable.
+fn unit_rows(x: &Tensor) -> Result<(Tensor, Tensor), Error> {
+    let norms = row_norms(x)?.f_clamp_min(COSINE_EPS)?;
+    Ok((x.f_div(&norms)?, norms))
 }
 
 /// The largest magnitude of every row of `x`, `(N, 1)`, detached, raised to
@@ -291,12 +310,31 @@ pub(crate) struct Centre {
 }
 
 impl Centre {
+    /// The centre of `y`, `(N, D)`, taken a block of rows at a time.
     pub(crate) fn of(y: &Tensor) -> Result<Centre, Error> {
-        let wide = y.f_to_kind(Kind::Double)?;
-        if y.size()[0] == 0 {
-            let point = Tensor::f_zeros([1, y.size()[1]], (Kind::Double, y.device()))?;
+        let (n, width) = (y.size()[0], y.size()[1]);
+        let opts = (Kind::Double, y.device());
+        if n == 0 {
+            let point = Tensor::f_zeros([1, width], opts)?;
             return Ok(Centre { point });
         }
+        let columns = [0i64];
+        // The mean of the rows of `y` less `offset`, in float64.
+        let mean_less = |offset: Option<&Tensor>| -> Result<Tensor, Error> {
+            let mut sum = Tensor::f_zeros([1, width], opts)?;
+            for (start, len) in row_blocks(n, width) {
+                let mut block = y.f_narrow(0, start, len)?.f_to_kind(Kind::Double)?;
+                if let Some(offset) = offset {
+                    block = block.f_sub(offset)?;
+                }
+                let _ = sum.f_add_(&block.f_sum_dim_intlist(
+                    columns.as_slice(),
+                    true,
+                    None::<Kind>,
+                )?)?;
+            }
+            Ok(sum.f_div_scalar(n as f64)?)
+        };
         let digits = match y.f_kind()? {
             Kind::Half => 11,
             Kind::BFloat16 => 8,
@@ -307,13 +345,15 @@ impl Centre {
         // In two parts: the second takes out what the first's rounding left
         // (a few ulps of a column of 1e30: 1e14), so that a constant column
         // has its value as mean.
-        let first = wide.f_mean_dim(columns.as_slice(), true, None::<Kind>)?;
-        let mean = wide
-            .f_sub(&first)?
-            .f_mean_dim(columns.as_slice(), true, None::<Kind>)?
-            .f_add(&first)?;
-        let high = wide.f_amax(columns.as_slice(), true)?;
-        let low = wide.f_amin(columns.as_slice(), true)?;
+        let first = mean_less(None)?;
+        let mean = mean_less(Some(&first))?.f_add(&first)?;
+        // Extremes in y's dtype, then widened: exactly those of the widened.
+        let high = y
+            .f_amax(columns.as_slice(), true)?
+            .f_to_kind(Kind::Double)?;
+        let low = y
+            .f_amin(columns.as_slice(), true)?
+            .f_to_kind(Kind::Double)?;
         // v = f·2^e with 0.5 ≤ f < 1 (frexp) and v/f = 2^e exactly. For the
         // range (at most twice the spread), 2^(e − 5) is the largest power
         // of two at most range/16; for the largest magnitude, 2^(e − digits)
@@ -385,11 +425,26 @@ impl Side {
         Ok((sx, sy))
     }
 
+    /// `x`, detached, less the centre, rounded to x's dtype, with the squared
+    /// norms of those points, a block of rows at a time.
     fn centred(distance: Distance, x: &Tensor, center: &Centre) -> Result<Side, Error> {
-        let points = center.subtracted_from(x)?.f_to_kind(x.f_kind()?)?;
-        let norms = points
-            .f_square()?
-            .f_sum_dim_intlist(-1, false, None::<Kind>)?;
+        let (n, width) = (x.size()[0], x.size()[1]);
+        let kind = x.f_kind()?;
+        let points = Tensor::f_empty([n, width], (kind, x.device()))?;
+        let norms = Tensor::f_empty([n], (kind, x.device()))?;
+        for (start, len) in row_blocks(n, width) {
+            let block = center
+                .subtracted_from(&x.f_narrow(0, start, len)?)?
+                .f_to_kind(kind)?;
+            norms
+                .f_narrow(0, start, len)?
+                .f_copy_(
+                    &block
+                        .f_square()?
+                        .f_sum_dim_intlist(-1, false, None::<Kind>)?,
+                )?;
+            points.f_narrow(0, start, len)?.f_copy_(&block)?;
+        }
         Ok(Side {
             distance,
             points,
@@ -397,11 +452,20 @@ impl Side {
         })
     }
 
+    /// [`unit_rows`] of `x`, detached, a block of rows at a time.
     fn normalised(x: &Tensor) -> Result<Side, Error> {
-        let norms = row_norms(x)?.f_clamp_min(COSINE_EPS)?;
+        let (n, width) = (x.size()[0], x.size()[1]);
+        let opts = (x.f_kind()?, x.device());
+        let points = Tensor::f_empty([n, width], opts)?;
+        let norms = Tensor::f_empty([n, 1], opts)?;
+        for (start, len) in row_blocks(n, width) {
+            let (block, block_norms) = unit_rows(&x.f_narrow(0, start, len)?)?;
+            points.f_narrow(0, start, len)?.f_copy_(&block)?;
+            norms.f_narrow(0, start, len)?.f_copy_(&block_norms)?;
+        }
         Ok(Side {
             distance: Distance::Cosine,
-            points: x.f_div(&norms)?,
+            points,
             norms,
         })
     }
@@ -417,9 +481,7 @@ impl Side {
     /// distance 0 (a zero row is at 1 from everything), become NaN, which
     /// equals nothing.
     ///
-    /// One float64 copy of `raw` is made; the quotients are taken a block of
-    /// rows at a time, so that their temporaries stay small beside a large
-    /// reference set.
+    /// One float64 copy of `raw` is made, divided a block of rows at a time.
     pub(crate) fn tie_rows(&self, raw: &Tensor) -> Result<Tensor, Error> {
         if self.distance != Distance::Cosine {
             return Ok(raw.shallow_clone());
@@ -427,9 +489,8 @@ impl Side {
         let mut rows = raw.f_detach()?.f_to_dtype(Kind::Double, false, true)?;
         let (n, width) = (rows.size()[0], rows.size().last().copied().unwrap_or(0));
         if width > 0 {
-            let step = (TIE_BLOCK_ELEMENTS / width).max(1);
-            for start in (0..n).step_by(step as usize) {
-                let mut block = rows.f_narrow(0, start, step.min(n - start))?;
+            for (start, len) in row_blocks(n, width) {
+                let mut block = rows.f_narrow(0, start, len)?;
                 let quotients = divided_by_largest(&block)?;
                 block.f_copy_(&quotients)?;
             }
@@ -497,9 +558,20 @@ impl Side {
         // would not), and the smallest whose square is a normal number (half
         // and bfloat16 come as float32): squares that underflow cannot tell
         // such points from identical ones.
+        // The largest |p − first| over a column is that of its largest or
+        // its smallest entry (a rounded difference is monotone in p), so the
+        // spread takes two reductions, not a temporary of every point (NaN
+        // reaches both).
         let first = self.points.f_narrow(0, 0, 1)?;
         let spread = |side: &Side| -> Result<Tensor, Error> {
-            Ok(side.points.f_sub(&first)?.f_abs_()?.f_max()?)
+            let column = [0i64];
+            let high = side.points.f_amax(column.as_slice(), true)?;
+            let low = side.points.f_amin(column.as_slice(), true)?;
+            Ok(high
+                .f_sub(&first)?
+                .f_abs_()?
+                .f_maximum(&low.f_sub(&first)?.f_abs_()?)?
+                .f_max()?)
         };
         let spread = match other {
             Some(other) => spread(self)?.f_maximum(&spread(other)?)?,
