@@ -20,3 +20,14 @@ pub(crate) fn enabled() -> Result<bool, Error> {
     let leaf = leaf.f_requires_grad_(true)?;
     Ok(leaf.f_mul_scalar(1.0)?.requires_grad())
 }
+
+/// Whether a derivative with respect to `t` can be asked for: autograd
+/// records operations on it, or it carries a tangent of forward-mode AD
+/// (whose one level is 0: libtorch refuses nested levels).
+pub(crate) fn differentiable(t: &Tensor) -> Result<bool, Error> {
+    if t.requires_grad() && enabled()? {
+        return Ok(true);
+    }
+    let (_, tangent) = Tensor::f_internal_unpack_dual(t, 0)?;
+    Ok(tangent.defined())
+}

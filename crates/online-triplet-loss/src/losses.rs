@@ -1023,22 +1023,33 @@ impl Sides<'_> {
     /// So NaN reaches the loss and every gradient, also of samples that no
     /// triplet uses. Gradients given here are exact to first order only: a
     /// second derivative through them fails ([`first_order_surrogate`]).
+    /// A tensor of which no derivative can be asked gets no term, a pass
+    /// over a reference set saved (the poison is NaN where its entries are
+    /// not finite, so the value is the same).
     fn poisoned(
         &self,
         value: Tensor,
         gx: Option<&Tensor>,
         gy: Option<&Tensor>,
     ) -> Result<Tensor, Error> {
-        let weighted = |t: &Tensor, g: &Tensor| match gx {
-            Some(_) => first_order_surrogate(t, g, self.guard.as_ref()),
-            None => surrogate(t, g),
+        let weighted = |t: &Tensor, g: &Tensor| -> Result<Option<Tensor>, Error> {
+            if !grad::differentiable(t)? {
+                return Ok(None);
+            }
+            Ok(Some(match gx {
+                Some(_) => first_order_surrogate(t, g, self.guard.as_ref())?,
+                None => surrogate(t, g)?,
+            }))
         };
         let p = &self.poison;
         let gx = match gx {
             Some(g) => g.f_add(p)?,
             None => p.shallow_clone(),
         };
-        let mut sum = value.f_add(p)?.f_add(&weighted(self.x, &gx)?)?;
+        let mut sum = value.f_add(p)?;
+        if let Some(term) = weighted(self.x, &gx)? {
+            sum = sum.f_add(&term)?;
+        }
         // When the references are the anchors, x's poison reaches them all.
         let gy = match gy {
             Some(g) if self.y_is_x => Some(g.shallow_clone()),
@@ -1046,8 +1057,8 @@ impl Sides<'_> {
             None if self.y_is_x => None,
             None => Some(p.shallow_clone()),
         };
-        if let Some(gy) = gy {
-            sum = sum.f_add(&weighted(self.y, &gy)?)?;
+        if let Some(term) = gy.map(|gy| weighted(self.y, &gy)).transpose()?.flatten() {
+            sum = sum.f_add(&term)?;
         }
         Ok(sum)
     }
