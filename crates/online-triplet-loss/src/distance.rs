@@ -621,11 +621,12 @@ impl Side {
         })
     }
 
-    /// Adds to `grad_self` and `grad_other` the gradients of Σᵢⱼ wᵢⱼ dᵢⱼ with
-    /// respect to the points of `self` and `other`, given the pair weights
-    /// `p` of `w` ([`Distance::pair_weight`]) and, optionally, their row and
-    /// column sums. For Euclidean distances the references' term Σᵢ pᵢⱼ yⱼ
-    /// is left to [`Side::finish_columns`]: its weights Σᵢ pᵢⱼ are added to
+    /// Adds to `grad_self` and, when given, to `grad_other` (with its
+    /// `col_sum`) the gradients of Σᵢⱼ wᵢⱼ dᵢⱼ with respect to the points of
+    /// `self` and `other`, given the pair weights `p` of `w`
+    /// ([`Distance::pair_weight`]) and, optionally, their row and column
+    /// sums. For Euclidean distances the references' term Σᵢ pᵢⱼ yⱼ is left
+    /// to [`Side::finish_columns`]: its weights Σᵢ pᵢⱼ are added to
     /// `col_sum`, so that a chunk updates the references' gradient once, in
     /// place. For the cosine distance these are gradients with respect to the
     /// normalised points; [`Side::finish_grad`] maps them back. Centring does
@@ -636,22 +637,26 @@ impl Side {
         p: &Tensor,
         sums: Option<(Tensor, Tensor)>,
         grad_self: &mut Tensor,
-        grad_other: &mut Tensor,
-        col_sum: &mut Tensor,
+        mut grad_other: Option<(&mut Tensor, &mut Tensor)>,
     ) -> Result<(), Error> {
         // −Σᵢ pᵢⱼ xᵢ for the references, −Σⱼ pᵢⱼ yⱼ for the anchors.
-        let _ = grad_other.f_addmm_(&p.f_tr()?, &self.points.f_neg()?)?;
         let _ = grad_self.f_sub_(&p.f_mm(&other.points)?)?;
+        if let Some((grad_other, _)) = &mut grad_other {
+            let _ = grad_other.f_addmm_(&p.f_tr()?, &self.points.f_neg()?)?;
+        }
         if self.distance != Distance::Cosine {
             let (rows, cols) = match sums {
-                Some(sums) => sums,
-                None => (
-                    p.f_sum_dim_intlist(1, false, None::<Kind>)?,
-                    p.f_sum_dim_intlist(0, false, None::<Kind>)?,
-                ),
+                Some((rows, cols)) => (rows, Some(cols)),
+                None => (p.f_sum_dim_intlist(1, false, None::<Kind>)?, None),
             };
             let _ = grad_self.f_add_(&rows.f_unsqueeze(1)?.f_mul(&self.points)?)?;
-            let _ = col_sum.f_add_(&cols)?;
+            if let Some((_, col_sum)) = grad_other {
+                let cols = match cols {
+                    Some(cols) => cols,
+                    None => p.f_sum_dim_intlist(0, false, None::<Kind>)?,
+                };
+                let _ = col_sum.f_add_(&cols)?;
+            }
         }
         Ok(())
     }

@@ -536,6 +536,7 @@ impl TripletConfig {
                 first_order_guard(&[Some(&x), y_apart, surrogate_margin.as_ref()])?
             }
         };
+        let wants_grad = (x.requires_grad() || y.requires_grad()) && grad::enabled()?;
         let sides = Sides {
             x: &x,
             x_labels: &x_labels,
@@ -548,7 +549,8 @@ impl TripletConfig {
             sy,
             poison,
             guard,
-            wants_grad: (x.requires_grad() || y.requires_grad()) && grad::enabled()?,
+            wants_grad,
+            ref_grad: wants_grad && (references.is_none() || y.requires_grad()),
         };
         let mut terms = match mining {
             Mining::Hard => self.hard_terms(&sides, margin.as_ref())?,
@@ -668,7 +670,10 @@ impl TripletConfig {
             let mut active = None;
             // Contiguous whatever the strides of the embeddings.
             let mut gx = Tensor::f_zeros(s.x.size(), (kind, device))?;
-            let mut gy = Tensor::f_zeros(s.y.size(), (kind, device))?;
+            let mut gy = match s.ref_grad {
+                true => Some(Tensor::f_zeros(s.y.size(), (kind, device))?),
+                false => None,
+            };
             let mut col_sum = Tensor::f_zeros([m], (kind, device))?;
             let within = match mining {
                 Mining::SemiHard if self.half_matrix(s, HALF_MIN_CHUNKS_SEMIHARD) => {
@@ -737,8 +742,7 @@ impl TripletConfig {
                                 &p,
                                 None,
                                 &mut gx_rows,
-                                &mut gy,
-                                &mut col_sum,
+                                gy.as_mut().map(|gy| (gy, &mut col_sum)),
                             )?;
                         }
                         Selection::PairWeights {
@@ -760,8 +764,7 @@ impl TripletConfig {
                                 &weights,
                                 Some((row_sum, cols)),
                                 &mut gx_rows,
-                                &mut gy,
-                                &mut col_sum,
+                                gy.as_mut().map(|gy| (gy, &mut col_sum)),
                             )?;
                         }
                         Selection::Triplets {
@@ -784,7 +787,7 @@ impl TripletConfig {
                                 (s.sx.points(), s.sy.points()),
                                 (&anchor, &positive, &negative),
                                 &mut gx,
-                                &mut gy,
+                                gy.as_mut(),
                             )?;
                         }
                     }
@@ -796,7 +799,7 @@ impl TripletConfig {
                     (s.sx.points(), s.sy.points()),
                     (&triplets.0, &triplets.1, &triplets.2),
                     &mut gx,
-                    &mut gy,
+                    gy.as_mut(),
                 )?;
             }
             let zero = |kind: Kind| Tensor::f_zeros([], (kind, device));
@@ -807,10 +810,14 @@ impl TripletConfig {
                 Mining::All => count.f_to_kind(kind)?,
                 _ => active.map_or_else(|| zero(kind), Ok)?,
             };
-            Ok((value, count, valid, active, s.sx.finish_grad(gx)?, {
-                s.sy.finish_columns(&col_sum, &mut gy)?;
-                s.sy.finish_grad(gy)?
-            }))
+            let gy = match gy {
+                Some(mut gy) => {
+                    s.sy.finish_columns(&col_sum, &mut gy)?;
+                    Some(s.sy.finish_grad(gy)?)
+                }
+                None => None,
+            };
+            Ok((value, count, valid, active, s.sx.finish_grad(gx)?, gy))
         })?;
         // The loss is linear in the selected distances, so its gradient with
         // respect to the embeddings is (gx, gy); the surrogates carry it
@@ -818,7 +825,7 @@ impl TripletConfig {
         // the references are the anchors: c·gx + c·gy, not c·(gx + gy), is
         // what autograd gives the same loss with references passed apart.
         let sum = match s.wants_grad {
-            true => s.poisoned(value, Some(&gx), Some(&gy))?,
+            true => s.poisoned(value, Some(&gx), gy.as_ref())?,
             false => s.poisoned(value, None, None)?,
         };
         Ok(Terms {
@@ -1013,6 +1020,10 @@ struct Sides<'a> {
     /// require grad: otherwise batch-all and semi-hard compute no gradient
     /// for them (under `torch.no_grad`, a validation loss), only the value.
     wants_grad: bool,
+    /// Whether batch-all and semi-hard compute a gradient with respect to
+    /// the references: when autograd wants one and they are the anchors, or
+    /// references apart that require grad (a memory bank's do not).
+    ref_grad: bool,
 }
 
 impl Sides<'_> {

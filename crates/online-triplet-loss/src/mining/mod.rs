@@ -275,8 +275,8 @@ pub(crate) fn semihard_within(
 }
 
 /// Adds the gradient of the selected triplets' Σ (d_ap − d_an) with respect
-/// to the anchors' points `x` and the references' points `y` to `gx` and
-/// `gy` ([`Selection::Triplets`], CPU only).
+/// to the anchors' points `x` and the references' points `y` to `gx` and,
+/// when given, `gy` ([`Selection::Triplets`], CPU only).
 ///
 /// # Errors
 /// `Error::Torch` for tensors the native kernels do not take.
@@ -285,7 +285,7 @@ pub(crate) fn add_triplet_grad(
     points: (&Tensor, &Tensor),
     triplets: (&[i64], &[i64], &[i64]),
     gx: &mut Tensor,
-    gy: &mut Tensor,
+    gy: Option<&mut Tensor>,
 ) -> Result<(), Error> {
     native::add_triplet_grad(distance, points, triplets, gx, gy)
 }

@@ -1102,7 +1102,7 @@ fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
     })
 }
 
-/// Adds to `gx` and `gy` the gradient of Σ (d_ap − d_an) over the triplets
+/// Adds to `gx` and, when given, `gy` the gradient of Σ (d_ap − d_an) over the triplets
 /// with respect to the points `x` (the anchors, rows `anchor`, ascending)
 /// and `y` (the references, rows `positive` and `negative`): for the
 /// Euclidean distance ±(x − y)/d (0 at d = 0), for the squared one ±2(x − y),
@@ -1123,7 +1123,7 @@ pub(crate) fn add_triplet_grad(
     (x, y): (&Tensor, &Tensor),
     (anchor, positive, negative): (&[i64], &[i64], &[i64]),
     gx: &mut Tensor,
-    gy: &mut Tensor,
+    gy: Option<&mut Tensor>,
 ) -> Result<(), Error> {
     let (x, y) = (x.f_contiguous()?, y.f_contiguous()?);
     let width = x.size().get(1).copied().unwrap_or(0).max(0) as usize;
@@ -1138,7 +1138,7 @@ pub(crate) fn add_triplet_grad(
         || negative.len() != anchor.len()
         || anchor.windows(2).any(|w| w[0] > w[1])
         || gx.size() != x.size()
-        || gy.size() != y.size()
+        || gy.as_ref().is_some_and(|gy| gy.size() != y.size())
     {
         return Err(Error::Torch("internal error: triplets out of range".into()));
     }
@@ -1155,14 +1155,14 @@ pub(crate) fn add_triplet_grad(
             (view(&x)?, view(&y)?),
             width,
             &triplets,
-            (view_mut(gx)?, view_mut(gy)?),
+            (view_mut(gx)?, gy.map(view_mut).transpose()?),
         ),
         NativeReal::F64 => triplet_grad::<f64>(
             distance,
             (view(&x)?, view(&y)?),
             width,
             &triplets,
-            (view_mut(gx)?, view_mut(gy)?),
+            (view_mut(gx)?, gy.map(view_mut).transpose()?),
         ),
     }
 }
@@ -1226,7 +1226,7 @@ fn triplet_grad<T: Real>(
     (x, y): (&[T], &[T]),
     width: usize,
     triplets: &Triplets,
-    (gx, gy): (&mut [T], &mut [T]),
+    (gx, gy): (&mut [T], Option<&mut [T]>),
 ) -> Result<(), Error> {
     let pairs = 2 * triplets.anchor.len();
     // The factor of each pair's term: the gradient of its distance with
@@ -1285,6 +1285,9 @@ fn triplet_grad<T: Real>(
         factors.extend(block?);
     }
     // Pass 2: references, through the pairs sorted by reference.
+    let Some(gy) = gy else {
+        return Ok(());
+    };
     let references = triplets.references;
     let mut start = alloc::filled(references + 1, 0usize)?;
     for k in 0..pairs {
