@@ -135,3 +135,16 @@ def test_metrics_benchmark_agrees_with_torch_and_records_the_machine(tmp_path):
     assert abs(ours - theirs) < 1e-9
     assert results["retrieval_scores (rank-1/5/10, mAP, mINP), cameras, its mAP"]["value"] == ours
     assert "| mAP, cameras |" in p.stdout
+
+
+def test_memory_bank_benchmark_times_every_way_mining_and_distance():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "memory_bank.py"), "--anchors", "32",
+           "--memory", "200", "--dim", "16", "--classes", "20", "--repeats", "1", "--threads", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "1 threads" in p.stdout and "gemm x @ memory.T:" in p.stdout
+    rows = [line.split(" | ")[:3] for line in p.stdout.splitlines()
+            if line.startswith(("| refs ", "| xbm "))]
+    assert sorted(rows) == sorted([f"| {w}", m, d] for w in ("refs", "xbm")
+                                  for m in ("hard", "all", "semihard")
+                                  for d in ("euclidean", "cosine")), p.stdout
