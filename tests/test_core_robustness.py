@@ -688,6 +688,78 @@ def test_misaligned_labels_give_what_aligned_ones_give(mining, portable):
             == metrics.mean_average_precision_at_r(x, labels))
 
 
+def _misaligned_floats(values: torch.Tensor) -> torch.Tensor:
+    """float32 `values` in storage one byte off float32's alignment."""
+    out = torch.frombuffer(bytearray(4 * values.numel() + 1), dtype=torch.float32, offset=1,
+                           count=values.numel()).view(values.shape)
+    out.copy_(values)
+    assert out.data_ptr() % 4 != 0 and out.is_contiguous()
+    return out
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+def test_negated_views_and_misaligned_embeddings_give_what_plain_ones_give(mining, distance,
+                                                                          portable):
+    """Identical rows are found from a copy the core owns, never from the
+    caller's storage: a negated view (torch._neg_view, whose storage holds
+    the values' negatives) and float32 storage off its alignment give what
+    their plain copies give, with references holding copies of the anchors
+    and of each other (a review: the negated view's rows were hashed
+    un-negated, so rows equal to -ref were tied to ref)."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 4, generator=g)
+    refs = torch.cat([base, base[:3]])  # copies among the references
+    ref_labels = torch.tensor([0, 1, 0, 1, 2, 2, 0, 1, 0])
+    x, labels = -base[:4], torch.tensor([0, 0, 1, 1])  # anchors equal to -ref
+    x = torch.cat([x, base[4:]])
+    labels = torch.cat([labels, torch.tensor([2, 1])])
+    want = _core.triplet_terms(mining, labels, x, 0.3, distance, False, portable=portable,
+                               ref_embeddings=refs, ref_labels=ref_labels)
+    assert int(want[1]) > 0
+    odd = [
+        (x, torch._neg_view(-refs)),
+        (torch._neg_view(-x), refs),
+        (_misaligned_floats(x), _misaligned_floats(refs)),
+    ]
+    for anchors, references in odd:
+        got = _core.triplet_terms(mining, labels, anchors, 0.3, distance, False,
+                                  portable=portable, ref_embeddings=references,
+                                  ref_labels=ref_labels)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), (mining, distance, got, want)
+    both = torch._neg_view(-torch.cat([x, refs]))
+    got = _core.triplet_terms(mining, torch.cat([labels, ref_labels]), both, 0.3, distance, False,
+                              portable=portable)
+    want = _core.triplet_terms(mining, torch.cat([labels, ref_labels]), both.resolve_neg(), 0.3,
+                               distance, False, portable=portable)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mining", ["all", "semihard"])
+@pytest.mark.parametrize("which", ["embeddings", "ref_embeddings", "margin"])
+def test_the_core_refuses_forward_mode_tangents_through_batch_all_and_semihard(mining, which):
+    """The Python functions raise before calling the core; the core itself
+    (what Rust users call) refuses a tangent on any input of the losses
+    whose gradient is reverse-mode only, instead of a silently zero or
+    partial derivative (a review: references with a tangent and no
+    requires_grad lost theirs)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, refs = _embeddings(1, n=6), _embeddings(2, n=6)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    margin = torch.tensor(0.3)
+    with fwAD.dual_level():
+        inputs = {"embeddings": x, "ref_embeddings": refs, "margin": margin}
+        inputs[which] = fwAD.make_dual(inputs[which], torch.ones_like(inputs[which]))
+        with pytest.raises(ValueError, match=f"{which}.*forward-mode AD tangent"):
+            _core.triplet_terms(mining, labels, inputs["embeddings"], 0.3, "euclidean", False,
+                                ref_embeddings=inputs["ref_embeddings"], ref_labels=labels,
+                                margin_tensor=inputs["margin"])
+
+
 @pytest.mark.parametrize("mining, how", [(m, "margin") for m in LOSSES]
                          + [("all", "squared"), ("hard", "squared")])
 def test_hinges_whose_sum_overflows_the_dtype_give_their_mean(mining, how):

@@ -296,15 +296,15 @@ def test_reference_set_with_anchor_offset(cfg, seed):
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("ref_grad", [True, False], ids=["ref-grad", "memory-bank"])
 def test_reference_set_of_several_blocks_of_rows(mining, distance, ref_grad):
-    """A reference set of 1500 x 128 rows far from the origin, which the
-    passes over every reference (the centre, the centred or normalised
-    points, their norms) take 512 rows at a time (distance.rs's
-    ROW_BLOCK_ELEMENTS), anchors among them: values and gradients equal the
+    """A reference set of 5000 x 128 rows far from the origin, which the
+    passes over every reference on the CPU (the centre, the centred or
+    normalised points, their norms, the cosine's tie rows) take 2048 rows at
+    a time (distance.rs's ROW_BLOCK_ELEMENTS), anchors among them: values and gradients equal the
     brute-force reference, also for references that do not require grad (a
     memory bank's, whose gradient is not computed)."""
     g = torch.Generator().manual_seed(31)
-    m, n, k = 1500, 12, 700
-    rlabels = torch.randint(0, 30, (m,), generator=g)
+    m, n, k = 5000, 12, 2040  # the anchors straddle the first two blocks
+    rlabels = torch.randint(0, 500, (m,), generator=g)
     remb = torch.randn(m, 128, generator=g, dtype=torch.float64) + 50.0
     labels, emb = rlabels[k:k + n], remb[k:k + n]
     x, y = leaf(emb), remb.clone().requires_grad_(ref_grad)

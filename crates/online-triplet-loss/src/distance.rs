@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::caught;
 use crate::losses::{check_embeddings, check_same_device};
@@ -206,17 +206,22 @@ impl FromStr for Distance {
     }
 }
 
-/// The entries of a block of rows that a pass over a set of embeddings
-/// ([`Centre`], [`Side`]) takes at once: their temporaries, a few blocks in
-/// float64, stay in the cache, where temporaries the size of a large
-/// reference set would each cost a page fault per page on the CPU (about 5×
-/// the time of a pass over 65536 × 128 rows, measured).
-const ROW_BLOCK_ELEMENTS: i64 = 1 << 16;
+/// The entries of a block of rows that a pass over a set of CPU embeddings
+/// ([`Centre`], [`Side`]) takes at once: temporaries the size of a large
+/// reference set would each cost a page fault per page (about 5× the time
+/// of a pass over 65536 × 128 rows, measured), while blocks of 2 MiB in
+/// float64 are reused from the heap, at a few operations a block.
+const ROW_BLOCK_ELEMENTS: i64 = 1 << 18;
 
-/// `(start, len)` of the blocks of rows of an `(n, width)` tensor, of about
-/// [`ROW_BLOCK_ELEMENTS`] entries each.
-fn row_blocks(n: i64, width: i64) -> impl Iterator<Item = (i64, i64)> {
-    let step = (ROW_BLOCK_ELEMENTS / width.max(1)).max(1);
+/// `(start, len)` of the blocks of rows of `t`, `(n, width)`: of about
+/// [`ROW_BLOCK_ELEMENTS`] entries each on the CPU, one block elsewhere
+/// (CUDA's allocator reuses its memory, and each operation is a launch).
+fn row_blocks(t: &Tensor) -> impl Iterator<Item = (i64, i64)> {
+    let (n, width) = (t.size()[0], t.size().last().copied().unwrap_or(0));
+    let step = match t.device() {
+        Device::Cpu => (ROW_BLOCK_ELEMENTS / width.max(1)).max(1),
+        _ => n.max(1),
+    };
     (0..n)
         .step_by(step as usize)
         .map(move |start| (start, step.min(n - start)))
@@ -322,7 +327,7 @@ impl Centre {
         // The mean of the rows of `y` less `offset`, in float64.
         let mean_less = |offset: Option<&Tensor>| -> Result<Tensor, Error> {
             let mut sum = Tensor::f_zeros([1, width], opts)?;
-            for (start, len) in row_blocks(n, width) {
+            for (start, len) in row_blocks(y) {
                 let mut block = y.f_narrow(0, start, len)?.f_to_kind(Kind::Double)?;
                 if let Some(offset) = offset {
                     block = block.f_sub(offset)?;
@@ -432,7 +437,7 @@ impl Side {
         let kind = x.f_kind()?;
         let points = Tensor::f_empty([n, width], (kind, x.device()))?;
         let norms = Tensor::f_empty([n], (kind, x.device()))?;
-        for (start, len) in row_blocks(n, width) {
+        for (start, len) in row_blocks(x) {
             let block = center
                 .subtracted_from(&x.f_narrow(0, start, len)?)?
                 .f_to_kind(kind)?;
@@ -458,7 +463,7 @@ impl Side {
         let opts = (x.f_kind()?, x.device());
         let points = Tensor::f_empty([n, width], opts)?;
         let norms = Tensor::f_empty([n, 1], opts)?;
-        for (start, len) in row_blocks(n, width) {
+        for (start, len) in row_blocks(x) {
             let (block, block_norms) = unit_rows(&x.f_narrow(0, start, len)?)?;
             points.f_narrow(0, start, len)?.f_copy_(&block)?;
             norms.f_narrow(0, start, len)?.f_copy_(&block_norms)?;
@@ -481,15 +486,19 @@ impl Side {
     /// distance 0 (a zero row is at 1 from everything), become NaN, which
     /// equals nothing.
     ///
-    /// One float64 copy of `raw` is made, divided a block of rows at a time.
+    /// The rows are a copy this call owns, which [`crate::ties::Ties`] reads
+    /// in place on the CPU: for the cosine distance one float64 copy,
+    /// divided a block of rows at a time.
     pub(crate) fn tie_rows(&self, raw: &Tensor) -> Result<Tensor, Error> {
         if self.distance != Distance::Cosine {
-            return Ok(raw.shallow_clone());
+            // A copy (−0 becomes 0): not the caller's storage, which may be
+            // misaligned, a negated view, or written by another thread.
+            return Ok(raw.f_detach()?.f_add_scalar(0.0)?);
         }
         let mut rows = raw.f_detach()?.f_to_dtype(Kind::Double, false, true)?;
-        let (n, width) = (rows.size()[0], rows.size().last().copied().unwrap_or(0));
+        let width = rows.size().last().copied().unwrap_or(0);
         if width > 0 {
-            for (start, len) in row_blocks(n, width) {
+            for (start, len) in row_blocks(&rows) {
                 let mut block = rows.f_narrow(0, start, len)?;
                 let quotients = divided_by_largest(&block)?;
                 block.f_copy_(&quotients)?;

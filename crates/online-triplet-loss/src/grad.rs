@@ -25,9 +25,11 @@ pub(crate) fn enabled() -> Result<bool, Error> {
 /// records operations on it, or it carries a tangent of forward-mode AD
 /// (whose one level is 0: libtorch refuses nested levels).
 pub(crate) fn differentiable(t: &Tensor) -> Result<bool, Error> {
-    if t.requires_grad() && enabled()? {
-        return Ok(true);
-    }
+    Ok((t.requires_grad() && enabled()?) || has_tangent(t)?)
+}
+
+/// Whether `t` carries a tangent of forward-mode AD (whose one level is 0).
+pub(crate) fn has_tangent(t: &Tensor) -> Result<bool, Error> {
     let (_, tangent) = Tensor::f_internal_unpack_dual(t, 0)?;
     Ok(tangent.defined())
 }

@@ -352,7 +352,9 @@ impl TripletConfig {
     /// outside the references, or integer labels beyond ±2⁵³ that meet
     /// floating-point labels (the anchors' and the references' of different
     /// kinds: checked by reading one flag from the device, the one
-    /// synchronisation with a CUDA device, in this mixed case only);
+    /// synchronisation with a CUDA device, in this mixed case only), or a
+    /// forward-mode AD tangent on an input of batch-all or semi-hard (whose
+    /// gradients are computed for reverse mode only);
     /// [`Error::Torch`] when libtorch fails (out of memory, say);
     /// [`Error::OutOfMemory`] when a buffer of the native CPU kernels cannot
     /// be allocated; [`Error::Interrupted`] when the
@@ -427,6 +429,25 @@ impl TripletConfig {
                 ));
             }
         }
+        if mining != Mining::Hard {
+            let inputs = [
+                ("embeddings", Some(embeddings)),
+                ("ref_embeddings", references.map(|r| r.embeddings)),
+                ("margin", margin),
+            ];
+            for (name, t) in inputs {
+                if let Some(t) = t.filter(|t| t.defined()) {
+                    if grad::has_tangent(t)? {
+                        return Err(Error::invalid(
+                            name,
+                            "carries a forward-mode AD tangent: batch-all and semi-hard compute \
+                             their gradient for reverse mode only; use backward, or batch-hard, \
+                             which supports both",
+                        ));
+                    }
+                }
+            }
+        }
         let kind = match embeddings.f_kind()? {
             Kind::Half | Kind::BFloat16 => Kind::Float,
             k => k,
@@ -465,7 +486,11 @@ impl TripletConfig {
             let y_apart = references.map(|_| &y);
             let (sx, sy) = Side::pair(self.distance, &x, y_apart)?;
             let same = references.is_none();
-            let (tx, ty) = (sx.tie_rows(&x)?, sy.tie_rows(&y)?);
+            let ty = sy.tie_rows(&y)?;
+            let tx = match same {
+                true => ty.shallow_clone(),
+                false => sx.tie_rows(&x)?,
+            };
             let ties = Ties::find(&tx, &ty, self_col, same, self.kernel)?;
             let mut poison = sx.poison(y_apart.map(|_| &sy))?;
             // Anchor i is reference k + i, one sample: with another label

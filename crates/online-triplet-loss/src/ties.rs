@@ -18,7 +18,9 @@ use crate::Error;
 /// of zeros count as the same; a row holding NaN has no copy), and whether
 /// any row has an earlier copy (always `true` off the CPU, where finding out
 /// would synchronise, and with the portable kernel). On the CPU the rows are
-/// hashed where they lie, without a copy.
+/// hashed where they lie: they must be the call's own tensors
+/// ([`crate::distance::Side::tie_rows`]), which no other thread writes
+/// meanwhile (a part that is misaligned or a negated view is copied first).
 fn first_copies(parts: &[&Tensor], kernel: Kernel) -> Result<(Tensor, bool), Error> {
     let kinds = parts
         .iter()
@@ -97,9 +99,17 @@ impl<T: Bits> Eq for Row<'_, T> {}
 /// [`first_copies`] by hashing the rows' bit patterns, of CPU tensors of
 /// 4- or 8-byte floats, as `T` says.
 fn hashed<T: Bits>(parts: &[&Tensor]) -> Result<(Tensor, bool), Error> {
+    let own = |p: &Tensor| -> Result<Tensor, Error> {
+        let p = p.f_detach()?.f_contiguous()?;
+        let aligned = (p.data_ptr() as usize).is_multiple_of(std::mem::align_of::<T>());
+        Ok(match aligned && !p.f_is_neg()? {
+            true => p,
+            false => p.f_add_scalar(0.0)?,
+        })
+    };
     let parts = parts
         .iter()
-        .map(|p| p.f_detach()?.f_contiguous())
+        .map(|p| own(p))
         .collect::<Result<Vec<_>, _>>()?;
     let n: i64 = parts.iter().map(|p| p.size()[0]).sum();
     let mut seen: FastMap<Row<T>, i64> = alloc::map_with_capacity(n as usize)?;
@@ -113,8 +123,10 @@ fn hashed<T: Bits>(parts: &[&Tensor]) -> Result<(Tensor, bool), Error> {
         let data: &[T] = if numel == 0 {
             &[]
         } else {
-            // SAFETY: `part` is a contiguous CPU tensor of floats of T's size
-            // (the caller matched its dtype) and outlives the slice.
+            // SAFETY: `part` is a contiguous, aligned CPU tensor of floats of
+            // T's size (the caller matched its dtype), not a negated view,
+            // that no other thread writes (the call's own), and it outlives
+            // the slice.
             unsafe { std::slice::from_raw_parts(part.data_ptr() as *const T, numel) }
         };
         let width = numel / rows;
