@@ -18,7 +18,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd import forward_ad
 
 from . import _core, _native as native
 from ._validation import (
@@ -31,7 +30,7 @@ from ._validation import (
     margin_and_tensor,
     refuse_scripting,
 )
-from .losses import _TripletLoss, loss_and_fraction, terms
+from .losses import _has_tangent, _TripletLoss, loss_and_fraction, terms
 
 __all__ = ["DistributedTripletLoss"]
 
@@ -486,7 +485,7 @@ class DistributedTripletLoss(nn.Module):
             if problem is not None:
                 raise problem
             return embeddings, labels, 0
-        if problem is None and forward_ad.unpack_dual(embeddings).tangent is not None:
+        if problem is None and _has_tangent(embeddings):
             # The gather has no forward derivative: this rank would raise
             # after the exchange, leaving the others in the gather.
             problem = ValueError(
