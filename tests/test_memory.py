@@ -12,6 +12,10 @@ from online_triplet_loss import (
     BatchHardTripletLoss,
     BatchSemiHardTripletLoss,
     CrossBatchMemory,
+    _core,
+    batch_all_triplet_loss,
+    batch_hard_triplet_loss,
+    batch_semihard_triplet_loss,
 )
 from online_triplet_loss.distributed import DistributedTripletLoss
 
@@ -268,3 +272,69 @@ def test_an_empty_memory_shows_its_buffers_dtypes():
     assert embeddings.shape == (0, 3) and labels.shape == (0,)
     preallocated = CrossBatchMemory(BatchHardTripletLoss(), memory_size=4, embedding_dim=5).double()
     assert preallocated.memory[0].dtype == torch.float64 and preallocated.memory[0].shape == (0, 5)
+
+
+def _functional(mining):
+    return {"all": batch_all_triplet_loss, "hard": batch_hard_triplet_loss,
+            "semihard": batch_semihard_triplet_loss}[mining]
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared", "cosine"])
+@pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
+def test_matches_the_function_over_the_concatenated_references(mining, distance):
+    """The memory goes to the core apart from the batch (no gradient computed
+    for it); the function over torch.cat([batch, memory]) with anchor_offset=0
+    computes it and drops it: the same loss and batch gradient, in float32."""
+    g = torch.Generator().manual_seed(3)
+    loss = {"all": BatchAllTripletLoss, "hard": BatchHardTripletLoss,
+            "semihard": BatchSemiHardTripletLoss}[mining](margin=0.3, distance=distance)
+    xbm = CrossBatchMemory(loss, memory_size=700)
+    for _ in range(3):
+        xbm.enqueue(torch.randn(200, 16, generator=g), torch.randint(0, 50, (200,), generator=g))
+    x = torch.randn(48, 16, generator=g, requires_grad=True)
+    labels = torch.arange(12).repeat_interleave(4)
+    memory, memory_labels = xbm.memory
+    got = xbm(x, labels)
+    (got_grad,) = torch.autograd.grad(got, x)
+
+    x2 = x.detach().clone().requires_grad_(True)
+    out = _functional(mining)(
+        labels, x2, 0.3, distance=distance, ref_embeddings=torch.cat([x2, memory]),
+        ref_labels=torch.cat([labels, memory_labels]), anchor_offset=0,
+    )
+    expected = out[0] if mining == "all" else out
+    (expected_grad,) = torch.autograd.grad(expected, x2)
+    assert expected.item() > 0
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("distance", ["euclidean", "squared", "cosine"])
+@pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
+def test_extra_references_are_the_concatenation_in_chunks(mining, distance, portable):
+    """The core's references in two parts (the batch, then extra rows) against
+    the one concatenated tensor: the same terms and gradients, for each part
+    that requires grad, over several chunks of anchors, on both kernels."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    extra = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (30,), generator=g)
+    ref_labels = torch.cat([labels, torch.randint(0, 5, (50,), generator=g)])
+    for extra_grad in (False, True):
+        results = []
+        for joined in (True, False):
+            a = x.clone().requires_grad_(True)
+            e = extra.clone().requires_grad_(extra_grad)
+            refs, more = (torch.cat([a, e]), None) if joined else (a, e)
+            sum_, count, valid = _core.triplet_terms(
+                mining, labels, a, 0.4, distance, False, refs, ref_labels, 0, 7,
+                portable=portable, extra_embeddings=more)
+            grads = torch.autograd.grad(sum_, [a, e] if extra_grad else [a])
+            results.append((sum_, count, valid, grads))
+        (s0, c0, v0, g0), (s1, c1, v1, g1) = results
+        assert s0.item() > 0 and c0.item() > 0
+        torch.testing.assert_close(s1, s0, rtol=1e-12, atol=1e-12)
+        assert torch.equal(c1, c0) and torch.equal(v1, v0)
+        for got, want in zip(g1, g0, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -440,14 +440,14 @@ class DistributedTripletLoss(nn.Module):
                    or _shape_problem(embeddings, labels))
         if problem is not None:  # the core's checks, before the batch meets the extras
             raise problem
-        ref_embeddings = torch.cat([embeddings, extra_embeddings.detach().to(embeddings)])
         labels, extra_labels = _common_labels(labels, extra_labels)
         ref_labels = torch.cat([labels, extra_labels])
         loss = _check_loss(self.loss)
         value, fraction = loss_and_fraction(
             loss.mining, labels, embeddings, loss.margin,
             distance=loss.distance, soft=loss.soft,
-            ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=0,
+            ref_embeddings=embeddings, ref_labels=ref_labels, anchor_offset=0,
+            extra_embeddings=extra_embeddings.detach().to(embeddings),
         )
         if loss.mining == "all":
             self.last_fraction = fraction.detach()
@@ -563,10 +563,10 @@ class DistributedTripletLoss(nn.Module):
         # every rank, then takes one path, the gather's all-reduce, and each
         # contribution is counted once. (Anchoring on the input would be exact
         # too: the anchor part would then bypass the all-reduce.)
-        ref_embeddings, ref_labels = all_embeddings, all_labels
+        # The extra references follow the global batch without a gradient.
+        ref_labels, extra = all_labels, None
         if extra_embeddings is not None:
             extra = extra_embeddings.detach().to(all_embeddings)
-            ref_embeddings = torch.cat([all_embeddings, extra])
             all_labels, extra_labels = _common_labels(all_labels, extra_labels)
             ref_labels = torch.cat([all_labels, extra_labels])
         anchors = all_embeddings[offset:offset + embeddings.shape[0]]
@@ -579,7 +579,8 @@ class DistributedTripletLoss(nn.Module):
         sum_, count, valid = terms(
             loss.mining, anchor_labels, anchors, margin,
             distance=loss.distance, soft=loss.soft,
-            ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=offset,
+            ref_embeddings=all_embeddings, ref_labels=ref_labels, anchor_offset=offset,
+            extra_embeddings=extra,
         )
         # One all-reduce for the three terms; float64 holds counts up to 2**53 exactly.
         totals = torch.stack([sum_.detach().double(), count.double(), valid.double()])

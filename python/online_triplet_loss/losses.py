@@ -61,27 +61,27 @@ _NAMES = {
 
 
 def _core_terms(mining, labels, embeddings, margin, distance, soft, ref_embeddings, ref_labels,
-                anchor_offset, margin_tensor):
+                anchor_offset, margin_tensor, extra_embeddings):
     return native.call(
         _core.triplet_terms, mining, labels, embeddings, margin, distance, soft, ref_embeddings,
-        ref_labels, anchor_offset, margin_tensor=margin_tensor,
+        ref_labels, anchor_offset, margin_tensor=margin_tensor, extra_embeddings=extra_embeddings,
     )
 
 
 def _first_order_terms(mining, labels, embeddings, margin, distance, soft, ref_embeddings,
-                       ref_labels, anchor_offset, margin_tensor):
+                       ref_labels, anchor_offset, margin_tensor, extra_embeddings):
     """:func:`_core_terms` between :class:`_FirstOrderInputs` and
     :class:`_FirstOrderOutput`, all in one native call, so that
     ``torch.compile`` never traces those two (a traced backward would not
     refuse a second derivative)."""
-    inputs = [embeddings, ref_embeddings, margin_tensor]
+    inputs = [embeddings, ref_embeddings, extra_embeddings, margin_tensor]
     wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
     for i, t in zip(wanted, _FirstOrderInputs.apply(mining, *(inputs[i] for i in wanted))):
         inputs[i] = t
-    embeddings, ref_embeddings, margin_tensor = inputs
+    embeddings, ref_embeddings, extra_embeddings, margin_tensor = inputs
     sum_, count, valid = _core.triplet_terms(
         mining, labels, embeddings, margin, distance, soft, ref_embeddings, ref_labels,
-        anchor_offset, margin_tensor=margin_tensor,
+        anchor_offset, margin_tensor=margin_tensor, extra_embeddings=extra_embeddings,
     )
     return _FirstOrderOutput.apply(sum_, mining), count, valid
 
@@ -167,6 +167,7 @@ def terms(
     ref_embeddings: Optional[Tensor] = None,
     ref_labels: Optional[Tensor] = None,
     anchor_offset: Optional[int] = None,
+    extra_embeddings: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The unnormalised parts of a loss: ``(sum, count, valid)``, where the loss is
     ``sum / max(count, 1)`` and batch-all's fraction is ``count / max(valid, 1)``
@@ -176,29 +177,42 @@ def terms(
     of float32 hinges can overflow where their mean does not), and
     differentiable with respect to the embeddings, the reference embeddings
     and a margin tensor that requires grad; through batch-all and semi-hard
-    only once."""
+    only once.
+
+    ``extra_embeddings``, for the wrappers that have validated them (a memory
+    bank, the extra references of a distributed loss), follow
+    ``ref_embeddings`` among the references, ``ref_labels`` labelling both:
+    the references are their concatenation, without its gradient, so no
+    gradient is computed for extra references that do not require grad."""
     refuse_tracing(_NAMES.get(mining, "triplet loss"))
     check_labels("labels", labels)
     check_tensor("embeddings", embeddings)
+    if extra_embeddings is not None:
+        check_tensor("extra_embeddings", extra_embeddings)
+        if ref_embeddings is None:
+            raise ValueError("extra_embeddings: follow ref_embeddings, which were not given")
     check_references(ref_embeddings, ref_labels)
     value, margin_tensor = margin_and_tensor(margin)
     distance = resolve_distance(squared, distance)
     soft = check_flag("soft", soft)
     anchor_offset = check_anchor_offset(anchor_offset, embeddings, ref_embeddings)
-    if mining != "hard" and _has_tangent(embeddings, ref_embeddings, margin_tensor):
+    if mining != "hard" and _has_tangent(embeddings, ref_embeddings, extra_embeddings,
+                                         margin_tensor):
         raise NotImplementedError(
             f"{_NAMES[mining]}: forward-mode AD (torch.autograd.forward_ad) is not supported "
             "through batch-all and semi-hard mining, which compute their gradient for reverse "
             "mode only; use backward(), or batch_hard_triplet_loss, which supports both."
         )
     differentiable = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (embeddings, ref_embeddings, margin_tensor)
+        t is not None and t.requires_grad
+        for t in (embeddings, ref_embeddings, extra_embeddings, margin_tensor)
     )
     if mining == "hard" or not differentiable:
         return _core_terms(mining, labels, embeddings, value, distance, soft, ref_embeddings,
-                           ref_labels, anchor_offset, margin_tensor)
+                           ref_labels, anchor_offset, margin_tensor, extra_embeddings)
     return native.call(_first_order_terms, mining, labels, embeddings, value, distance, soft,
-                       ref_embeddings, ref_labels, anchor_offset, margin_tensor)
+                       ref_embeddings, ref_labels, anchor_offset, margin_tensor,
+                       extra_embeddings)
 
 
 def _has_tangent(*tensors: Optional[Tensor]) -> bool:

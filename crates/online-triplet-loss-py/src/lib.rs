@@ -156,10 +156,13 @@ fn mining(name: &str) -> PyResult<Mining> {
 
 /// Unnormalised terms of a triplet loss: (sum, count, valid). `portable`
 /// mines with libtorch operations, CUDA's path, also on the CPU (for tests
-/// and profiles). Signals (Ctrl-C) are checked between chunks of anchors,
-/// as in [`retrieval`].
+/// and profiles). `extra_embeddings` are further references after
+/// `ref_embeddings`, whose rows `ref_labels` labels too: the references are
+/// both, concatenated, without that concatenation's gradient (a batch and a
+/// memory bank, [`References::embeddings`]). Signals (Ctrl-C) are checked
+/// between chunks of anchors, as in [`retrieval`].
 #[pyfunction]
-#[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None, margin_tensor=None, portable=false))]
+#[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None, margin_tensor=None, portable=false, extra_embeddings=None))]
 #[allow(clippy::too_many_arguments)]
 fn triplet_terms(
     py: Python<'_>,
@@ -175,6 +178,7 @@ fn triplet_terms(
     chunk_size: Option<i64>,
     margin_tensor: Option<PyTensor>,
     portable: bool,
+    extra_embeddings: Option<PyTensor>,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
     let mining = mining(mining_name)?;
     let kernel = if portable {
@@ -191,7 +195,19 @@ fn triplet_terms(
     let (labels, embeddings) = (labels.0, embeddings.0);
     let margin_tensor = margin_tensor.map(|t| t.0);
     let references = match (ref_embeddings, ref_labels) {
-        (Some(e), Some(l)) => Some((e.0, l.0)),
+        (Some(e), Some(l)) => {
+            let parts: Vec<Tensor> = [Some(e), extra_embeddings]
+                .into_iter()
+                .flatten()
+                .map(|t| t.0)
+                .collect();
+            Some((parts, l.0))
+        }
+        (None, None) if extra_embeddings.is_some() => {
+            return Err(PyValueError::new_err(
+                "extra_embeddings: follow ref_embeddings, which were not given",
+            ))
+        }
         (None, None) if anchor_offset.is_some() => {
             return Err(PyValueError::new_err(
                 "anchor_offset: places the anchors in ref_embeddings, which were not given",
@@ -205,8 +221,9 @@ fn triplet_terms(
         }
     };
     let terms = run(py, move || {
-        let references = references.as_ref().map(|(e, l)| References {
-            embeddings: e,
+        let parts: Vec<&Tensor> = references.iter().flat_map(|(e, _)| e.iter()).collect();
+        let references = references.as_ref().map(|(_, l)| References {
+            embeddings: &parts,
             labels: l,
             anchor_offset,
         });

@@ -640,6 +640,8 @@ impl Side {
     /// place. For the cosine distance these are gradients with respect to the
     /// normalised points; [`Side::finish_grad`] maps them back. Centring does
     /// not change them: Σⱼ pᵢⱼ (xᵢ − yⱼ) is the same in any frame.
+    /// `grad_other` may have fewer rows than `other`: it is then the
+    /// gradient of the leading ones.
     pub(crate) fn accumulate_grad(
         &self,
         other: &Side,
@@ -650,8 +652,15 @@ impl Side {
     ) -> Result<(), Error> {
         // −Σᵢ pᵢⱼ xᵢ for the references, −Σⱼ pᵢⱼ yⱼ for the anchors.
         let _ = grad_self.f_sub_(&p.f_mm(&other.points)?)?;
+        let leading = |t: &Tensor, rows: i64| match t.size()[1] {
+            all if all == rows => Ok(t.shallow_clone()),
+            _ => t.f_narrow(1, 0, rows),
+        };
+        let mut p_other = None;
         if let Some((grad_other, _)) = &mut grad_other {
+            let p = leading(p, grad_other.size()[0])?;
             let _ = grad_other.f_addmm_(&p.f_tr()?, &self.points.f_neg()?)?;
+            p_other = Some(p);
         }
         if self.distance != Distance::Cosine {
             let (rows, cols) = match sums {
@@ -659,9 +668,9 @@ impl Side {
                 None => (p.f_sum_dim_intlist(1, false, None::<Kind>)?, None),
             };
             let _ = grad_self.f_add_(&rows.f_unsqueeze(1)?.f_mul(&self.points)?)?;
-            if let Some((_, col_sum)) = grad_other {
+            if let (Some((_, col_sum)), Some(p)) = (grad_other, p_other) {
                 let cols = match cols {
-                    Some(cols) => cols,
+                    Some(cols) => cols.f_narrow(0, 0, col_sum.size()[0])?,
                     None => p.f_sum_dim_intlist(0, false, None::<Kind>)?,
                 };
                 let _ = col_sum.f_add_(&cols)?;
@@ -691,27 +700,35 @@ impl Side {
     }
 
     /// Adds the references' term Σᵢ pᵢⱼ yⱼ of [`Side::accumulate_grad`] to
-    /// `grad`, given the column sums it collected.
+    /// `grad`, given the column sums it collected (of its rows, the leading
+    /// ones).
     pub(crate) fn finish_columns(&self, col_sum: &Tensor, grad: &mut Tensor) -> Result<(), Error> {
         if self.distance != Distance::Cosine {
-            let _ = grad.f_add_(&col_sum.f_unsqueeze(1)?.f_mul(&self.points)?)?;
+            let points = self.points.f_narrow(0, 0, grad.size()[0])?;
+            let _ = grad.f_add_(&col_sum.f_unsqueeze(1)?.f_mul(&points)?)?;
         }
         Ok(())
     }
 
-    /// Maps a gradient accumulated by [`Side::accumulate_grad`] to a gradient
-    /// with respect to the original embeddings.
+    /// Maps a gradient accumulated by [`Side::accumulate_grad`] (of the
+    /// leading rows when it has fewer) to a gradient with respect to the
+    /// original embeddings.
     pub(crate) fn finish_grad(&self, grad: Tensor) -> Result<Tensor, Error> {
         match self.distance {
             Distance::Euclidean | Distance::Squared => Ok(grad),
             Distance::Cosine => {
+                let rows = grad.size()[0];
+                let (points, norms) = (
+                    self.points.f_narrow(0, 0, rows)?,
+                    self.norms.f_narrow(0, 0, rows)?,
+                );
                 // x̂ = x / max(‖x‖, ε): the Jacobian is (I − x̂x̂ᵀ)/‖x‖ above ε and I/ε below.
                 let radial = grad
-                    .f_mul(&self.points)?
+                    .f_mul(&points)?
                     .f_sum_dim_intlist(-1, true, None::<Kind>)?;
-                let above = self.norms.f_gt(COSINE_EPS)?;
-                let tangent = grad.f_sub(&radial.f_mul(&self.points)?)?;
-                Ok(tangent.f_where_self(&above, &grad)?.f_div(&self.norms)?)
+                let above = norms.f_gt(COSINE_EPS)?;
+                let tangent = grad.f_sub(&radial.f_mul(&points)?)?;
+                Ok(tangent.f_where_self(&above, &grad)?.f_div(&norms)?)
             }
         }
     }

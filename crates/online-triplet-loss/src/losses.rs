@@ -43,8 +43,13 @@ pub enum Mining {
 /// A reference set that anchors are mined against instead of their own batch.
 #[derive(Clone, Copy, Debug)]
 pub struct References<'a> {
-    /// Reference embeddings, `(M, D)`.
-    pub embeddings: &'a Tensor,
+    /// Reference embeddings, `(M, D)` in all: one tensor, or parts whose
+    /// rows follow each other (a batch, then a memory bank), the references
+    /// that `Tensor::cat` of them would hold, without that concatenation's
+    /// gradient: batch-all and semi-hard compute the references' gradient
+    /// only for the rows up to the end of the last part that requires grad,
+    /// so constant parts (a memory bank) go last.
+    pub embeddings: &'a [&'a Tensor],
     /// Their labels, `(M,)`.
     pub labels: &'a Tensor,
     /// `Some(k)` when the anchors are also references: anchor `i` is
@@ -430,11 +435,10 @@ impl TripletConfig {
             }
         }
         if mining != Mining::Hard {
-            let inputs = [
-                ("embeddings", Some(embeddings)),
-                ("ref_embeddings", references.map(|r| r.embeddings)),
-                ("margin", margin),
-            ];
+            let parts = references.map_or(&[][..], |r| r.embeddings);
+            let inputs = [("embeddings", Some(embeddings)), ("margin", margin)]
+                .into_iter()
+                .chain(parts.iter().map(|&t| ("ref_embeddings", Some(t))));
             for (name, t) in inputs {
                 if let Some(t) = t.filter(|t| t.defined()) {
                     if grad::has_tangent(t)? {
@@ -455,7 +459,11 @@ impl TripletConfig {
         let device = embeddings.device();
         let x = embeddings.f_to_kind(kind)?;
         let x_domain = domain(labels, "labels")?;
-        let (y, y_labels, self_col) = match references {
+        // The references in the loss's dtype, part by part (the anchors
+        // when there are none), and `y`, all of them: the one part, or the
+        // parts concatenated without autograd (their gradients are each
+        // part's own, [`Sides::poisoned`], [`Sides::reference_rows`]).
+        let (parts, y, y_labels, self_col) = match references {
             Some(r) => {
                 let d = common(
                     (x_domain, labels, "labels"),
@@ -469,15 +477,25 @@ impl TripletConfig {
                     None => ANCHOR_NAN_KEYS,
                 };
                 let x_labels = keys_on(keys(labels, d, nan_keys)?, device)?;
-                (
-                    r.embeddings.f_to_kind(kind)?,
-                    (x_labels, y_labels),
-                    r.anchor_offset,
-                )
+                let parts = r
+                    .embeddings
+                    .iter()
+                    .map(|t| t.f_to_kind(kind))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let y = match parts.as_slice() {
+                    [one] => one.shallow_clone(),
+                    _ => grad::no_grad(|| Tensor::f_cat(&parts, 0))?,
+                };
+                (parts, y, (x_labels, y_labels), r.anchor_offset)
             }
             None => {
                 let k = keys_on(keys(labels, x_domain, REFERENCE_NAN_KEYS)?, device)?;
-                (x.shallow_clone(), (k.shallow_clone(), k), Some(0))
+                (
+                    vec![x.shallow_clone()],
+                    x.shallow_clone(),
+                    (k.shallow_clone(), k),
+                    Some(0),
+                )
             }
         };
         let (x_labels, y_labels) = y_labels;
@@ -557,15 +575,37 @@ impl TripletConfig {
         let guard = match mining {
             Mining::Hard => None,
             Mining::All | Mining::SemiHard => {
-                let y_apart = references.map(|_| &y);
-                first_order_guard(&[Some(&x), y_apart, surrogate_margin.as_ref()])?
+                let y_apart = parts.iter().filter(|_| references.is_some());
+                let sources: Vec<_> = [Some(&x), surrogate_margin.as_ref()]
+                    .into_iter()
+                    .chain(y_apart.map(Some))
+                    .collect();
+                first_order_guard(&sources)?
             }
         };
-        let wants_grad = (x.requires_grad() || y.requires_grad()) && grad::enabled()?;
+        let wants_grad =
+            (x.requires_grad() || parts.iter().any(Tensor::requires_grad)) && grad::enabled()?;
+        // With references apart, the rows up to the end of the last part
+        // that requires grad.
+        let ref_grad = match references {
+            _ if !wants_grad => None,
+            None => Some(x.size()[0]),
+            Some(_) => {
+                let (mut start, mut end) = (0, None);
+                for part in &parts {
+                    start += part.size()[0];
+                    if part.requires_grad() {
+                        end = Some(start);
+                    }
+                }
+                end
+            }
+        };
         let sides = Sides {
             x: &x,
             x_labels: &x_labels,
             y: &y,
+            parts: &parts,
             y_labels: &y_labels,
             self_col,
             y_is_x: references.is_none(),
@@ -575,7 +615,7 @@ impl TripletConfig {
             poison,
             guard,
             wants_grad,
-            ref_grad: wants_grad && (references.is_none() || y.requires_grad()),
+            ref_grad,
         };
         let mut terms = match mining {
             Mining::Hard => self.hard_terms(&sides, margin.as_ref())?,
@@ -644,17 +684,28 @@ impl TripletConfig {
             ));
         }
         if let Some(r) = references {
-            check_pair("ref_embeddings", r.embeddings, "ref_labels", r.labels)?;
-            let (d, rd) = (embeddings.size()[1], r.embeddings.size()[1]);
-            if d != rd {
+            if r.embeddings.is_empty() {
                 return Err(Error::invalid(
                     "ref_embeddings",
-                    format!("must have the embedding size of embeddings ({d}), got {rd}"),
+                    "must hold at least one tensor (of 0 rows for no references)",
                 ));
             }
-            check_same_device("ref_embeddings", r.embeddings, "embeddings", embeddings)?;
+            let mut m = 0i64;
+            for part in r.embeddings {
+                check_matrix("ref_embeddings", part)?;
+                let (d, rd) = (embeddings.size()[1], part.size()[1]);
+                if d != rd {
+                    return Err(Error::invalid(
+                        "ref_embeddings",
+                        format!("must have the embedding size of embeddings ({d}), got {rd}"),
+                    ));
+                }
+                check_same_device("ref_embeddings", part, "embeddings", embeddings)?;
+                m += part.size()[0];
+            }
+            check_ids("ref_labels", r.labels, "ref_embeddings", m)?;
             if let Some(offset) = r.anchor_offset {
-                let (n, m) = (embeddings.size()[0], r.embeddings.size()[0]);
+                let n = embeddings.size()[0];
                 let end = offset.checked_add(n).filter(|&end| offset >= 0 && end <= m);
                 if end.is_none() {
                     return Err(Error::invalid(
@@ -695,11 +746,15 @@ impl TripletConfig {
             let mut active = None;
             // Contiguous whatever the strides of the embeddings.
             let mut gx = Tensor::f_zeros(s.x.size(), (kind, device))?;
+            // The references' gradient and the column sums of its weights
+            // ([`Side::accumulate_grad`]), for the leading rows that need it.
             let mut gy = match s.ref_grad {
-                true => Some(Tensor::f_zeros(s.y.size(), (kind, device))?),
-                false => None,
+                Some(rows) => Some((
+                    Tensor::f_zeros([rows, s.y.size()[1]], (kind, device))?,
+                    Tensor::f_zeros([rows], (kind, device))?,
+                )),
+                None => None,
             };
-            let mut col_sum = Tensor::f_zeros([m], (kind, device))?;
             let within = match mining {
                 Mining::SemiHard if self.half_matrix(s, HALF_MIN_CHUNKS_SEMIHARD) => {
                     let (points, norms) = (s.sx.points(), s.sx.norms());
@@ -767,7 +822,7 @@ impl TripletConfig {
                                 &p,
                                 None,
                                 &mut gx_rows,
-                                gy.as_mut().map(|gy| (gy, &mut col_sum)),
+                                gy.as_mut().map(|(g, c)| (g, c)),
                             )?;
                         }
                         Selection::PairWeights {
@@ -789,7 +844,7 @@ impl TripletConfig {
                                 &weights,
                                 Some((row_sum, cols)),
                                 &mut gx_rows,
-                                gy.as_mut().map(|gy| (gy, &mut col_sum)),
+                                gy.as_mut().map(|(g, c)| (g, c)),
                             )?;
                         }
                         Selection::Triplets {
@@ -812,7 +867,7 @@ impl TripletConfig {
                                 (s.sx.points(), s.sy.points()),
                                 (&anchor, &positive, &negative),
                                 &mut gx,
-                                gy.as_mut(),
+                                gy.as_mut().map(|(gy, _)| gy),
                             )?;
                         }
                     }
@@ -824,7 +879,7 @@ impl TripletConfig {
                     (s.sx.points(), s.sy.points()),
                     (&triplets.0, &triplets.1, &triplets.2),
                     &mut gx,
-                    gy.as_mut(),
+                    gy.as_mut().map(|(gy, _)| gy),
                 )?;
             }
             let zero = |kind: Kind| Tensor::f_zeros([], (kind, device));
@@ -836,7 +891,7 @@ impl TripletConfig {
                 _ => active.map_or_else(|| zero(kind), Ok)?,
             };
             let gy = match gy {
-                Some(mut gy) => {
+                Some((mut gy, col_sum)) => {
                     s.sy.finish_columns(&col_sum, &mut gy)?;
                     Some(s.sy.finish_grad(gy)?)
                 }
@@ -987,7 +1042,7 @@ impl TripletConfig {
                 .f_reshape([2 * n, -1])?,
             &self
                 .distance
-                .canonical(&s.y.f_index_select(0, &Tensor::f_cat(&[&positive, &negative], 0)?)?)?,
+                .canonical(&s.reference_rows(&Tensor::f_cat(&[&positive, &negative], 0)?)?)?,
         )?;
         let gap = d.f_narrow(0, 0, n)?.f_sub(&d.f_narrow(0, n, n)?)?;
         let z = match margin {
@@ -1025,7 +1080,12 @@ impl TripletConfig {
 struct Sides<'a> {
     x: &'a Tensor,
     x_labels: &'a Tensor,
+    /// The references: the anchors, or the parts of those apart
+    /// concatenated (without autograd when they are several).
     y: &'a Tensor,
+    /// The references' parts, through which their gradients go (`[x]`
+    /// when they are the anchors).
+    parts: &'a [Tensor],
     y_labels: &'a Tensor,
     self_col: Option<i64>,
     /// The references are the anchors themselves (`y` is `x`).
@@ -1045,10 +1105,12 @@ struct Sides<'a> {
     /// require grad: otherwise batch-all and semi-hard compute no gradient
     /// for them (under `torch.no_grad`, a validation loss), only the value.
     wants_grad: bool,
-    /// Whether batch-all and semi-hard compute a gradient with respect to
-    /// the references: when autograd wants one and they are the anchors, or
-    /// references apart that require grad (a memory bank's do not).
-    ref_grad: bool,
+    /// For how many leading references batch-all and semi-hard compute a
+    /// gradient, when autograd wants one: all when they are the anchors;
+    /// with references apart, up to the end of the last part that requires
+    /// grad (none for a memory bank alone, the batch's rows for a batch
+    /// followed by a memory bank).
+    ref_grad: Option<i64>,
 }
 
 impl Sides<'_> {
@@ -1087,16 +1149,55 @@ impl Sides<'_> {
             sum = sum.f_add(&term)?;
         }
         // When the references are the anchors, x's poison reaches them all.
+        if self.y_is_x {
+            if let Some(term) = gy.map(|gy| weighted(self.y, gy)).transpose()?.flatten() {
+                sum = sum.f_add(&term)?;
+            }
+            return Ok(sum);
+        }
         let gy = match gy {
-            Some(g) if self.y_is_x => Some(g.shallow_clone()),
-            Some(g) => Some(g.f_add(p)?),
-            None if self.y_is_x => None,
-            None => Some(p.shallow_clone()),
+            Some(g) => g.f_add(p)?,
+            None => p.shallow_clone(),
         };
-        if let Some(term) = gy.map(|gy| weighted(self.y, &gy)).transpose()?.flatten() {
-            sum = sum.f_add(&term)?;
+        let mut start = 0;
+        for part in self.parts {
+            let rows = part.size()[0];
+            // The parts past the rows of a computed gradient require no
+            // grad ([`Sides::ref_grad`]).
+            let g = match gy.dim() {
+                0 => Some(gy.shallow_clone()),
+                _ => (start + rows <= gy.size()[0])
+                    .then(|| gy.f_narrow(0, start, rows))
+                    .transpose()?,
+            };
+            start += rows;
+            if let Some(term) = g.map(|g| weighted(part, &g)).transpose()?.flatten() {
+                sum = sum.f_add(&term)?;
+            }
         }
         Ok(sum)
+    }
+
+    /// Rows `index` of the references, differentiable with respect to each
+    /// part that requires grad (the others are taken from `y`, detached when
+    /// the parts are several): no gradient of the concatenation.
+    fn reference_rows(&self, index: &Tensor) -> Result<Tensor, Error> {
+        if let [one] = self.parts {
+            return Ok(one.f_index_select(0, index)?);
+        }
+        let mut rows = self.y.f_index_select(0, index)?;
+        let mut start = 0;
+        for part in self.parts {
+            let len = part.size()[0];
+            if part.requires_grad() && len > 0 {
+                let local = index.f_sub_scalar(start)?;
+                let inside = local.f_ge(0)?.f_logical_and(&local.f_lt(len)?)?;
+                let taken = part.f_index_select(0, &local.f_clamp(0, len - 1)?)?;
+                rows = taken.f_where_self(&inside.f_unsqueeze(1)?, &rows)?;
+            }
+            start += len;
+        }
+        Ok(rows)
     }
 
     /// Distances from anchors `start..start + rows.len()` to every reference.
@@ -1333,17 +1434,23 @@ pub(crate) fn check_pair(
     label_name: &'static str,
     labels: &Tensor,
 ) -> Result<(), Error> {
-    check_embeddings(emb_name, embeddings)?;
+    check_matrix(emb_name, embeddings)?;
+    check_ids(label_name, labels, emb_name, embeddings.size()[0])
+}
+
+/// Checks embeddings `(N, D)` ([`check_embeddings`], and 2-D).
+fn check_matrix(name: &'static str, embeddings: &Tensor) -> Result<(), Error> {
+    check_embeddings(name, embeddings)?;
     if embeddings.dim() != 2 {
         return Err(Error::invalid(
-            emb_name,
+            name,
             format!(
                 "must be 2-D (batch, dim), got shape {:?}",
                 embeddings.size()
             ),
         ));
     }
-    check_ids(label_name, labels, emb_name, embeddings.size()[0])
+    Ok(())
 }
 
 /// Checks `ids` (class labels, or the metrics' camera ids) of the `n` rows

@@ -55,7 +55,7 @@ fn bad_input_is_an_error_naming_the_argument() {
         assert_eq!(argument(got.unwrap_err()), want);
     }
     let refs = References {
-        embeddings: &Tensor::randn([5, 2], cpu(Kind::Float)),
+        embeddings: &[&Tensor::randn([5, 2], cpu(Kind::Float))],
         labels: &Tensor::from_slice(&[0i64, 1, 2, 3, 4]),
         anchor_offset: None,
     };
@@ -191,7 +191,7 @@ fn huge_chunk_sizes_are_one_chunk() {
             let cfg = TripletConfig::new(0.2).chunk_size(rows);
             let got = cfg.terms(mining, &labels, &x, None).unwrap();
             let references = References {
-                embeddings: &x,
+                embeddings: &[&x],
                 labels: &labels,
                 anchor_offset: Some(0),
             };
@@ -214,7 +214,7 @@ fn batch_all_with_a_margin_near_the_largest_float() {
         let y = Tensor::from_slice(&points).view([2, 1]);
         let ref_labels = Tensor::from_slice(&ref_labels);
         let refs = References {
-            embeddings: &y,
+            embeddings: &[&y],
             labels: &ref_labels,
             anchor_offset: None,
         };

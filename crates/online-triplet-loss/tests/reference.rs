@@ -125,8 +125,9 @@ fn compute(
 ) -> (f64, f64, Tensor, Option<Tensor>) {
     let x = x.detach().set_requires_grad(true);
     let y = refs.map(|(e, _, _)| e.detach().set_requires_grad(true));
+    let parts: Vec<&Tensor> = y.iter().collect();
     let references = refs.map(|(_, l, o)| References {
-        embeddings: y.as_ref().unwrap(),
+        embeddings: &parts,
         labels: l,
         anchor_offset: o,
     });
@@ -428,7 +429,7 @@ fn losses_from_half_the_matrix_match_the_whole_matrix() {
                         let run = |refs: bool| {
                             let x = x.detach().set_requires_grad(true);
                             let references = References {
-                                embeddings: &x,
+                                embeddings: &[&x],
                                 labels: &labels,
                                 anchor_offset: Some(0),
                             };

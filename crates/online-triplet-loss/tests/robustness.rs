@@ -20,7 +20,7 @@ fn anchor_offsets_near_the_integer_limits_are_errors() {
     let y = Tensor::from_slice(&[0i64, 0, 1, 1]);
     for offset in [i64::MAX, i64::MAX - 2, i64::MIN, -1, 1] {
         let refs = References {
-            embeddings: &x,
+            embeddings: &[&x],
             labels: &y,
             anchor_offset: Some(offset),
         };
@@ -414,7 +414,7 @@ fn second_derivatives_through_first_order_losses_fail() {
                     .reshape([])
                     .set_requires_grad(true);
                 let references = References {
-                    embeddings: &r,
+                    embeddings: &[&r],
                     labels: &ref_labels,
                     anchor_offset: None,
                 };

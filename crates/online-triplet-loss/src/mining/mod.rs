@@ -276,7 +276,8 @@ pub(crate) fn semihard_within(
 
 /// Adds the gradient of the selected triplets' Σ (d_ap − d_an) with respect
 /// to the anchors' points `x` and the references' points `y` to `gx` and,
-/// when given, `gy` ([`Selection::Triplets`], CPU only).
+/// when given, `gy`, the gradient of the leading references, all or some
+/// ([`Selection::Triplets`], CPU only).
 ///
 /// # Errors
 /// `Error::Torch` for tensors the native kernels do not take.

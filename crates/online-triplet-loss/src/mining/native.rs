@@ -1138,7 +1138,9 @@ pub(crate) fn add_triplet_grad(
         || negative.len() != anchor.len()
         || anchor.windows(2).any(|w| w[0] > w[1])
         || gx.size() != x.size()
-        || gy.as_ref().is_some_and(|gy| gy.size() != y.size())
+        || gy.as_ref().is_some_and(|gy| {
+            gy.dim() != 2 || gy.size()[0] > rows(&y) || gy.size()[1] != y.size()[1]
+        })
     {
         return Err(Error::Torch("internal error: triplets out of range".into()));
     }
@@ -1147,7 +1149,7 @@ pub(crate) fn add_triplet_grad(
         positive,
         negative,
         anchors: rows(&x) as usize,
-        references: rows(&y) as usize,
+        references: gy.as_ref().map_or(0, |gy| gy.size()[0]) as usize,
     };
     match real_kind(x.kind())? {
         NativeReal::F32 => triplet_grad::<f32>(
@@ -1168,7 +1170,7 @@ pub(crate) fn add_triplet_grad(
 }
 
 /// Triplets as row indices, ascending by anchor, into `anchors` anchors and
-/// `references` references.
+/// the references, of which the leading `references` receive a gradient.
 struct Triplets<'a> {
     anchor: &'a [i64],
     positive: &'a [i64],
@@ -1291,18 +1293,23 @@ fn triplet_grad<T: Real>(
     let references = triplets.references;
     let mut start = alloc::filled(references + 1, 0usize)?;
     for k in 0..pairs {
-        start[triplets.pair::<T>(k).1 + 1] += 1;
+        let j = triplets.pair::<T>(k).1;
+        if j < references {
+            start[j + 1] += 1;
+        }
     }
     for j in 0..references {
         start[j + 1] += start[j];
     }
     let mut next = alloc::with_capacity(start.len())?;
     next.extend_from_slice(&start);
-    let mut order = alloc::filled(pairs, 0usize)?;
+    let mut order = alloc::filled(start[references], 0usize)?;
     for k in 0..pairs {
         let j = triplets.pair::<T>(k).1;
-        order[next[j]] = k;
-        next[j] += 1;
+        if j < references {
+            order[next[j]] = k;
+            next[j] += 1;
+        }
     }
     in_blocks(references, work, gy, width, |range, gy| {
         simd::run(
