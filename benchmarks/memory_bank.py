@@ -7,9 +7,14 @@ Two ways in, each per loss and distance:
 - ``refs``: the functions with ``ref_embeddings`` = the memory (which does not
   require grad) and no anchor offset: the anchors get a gradient, the memory
   none.
-- ``xbm``: :class:`~online_triplet_loss.CrossBatchMemory` holding M entries:
-  the batch against cat(batch, memory), gradients reaching the batch as
-  anchors and as references.
+- ``cat``: the functions with ``ref_embeddings=torch.cat([batch, memory])``
+  and ``anchor_offset=0``: gradients reach the batch as anchors and as
+  references; the losses compute one for every stored row too, which
+  autograd then drops.
+- ``parts``: the same with ``ref_embeddings=(batch, memory)``, in parts: no
+  gradient is computed for the memory.
+- ``xbm``: :class:`~online_triplet_loss.CrossBatchMemory` holding M entries,
+  which gives the core the batch and the memory in parts.
 
 The yardstick is the bare product ``x @ memory.T`` (B x M x D, no grad), the
 faster of the whole product and blocks of rows. Every row records the load
@@ -80,6 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--classes", type=int, default=8192, help="classes the memory's labels come from")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--ways", default="refs,cat,parts,xbm",
+                    help="comma-separated ways in: refs, cat, parts, xbm")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +102,12 @@ def main(argv=None) -> int:
     print(f"gemm x @ memory.T: {gemm * 1e3:.1f} ms (load {os.getloadavg()[0]:.2f})\n")
     print("| way | mining | distance | median | × gemm | load before / after |")
     print("|---|---|---|---|---|---|")
-    for way in ("refs", "xbm"):
+    ways = args.ways.split(",")
+    unknown = set(ways) - {"refs", "cat", "parts", "xbm"}
+    if unknown:
+        ap.error(f"--ways: unknown {sorted(unknown)}")
+    with_batch = torch.cat([labels, memory_labels])
+    for way in ways:
         for mining in FUNCTIONS:
             for distance in ("euclidean", "cosine"):
                 leaf = x.clone().requires_grad_(True)
@@ -103,6 +115,12 @@ def main(argv=None) -> int:
                     def loss():
                         return FUNCTIONS[mining](labels, leaf, margin=0.2, distance=distance,
                                                  ref_embeddings=memory, ref_labels=memory_labels)
+                elif way in ("cat", "parts"):
+                    def loss():
+                        refs = torch.cat([leaf, memory]) if way == "cat" else (leaf, memory)
+                        return FUNCTIONS[mining](labels, leaf, margin=0.2, distance=distance,
+                                                 ref_embeddings=refs, ref_labels=with_batch,
+                                                 anchor_offset=0)
                 else:
                     xbm = otl.CrossBatchMemory(MODULES[mining](margin=0.2, distance=distance),
                                                memory_size=args.memory).eval()

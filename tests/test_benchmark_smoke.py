@@ -144,7 +144,7 @@ def test_memory_bank_benchmark_times_every_way_mining_and_distance():
     assert p.returncode == 0, p.stdout + p.stderr
     assert "1 threads" in p.stdout and "gemm x @ memory.T:" in p.stdout
     rows = [line.split(" | ")[:3] for line in p.stdout.splitlines()
-            if line.startswith(("| refs ", "| xbm "))]
-    assert sorted(rows) == sorted([f"| {w}", m, d] for w in ("refs", "xbm")
+            if line.startswith(("| refs ", "| cat ", "| parts ", "| xbm "))]
+    assert sorted(rows) == sorted([f"| {w}", m, d] for w in ("refs", "cat", "parts", "xbm")
                                   for m in ("hard", "all", "semihard")
                                   for d in ("euclidean", "cosine")), p.stdout

@@ -243,6 +243,40 @@ def test_reference_set_matches_cpu_and_reference(device, mining, distance, dtype
         assert_close(gy, gy_cpu, what + " grad ref_embeddings vs CPU", **grad_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_reference_set_in_parts_matches_cpu_and_reference(device, mining, distance, dtype):
+    """ref_embeddings=(batch, bank) with anchor_offset=0, the bank not
+    requiring grad: on the device as on the CPU and as the brute force over
+    their concatenation."""
+    margin = 0.5
+    for seed in range(3):
+        labels, emb, blabels, bank, _ = make_reference_set(1100 + seed, 8 + 7 * seed, 2 + seed,
+                                                           with_offset=False)
+        emb, bank = emb.to(dtype), bank.to(dtype)
+        rlabels = torch.cat([labels, blabels])
+        what = f"seed {1100 + seed} {mining} {distance} {DTYPE_IDS[dtype]}"
+        results = []
+        for dev in (device, torch.device("cpu")):
+            x = leaf(emb.to(dev))
+            loss = function_loss(mining, labels.to(dev), x, margin, distance, False,
+                                 ref_embeddings=(x, bank.to(dev)), ref_labels=rlabels.to(dev),
+                                 anchor_offset=0)
+            results.append((loss, grad_of(loss, x)[0]))
+        (got, gx), (cpu, gx_cpu) = results
+        xr = leaf(emb.double())
+        ref = R.reference_terms(mining, labels, xr, margin, distance,
+                                ref_embeddings=torch.cat([xr, bank.double()]), ref_labels=rlabels,
+                                anchor_offset=0)
+        (grx,) = grad_of(ref.loss, xr)
+        assert got.device == device and gx.device == device, what
+        assert_close(got, ref.loss, what + " loss vs reference", **value_tol(dtype))
+        assert_close(gx, grx, what + " grad embeddings vs reference", **grad_tol(dtype))
+        assert_close(got, cpu, what + " loss vs CPU", **value_tol(dtype))
+        assert_close(gx, gx_cpu, what + " grad embeddings vs CPU", **grad_tol(dtype))
+
+
 # ---------------------------------------------------------------- CrossBatchMemory
 
 MEMORY_CONFIGS = [
@@ -465,7 +499,7 @@ def test_a_learned_margin_stays_on_the_cpu_when_an_st_loss_moves(device):
 # -------------------------------------------------------------- host synchronisation
 
 
-@pytest.mark.parametrize("refs", [False, True], ids=["batch", "ref-set"])
+@pytest.mark.parametrize("refs", [False, True, "parts"], ids=["batch", "ref-set", "parts"])
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("mining", LOSSES)
 def test_loss_does_not_synchronise_with_the_host(device, mining, distance, refs):
@@ -486,13 +520,18 @@ def test_loss_does_not_synchronise_with_the_host(device, mining, distance, refs)
 
     def step(chunk):
         x = leaf(emb)
-        y = leaf(ref_emb) if refs else None
+        y = leaf(ref_emb) if refs is True else ref_emb
+        # In parts: the batch, then references that do not require grad.
+        given, given_labels, offset = y, ref_labels, None
+        if refs == "parts":
+            given, given_labels, offset = [x, y], torch.cat([labels, ref_labels]), 0
         if chunk is None:
-            kw = {} if not refs else dict(ref_embeddings=y, ref_labels=ref_labels)
+            kw = {} if not refs else dict(ref_embeddings=given, ref_labels=given_labels,
+                                          anchor_offset=offset)
             loss = function_loss(mining, labels, x, 0.2, distance, soft, **kw)
         else:
-            s, c, _ = _core.triplet_terms(mining, labels, x, 0.2, distance, soft, y, ref_labels,
-                                          None, chunk)
+            s, c, _ = _core.triplet_terms(mining, labels, x, 0.2, distance, soft, given,
+                                          given_labels, offset, chunk)
             loss = s / c.clamp_min(1)
         loss.backward()
         return loss

@@ -294,6 +294,37 @@ def test_ref_shapes(mining):
 
 
 @pytest.mark.parametrize("mining", LOSSES)
+def test_ref_parts(mining):
+    """ref_embeddings in parts: each part is checked, and the labels and the
+    anchor offset against all their rows."""
+    head, tail = REF_EMB[:2], REF_EMB[2:]
+    bad_parts = [
+        [],
+        (),
+        [head, tail.tolist()],
+        [head, torch.randn(3, 4)],
+        [head, torch.randn(3)],
+        [head, tail.long()],
+        [head, {"rows": tail}],
+    ]
+    for parts in bad_parts:
+        with raises_naming("ref_embeddings"):
+            FUNCTIONS[mining](LABELS, EMB, 0.1, ref_embeddings=parts, ref_labels=REF_LABELS)
+        with raises_naming("ref_embeddings"):
+            MODULES[mining]()(EMB, LABELS, ref_embeddings=parts, ref_labels=REF_LABELS)
+    with raises_naming("ref_labels"):
+        FUNCTIONS[mining](LABELS, EMB, 0.1, ref_embeddings=[head, tail, head],
+                          ref_labels=REF_LABELS)
+    with raises_naming("anchor_offset"):
+        FUNCTIONS[mining](LABELS, EMB, 0.1, ref_embeddings=(EMB, head), ref_labels=REF_LABELS[:-1],
+                          anchor_offset=3)
+    # Parts that are right: the anchors' rows reach into the second part.
+    loss = FUNCTIONS[mining](LABELS, EMB, 0.1, ref_embeddings=(EMB[:1], EMB[1:], head),
+                             ref_labels=torch.cat([LABELS, REF_LABELS[:2]]), anchor_offset=0)
+    assert loss[0].isfinite() if mining == "all" else loss.isfinite()
+
+
+@pytest.mark.parametrize("mining", LOSSES)
 def test_ref_non_tensor(mining):
     with raises_naming("ref_embeddings"):
         FUNCTIONS[mining](LABELS, EMB, 0.1, ref_embeddings=REF_EMB.tolist(), ref_labels=REF_LABELS)

@@ -244,6 +244,15 @@ def test_module_equals_function(cfg):
                                                    ref_embeddings=re_, ref_labels=rl)
     assert torch.equal(f, m)
 
+    # with a reference set in parts, the batch first
+    parts, rl = [b.embeddings, re_], torch.cat([b.labels, rl])
+    f = function_loss(mining, b.labels, b.embeddings, margin, distance, soft,
+                      ref_embeddings=parts, ref_labels=rl, anchor_offset=0)
+    m = make_module(mining, margin, distance, soft)(b.embeddings, b.labels,
+                                                   ref_embeddings=parts, ref_labels=rl,
+                                                   anchor_offset=0)
+    assert torch.equal(f, m)
+
 
 # --------------------------------------------------------------- reference sets
 
@@ -290,6 +299,68 @@ def test_reference_set_with_anchor_offset(cfg, seed):
     grx, gry = grad_of(ref.sum, xr, yr)
     assert_close(gx, grx, "grad embeddings", **GRAD_TOL)
     assert_close(gy, gry, "grad ref_embeddings", **GRAD_TOL)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[2] != 0.2], ids=config_id)
+@pytest.mark.parametrize("seed", range(3))
+def test_reference_set_in_parts(cfg, seed):
+    """ref_embeddings as (batch, bank, more): the reference set their
+    concatenation holds, against the brute force over it, with the anchors
+    at offset 0; gradients reach each part that requires grad (the bank's
+    is not computed when it requires none)."""
+    mining, distance, margin, soft = cfg
+    labels, emb, blabels, bank, _ = make_reference_set(3000 + seed, 4 + 5 * seed, 3,
+                                                       with_offset=False)
+    more = bank[: 2 + seed].flip(1)
+    mlabels = blabels[: 2 + seed]
+    rlabels = torch.cat([labels, blabels, mlabels])
+    for bank_grad in (False, True):
+        x, b, m = leaf(emb), bank.clone().requires_grad_(bank_grad), leaf(more)
+        loss = function_loss(mining, labels, x, margin, distance, soft,
+                             ref_embeddings=(x, b, m), ref_labels=rlabels, anchor_offset=0)
+        xr, br, mr = leaf(emb), bank.clone().requires_grad_(bank_grad), leaf(more)
+        ref = R.reference_terms(mining, labels, xr, margin, distance, soft=soft,
+                                ref_embeddings=torch.cat([xr, br, mr]), ref_labels=rlabels,
+                                anchor_offset=0)
+        assert ref.valid > 0, "the reference set should hold triplets"
+        assert_close(loss.detach(), ref.loss.detach(), "loss", **VALUE_TOL)
+        wrt, wrt_ref, names = ((x, b, m), (xr, br, mr), ("embeddings", "bank", "more"))
+        if not bank_grad:
+            wrt, wrt_ref, names = (x, m), (xr, mr), ("embeddings", "more")
+        for got, want, name in zip(grad_of(loss, *wrt), grad_of(ref.loss, *wrt_ref), names,
+                                   strict=True):
+            assert_close(got, want, f"grad {name}", **GRAD_TOL)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_reference_parts_are_their_concatenation_in_chunks(mining, distance, portable):
+    """Parts (the batch, then a memory) against the one concatenated tensor,
+    in the core: the same terms and gradients, for each part that requires
+    grad, over several chunks of anchors, on both kernels."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    extra = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (30,), generator=g)
+    ref_labels = torch.cat([labels, torch.randint(0, 5, (50,), generator=g)])
+    for extra_grad in (False, True):
+        results = []
+        for joined in (True, False):
+            a = x.clone().requires_grad_(True)
+            e = extra.clone().requires_grad_(extra_grad)
+            refs = torch.cat([a, e]) if joined else [a, e]
+            sum_, count, valid = _core.triplet_terms(
+                mining, labels, a, 0.4, distance, False, refs, ref_labels, 0, 7,
+                portable=portable)
+            grads = torch.autograd.grad(sum_, [a, e] if extra_grad else [a])
+            results.append((sum_, count, valid, grads))
+        (s0, c0, v0, g0), (s1, c1, v1, g1) = results
+        assert s0.item() > 0 and c0.item() > 0
+        torch.testing.assert_close(s1, s0, rtol=1e-12, atol=1e-12)
+        assert torch.equal(c1, c0) and torch.equal(v1, v0)
+        for got, want in zip(g1, g0, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("mining", LOSSES)
@@ -451,6 +522,26 @@ def test_gradcheck_reference_set(case):
     def fn(e, r):
         return function_loss(mining, labels, e, margin, distance, soft,
                              ref_embeddings=r, ref_labels=rlabels)
+
+    assert float(fn(x, y)) > 0
+    assert torch.autograd.gradcheck(fn, (leaf(x), leaf(y)), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: f"{c[0]}-{c[1]}" + ("-soft" if c[2] else ""))
+def test_gradcheck_reference_set_in_parts(case):
+    """The batch and two more parts, each differentiated (a constant part in
+    the middle gets none)."""
+    mining, distance, soft = case
+    labels, x = separated_data(6, per_class=2)
+    rlabels, y = separated_data(7, n_classes=4, per_class=2)
+    middle_labels, middle = separated_data(8, n_classes=3, per_class=1)
+    all_labels = torch.cat([labels, middle_labels, rlabels])
+    margin = active_margin(x, y, distance)
+
+    def fn(e, r):
+        return function_loss(mining, labels, e, margin, distance, soft,
+                             ref_embeddings=(e, middle, r), ref_labels=all_labels,
+                             anchor_offset=0)
 
     assert float(fn(x, y)) > 0
     assert torch.autograd.gradcheck(fn, (leaf(x), leaf(y)), eps=1e-6, atol=1e-6, rtol=1e-5)

@@ -12,7 +12,6 @@ from online_triplet_loss import (
     BatchHardTripletLoss,
     BatchSemiHardTripletLoss,
     CrossBatchMemory,
-    _core,
     batch_all_triplet_loss,
     batch_hard_triplet_loss,
     batch_semihard_triplet_loss,
@@ -307,34 +306,3 @@ def test_matches_the_function_over_the_concatenated_references(mining, distance)
     assert expected.item() > 0
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got_grad, expected_grad)
-
-
-@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
-@pytest.mark.parametrize("distance", ["euclidean", "squared", "cosine"])
-@pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
-def test_extra_references_are_the_concatenation_in_chunks(mining, distance, portable):
-    """The core's references in two parts (the batch, then extra rows) against
-    the one concatenated tensor: the same terms and gradients, for each part
-    that requires grad, over several chunks of anchors, on both kernels."""
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(30, 6, generator=g, dtype=torch.float64)
-    extra = torch.randn(50, 6, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 5, (30,), generator=g)
-    ref_labels = torch.cat([labels, torch.randint(0, 5, (50,), generator=g)])
-    for extra_grad in (False, True):
-        results = []
-        for joined in (True, False):
-            a = x.clone().requires_grad_(True)
-            e = extra.clone().requires_grad_(extra_grad)
-            refs, more = (torch.cat([a, e]), None) if joined else (a, e)
-            sum_, count, valid = _core.triplet_terms(
-                mining, labels, a, 0.4, distance, False, refs, ref_labels, 0, 7,
-                portable=portable, extra_embeddings=more)
-            grads = torch.autograd.grad(sum_, [a, e] if extra_grad else [a])
-            results.append((sum_, count, valid, grads))
-        (s0, c0, v0, g0), (s1, c1, v1, g1) = results
-        assert s0.item() > 0 and c0.item() > 0
-        torch.testing.assert_close(s1, s0, rtol=1e-12, atol=1e-12)
-        assert torch.equal(c1, c0) and torch.equal(v1, v0)
-        for got, want in zip(g1, g0, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

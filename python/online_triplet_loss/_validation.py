@@ -182,11 +182,36 @@ def check_references(ref_embeddings: object, ref_labels: object) -> None:
         check_labels("ref_labels", ref_labels)
 
 
+def reference_parts(ref_embeddings: object,
+                    ref_labels: object) -> Optional[Tuple[torch.Tensor, ...]]:
+    """``None``, or a loss's reference embeddings as parts whose rows follow
+    each other: one tensor, or a non-empty list or tuple of them."""
+    if (ref_embeddings is None) != (ref_labels is None):
+        raise ValueError("ref_embeddings and ref_labels: must be given together")
+    if ref_embeddings is None:
+        return None
+    if isinstance(ref_embeddings, (list, tuple)):
+        parts = tuple(ref_embeddings)
+        if not parts:
+            raise ValueError(
+                "ref_embeddings: got an empty sequence; give a tensor, or a list or tuple of "
+                "tensors whose rows follow each other"
+            )
+    else:
+        parts = (ref_embeddings,)
+    for part in parts:
+        check_tensor("ref_embeddings", part)
+    check_labels("ref_labels", ref_labels)
+    return parts
+
+
 def check_anchor_offset(
-    anchor_offset: object, embeddings: torch.Tensor, ref_embeddings: Optional[torch.Tensor]
+    anchor_offset: object, embeddings: torch.Tensor,
+    ref_embeddings: Optional[Tuple[torch.Tensor, ...]],
 ) -> Optional[int]:
-    """``None``, or the row of the reference set where the anchors start: an
-    int with the anchors' rows inside the reference set."""
+    """``None``, or the row of the reference set (in parts,
+    :func:`reference_parts`) where the anchors start: an int with the
+    anchors' rows inside the reference set."""
     if anchor_offset is None:
         return None
     if isinstance(anchor_offset, bool) or not isinstance(anchor_offset, numbers.Integral):
@@ -198,8 +223,8 @@ def check_anchor_offset(
                 f"at offset 0; got {anchor_offset!r}"
             )
         return None
-    if embeddings.dim() >= 1 and ref_embeddings.dim() >= 1:
-        anchors, references = embeddings.shape[0], ref_embeddings.shape[0]
+    if embeddings.dim() >= 1 and all(part.dim() >= 1 for part in ref_embeddings):
+        anchors, references = embeddings.shape[0], sum(part.shape[0] for part in ref_embeddings)
         if not 0 <= anchor_offset <= references - anchors:
             raise ValueError(
                 f"anchor_offset: the {anchors} anchors at rows {anchor_offset!r}.. must lie "

@@ -446,8 +446,8 @@ class DistributedTripletLoss(nn.Module):
         value, fraction = loss_and_fraction(
             loss.mining, labels, embeddings, loss.margin,
             distance=loss.distance, soft=loss.soft,
-            ref_embeddings=embeddings, ref_labels=ref_labels, anchor_offset=0,
-            extra_embeddings=extra_embeddings.detach().to(embeddings),
+            ref_embeddings=(embeddings, extra_embeddings.detach().to(embeddings)),
+            ref_labels=ref_labels, anchor_offset=0,
         )
         if loss.mining == "all":
             self.last_fraction = fraction.detach()
@@ -563,10 +563,11 @@ class DistributedTripletLoss(nn.Module):
         # every rank, then takes one path, the gather's all-reduce, and each
         # contribution is counted once. (Anchoring on the input would be exact
         # too: the anchor part would then bypass the all-reduce.)
-        # The extra references follow the global batch without a gradient.
-        ref_labels, extra = all_labels, None
+        # The extra references follow the global batch, in parts: the core
+        # computes no gradient for them.
+        ref_embeddings, ref_labels = all_embeddings, all_labels
         if extra_embeddings is not None:
-            extra = extra_embeddings.detach().to(all_embeddings)
+            ref_embeddings = (all_embeddings, extra_embeddings.detach().to(all_embeddings))
             all_labels, extra_labels = _common_labels(all_labels, extra_labels)
             ref_labels = torch.cat([all_labels, extra_labels])
         anchors = all_embeddings[offset:offset + embeddings.shape[0]]
@@ -579,8 +580,7 @@ class DistributedTripletLoss(nn.Module):
         sum_, count, valid = terms(
             loss.mining, anchor_labels, anchors, margin,
             distance=loss.distance, soft=loss.soft,
-            ref_embeddings=all_embeddings, ref_labels=ref_labels, anchor_offset=offset,
-            extra_embeddings=extra,
+            ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=offset,
         )
         # One all-reduce for the three terms; float64 holds counts up to 2**53 exactly.
         totals = torch.stack([sum_.detach().double(), count.double(), valid.double()])

@@ -23,7 +23,7 @@ there as inside any ``torch.no_grad()`` block, with autocast off too.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +36,9 @@ from ._validation import (
     check_flag,
     check_labels,
     check_margin,
-    check_references,
     check_tensor,
     margin_and_tensor,
+    reference_parts,
     refuse_scripting,
     refuse_tracing,
     resolve_distance,
@@ -60,28 +60,30 @@ _NAMES = {
 }
 
 
-def _core_terms(mining, labels, embeddings, margin, distance, soft, ref_embeddings, ref_labels,
-                anchor_offset, margin_tensor, extra_embeddings):
+def _core_terms(mining, labels, embeddings, margin, distance, soft, ref_parts, ref_labels,
+                anchor_offset, margin_tensor):
     return native.call(
-        _core.triplet_terms, mining, labels, embeddings, margin, distance, soft, ref_embeddings,
-        ref_labels, anchor_offset, margin_tensor=margin_tensor, extra_embeddings=extra_embeddings,
+        _core.triplet_terms, mining, labels, embeddings, margin, distance, soft,
+        None if ref_parts is None else list(ref_parts), ref_labels, anchor_offset,
+        margin_tensor=margin_tensor,
     )
 
 
-def _first_order_terms(mining, labels, embeddings, margin, distance, soft, ref_embeddings,
-                       ref_labels, anchor_offset, margin_tensor, extra_embeddings):
+def _first_order_terms(mining, labels, embeddings, margin, distance, soft, ref_parts,
+                       ref_labels, anchor_offset, margin_tensor):
     """:func:`_core_terms` between :class:`_FirstOrderInputs` and
     :class:`_FirstOrderOutput`, all in one native call, so that
     ``torch.compile`` never traces those two (a traced backward would not
     refuse a second derivative)."""
-    inputs = [embeddings, ref_embeddings, extra_embeddings, margin_tensor]
+    inputs = [embeddings, margin_tensor, *(ref_parts or ())]
     wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
     for i, t in zip(wanted, _FirstOrderInputs.apply(mining, *(inputs[i] for i in wanted))):
         inputs[i] = t
-    embeddings, ref_embeddings, extra_embeddings, margin_tensor = inputs
+    embeddings, margin_tensor, *parts = inputs
     sum_, count, valid = _core.triplet_terms(
-        mining, labels, embeddings, margin, distance, soft, ref_embeddings, ref_labels,
-        anchor_offset, margin_tensor=margin_tensor, extra_embeddings=extra_embeddings,
+        mining, labels, embeddings, margin, distance, soft,
+        None if ref_parts is None else parts, ref_labels, anchor_offset,
+        margin_tensor=margin_tensor,
     )
     return _FirstOrderOutput.apply(sum_, mining), count, valid
 
@@ -164,10 +166,9 @@ def terms(
     *,
     distance: Optional[str] = None,
     soft: bool = False,
-    ref_embeddings: Optional[Tensor] = None,
+    ref_embeddings: Union[Tensor, Sequence[Tensor], None] = None,
     ref_labels: Optional[Tensor] = None,
     anchor_offset: Optional[int] = None,
-    extra_embeddings: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The unnormalised parts of a loss: ``(sum, count, valid)``, where the loss is
     ``sum / max(count, 1)`` and batch-all's fraction is ``count / max(valid, 1)``
@@ -177,27 +178,16 @@ def terms(
     of float32 hinges can overflow where their mean does not), and
     differentiable with respect to the embeddings, the reference embeddings
     and a margin tensor that requires grad; through batch-all and semi-hard
-    only once.
-
-    ``extra_embeddings``, for the wrappers that have validated them (a memory
-    bank, the extra references of a distributed loss), follow
-    ``ref_embeddings`` among the references, ``ref_labels`` labelling both:
-    the references are their concatenation, without its gradient, so no
-    gradient is computed for extra references that do not require grad."""
+    only once. ``ref_embeddings`` may be given in parts, as in the losses."""
     refuse_tracing(_NAMES.get(mining, "triplet loss"))
     check_labels("labels", labels)
     check_tensor("embeddings", embeddings)
-    if extra_embeddings is not None:
-        check_tensor("extra_embeddings", extra_embeddings)
-        if ref_embeddings is None:
-            raise ValueError("extra_embeddings: follow ref_embeddings, which were not given")
-    check_references(ref_embeddings, ref_labels)
+    parts = reference_parts(ref_embeddings, ref_labels)
     value, margin_tensor = margin_and_tensor(margin)
     distance = resolve_distance(squared, distance)
     soft = check_flag("soft", soft)
-    anchor_offset = check_anchor_offset(anchor_offset, embeddings, ref_embeddings)
-    if mining != "hard" and _has_tangent(embeddings, ref_embeddings, extra_embeddings,
-                                         margin_tensor):
+    anchor_offset = check_anchor_offset(anchor_offset, embeddings, parts)
+    if mining != "hard" and _has_tangent(embeddings, margin_tensor, *(parts or ())):
         raise NotImplementedError(
             f"{_NAMES[mining]}: forward-mode AD (torch.autograd.forward_ad) is not supported "
             "through batch-all and semi-hard mining, which compute their gradient for reverse "
@@ -205,14 +195,13 @@ def terms(
         )
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
-        for t in (embeddings, ref_embeddings, extra_embeddings, margin_tensor)
+        for t in (embeddings, margin_tensor, *(parts or ()))
     )
     if mining == "hard" or not differentiable:
-        return _core_terms(mining, labels, embeddings, value, distance, soft, ref_embeddings,
-                           ref_labels, anchor_offset, margin_tensor, extra_embeddings)
+        return _core_terms(mining, labels, embeddings, value, distance, soft, parts,
+                           ref_labels, anchor_offset, margin_tensor)
     return native.call(_first_order_terms, mining, labels, embeddings, value, distance, soft,
-                       ref_embeddings, ref_labels, anchor_offset, margin_tensor,
-                       extra_embeddings)
+                       parts, ref_labels, anchor_offset, margin_tensor)
 
 
 def _has_tangent(*tensors: Optional[Tensor]) -> bool:
@@ -220,13 +209,21 @@ def _has_tangent(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def _autocast(embeddings: Tensor, ref_embeddings: object) -> Tuple[Tensor, object]:
+    """:func:`native.autocast_inputs` of the embeddings and the references,
+    one tensor or each of their parts."""
+    if isinstance(ref_embeddings, (list, tuple)):
+        embeddings, *parts = native.autocast_inputs(embeddings, *ref_embeddings)
+        return embeddings, type(ref_embeddings)(parts)
+    return native.autocast_inputs(embeddings, ref_embeddings)
+
+
 def loss_and_fraction(mining: str, labels: Tensor, embeddings: Tensor, margin: object,
                       squared: object = False, **options) -> Tuple[Tensor, Tensor]:
     """The loss and the fraction of positive terms of :func:`terms` (same
     arguments), in the embeddings' dtype (float32 for float16 and bfloat16
     ones under autocast)."""
-    embeddings, options["ref_embeddings"] = native.autocast_inputs(
-        embeddings, options.get("ref_embeddings"))
+    embeddings, options["ref_embeddings"] = _autocast(embeddings, options.get("ref_embeddings"))
     sum_, count, valid = terms(mining, labels, embeddings, margin, squared, **options)
     return native.call(_core.mean_and_fraction, sum_, count, valid, embeddings)
 
@@ -234,8 +231,7 @@ def loss_and_fraction(mining: str, labels: Tensor, embeddings: Tensor, margin: o
 def loss_of(mining: str, labels: Tensor, embeddings: Tensor, margin: object,
             squared: object = False, **options) -> Tensor:
     """The loss of :func:`loss_and_fraction`, without the fraction's operations."""
-    embeddings, options["ref_embeddings"] = native.autocast_inputs(
-        embeddings, options.get("ref_embeddings"))
+    embeddings, options["ref_embeddings"] = _autocast(embeddings, options.get("ref_embeddings"))
     sum_, count, _ = terms(mining, labels, embeddings, margin, squared, **options)
     return native.call(_core.mean, sum_, count, embeddings)
 
@@ -247,7 +243,7 @@ def batch_all_triplet_loss(
     squared: bool = False,
     *,
     distance: Optional[str] = None,
-    ref_embeddings: Optional[Tensor] = None,
+    ref_embeddings: Union[Tensor, Sequence[Tensor], None] = None,
     ref_labels: Optional[Tensor] = None,
     anchor_offset: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
@@ -271,11 +267,16 @@ def batch_all_triplet_loss(
             ``distance="squared"``.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``
             (:math:`1 - \cos`).
-        ref_embeddings: optional reference set to mine against.
-        ref_labels: labels of the reference set.
+        ref_embeddings: optional reference set to mine against: a tensor, or
+            a list or tuple of tensors whose rows follow each other, the set
+            their ``torch.cat`` would hold, without its cost: the gradient of
+            the references is computed only for the rows up to the end of the
+            last part that requires grad, so a memory bank that does not goes
+            last, ``(embeddings, bank)``.
+        ref_labels: labels of the reference set, all its rows.
         anchor_offset: when the reference set contains the anchors themselves,
             at rows ``anchor_offset`` to ``anchor_offset + B`` (e.g.
-            ``torch.cat([embeddings, bank])`` with ``anchor_offset=0``), that
+            ``(embeddings, bank)`` with ``anchor_offset=0``), that
             row: anchor :math:`i` is then reference ``anchor_offset + i``,
             never paired with itself (that row may hold other values, such
             as a stale bank entry: the anchor's own are used; another label
@@ -292,7 +293,7 @@ def batch_all_triplet_loss(
         - embeddings: :math:`(B, D)`, floating point; float16 and bfloat16 are
           computed in float32 and the loss is returned in their dtype (in
           float32 under autocast, as torch's ``triplet_margin_loss``).
-        - ref_embeddings, ref_labels: :math:`(M, D)` and :math:`(M)`. When given,
+        - ref_embeddings, ref_labels: :math:`(M, D)` in all and :math:`(M)`. When given,
           anchors are mined against this reference set instead of their own batch,
           and gradients flow into both.
         - Output: scalar.
@@ -318,7 +319,7 @@ def batch_hard_triplet_loss(
     *,
     distance: Optional[str] = None,
     soft: bool = False,
-    ref_embeddings: Optional[Tensor] = None,
+    ref_embeddings: Union[Tensor, Sequence[Tensor], None] = None,
     ref_labels: Optional[Tensor] = None,
     anchor_offset: Optional[int] = None,
 ) -> Tensor:
@@ -342,11 +343,16 @@ def batch_hard_triplet_loss(
         squared: 0.0.6's switch to squared Euclidean distances.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
         soft: use softplus instead of relu.
-        ref_embeddings: optional reference set to mine against.
-        ref_labels: labels of the reference set.
+        ref_embeddings: optional reference set to mine against: a tensor, or
+            a list or tuple of tensors whose rows follow each other, the set
+            their ``torch.cat`` would hold, without its cost: the gradient of
+            the references is computed only for the rows up to the end of the
+            last part that requires grad, so a memory bank that does not goes
+            last, ``(embeddings, bank)``.
+        ref_labels: labels of the reference set, all its rows.
         anchor_offset: when the reference set contains the anchors themselves,
             at rows ``anchor_offset`` to ``anchor_offset + B`` (e.g.
-            ``torch.cat([embeddings, bank])`` with ``anchor_offset=0``), that
+            ``(embeddings, bank)`` with ``anchor_offset=0``), that
             row: anchor :math:`i` is then reference ``anchor_offset + i``,
             never paired with itself (that row may hold other values, such
             as a stale bank entry: the anchor's own are used; another label
@@ -360,7 +366,7 @@ def batch_hard_triplet_loss(
         - embeddings: :math:`(B, D)`, floating point; float16 and bfloat16 are
           computed in float32 and the loss is returned in their dtype (in
           float32 under autocast, as torch's ``triplet_margin_loss``).
-        - ref_embeddings, ref_labels: :math:`(M, D)` and :math:`(M)`. When given,
+        - ref_embeddings, ref_labels: :math:`(M, D)` in all and :math:`(M)`. When given,
           anchors are mined against this reference set instead of their own batch,
           and gradients flow into both.
         - Output: scalar.
@@ -384,7 +390,7 @@ def batch_semihard_triplet_loss(
     squared: bool = False,
     *,
     distance: Optional[str] = None,
-    ref_embeddings: Optional[Tensor] = None,
+    ref_embeddings: Union[Tensor, Sequence[Tensor], None] = None,
     ref_labels: Optional[Tensor] = None,
     anchor_offset: Optional[int] = None,
 ) -> Tensor:
@@ -408,11 +414,16 @@ def batch_semihard_triplet_loss(
             CPU tensor; a floating tensor that requires grad receives its gradient.
         squared: 0.0.6-style switch to squared Euclidean distances.
         distance: ``"euclidean"`` (default), ``"squared"`` or ``"cosine"``.
-        ref_embeddings: optional reference set to mine against.
-        ref_labels: labels of the reference set.
+        ref_embeddings: optional reference set to mine against: a tensor, or
+            a list or tuple of tensors whose rows follow each other, the set
+            their ``torch.cat`` would hold, without its cost: the gradient of
+            the references is computed only for the rows up to the end of the
+            last part that requires grad, so a memory bank that does not goes
+            last, ``(embeddings, bank)``.
+        ref_labels: labels of the reference set, all its rows.
         anchor_offset: when the reference set contains the anchors themselves,
             at rows ``anchor_offset`` to ``anchor_offset + B`` (e.g.
-            ``torch.cat([embeddings, bank])`` with ``anchor_offset=0``), that
+            ``(embeddings, bank)`` with ``anchor_offset=0``), that
             row: anchor :math:`i` is then reference ``anchor_offset + i``,
             never paired with itself (that row may hold other values, such
             as a stale bank entry: the anchor's own are used; another label
@@ -426,7 +437,7 @@ def batch_semihard_triplet_loss(
         - embeddings: :math:`(B, D)`, floating point; float16 and bfloat16 are
           computed in float32 and the loss is returned in their dtype (in
           float32 under autocast, as torch's ``triplet_margin_loss``).
-        - ref_embeddings, ref_labels: :math:`(M, D)` and :math:`(M)`. When given,
+        - ref_embeddings, ref_labels: :math:`(M, D)` in all and :math:`(M)`. When given,
           anchors are mined against this reference set instead of their own batch,
           and gradients flow into both.
         - Output: scalar.
@@ -502,16 +513,17 @@ class _TripletLoss(nn.Module):
         embeddings: Tensor,
         labels: Tensor,
         *,
-        ref_embeddings: Optional[Tensor] = None,
+        ref_embeddings: Union[Tensor, Sequence[Tensor], None] = None,
         ref_labels: Optional[Tensor] = None,
         anchor_offset: Optional[int] = None,
     ) -> Tensor:
         """The loss of ``embeddings`` :math:`(B, D)` with ``labels``
         :math:`(B)`, mined within the batch or against a reference set
-        ``ref_embeddings`` :math:`(M, D)` with ``ref_labels`` :math:`(M)`
-        that holds the anchors from row ``anchor_offset`` on, if it holds
-        them; a scalar in the embeddings' dtype. See the function this
-        Module stands for."""
+        ``ref_embeddings`` :math:`(M, D)` (a tensor, or parts whose rows
+        follow each other, such as ``(embeddings, bank)``) with
+        ``ref_labels`` :math:`(M)` that holds the anchors from row
+        ``anchor_offset`` on, if it holds them; a scalar in the embeddings'
+        dtype. See the function this Module stands for."""
         if (
             isinstance(embeddings, Tensor)
             and isinstance(labels, Tensor)
@@ -547,7 +559,7 @@ class BatchAllTripletLoss(_TripletLoss):
 
     Shape:
         - embeddings: :math:`(B, D)`; labels: :math:`(B)`.
-        - ref_embeddings: :math:`(M, D)`; ref_labels: :math:`(M)`.
+        - ref_embeddings: :math:`(M, D)`, or parts of it; ref_labels: :math:`(M)`.
         - output: scalar, in the embeddings' dtype (float32 under autocast).
 
     Example::
@@ -579,7 +591,7 @@ class BatchHardTripletLoss(_TripletLoss):
 
     Shape:
         - embeddings: :math:`(B, D)`; labels: :math:`(B)`.
-        - ref_embeddings: :math:`(M, D)`; ref_labels: :math:`(M)`.
+        - ref_embeddings: :math:`(M, D)`, or parts of it; ref_labels: :math:`(M)`.
         - output: scalar, in the embeddings' dtype (float32 under autocast).
 
     Example::
@@ -615,7 +627,7 @@ class BatchSemiHardTripletLoss(_TripletLoss):
 
     Shape:
         - embeddings: :math:`(B, D)`; labels: :math:`(B)`.
-        - ref_embeddings: :math:`(M, D)`; ref_labels: :math:`(M)`.
+        - ref_embeddings: :math:`(M, D)`, or parts of it; ref_labels: :math:`(M)`.
         - output: scalar, in the embeddings' dtype (float32 under autocast).
 
     Example::

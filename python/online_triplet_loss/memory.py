@@ -288,15 +288,12 @@ class CrossBatchMemory(nn.Module):
         anchors, = native.autocast_inputs(embeddings)
         if self._count == 0:
             # An empty memory: the batch against itself, exactly the wrapped loss.
-            ref_embeddings = ref_labels = extra = None
-            anchor_offset = 0
+            ref_embeddings = ref_labels = None
         else:
-            # The batch, then the memory, which needs no gradient: given
-            # apart, the core computes the references' gradient for the
-            # batch's rows only.
+            # The batch, then the memory, in parts: the core computes no
+            # gradient for the memory, which requires none.
             stored = slice(0, self._count)
-            ref_embeddings, anchor_offset = anchors, 0
-            extra = self.memory_embeddings[stored].to(anchors.dtype)
+            ref_embeddings = (anchors, self.memory_embeddings[stored].to(anchors.dtype))
             ref_labels = torch.cat([labels, self.memory_labels[stored].to(labels.device)])
         loss = loss_of(
             self.loss.mining,
@@ -307,8 +304,7 @@ class CrossBatchMemory(nn.Module):
             soft=self.loss.soft,
             ref_embeddings=ref_embeddings,
             ref_labels=ref_labels,
-            anchor_offset=anchor_offset,
-            extra_embeddings=extra,
+            anchor_offset=0,
         )
         if self.training:
             self.enqueue(embeddings, labels)

@@ -156,13 +156,11 @@ fn mining(name: &str) -> PyResult<Mining> {
 
 /// Unnormalised terms of a triplet loss: (sum, count, valid). `portable`
 /// mines with libtorch operations, CUDA's path, also on the CPU (for tests
-/// and profiles). `extra_embeddings` are further references after
-/// `ref_embeddings`, whose rows `ref_labels` labels too: the references are
-/// both, concatenated, without that concatenation's gradient (a batch and a
-/// memory bank, [`References::embeddings`]). Signals (Ctrl-C) are checked
-/// between chunks of anchors, as in [`retrieval`].
+/// and profiles). `ref_embeddings` is a tensor or a sequence of them, parts
+/// whose rows follow each other ([`References::embeddings`]). Signals
+/// (Ctrl-C) are checked between chunks of anchors, as in [`retrieval`].
 #[pyfunction]
-#[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None, margin_tensor=None, portable=false, extra_embeddings=None))]
+#[pyo3(signature = (mining_name, labels, embeddings, margin, distance, soft, ref_embeddings=None, ref_labels=None, anchor_offset=None, chunk_size=None, margin_tensor=None, portable=false))]
 #[allow(clippy::too_many_arguments)]
 fn triplet_terms(
     py: Python<'_>,
@@ -172,13 +170,12 @@ fn triplet_terms(
     margin: f64,
     distance: &str,
     soft: bool,
-    ref_embeddings: Option<PyTensor>,
+    ref_embeddings: Option<Parts>,
     ref_labels: Option<PyTensor>,
     anchor_offset: Option<i64>,
     chunk_size: Option<i64>,
     margin_tensor: Option<PyTensor>,
     portable: bool,
-    extra_embeddings: Option<PyTensor>,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
     let mining = mining(mining_name)?;
     let kernel = if portable {
@@ -195,19 +192,7 @@ fn triplet_terms(
     let (labels, embeddings) = (labels.0, embeddings.0);
     let margin_tensor = margin_tensor.map(|t| t.0);
     let references = match (ref_embeddings, ref_labels) {
-        (Some(e), Some(l)) => {
-            let parts: Vec<Tensor> = [Some(e), extra_embeddings]
-                .into_iter()
-                .flatten()
-                .map(|t| t.0)
-                .collect();
-            Some((parts, l.0))
-        }
-        (None, None) if extra_embeddings.is_some() => {
-            return Err(PyValueError::new_err(
-                "extra_embeddings: follow ref_embeddings, which were not given",
-            ))
-        }
+        (Some(e), Some(l)) => Some((e.tensors(), l.0)),
         (None, None) if anchor_offset.is_some() => {
             return Err(PyValueError::new_err(
                 "anchor_offset: places the anchors in ref_embeddings, which were not given",
@@ -239,6 +224,22 @@ fn triplet_terms(
         PyTensor(terms.count),
         PyTensor(terms.valid),
     ))
+}
+
+/// Reference embeddings: one tensor, or parts whose rows follow each other.
+#[derive(FromPyObject)]
+enum Parts {
+    One(PyTensor),
+    Many(Vec<PyTensor>),
+}
+
+impl Parts {
+    fn tensors(self) -> Vec<Tensor> {
+        match self {
+            Parts::One(t) => vec![t.0],
+            Parts::Many(parts) => parts.into_iter().map(|t| t.0).collect(),
+        }
+    }
 }
 
 /// `Terms` of `triplet_terms`' parts, and the dtype of `like`, which must be
