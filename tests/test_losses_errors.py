@@ -7,6 +7,7 @@ where the argument exists there.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -322,6 +323,30 @@ def test_ref_parts(mining):
     loss = FUNCTIONS[mining](LABELS, EMB, 0.1, ref_embeddings=(EMB[:1], EMB[1:], head),
                              ref_labels=torch.cat([LABELS, REF_LABELS[:2]]), anchor_offset=0)
     assert loss[0].isfinite() if mining == "all" else loss.isfinite()
+
+
+class _Parts(NamedTuple):
+    batch: torch.Tensor
+    bank: torch.Tensor
+
+
+class _PartList(list):
+    pass
+
+
+@pytest.mark.parametrize("mining", LOSSES)
+def test_ref_parts_in_a_sequence_subclass(mining):
+    """A namedtuple or a list subclass of parts is taken as the tuple of its
+    items (the namedtuple's constructor takes fields, not an iterable)."""
+    head, tail = REF_EMB[:2], REF_EMB[2:]
+    want = FUNCTIONS[mining](LABELS, EMB, 0.1, ref_embeddings=(head, tail), ref_labels=REF_LABELS)
+    for parts in (_Parts(head, tail), _PartList([head, tail])):
+        got = FUNCTIONS[mining](LABELS, EMB, 0.1, ref_embeddings=parts, ref_labels=REF_LABELS)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        module = MODULES[mining]()
+        torch.testing.assert_close(module(EMB, LABELS, ref_embeddings=parts, ref_labels=REF_LABELS),
+                                   module(EMB, LABELS, ref_embeddings=(head, tail),
+                                          ref_labels=REF_LABELS), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mining", LOSSES)

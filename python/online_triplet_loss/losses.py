@@ -211,10 +211,11 @@ def _has_tangent(*tensors: Optional[Tensor]) -> bool:
 
 def _autocast(embeddings: Tensor, ref_embeddings: object) -> Tuple[Tensor, object]:
     """:func:`native.autocast_inputs` of the embeddings and the references,
-    one tensor or each of their parts."""
+    one tensor or each of their parts (as a tuple: a subclass of list or tuple,
+    such as a namedtuple, cannot always be rebuilt from its items)."""
     if isinstance(ref_embeddings, (list, tuple)):
         embeddings, *parts = native.autocast_inputs(embeddings, *ref_embeddings)
-        return embeddings, type(ref_embeddings)(parts)
+        return embeddings, tuple(parts)
     return native.autocast_inputs(embeddings, ref_embeddings)
 
 
