@@ -366,20 +366,23 @@ def test_reference_parts_are_their_concatenation_in_chunks(mining, distance, por
 @pytest.mark.parametrize("mining", LOSSES)
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("ref_grad", [True, False], ids=["ref-grad", "memory-bank"])
-def test_reference_set_of_several_blocks_of_rows(mining, distance, ref_grad):
+@pytest.mark.parametrize("split", [None, (1000, 2100, 1900)], ids=["one", "parts"])
+def test_reference_set_of_several_blocks_of_rows(mining, distance, ref_grad, split):
     """A reference set of 5000 x 128 rows far from the origin, which the
     passes over every reference on the CPU (the centre, the centred or
-    normalised points, their norms, the cosine's tie rows) take 2048 rows at
-    a time (distance.rs's ROW_BLOCK_ELEMENTS), anchors among them: values and gradients equal the
-    brute-force reference, also for references that do not require grad (a
-    memory bank's, whose gradient is not computed)."""
+    normalised points, their norms, the tie rows) take 2048 rows at a time
+    (distance.rs's ROW_BLOCK_ELEMENTS), anchors among them, as one tensor or
+    in parts whose blocks end inside a part and at its end: values and
+    gradients equal the brute-force reference, also for references that do
+    not require grad (a memory bank's, whose gradient is not computed)."""
     g = torch.Generator().manual_seed(31)
     m, n, k = 5000, 12, 2040  # the anchors straddle the first two blocks
     rlabels = torch.randint(0, 500, (m,), generator=g)
     remb = torch.randn(m, 128, generator=g, dtype=torch.float64) + 50.0
     labels, emb = rlabels[k:k + n], remb[k:k + n]
     x, y = leaf(emb), remb.clone().requires_grad_(ref_grad)
-    s, c, v = losses.terms(mining, labels, x, 0.5, distance=distance, ref_embeddings=y,
+    refs = y if split is None else y.split(split)
+    s, c, v = losses.terms(mining, labels, x, 0.5, distance=distance, ref_embeddings=refs,
                            ref_labels=rlabels, anchor_offset=k)
     xr, yr = leaf(emb), leaf(remb)
     ref = R.reference_terms(mining, labels, xr, 0.5, distance, ref_embeddings=yr,

@@ -227,6 +227,32 @@ fn row_blocks(t: &Tensor) -> impl Iterator<Item = (i64, i64)> {
         .map(move |start| (start, step.min(n - start)))
 }
 
+/// The blocks of rows of `parts`, whose rows follow each other: `(part,
+/// start, len, row)` for each of every part's [`row_blocks`], `row` the
+/// place of the block's first row in all the rows.
+fn part_blocks(parts: &[Tensor]) -> impl Iterator<Item = (&Tensor, i64, i64, i64)> {
+    parts
+        .iter()
+        .scan(0, |row, part| {
+            let first = *row;
+            *row += part.size()[0];
+            Some((part, first))
+        })
+        .flat_map(|(part, first)| {
+            row_blocks(part).map(move |(start, len)| (part, start, len, first + start))
+        })
+}
+
+/// The first of `parts`, and `(n, width)` of them all, whose rows follow
+/// each other; an error for no parts (a loss's references are at least one).
+fn rows_of(parts: &[Tensor]) -> Result<(&Tensor, (i64, i64)), Error> {
+    let first = parts
+        .first()
+        .ok_or_else(|| Error::invalid("embeddings", "no tensor"))?;
+    let n = parts.iter().map(|p| p.size()[0]).sum();
+    Ok((first, (n, first.size()[1])))
+}
+
 /// `rows`, `(N, D)` with D ≥ 1, with each row that the cosine distance
 /// normalises (of a norm above its floor) divided by its largest magnitude,
 /// a constant for autograd (the cosine distance, and its gradient, do not
@@ -315,10 +341,11 @@ pub(crate) struct Centre {
 }
 
 impl Centre {
-    /// The centre of `y`, `(N, D)`, taken a block of rows at a time.
-    pub(crate) fn of(y: &Tensor) -> Result<Centre, Error> {
-        let (n, width) = (y.size()[0], y.size()[1]);
-        let opts = (Kind::Double, y.device());
+    /// The centre of `y`, `(N, D)` in parts whose rows follow each other,
+    /// taken a block of rows at a time.
+    pub(crate) fn of(y: &[Tensor]) -> Result<Centre, Error> {
+        let (first, (n, width)) = rows_of(y)?;
+        let opts = (Kind::Double, first.device());
         if n == 0 {
             let point = Tensor::f_zeros([1, width], opts)?;
             return Ok(Centre { point });
@@ -327,8 +354,8 @@ impl Centre {
         // The mean of the rows of `y` less `offset`, in float64.
         let mean_less = |offset: Option<&Tensor>| -> Result<Tensor, Error> {
             let mut sum = Tensor::f_zeros([1, width], opts)?;
-            for (start, len) in row_blocks(y) {
-                let mut block = y.f_narrow(0, start, len)?.f_to_kind(Kind::Double)?;
+            for (part, start, len, _) in part_blocks(y) {
+                let mut block = part.f_narrow(0, start, len)?.f_to_kind(Kind::Double)?;
                 if let Some(offset) = offset {
                     block = block.f_sub(offset)?;
                 }
@@ -340,7 +367,7 @@ impl Centre {
             }
             Ok(sum.f_div_scalar(n as f64)?)
         };
-        let digits = match y.f_kind()? {
+        let digits = match first.f_kind()? {
             Kind::Half => 11,
             Kind::BFloat16 => 8,
             Kind::Float => 24,
@@ -353,12 +380,25 @@ impl Centre {
         let first = mean_less(None)?;
         let mean = mean_less(Some(&first))?.f_add(&first)?;
         // Extremes in y's dtype, then widened: exactly those of the widened.
-        let high = y
-            .f_amax(columns.as_slice(), true)?
-            .f_to_kind(Kind::Double)?;
-        let low = y
-            .f_amin(columns.as_slice(), true)?
-            .f_to_kind(Kind::Double)?;
+        // Over the parts that have rows (an empty one has no extremes).
+        let extreme = |max: bool| -> Result<Tensor, Error> {
+            let mut found: Option<Tensor> = None;
+            for part in y.iter().filter(|p| p.size()[0] > 0) {
+                let e = match max {
+                    true => part.f_amax(columns.as_slice(), true)?,
+                    false => part.f_amin(columns.as_slice(), true)?,
+                };
+                found = Some(match (found, max) {
+                    (None, _) => e,
+                    (Some(f), true) => f.f_maximum(&e)?,
+                    (Some(f), false) => f.f_minimum(&e)?,
+                });
+            }
+            // Not reached: n > 0, so some part has rows.
+            let found = found.ok_or_else(|| Error::invalid("embeddings", "no rows"))?;
+            Ok(found.f_to_kind(Kind::Double)?)
+        };
+        let (high, low) = (extreme(true)?, extreme(false)?);
         // v = f·2^e with 0.5 ≤ f < 1 (frexp) and v/f = 2^e exactly. For the
         // range (at most twice the spread), 2^(e − 5) is the largest power
         // of two at most range/16; for the largest magnitude, 2^(e − digits)
@@ -402,19 +442,30 @@ impl Side {
     /// The anchors' side and the references' side, detached, in one frame:
     /// Euclidean distances are invariant under translation, so both are
     /// centred on the mean reference. `y` is `None` when the references are
-    /// the anchors, whose side is then computed once.
+    /// the anchors, whose side is then computed once, and otherwise the
+    /// references in parts whose rows follow each other, one side of them
+    /// all (no concatenation first).
     pub(crate) fn pair(
         distance: Distance,
         x: &Tensor,
-        y: Option<&Tensor>,
+        y: Option<&[Tensor]>,
     ) -> Result<(Side, Side), Error> {
-        let x = x.f_detach()?;
-        let y = y.map(Tensor::f_detach).transpose()?;
+        let x = [x.f_detach()?];
+        let y = y
+            .map(|parts| {
+                parts
+                    .iter()
+                    .map(Tensor::f_detach)
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
         let center = match distance {
             Distance::Cosine => None,
-            Distance::Euclidean | Distance::Squared => Some(Centre::of(y.as_ref().unwrap_or(&x))?),
+            Distance::Euclidean | Distance::Squared => {
+                Some(Centre::of(y.as_deref().unwrap_or(&x))?)
+            }
         };
-        let side = |t: &Tensor| match &center {
+        let side = |t: &[Tensor]| match &center {
             Some(center) => Side::centred(distance, t, center),
             None => Side::normalised(t),
         };
@@ -430,25 +481,26 @@ impl Side {
         Ok((sx, sy))
     }
 
-    /// `x`, detached, less the centre, rounded to x's dtype, with the squared
-    /// norms of those points, a block of rows at a time.
-    fn centred(distance: Distance, x: &Tensor, center: &Centre) -> Result<Side, Error> {
-        let (n, width) = (x.size()[0], x.size()[1]);
-        let kind = x.f_kind()?;
-        let points = Tensor::f_empty([n, width], (kind, x.device()))?;
-        let norms = Tensor::f_empty([n], (kind, x.device()))?;
-        for (start, len) in row_blocks(x) {
+    /// `x` (in parts whose rows follow each other, of one dtype), detached,
+    /// less the centre, rounded to x's dtype, with the squared norms of those
+    /// points, a block of rows at a time.
+    fn centred(distance: Distance, x: &[Tensor], center: &Centre) -> Result<Side, Error> {
+        let (first, (n, width)) = rows_of(x)?;
+        let (kind, device) = (first.f_kind()?, first.device());
+        let points = Tensor::f_empty([n, width], (kind, device))?;
+        let norms = Tensor::f_empty([n], (kind, device))?;
+        for (part, start, len, row) in part_blocks(x) {
             let block = center
-                .subtracted_from(&x.f_narrow(0, start, len)?)?
+                .subtracted_from(&part.f_narrow(0, start, len)?)?
                 .f_to_kind(kind)?;
             norms
-                .f_narrow(0, start, len)?
+                .f_narrow(0, row, len)?
                 .f_copy_(
                     &block
                         .f_square()?
                         .f_sum_dim_intlist(-1, false, None::<Kind>)?,
                 )?;
-            points.f_narrow(0, start, len)?.f_copy_(&block)?;
+            points.f_narrow(0, row, len)?.f_copy_(&block)?;
         }
         Ok(Side {
             distance,
@@ -457,16 +509,17 @@ impl Side {
         })
     }
 
-    /// [`unit_rows`] of `x`, detached, a block of rows at a time.
-    fn normalised(x: &Tensor) -> Result<Side, Error> {
-        let (n, width) = (x.size()[0], x.size()[1]);
-        let opts = (x.f_kind()?, x.device());
+    /// [`unit_rows`] of `x` (in parts, as [`Side::centred`]'s), detached, a
+    /// block of rows at a time.
+    fn normalised(x: &[Tensor]) -> Result<Side, Error> {
+        let (first, (n, width)) = rows_of(x)?;
+        let opts = (first.f_kind()?, first.device());
         let points = Tensor::f_empty([n, width], opts)?;
         let norms = Tensor::f_empty([n, 1], opts)?;
-        for (start, len) in row_blocks(x) {
-            let (block, block_norms) = unit_rows(&x.f_narrow(0, start, len)?)?;
-            points.f_narrow(0, start, len)?.f_copy_(&block)?;
-            norms.f_narrow(0, start, len)?.f_copy_(&block_norms)?;
+        for (part, start, len, row) in part_blocks(x) {
+            let (block, block_norms) = unit_rows(&part.f_narrow(0, start, len)?)?;
+            points.f_narrow(0, row, len)?.f_copy_(&block)?;
+            norms.f_narrow(0, row, len)?.f_copy_(&block_norms)?;
         }
         Ok(Side {
             distance: Distance::Cosine,
@@ -486,17 +539,34 @@ impl Side {
     /// distance 0 (a zero row is at 1 from everything), become NaN, which
     /// equals nothing.
     ///
-    /// The rows are a copy this call owns, which [`crate::ties::Ties`] reads
-    /// in place on the CPU: for the cosine distance one float64 copy,
-    /// divided a block of rows at a time.
-    pub(crate) fn tie_rows(&self, raw: &Tensor) -> Result<Tensor, Error> {
-        if self.distance != Distance::Cosine {
-            // A copy (−0 becomes 0): not the caller's storage, which may be
-            // misaligned, a negated view, or written by another thread.
-            return Ok(raw.f_detach()?.f_add_scalar(0.0)?);
+    /// The rows are one copy this call owns of all the parts of `raw`
+    /// (whose rows follow each other), which [`crate::ties::Ties`] reads in
+    /// place on the CPU: not the caller's storage, which may be misaligned,
+    /// a negated view, or written by another thread. For the cosine distance
+    /// a float64 copy, divided a block of rows at a time.
+    pub(crate) fn tie_rows(&self, raw: &[Tensor]) -> Result<Tensor, Error> {
+        let (first, (n, width)) = rows_of(raw)?;
+        let kind = match self.distance {
+            Distance::Cosine => Kind::Double,
+            Distance::Euclidean | Distance::Squared => first.f_kind()?,
+        };
+        let mut rows = Tensor::f_empty([n, width], (kind, first.device()))?;
+        let mut row = 0;
+        for part in raw {
+            let len = part.size()[0];
+            let mut out = rows.f_narrow(0, row, len)?;
+            match self.distance {
+                Distance::Cosine => out.f_copy_(&part.f_detach()?)?,
+                // Plus 0: −0 becomes 0.
+                Distance::Euclidean | Distance::Squared => {
+                    let _ = part.f_detach()?.f_add_scalar_out(&out, 0.0)?;
+                }
+            }
+            row += len;
         }
-        let mut rows = raw.f_detach()?.f_to_dtype(Kind::Double, false, true)?;
-        let width = rows.size().last().copied().unwrap_or(0);
+        if self.distance != Distance::Cosine {
+            return Ok(rows);
+        }
         if width > 0 {
             for (start, len) in row_blocks(&rows) {
                 let mut block = rows.f_narrow(0, start, len)?;

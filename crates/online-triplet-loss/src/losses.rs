@@ -460,10 +460,9 @@ impl TripletConfig {
         let x = embeddings.f_to_kind(kind)?;
         let x_domain = domain(labels, "labels")?;
         // The references in the loss's dtype, part by part (the anchors
-        // when there are none), and `y`, all of them: the one part, or the
-        // parts concatenated without autograd (their gradients are each
-        // part's own, [`Sides::poisoned`], [`Sides::reference_rows`]).
-        let (parts, y, y_labels, self_col) = match references {
+        // when there are none), never concatenated: their gradients are each
+        // part's own ([`Sides::poisoned`], [`Sides::reference_rows`]).
+        let (parts, y_labels, self_col) = match references {
             Some(r) => {
                 let d = common(
                     (x_domain, labels, "labels"),
@@ -482,32 +481,23 @@ impl TripletConfig {
                     .iter()
                     .map(|t| t.f_to_kind(kind))
                     .collect::<Result<Vec<_>, _>>()?;
-                let y = match parts.as_slice() {
-                    [one] => one.shallow_clone(),
-                    _ => grad::no_grad(|| Tensor::f_cat(&parts, 0))?,
-                };
-                (parts, y, (x_labels, y_labels), r.anchor_offset)
+                (parts, (x_labels, y_labels), r.anchor_offset)
             }
             None => {
                 let k = keys_on(keys(labels, x_domain, REFERENCE_NAN_KEYS)?, device)?;
-                (
-                    vec![x.shallow_clone()],
-                    x.shallow_clone(),
-                    (k.shallow_clone(), k),
-                    Some(0),
-                )
+                (vec![x.shallow_clone()], (k.shallow_clone(), k), Some(0))
             }
         };
         let (x_labels, y_labels) = y_labels;
         let (ties, (sx, sy), mut poison) = grad::no_grad(|| -> Result<_, Error> {
             // The references, unless they are the anchors themselves.
-            let y_apart = references.map(|_| &y);
+            let y_apart = references.map(|_| parts.as_slice());
             let (sx, sy) = Side::pair(self.distance, &x, y_apart)?;
             let same = references.is_none();
-            let ty = sy.tie_rows(&y)?;
+            let ty = sy.tie_rows(&parts)?;
             let tx = match same {
                 true => ty.shallow_clone(),
-                false => sx.tie_rows(&x)?,
+                false => sx.tie_rows(std::slice::from_ref(&x))?,
             };
             let ties = Ties::find(&tx, &ty, self_col, same, self.kernel)?;
             let mut poison = sx.poison(y_apart.map(|_| &sy))?;
@@ -604,7 +594,6 @@ impl TripletConfig {
         let sides = Sides {
             x: &x,
             x_labels: &x_labels,
-            y: &y,
             parts: &parts,
             y_labels: &y_labels,
             self_col,
@@ -735,7 +724,7 @@ impl TripletConfig {
         }
         let kind = s.x.f_kind()?;
         let device = s.x.device();
-        let (n, m) = (s.x.size()[0], s.y.size()[0]);
+        let (n, m) = (s.x.size()[0], s.y_rows());
         let (value, count, valid, active, gx, gy) = grad::no_grad(|| -> Result<_, Error> {
             // Semi-hard's selected triplets (anchor, positive, negative) from
             // the half-matrix kernels, on the CPU (at most 16 an anchor).
@@ -750,7 +739,7 @@ impl TripletConfig {
             // ([`Side::accumulate_grad`]), for the leading rows that need it.
             let mut gy = match s.ref_grad {
                 Some(rows) => Some((
-                    Tensor::f_zeros([rows, s.y.size()[1]], (kind, device))?,
+                    Tensor::f_zeros([rows, s.x.size()[1]], (kind, device))?,
                     Tensor::f_zeros([rows], (kind, device))?,
                 )),
                 None => None,
@@ -920,7 +909,7 @@ impl TripletConfig {
     /// half its Gram matrix: references that are the anchors, no identical
     /// embeddings, native kernels, and at least `min_chunks` chunks.
     fn half_matrix(&self, s: &Sides, min_chunks: i64) -> bool {
-        let b = s.y.size()[0];
+        let b = s.y_rows();
         s.y_is_x
             && s.ties.is_none()
             && mining::fuses_distances(self.kernel, s.x)
@@ -931,7 +920,7 @@ impl TripletConfig {
     /// ([`mining::batch_all_within`]); `None` for batches it does not take.
     fn all_within_terms(&self, s: &Sides, columns: &Columns) -> Result<Option<Terms>, Error> {
         let kind = s.x.f_kind()?;
-        let step = self.rows_per_chunk(s.y.size()[0]);
+        let step = self.rows_per_chunk(s.y_rows());
         let found = grad::no_grad(|| -> Result<_, Error> {
             let (points, norms) = (s.sx.points(), s.sx.norms());
             let Some(out) = mining::batch_all_within(
@@ -966,7 +955,7 @@ impl TripletConfig {
     fn hard_terms(&self, s: &Sides, margin: Option<&Tensor>) -> Result<Terms, Error> {
         let kind = s.x.f_kind()?;
         let device = s.x.device();
-        let (n, m) = (s.x.size()[0], s.y.size()[0]);
+        let (n, m) = (s.x.size()[0], s.y_rows());
         if n == 0 || m == 0 {
             let zero = Tensor::f_zeros([], (Kind::Int64, device))?;
             return Ok(Terms {
@@ -1080,15 +1069,12 @@ impl TripletConfig {
 struct Sides<'a> {
     x: &'a Tensor,
     x_labels: &'a Tensor,
-    /// The references: the anchors, or the parts of those apart
-    /// concatenated (without autograd when they are several).
-    y: &'a Tensor,
-    /// The references' parts, through which their gradients go (`[x]`
-    /// when they are the anchors).
+    /// The references in parts whose rows follow each other, through which
+    /// their gradients go (`[x]` when they are the anchors).
     parts: &'a [Tensor],
     y_labels: &'a Tensor,
     self_col: Option<i64>,
-    /// The references are the anchors themselves (`y` is `x`).
+    /// The references are the anchors themselves (`parts` is `[x]`).
     y_is_x: bool,
     ties: Option<Ties>,
     /// The anchors and the references, detached, in the frame of the distance.
@@ -1150,7 +1136,7 @@ impl Sides<'_> {
         }
         // When the references are the anchors, x's poison reaches them all.
         if self.y_is_x {
-            if let Some(term) = gy.map(|gy| weighted(self.y, gy)).transpose()?.flatten() {
+            if let Some(term) = gy.map(|gy| weighted(self.x, gy)).transpose()?.flatten() {
                 sum = sum.f_add(&term)?;
             }
             return Ok(sum);
@@ -1178,26 +1164,37 @@ impl Sides<'_> {
         Ok(sum)
     }
 
+    /// The number of references.
+    fn y_rows(&self) -> i64 {
+        self.parts.iter().map(|p| p.size()[0]).sum()
+    }
+
     /// Rows `index` of the references, differentiable with respect to each
-    /// part that requires grad (the others are taken from `y`, detached when
-    /// the parts are several): no gradient of the concatenation.
+    /// part: each part's rows from the part itself, no gradient of a
+    /// concatenation.
     fn reference_rows(&self, index: &Tensor) -> Result<Tensor, Error> {
         if let [one] = self.parts {
             return Ok(one.f_index_select(0, index)?);
         }
-        let mut rows = self.y.f_index_select(0, index)?;
+        let mut rows: Option<Tensor> = None;
         let mut start = 0;
         for part in self.parts {
             let len = part.size()[0];
-            if part.requires_grad() && len > 0 {
+            if len > 0 {
                 let local = index.f_sub_scalar(start)?;
-                let inside = local.f_ge(0)?.f_logical_and(&local.f_lt(len)?)?;
                 let taken = part.f_index_select(0, &local.f_clamp(0, len - 1)?)?;
-                rows = taken.f_where_self(&inside.f_unsqueeze(1)?, &rows)?;
+                rows = Some(match rows {
+                    None => taken,
+                    Some(rows) => {
+                        let inside = local.f_ge(0)?.f_logical_and(&local.f_lt(len)?)?;
+                        taken.f_where_self(&inside.f_unsqueeze(1)?, &rows)?
+                    }
+                });
             }
             start += len;
         }
-        Ok(rows)
+        // Not reached: a reference row is indexed, so some part has rows.
+        rows.ok_or_else(|| Error::invalid("ref_embeddings", "no rows"))
     }
 
     /// Distances from anchors `start..start + rows.len()` to every reference.

@@ -609,7 +609,7 @@ impl RetrievalConfig {
             // references come first, so a reference's first copy is one.
             // Under the cosine distance, rows of one direction (v and 6v)
             // are copies too.
-            let rows = side.tie_rows(&x)?;
+            let rows = side.tie_rows(std::slice::from_ref(&x))?;
             drop(x);
             let ties = match Ties::find(&rows, &rows, Some(0), true, Kernel::Auto)? {
                 Some(ties) => Some(ties.leading_columns(g)?),
@@ -974,7 +974,9 @@ pub fn mean_average_precision_at_r(
 fn normalised_frame(x: &Tensor, centre: bool) -> Result<(Tensor, (Tensor, i32)), Error> {
     let (scaled, _) = scaled_to_one(&x.f_to_kind(Kind::Double)?)?;
     let frame = match centre {
-        true => scaled_to_one(&Centre::of(&scaled)?.subtracted_from(&scaled)?)?,
+        true => {
+            scaled_to_one(&Centre::of(std::slice::from_ref(&scaled))?.subtracted_from(&scaled)?)?
+        }
         false => (scaled.shallow_clone(), 0),
     };
     Ok((scaled, frame))

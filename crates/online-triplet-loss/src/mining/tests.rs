@@ -344,7 +344,8 @@ fn native_kernels_on_gram_products_match_them_on_distances() {
                     None => Tensor::randint(classes, [rows], (Kind::Int64, Device::Cpu)),
                 };
                 let columns = Columns::new(&col_labels).expect("columns");
-                let (sx, sy) = Side::pair(distance, &x, Some(&y)).expect("sides");
+                let (sx, sy) =
+                    Side::pair(distance, &x, Some(std::slice::from_ref(&y))).expect("sides");
                 let g = Tensor::empty([rows, cols], opts);
                 sx.gram_into(&sy, &g).expect("gram");
                 // The distances from the same products by libtorch's
@@ -454,8 +455,12 @@ fn every_vector_width_gives_the_same_bits() {
                 let col_labels = Tensor::randint(classes, [cols], (Kind::Int64, Device::Cpu));
                 let row_labels = col_labels.narrow(0, 5, rows).copy();
                 let columns = Columns::new(&col_labels).expect("columns");
-                let (sx, sy) =
-                    Side::pair(distance, &y.narrow(0, 5, rows), Some(&y)).expect("sides");
+                let (sx, sy) = Side::pair(
+                    distance,
+                    &y.narrow(0, 5, rows),
+                    Some(std::slice::from_ref(&y)),
+                )
+                .expect("sides");
                 let g = Tensor::empty([rows, cols], opts);
                 sx.gram_into(&sy, &g).expect("gram");
                 let chunk = || Chunk {
