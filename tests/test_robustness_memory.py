@@ -264,6 +264,55 @@ def test_module_casts_leave_float_labels_alone(cast):
     assert state["memory_labels"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to-float16"])
+def test_a_cast_that_overflows_a_stored_row_is_refused(cast):
+    """1e5 is Inf in float16 (and 1e39 in bfloat16): the cast would store
+    rows that make every later loss NaN, as a NaN batch's rows would, which
+    the memory never stores. It raises, the memory and its wrapped loss as
+    they were; a memory whose rows fit, or that is emptied, is cast."""
+    big = 1e39 if cast == "bfloat16" else 1e5
+
+    def do(memory):
+        return memory.to(torch.float16) if cast == "to-float16" else getattr(memory, cast)()
+
+    memory = CrossBatchMemory(BatchHardTripletLoss(margin=torch.nn.Parameter(torch.tensor(0.2))),
+                              memory_size=8)
+    rows = torch.tensor([[big, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    memory(rows, labels)
+    before = copy.deepcopy(memory)
+    with pytest.raises(ValueError, match=r"^dtype: CrossBatchMemory cannot be cast to torch\."):
+        do(memory)
+    _same_memory(memory, before)
+    assert memory.memory_embeddings.dtype == torch.float64
+    assert memory.loss.margin.dtype == torch.float32
+    # Rows that fit are cast, and a loss against them stays finite.
+    fits = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
+    fits(rows[1:], labels[1:])
+    do(fits)
+    assert fits.memory_embeddings.dtype != torch.float64
+    assert fits(rows[1:].to(fits.memory_embeddings.dtype), labels[1:]).isfinite()
+    # Emptied, the stale rows past the count are no stored rows.
+    memory.reset()
+    do(memory)
+    assert memory.num_stored == 0 and memory.memory_embeddings.dtype != torch.float64
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 0)])
+def test_a_batch_without_columns_is_refused(shape):
+    """A memory's rows have a column at least (embedding_dim >= 1, as its
+    constructor and its saved state require): a batch without columns would
+    fix embedding_dim to 0, and no later batch, or load of its own state,
+    would be taken."""
+    memory = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=4)
+    with pytest.raises(ValueError, match=r"^embeddings: must have at least one column"):
+        memory(torch.zeros(shape), torch.zeros(shape[0], dtype=torch.long))
+    assert memory.embedding_dim is None and memory.num_stored == 0
+    memory(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))
+    CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=4).load_state_dict(
+        memory.state_dict())
+
+
 # ------------------------------------------------------- object lifecycle
 
 

@@ -73,7 +73,9 @@ class CrossBatchMemory(nn.Module):
 
     Rows with a NaN or Inf coordinate are never stored: the loss of the batch
     that holds them is NaN, as for the wrapped loss, but they do not poison
-    the losses of later batches. The memory is filled under
+    the losses of later batches; for the same reason a module cast
+    (``.half()``) that would overflow a stored row raises a ``ValueError``,
+    leaving the memory as it was. The memory is filled under
     :func:`torch.no_grad` and outside :func:`torch.inference_mode`, so a
     batch enqueued under either leaves a memory that training can go on
     with. One module may be shared by threads: each call mines against the
@@ -207,6 +209,7 @@ class CrossBatchMemory(nn.Module):
         # buffers; float labels would merge classes (2049.0 becomes 2048.0 in
         # float16) and change the dtype later batches must keep. The labels
         # follow the module to its device only.
+        self._refuse_overflowing_cast(fn)
         labels = self._buffers.get("memory_labels")
         if labels is None:
             super()._apply(fn, recurse)
@@ -220,6 +223,23 @@ class CrossBatchMemory(nn.Module):
         self._buffers["memory_labels"] = labels.to(fn(labels).device)
         self._own_buffers()
         return self
+
+    def _refuse_overflowing_cast(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Raises, before anything is cast, when the module cast ``fn`` would
+        turn a stored row into NaN or Inf (1e5 in float16): rows that would
+        make every later loss NaN, which the memory never stores (a copy of
+        the stored rows, where they are, is cast to find out)."""
+        stored = self._buffers.get("memory_embeddings")
+        if stored is None or self._count == 0:
+            return
+        dtype = fn(stored[:1]).dtype
+        if dtype == stored.dtype or bool(torch.isfinite(stored[: self._count].to(dtype)).all()):
+            return
+        raise ValueError(
+            f"dtype: {type(self).__name__} cannot be cast to {dtype}: its stored embeddings "
+            f"(in {stored.dtype}) would hold NaN or Inf, which would make every later loss NaN; "
+            "reset() it first, or keep it in a wider dtype"
+        )
 
     @property
     def num_stored(self) -> int:
@@ -436,6 +456,11 @@ class CrossBatchMemory(nn.Module):
             raise ValueError(
                 "embeddings: must be a 2-D floating point tensor, got shape "
                 f"{tuple(embeddings.shape)} and dtype {embeddings.dtype}"
+            )
+        if embeddings.shape[1] == 0:
+            # A memory of rows without columns (embedding_dim=0) is none.
+            raise ValueError(
+                f"embeddings: must have at least one column, got shape {tuple(embeddings.shape)}"
             )
         if labels.shape != embeddings.shape[:1]:
             raise ValueError(
