@@ -163,3 +163,19 @@ def test_an_epoch_too_big_for_memory_names_k():
         next(iter(sampler))
     assert isinstance(HostOutOfMemoryError("x"), MemoryError)
     assert [len(batch) for batch in PKSampler([0, 1, 2], p=3, k=4)] == [12]
+
+
+@pytest.mark.parametrize("world_size", [2**40, 2**62])
+def test_an_epoch_too_big_for_memory_because_of_world_size_names_it(world_size):
+    """Every rank builds the whole epoch, rounded up to a multiple of
+    world_size: a world_size that makes it bigger than the host's memory is
+    named, at once (before, it filled the memory for minutes and then blamed k)."""
+    from online_triplet_loss import HostOutOfMemoryError
+
+    sampler = PKSampler([0, 0, 1, 1, 2, 2], p=1, k=1, world_size=world_size)
+    assert len(sampler) == 1
+    with pytest.raises(HostOutOfMemoryError,
+                       match=rf"^world_size: an epoch of {world_size} batches .* 6 of the data's "
+                             rf"rounded up to a multiple of world_size={world_size}"):
+        next(iter(sampler))
+    assert len(list(PKSampler([0, 0, 1, 1, 2, 2], p=1, k=1, world_size=8))) == 1

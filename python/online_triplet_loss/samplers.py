@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections.abc
 import math
 import numbers
+import os
 import random
 from typing import Dict, Hashable, Iterator, List, Sequence, Union
 
@@ -153,7 +154,10 @@ class PKSampler(Sampler[List[int]]):
         seed: seeds the shuffling, together with the epoch. Default: 0.
         rank: this process's rank, :math:`0 \le` ``rank`` :math:`<`
             ``world_size``. Default: 0.
-        world_size: the number of processes sharing the epoch. Default: 1.
+        world_size: the number of processes sharing the epoch, each of which
+            builds it whole: one that rounds it up past the host's memory
+            raises :class:`~online_triplet_loss.HostOutOfMemoryError`, as
+            ``k`` does. Default: 1.
 
     Example::
 
@@ -202,9 +206,12 @@ class PKSampler(Sampler[List[int]]):
         # In order of first appearance, so that the epoch depends only on the labels.
         self._classes: List[List[int]] = list(by_class.values())
         self._epoch = 0
+        self._batches = math.ceil(self._data_batches() / self.world_size) * self.world_size
+
+    def _data_batches(self) -> int:
+        """N before it is rounded up to a multiple of ``world_size``."""
         groups = [math.ceil(len(indices) / self.k) for indices in self._classes]
-        batches = max(math.ceil(sum(groups) / self.p), max(groups))
-        self._batches = math.ceil(batches / self.world_size) * self.world_size
+        return max(math.ceil(sum(groups) / self.p), max(groups))
 
     def __setstate__(self, state: Dict[str, object]) -> None:
         # Samplers pickled when these settings were plain attributes.
@@ -262,15 +269,34 @@ class PKSampler(Sampler[List[int]]):
         return self._batches // self.world_size
 
     def __iter__(self) -> Iterator[List[int]]:
+        # An epoch takes at least 8 bytes an index (a list's pointer): one
+        # beyond the host's memory is refused before it fills it, which
+        # would take minutes, or the OOM killer.
+        indices = self._batches * self.p * self.k
+        try:
+            host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            host = None
+        if host is not None and host > 0 and 8 * indices > host:
+            raise HostOutOfMemoryError(self._too_big(f" (at least {8 * indices / 2**30:.3g} GiB, "
+                                                     f"more than the host's {host / 2**30:.3g})"))
         try:
             batches = self._epoch_batches(self.epoch)
         except MemoryError as err:
             # Python's own names nothing (it is often empty).
-            raise HostOutOfMemoryError(
-                f"k: an epoch of {self._batches} batches of p * k = {self.p} * {self.k} "
-                "indices could not be held in memory"
-            ) from err
+            raise HostOutOfMemoryError(self._too_big("")) from err
         return iter(batches[self.rank :: self.world_size])
+
+    def _too_big(self, size: str) -> str:
+        """The message of an epoch too big for the host, naming ``world_size``
+        when rounding up to a multiple of it at least doubled the epoch, and
+        ``k`` otherwise."""
+        data = self._data_batches()
+        whole = f"an epoch of {self._batches} batches of p * k = {self.p} * {self.k} indices{size}"
+        if self._batches >= 2 * data:
+            return (f"world_size: {whole}, {data} of the data's rounded up to a multiple of "
+                    f"world_size={self.world_size}, could not be held in memory")
+        return f"k: {whole} could not be held in memory"
 
     def _group(self, rng: random.Random, indices: List[int]) -> List[int]:
         """K indices of one class, drawn at random; repeats only when the class is small."""
