@@ -550,18 +550,12 @@ impl Side {
             Distance::Cosine => Kind::Double,
             Distance::Euclidean | Distance::Squared => first.f_kind()?,
         };
+        // −0 and 0 are kept apart here; Ties compares them as equal.
         let mut rows = Tensor::f_empty([n, width], (kind, first.device()))?;
         let mut row = 0;
         for part in raw {
             let len = part.size()[0];
-            let mut out = rows.f_narrow(0, row, len)?;
-            match self.distance {
-                Distance::Cosine => out.f_copy_(&part.f_detach()?)?,
-                // Plus 0: −0 becomes 0.
-                Distance::Euclidean | Distance::Squared => {
-                    let _ = part.f_detach()?.f_add_scalar_out(&out, 0.0)?;
-                }
-            }
+            rows.f_narrow(0, row, len)?.f_copy_(&part.f_detach()?)?;
             row += len;
         }
         if self.distance != Distance::Cosine {
