@@ -33,7 +33,9 @@ fn first_copies(parts: &[&Tensor], kernel: Kernel) -> Result<(Tensor, bool), Err
         (Kernel::Auto, true, Some(Kind::Float)) => hashed::<u32>(parts),
         (Kernel::Auto, true, Some(Kind::Double)) => hashed::<u64>(parts),
         _ => {
-            let x = Tensor::f_cat(parts, 0)?.f_detach()?.f_add_scalar(0.0)?;
+            // The concatenation is a new tensor: −0 becomes 0 in place.
+            let mut x = Tensor::f_cat(parts, 0)?.f_detach()?;
+            let _ = x.f_add_scalar_(0.0)?;
             Ok((sorted(&x, x.size()[0])?, true))
         }
     }
