@@ -1180,3 +1180,43 @@ def test_margin_tensor_mismatch_with_margin_value_binding():
     except AssertionError:
         pytest.fail(f"binding used margin=0.2 for the value (sum {float(s)}) but margin_tensor 0.9 "
                     f"elsewhere (reference sum {float(want.sum)})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", LOSSES)
+def test_the_losses_leave_their_inputs_alone(mining, distance, dtype):
+    """No loss writes to a tensor it is given: the embeddings, the reference
+    parts, the labels and a margin tensor keep their values and their
+    version counters (which every in-place operation on them, or on a view
+    of them, bumps), with and without references, far from the origin and
+    near it, native and portable, also for float64 inputs, which a cast to
+    the loss's float64 leaves as the caller's own tensors. Rows span two
+    of the CPU's row blocks."""
+    g = torch.Generator().manual_seed(5)
+    for offset in (0.0, 1e4):
+        x = (torch.randn(40, 128, generator=g, dtype=torch.float64) + offset).to(dtype)
+        bank = (torch.randn(3000, 128, generator=g, dtype=torch.float64) + offset).to(dtype)
+        bank[7] = x[3]  # an identical row, for the ties
+        labels = torch.randint(0, 6, (40,), generator=g)
+        bank_labels = torch.randint(0, 6, (3000,), generator=g)
+        margin = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+        given = (x, bank, labels, bank_labels, margin)
+        copies = [t.detach().clone() for t in given]
+        versions = [t._version for t in given]
+        xg = x.requires_grad_(True)
+        calls = [
+            lambda: function_loss(mining, labels, xg, margin, distance),
+            lambda: function_loss(mining, labels, xg, margin, distance, ref_embeddings=(xg, bank),
+                                  ref_labels=torch.cat([labels, bank_labels]), anchor_offset=0),
+            lambda: function_loss(mining, labels, xg, margin, distance, ref_embeddings=bank,
+                                  ref_labels=bank_labels),
+            lambda: _core.triplet_terms(mining, labels, xg, 0.3, distance, False, bank,
+                                        bank_labels, None, None, portable=True)[0],
+        ]
+        for call in calls:
+            call().backward()
+        for name, t, copy, version in zip(("embeddings", "bank", "labels", "bank labels", "margin"),
+                                          given, copies, versions, strict=True):
+            assert t._version == version, f"{name}: written to (offset {offset})"
+            assert torch.equal(t.detach(), copy), f"{name}: changed (offset {offset})"

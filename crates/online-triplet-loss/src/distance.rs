@@ -334,7 +334,9 @@ fn row_scales(x: &Tensor) -> Result<Tensor, Error> {
 /// dtype would leave a residual of about its ulp in an offset every row
 /// shares (9e12 for a column of 1e20 in float32), and the Gram products of
 /// such points lose every digit of their differences, silently: the mean is
-/// taken in float64, in two parts.
+/// taken in float64, in two parts. The centre is a number of the embeddings'
+/// dtype (at most their largest magnitude, a multiple of a power of two at
+/// least its ulp), unless a column is not finite.
 pub(crate) struct Centre {
     /// `(1, D)`, float64.
     point: Tensor,
@@ -351,21 +353,9 @@ impl Centre {
             return Ok(Centre { point });
         }
         let columns = [0i64];
-        // The mean of the rows of `y` less `offset`, in float64.
-        let mean_less = |offset: Option<&Tensor>| -> Result<Tensor, Error> {
-            let mut sum = Tensor::f_zeros([1, width], opts)?;
-            for (part, start, len, _) in part_blocks(y) {
-                let mut block = part.f_narrow(0, start, len)?.f_to_kind(Kind::Double)?;
-                if let Some(offset) = offset {
-                    block = block.f_sub(offset)?;
-                }
-                let _ = sum.f_add_(&block.f_sum_dim_intlist(
-                    columns.as_slice(),
-                    true,
-                    None::<Kind>,
-                )?)?;
-            }
-            Ok(sum.f_div_scalar(n as f64)?)
+        let block_sum = |part: &Tensor, start: i64, len: i64| -> Result<Tensor, Error> {
+            let block = part.f_narrow(0, start, len)?.f_to_kind(Kind::Double)?;
+            Ok(block.f_sum_dim_intlist(columns.as_slice(), true, None::<Kind>)?)
         };
         let digits = match first.f_kind()? {
             Kind::Half => 11,
@@ -374,11 +364,25 @@ impl Centre {
             _ => 53,
         };
         let columns = [0i64];
-        // In two parts: the second takes out what the first's rounding left
-        // (a few ulps of a column of 1e30: 1e14), so that a constant column
-        // has its value as mean.
-        let first = mean_less(None)?;
-        let mean = mean_less(Some(&first))?.f_add(&first)?;
+        // In two parts: the mean of the first block of rows, and the mean of
+        // all the rows less it, whose differences are about the spread, not
+        // the magnitude (a column of 1e30 would lose a few of its ulps to
+        // rounding, 1e14), so that a constant column has its value as mean.
+        // Not reached without one: n > 0, so some part has rows.
+        let (part, start, len, _) = part_blocks(y)
+            .next()
+            .ok_or_else(|| Error::invalid("embeddings", "no rows"))?;
+        let first = block_sum(part, start, len)?.f_div_scalar(len as f64)?;
+        let mut sum = Tensor::f_zeros([1, width], opts)?;
+        for (part, start, len, _) in part_blocks(y) {
+            let block = part
+                .f_narrow(0, start, len)?
+                .f_to_kind(Kind::Double)?
+                .f_sub(&first)?;
+            let _ =
+                sum.f_add_(&block.f_sum_dim_intlist(columns.as_slice(), true, None::<Kind>)?)?;
+        }
+        let mean = sum.f_div_scalar(n as f64)?.f_add(&first)?;
         // Extremes in y's dtype, then widened: exactly those of the widened.
         // Over the parts that have rows (an empty one has no extremes).
         let extreme = |max: bool| -> Result<Tensor, Error> {
@@ -483,16 +487,21 @@ impl Side {
 
     /// `x` (in parts whose rows follow each other, of one dtype), detached,
     /// less the centre, rounded to x's dtype, with the squared norms of those
-    /// points, a block of rows at a time.
+    /// points, a block of rows at a time. The centre is a number of x's
+    /// dtype ([`Centre`]), so the difference is taken in that dtype, rounded
+    /// once: for float32, as rounding the exact difference of float64 (two
+    /// float32 numbers differ exactly in float64 unless their exponents are
+    /// more than 29 apart, and then the difference is within 2⁻²⁸ of the
+    /// larger one's magnitude of it, far from any float32 rounding boundary).
     fn centred(distance: Distance, x: &[Tensor], center: &Centre) -> Result<Side, Error> {
         let (first, (n, width)) = rows_of(x)?;
         let (kind, device) = (first.f_kind()?, first.device());
         let points = Tensor::f_empty([n, width], (kind, device))?;
         let norms = Tensor::f_empty([n], (kind, device))?;
+        let point = center.point.f_to_kind(kind)?;
         for (part, start, len, row) in part_blocks(x) {
-            let block = center
-                .subtracted_from(&part.f_narrow(0, start, len)?)?
-                .f_to_kind(kind)?;
+            let block = points.f_narrow(0, row, len)?;
+            let _ = part.f_narrow(0, start, len)?.f_sub_out(&block, &point)?;
             norms
                 .f_narrow(0, row, len)?
                 .f_copy_(
@@ -500,7 +509,6 @@ impl Side {
                         .f_square()?
                         .f_sum_dim_intlist(-1, false, None::<Kind>)?,
                 )?;
-            points.f_narrow(0, row, len)?.f_copy_(&block)?;
         }
         Ok(Side {
             distance,
