@@ -161,6 +161,10 @@ def _bad_states():
     bad = copy.deepcopy(good)
     bad["memory_labels"] = bad["memory_labels"][:3]
     yield "short labels", bad
+    # Rows without columns (a width no batch can have) and no embedding_dim.
+    bad = _corrupt(good, count=0, next=0, embedding_dim=None, enqueued=0)
+    bad["memory_embeddings"] = bad["memory_embeddings"][:, :0]
+    yield "no columns", bad
 
 
 BAD_STATES = list(_bad_states())

@@ -179,3 +179,6 @@ def test_an_epoch_too_big_for_memory_because_of_world_size_names_it(world_size):
                              rf"rounded up to a multiple of world_size={world_size}"):
         next(iter(sampler))
     assert len(list(PKSampler([0, 0, 1, 1, 2, 2], p=1, k=1, world_size=8))) == 1
+    # A k whose epoch fits no host whatever the world_size is named, not world_size.
+    with pytest.raises(HostOutOfMemoryError, match=r"^k: an epoch of 2 batches"):
+        next(iter(PKSampler([0, 0], p=1, k=2**40, world_size=2)))

@@ -75,7 +75,8 @@ class CrossBatchMemory(nn.Module):
     that holds them is NaN, as for the wrapped loss, but they do not poison
     the losses of later batches; for the same reason a module cast
     (``.half()``) that would overflow a stored row raises a ``ValueError``,
-    leaving the memory as it was. The memory is filled under
+    leaving the memory as it was (a model it is part of keeps the cast of
+    the modules cast before it). The memory is filled under
     :func:`torch.no_grad` and outside :func:`torch.inference_mode`, so a
     batch enqueued under either leaves a memory that training can go on
     with. One module may be shared by threads: each call mines against the
@@ -532,6 +533,8 @@ class CrossBatchMemory(nn.Module):
                        f"expected ({size}, D)")
             if self.embedding_dim is not None and embeddings.shape[1] != self.embedding_dim:
                 refuse(f"memory_embeddings has {embeddings.shape[1]} columns")
+            if embeddings.shape[1] == 0:
+                refuse("memory_embeddings has no columns")
             if not embeddings.is_floating_point():
                 refuse(f"memory_embeddings has dtype {embeddings.dtype}, not a floating point one")
         if labels is not None and (not isinstance(labels, Tensor) or tuple(labels.shape) != (size,)):

@@ -12,7 +12,7 @@ import math
 import numbers
 import os
 import random
-from typing import Dict, Hashable, Iterator, List, Sequence, Union
+from typing import Dict, Hashable, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import Sampler
@@ -277,23 +277,28 @@ class PKSampler(Sampler[List[int]]):
             host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (AttributeError, OSError, ValueError):
             host = None
-        if host is not None and host > 0 and 8 * indices > host:
-            raise HostOutOfMemoryError(self._too_big(f" (at least {8 * indices / 2**30:.3g} GiB, "
-                                                     f"more than the host's {host / 2**30:.3g})"))
+        if host is not None and host <= 0:
+            host = None
+        if host is not None and 8 * indices > host:
+            raise HostOutOfMemoryError(self._too_big(
+                f" (at least {8 * indices / 2**30:.3g} GiB, more than the host's "
+                f"{host / 2**30:.3g})", host))
         try:
             batches = self._epoch_batches(self.epoch)
         except MemoryError as err:
             # Python's own names nothing (it is often empty).
-            raise HostOutOfMemoryError(self._too_big("")) from err
+            raise HostOutOfMemoryError(self._too_big("", host)) from err
         return iter(batches[self.rank :: self.world_size])
 
-    def _too_big(self, size: str) -> str:
+    def _too_big(self, size: str, host: Optional[int]) -> str:
         """The message of an epoch too big for the host, naming ``world_size``
-        when rounding up to a multiple of it at least doubled the epoch, and
-        ``k`` otherwise."""
+        when rounding up to a multiple of it at least doubled the epoch and
+        the epoch of the data alone would fit (as far as ``host``, the host's
+        memory in bytes, tells), and ``k`` otherwise."""
         data = self._data_batches()
         whole = f"an epoch of {self._batches} batches of p * k = {self.p} * {self.k} indices{size}"
-        if self._batches >= 2 * data:
+        data_fits = host is None or 8 * data * self.p * self.k <= host
+        if self._batches >= 2 * data and data_fits:
             return (f"world_size: {whole}, {data} of the data's rounded up to a multiple of "
                     f"world_size={self.world_size}, could not be held in memory")
         return f"k: {whole} could not be held in memory"
