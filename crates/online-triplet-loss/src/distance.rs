@@ -374,11 +374,15 @@ impl Centre {
             .ok_or_else(|| Error::invalid("embeddings", "no rows"))?;
         let first = block_sum(part, start, len)?.f_div_scalar(len as f64)?;
         let mut sum = Tensor::f_zeros([1, width], opts)?;
+        // Each block is widened into one buffer of the call's own, where it
+        // is shifted in place: no allocation a block (a fresh tensor of a
+        // few MB is fresh pages, whose faults can cost more than the sums).
+        let rows = part_blocks(y).map(|(_, _, len, _)| len).max().unwrap_or(0);
+        let buffer = Tensor::f_empty([rows, width], opts)?;
         for (part, start, len, _) in part_blocks(y) {
-            let block = part
-                .f_narrow(0, start, len)?
-                .f_to_kind(Kind::Double)?
-                .f_sub(&first)?;
+            let mut block = buffer.f_narrow(0, 0, len)?;
+            block.f_copy_(&part.f_narrow(0, start, len)?)?;
+            let _ = block.f_sub_(&first)?;
             let _ =
                 sum.f_add_(&block.f_sum_dim_intlist(columns.as_slice(), true, None::<Kind>)?)?;
         }
