@@ -493,10 +493,11 @@ impl Side {
     /// less the centre, rounded to x's dtype, with the squared norms of those
     /// points, a block of rows at a time. The centre is a number of x's
     /// dtype ([`Centre`]), so the difference is taken in that dtype, rounded
-    /// once: for float32, as rounding the exact difference of float64 (two
-    /// float32 numbers differ exactly in float64 unless their exponents are
-    /// more than 29 apart, and then the difference is within 2⁻²⁸ of the
-    /// larger one's magnitude of it, far from any float32 rounding boundary).
+    /// once, which gives the float64 difference rounded to it: two float32
+    /// numbers differ exactly in float64 unless their exponents are more
+    /// than 29 apart, and then the smaller is below 2⁻²⁸ of the larger,
+    /// whose rounding boundaries are 2⁻²⁴ of it away (half and bfloat16
+    /// alike, with more room).
     fn centred(distance: Distance, x: &[Tensor], center: &Centre) -> Result<Side, Error> {
         let (first, (n, width)) = rows_of(x)?;
         let (kind, device) = (first.f_kind()?, first.device());
