@@ -55,6 +55,7 @@ from online_triplet_loss.metrics import (
     recall_at_k,
     retrieval_scores,
 )
+from test_losses_numerics import check_huge_constant_column
 from test_memory import reference_loss as memory_reference_loss
 from test_metrics import brute_force as metrics_brute_force
 from test_metrics import TIED, copies_and_near_neighbours, tied_data
@@ -175,6 +176,15 @@ def test_loss_matches_cpu_and_reference(device, mining, distance, dtype):
                 assert_close(got_frac, torch.tensor(ref.fraction, dtype=torch.float64), what + " fraction vs reference",
                              **value_tol(dtype))
                 assert_close(got_frac, cpu_frac, what + " fraction vs CPU", **value_tol(dtype))
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared"])
+@pytest.mark.parametrize("mining", LOSSES)
+def test_a_huge_constant_column_changes_no_distance(device, mining, distance):
+    """A float64 column of 1.5e308 in 4096 rows, one block of rows on a GPU
+    (every row goes into the centre's first estimate, whose sum is taken
+    scaled down by a power of two): the loss and gradient without it."""
+    check_huge_constant_column(mining, distance, device, 1.5e308)
 
 
 @pytest.mark.parametrize("refs", ["none", "refs", "offset", "stale"])

@@ -468,25 +468,36 @@ def test_cosine_batch_hard_of_a_parallel_positive_and_negative_is_the_margin(dty
             assert gx.abs().max().item() == 0.0 and gy.abs().max().item() == 0.0
 
 
-@pytest.mark.parametrize("distance", ["euclidean", "squared"])
-@pytest.mark.parametrize("mining", LOSSES)
-def test_a_huge_constant_column_changes_no_distance(mining, distance):
-    """A float64 column of 5e304 in each of 4096 rows: its sum overflows, but
-    the centre's first estimate, the mean of the first block of rows (2048
-    at D = 128), does not, so the column is centred to 0 and the loss and
-    gradient are those without it (before, the overflowed mean made them
-    NaN). Distances do not change with a constant column."""
+def huge_constant_column(device, value):
+    """4096 float64 rows of 64 classes, with column 0 at ``value`` and at 0."""
     g = torch.Generator().manual_seed(12)
     emb = torch.randn(4096, 128, generator=g, dtype=torch.float64)
-    labels = torch.arange(4096) % 64
-    huge = emb.clone()
-    huge[:, 0] = 5e304
-    plain = emb.clone()
-    plain[:, 0] = 0.0
-    x, xp = leaf(huge), leaf(plain)
+    huge, plain = emb.clone(), emb.clone()
+    huge[:, 0], plain[:, 0] = value, 0.0
+    return (torch.arange(4096, device=device) % 64, leaf(huge.to(device)),
+            leaf(plain.to(device)))
+
+
+def check_huge_constant_column(mining, distance, device, value):
+    labels, x, xp = huge_constant_column(device, value)
     loss = function_loss(mining, labels, x, 0.5, distance)
     want = function_loss(mining, labels, xp, 0.5, distance)
     assert want.isfinite() and want > 0
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
     (g_huge,), (g_plain,) = grad_of(loss, x), grad_of(want, xp)
     torch.testing.assert_close(g_huge, g_plain, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("value", [5e304, 1.5e308])
+@pytest.mark.parametrize("distance", ["euclidean", "squared"])
+@pytest.mark.parametrize("mining", LOSSES)
+def test_a_huge_constant_column_changes_no_distance(mining, distance, value):
+    """A float64 column of 5e304 or 1.5e308 in each of 4096 rows: its sum
+    overflows, but the centre's first estimate, the mean of the first block
+    of rows (2048 at D = 128 on the CPU), is summed over the rows divided by
+    a power of two at least their number, which does not, so the column is
+    centred to 0 and the loss and gradient are those without it (before,
+    the overflowed mean made them NaN). Distances do not change with a
+    constant column. (test_cuda checks a device, where the block is every
+    row.)"""
+    check_huge_constant_column(mining, distance, torch.device("cpu"), value)

@@ -213,15 +213,23 @@ impl FromStr for Distance {
 /// float64 are reused from the heap, at a few operations a block.
 const ROW_BLOCK_ELEMENTS: i64 = 1 << 18;
 
+/// The same on other devices, where each operation is a launch and the
+/// allocator reuses its memory: blocks of 128 MiB in float64, so that the
+/// float64 temporaries of a pass over a large memory bank (the centre's
+/// widened rows, the cosine tie rows' quotients) stay that size instead of
+/// twice the bank's, at a few launches more (four blocks for 65536 × 1024).
+const DEVICE_ROW_BLOCK_ELEMENTS: i64 = 1 << 24;
+
 /// `(start, len)` of the blocks of rows of `t`, `(n, width)`: of about
-/// [`ROW_BLOCK_ELEMENTS`] entries each on the CPU, one block elsewhere
-/// (CUDA's allocator reuses its memory, and each operation is a launch).
+/// [`ROW_BLOCK_ELEMENTS`] entries each on the CPU and
+/// [`DEVICE_ROW_BLOCK_ELEMENTS`] elsewhere (at least one row each).
 fn row_blocks(t: &Tensor) -> impl Iterator<Item = (i64, i64)> {
     let (n, width) = (t.size()[0], t.size().last().copied().unwrap_or(0));
-    let step = match t.device() {
-        Device::Cpu => (ROW_BLOCK_ELEMENTS / width.max(1)).max(1),
-        _ => n.max(1),
+    let elements = match t.device() {
+        Device::Cpu => ROW_BLOCK_ELEMENTS,
+        _ => DEVICE_ROW_BLOCK_ELEMENTS,
     };
+    let step = (elements / width.max(1)).max(1);
     (0..n)
         .step_by(step as usize)
         .map(move |start| (start, step.min(n - start)))
@@ -352,11 +360,6 @@ impl Centre {
             let point = Tensor::f_zeros([1, width], opts)?;
             return Ok(Centre { point });
         }
-        let columns = [0i64];
-        let block_sum = |part: &Tensor, start: i64, len: i64| -> Result<Tensor, Error> {
-            let block = part.f_narrow(0, start, len)?.f_to_kind(Kind::Double)?;
-            Ok(block.f_sum_dim_intlist(columns.as_slice(), true, None::<Kind>)?)
-        };
         let digits = match first.f_kind()? {
             Kind::Half => 11,
             Kind::BFloat16 => 8,
@@ -368,21 +371,38 @@ impl Centre {
         // all the rows less it, whose differences are about the spread, not
         // the magnitude (a column of 1e30 would lose a few of its ulps to
         // rounding, 1e14), so that a constant column has its value as mean.
-        // Not reached without one: n > 0, so some part has rows.
+        // Each block is widened into one buffer of the call's own, where it
+        // is scaled or shifted in place: no allocation a block (a fresh
+        // tensor of a few MB is fresh pages, whose faults can cost more than
+        // the sums).
+        let rows = part_blocks(y).map(|(_, _, len, _)| len).max().unwrap_or(0);
+        let buffer = Tensor::f_empty([rows, width], opts)?;
+        let widened = |part: &Tensor, start: i64, len: i64| -> Result<Tensor, Error> {
+            let mut block = buffer.f_narrow(0, 0, len)?;
+            block.f_copy_(&part.f_narrow(0, start, len)?)?;
+            Ok(block)
+        };
+        // The first block's sum is taken of its rows divided by 2^k, the
+        // power of two at least its length, so that it cannot overflow where
+        // the rows do not (a column of 1e308): dividing by a power of two
+        // and multiplying back are exact (but for subnormal quotients), so
+        // the mean is the same number as without the scaling, not one more
+        // rounding. Not reached without a block: n > 0, so some part has
+        // rows.
         let (part, start, len, _) = part_blocks(y)
             .next()
             .ok_or_else(|| Error::invalid("embeddings", "no rows"))?;
-        let first = block_sum(part, start, len)?.f_div_scalar(len as f64)?;
+        let scale = 2f64.powi(64 - (len as u64 - 1).leading_zeros() as i32);
+        let first = widened(part, start, len)?
+            .f_mul_scalar_(1.0 / scale)?
+            .f_sum_dim_intlist(columns.as_slice(), true, None::<Kind>)?
+            .f_div_scalar(len as f64)?
+            .f_mul_scalar(scale)?;
+        // The differences' sum overflows only where their squares, and so
+        // the distances, would anyway.
         let mut sum = Tensor::f_zeros([1, width], opts)?;
-        // Each block is widened into one buffer of the call's own, where it
-        // is shifted in place: no allocation a block (a fresh tensor of a
-        // few MB is fresh pages, whose faults can cost more than the sums).
-        let rows = part_blocks(y).map(|(_, _, len, _)| len).max().unwrap_or(0);
-        let buffer = Tensor::f_empty([rows, width], opts)?;
         for (part, start, len, _) in part_blocks(y) {
-            let mut block = buffer.f_narrow(0, 0, len)?;
-            block.f_copy_(&part.f_narrow(0, start, len)?)?;
-            let _ = block.f_sub_(&first)?;
+            let block = widened(part, start, len)?.f_sub_(&first)?;
             let _ =
                 sum.f_add_(&block.f_sum_dim_intlist(columns.as_slice(), true, None::<Kind>)?)?;
         }
