@@ -272,8 +272,15 @@ fn rows_of(parts: &[Tensor]) -> Result<(&Tensor, (i64, i64)), Error> {
 pub(crate) fn divided_by_largest(rows: &Tensor) -> Result<Tensor, Error> {
     let fixed = rows.f_detach()?;
     let unit = row_norms(&fixed)?.f_gt(COSINE_EPS)?;
-    let largest = fixed.f_abs()?.f_amax([1i64].as_slice(), true)?;
+    let largest = largest_magnitudes(&fixed)?;
     Ok(rows.f_div(&largest.f_where_scalarother(&unit, 1.0)?)?)
+}
+
+/// The largest |x| of every row of `x`, `(N, 1)`, `x` with columns: NaN
+/// for a row with a NaN. (Not `aminmax`, which on the CPU took five times
+/// as long as `abs` and `amax` over rows of 128.)
+fn largest_magnitudes(x: &Tensor) -> Result<Tensor, Error> {
+    Ok(x.f_abs()?.f_amax([-1i64].as_slice(), true)?)
 }
 
 /// ‖x‖ of every row, `(N, 1)`, without the overflow or underflow of a plain
@@ -304,8 +311,14 @@ pub(crate) fn row_norms(x: &Tensor) -> Result<Tensor, Error> {
 /// The rows of `x` divided by their norms clamped at the cosine floor,
 /// `(N, D)`, and those clamped norms, `(N, 1)`; differentiable.
 fn unit_rows(x: &Tensor) -> Result<(Tensor, Tensor), Error> {
-    let norms = row_norms(x)?.f_clamp_min(COSINE_EPS)?;
+    let norms = clamped_norms(x)?;
     Ok((x.f_div(&norms)?, norms))
+}
+
+/// The norms of the rows of `x` clamped at the cosine floor, `(N, 1)`, that
+/// [`unit_rows`] divides by; differentiable.
+fn clamped_norms(x: &Tensor) -> Result<Tensor, Error> {
+    Ok(row_norms(x)?.f_clamp_min(COSINE_EPS)?)
 }
 
 /// The largest magnitude of every row of `x`, `(N, 1)`, detached, raised to
@@ -320,7 +333,7 @@ fn row_scales(x: &Tensor) -> Result<Tensor, Error> {
         Kind::Half => 6.103_515_625e-5,
         _ => f64::from(f32::MIN_POSITIVE),
     };
-    let largest = x.f_detach()?.f_abs()?.f_amax([-1i64].as_slice(), true)?;
+    let largest = largest_magnitudes(&x.f_detach()?)?;
     let usable = largest
         .f_gt(0.0)?
         .f_logical_and_(&largest.f_lt(f64::INFINITY)?)?;
@@ -543,15 +556,16 @@ impl Side {
     }
 
     /// [`unit_rows`] of `x` (in parts, as [`Side::centred`]'s), detached, a
-    /// block of rows at a time.
+    /// block of rows at a time, each quotient written into the points.
     fn normalised(x: &[Tensor]) -> Result<Side, Error> {
         let (first, (n, width)) = rows_of(x)?;
         let opts = (first.f_kind()?, first.device());
         let points = Tensor::f_empty([n, width], opts)?;
         let norms = Tensor::f_empty([n, 1], opts)?;
         for (part, start, len, row) in part_blocks(x) {
-            let (block, block_norms) = unit_rows(&part.f_narrow(0, start, len)?)?;
-            points.f_narrow(0, row, len)?.f_copy_(&block)?;
+            let block = part.f_narrow(0, start, len)?;
+            let block_norms = clamped_norms(&block)?;
+            let _ = block.f_div_out(&points.f_narrow(0, row, len)?, &block_norms)?;
             norms.f_narrow(0, row, len)?.f_copy_(&block_norms)?;
         }
         Ok(Side {
@@ -566,45 +580,51 @@ impl Side {
     /// rows, not the normalised points, whose rounding depends on the
     /// tensor's layout. For the cosine distance, rows of one direction (v
     /// and 6v) are identical too, at 0 from each other and at equal
-    /// distances from every other row, so the rows are
-    /// [`divided_by_largest`] in float64; rows below the normalisation
-    /// floor, which are not unit vectors, so that their copies are not at
-    /// distance 0 (a zero row is at 1 from everything), become NaN, which
-    /// equals nothing.
+    /// distances from every other row, so the rows whose norm on this side
+    /// is above the normalisation floor are divided by their largest
+    /// magnitude in float64 (as [`divided_by_largest`]); the others, which
+    /// are not unit vectors, so that their copies are not at distance 0 (a
+    /// zero row is at 1 from everything), become NaN, which equals nothing.
     ///
     /// The rows are one copy this call owns of all the parts of `raw`
     /// (whose rows follow each other), which [`crate::ties::Ties`] reads in
     /// place on the CPU: not the caller's storage, which may be misaligned,
     /// a negated view, or written by another thread. For the cosine distance
-    /// a float64 copy, divided a block of rows at a time.
+    /// a float64 copy, divided in place a block of rows at a time.
     pub(crate) fn tie_rows(&self, raw: &[Tensor]) -> Result<Tensor, Error> {
         let (first, (n, width)) = rows_of(raw)?;
-        let kind = match self.distance {
-            Distance::Cosine => Kind::Double,
-            Distance::Euclidean | Distance::Squared => first.f_kind()?,
-        };
         // −0 and 0 are kept apart here; Ties compares them as equal.
-        let mut rows = Tensor::f_empty([n, width], (kind, first.device()))?;
-        let mut row = 0;
-        for part in raw {
-            let len = part.size()[0];
-            rows.f_narrow(0, row, len)?.f_copy_(&part.f_detach()?)?;
-            row += len;
-        }
-        if self.distance != Distance::Cosine {
-            return Ok(rows);
-        }
-        if width > 0 {
-            for (start, len) in row_blocks(&rows) {
-                let mut block = rows.f_narrow(0, start, len)?;
-                let quotients = divided_by_largest(&block)?;
-                block.f_copy_(&quotients)?;
+        match self.distance {
+            Distance::Euclidean | Distance::Squared => {
+                let rows = Tensor::f_empty([n, width], (first.f_kind()?, first.device()))?;
+                let mut row = 0;
+                for part in raw {
+                    let len = part.size()[0];
+                    rows.f_narrow(0, row, len)?.f_copy_(&part.f_detach()?)?;
+                    row += len;
+                }
+                Ok(rows)
+            }
+            Distance::Cosine => {
+                let rows = Tensor::f_empty([n, width], (Kind::Double, first.device()))?;
+                if width == 0 {
+                    return Ok(rows);
+                }
+                // Not `le`: a NaN norm is no unit vector either.
+                let unit = self.norms.f_gt(COSINE_EPS)?;
+                // Widened, then divided in place: a quotient of mixed dtypes
+                // (`div_out` of the part into the copy) took several times as
+                // long on the CPU.
+                for (part, start, len, row) in part_blocks(raw) {
+                    let mut block = rows.f_narrow(0, row, len)?;
+                    block.f_copy_(&part.f_narrow(0, start, len)?.f_detach()?)?;
+                    let divisor = largest_magnitudes(&block)?
+                        .f_where_scalarother(&unit.f_narrow(0, row, len)?, f64::NAN)?;
+                    let _ = block.f_div_(&divisor)?;
+                }
+                Ok(rows)
             }
         }
-        // Not `le`: a NaN norm is no unit vector either.
-        let not_unit = self.norms.f_gt(COSINE_EPS)?.f_logical_not()?;
-        let _ = rows.f_masked_fill_(&not_unit, f64::NAN)?;
-        Ok(rows)
     }
 
     pub(crate) fn rows(&self, start: i64, len: i64) -> Result<Side, Error> {
