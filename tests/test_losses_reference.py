@@ -117,6 +117,29 @@ def test_smoke_module_defaults_and_repr():
     assert "soft=True" in repr(m)
 
 
+def test_repr_says_how_a_margin_tensor_is_held():
+    """Learned or frozen for the module's Parameter; for a tensor set on it,
+    whether it requires grad as it does now (it said so of every tensor)."""
+    cls = online_triplet_loss.BatchHardTripletLoss
+    p = torch.nn.Parameter(torch.tensor(0.25))
+    assert "margin=0.25 (learned)" in repr(cls(margin=p))
+    p.requires_grad_(False)
+    assert "margin=0.25 (frozen)" in repr(cls(margin=p))
+    t = torch.tensor(0.5, requires_grad=True)
+    m = cls(margin=t)
+    assert "margin=0.5 (requires grad, not a parameter of this module)" in repr(m)
+    t.requires_grad_(False)
+    assert "margin=0.5 (not a parameter of this module)" in repr(m)
+    m.margin = torch.tensor(0.75)
+    assert "margin=0.75 (not a parameter of this module)" in repr(m)
+    m = cls(margin=torch.nn.Parameter(torch.tensor(0.5)))
+    torch.nn.utils.parametrize.register_parametrization(m, "margin", torch.nn.Softplus())
+    assert "(parametrized)" in repr(m)
+    x = torch.randn(6, 3, requires_grad=True)
+    m(x, torch.tensor([0, 0, 1, 1, 2, 2])).backward()
+    assert m.parametrizations.margin.original.grad is not None
+
+
 # ------------------------------------------- the reference itself, by hand
 
 # 1-D points 0, 1, 3, 6 with labels 0, 0, 1, 1. Euclidean distances:

@@ -149,3 +149,35 @@ def test_forward_mode_ad(mining, requires_grad):
     x_ = leaf(x)
     want = (grad_of(fn(x_), x_)[0] * tangent).sum()
     torch.testing.assert_close(jvp, want)
+
+
+@pytest.mark.parametrize("grad_mode", ["enabled", "no_grad"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("mining", LOSSES)
+def test_forward_mode_ad_through_the_margin(mining, requires_grad, grad_mode):
+    """A margin with a tangent: batch-hard's tangent is the derivative of the
+    loss in the margin (the fraction of positive hinges, here all, against
+    a float64 central difference) times the margin's tangent, also when the
+    margin does not require grad or grad mode is off, where the margin was
+    read as a number and the tangent lost (None, a derivative of 0: found
+    by a review); batch-all and semi-hard raise."""
+    labels, x = _batch(n=40, classes=4)
+    x = x.double()
+    fn = {"all": lambda m: batch_all_triplet_loss(labels, x, m)[0],
+          "hard": lambda m: batch_hard_triplet_loss(labels, x, m),
+          "semihard": lambda m: batch_semihard_triplet_loss(labels, x, m)}[mining]
+    margin = torch.tensor(0.7, dtype=torch.float64, requires_grad=requires_grad)
+    mode = torch.no_grad() if grad_mode == "no_grad" else contextlib.nullcontext()
+    with mode, forward_ad.dual_level():
+        dual = forward_ad.make_dual(margin, torch.tensor(3.0, dtype=torch.float64))
+        if mining != "hard":
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                fn(dual)
+            return
+        out = fn(dual)
+        jvp = forward_ad.unpack_dual(out).tangent
+    h = 1e-6
+    slope = (float(fn(0.7 + h)) - float(fn(0.7 - h))) / (2 * h)
+    assert slope > 0.5  # hinges are positive: a derivative to lose
+    assert jvp is not None
+    assert float(jvp) == pytest.approx(3.0 * slope, rel=1e-6)

@@ -973,7 +973,7 @@ def test_module_settings(cls, kw, name):
 
 
 @pytest.mark.parametrize("attr, value", [("soft", "no"), ("margin", -1.0), ("distance", "cos"),
-                                         ("margin", "x"), ("soft", 2)])
+                                         ("margin", "x"), ("soft", 2), ("distance", None)])
 def test_settings_changed_after_construction_are_checked(attr, value):
     module = BatchHardTripletLoss(margin=0.2)
     setattr(module, attr, value)

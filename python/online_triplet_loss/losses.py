@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
+from torch.nn.utils import parametrize
 
 from . import _core, _native as native
 from ._validation import (
@@ -184,6 +185,10 @@ def terms(
     check_tensor("embeddings", embeddings)
     parts = reference_parts(ref_embeddings, ref_labels)
     value, margin_tensor = margin_and_tensor(margin)
+    if margin_tensor is None and isinstance(margin, Tensor) and _has_tangent(margin):
+        # A dual margin carries its tangent into the loss also where no
+        # gradient would reach it (not requiring grad, or under no_grad).
+        margin_tensor = margin
     distance = resolve_distance(squared, distance)
     soft = check_flag("soft", soft)
     anchor_offset = check_anchor_offset(anchor_offset, embeddings, parts)
@@ -499,9 +504,13 @@ class _TripletLoss(nn.Module):
     def extra_repr(self) -> str:
         margin = self.margin
         if isinstance(margin, Tensor):  # a learned or frozen margin, on one line
-            kind = "learned" if margin.requires_grad else "frozen"
-            if not isinstance(margin, nn.Parameter):
-                kind = "requires grad, not a parameter of this module"
+            if isinstance(margin, nn.Parameter):
+                kind = "learned" if margin.requires_grad else "frozen"
+            elif parametrize.is_parametrized(self, "margin"):
+                kind = "parametrized"
+            else:  # a tensor set on the module
+                kind = "requires grad, " if margin.requires_grad else ""
+                kind += "not a parameter of this module"
             margin = f"({kind}, on meta)" if margin.is_meta else f"{float(margin.detach()):.6g} ({kind})"
         return f"margin={margin}, distance={self.distance!r}"
 
@@ -536,8 +545,10 @@ class _TripletLoss(nn.Module):
                 f"is 2-D of shape {tuple(labels.shape)}: the arguments look swapped; "
                 "forward takes (embeddings, labels)"
             )
+        # check_distance: None, which the functions read as 0.0.6's default,
+        # is no distance of a Module's.
         return loss_of(
-            self.mining, labels, embeddings, self.margin, distance=self.distance,
+            self.mining, labels, embeddings, self.margin, distance=check_distance(self.distance),
             soft=self.soft, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
             anchor_offset=anchor_offset,
         )
