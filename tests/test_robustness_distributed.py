@@ -508,6 +508,18 @@ def _worker_third_review(rank, world, init_file):
         wanted = "forward-mode AD dual tensor" if rank == 1 else "embeddings: rank 1 of the group"
         assert wanted in str(raised.value), str(raised.value)
         assert torch.isfinite(criterion(x, y))
+        # (4) A dual margin: each rank's tangent was its own share of the
+        # global loss's (0.5 and 1.5 where one process gives 1.0).
+        with forward_ad.dual_level():
+            margin = torch.tensor(0.5, dtype=torch.float64)
+            criterion.loss.margin = (forward_ad.make_dual(margin, torch.ones_like(margin))
+                                     if rank == 1 else margin)
+            with pytest.raises(ValueError) as raised:
+                criterion(x, y)
+        criterion.loss.margin = 0.5
+        wanted = "loss.margin: a forward-mode AD dual tensor" if rank == 1 else "rank 1"
+        assert wanted in str(raised.value), str(raised.value)
+        assert torch.isfinite(criterion(x, y))
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -978,6 +978,11 @@ def test_settings_changed_after_construction_are_checked(attr, value):
     module = BatchHardTripletLoss(margin=0.2)
     setattr(module, attr, value)
     _named_error(lambda: module(_x(), LABELS), attr)
+    # ... also where a memory or the distributed wrapper (one process, with
+    # extra references) calls the loss (distance=None meant euclidean there).
+    _named_error(lambda: CrossBatchMemory(module, memory_size=16)(_x(), LABELS), attr)
+    _named_error(lambda: DistributedTripletLoss(module)(_x(), LABELS, extra_embeddings=_x(),
+                                                        extra_labels=LABELS), attr)
 
 
 @pytest.mark.parametrize("kw, name", [

@@ -402,6 +402,13 @@ class DistributedTripletLoss(nn.Module):
         exchange so that the other ranks raise too)."""
         loss = _check_loss(self.loss)
         margin, learnable = margin_and_tensor(loss.margin)
+        if isinstance(loss.margin, Tensor) and _has_tangent(loss.margin):
+            # Each rank's tangent would be its own part of the global loss's
+            # (nothing sums tangents across ranks as backward sums gradients).
+            raise ValueError(
+                "loss.margin: a forward-mode AD dual tensor (torch.autograd.forward_ad) cannot "
+                "be combined across ranks; use reverse mode (backward)"
+            )
         settings: List[Setting] = [
             ("loss.mining", _MININGS.index(loss.mining), lambda v: _MININGS[v]),
             ("loss.distance", DISTANCES.index(check_distance(loss.distance)),
@@ -445,7 +452,7 @@ class DistributedTripletLoss(nn.Module):
         loss = _check_loss(self.loss)
         value, fraction = loss_and_fraction(
             loss.mining, labels, embeddings, loss.margin,
-            distance=loss.distance, soft=loss.soft,
+            distance=check_distance(loss.distance), soft=loss.soft,
             ref_embeddings=(embeddings, extra_embeddings.detach().to(embeddings)),
             ref_labels=ref_labels, anchor_offset=0,
         )
@@ -579,7 +586,7 @@ class DistributedTripletLoss(nn.Module):
             margin = _SharedGradient.apply(margin, world, self.group, embeddings.device)
         sum_, count, valid = terms(
             loss.mining, anchor_labels, anchors, margin,
-            distance=loss.distance, soft=loss.soft,
+            distance=check_distance(loss.distance), soft=loss.soft,
             ref_embeddings=ref_embeddings, ref_labels=ref_labels, anchor_offset=offset,
         )
         # One all-reduce for the three terms; float64 holds counts up to 2**53 exactly.

@@ -17,6 +17,7 @@ from .losses import BatchAllTripletLoss, BatchHardTripletLoss, BatchSemiHardTrip
 from ._validation import (
     INT64_MAX,
     LABEL_DTYPES,
+    check_distance,
     check_int,
     check_labels,
     check_tensor,
@@ -321,7 +322,7 @@ class CrossBatchMemory(nn.Module):
             labels,
             anchors,
             self.loss.margin,
-            distance=self.loss.distance,
+            distance=check_distance(self.loss.distance),
             soft=self.loss.soft,
             ref_embeddings=ref_embeddings,
             ref_labels=ref_labels,
