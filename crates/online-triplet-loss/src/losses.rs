@@ -6,7 +6,7 @@ use crate::distance::{Distance, Side};
 use crate::error::{caught, dtype_name};
 use crate::grad;
 use crate::labels::{common, domain, keys, keys_on, ANCHOR_NAN_KEYS, REFERENCE_NAN_KEYS};
-use crate::mining::{self, Chunk, Columns, Gram, Hardest, Kernel, Selection};
+use crate::mining::{self, Chunk, Columns, Gram, Hardest, Kernel, Near, Selection};
 use crate::ties::Ties;
 use crate::{Error, Interrupt};
 
@@ -744,6 +744,8 @@ impl TripletConfig {
                 )),
                 None => None,
             };
+            // The points that the gradients of selected pairs are taken from.
+            let mut exact = ExactPoints::default();
             let within = match mining {
                 Mining::SemiHard if self.half_matrix(s, HALF_MIN_CHUNKS_SEMIHARD) => {
                     let (points, norms) = (s.sx.points(), s.sx.norms());
@@ -787,6 +789,12 @@ impl TripletConfig {
                         self_col: s.self_col.map(|c| c + start),
                         distance: self.distance,
                         gram,
+                        near: Some(Near {
+                            row_norms: rows.norms(),
+                            col_norms: s.sy.norms(),
+                            rows: rows.points(),
+                            cols: s.sy.points(),
+                        }),
                     };
                     let out = match mining {
                         Mining::All => mining::batch_all(self.kernel, &chunk, self.margin)?,
@@ -818,6 +826,7 @@ impl TripletConfig {
                             weights,
                             row_sum,
                             col_sum: cols,
+                            mut near,
                         } => {
                             if mining == Mining::SemiHard {
                                 return Err(Error::Torch(
@@ -835,6 +844,18 @@ impl TripletConfig {
                                 &mut gx_rows,
                                 gy.as_mut().map(|(g, c)| (g, c)),
                             )?;
+                            if !near.is_empty() {
+                                for a in &mut near.anchor {
+                                    *a += start;
+                                }
+                                mining::add_pair_grad(
+                                    self.distance,
+                                    exact.get(s, self.distance)?,
+                                    &near,
+                                    &mut gx,
+                                    gy.as_mut().map(|(gy, _)| gy),
+                                )?;
+                            }
                         }
                         Selection::Triplets {
                             mut anchor,
@@ -853,7 +874,7 @@ impl TripletConfig {
                             }
                             mining::add_triplet_grad(
                                 self.distance,
-                                (s.sx.points(), s.sy.points()),
+                                exact.get(s, self.distance)?,
                                 (&anchor, &positive, &negative),
                                 &mut gx,
                                 gy.as_mut().map(|(gy, _)| gy),
@@ -865,7 +886,7 @@ impl TripletConfig {
             if s.wants_grad && !triplets.0.is_empty() {
                 mining::add_triplet_grad(
                     self.distance,
-                    (s.sx.points(), s.sy.points()),
+                    exact.get(s, self.distance)?,
                     (&triplets.0, &triplets.1, &triplets.2),
                     &mut gx,
                     gy.as_mut().map(|(gy, _)| gy),
@@ -923,9 +944,9 @@ impl TripletConfig {
         let step = self.rows_per_chunk(s.y_rows());
         let found = grad::no_grad(|| -> Result<_, Error> {
             let (points, norms) = (s.sx.points(), s.sx.norms());
+            let exact = s.x.f_detach()?;
             let Some(out) = mining::batch_all_within(
-                points,
-                norms,
+                (points, norms, &exact),
                 columns,
                 (self.distance, self.margin),
                 (step, self.interrupt),
@@ -994,6 +1015,7 @@ impl TripletConfig {
                     self_col: s.self_col.map(|c| c + start),
                     distance: self.distance,
                     gram,
+                    near: None,
                 };
                 mining::hardest(self.kernel, &chunk)
             };
@@ -1164,6 +1186,24 @@ impl Sides<'_> {
         Ok(sum)
     }
 
+    /// [`ExactPoints`]: the anchors and the references, detached, in the
+    /// anchors' dtype, for Euclidean distances; the sides' points otherwise.
+    fn exact_points(&self, distance: Distance) -> Result<(Tensor, Tensor), Error> {
+        if distance != Distance::Euclidean {
+            return Ok((
+                self.sx.points().shallow_clone(),
+                self.sy.points().shallow_clone(),
+            ));
+        }
+        let kind = self.x.f_kind()?;
+        let x = self.x.f_detach()?;
+        let y = match self.parts {
+            [one] => one.f_detach()?,
+            parts => Tensor::f_cat(parts, 0)?.f_detach()?,
+        };
+        Ok((x, y.f_to_kind(kind)?))
+    }
+
     /// The number of references.
     fn y_rows(&self) -> i64 {
         self.parts.iter().map(|p| p.size()[0]).sum()
@@ -1239,6 +1279,26 @@ impl Sides<'_> {
                 Ok((out, Some(gram)))
             }
             None => Ok((self.distances(rows, start)?, None)),
+        }
+    }
+}
+
+/// The points whose differences give the exact Euclidean distances of the
+/// pairs whose gradient is taken apart (semi-hard's triplets, batch-all's
+/// near pairs): the embeddings themselves, whose centred copies in the
+/// sides may have lost the last bits of the difference of two near rows.
+/// The sides' points for the other distances. Made once, when first needed.
+#[derive(Default)]
+struct ExactPoints(Option<(Tensor, Tensor)>);
+
+impl ExactPoints {
+    fn get(&mut self, s: &Sides, distance: Distance) -> Result<(&Tensor, &Tensor), Error> {
+        if self.0.is_none() {
+            self.0 = Some(s.exact_points(distance)?);
+        }
+        match &self.0 {
+            Some((x, y)) => Ok((x, y)),
+            None => Err(Error::Torch("internal error: no exact points".into())),
         }
     }
 }

@@ -89,6 +89,22 @@ pub(crate) struct Chunk<'a> {
     /// Set when `d` holds Gram products, which only the native kernels take
     /// ([`fuses_distances`]).
     pub gram: Option<Gram<'a>>,
+    /// What the native batch-all finds and weighs the Euclidean distances
+    /// too near 0 to be differentiated through `d` by ([`NearPairs`]);
+    /// unused by the other kernels and distances.
+    pub near: Option<Near<'a>>,
+}
+
+/// The squared norms and the points, in the frame of a chunk's distances,
+/// of its anchors and of the references.
+#[derive(Clone, Copy)]
+pub(crate) struct Near<'a> {
+    /// `(rows,)` and `(references,)`.
+    pub row_norms: &'a Tensor,
+    pub col_norms: &'a Tensor,
+    /// `(rows, D)` and `(references, D)`.
+    pub rows: &'a Tensor,
+    pub cols: &'a Tensor,
 }
 
 /// Loss value and distance weights of a chunk, for batch-all and semi-hard.
@@ -108,11 +124,12 @@ pub(crate) enum Selection {
     /// ∂value/∂d, of the shape of `d`.
     Weights(Tensor),
     /// The pair weights of ∂value/∂d ([`Distance::pair_weight`]), with their
-    /// row and column sums.
+    /// row and column sums, and the near pairs, whose weights are 0 there.
     PairWeights {
         weights: Tensor,
         row_sum: Tensor,
         col_sum: Tensor,
+        near: NearPairs,
     },
     /// The triplets whose hinge is positive, as indices (anchor rows within
     /// the chunk, reference columns); the value is the sum of d_ap − d_an + m
@@ -123,6 +140,45 @@ pub(crate) enum Selection {
         positive: Vec<i64>,
         negative: Vec<i64>,
     },
+}
+
+/// Pairs whose Euclidean distance is too near 0, against the rounding of
+/// the Gram products it comes from, to be differentiated through it: their
+/// weights ∂value/∂d, ascending by anchor. The gradient of Σ w·d over them
+/// is taken from their exact distances ‖x − y‖ ([`add_pair_grad`]).
+#[derive(Debug, Default)]
+pub(crate) struct NearPairs {
+    /// Anchor rows (within the chunk, or of the batch).
+    pub anchor: Vec<i64>,
+    /// Reference columns.
+    pub reference: Vec<i64>,
+    pub weight: Vec<f64>,
+}
+
+impl NearPairs {
+    /// Appends the pair (anchor, reference) with weight w.
+    ///
+    /// # Errors
+    /// [`Error::OutOfMemory`] when the lists cannot grow.
+    pub(crate) fn push(&mut self, anchor: usize, reference: usize, w: f64) -> Result<(), Error> {
+        crate::alloc::push(&mut self.anchor, anchor as i64)?;
+        crate::alloc::push(&mut self.reference, reference as i64)?;
+        crate::alloc::push(&mut self.weight, w)
+    }
+
+    /// Appends `other`'s pairs, whose anchors follow these.
+    ///
+    /// # Errors
+    /// [`Error::OutOfMemory`] when the lists cannot grow.
+    pub(crate) fn append(&mut self, other: NearPairs) -> Result<(), Error> {
+        crate::alloc::extend(&mut self.anchor, other.anchor)?;
+        crate::alloc::extend(&mut self.reference, other.reference)?;
+        crate::alloc::extend(&mut self.weight, other.weight)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.anchor.is_empty()
+    }
 }
 
 /// The hardest positive and negative of every anchor of a chunk.
@@ -224,7 +280,9 @@ pub(crate) use native::AllWithin;
 
 /// Batch-all of a batch mined against itself, by the native kernels from half
 /// of its Gram matrix, in `chunks` of `step` anchors, `stop` asked between
-/// them: `points` and `norms` as in [`Gram`], `columns` the batch's labels.
+/// them: `points` and `norms` as in [`Gram`], `exact` the points that near
+/// pairs' distances are taken from ([`NearPairs`]), `columns` the batch's
+/// labels.
 /// `None` when a label has more samples than these kernels take, or their
 /// float32 partial sums of hinges overflowed; [`batch_all`] over chunks then
 /// applies. Without `grad`, the gradient it returns is zeros, not computed.
@@ -232,16 +290,14 @@ pub(crate) use native::AllWithin;
 /// # Errors
 /// As [`hardest_within`].
 pub(crate) fn batch_all_within(
-    points: &Tensor,
-    norms: &Tensor,
+    (points, norms, exact): (&Tensor, &Tensor, &Tensor),
     columns: &Columns,
     (distance, margin): (Distance, f64),
     chunks: (i64, Option<Interrupt>),
     grad: bool,
 ) -> Result<Option<AllWithin>, Error> {
     native::batch_all_within(
-        points,
-        norms,
+        (points, norms, exact),
         &columns.labels,
         columns.native_groups()?,
         (distance, margin),
@@ -289,6 +345,22 @@ pub(crate) fn add_triplet_grad(
     gy: Option<&mut Tensor>,
 ) -> Result<(), Error> {
     native::add_triplet_grad(distance, points, triplets, gx, gy)
+}
+
+/// Adds the gradient of Σ w·d over the `near` pairs, from their exact
+/// distances, with respect to the anchors' points `x` and the references'
+/// points `y` to `gx` and, when given, `gy`, as [`add_triplet_grad`].
+///
+/// # Errors
+/// As [`add_triplet_grad`].
+pub(crate) fn add_pair_grad(
+    distance: Distance,
+    points: (&Tensor, &Tensor),
+    near: &NearPairs,
+    gx: &mut Tensor,
+    gy: Option<&mut Tensor>,
+) -> Result<(), Error> {
+    native::add_pair_grad(distance, points, near, gx, gy)
 }
 
 #[cfg(test)]

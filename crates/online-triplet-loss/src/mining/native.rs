@@ -19,7 +19,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::parallel::{in_blocks, in_weighted_blocks};
-use super::{Chunk, Hardest, Selection, Weighted};
+use super::{Chunk, Hardest, NearPairs, Selection, Weighted};
 use crate::alloc;
 use crate::hash::FastMap;
 use crate::{Distance, Error};
@@ -56,6 +56,8 @@ trait Real:
     const REAL_ONE: Self;
     const INFINITY: Self;
     const NAN: Self;
+    /// The machine epsilon, as a float64.
+    const EPS: f64;
     fn get(self) -> f64;
     fn put(v: f64) -> Self;
     /// The smallest value of this type that is ≥ `v`.
@@ -70,6 +72,7 @@ impl Real for f32 {
     const REAL_ONE: Self = 1.0;
     const INFINITY: Self = f32::INFINITY;
     const NAN: Self = f32::NAN;
+    const EPS: f64 = f32::EPSILON as f64;
     fn get(self) -> f64 {
         self as f64
     }
@@ -97,6 +100,7 @@ impl Real for f64 {
     const REAL_ONE: Self = 1.0;
     const INFINITY: Self = f64::INFINITY;
     const NAN: Self = f64::NAN;
+    const EPS: f64 = f64::EPSILON;
     fn get(self) -> f64 {
         self
     }
@@ -302,6 +306,29 @@ struct Row<'a, T> {
     skip: usize,
     /// `d` holds squared Euclidean distances, whose roots are the distances.
     squared: bool,
+    /// For Euclidean distances, what near pairs are found and weighed by.
+    near: Option<NearFrame<'a, T>>,
+}
+
+/// The squared norms and the points, in the frame of a row's distances, of
+/// its anchor and of the references: what finds and weighs its near pairs.
+#[derive(Clone, Copy)]
+struct NearFrame<'a, T> {
+    anchor_norm: T,
+    col_norms: &'a [T],
+    anchor: &'a [T],
+    /// The references' points, rows of `anchor.len()` values.
+    cols: &'a [T],
+}
+
+impl<T: Real> NearFrame<'_, T> {
+    /// Where the weight `w` of the distance from the anchor to reference `j`,
+    /// a near pair, goes ([`near_weight`]).
+    fn weight(&self, j: usize, w: f64) -> NearWeight<T> {
+        let width = self.anchor.len();
+        let y = &self.cols[j * width..(j + 1) * width];
+        near_weight(w, (self.anchor, y), (self.anchor_norm, self.col_norms[j]))
+    }
 }
 
 /// A positive of a row: its key (the value it is sorted by), its distance
@@ -343,6 +370,40 @@ impl<T: Real> Row<'_, T> {
         self.d.len() - self.same.len()
     }
 
+    /// The columns other than the anchor's own whose distance is near 0
+    /// ([`is_near`]), with their distances, into `out`: none unless the row
+    /// has norms.
+    ///
+    /// # Errors
+    /// [`Error::OutOfMemory`] when `out` cannot grow.
+    fn near_columns(&self, out: &mut Vec<(usize, T)>) -> Result<(), Error> {
+        out.clear();
+        let Some(NearFrame {
+            anchor_norm: anchor,
+            col_norms: cols,
+            ..
+        }) = self.near
+        else {
+            return Ok(());
+        };
+        // A test of every column first, which vectorises: nearly every
+        // row has no near column. The anchor's own column, at distance 0
+        // from it, is left out (its weight is 0).
+        let split = self.skip.min(self.d.len());
+        let after = (split + 1).min(self.d.len());
+        let any = |d: &[T], cols: &[T]| any_near(d, anchor, cols, self.squared);
+        if !any(&self.d[..split], &cols[..split]) && !any(&self.d[after..], &cols[after..]) {
+            return Ok(());
+        }
+        for (j, (&v, &n)) in self.d.iter().zip(cols).enumerate() {
+            let d = self.distance(v);
+            if j != self.skip && is_near(d, anchor, n) {
+                alloc::push(out, (j, d))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Sets the distances of the row's own label to NaN, which the
     /// vectorised passes never select, so they need no labels.
     fn hide_same(&mut self) {
@@ -350,6 +411,90 @@ impl<T: Real> Row<'_, T> {
             self.d[j] = T::NAN;
         }
     }
+}
+
+/// How near 0, relative to ε (‖x‖² + ‖y‖²), a squared Euclidean distance
+/// may be before its gradient is taken from the exact distance: see
+/// [`is_near`].
+const NEAR: f64 = 16384.0;
+
+/// Below which exact distance e, relative to ε² (‖x‖² + ‖y‖²), a near pair's
+/// gradient is added apart: see [`near_weight`].
+const APART: f64 = (1u64 << 21) as f64;
+
+/// Where the weight of a near pair's distance goes.
+enum NearWeight<T> {
+    /// Nowhere: the weight is 0, or the points coincide (whose distance's
+    /// gradient is taken as 0).
+    Zero,
+    /// Into the weight matrix, as this pair weight w/e.
+    InPlace(T),
+    /// Apart, to [`NearPairs`].
+    Apart,
+}
+
+/// Where the weight `w` of the distance of a near pair ([`is_near`]) with
+/// points `x` and `y` and squared norms `n_x` and `n_y` (in the frame of its
+/// distance) goes, from their exact distance e = ‖x − y‖. The weight matrix
+/// gives the gradient Σ pᵢⱼ (xᵢ − yⱼ) through products, pᵢⱼ xᵢ − pᵢⱼ yⱼ,
+/// whose rounding is about ε (‖x‖ + ‖y‖)/e of the term w (x − y)/e: at most
+/// 2⁻¹⁰ of it while e² ≥ [`APART`]·ε²·(‖x‖² + ‖y‖²), where its pair weight
+/// is w/e; below, the pair is added apart, from the embeddings' own
+/// difference. NaN points make no pair near.
+#[inline(always)]
+fn near_weight<T: Real>(w: f64, (x, y): (&[T], &[T]), (n_x, n_y): (T, T)) -> NearWeight<T> {
+    if w == 0.0 {
+        return NearWeight::Zero;
+    }
+    let e = norm_of_difference(x, y);
+    if e > T::REAL_ZERO {
+        if e * e >= T::put(APART * T::EPS * T::EPS) * (n_x + n_y) {
+            NearWeight::InPlace(T::put(w) / e)
+        } else {
+            NearWeight::Apart
+        }
+    } else {
+        NearWeight::Zero
+    }
+}
+
+/// Whether the Euclidean distance `d` between points with squared norms
+/// `n_x` and `n_y` (in the frame it was computed in) is near 0: d² <
+/// [`NEAR`]·ε·(‖x‖² + ‖y‖²). Computed from the Gram product x·y, d² carries
+/// an absolute error of a few ε·(‖x‖² + ‖y‖²), growing with the width, so
+/// below that bound d and its gradient factor 1/d are not to be trusted
+/// (near-copies can even get d = 0 and no gradient): batch-all weighs such
+/// pairs by their exact distance ‖x − y‖ instead ([`near_weight`]). Above
+/// it, the relative error of d is about √D/(2·NEAR), (D + 2)/(2·NEAR) at
+/// worst. NaN is never near.
+#[inline(always)]
+fn is_near<T: Real>(d: T, n_x: T, n_y: T) -> bool {
+    d * d < T::put(NEAR * T::EPS) * (n_x + n_y)
+}
+
+/// Whether any of the distances `d` (squared ones with `squared`) from an
+/// anchor with squared norm `anchor` to references with squared norms
+/// `cols` is near 0 ([`is_near`]), with [`LANES`] partial results, so that
+/// it vectorises.
+#[inline(always)]
+fn any_near<T: Real>(d: &[T], anchor: T, cols: &[T], squared: bool) -> bool {
+    let c = T::put(NEAR * T::EPS);
+    let below = |v: T, n: T| {
+        let s = if squared { v } else { v * v };
+        s < c * (anchor + n)
+    };
+    let mut lanes = [false; LANES];
+    let (ds, d_rest) = d.as_chunks::<LANES>();
+    let (ns, n_rest) = cols.as_chunks::<LANES>();
+    for (d, n) in ds.iter().zip(ns) {
+        for l in 0..LANES {
+            lanes[l] |= below(d[l], n[l]);
+        }
+    }
+    for (&v, &n) in d_rest.iter().zip(n_rest) {
+        lanes[0] |= below(v, n);
+    }
+    lanes.iter().any(|&b| b)
 }
 
 /// The first column whose label is not `label`.
@@ -367,6 +512,19 @@ struct Rows<'a, T> {
     self_col: Option<i64>,
     transform: Transform<'a, T>,
     squared: bool,
+    /// The squared norms and the points of the anchors and the references,
+    /// for [`Row::near`].
+    near: Option<NearView<'a, T>>,
+}
+
+/// [`NearFrame`]s of the rows of a chunk.
+#[derive(Clone, Copy)]
+struct NearView<'a, T> {
+    row_norms: &'a [T],
+    col_norms: &'a [T],
+    rows: &'a [T],
+    cols: &'a [T],
+    width: usize,
 }
 
 impl<'a, T: Real> Rows<'a, T> {
@@ -392,6 +550,12 @@ impl<'a, T: Real> Rows<'a, T> {
             same: self.groups.of(label),
             skip: self.self_col.map_or(usize::MAX, |c| c as usize + r),
             squared: self.squared,
+            near: self.near.map(|v| NearFrame {
+                anchor_norm: v.row_norms[r],
+                col_norms: v.col_norms,
+                anchor: &v.rows[r * v.width..(r + 1) * v.width],
+                cols: v.cols,
+            }),
         }
     }
 }
@@ -402,6 +566,9 @@ struct Held {
     row_labels: Tensor,
     /// Set when the chunk came with its own copy of the norms.
     norms: Option<(Tensor, Tensor)>,
+    /// What near pairs are found and weighed by ([`Chunk::near`]): norms
+    /// and points of the anchors, and of the references.
+    near: Option<[Tensor; 4]>,
     self_col: Option<i64>,
     distance: Distance,
 }
@@ -413,14 +580,23 @@ impl Held {
         } else {
             chunk.d.f_contiguous()?
         };
-        let norms = match chunk.gram {
-            Some(g) => Some((g.row_norms.f_contiguous()?, g.col_norms.f_contiguous()?)),
-            None => None,
+        let near = match (chunk.distance, chunk.near) {
+            (Distance::Euclidean, Some(n)) => Some([
+                n.row_norms.f_contiguous()?,
+                n.col_norms.f_contiguous()?,
+                n.rows.f_contiguous()?,
+                n.cols.f_contiguous()?,
+            ]),
+            _ => None,
         };
         Ok(Held {
             d,
             row_labels: chunk.row_labels.f_contiguous()?,
-            norms,
+            norms: match chunk.gram {
+                Some(g) => Some((g.row_norms.f_contiguous()?, g.col_norms.f_contiguous()?)),
+                None => None,
+            },
+            near,
             self_col: chunk.self_col,
             distance: chunk.distance,
         })
@@ -451,6 +627,16 @@ impl Held {
             self_col: self.self_col,
             transform,
             squared: false,
+            near: match &self.near {
+                Some([row_norms, col_norms, rows, cols]) => Some(NearView {
+                    row_norms: view::<T>(row_norms)?,
+                    col_norms: view::<T>(col_norms)?,
+                    rows: view::<T>(rows)?,
+                    cols: view::<T>(cols)?,
+                    width: rows.size().get(1).copied().unwrap_or(0).max(0) as usize,
+                }),
+                None => None,
+            },
         })
     }
 }
@@ -555,6 +741,8 @@ struct Scratch<T> {
     nearest: Vec<(f64, usize)>,
     /// Semi-hard with many positives: the nearest negative above each.
     above: Vec<(f64, usize)>,
+    /// Batch-all: the row's near columns ([`Row::near_columns`]).
+    near: Vec<(usize, T)>,
 }
 
 impl<T> Scratch<T> {
@@ -569,6 +757,7 @@ impl<T> Scratch<T> {
             sums: alloc::with_capacity(room)?,
             nearest: alloc::with_capacity(room)?,
             above: alloc::with_capacity(room)?,
+            near: Vec::new(),
         })
     }
 }
@@ -580,15 +769,21 @@ struct RowOut {
 }
 
 /// Batch-all: writes the pair weights of the row's gradient over its
-/// distances, adds them to `col_sum`, and returns the row's totals.
+/// distances, adds them to `col_sum`, and returns the row's totals. The
+/// columns whose distance is near 0 ([`is_near`]) get the pair weight of
+/// their exact distance, or 0 with their column and weight of the distance
+/// put into `near` ([`near_weight`]).
+///
+/// # Errors
+/// [`Error::OutOfMemory`] when `near` or the scratch cannot grow.
 #[inline(always)]
 fn batch_all_row<T: Real>(
     mut row: Row<T>,
     s: &mut Scratch<T>,
-    margin: f64,
-    distance: Distance,
+    (margin, distance): (f64, Distance),
     col_sum: &mut [T],
-) -> RowOut {
+    near: &mut Vec<(usize, f64)>,
+) -> Result<RowOut, Error> {
     row.sorted_positives(|d| d + margin, &mut s.positives);
     let p = s.positives.len();
     let mut out = RowOut {
@@ -597,8 +792,9 @@ fn batch_all_row<T: Real>(
     };
     if p == 0 {
         row.d.fill(T::REAL_ZERO);
-        return out;
+        return Ok(out);
     }
+    row.near_columns(&mut s.near)?;
     // k_i and the sum of the hinges of positive i.
     let mut k = [0i64; FEW_KEYS];
     if p <= FEW_KEYS {
@@ -613,13 +809,36 @@ fn batch_all_row<T: Real>(
     if row.labels.get(row.skip) == Some(&row.label) {
         row.d[row.skip] = T::REAL_ZERO;
     }
+    let k_of = |i: usize, counts: &[i64]| if p <= FEW_KEYS { k[i] } else { counts[i] };
     for (i, q) in s.positives.iter().enumerate() {
-        let k = if p <= FEW_KEYS { k[i] } else { s.counts[i] };
+        let k = k_of(i, &s.counts);
         out.totals.count += k;
         row.d[q.j] = T::put(distance.pair_weight(k as f64, q.d.get()));
     }
+    // A near positive's weight is its k; a near negative's, −(the number of
+    // positives whose key t is above its distance), as the passes count.
+    if let Some(frame) = row.near {
+        for &(j, d) in &s.near {
+            let weight = if row.labels[j] == row.label {
+                match s.positives.iter().position(|q| q.j == j) {
+                    Some(i) => k_of(i, &s.counts),
+                    None => continue,
+                }
+            } else {
+                -((p - s.positives.partition_point(|q| q.key <= d.get())) as i64)
+            };
+            row.d[j] = match frame.weight(j, weight as f64) {
+                NearWeight::Zero => T::REAL_ZERO,
+                NearWeight::InPlace(pair) => pair,
+                NearWeight::Apart => {
+                    alloc::push(near, (j, weight as f64))?;
+                    T::REAL_ZERO
+                }
+            };
+        }
+    }
     out.weight_sum = add_columns(row.d, col_sum);
-    out
+    Ok(out)
 }
 
 /// Batch-all over the distances `d` of a row whose own label's columns are
@@ -989,27 +1208,35 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Erro
             let mut totals = Totals::default();
             let mut sums = alloc::with_capacity(range.len())?;
             let mut col_sum = alloc::filled(rows.n, T::REAL_ZERO)?;
+            let (mut near, mut row_near) = (NearPairs::default(), Vec::new());
             // Plain loops: an iterator adapter's closure would be compiled
             // apart, without the vector instructions.
             for (r, d) in range.zip(d.chunks_exact_mut(rows.n.max(1))) {
-                let out = batch_all_row(rows.row(r, d), &mut s, margin, distance, &mut col_sum);
+                let row = rows.row(r, d);
+                let loss = (margin, distance);
+                let out = batch_all_row(row, &mut s, loss, &mut col_sum, &mut row_near)?;
                 totals = totals.add(out.totals);
                 sums.push(T::put(out.weight_sum));
+                for (j, w) in row_near.drain(..) {
+                    near.push(r, j, w)?;
+                }
             }
-            Ok::<_, Error>((totals, sums, col_sum))
+            Ok::<_, Error>((totals, sums, col_sum, near))
         },
     )?;
     let n = weights.size()[1] as usize;
     let mut totals = Totals::default();
     let mut row_sum = alloc::with_capacity(weights.size()[0] as usize)?;
     let mut col_sum = alloc::filled(n, T::REAL_ZERO)?;
+    let mut near = NearPairs::default();
     for block in blocks {
-        let (t, sums, cols) = block?;
+        let (t, sums, cols, block_near) = block?;
         totals = totals.add(t);
         row_sum.extend(sums);
         for (c, v) in col_sum.iter_mut().zip(cols) {
             *c = *c + v;
         }
+        near.append(block_near)?;
     }
     Ok(Weighted {
         value: scalar(totals.value, Kind::Double)?,
@@ -1019,6 +1246,7 @@ fn batch_all_typed<T: Real>(chunk: &Chunk, margin: f64) -> Result<Weighted, Erro
             weights,
             row_sum: Tensor::f_from_slice(&row_sum)?,
             col_sum: Tensor::f_from_slice(&col_sum)?,
+            near,
         },
     })
 }
@@ -1120,8 +1348,44 @@ fn hardest_typed<T: Real>(chunk: &Chunk) -> Result<Hardest, Error> {
 /// range.
 pub(crate) fn add_triplet_grad(
     distance: Distance,
-    (x, y): (&Tensor, &Tensor),
+    points: (&Tensor, &Tensor),
     (anchor, positive, negative): (&[i64], &[i64], &[i64]),
+    gx: &mut Tensor,
+    gy: Option<&mut Tensor>,
+) -> Result<(), Error> {
+    if positive.len() != anchor.len() || negative.len() != anchor.len() {
+        return Err(Error::Torch("internal error: triplets out of range".into()));
+    }
+    let triplets = Triplets {
+        anchor,
+        positive,
+        negative,
+    };
+    add_grad(distance, points, &triplets, gx, gy)
+}
+
+/// [`super::add_pair_grad`].
+///
+/// # Errors
+/// As [`add_triplet_grad`].
+pub(crate) fn add_pair_grad(
+    distance: Distance,
+    points: (&Tensor, &Tensor),
+    near: &NearPairs,
+    gx: &mut Tensor,
+    gy: Option<&mut Tensor>,
+) -> Result<(), Error> {
+    if near.reference.len() != near.anchor.len() || near.weight.len() != near.anchor.len() {
+        return Err(Error::Torch("internal error: pairs out of range".into()));
+    }
+    add_grad(distance, points, near, gx, gy)
+}
+
+/// Adds the gradient of Σ w·d over `pairs` to `gx` and `gy` ([`add_triplet_grad`]).
+fn add_grad<P: Pairs>(
+    distance: Distance,
+    (x, y): (&Tensor, &Tensor),
+    pairs: &P,
     gx: &mut Tensor,
     gy: Option<&mut Tensor>,
 ) -> Result<(), Error> {
@@ -1129,59 +1393,68 @@ pub(crate) fn add_triplet_grad(
     let width = x.size().get(1).copied().unwrap_or(0).max(0) as usize;
     let rows = |t: &Tensor| t.size()[0];
     let in_range = |v: &[i64], n: i64| v.iter().all(|&i| (0..n).contains(&i));
+    let (anchors, references) = pairs.indices();
     if x.dim() != 2
         || y.dim() != 2
-        || !in_range(anchor, rows(&x))
-        || !in_range(positive, rows(&y))
-        || !in_range(negative, rows(&y))
-        || positive.len() != anchor.len()
-        || negative.len() != anchor.len()
-        || anchor.windows(2).any(|w| w[0] > w[1])
+        || !in_range(anchors, rows(&x))
+        || references.iter().any(|r| !in_range(r, rows(&y)))
+        || anchors.windows(2).any(|w| w[0] > w[1])
         || gx.size() != x.size()
         || gy.as_ref().is_some_and(|gy| {
             gy.dim() != 2 || gy.size()[0] > rows(&y) || gy.size()[1] != y.size()[1]
         })
     {
-        return Err(Error::Torch("internal error: triplets out of range".into()));
+        return Err(Error::Torch("internal error: pairs out of range".into()));
     }
-    let triplets = Triplets {
-        anchor,
-        positive,
-        negative,
+    let shape = Shape {
+        width,
         anchors: rows(&x) as usize,
         references: gy.as_ref().map_or(0, |gy| gy.size()[0]) as usize,
     };
     match real_kind(x.kind())? {
-        NativeReal::F32 => triplet_grad::<f32>(
+        NativeReal::F32 => pair_grad::<f32, P>(
             distance,
             (view(&x)?, view(&y)?),
-            width,
-            &triplets,
+            shape,
+            pairs,
             (view_mut(gx)?, gy.map(view_mut).transpose()?),
         ),
-        NativeReal::F64 => triplet_grad::<f64>(
+        NativeReal::F64 => pair_grad::<f64, P>(
             distance,
             (view(&x)?, view(&y)?),
-            width,
-            &triplets,
+            shape,
+            pairs,
             (view_mut(gx)?, gy.map(view_mut).transpose()?),
         ),
     }
 }
 
-/// Triplets as row indices, ascending by anchor, into `anchors` anchors and
-/// the references, of which the leading `references` receive a gradient.
+/// Pairs of an anchor and a reference with the weight of their distance,
+/// as row indices, ascending by anchor.
+trait Pairs: Sync {
+    /// The number of pairs.
+    fn len(&self) -> usize;
+    /// Pair k: (anchor, reference, weight).
+    fn pair<T: Real>(&self, k: usize) -> (usize, usize, T);
+    /// The first pair whose anchor is at least `a`.
+    fn first_of(&self, a: usize) -> usize;
+    /// The anchors and the lists of references, for checking them.
+    fn indices(&self) -> (&[i64], Vec<&[i64]>);
+}
+
+/// Triplets as row indices, ascending by anchor: two pairs each, (anchor,
+/// positive) with weight 1 and (anchor, negative) with weight −1.
 struct Triplets<'a> {
     anchor: &'a [i64],
     positive: &'a [i64],
     negative: &'a [i64],
-    anchors: usize,
-    references: usize,
 }
 
-impl Triplets<'_> {
-    /// Pair k of the triplets (two per triplet): (anchor, reference, sign
-    /// of its distance in d_ap − d_an).
+impl Pairs for Triplets<'_> {
+    fn len(&self) -> usize {
+        2 * self.anchor.len()
+    }
+
     fn pair<T: Real>(&self, k: usize) -> (usize, usize, T) {
         let t = k / 2;
         if k.is_multiple_of(2) {
@@ -1198,6 +1471,46 @@ impl Triplets<'_> {
             )
         }
     }
+
+    fn first_of(&self, a: usize) -> usize {
+        2 * self.anchor.partition_point(|&i| (i as usize) < a)
+    }
+
+    fn indices(&self) -> (&[i64], Vec<&[i64]>) {
+        (self.anchor, vec![self.positive, self.negative])
+    }
+}
+
+impl Pairs for NearPairs {
+    fn len(&self) -> usize {
+        self.anchor.len()
+    }
+
+    fn pair<T: Real>(&self, k: usize) -> (usize, usize, T) {
+        (
+            self.anchor[k] as usize,
+            self.reference[k] as usize,
+            T::put(self.weight[k]),
+        )
+    }
+
+    fn first_of(&self, a: usize) -> usize {
+        self.anchor.partition_point(|&i| (i as usize) < a)
+    }
+
+    fn indices(&self) -> (&[i64], Vec<&[i64]>) {
+        (&self.anchor, vec![&self.reference])
+    }
+}
+
+/// The rows of the points and gradients of [`pair_grad`]: `anchors` rows
+/// of `x`, of which all receive a gradient, and of the references the
+/// leading `references`, all of `width`.
+#[derive(Clone, Copy)]
+struct Shape {
+    width: usize,
+    anchors: usize,
+    references: usize,
 }
 
 /// Row `i` of a matrix of rows of `width`.
@@ -1223,24 +1536,28 @@ fn norm_of_difference<T: Real>(u: &[T], v: &[T]) -> T {
     lanes.iter().fold(T::REAL_ZERO, |s, &v| s + v).sqrt()
 }
 
-fn triplet_grad<T: Real>(
+fn pair_grad<T: Real, P: Pairs>(
     distance: Distance,
     (x, y): (&[T], &[T]),
-    width: usize,
-    triplets: &Triplets,
+    Shape {
+        width,
+        anchors,
+        references,
+    }: Shape,
+    list: &P,
     (gx, gy): (&mut [T], Option<&mut [T]>),
 ) -> Result<(), Error> {
-    let pairs = 2 * triplets.anchor.len();
+    let pairs = list.len();
     // The factor of each pair's term: the gradient of its distance with
     // respect to x is factor × (x − y), or −factor × y for the cosine one.
-    let factor = |a: usize, j: usize, sign: T| -> T {
+    let factor = |a: usize, j: usize, w: T| -> T {
         match distance {
-            Distance::Squared => T::put(2.0) * sign,
-            Distance::Cosine => sign,
+            Distance::Squared => T::put(2.0) * w,
+            Distance::Cosine => w,
             Distance::Euclidean => {
                 let d = norm_of_difference(row_of(x, a, width), row_of(y, j, width));
                 if d > T::REAL_ZERO {
-                    sign / d
+                    w / d
                 } else {
                     T::REAL_ZERO
                 }
@@ -1249,22 +1566,17 @@ fn triplet_grad<T: Real>(
     };
     // Pass 1: anchors. Each block of anchors owns its rows of gx and
     // returns the factors of its pairs, which are consecutive.
-    let anchors = triplets.anchors;
     let work = width * (pairs / anchors.max(1) + 1);
     let blocks = in_blocks(anchors, work, gx, width, |range, gx| {
         simd::run(
             #[inline(always)]
             || {
-                let first = 2 * triplets
-                    .anchor
-                    .partition_point(|&a| (a as usize) < range.start);
-                let last = 2 * triplets
-                    .anchor
-                    .partition_point(|&a| (a as usize) < range.end);
+                let first = list.first_of(range.start);
+                let last = list.first_of(range.end);
                 let mut factors = alloc::with_capacity(last - first)?;
                 for k in first..last {
-                    let (a, j, sign) = triplets.pair::<T>(k);
-                    let f = factor(a, j, sign);
+                    let (a, j, w) = list.pair::<T>(k);
+                    let f = factor(a, j, w);
                     factors.push(f);
                     let (xa, yj) = (row_of(x, a, width), row_of(y, j, width));
                     let ga = &mut gx[(a - range.start) * width..(a - range.start + 1) * width];
@@ -1290,10 +1602,9 @@ fn triplet_grad<T: Real>(
     let Some(gy) = gy else {
         return Ok(());
     };
-    let references = triplets.references;
     let mut start = alloc::filled(references + 1, 0usize)?;
     for k in 0..pairs {
-        let j = triplets.pair::<T>(k).1;
+        let j = list.pair::<T>(k).1;
         if j < references {
             start[j + 1] += 1;
         }
@@ -1305,7 +1616,7 @@ fn triplet_grad<T: Real>(
     next.extend_from_slice(&start);
     let mut order = alloc::filled(start[references], 0usize)?;
     for k in 0..pairs {
-        let j = triplets.pair::<T>(k).1;
+        let j = list.pair::<T>(k).1;
         if j < references {
             order[next[j]] = k;
             next[j] += 1;
@@ -1319,7 +1630,7 @@ fn triplet_grad<T: Real>(
                     let yj = row_of(y, j, width);
                     let gj = &mut gy[(j - range.start) * width..(j - range.start + 1) * width];
                     for &k in &order[start[j]..start[j + 1]] {
-                        let (a, _, _) = triplets.pair::<T>(k);
+                        let (a, _, _) = list.pair::<T>(k);
                         let (f, xa) = (factors[k], row_of(x, a, width));
                         if distance == Distance::Cosine {
                             for (g, &u) in gj.iter_mut().zip(xa) {

@@ -33,6 +33,7 @@ impl Case {
             self_col: self.self_col,
             distance: Distance::Squared,
             gram: None,
+            near: None,
         }
     }
 }
@@ -372,6 +373,7 @@ fn native_kernels_on_gram_products_match_them_on_distances() {
                         row_norms: sx.norms(),
                         col_norms: sy.norms(),
                     }),
+                    near: None,
                 };
                 let what = format!("seed {seed} {kind:?} {distance:?}");
                 let (a, b) = (
@@ -402,10 +404,26 @@ fn kernel_outputs<'a>(c: &dyn Fn() -> Chunk<'a>) -> Vec<(String, Tensor)> {
                 weights,
                 row_sum,
                 col_sum,
+                near,
             } => {
                 put("batch-all weights", margin, weights);
                 put("batch-all row sums", margin, row_sum);
                 put("batch-all column sums", margin, col_sum);
+                put(
+                    "batch-all near anchors",
+                    margin,
+                    Tensor::from_slice(&near.anchor),
+                );
+                put(
+                    "batch-all near columns",
+                    margin,
+                    Tensor::from_slice(&near.reference),
+                );
+                put(
+                    "batch-all near weights",
+                    margin,
+                    Tensor::from_slice(&near.weight),
+                );
             }
             _ => panic!("batch-all gives pair weights"),
         }
@@ -473,6 +491,7 @@ fn every_vector_width_gives_the_same_bits() {
                         row_norms: sx.norms(),
                         col_norms: sy.norms(),
                     }),
+                    near: None,
                 };
                 // The half-matrix kernels of the references against themselves
                 // (batch-all and semi-hard only with the smaller classes).
@@ -486,8 +505,13 @@ fn every_vector_width_gives_the_same_bits() {
                         ("within negative".to_string(), h.negative),
                         ("within valid".to_string(), h.valid),
                     ];
-                    let all =
-                        super::batch_all_within(p, n, &columns, (distance, 0.3), (7, None), true);
+                    let all = super::batch_all_within(
+                        (p, n, p),
+                        &columns,
+                        (distance, 0.3),
+                        (7, None),
+                        true,
+                    );
                     if let Some(a) = all.expect("half-matrix batch-all") {
                         out.extend([
                             ("within batch-all value".to_string(), a.value),
@@ -578,6 +602,7 @@ fn hardest_within_picks_what_the_whole_matrix_gives() {
                             row_norms: sx.norms(),
                             col_norms: sx.norms(),
                         }),
+                        near: None,
                     })
                     .expect("whole matrix");
                     let what = format!("seed {seed} {kind:?} {distance:?} step {step}");
@@ -624,6 +649,7 @@ fn hardest_within_keeps_the_scan_order_past_a_nan_positive() {
             row_norms: sx.norms(),
             col_norms: sx.norms(),
         }),
+        near: None,
     })
     .expect("whole matrix");
     for step in [1, 2, 5] {

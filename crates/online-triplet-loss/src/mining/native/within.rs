@@ -596,6 +596,7 @@ fn typed<T: Real>(
                             same: &same,
                             skip: r,
                             squared,
+                            near: None,
                         };
                         // The positives below s, from the column passes, come
                         // first (a NaN one among them stays, as in one scan).

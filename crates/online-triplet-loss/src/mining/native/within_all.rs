@@ -32,9 +32,11 @@ use tch::{Kind, Tensor};
 
 use super::within::{lanes_of, Frame, Half};
 use super::{
-    batch_all_few, in_blocks, negative_pair_weight, real_kind, scalar, simd, view, view_mut,
-    Groups, NativeReal, Real, Totals, FEW_KEYS, LANES,
+    add_pair_grad, any_near, batch_all_few, in_blocks, is_near, near_weight, negative_pair_weight,
+    real_kind, scalar, simd, view, view_mut, Groups, NativeReal, NearWeight, Real, Totals,
+    FEW_KEYS, LANES,
 };
+use crate::mining::NearPairs;
 use crate::{alloc, Distance, Error, Interrupt};
 
 /// The loss terms of a batch mined against itself, and their gradient.
@@ -172,7 +174,8 @@ fn column_pass<T: Real>(
 }
 
 /// Batch-all of the samples `points` (their squared norms `norms` for the
-/// Euclidean distances; normalised points for the cosine one) against
+/// Euclidean distances, and `exact`, the points that near pairs' distances
+/// are taken from; normalised points for the cosine one) against
 /// themselves, with labels `labels` indexed by `groups`, in `chunks` of
 /// `step` anchors, `stop` asked between them. `None` when a label has more
 /// than [`FEW_KEYS`] + 1 samples, or a float32 sum of hinges overflowed,
@@ -183,8 +186,7 @@ fn column_pass<T: Real>(
 /// [`Error::Interrupted`] when `stop` asks; `Error::Torch` when libtorch
 /// fails or the tensors are not float32 or float64 CPU tensors.
 pub(crate) fn batch_all_within(
-    points: &Tensor,
-    norms: &Tensor,
+    (points, norms, exact): (&Tensor, &Tensor, &Tensor),
     labels: &Tensor,
     groups: &Groups,
     (distance, margin): (Distance, f64),
@@ -196,14 +198,41 @@ pub(crate) fn batch_all_within(
     }
     let loss = (distance, margin);
     match real_kind(points.kind())? {
-        NativeReal::F32 => typed::<f32>(points, norms, labels, groups, loss, chunks, grad),
-        NativeReal::F64 => typed::<f64>(points, norms, labels, groups, loss, chunks, grad),
+        NativeReal::F32 => typed::<f32>((points, norms, exact), labels, groups, loss, chunks, grad),
+        NativeReal::F64 => typed::<f64>((points, norms, exact), labels, groups, loss, chunks, grad),
     }
 }
 
+/// Adds the gradient of the pairs `near` (anchor, reference, weight) of the
+/// batch `exact` ([`NearPairs`]) to its gradient `grad`, and empties `near`.
+///
+/// # Errors
+/// As [`add_pair_grad`].
+fn add_near_grad(
+    distance: Distance,
+    exact: &Tensor,
+    near: &mut Vec<(usize, usize, f64)>,
+    grad: &Tensor,
+) -> Result<(), Error> {
+    if near.is_empty() {
+        return Ok(());
+    }
+    near.sort_unstable_by_key(|&(a, j, _)| (a, j));
+    let mut pairs = NearPairs::default();
+    for (a, j, w) in near.drain(..) {
+        pairs.push(a, j, w)?;
+    }
+    add_pair_grad(
+        distance,
+        (exact, exact),
+        &pairs,
+        &mut grad.shallow_clone(),
+        None,
+    )
+}
+
 fn typed<T: Real>(
-    points: &Tensor,
-    norms: &Tensor,
+    (points, norms, exact): (&Tensor, &Tensor, &Tensor),
     labels: &Tensor,
     groups: &Groups,
     (distance, margin): (Distance, f64),
@@ -257,6 +286,9 @@ fn typed<T: Real>(
     let mut value = 0.0f64;
     let most = half.chunks().map(|(_, len)| len).max().unwrap_or(0);
     let mut counts = alloc::filled(most * padded, 0u8)?;
+    // (anchor, reference, weight) of the pairs whose distance is near 0
+    // ([`is_near`]), whose gradient is added from their exact distance.
+    let mut near: Vec<(usize, usize, f64)> = Vec::new();
     for (s, len) in half.chunks() {
         let block = half.block(s, len)?;
         let frame = Frame::new(&block, norm, label, distance);
@@ -281,7 +313,7 @@ fn typed<T: Real>(
         let counts = &counts[..len * width];
         let data = view_mut::<T>(&mut w)?;
         type RowOut = (usize, [i64; FEW_KEYS], f64, f64);
-        type Done<T> = Result<(Vec<RowOut>, Vec<T>), Error>;
+        type Done<T> = Result<(Vec<RowOut>, Vec<T>, Vec<(usize, usize, f64)>), Error>;
         let done: Vec<Done<T>> = in_blocks(len, width, data, width, |range, data| {
             simd::run(
                 #[inline(always)]
@@ -289,6 +321,7 @@ fn typed<T: Real>(
                     let mut out = alloc::with_capacity(range.len())?;
                     let mut col_sum = alloc::filled(width, T::REAL_ZERO)?;
                     let mut dt = alloc::filled(width, T::REAL_ZERO)?;
+                    let (mut near, mut near_cols) = (Vec::new(), Vec::new());
                     for (r, w) in range.zip(data.chunks_exact_mut(width)) {
                         let i = s + r;
                         let n_i = norm[i];
@@ -306,12 +339,43 @@ fn typed<T: Real>(
                             w[j] = T::NAN;
                             dt[j] = T::NAN;
                         }
+                        // The pairs left whose distance is near 0: their
+                        // weight, −(the number of positives of i and of j
+                        // each is active for), goes where `near_weight`
+                        // says, from their exact distance.
+                        near_cols.clear();
+                        let cols = &norm[s0..s0 + width];
+                        if distance == Distance::Euclidean && any_near(w, n_i, cols, false) {
+                            for (j, (&d, &n_j)) in w.iter().zip(cols).enumerate() {
+                                if is_near(d, n_i, n_j) {
+                                    alloc::push(&mut near_cols, (j, d))?;
+                                }
+                            }
+                        }
                         let mut k = [0i64; FEW_KEYS];
                         let mut totals = Totals::default();
                         if of(i).is_empty() {
                             w.fill(T::REAL_ZERO);
                         } else {
                             batch_all_few(w, of(i), distance, &mut k, &mut totals);
+                        }
+                        for &(j, d) in &near_cols {
+                            let keys = of(i);
+                            let a = keys.len() - keys.partition_point(|q| q.key <= d.get());
+                            let c = usize::from(counts[r * width + j]);
+                            let weight = -((a + c) as f64);
+                            // The column's weight is in, and d_ji no more.
+                            dt[j] = T::NAN;
+                            let pair = (row_of(i), row_of(s0 + j));
+                            w[j] = match near_weight(weight, pair, (n_i, norm[s0 + j])) {
+                                NearWeight::Zero => T::REAL_ZERO,
+                                NearWeight::InPlace(p) => p,
+                                NearWeight::Apart => {
+                                    alloc::push(&mut near, (i, s0 + j, weight))?;
+                                    alloc::push(&mut near, (s0 + j, i, weight))?;
+                                    T::REAL_ZERO
+                                }
+                            };
                         }
                         // The column pass counted only the pairs i < j.
                         let after = i + 1 - s0;
@@ -329,12 +393,13 @@ fn typed<T: Real>(
                         }
                         out.push((i, k, totals.value, row_sum.get()));
                     }
-                    Ok((out, col_sum))
+                    Ok((out, col_sum, near))
                 },
             )
         });
         for done in done {
-            let (rows_out, col_sum) = done?;
+            let (rows_out, col_sum, block_near) = done?;
+            alloc::extend(&mut near, block_near)?;
             for (i, k, v, row_sum) in rows_out {
                 value += v;
                 coef[i] += row_sum;
@@ -348,8 +413,12 @@ fn typed<T: Real>(
         }
 
         if !want_grad {
+            near.clear();
             continue;
         }
+        // The chunk's pairs apart, now: they are as many as its entries, at
+        // worst.
+        add_near_grad(distance, exact, &mut near, &grad.f_narrow(0, 0, n as i64)?)?;
         // The gradient of Σ Wᵢⱼ dᵢⱼ: −W·x_cols for the rows, −Wᵀ·x_rows for
         // the columns ([`crate::distance::Side::accumulate_grad`]).
         let _ = grad
@@ -383,7 +452,21 @@ fn typed<T: Real>(
         for a in 0..n {
             for (q, p) in of(a).iter().enumerate() {
                 let back = of(p.j).iter().position(|o| o.j == a).unwrap_or(0);
-                let weight = pair(a, q) + pair(p.j, back);
+                let weight = if distance == Distance::Euclidean && is_near(p.d, norm[a], norm[p.j])
+                {
+                    let at = |a: usize, q: usize| positives.range(a).start + q;
+                    let weight = (k_total[at(a, q)] + k_total[at(p.j, back)]) as f64;
+                    match near_weight(weight, (row_of(a), row_of(p.j)), (norm[a], norm[p.j])) {
+                        NearWeight::Zero => continue,
+                        NearWeight::InPlace(p) => p.get(),
+                        NearWeight::Apart => {
+                            alloc::push(&mut near, (a, p.j, weight))?;
+                            continue;
+                        }
+                    }
+                } else {
+                    pair(a, q) + pair(p.j, back)
+                };
                 coef[a] += weight;
                 let (weight, y) = (T::put(weight), row_of(p.j));
                 for (g, &y) in g[a * dim..(a + 1) * dim].iter_mut().zip(y) {
@@ -391,6 +474,9 @@ fn typed<T: Real>(
                 }
             }
         }
+    }
+    if want_grad {
+        add_near_grad(distance, exact, &mut near, &grad)?;
     }
     if want_grad && distance != Distance::Cosine {
         let coef = Tensor::f_from_slice(&coef[..n])?.f_to_kind(kind)?;
