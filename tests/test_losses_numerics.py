@@ -468,18 +468,43 @@ def test_cosine_batch_hard_of_a_parallel_positive_and_negative_is_the_margin(dty
             assert gx.abs().max().item() == 0.0 and gy.abs().max().item() == 0.0
 
 
-def huge_constant_column(device, value):
-    """4096 float64 rows of 64 classes, with column 0 at ``value`` and at 0."""
+def test_cosine_batch_hard_of_parallel_rows_at_the_norm_floor_is_the_margin():
+    """As above, with v of norm within rounding of the cosine floor (1e-12):
+    the side's float32 norm puts v above the floor, so that v and kv tie in
+    the mining, where float64 put it below, and the rows that give d_ap and
+    d_an took the float64 test, leaving v undivided: d_ap and d_an came out
+    an ulp apart again (37 of these 180 draws had a loss above 0). They
+    take the side's test now."""
+    rows = [[-8.006829249097847e-13, -5.664952556529157e-13, -1.9491012807643787e-13],
+            [-8.734389080056193e-13, 1.3094542540125625e-13, -4.689965321484635e-13],
+            [8.38971849891762e-13, -4.082445102457366e-13, 3.598091876527709e-13]]
+    g = torch.Generator().manual_seed(3)
+    labels, ref_labels = torch.tensor([0]), torch.tensor([0, 1])
+    for v in torch.tensor(rows):
+        assert torch.linalg.vector_norm(v.double()) <= 1e-12  # below the floor in float64
+        for k in (2.0, 4.0, 8.0):  # kv exactly parallel to v
+            for refs in (torch.stack([v, k * v]), torch.stack([k * v, v])):
+                for _ in range(10):
+                    x, y = leaf(torch.randn(1, 3, generator=g)), leaf(refs)
+                    loss = online_triplet_loss.batch_hard_triplet_loss(
+                        labels, x, 0.0, distance="cosine", ref_embeddings=y, ref_labels=ref_labels)
+                    gx, gy = torch.autograd.grad(loss, (x, y))
+                    assert loss.item() == 0.0
+                    assert gx.abs().max().item() == 0.0 and gy.abs().max().item() == 0.0
+
+
+def huge_constant_column(device, value, rows=4096):
+    """``rows`` float64 rows of 64 classes, with column 0 at ``value`` and at 0."""
     g = torch.Generator().manual_seed(12)
-    emb = torch.randn(4096, 128, generator=g, dtype=torch.float64)
+    emb = torch.randn(rows, 128, generator=g, dtype=torch.float64)
     huge, plain = emb.clone(), emb.clone()
     huge[:, 0], plain[:, 0] = value, 0.0
-    return (torch.arange(4096, device=device) % 64, leaf(huge.to(device)),
+    return (torch.arange(rows, device=device) % 64, leaf(huge.to(device)),
             leaf(plain.to(device)))
 
 
-def check_huge_constant_column(mining, distance, device, value):
-    labels, x, xp = huge_constant_column(device, value)
+def check_huge_constant_column(mining, distance, device, value, rows=4096):
+    labels, x, xp = huge_constant_column(device, value, rows)
     loss = function_loss(mining, labels, x, 0.5, distance)
     want = function_loss(mining, labels, xp, 0.5, distance)
     assert want.isfinite() and want > 0
@@ -488,16 +513,19 @@ def check_huge_constant_column(mining, distance, device, value):
     torch.testing.assert_close(g_huge, g_plain, rtol=1e-10, atol=1e-15)
 
 
+@pytest.mark.parametrize("rows", [4096, 1500])
 @pytest.mark.parametrize("value", [5e304, 1.5e308])
 @pytest.mark.parametrize("distance", ["euclidean", "squared"])
 @pytest.mark.parametrize("mining", LOSSES)
-def test_a_huge_constant_column_changes_no_distance(mining, distance, value):
+def test_a_huge_constant_column_changes_no_distance(mining, distance, value, rows):
     """A float64 column of 5e304 or 1.5e308 in each of 4096 rows: its sum
     overflows, but the centre's first estimate, the mean of the first block
     of rows (2048 at D = 128 on the CPU), is summed over the rows divided by
     a power of two at least their number, which does not, so the column is
     centred to 0 and the loss and gradient are those without it (before,
     the overflowed mean made them NaN). Distances do not change with a
-    constant column. (test_cuda checks a device, where the block is every
-    row.)"""
-    check_huge_constant_column(mining, distance, torch.device("cpu"), value)
+    constant column. With 1500 rows, one block of 1500, only the power of
+    two above the length (2048) keeps 1.5e308 from overflowing: the one
+    below (1024) would not. (test_cuda checks a device, where the block is
+    every row.)"""
+    check_huge_constant_column(mining, distance, torch.device("cpu"), value, rows)

@@ -94,13 +94,17 @@ impl Distance {
     /// `x`, `(N, D)`, with rows of the same distances to every row, in
     /// which the rows that [`Side::tie_rows`] finds identical are identical,
     /// so that [`Distance::paired`] gives them equal distances: for the
-    /// cosine distance [`divided_by_largest`] in float64, in `x`'s dtype
-    /// (v and 6v); the other distances, and rows without columns, as given.
-    pub(crate) fn canonical(self, x: &Tensor) -> Result<Tensor, Error> {
+    /// cosine distance, the rows whose norms in their side, `norms`,
+    /// `(N, 1)`, are above the floor (as `tie_rows` tests them) divided by
+    /// their largest magnitude in float64, in `x`'s dtype (v and 6v); the
+    /// other rows, the other distances, and rows without columns, as given.
+    pub(crate) fn canonical(self, x: &Tensor, norms: &Tensor) -> Result<Tensor, Error> {
         if self != Distance::Cosine || x.size().last() == Some(&0) {
             return Ok(x.shallow_clone());
         }
-        Ok(divided_by_largest(&x.f_to_kind(Kind::Double)?)?.f_to_kind(x.f_kind()?)?)
+        let unit = norms.f_gt(COSINE_EPS)?;
+        let wide = x.f_to_kind(Kind::Double)?;
+        Ok(divided_where(&wide, &unit)?.f_to_kind(x.f_kind()?)?)
     }
 
     /// [`Distance::paired`] for the squared Euclidean and the cosine
@@ -270,10 +274,15 @@ fn rows_of(parts: &[Tensor]) -> Result<(&Tensor, (i64, i64)), Error> {
 /// quotients differ by more than float64 rounds); float64 rows closer in
 /// direction than its rounding can merge. The other rows as given.
 pub(crate) fn divided_by_largest(rows: &Tensor) -> Result<Tensor, Error> {
-    let fixed = rows.f_detach()?;
-    let unit = row_norms(&fixed)?.f_gt(COSINE_EPS)?;
-    let largest = largest_magnitudes(&fixed)?;
-    Ok(rows.f_div(&largest.f_where_scalarother(&unit, 1.0)?)?)
+    let unit = row_norms(&rows.f_detach()?)?.f_gt(COSINE_EPS)?;
+    divided_where(rows, &unit)
+}
+
+/// `rows` with the rows where `unit`, `(N, 1)`, is set divided by their
+/// largest magnitude, a constant for autograd ([`divided_by_largest`]).
+fn divided_where(rows: &Tensor, unit: &Tensor) -> Result<Tensor, Error> {
+    let largest = largest_magnitudes(&rows.f_detach()?)?;
+    Ok(rows.f_div(&largest.f_where_scalarother(unit, 1.0)?)?)
 }
 
 /// The largest |x| of every row of `x`, `(N, 1)`, `x` with columns: NaN
@@ -810,8 +819,8 @@ impl Side {
         &self.points
     }
 
-    /// The squared norms of the centred points (Euclidean distances) or the
-    /// clamped norms of the embeddings (cosine), `(N,)`.
+    /// The squared norms of the centred points (Euclidean distances),
+    /// `(N,)`, or the clamped norms of the embeddings (cosine), `(N, 1)`.
     pub(crate) fn norms(&self) -> &Tensor {
         &self.norms
     }

@@ -1047,13 +1047,15 @@ impl TripletConfig {
         // positives, then their negatives. Canonical rows, so that a positive
         // and a negative of one direction under the cosine distance, tied in
         // the mining, are one row here too: z is the margin exactly.
-        let x = self.distance.canonical(s.x)?;
+        let x = self.distance.canonical(s.x, s.sx.norms())?;
+        let picked = Tensor::f_cat(&[&positive, &negative], 0)?;
         let d = self.distance.paired(
             &x.f_expand([2, n, x.size()[1]], false)?
                 .f_reshape([2 * n, -1])?,
-            &self
-                .distance
-                .canonical(&s.reference_rows(&Tensor::f_cat(&[&positive, &negative], 0)?)?)?,
+            &self.distance.canonical(
+                &s.reference_rows(&picked)?,
+                &s.sy.norms().f_index_select(0, &picked)?,
+            )?,
         )?;
         let gap = d.f_narrow(0, 0, n)?.f_sub(&d.f_narrow(0, n, n)?)?;
         let z = match margin {
