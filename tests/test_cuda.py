@@ -56,6 +56,7 @@ from online_triplet_loss.metrics import (
     retrieval_scores,
 )
 from test_losses_numerics import check_huge_constant_column
+from test_near_copies import check_near_copies
 from test_memory import reference_loss as memory_reference_loss
 from test_metrics import brute_force as metrics_brute_force
 from test_metrics import TIED, copies_and_near_neighbours, tied_data
@@ -185,6 +186,15 @@ def test_a_huge_constant_column_changes_no_distance(device, mining, distance):
     (every row goes into the centre's first estimate, whose sum is taken
     scaled down by a power of two): the loss and gradient without it."""
     check_huge_constant_column(mining, distance, device, 1.5e308)
+
+
+@pytest.mark.parametrize("mining,dtype,gap", [("all", torch.float32, 1e-5),
+                                              ("all", torch.float64, 1e-11),
+                                              ("semihard", torch.float64, 1e-7)])
+def test_near_copies_get_the_gradient_of_their_exact_distance(device, mining, dtype, gap):
+    """Near-copies on the device (the libtorch path): their pairs' gradients
+    from their exact distances, against the float64 brute force."""
+    check_near_copies(mining, dtype, gap, device)
 
 
 @pytest.mark.parametrize("refs", ["none", "refs", "offset", "stale"])

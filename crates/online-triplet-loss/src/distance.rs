@@ -15,6 +15,17 @@ use crate::Error;
 /// distance, as `torch.nn.functional.normalize` does.
 pub(crate) const COSINE_EPS: f64 = 1e-12;
 
+/// How near 0, relative to ε (‖x‖² + ‖y‖²), a squared Euclidean distance
+/// computed from Gram products may be before its gradient is taken from the
+/// exact distance ‖x − y‖ instead: below, the products' rounding, a few
+/// ε (‖x‖² + ‖y‖²), is too much of d² for 1/d, the factor of its gradient.
+pub(crate) const NEAR: f64 = 16384.0;
+
+/// How many near pairs an anchor of a chunk has, on average, at most, whose
+/// gradient the libtorch path takes from their exact distance
+/// ([`Side::take_near`]): a fixed budget, which needs no synchronisation.
+const NEAR_PER_ROW: i64 = 16;
+
 /// The distance between two embeddings.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Distance {
@@ -290,6 +301,44 @@ fn divided_where(rows: &Tensor, unit: &Tensor) -> Result<Tensor, Error> {
 /// as long as `abs` and `amax` over rows of 128.)
 fn largest_magnitudes(x: &Tensor) -> Result<Tensor, Error> {
     Ok(x.f_abs()?.f_amax([-1i64].as_slice(), true)?)
+}
+
+/// Adds to `gx` (rows `offset + row`, the anchors') and, when given, to `gy`
+/// (rows `col` below its length, the leading references') the gradient of
+/// Σ w·‖x − y‖ over the pairs (row, col, weight) of [`Side::take_near`],
+/// from the differences of the points `x` and `y` (the embeddings
+/// themselves); a pair of equal points gets none. Fixed shapes; the sums
+/// go through `index_put_` with accumulation, deterministic under
+/// `torch.use_deterministic_algorithms`.
+pub(crate) fn add_exact_pair_grad(
+    (x, y): (&Tensor, &Tensor),
+    (row, col, weight): (&Tensor, &Tensor, &Tensor),
+    offset: i64,
+    gx: &mut Tensor,
+    gy: Option<&mut Tensor>,
+) -> Result<(), Error> {
+    let anchor = row.f_add_scalar(offset)?;
+    let diff = x
+        .f_index_select(0, &anchor)?
+        .f_sub(&y.f_index_select(0, col)?)?;
+    let e = row_norms(&diff)?;
+    let positive = e.f_gt(0.0)?;
+    let factor = weight
+        .f_unsqueeze(1)?
+        .f_to_kind(diff.f_kind()?)?
+        .f_div(&e.f_where_scalarother(&positive, 1.0)?)?
+        .f_where_scalarother(&positive, 0.0)?;
+    let g = diff.f_mul(&factor)?;
+    let _ = gx.f_index_put_(&[Some(anchor)], &g, true)?;
+    if let Some(gy) = gy {
+        let n = gy.size()[0];
+        if n > 0 {
+            let inside = col.f_lt(n)?.f_unsqueeze(1)?;
+            let minus = g.f_neg()?.f_where_scalarother(&inside, 0.0)?;
+            let _ = gy.f_index_put_(&[Some(col.f_clamp_max(n - 1)?)], &minus, true)?;
+        }
+    }
+    Ok(())
 }
 
 /// ‖x‖ of every row, `(N, 1)`, without the overflow or underflow of a plain
@@ -754,6 +803,68 @@ impl Side {
             Distance::Squared => w.f_mul_scalar(2.0)?,
             Distance::Cosine => w.shallow_clone(),
         })
+    }
+
+    /// Takes the near pairs out of the pair weights `p` of the Euclidean
+    /// distances `d` from this side's rows to `other`'s, of weights `w`
+    /// (∂value/∂d), and returns them as (row, column, weight) for
+    /// [`add_exact_pair_grad`]: the pairs with a weight whose distance is
+    /// near 0 ([`NEAR`]), up to [`NEAR_PER_ROW`] a row on average, the first
+    /// in row-major order (those beyond keep their pair weight), padded to
+    /// that budget with weight 0. Fixed shapes (`nonzero_static`), without
+    /// synchronising with the device. `None` for the other distances.
+    pub(crate) fn take_near(
+        &self,
+        other: &Side,
+        (w, d): (&Tensor, &Tensor),
+        p: &mut Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>, Error> {
+        let (rows, cols) = (d.size()[0], d.size()[1]);
+        if self.distance != Distance::Euclidean || rows == 0 || cols == 0 {
+            return Ok(None);
+        }
+        let eps = match d.f_kind()? {
+            Kind::Double => f64::EPSILON,
+            Kind::Float => f64::from(f32::EPSILON),
+            Kind::Half => 2f64.powi(-10),
+            Kind::BFloat16 => 2f64.powi(-7),
+            kind => {
+                return Err(Error::Torch(format!(
+                    "internal error: distances of {kind:?}"
+                )))
+            }
+        };
+        let bound = self
+            .norms
+            .f_unsqueeze(1)?
+            .f_add(&other.norms.f_unsqueeze(0)?)?
+            .f_mul_scalar(NEAR * eps)?;
+        let mut near = d.f_square()?.f_lt_tensor(&bound)?;
+        drop(bound);
+        let _ = near.f_logical_and_(&w.f_ne(0.0)?)?;
+        let total = rows * cols;
+        let found = near
+            .f_reshape([total])?
+            .f_nonzero_static(rows * NEAR_PER_ROW, total)?
+            .f_squeeze_dim(1)?;
+        drop(near);
+        // The padding's index, `total`, falls on an entry past the matrix.
+        let taken = Tensor::f_zeros([total + 1], (Kind::Bool, d.device()))?
+            .f_index_fill_(0, &found, 1)?
+            .f_narrow(0, 0, total)?
+            .f_reshape([rows, cols])?;
+        let _ = p.f_masked_fill_(&taken, 0.0)?;
+        let real = found.f_lt(total)?;
+        let at = found.f_clamp_max(total - 1)?;
+        let weight = w
+            .f_reshape([total])?
+            .f_index_select(0, &at)?
+            .f_where_scalarother(&real, 0.0)?;
+        Ok(Some((
+            at.f_floor_divide_scalar(cols)?,
+            at.f_remainder(cols)?,
+            weight,
+        )))
     }
 
     /// Adds to `grad_self` and, when given, to `grad_other` (with its

@@ -2,7 +2,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::distance::{Distance, Side};
+use crate::distance::{add_exact_pair_grad, Distance, Side};
 use crate::error::{caught, dtype_name};
 use crate::grad;
 use crate::labels::{common, domain, keys, keys_on, ANCHOR_NAN_KEYS, REFERENCE_NAN_KEYS};
@@ -789,7 +789,7 @@ impl TripletConfig {
                         self_col: s.self_col.map(|c| c + start),
                         distance: self.distance,
                         gram,
-                        near: Some(Near {
+                        near: s.wants_grad.then_some(Near {
                             row_norms: rows.norms(),
                             col_norms: s.sy.norms(),
                             rows: rows.points(),
@@ -813,7 +813,8 @@ impl TripletConfig {
                                 continue;
                             }
                             let mut gx_rows = gx.f_narrow(0, start, len)?;
-                            let p = rows.pair_weights(&w, &d)?;
+                            let mut p = rows.pair_weights(&w, &d)?;
+                            let near = rows.take_near(&s.sy, (&w, &d), &mut p)?;
                             rows.accumulate_grad(
                                 &s.sy,
                                 &p,
@@ -821,6 +822,15 @@ impl TripletConfig {
                                 &mut gx_rows,
                                 gy.as_mut().map(|(g, c)| (g, c)),
                             )?;
+                            if let Some((row, col, weight)) = near {
+                                add_exact_pair_grad(
+                                    exact.get(s, self.distance)?,
+                                    (&row, &col, &weight),
+                                    start,
+                                    &mut gx,
+                                    gy.as_mut().map(|(gy, _)| gy),
+                                )?;
+                            }
                         }
                         Selection::PairWeights {
                             weights,

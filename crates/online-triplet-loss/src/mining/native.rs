@@ -21,6 +21,7 @@ use tch::{Device, Kind, Tensor};
 use super::parallel::{in_blocks, in_weighted_blocks};
 use super::{Chunk, Hardest, NearPairs, Selection, Weighted};
 use crate::alloc;
+use crate::distance::NEAR;
 use crate::hash::FastMap;
 use crate::{Distance, Error};
 
@@ -370,9 +371,9 @@ impl<T: Real> Row<'_, T> {
         self.d.len() - self.same.len()
     }
 
-    /// The columns other than the anchor's own whose distance is near 0
-    /// ([`is_near`]), with their distances, into `out`: none unless the row
-    /// has norms.
+    /// The columns of other labels whose distance is near 0 ([`is_near`]),
+    /// with their distances, into `out`: none unless the row has norms.
+    /// (Batch-all weighs the positives as it goes through them.)
     ///
     /// # Errors
     /// [`Error::OutOfMemory`] when `out` cannot grow.
@@ -397,7 +398,7 @@ impl<T: Real> Row<'_, T> {
         }
         for (j, (&v, &n)) in self.d.iter().zip(cols).enumerate() {
             let d = self.distance(v);
-            if j != self.skip && is_near(d, anchor, n) {
+            if is_near(d, anchor, n) && j != self.skip && self.labels[j] != self.label {
                 alloc::push(out, (j, d))?;
             }
         }
@@ -413,19 +414,13 @@ impl<T: Real> Row<'_, T> {
     }
 }
 
-/// How near 0, relative to ε (‖x‖² + ‖y‖²), a squared Euclidean distance
-/// may be before its gradient is taken from the exact distance: see
-/// [`is_near`].
-const NEAR: f64 = 16384.0;
-
 /// Below which exact distance e, relative to ε² (‖x‖² + ‖y‖²), a near pair's
 /// gradient is added apart: see [`near_weight`].
 const APART: f64 = (1u64 << 21) as f64;
 
 /// Where the weight of a near pair's distance goes.
 enum NearWeight<T> {
-    /// Nowhere: the weight is 0, or the points coincide (whose distance's
-    /// gradient is taken as 0).
+    /// Nowhere: the weight is 0.
     Zero,
     /// Into the weight matrix, as this pair weight w/e.
     InPlace(T),
@@ -440,21 +435,18 @@ enum NearWeight<T> {
 /// whose rounding is about ε (‖x‖ + ‖y‖)/e of the term w (x − y)/e: at most
 /// 2⁻¹⁰ of it while e² ≥ [`APART`]·ε²·(‖x‖² + ‖y‖²), where its pair weight
 /// is w/e; below, the pair is added apart, from the embeddings' own
-/// difference. NaN points make no pair near.
+/// difference: also where x and y, rounded in this frame, coincide (e = 0),
+/// but the embeddings differ. NaN points make no pair near.
 #[inline(always)]
 fn near_weight<T: Real>(w: f64, (x, y): (&[T], &[T]), (n_x, n_y): (T, T)) -> NearWeight<T> {
     if w == 0.0 {
         return NearWeight::Zero;
     }
     let e = norm_of_difference(x, y);
-    if e > T::REAL_ZERO {
-        if e * e >= T::put(APART * T::EPS * T::EPS) * (n_x + n_y) {
-            NearWeight::InPlace(T::put(w) / e)
-        } else {
-            NearWeight::Apart
-        }
+    if e > T::REAL_ZERO && e * e >= T::put(APART * T::EPS * T::EPS) * (n_x + n_y) {
+        NearWeight::InPlace(T::put(w) / e)
     } else {
-        NearWeight::Zero
+        NearWeight::Apart
     }
 }
 
@@ -474,27 +466,29 @@ fn is_near<T: Real>(d: T, n_x: T, n_y: T) -> bool {
 
 /// Whether any of the distances `d` (squared ones with `squared`) from an
 /// anchor with squared norm `anchor` to references with squared norms
-/// `cols` is near 0 ([`is_near`]), with [`LANES`] partial results, so that
-/// it vectorises.
+/// `cols` is near 0 ([`is_near`]): the smallest d² − bound below 0, kept in
+/// [`LANES`] partial minima, as [`min_of`], so that it vectorises.
 #[inline(always)]
 fn any_near<T: Real>(d: &[T], anchor: T, cols: &[T], squared: bool) -> bool {
     let c = T::put(NEAR * T::EPS);
-    let below = |v: T, n: T| {
+    let gap = |v: T, n: T| {
         let s = if squared { v } else { v * v };
-        s < c * (anchor + n)
+        s - c * (anchor + n)
     };
-    let mut lanes = [false; LANES];
+    let mut lanes = [T::INFINITY; LANES];
     let (ds, d_rest) = d.as_chunks::<LANES>();
     let (ns, n_rest) = cols.as_chunks::<LANES>();
     for (d, n) in ds.iter().zip(ns) {
         for l in 0..LANES {
-            lanes[l] |= below(d[l], n[l]);
+            let g = gap(d[l], n[l]);
+            lanes[l] = if g < lanes[l] { g } else { lanes[l] };
         }
     }
     for (&v, &n) in d_rest.iter().zip(n_rest) {
-        lanes[0] |= below(v, n);
+        let g = gap(v, n);
+        lanes[0] = if g < lanes[0] { g } else { lanes[0] };
     }
-    lanes.iter().any(|&b| b)
+    lanes.iter().any(|&g| g < T::REAL_ZERO)
 }
 
 /// The first column whose label is not `label`.
@@ -809,32 +803,31 @@ fn batch_all_row<T: Real>(
     if row.labels.get(row.skip) == Some(&row.label) {
         row.d[row.skip] = T::REAL_ZERO;
     }
-    let k_of = |i: usize, counts: &[i64]| if p <= FEW_KEYS { k[i] } else { counts[i] };
+    // A near pair's pair weight, or 0 with the pair put apart.
+    let mut weigh = |j: usize, weight: f64, frame: NearFrame<T>| -> Result<T, Error> {
+        Ok(match frame.weight(j, weight) {
+            NearWeight::Zero => T::REAL_ZERO,
+            NearWeight::InPlace(pair) => pair,
+            NearWeight::Apart => {
+                alloc::push(near, (j, weight))?;
+                T::REAL_ZERO
+            }
+        })
+    };
     for (i, q) in s.positives.iter().enumerate() {
-        let k = k_of(i, &s.counts);
+        let k = if p <= FEW_KEYS { k[i] } else { s.counts[i] };
         out.totals.count += k;
-        row.d[q.j] = T::put(distance.pair_weight(k as f64, q.d.get()));
+        row.d[q.j] = match row.near {
+            Some(f) if is_near(q.d, f.anchor_norm, f.col_norms[q.j]) => weigh(q.j, k as f64, f)?,
+            _ => T::put(distance.pair_weight(k as f64, q.d.get())),
+        };
     }
-    // A near positive's weight is its k; a near negative's, −(the number of
-    // positives whose key t is above its distance), as the passes count.
+    // A near negative's weight: −(the number of positives whose key t is
+    // above its distance), as the passes count.
     if let Some(frame) = row.near {
         for &(j, d) in &s.near {
-            let weight = if row.labels[j] == row.label {
-                match s.positives.iter().position(|q| q.j == j) {
-                    Some(i) => k_of(i, &s.counts),
-                    None => continue,
-                }
-            } else {
-                -((p - s.positives.partition_point(|q| q.key <= d.get())) as i64)
-            };
-            row.d[j] = match frame.weight(j, weight as f64) {
-                NearWeight::Zero => T::REAL_ZERO,
-                NearWeight::InPlace(pair) => pair,
-                NearWeight::Apart => {
-                    alloc::push(near, (j, weight as f64))?;
-                    T::REAL_ZERO
-                }
-            };
+            let a = p - s.positives.partition_point(|q| q.key <= d.get());
+            row.d[j] = weigh(j, -(a as f64), frame)?;
         }
     }
     out.weight_sum = add_columns(row.d, col_sum);

@@ -345,7 +345,8 @@ fn typed<T: Real>(
                         // says, from their exact distance.
                         near_cols.clear();
                         let cols = &norm[s0..s0 + width];
-                        if distance == Distance::Euclidean && any_near(w, n_i, cols, false) {
+                        let euclidean = distance == Distance::Euclidean && want_grad;
+                        if euclidean && any_near(w, n_i, cols, false) {
                             for (j, (&d, &n_j)) in w.iter().zip(cols).enumerate() {
                                 if is_near(d, n_i, n_j) {
                                     alloc::push(&mut near_cols, (j, d))?;
