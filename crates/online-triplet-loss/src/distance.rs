@@ -23,8 +23,14 @@ pub(crate) const NEAR: f64 = 16384.0;
 
 /// How many near pairs an anchor of a chunk has, on average, at most, whose
 /// gradient the libtorch path takes from their exact distance
-/// ([`Side::take_near`]): a fixed budget, which needs no synchronisation.
-const NEAR_PER_ROW: i64 = 16;
+/// ([`Side::take_near`]): a fixed budget, which needs no synchronisation,
+/// and whose rows of points it gathers whether or not they are near (two a
+/// pair, of D values): as many as the chunk's own rows, twice. At least
+/// [`NEAR_AT_LEAST`], for small chunks.
+const NEAR_PER_ROW: i64 = 2;
+
+/// The least budget of near pairs of a chunk ([`NEAR_PER_ROW`]).
+const NEAR_AT_LEAST: i64 = 1024;
 
 /// The distance between two embeddings.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -303,24 +309,21 @@ fn largest_magnitudes(x: &Tensor) -> Result<Tensor, Error> {
     Ok(x.f_abs()?.f_amax([-1i64].as_slice(), true)?)
 }
 
-/// Adds to `gx` (rows `offset + row`, the anchors') and, when given, to `gy`
-/// (rows `col` below its length, the leading references') the gradient of
-/// Σ w·‖x − y‖ over the pairs (row, col, weight) of [`Side::take_near`],
-/// from the differences of the points `x` and `y` (the embeddings
-/// themselves); a pair of equal points gets none. Fixed shapes; the sums
-/// go through `index_put_` with accumulation, deterministic under
+/// Adds to `gx` (rows `anchor`) and, when given, to `gy` (rows `col` below
+/// its length, the leading references') the gradient of Σ w·‖x − y‖ over
+/// the pairs (anchor, col, weight) of [`Side::take_near`], whose points
+/// (the embeddings themselves, detached) are the rows of `x` and `y`; a
+/// pair of equal points gets none. Fixed shapes; the sums go through
+/// `index_put_` with accumulation, deterministic under
 /// `torch.use_deterministic_algorithms`.
 pub(crate) fn add_exact_pair_grad(
-    (x, y): (&Tensor, &Tensor),
-    (row, col, weight): (&Tensor, &Tensor, &Tensor),
-    offset: i64,
+    (x, y): (Tensor, &Tensor),
+    (anchor, col, weight): (&Tensor, &Tensor, &Tensor),
     gx: &mut Tensor,
     gy: Option<&mut Tensor>,
 ) -> Result<(), Error> {
-    let anchor = row.f_add_scalar(offset)?;
-    let diff = x
-        .f_index_select(0, &anchor)?
-        .f_sub(&y.f_index_select(0, col)?)?;
+    let mut diff = x;
+    let _ = diff.f_sub_(y)?;
     let e = row_norms(&diff)?;
     let positive = e.f_gt(0.0)?;
     let factor = weight
@@ -328,14 +331,20 @@ pub(crate) fn add_exact_pair_grad(
         .f_to_kind(diff.f_kind()?)?
         .f_div(&e.f_where_scalarother(&positive, 1.0)?)?
         .f_where_scalarother(&positive, 0.0)?;
-    let g = diff.f_mul(&factor)?;
-    let _ = gx.f_index_put_(&[Some(anchor)], &g, true)?;
+    drop(e);
+    let mut g = diff.f_mul_(&factor)?;
+    let _ = gx.f_index_put_(&[Some(anchor.shallow_clone())], &g, true)?;
     if let Some(gy) = gy {
         let n = gy.size()[0];
         if n > 0 {
-            let inside = col.f_lt(n)?.f_unsqueeze(1)?;
-            let minus = g.f_neg()?.f_where_scalarother(&inside, 0.0)?;
-            let _ = gy.f_index_put_(&[Some(col.f_clamp_max(n - 1)?)], &minus, true)?;
+            // −g, where the column has a gradient row.
+            let sign = col
+                .f_lt(n)?
+                .f_unsqueeze(1)?
+                .f_to_kind(g.f_kind()?)?
+                .f_neg()?;
+            let _ = g.f_mul_(&sign)?;
+            let _ = gy.f_index_put_(&[Some(col.f_clamp_max(n - 1)?)], &g, true)?;
         }
     }
     Ok(())
@@ -809,10 +818,11 @@ impl Side {
     /// distances `d` from this side's rows to `other`'s, of weights `w`
     /// (∂value/∂d), and returns them as (row, column, weight) for
     /// [`add_exact_pair_grad`]: the pairs with a weight whose distance is
-    /// near 0 ([`NEAR`]), up to [`NEAR_PER_ROW`] a row on average, the first
-    /// in row-major order (those beyond keep their pair weight), padded to
-    /// that budget with weight 0. Fixed shapes (`nonzero_static`), without
-    /// synchronising with the device. `None` for the other distances.
+    /// near 0 ([`NEAR`]), up to [`NEAR_PER_ROW`] a row on average or
+    /// [`NEAR_AT_LEAST`], the first in row-major order (those beyond keep
+    /// their pair weight), padded to that budget with weight 0. Fixed shapes
+    /// (`nonzero_static`), without synchronising with the device. `None` for
+    /// the other distances.
     pub(crate) fn take_near(
         &self,
         other: &Side,
@@ -834,18 +844,16 @@ impl Side {
                 )))
             }
         };
-        let bound = self
-            .norms
-            .f_unsqueeze(1)?
-            .f_add(&other.norms.f_unsqueeze(0)?)?
-            .f_mul_scalar(NEAR * eps)?;
-        let mut near = d.f_square()?.f_lt_tensor(&bound)?;
-        drop(bound);
+        // d² − c‖x‖² < c‖y‖², one temporary of the chunk's size.
+        let scaled = |norms: &Tensor, dim: i64| norms.f_unsqueeze(dim)?.f_mul_scalar(NEAR * eps);
+        let mut near = d.f_square()?;
+        let _ = near.f_sub_(&scaled(&self.norms, 1)?)?;
+        let mut near = near.f_lt_tensor(&scaled(&other.norms, 0)?)?;
         let _ = near.f_logical_and_(&w.f_ne(0.0)?)?;
         let total = rows * cols;
         let found = near
             .f_reshape([total])?
-            .f_nonzero_static(rows * NEAR_PER_ROW, total)?
+            .f_nonzero_static((rows * NEAR_PER_ROW).max(NEAR_AT_LEAST).min(total), total)?
             .f_squeeze_dim(1)?;
         drop(near);
         // The padding's index, `total`, falls on an entry past the matrix.

@@ -823,10 +823,13 @@ impl TripletConfig {
                                 gy.as_mut().map(|(g, c)| (g, c)),
                             )?;
                             if let Some((row, col, weight)) = near {
+                                // The pairs' own rows of the embeddings.
+                                let anchor = row.f_add_scalar(start)?;
+                                let x = s.x.f_detach()?.f_index_select(0, &anchor)?;
+                                let y = s.reference_rows(&col)?.f_detach()?;
                                 add_exact_pair_grad(
-                                    exact.get(s, self.distance)?,
-                                    (&row, &col, &weight),
-                                    start,
+                                    (x, &y),
+                                    (&anchor, &col, &weight),
                                     &mut gx,
                                     gy.as_mut().map(|(gy, _)| gy),
                                 )?;
