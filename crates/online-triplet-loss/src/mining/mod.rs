@@ -347,21 +347,7 @@ pub(crate) fn add_triplet_grad(
     native::add_triplet_grad(distance, points, triplets, gx, gy)
 }
 
-/// Adds the gradient of Σ w·d over the `near` pairs, from their exact
-/// distances, with respect to the anchors' points `x` and the references'
-/// points `y` to `gx` and, when given, `gy`, as [`add_triplet_grad`].
-///
-/// # Errors
-/// As [`add_triplet_grad`].
-pub(crate) fn add_pair_grad(
-    distance: Distance,
-    points: (&Tensor, &Tensor),
-    near: &NearPairs,
-    gx: &mut Tensor,
-    gy: Option<&mut Tensor>,
-) -> Result<(), Error> {
-    native::add_pair_grad(distance, points, near, gx, gy)
-}
+pub(crate) use native::add_pair_grad;
 
 #[cfg(test)]
 mod tests;

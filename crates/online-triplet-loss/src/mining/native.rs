@@ -1357,7 +1357,9 @@ pub(crate) fn add_triplet_grad(
     add_grad(distance, points, &triplets, gx, gy)
 }
 
-/// [`super::add_pair_grad`].
+/// Adds the gradient of Σ w·d over the `near` pairs, from their exact
+/// distances, with respect to the anchors' points `x` and the references'
+/// points `y` to `gx` and, when given, `gy`, as [`add_triplet_grad`].
 ///
 /// # Errors
 /// As [`add_triplet_grad`].
