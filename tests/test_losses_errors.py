@@ -357,6 +357,18 @@ def test_ref_non_tensor(mining):
         FUNCTIONS[mining](LABELS, EMB, 0.1, ref_embeddings=REF_EMB, ref_labels=REF_LABELS.tolist())
 
 
+@pytest.mark.parametrize("mining", LOSSES)
+@pytest.mark.parametrize("offset", [2**70, 2**63, -2**70, -1])
+def test_anchor_offset_beyond_int64_with_0d_embeddings(mining, offset):
+    """Found by review: with 0-d embeddings or a 0-d reference part the
+    offset's range check was skipped, and one beyond int64 met the binding
+    as a bare OverflowError before the shape's error."""
+    for embeddings, parts in ((torch.tensor(1.0), REF_EMB), (EMB, (REF_EMB[:2], torch.tensor(1.0)))):
+        with raises_naming("anchor_offset"):
+            FUNCTIONS[mining](LABELS, embeddings, 0.1, ref_embeddings=parts, ref_labels=REF_LABELS,
+                              anchor_offset=offset)
+
+
 @pytest.mark.parametrize("offset", [-1, 2, 10])
 def test_anchor_offset_out_of_range(offset):
     # 4 anchors in 5 references: offsets 0 and 1 fit.

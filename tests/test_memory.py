@@ -203,8 +203,11 @@ def test_errors():
             CrossBatchMemory(BatchHardTripletLoss(), memory_size=bad)
     with pytest.raises(ValueError, match="embedding_dim: must be an int >= 1, got 0"):
         CrossBatchMemory(BatchHardTripletLoss(), memory_size=4, embedding_dim=0)
-    with pytest.raises(ValueError, match="memory_size: 4611686018427387904 rows of 128 elements"):
+    with pytest.raises(ValueError, match="memory_size and embedding_dim: 4611686018427387904 rows of 128 elements"):
         CrossBatchMemory(BatchHardTripletLoss(), memory_size=2**62, embedding_dim=128)
+    # Found by review: a huge embedding_dim was blamed on a valid memory_size alone.
+    with pytest.raises(ValueError, match="memory_size and embedding_dim: 4 rows of 4611686018427387904 elements"):
+        CrossBatchMemory(BatchHardTripletLoss(), memory_size=4, embedding_dim=2**62)
     # Known only at the first batch: its width.
     wide = CrossBatchMemory(BatchHardTripletLoss(), memory_size=2**56)
     with pytest.raises(ValueError, match="memory_size: 72057594037927936 rows of 256 elements"):
@@ -306,3 +309,36 @@ def test_matches_the_function_over_the_concatenated_references(mining, distance)
     assert expected.item() > 0
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got_grad, expected_grad)
+
+
+@pytest.mark.parametrize("call", ["forward", "enqueue"])
+def test_settings_replaced_after_construction_are_refused(call):
+    """Found by review: a loss, memory_size or embedding_dim assigned after
+    construction reached torch as an AttributeError or a raw shape error
+    (or, for a larger memory_size, a ring read past what it stored). Each is
+    now a ValueError that names the attribute; the memory is left as it was."""
+    x, y = torch.randn(6, 3), torch.arange(6) // 2
+
+    def use(memory):
+        if call == "forward":
+            memory(x, y)
+        else:
+            memory.enqueue(x, y)
+
+    cases = [
+        ("loss", torch.nn.TripletMarginLoss(), r"loss: must be a BatchAllTripletLoss, .*TripletMarginLoss"),
+        ("loss", None, r"loss: must be a BatchAllTripletLoss, .*got None"),
+        ("memory_size", 16, r"memory_size: the memory holds 8 entries, got 16"),
+        ("memory_size", 4, r"memory_size: the memory holds 8 entries, got 4"),
+        ("memory_size", 0, r"memory_size: must be an int >= 1, got 0"),
+        ("embedding_dim", 5, r"embedding_dim: the memory holds embeddings of 3 columns, got 5"),
+        ("embedding_dim", None, r"embedding_dim: the memory holds embeddings of 3 columns, got None"),
+    ]
+    for name, value, message in cases:
+        memory = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
+        memory(x, y)
+        before = memory.memory_embeddings.clone(), memory.num_stored
+        setattr(memory, name, value)
+        with pytest.raises(ValueError, match=message):
+            use(memory)
+        assert torch.equal(memory.memory_embeddings, before[0]) and memory.num_stored == before[1]

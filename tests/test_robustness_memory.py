@@ -539,7 +539,8 @@ def test_a_memory_the_host_cannot_hold_names_memory_size(when):
 
     loss = BatchHardTripletLoss(margin=0.2)
     if when == "constructed":
-        with pytest.raises(HostOutOfMemoryError, match=r"memory_size: 17592186044416 rows of 4"):
+        with pytest.raises(HostOutOfMemoryError,
+                           match=r"memory_size and embedding_dim: 17592186044416 rows of 4"):
             CrossBatchMemory(loss, memory_size=HUGE, embedding_dim=4)
         return
     memory = CrossBatchMemory(loss, memory_size=HUGE)
@@ -562,7 +563,7 @@ def test_only_a_host_allocation_failure_is_reported_as_host_memory(device, repor
         raise RuntimeError("CUDA error: device-side assert triggered")
 
     with pytest.raises(RuntimeError) as info:
-        memory_module._allocated(fails, torch.device(device), 10, 4, 4)
+        memory_module._allocated(fails, torch.device(device), 10, 4, 4, "memory_size")
     assert isinstance(info.value, MemoryError) == reported_as_host_memory
     if reported_as_host_memory:
         assert "memory_size: 10 rows of 4 elements of 4 bytes" in str(info.value)

@@ -231,6 +231,10 @@ def check_anchor_offset(
                 f"inside the {references} rows of ref_embeddings, so 0 <= anchor_offset <= "
                 f"{references - anchors}; got {anchor_offset!r}"
             )
+    elif not 0 <= anchor_offset <= INT64_MAX:
+        # A 0-d tensor leaves its error to the core, whose binding takes the
+        # offset as an int64 first.
+        raise ValueError(f"anchor_offset: must be an int in [0, 2**63 - 1], got {anchor_offset!r}")
     return int(anchor_offset)
 
 

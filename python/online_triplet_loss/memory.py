@@ -138,16 +138,12 @@ class CrossBatchMemory(nn.Module):
         embedding_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(loss, (_TripletLoss, DistributedTripletLoss)):
-            raise ValueError(
-                "loss: must be a BatchAllTripletLoss, BatchHardTripletLoss, "
-                f"BatchSemiHardTripletLoss or DistributedTripletLoss, got {loss!r}"
-            )
-        self.loss = loss
+        self.loss = _check_loss(loss)
         self.memory_size = _positive_int("memory_size", memory_size)
         if embedding_dim is not None:
             embedding_dim = _positive_int("embedding_dim", embedding_dim)
-        _check_capacity(self.memory_size, embedding_dim or 1, torch.get_default_dtype().itemsize)
+        _check_capacity(self.memory_size, embedding_dim or 1, torch.get_default_dtype().itemsize,
+                        "memory_size" if embedding_dim is None else "memory_size and embedding_dim")
         self.embedding_dim = embedding_dim
         # A ring buffer: `_next` is where the next entry goes, `_count` how many
         # are stored. Both live on the host, so bookkeeping never syncs.
@@ -166,7 +162,8 @@ class CrossBatchMemory(nn.Module):
         if embedding_dim is not None:
             self.memory_embeddings = _allocated(
                 lambda: torch.zeros(self.memory_size, embedding_dim), torch.device("cpu"),
-                self.memory_size, embedding_dim, torch.get_default_dtype().itemsize)
+                self.memory_size, embedding_dim, torch.get_default_dtype().itemsize,
+                "memory_size and embedding_dim")
         self._own_buffers()
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -197,6 +194,29 @@ class CrossBatchMemory(nn.Module):
                 "(torch.func.functional_call with buffers, nn.DataParallel's replicas, or an "
                 "assignment), but the ring's position and count are the module's own and "
                 "describe its buffers; to set the memory, use load_state_dict"
+            )
+
+    def _check_settings(self) -> None:
+        """Refuses a ``loss``, ``memory_size`` or ``embedding_dim`` assigned
+        after construction that the memory cannot serve: another loss, or a
+        size other than that of its buffers, whose ring position and count
+        it keeps."""
+        _check_loss(self.loss)
+        size = _positive_int("memory_size", self.memory_size)
+        for buffer in (self.memory_embeddings, self.memory_labels):
+            if buffer is not None and buffer.shape[0] != size:
+                raise ValueError(
+                    f"memory_size: the memory holds {buffer.shape[0]} entries, got {size!r}; "
+                    "a CrossBatchMemory keeps the size it was made with (make a new one)"
+                )
+        width = self.embedding_dim
+        stored = self.memory_embeddings
+        if width is not None:
+            width = _positive_int("embedding_dim", width)
+        if stored is not None and width != stored.shape[1]:
+            raise ValueError(
+                f"embedding_dim: the memory holds embeddings of {stored.shape[1]} columns, "
+                f"got {width!r}"
             )
 
     def __prepare_scriptable__(self) -> "CrossBatchMemory":
@@ -301,6 +321,7 @@ class CrossBatchMemory(nn.Module):
 
     def _forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         self._check_buffers()
+        self._check_settings()
         if isinstance(self.loss, DistributedTripletLoss):
             return self._forward_distributed(embeddings, labels)
         self._check_batch(embeddings, labels)
@@ -389,6 +410,7 @@ class CrossBatchMemory(nn.Module):
         """
         with self._lock:
             self._check_buffers()
+            self._check_settings()
             self._check_batch(embeddings, labels)
             # The buffers must stay ordinary tensors whatever the caller's
             # mode: an inference tensor could not be updated in place by a
@@ -429,13 +451,13 @@ class CrossBatchMemory(nn.Module):
         stored = self.memory_embeddings
         if stored is None:
             width = embeddings.shape[1]
-            _check_capacity(self.memory_size, width, embeddings.element_size())
+            _check_capacity(self.memory_size, width, embeddings.element_size(), "memory_size")
             stored = _allocated(lambda: embeddings.new_zeros(self.memory_size, width),
                                 embeddings.device, self.memory_size, width,
-                                embeddings.element_size())
+                                embeddings.element_size(), "memory_size")
         memory_labels = _allocated(
             lambda: labels.new_zeros(self.memory_size, device=stored.device), stored.device,
-            self.memory_size, 1, labels.element_size())
+            self.memory_size, 1, labels.element_size(), "memory_size")
         self.embedding_dim = stored.shape[1]
         self.memory_embeddings, self.memory_labels = stored, memory_labels
         self._own_buffers()
@@ -605,11 +627,20 @@ def _positive_int(name: str, value: object) -> int:
     return check_int(name, value, 1)
 
 
+def _check_loss(loss: object) -> _TripletModule:
+    if not isinstance(loss, (_TripletLoss, DistributedTripletLoss)):
+        raise ValueError(
+            "loss: must be a BatchAllTripletLoss, BatchHardTripletLoss, "
+            f"BatchSemiHardTripletLoss or DistributedTripletLoss, got {loss!r}"
+        )
+    return loss
+
+
 def _allocated(make: Callable[[], Tensor], device: torch.device, memory_size: int, width: int,
-               item_size: int) -> Tensor:
+               item_size: int, names: str) -> Tensor:
     """``make()``, a buffer of the memory on ``device``. Where the host cannot
-    hold it, the error names ``memory_size`` (torch's allocator names no
-    argument). Every other device's errors are kept: a CUDA out-of-memory
+    hold it, the error names the arguments ``names`` that set its size
+    (torch's allocator names no argument). Every other device's errors are kept: a CUDA out-of-memory
     error says what is free, and a RuntimeError there may be an earlier
     kernel's failure, reported at this call, that no size would mend."""
     try:
@@ -620,17 +651,17 @@ def _allocated(make: Callable[[], Tensor], device: torch.device, memory_size: in
         if device.type != "cpu":
             raise
         raise HostOutOfMemoryError(
-            f"memory_size: {memory_size} rows of {width} elements of {item_size} bytes "
+            f"{names}: {memory_size} rows of {width} elements of {item_size} bytes "
             f"({memory_size * width * item_size / 2**30:.3g} GiB) could not be allocated"
         ) from err
 
 
-def _check_capacity(memory_size: int, width: int, item_size: int) -> None:
+def _check_capacity(memory_size: int, width: int, item_size: int, names: str) -> None:
     """A memory whose size in bytes torch can count (int64), and whose labels'
     too; beyond, torch's error ("Storage size calculation overflowed") would
-    not name the argument."""
+    not name the arguments ``names`` that set its size."""
     if max(memory_size * width * item_size, memory_size * 8) > 2**63 - 1:
         raise ValueError(
-            f"memory_size: {memory_size} rows of {width} elements of {item_size} bytes are more "
+            f"{names}: {memory_size} rows of {width} elements of {item_size} bytes are more "
             "than a tensor can hold"
         )
