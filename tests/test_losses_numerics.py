@@ -529,3 +529,53 @@ def test_a_huge_constant_column_changes_no_distance(mining, distance, value, row
     below (1024) would not. (test_cuda checks a device, where the block is
     every row.)"""
     check_huge_constant_column(mining, distance, torch.device("cpu"), value, rows)
+
+
+# (chunk_size, portable, class size): batch-all's native kernels over one
+# chunk with few positives an anchor, over one chunk with more than 16 (the
+# bucket kernel), over chunks of 1 (the half-matrix kernel), and the
+# libtorch path that CUDA takes.
+_ALL_PATHS = {"few": (None, False, 3), "many": (None, False, 20), "half-matrix": (1, False, 3),
+              "portable": (None, True, 3), "portable-many": (None, True, 20)}
+
+
+@pytest.mark.parametrize("path", _ALL_PATHS)
+def test_batch_all_keeps_a_margin_below_an_ulp_of_the_distances(path):
+    """Found by review: batch-all's hinges were t − d_an with t = d_ap + m
+    rounded to float32, so a margin below half an ulp of d_ap vanished from
+    the value while the triplet was still counted and got a gradient (loss 0,
+    fraction 0.5). On integer points with squared distances (exact in
+    float32) the value must be the float64 reference's to its rounding, far
+    below the count times the margin that was lost."""
+    from online_triplet_loss import _core
+
+    chunk_size, portable, size = _ALL_PATHS[path]
+    g = torch.Generator().manual_seed(11)
+    margin = 1e-8
+    for _ in range(5):
+        labels = (torch.arange(6 * size) % 6)[torch.randperm(6 * size, generator=g)]
+        x = torch.randint(-3, 4, (6 * size, 3), generator=g).float()
+        total, count, _ = _core.triplet_terms("all", labels, x, margin, "squared", False,
+                                              chunk_size=chunk_size, portable=portable)
+        ref = R.reference_terms("all", labels, x.double(), margin, "squared")
+        assert count.item() == ref.count > 0
+        assert abs(float(total) - float(ref.sum)) <= 1e-3 * margin * ref.count
+
+
+@pytest.mark.parametrize("path", ["few", "half-matrix", "portable"])
+def test_batch_all_with_a_margin_that_overflows_t_in_float32(path):
+    """Found by review: with d_ap + m beyond float32's largest value (a
+    margin that is itself a float32), batch-all's hinges were inf, where
+    their sum fits in float32 (batch-hard's did)."""
+    from online_triplet_loss import _core
+
+    chunk_size, portable, _ = _ALL_PATHS[path]
+    labels = torch.tensor([0, 0, 1, 1])
+    x = torch.tensor([[0.0], [1e18], [4e18], [5e18]])
+    margin = 3.4e38
+    total, count, _ = _core.triplet_terms("all", labels, x, margin, "squared", False,
+                                          chunk_size=chunk_size, portable=portable)
+    ref = R.reference_terms("all", labels, x.double(), margin, "squared")
+    assert count.item() == ref.count > 0
+    assert math.isfinite(float(total))
+    assert float(total) == pytest.approx(float(ref.sum), rel=1e-6)

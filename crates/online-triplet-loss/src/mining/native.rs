@@ -880,18 +880,26 @@ fn batch_all_few<T: Real>(
                 count[0] = count[0] + if on { T::REAL_ONE } else { T::REAL_ZERO };
                 hinge[0] = hinge[0] + if on { t - block[l] } else { T::REAL_ZERO };
             }
-            k[i] += count.iter().map(|c| c.get()).sum::<f64>() as i64;
+            let active = count.iter().map(|c| c.get()).sum::<f64>();
+            k[i] += active as i64;
+            let key = positives[i].key;
             let mut value = hinge.iter().map(|h| h.get()).sum::<f64>();
             if value.is_infinite() {
                 // A lane of float32 hinges overflowed where their float64
-                // sum does not (hinges near 1e37): the block's again, in
-                // float64. Hinges are not negative, so nothing else sums to
-                // inf; distances that are inf or NaN poison the loss anyway.
+                // sum does not (hinges near 1e37, or t_i itself beyond
+                // float32): the block's again, in float64. Hinges are not
+                // negative, so nothing else sums to inf; distances that are
+                // inf or NaN poison the loss anyway.
                 value = block
                     .iter()
                     .filter(|&&d| d < below)
-                    .map(|&d| t.get() - d.get())
+                    .map(|&d| key - d.get())
                     .sum();
+            } else if active > 0.0 {
+                // The hinges are t_i − d_an with t_i rounded to T: each
+                // active one gets back what the rounding took (all of a
+                // margin below half an ulp of d_ap).
+                value += active * (key - t.get());
             }
             totals.value += value;
         }

@@ -30,25 +30,30 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     // Negative n is active for positive p when d_an < d_ap + m exactly:
     // below the smallest value of the dtype at least d_ap + m (computed in
     // float64, as the native kernels do), which float32's rounding to nearest
-    // can fall short of by an ulp. The hinges take t_p, d_ap + m rounded.
-    // In float64 the bound is t itself, and sorting it sorts t.
-    let t = d.f_where_scalarother(&same, f64::INFINITY)?;
+    // can fall short of by an ulp. The hinges take t_p = d_ap + m in
+    // float64, not rounded to the dtype (which would take all of a margin
+    // below half an ulp of d_ap, or overflow): `sorted_t` holds them sorted
+    // in float64, and the sorted d_ap in another dtype, whose t_p the sum
+    // makes. In float64 the bound is t itself, and sorting it sorts t.
+    let masked = d.f_where_scalarother(&same, f64::INFINITY)?;
     let (sorted_bound, order, sorted_t) = match kind {
         Kind::Double => {
-            let (sorted, order) = t.f_add_scalar(margin)?.f_sort(1, false)?;
+            let (sorted, order) = masked.f_add_scalar(margin)?.f_sort(1, false)?;
             (sorted.shallow_clone(), order, sorted)
         }
         _ => {
-            let exact = t.f_to_kind(Kind::Double)?.f_add_scalar_(margin)?;
+            let exact = masked.f_to_kind(Kind::Double)?.f_add_scalar_(margin)?;
             let t = exact.f_to_kind(kind)?;
             let up = t.f_nextafter(&Tensor::f_full([], f64::INFINITY, (kind, d.device()))?)?;
             let short = t.f_to_kind(Kind::Double)?.f_lt_tensor(&exact)?;
             drop(exact);
             let (sorted_bound, order) = up.f_where_self(&short, &t)?.f_sort(1, false)?;
-            let sorted_t = t.f_gather(1, &order, false)?;
+            drop(t);
+            let sorted_t = masked.f_gather(1, &order, false)?;
             (sorted_bound, order, sorted_t)
         }
     };
+    drop(masked);
     // #{bound_p ≤ d_an} for every column, and P − k_n for the negatives.
     let k = d.f_searchsorted(&sorted_bound, false, true, "right", None::<Tensor>)?;
     drop(sorted_bound);
@@ -73,7 +78,11 @@ pub(crate) fn batch_all(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     // negative, or inf − inf). Masked, so that a distance no term uses (an
     // overflowed +inf, say) gives no 0·inf.
     let wide = |t: &Tensor| t.f_to_kind(Kind::Double);
-    let value = wide(&sorted_t)?
+    let sorted_t = match kind {
+        Kind::Double => sorted_t,
+        _ => wide(&sorted_t)?.f_add_scalar_(margin)?,
+    };
+    let value = sorted_t
         .f_mul(&wide(&below)?)?
         .f_where_scalarother(&below.f_gt(0)?, 0.0)?
         .f_sum(Kind::Double)?

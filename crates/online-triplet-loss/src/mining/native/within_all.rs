@@ -437,7 +437,14 @@ fn typed<T: Real>(
             }
             value += group.hinge[l];
             for (q, total) in k_total[positives.range(a)].iter_mut().enumerate() {
-                *total += group.k[q][l];
+                let (k, t) = (group.k[q][l], group.keys.t[q][l].get());
+                *total += k;
+                // What rounding t to T took from each active hinge
+                // ([`batch_all_few`]). A t that overflowed T made the
+                // hinges inf, which the chunked path takes again.
+                if k > 0 && t.is_finite() {
+                    value += k as f64 * (of(a)[q].key - t);
+                }
             }
         }
     }
