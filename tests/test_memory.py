@@ -342,3 +342,44 @@ def test_settings_replaced_after_construction_are_refused(call):
         with pytest.raises(ValueError, match=message):
             use(memory)
         assert torch.equal(memory.memory_embeddings, before[0]) and memory.num_stored == before[1]
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["loss", "distributed-loss"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
+def test_a_half_batch_meets_a_float32_memory_unrounded(mining, dtype, wrap):
+    """Found by review: the memory was cast to the batch's dtype before the
+    loss, so a float32 memory met a half-precision batch rounded to it (a
+    loss of 0 instead of 0.003) or overflowed (a finite row of 1e5 made the
+    loss NaN), where the loss itself computes in float32 and casts its
+    references there. Now the memory's loss and gradient are the function's
+    with the stored rows as a float32 reference part."""
+    functions = {"all": batch_all_triplet_loss, "hard": batch_hard_triplet_loss,
+                 "semihard": batch_semihard_triplet_loss}
+    modules = {"all": BatchAllTripletLoss, "hard": BatchHardTripletLoss,
+               "semihard": BatchSemiHardTripletLoss}
+    g = torch.Generator().manual_seed(8)
+    labels = torch.arange(8) % 3
+    x = torch.randn(8, 4, generator=g).to(dtype)
+    bank = x.float()[:6] + 3e-3 * torch.randn(6, 4, generator=g)
+    bank_labels = (labels[:6] + 1) % 3
+    if dtype == torch.float16:
+        # Finite in float32, inf in float16: a far negative of every anchor.
+        bank = torch.cat([bank, torch.full((1, 4), 1e5)])
+        bank_labels = torch.cat([bank_labels, torch.tensor([7])])
+    loss = modules[mining](margin=0.2)
+    memory = CrossBatchMemory(DistributedTripletLoss(loss) if wrap else loss,
+                              memory_size=16, embedding_dim=4)
+    memory.enqueue(bank, bank_labels)
+    assert memory.memory[0].dtype == torch.float32
+    got_x = x.clone().requires_grad_()
+    got = memory(got_x, labels)
+    want_x = x.clone().requires_grad_()
+    want = functions[mining](labels, want_x, 0.2, ref_embeddings=(want_x, bank),
+                             ref_labels=torch.cat([labels, bank_labels]), anchor_offset=0)
+    want = want[0] if mining == "all" else want
+    assert torch.isfinite(want)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    (got_grad,) = torch.autograd.grad(got, got_x)
+    (want_grad,) = torch.autograd.grad(want, want_x)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)

@@ -453,7 +453,7 @@ class DistributedTripletLoss(nn.Module):
         value, fraction = loss_and_fraction(
             loss.mining, labels, embeddings, loss.margin,
             distance=check_distance(loss.distance), soft=loss.soft,
-            ref_embeddings=(embeddings, extra_embeddings.detach().to(embeddings)),
+            ref_embeddings=(embeddings, extra_embeddings.detach().to(embeddings.device)),
             ref_labels=ref_labels, anchor_offset=0,
         )
         if loss.mining == "all":
@@ -574,7 +574,9 @@ class DistributedTripletLoss(nn.Module):
         # computes no gradient for them.
         ref_embeddings, ref_labels = all_embeddings, all_labels
         if extra_embeddings is not None:
-            ref_embeddings = (all_embeddings, extra_embeddings.detach().to(all_embeddings))
+            # On the batch's device, in their own dtype: the loss casts
+            # references to the one it computes in (float32 for a half batch).
+            ref_embeddings = (all_embeddings, extra_embeddings.detach().to(all_embeddings.device))
             all_labels, extra_labels = _common_labels(all_labels, extra_labels)
             ref_labels = torch.cat([all_labels, extra_labels])
         anchors = all_embeddings[offset:offset + embeddings.shape[0]]

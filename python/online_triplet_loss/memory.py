@@ -325,9 +325,11 @@ class CrossBatchMemory(nn.Module):
         if isinstance(self.loss, DistributedTripletLoss):
             return self._forward_distributed(embeddings, labels)
         self._check_batch(embeddings, labels)
-        # In the dtype the loss computes in (float32 under autocast), before
-        # the memory is cast to it: a float32 memory is not rounded to a
-        # bfloat16 batch's dtype there, as on several ranks.
+        # In the dtype the loss computes in under autocast (float32), as on
+        # several ranks. The memory goes in as stored: the loss casts
+        # references to the dtype it computes in (float32 for a half batch),
+        # where rounding a float32 memory to the batch's dtype first would
+        # lose its digits, or overflow a finite row to inf.
         anchors, = native.autocast_inputs(embeddings)
         if self._count == 0:
             # An empty memory: the batch against itself, exactly the wrapped loss.
@@ -336,7 +338,7 @@ class CrossBatchMemory(nn.Module):
             # The batch, then the memory, in parts: the core computes no
             # gradient for the memory, which requires none.
             stored = slice(0, self._count)
-            ref_embeddings = (anchors, self.memory_embeddings[stored].to(anchors.dtype))
+            ref_embeddings = (anchors, self.memory_embeddings[stored])
             ref_labels = torch.cat([labels, self.memory_labels[stored].to(labels.device)])
         loss = loss_of(
             self.loss.mining,
