@@ -311,37 +311,68 @@ def test_matches_the_function_over_the_concatenated_references(mining, distance)
     torch.testing.assert_close(got_grad, expected_grad)
 
 
-@pytest.mark.parametrize("call", ["forward", "enqueue"])
+@pytest.mark.parametrize("call", ["forward", "enqueue", "memory", "state_dict", "load_state_dict"])
 def test_settings_replaced_after_construction_are_refused(call):
     """Found by review: a loss, memory_size or embedding_dim assigned after
-    construction reached torch as an AttributeError or a raw shape error
-    (or, for a larger memory_size, a ring read past what it stored). Each is
-    now a ValueError that names the attribute; the memory is left as it was."""
+    construction reached torch as an AttributeError or a raw shape error,
+    or (memory_size) made ``memory`` return other rows in another order and
+    ``state_dict`` save a state no memory loads. Each is now a ValueError that
+    names the attribute, wherever the memory uses it; the memory is left as
+    it was."""
     x, y = torch.randn(6, 3), torch.arange(6) // 2
+    saved = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
+    saved(x, y)
 
     def use(memory):
         if call == "forward":
             memory(x, y)
-        else:
+        elif call == "enqueue":
             memory.enqueue(x, y)
+        elif call == "memory":
+            memory.memory
+        elif call == "state_dict":
+            memory.state_dict()
+        else:
+            memory.load_state_dict(saved.state_dict())
 
     cases = [
-        ("loss", torch.nn.TripletMarginLoss(), r"loss: must be a BatchAllTripletLoss, .*TripletMarginLoss"),
-        ("loss", None, r"loss: must be a BatchAllTripletLoss, .*got None"),
         ("memory_size", 16, r"memory_size: the memory holds 8 entries, got 16"),
         ("memory_size", 4, r"memory_size: the memory holds 8 entries, got 4"),
         ("memory_size", 0, r"memory_size: must be an int >= 1, got 0"),
         ("embedding_dim", 5, r"embedding_dim: the memory holds embeddings of 3 columns, got 5"),
         ("embedding_dim", None, r"embedding_dim: the memory holds embeddings of 3 columns, got None"),
     ]
+    if call == "forward":  # the one use of the loss
+        cases += [
+            ("loss", torch.nn.TripletMarginLoss(), r"loss: must be a BatchAllTripletLoss, .*TripletMarginLoss"),
+            ("loss", None, r"loss: must be a BatchAllTripletLoss, .*got None"),
+        ]
     for name, value, message in cases:
         memory = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
         memory(x, y)
-        before = memory.memory_embeddings.clone(), memory.num_stored
+        memory.enqueue(x, y)  # wrapped around
+        before = memory.memory
         setattr(memory, name, value)
         with pytest.raises(ValueError, match=message):
             use(memory)
-        assert torch.equal(memory.memory_embeddings, before[0]) and memory.num_stored == before[1]
+        setattr(memory, name, {"loss": memory.loss, "memory_size": 8, "embedding_dim": 3}[name])
+        after = memory.memory
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_a_lenient_load_without_extra_state_sets_the_width():
+    """Found by review of the check above: a lenient load of the buffers
+    without the extra state into a memory that had none left its
+    embedding_dim None beside buffers of 3 columns, which every later call
+    then refused."""
+    x, y = torch.randn(6, 3), torch.arange(6) // 2
+    source = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
+    source(x, y)
+    state = {k: v for k, v in source.state_dict().items() if k != "_extra_state"}
+    target = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
+    target.load_state_dict(state, strict=False)
+    assert target.embedding_dim == 3
+    assert torch.isfinite(target(x, y)) and target.num_stored == 6
 
 
 @pytest.mark.parametrize("wrap", [False, True], ids=["loss", "distributed-loss"])

@@ -197,11 +197,10 @@ class CrossBatchMemory(nn.Module):
             )
 
     def _check_settings(self) -> None:
-        """Refuses a ``loss``, ``memory_size`` or ``embedding_dim`` assigned
-        after construction that the memory cannot serve: another loss, or a
-        size other than that of its buffers, whose ring position and count
-        it keeps."""
-        _check_loss(self.loss)
+        """Refuses a ``memory_size`` or ``embedding_dim`` assigned after
+        construction that the memory cannot serve: a size other than that of
+        its buffers, whose ring position and count it keeps, or a width
+        other than theirs."""
         size = _positive_int("memory_size", self.memory_size)
         for buffer in (self.memory_embeddings, self.memory_labels):
             if buffer is not None and buffer.shape[0] != size:
@@ -277,6 +276,7 @@ class CrossBatchMemory(nn.Module):
 
     def _stored(self) -> Tuple[Tensor, Tensor]:
         self._check_buffers()
+        self._check_settings()
         if self._count == 0 or self.memory_labels is None:
             # Empty, in the buffers' dtypes and device where there are buffers.
             dim = 0 if self.embedding_dim is None else self.embedding_dim
@@ -322,7 +322,7 @@ class CrossBatchMemory(nn.Module):
     def _forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         self._check_buffers()
         self._check_settings()
-        if isinstance(self.loss, DistributedTripletLoss):
+        if isinstance(_check_loss(self.loss), DistributedTripletLoss):
             return self._forward_distributed(embeddings, labels)
         self._check_batch(embeddings, labels)
         # In the dtype the loss computes in under autocast (float32), as on
@@ -509,6 +509,7 @@ class CrossBatchMemory(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
                               missing_keys, unexpected_keys, error_msgs):
+        self._check_settings()
         extra = state_dict.get(prefix + "_extra_state")
         self._check_saved(
             state_dict.get(prefix + "memory_embeddings"),
@@ -538,7 +539,9 @@ class CrossBatchMemory(nn.Module):
                 setattr(self, name, torch.empty(saved.shape, dtype=saved.dtype, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if kept:
+        if self.memory_embeddings is not None and (kept or self.embedding_dim is None):
+            # Also after a lenient load of buffers without the extra state
+            # into a memory that had none: the width they were saved with.
             self.embedding_dim = self.memory_embeddings.shape[1]
         self._own_buffers()  # ``assign=True`` puts the saved tensors in place
 
@@ -614,6 +617,7 @@ class CrossBatchMemory(nn.Module):
             refuse(f"its stored embeddings hold NaN or Inf{cast}, which would make every later loss NaN")
 
     def get_extra_state(self) -> Dict[str, Any]:
+        self._check_settings()
         return {"next": self._next, "count": self._count, "embedding_dim": self.embedding_dim,
                 "enqueued": self._enqueued}
 
