@@ -359,7 +359,7 @@ def test_ref_non_tensor(mining):
 
 @pytest.mark.parametrize("mining", LOSSES)
 @pytest.mark.parametrize("offset", [2**70, 2**63, -2**70, -1])
-def test_anchor_offset_beyond_int64_with_0d_embeddings(mining, offset):
+def test_anchor_offset_out_of_range_beside_0d_tensors(mining, offset):
     """Found by review: with 0-d embeddings or a 0-d reference part the
     offset's range check was skipped, and one beyond int64 met the binding
     as a bare OverflowError before the shape's error."""

@@ -110,7 +110,9 @@ class CrossBatchMemory(nn.Module):
         embedding_dim: the embedding size :math:`D`; by default that of the first
             batch. Giving it allocates the memory at once, in torch's
             default dtype (float32 unless set otherwise); ``.to()`` moves and
-            casts it.
+            casts it. Both are fixed once the memory has its buffers: an
+            attribute set to another value later is refused (a ``ValueError``)
+            where the memory is used.
 
     Shape:
         - embeddings: :math:`(B, D)`, floating point; with a distributed loss,
@@ -646,9 +648,10 @@ def _allocated(make: Callable[[], Tensor], device: torch.device, memory_size: in
                item_size: int, names: str) -> Tensor:
     """``make()``, a buffer of the memory on ``device``. Where the host cannot
     hold it, the error names the arguments ``names`` that set its size
-    (torch's allocator names no argument). Every other device's errors are kept: a CUDA out-of-memory
-    error says what is free, and a RuntimeError there may be an earlier
-    kernel's failure, reported at this call, that no size would mend."""
+    (torch's allocator names no argument). Every other device's errors are
+    kept: a CUDA out-of-memory error says what is free, and a RuntimeError
+    there may be an earlier kernel's failure, reported at this call, that no
+    size would mend."""
     try:
         return make()
     except torch.OutOfMemoryError:
