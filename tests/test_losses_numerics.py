@@ -579,3 +579,62 @@ def test_batch_all_with_a_margin_that_overflows_t_in_float32(path):
     assert count.item() == ref.count > 0
     assert math.isfinite(float(total))
     assert float(total) == pytest.approx(float(ref.sum), rel=1e-6)
+
+
+@pytest.mark.parametrize("mining", ["hard", "semihard"])
+@pytest.mark.parametrize("path", _ALL_PATHS)
+def test_hinges_at_the_margins_boundary_are_taken_in_float64(mining, path):
+    """Found by review: the libtorch path's semi-hard hinges (CUDA's) and
+    every path's batch-hard ones were d_ap − d_an + m in float32, where a
+    margin rounded down drops a hinge that is positive by less than an ulp:
+    on integer points with squared distances (exact in float32) and a margin
+    of 1 + 1e-8, every triplet with d_an − d_ap = 1 lost its 1e-8 and, for
+    the learned margin, its gradient. The native semi-hard kernels were
+    right."""
+    from online_triplet_loss import _core
+
+    chunk_size, portable, size = _ALL_PATHS[path]
+    g = torch.Generator().manual_seed(12)
+    margin = 1.0 + 1e-8
+    boundary = 0
+    for _ in range(5):
+        labels = (torch.arange(6 * size) % 6)[torch.randperm(6 * size, generator=g)]
+        x = torch.randint(-2, 3, (6 * size, 2), generator=g).float()
+        m = torch.tensor(margin, dtype=torch.float64, requires_grad=True)
+        total, count, _ = _core.triplet_terms(mining, labels, x, margin, "squared", False,
+                                              chunk_size=chunk_size, margin_tensor=m,
+                                              portable=portable)
+        ref_m = torch.tensor(margin, dtype=torch.float64, requires_grad=True)
+        ref = R.reference_terms(mining, labels, x.double(), ref_m, "squared")
+        assert count.item() == ref.count > 0
+        assert abs(float(total) - float(ref.sum)) <= 1e-3 * 1e-8 * ref.count
+        (grad,) = torch.autograd.grad(total, m)
+        (ref_grad,) = torch.autograd.grad(ref.sum, ref_m)
+        assert float(grad) == float(ref_grad)
+        # What the margin rounded to float32 gives, which must be told apart.
+        rounded = R.reference_terms(mining, labels, x.double(), 1.0, "squared")
+        boundary += abs(float(rounded.sum) - float(ref.sum)) > 1e-3 * 1e-8 * ref.count
+    assert boundary == 5
+
+
+@pytest.mark.parametrize("mining", ["hard", "semihard"])
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+def test_hinges_beyond_float32s_largest_value_do_not_overflow(mining, portable):
+    """Found by review: a hinge d_ap − d_an + m above float32's largest value
+    (a margin that is itself a float32) was inf on the libtorch path's
+    semi-hard and every path's batch-hard, where the float64 sum is finite
+    (and so is the loss, here their mean over two anchors or pairs)."""
+    from online_triplet_loss import _core
+
+    labels = torch.tensor([0, 2])
+    x = torch.tensor([[-8.7e18], [-8.7e18]])
+    y = torch.tensor([[8.7e18], [-8.7e18]])
+    margin = 3e38
+    total, count, _ = _core.triplet_terms(mining, labels, x, margin, "squared", False, y, labels,
+                                          portable=portable)
+    ref = R.reference_terms(mining, labels, x.double(), margin, "squared",
+                            ref_embeddings=y.double(), ref_labels=labels)
+    assert count.item() == ref.count == 2
+    assert torch.finfo(torch.float32).max < float(ref.sum) < 2 * torch.finfo(torch.float32).max
+    assert math.isfinite(float(total))
+    assert float(total) == pytest.approx(float(ref.sum), rel=1e-6)

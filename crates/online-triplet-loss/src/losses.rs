@@ -520,16 +520,16 @@ impl TripletConfig {
         // rather than mixing the two (read on the host, it would
         // synchronise). Batch-hard's mining has no margin: it takes the
         // tensor's value, which must be finite and >= 0 like the config's, as
-        // given (a float64 1e39 is a margin, whose hinges overflow to inf in
-        // float32); a NaN reaches its value by itself, but not its gradients
-        // (relu's slope at NaN is 0).
+        // given, in its own dtype, into hinges taken in float64 (a float64
+        // 1e39 is a margin); a NaN reaches its value by itself, but not its
+        // gradients (relu's slope at NaN is 0).
         //
-        // The margin in the loss's dtype, for the hinges, and in the wider of
-        // that and its own, for the surrogates that carry its gradient: a
-        // float64 margin stays float64 (m − m is NaN where the cast to
-        // float32 overflowed), a float16 one is widened (its gradient,
-        // counts over counts, would be rounded, or lost below float16's
-        // range, before the cast back).
+        // The margin as given, for batch-hard's hinges, and in the wider of
+        // the loss's dtype and its own, for the surrogates that carry its
+        // gradient: a float64 margin stays float64 (m − m is NaN where the
+        // cast to float32 overflowed), a float16 one is widened (its
+        // gradient, counts over counts, would be rounded, or lost below
+        // float16's range, before the cast back).
         let (margin, surrogate_margin) = match margin {
             Some(m) => {
                 let given = m.f_reshape([])?;
@@ -555,10 +555,10 @@ impl TripletConfig {
                 };
                 let _ = poison.f_masked_fill_(&refused, f64::NAN)?;
                 let wide = match given.f_kind()? {
-                    Kind::Double => given,
-                    _ => m.shallow_clone(),
+                    Kind::Double => given.shallow_clone(),
+                    _ => m,
                 };
-                (Some(m), Some(wide))
+                (Some(given), Some(wide))
             }
             None => (None, None),
         };
@@ -1070,6 +1070,10 @@ impl TripletConfig {
                 &s.sy.norms().f_index_select(0, &picked)?,
             )?,
         )?;
+        // In float64, as the mining's hinges: a margin below an ulp of the
+        // distances still counts, and one near the dtype's largest value
+        // does not overflow the loss.
+        let d = d.f_to_kind(Kind::Double)?;
         let gap = d.f_narrow(0, 0, n)?.f_sub(&d.f_narrow(0, n, n)?)?;
         let z = match margin {
             Some(m) => gap.f_add(m)?,

@@ -5,11 +5,10 @@
 //! the chunk with a [`Selection`] that gives its gradient with respect to
 //! `d`; batch-hard returns the selected pairs.
 //!
-//! Two implementations select the same triplets, except where a hinge is 0
-//! to within the dtype's rounding (native semi-hard computes it in float64,
-//! portable in the distances' dtype): [`native`] runs on CPU tensors
-//! in Rust over contiguous rows, [`portable`] uses libtorch operations and
-//! runs on any device.
+//! Two implementations select the same triplets from the same distances,
+//! their hinges taken in float64: [`native`] runs on CPU tensors in Rust
+//! over contiguous rows, [`portable`] uses libtorch operations and runs on
+//! any device.
 
 pub(crate) mod native;
 mod parallel;

@@ -146,8 +146,14 @@ pub(crate) fn semihard(chunk: &Chunk, margin: f64) -> Result<Weighted, Error> {
     drop(d_above);
 
     let pairs = same.f_logical_and_(&different.f_any_dim(1, true)?)?;
+    // d_ap − d_an + m in float64, as the native kernels take it: in the
+    // distances' dtype a margin rounded down drops a hinge at the boundary,
+    // and one near float32's largest value overflows.
     let hinge = d
-        .f_sub(&d.f_gather(1, &negative, false)?)?
+        .f_gather(1, &negative, false)?
+        .f_to_kind(Kind::Double)?
+        .f_neg_()?
+        .f_add_(d)?
         .f_add_scalar_(margin)?
         .f_relu_()?
         .f_where_scalarother(&pairs, 0.0)?;
