@@ -6,6 +6,7 @@ group stays usable."""
 from __future__ import annotations
 
 import datetime
+import math
 import os
 
 import pytest
@@ -528,3 +529,39 @@ def _worker_third_review(rank, world, init_file):
 def test_third_review_findings_on_two_ranks(tmp_path):
     assert dist.is_available(), "torch.distributed is required"
     _start(_worker_third_review, (2, os.path.join(str(tmp_path), "init")), 2)
+
+
+def _worker_large_sums(rank, world, init_file):
+    """A review's finding: the gradient was attached as part − part.detach()
+    with part = this rank's sum · world / count, which overflows where the
+    loss does not: rank 0 (a sum of 1.08e308, its double inf) returned NaN
+    and rank 1 the loss, 1.875e305; with 24 negatives rank 0's own sum is
+    inf, and it returned NaN where one process and rank 1 give inf. Now every
+    rank returns the single-process loss, and the gradients are unchanged."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for negatives in (12, 24):
+            full_x = torch.tensor([[0.0]] * 3 + [[1e153]] * 3 + [[1.0]] * negatives,
+                                  dtype=torch.float64)
+            full_y = torch.tensor([0] * 6 + [1] * negatives)
+            rows = [slice(0, 6), slice(6, 6 + negatives)][rank]
+            x = full_x[rows].clone().requires_grad_(True)
+            loss = DistributedTripletLoss(BatchAllTripletLoss(margin=0.5, distance="squared"))
+            value = loss(x, full_y[rows])
+            value.backward()
+            one = full_x.clone().requires_grad_(True)
+            expected = batch_all_triplet_loss(full_y, one, 0.5, distance="squared")[0]
+            expected.backward()
+            assert (math.isfinite(expected.item())) == (negatives == 12)
+            assert value.item() == expected.item(), (rank, negatives, value.item(), expected.item())
+            torch.testing.assert_close(x.grad, world * one.grad[rows], rtol=1e-12, atol=0)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_large_sums_give_every_rank_the_loss_of_one_process(tmp_path):
+    assert dist.is_available(), "torch.distributed is required"
+    _start(_worker_large_sums, (2, os.path.join(str(tmp_path), "init")), 2)

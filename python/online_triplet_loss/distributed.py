@@ -311,6 +311,24 @@ class _SharedGradient(torch.autograd.Function):
         return mean, None, None, None
 
 
+class _GlobalMean(torch.autograd.Function):
+    """``value``, the global loss, with the gradient that this rank's
+    ``sum_ · world / max(count, 1)`` would give ``sum_`` (``scale`` being
+    ``world / max(count, 1)``, float64): that product is not computed, since
+    it overflows where the loss does not, and an infinite one would make the
+    loss NaN on this rank alone."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, sum_: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(scale)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (scale,) = ctx.saved_tensors
+        return None, grad.to(scale.dtype) * scale, None
+
+
 class DistributedTripletLoss(nn.Module):
     r"""Mines triplets over the batches of all ranks, exactly.
 
@@ -603,5 +621,5 @@ class DistributedTripletLoss(nn.Module):
         # DDP divides the summed gradients by the world size; scaling by it here
         # makes the average the gradient of sum_over_ranks(sum_) / max(count, 1),
         # the core's mean of this rank's terms over the global count.
-        part = native.call(_core.mean, sum_ * world, totals[1].long(), sum_)
-        return (value + (part - part.detach())).to(embeddings.dtype)
+        scale = world / totals[1].clamp_min(1)
+        return _GlobalMean.apply(value.to(embeddings.dtype), sum_, scale)
