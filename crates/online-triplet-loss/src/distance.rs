@@ -138,7 +138,13 @@ impl Distance {
     fn paired_unguarded(self, x: &Tensor, y: &Tensor, terms: Summation) -> Result<Tensor, Error> {
         check_embeddings("x", x)?;
         check_embeddings("y", y)?;
-        if x.dim() != 2 || x.size() != y.size() {
+        if x.dim() != 2 {
+            return Err(Error::invalid(
+                "x",
+                format!("must be 2-D (batch, dim), got shape {:?}", x.size()),
+            ));
+        }
+        if x.size() != y.size() {
             return Err(Error::invalid(
                 "y",
                 format!(

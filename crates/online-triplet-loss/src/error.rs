@@ -7,7 +7,10 @@ use tch::Kind;
 pub enum Error {
     /// An argument was rejected before any computation; `argument` names it.
     InvalidArgument {
+        /// The name of the argument at fault, as the function's signature
+        /// (or, for a setting, the builder method) spells it.
         argument: &'static str,
+        /// Why it was rejected, quoting the value where it is short.
         message: String,
     },
     /// libtorch itself reported an error.

@@ -390,9 +390,30 @@ impl TripletConfig {
     /// as for any CPU tensor in a CUDA graph. A CUDA margin with CPU
     /// embeddings is copied to the CPU, which waits.
     ///
+    /// # Shapes
+    /// As [`TripletConfig::terms`]; `margin` holds one element (`()`,
+    /// `(1,)`, …).
+    ///
     /// # Errors
     /// As [`TripletConfig::terms`], and [`Error::InvalidArgument`] when
     /// `margin` is not a one-element floating-point tensor.
+    ///
+    /// ```
+    /// use online_triplet_loss::{Mining, TripletConfig};
+    /// use tch::{Device, Kind, Tensor};
+    ///
+    /// // Integer points, whose distances are exact.
+    /// let x = Tensor::from_slice(&[0.0f32, 1.0, 5.0, 7.0]).view([4, 1]);
+    /// let labels = Tensor::from_slice(&[0i64, 0, 1, 1]);
+    /// let margin = Tensor::from_slice(&[5.0f32]).reshape([]).set_requires_grad(true);
+    /// let config = TripletConfig::new(5.0);
+    /// let terms = config.terms_with_margin(Mining::Hard, &labels, &x, None, &margin)?;
+    /// // Hinges 1 − 5 + 5, 1 − 4 + 5, 2 − 4 + 5 and 2 − 6 + 5 over 4 anchors.
+    /// assert_eq!(f64::try_from(&terms.mean()?)?, 1.75);
+    /// terms.sum.backward();
+    /// assert_eq!(f64::try_from(&margin.grad())?, 4.0);
+    /// # Ok::<(), online_triplet_loss::Error>(())
+    /// ```
     pub fn terms_with_margin(
         &self,
         mining: Mining,
@@ -634,7 +655,7 @@ impl TripletConfig {
         if !self.margin.is_finite() || self.margin < 0.0 {
             return Err(Error::invalid(
                 "margin",
-                format!("must be finite and >= 0, got {}", self.margin),
+                format!("must be finite and >= 0, got {:?}", self.margin),
             ));
         }
         if let Some(rows) = self.chunk_size {

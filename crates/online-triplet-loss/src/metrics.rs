@@ -912,6 +912,9 @@ fn check_items(
 
 /// recall@k for each of `ks`, in that order; see the [module](self) docs.
 ///
+/// # Shapes
+/// As [`RetrievalConfig::recall_at_k`].
+///
 /// # Errors
 /// As [`RetrievalConfig::recall_at_k`].
 pub fn recall_at_k(
@@ -926,8 +929,24 @@ pub fn recall_at_k(
 /// The mean average precision over the whole ranking; see
 /// [`RetrievalConfig::mean_average_precision`].
 ///
+/// # Shapes
+/// As [`RetrievalConfig::mean_average_precision`].
+///
 /// # Errors
 /// As [`RetrievalConfig::mean_average_precision`].
+///
+/// ```
+/// use online_triplet_loss::metrics::mean_average_precision;
+/// use online_triplet_loss::Distance;
+/// use tch::Tensor;
+///
+/// // The module example's items: the stray 1 is nearer the 0s than the 1s.
+/// let embeddings = Tensor::from_slice(&[0.0f32, 0.1, 0.2, 5.0, 5.1, 0.17]).view([6, 1]);
+/// let labels = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 1]);
+/// let map = mean_average_precision(&embeddings, &labels, Distance::Euclidean)?;
+/// assert!((map - 479.0 / 720.0).abs() < 1e-12);
+/// # Ok::<(), online_triplet_loss::Error>(())
+/// ```
 pub fn mean_average_precision(
     embeddings: &Tensor,
     labels: &Tensor,
@@ -939,8 +958,24 @@ pub fn mean_average_precision(
 /// mINP, the mean inverse negative penalty; see
 /// [`RetrievalConfig::mean_inverse_negative_penalty`].
 ///
+/// # Shapes
+/// As [`RetrievalConfig::mean_inverse_negative_penalty`].
+///
 /// # Errors
 /// As [`RetrievalConfig::mean_inverse_negative_penalty`].
+///
+/// ```
+/// use online_triplet_loss::metrics::mean_inverse_negative_penalty;
+/// use online_triplet_loss::Distance;
+/// use tch::Tensor;
+///
+/// // The module example's items: the stray 1 finds its last match 5th.
+/// let embeddings = Tensor::from_slice(&[0.0f32, 0.1, 0.2, 5.0, 5.1, 0.17]).view([6, 1]);
+/// let labels = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 1]);
+/// let minp = mean_inverse_negative_penalty(&embeddings, &labels, Distance::Euclidean)?;
+/// assert!((minp - 28.0 / 45.0).abs() < 1e-12);
+/// # Ok::<(), online_triplet_loss::Error>(())
+/// ```
 pub fn mean_inverse_negative_penalty(
     embeddings: &Tensor,
     labels: &Tensor,
@@ -950,6 +985,9 @@ pub fn mean_inverse_negative_penalty(
 }
 
 /// MAP@R; see the [module](self) docs.
+///
+/// # Shapes
+/// As [`RetrievalConfig::mean_average_precision_at_r`].
 ///
 /// # Errors
 /// As [`RetrievalConfig::mean_average_precision_at_r`].

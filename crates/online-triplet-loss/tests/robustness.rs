@@ -104,6 +104,30 @@ fn paired_distances_of_other_shapes_are_errors() {
                 Err(Error::InvalidArgument { .. })
             ));
         }
+        // A review found an x that is not 2-D blamed on y.
+        for bad in [x.flatten(0, -1), x.unsqueeze(0)] {
+            let err = distance.paired(&bad, &bad).unwrap_err();
+            assert!(names(&err, "x"), "{err:?}");
+        }
+    }
+}
+
+#[test]
+fn a_margin_error_shows_the_margin_in_few_digits() {
+    // A review found -1e-300 shown as a decimal of over 300 digits.
+    let (y, x) = (
+        Tensor::from_slice(&[0i64, 0, 1]),
+        Tensor::zeros([3, 2], (Kind::Float, Device::Cpu)),
+    );
+    for (margin, shown) in [(-1e-300, "-1e-300"), (f64::MIN, "-1.7976931348623157e308")] {
+        let err = TripletConfig::new(margin).batch_hard(&y, &x).unwrap_err();
+        assert_eq!(
+            err,
+            Error::InvalidArgument {
+                argument: "margin",
+                message: format!("must be finite and >= 0, got {shown}"),
+            }
+        );
     }
 }
 
