@@ -537,7 +537,9 @@ def _worker_large_sums(rank, world, init_file):
     loss does not: rank 0 (a sum of 1.08e308, its double inf) returned NaN
     and rank 1 the loss, 1.875e305; with 24 negatives rank 0's own sum is
     inf, and it returned NaN where one process and rank 1 give inf. Now every
-    rank returns the single-process loss, and the gradients are unchanged."""
+    rank returns the single-process loss, and the gradients are unchanged.
+    The first fix returned a view made inside an autograd Function, which
+    refused in-place changes (`loss /= 2`); they work as on one process."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
@@ -557,6 +559,20 @@ def _worker_large_sums(rank, world, init_file):
             assert (math.isfinite(expected.item())) == (negatives == 12)
             assert value.item() == expected.item(), (rank, negatives, value.item(), expected.item())
             torch.testing.assert_close(x.grad, world * one.grad[rows], rtol=1e-12, atol=0)
+        g = torch.Generator().manual_seed(5)
+        full_x, full_y = torch.randn(8, 3, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+        for make in MAKERS:
+            x = full_x[4 * rank:4 * rank + 4].clone().requires_grad_(True)
+            value = DistributedTripletLoss(make())(x, full_y[4 * rank:4 * rank + 4])
+            value /= 2
+            value += x.square().sum()
+            value.backward()
+            one = full_x.clone().requires_grad_(True)
+            expected = make()(one, full_y) / 2 + one[4 * rank:4 * rank + 4].square().sum()
+            expected.backward()
+            torch.testing.assert_close(value, expected)
+            own = 2 * one[4 * rank:4 * rank + 4].detach()
+            torch.testing.assert_close(x.grad, world * (one.grad[4 * rank:4 * rank + 4] - own) + own)
         dist.barrier()
     finally:
         dist.destroy_process_group()

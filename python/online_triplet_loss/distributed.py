@@ -321,7 +321,9 @@ class _GlobalMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value: Tensor, sum_: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(scale)
-        return value.view_as(value)
+        # A copy: a view of an input made here could not be changed in place
+        # (`loss /= steps`) once it requires grad.
+        return value.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
